@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs what pgro and its tests need, skipping anything already present:
+#   - Debian packages: PostgreSQL 15 (server and client), Go (only if no `go`), Python venv support
+#   - the kopia CLI v0.22.3, built once from the Go module proxy into $PGRO_CACHE_DIR/bin
+#   - a virtualenv in .venv with pgro and its pinned development dependencies
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${PGRO_CACHE_DIR:-$HOME/.cache/pgro}"
+KOPIA_VERSION="0.22.3"
+PG_MAJOR="15"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# --- Debian packages -------------------------------------------------------
+need_pkgs=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+for p in "postgresql-$PG_MAJOR" "postgresql-client-$PG_MAJOR" ca-certificates git; do
+  have_pkg "$p" || need_pkgs+=("$p")
+done
+command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || need_pkgs+=(golang-go)
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need_pkgs+=(python3-venv); fi
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${need_pkgs[*]}"
+  as_root apt-get update -q
+  # Debian's postgresql-common would create and start a cluster on port 5432; pgro runs
+  # its own servers on private ports, so the package's default cluster is not wanted.
+  as_root mkdir -p /etc/postgresql-common
+  if [ ! -e /etc/postgresql-common/createcluster.conf ] || ! grep -q '^create_main_cluster' /etc/postgresql-common/createcluster.conf; then
+    echo "create_main_cluster = false" | as_root tee -a /etc/postgresql-common/createcluster.conf >/dev/null
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+fi
+
+# --- kopia -------------------------------------------------------------------
+export PATH="/usr/local/go/bin:$PATH"
+mkdir -p "$CACHE/bin"
+if ! "$CACHE/bin/kopia" --version 2>/dev/null | grep -q "^$KOPIA_VERSION"; then
+  log "building kopia v$KOPIA_VERSION from the Go module proxy (a few minutes, once)"
+  # `go install github.com/kopia/kopia@v$KOPIA_VERSION` asks the proxy for the module's
+  # version list to check deprecation, which the proxy here refuses; downloading the exact
+  # version and building it from the module cache gives the same binary.
+  moddir="$(cd /tmp && go mod download -json "github.com/kopia/kopia@v$KOPIA_VERSION" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
+  (cd "$moddir" && go build -trimpath -ldflags "-X github.com/kopia/kopia/repo.BuildVersion=$KOPIA_VERSION -X github.com/kopia/kopia/repo.BuildInfo=go-module-proxy" -o "$CACHE/bin/kopia.tmp" .)
+  mv "$CACHE/bin/kopia.tmp" "$CACHE/bin/kopia"
+fi
+
+# --- Python virtualenv -------------------------------------------------------
+PY="${PGRO_PYTHON:-}"
+if [ -z "$PY" ]; then
+  for c in python3.11 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then PY="$c"; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "pgro needs Python 3.11 or newer (python3.11 not found)" >&2; exit 1; }
+if [ ! -x "$ROOT/.venv/bin/python" ]; then
+  log "creating virtualenv .venv with $PY"
+  "$PY" -m venv "$ROOT/.venv"
+fi
+stamp="$ROOT/.venv/.pgro-installed"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "installing pgro and its pinned dependencies into .venv"
+  "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip==26.3
+  "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[dev]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,75 @@
+"""Login roles a replica provisions besides the analytics user."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pydantic import Field, model_serializer, model_validator
+
+from pgro.api.base import ApiModel
+from pgro.api.names import user_slug
+
+
+def _clean_names(names: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    cleaned = []
+    for name in (n.strip() for n in names):
+        if name and name not in seen:
+            seen.add(name)
+            cleaned.append(name)
+    return cleaned
+
+
+class ExtraUser(ApiModel):
+    """An `extraUsers` entry: a bare role name, or `{name, schemas[]}` for grants scoped
+    to those schemas. A bare name is written back as a bare name, so manifests read by
+    the reference's string-list form keep working."""
+
+    name: str
+    schemas: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: object) -> object:
+        return {"name": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _tidy(self) -> ExtraUser:
+        self.name = self.name.strip()
+        if self.schemas is not None:
+            self.schemas = _clean_names(self.schemas)
+        return self
+
+    @model_serializer(mode="plain")
+    def _serialize(self) -> str | dict[str, str | list[str]]:  # type: ignore[override]
+        if self.schemas is None:
+            return self.name
+        return {"name": self.name, "schemas": list(self.schemas)}
+
+
+def normalize_extra_users(users: Iterable[ExtraUser], analytics_username: str) -> list[ExtraUser]:
+    """Trimmed, empties and repeats dropped (the first entry wins), the analytics user
+    dropped because it is provisioned on its own; order kept so per-user Secrets and
+    their indices stay stable from one reconcile to the next."""
+    seen: set[str] = set()
+    kept = []
+    for user in users:
+        name = user.name.strip()
+        if not name or name == analytics_username or name in seen:
+            continue
+        seen.add(name)
+        kept.append(user if name == user.name else user.model_copy(update={"name": name}))
+    return kept
+
+
+class PersistentUser(ApiModel):
+    """A read-only role re-created on every restore with a password that survives
+    switchovers."""
+
+    name: str
+    read_schemas: list[str] = Field(default_factory=list)
+    search_path: list[str] = Field(default_factory=list)
+    secret_name: str | None = None
+
+    def secret_name_for(self, replica: str) -> str:
+        return self.secret_name or f"{replica}-user-{user_slug(self.name)}"

@@ -1,0 +1,228 @@
+"""`pgro`: the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+
+import click
+from rich.console import Console
+
+from pgro import __version__
+from pgro.api.duration import parse_duration
+from pgro.cli.output import TerminalObserver, render_report
+from pgro.pipeline.report import EXIT_USAGE, VerificationReport
+from pgro.pipeline.verify import VerifyOptions, verify_snapshot
+from pgro.runtimes.embedded.demo import DemoPaths, default_demo_dir, prepare_demo
+from pgro.runtimes.embedded.manifest import (
+    ManifestError,
+    kopia_credentials,
+    load_manifests,
+)
+
+EXIT_INTERRUPTED = 130
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so `finally` blocks clean up as for Ctrl-C."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pgro")
+def cli() -> None:
+    """pgro restores PostgreSQL physical backups from Kopia repositories.
+
+    It proves backups restore (verify replicas) and keeps read-only analytics copies
+    fresh. The same PostgresPhysicalReplica manifests work on one machine and in
+    Kubernetes.
+    """
+
+
+def _emit(report: VerificationReport, as_json: bool, err: Console, out: Console) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=None, sort_keys=False))
+    else:
+        render_report(out, report)
+
+
+def _manifest_failure(exc: ManifestError, as_json: bool, err: Console) -> None:
+    if as_json:
+        report = VerificationReport(
+            outcome="failure", snapshot_id=None, error=str(exc), reason=exc.reason
+        )
+        click.echo(json.dumps(report.to_json()))
+    err.print(f"[bold red]error[/] ({exc.reason}): {exc}", highlight=False)
+
+
+@cli.command()
+@click.option(
+    "-f",
+    "--file",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML manifest with the kopia Secret and the PostgresPhysicalReplica (repeatable).",
+)
+@click.option("--replica", help="Name of the replica to verify when the manifest holds several.")
+@click.option(
+    "--snapshot", "snapshot_id", help="Verify this kopia snapshot ID instead of the newest match."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON verdict on stdout (canopy's shape)."
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where to restore (default: the system temp dir). Needs room for the whole snapshot.",
+)
+@click.option(
+    "--ready-timeout",
+    callback=_duration,
+    help="How long PostgreSQL may take to accept connections (e.g. 45m). "
+    "Default: the replica's deploymentReadyTimeout, else 30m + 15m per 100 GiB.",
+)
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    help="kopia restore parallelism (default: CPUs, at most 8).",
+)
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Keep the restored files for inspection (the server is still stopped).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress output on stderr.")
+def verify(
+    files: tuple[Path, ...],
+    replica: str | None,
+    snapshot_id: str | None,
+    as_json: bool,
+    work_dir: Path | None,
+    ready_timeout: timedelta | None,
+    parallel: int | None,
+    keep: bool,
+    quiet: bool,
+) -> None:
+    """Prove a backup restores: restore it, start PostgreSQL on it, check it, clean up.
+
+    The snapshot is the newest one matching the replica's snapshotFilter, or --snapshot.
+    Every process and file created is removed afterwards, also on failure and Ctrl-C.
+
+    \b
+    Exit codes:
+      0  the snapshot restored and PostgreSQL came up healthy
+      1  the snapshot failed verification (not PostgreSQL, does not start, no data, ...)
+      2  it could not be judged: bad manifest or options, wrong password, unreachable
+         repository, no matching snapshot, PostgreSQL binaries for its version missing
+    """
+    err = Console(stderr=True, soft_wrap=True)
+    out = Console()
+    try:
+        manifest = load_manifests(files)
+        chosen = manifest.replica(replica)
+        creds = kopia_credentials(manifest, chosen)
+    except ManifestError as exc:
+        _manifest_failure(exc, as_json, err)
+        sys.exit(EXIT_USAGE)
+    observer = TerminalObserver(err, quiet=quiet)
+    options = VerifyOptions(
+        snapshot_id=snapshot_id,
+        work_root=work_dir,
+        ready_timeout=ready_timeout,
+        parallel=parallel,
+        keep=keep,
+    )
+    try:
+        with _interruptible():
+            report = verify_snapshot(chosen, creds, options, observer)
+    except KeyboardInterrupt:
+        observer.close()
+        err.print("[yellow]interrupted[/]: the restore was stopped and its files removed")
+        sys.exit(EXIT_INTERRUPTED)
+    observer.close()
+    _emit(report, as_json, err, out)
+    sys.exit(report.exit_code)
+
+
+@cli.command()
+@click.option(
+    "--dir",
+    "demo_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where the demo repository and manifest live (default: ~/.local/share/pgro/demo).",
+)
+@click.option("--fresh", is_flag=True, help="Rebuild the demo repository from a new cluster.")
+@click.option("--clean", is_flag=True, help="Remove the demo repository and manifest, then exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON on stdout.")
+def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None:
+    """Back up a sample cluster into a local Kopia repository, then verify the backup.
+
+    This is `pgro verify` on a real backup made on the spot: a PostgreSQL cluster in the
+    Debian layout with an application database, snapshotted by kopia. The repository and
+    the manifest stay for re-runs (and for trying `pgro verify -f` yourself).
+    """
+    err = Console(stderr=True, soft_wrap=True)
+    out = Console()
+    paths = DemoPaths(demo_dir or default_demo_dir())
+    if clean:
+        if paths.root.exists():
+            shutil.rmtree(paths.root)
+            err.print(f"removed {paths.root}")
+        else:
+            err.print(f"nothing to remove: {paths.root} does not exist")
+        return
+    observer = TerminalObserver(err)
+    try:
+        with _interruptible():
+            prepare_demo(paths, observer, fresh=fresh)
+            manifest = load_manifests([paths.manifest])
+            chosen = manifest.replica(None)
+            report = verify_snapshot(chosen, kopia_credentials(manifest, chosen), None, observer)
+    except KeyboardInterrupt:
+        observer.close()
+        err.print("[yellow]interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED)
+    except ManifestError as exc:
+        _manifest_failure(exc, as_json, err)
+        sys.exit(EXIT_USAGE)
+    observer.close()
+    _emit(report, as_json, err, out)
+    err.print(
+        f"\nThe demo repository and manifest live in {paths.root}.\n"
+        f"Verify again with:  pgro verify -f {paths.manifest}\n"
+        f"Remove them with:   pgro demo --clean   (or rm -rf {paths.root})",
+        highlight=False,
+    )
+    sys.exit(report.exit_code)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,1 @@
+"""Pipelines built from the adapters: the restore step and verification, shared by runtimes."""

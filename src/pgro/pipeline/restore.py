@@ -1,0 +1,58 @@
+"""The restore step: download a snapshot, find PGDATA in it, make it startable.
+
+This is the work the reference does in its restore Job and `setup-auth` init container.
+The embedded runtime runs it as a local process; the Kubernetes runtime runs the same code
+inside the restore pod.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgro.core.snapshot import Snapshot
+from pgro.kopia.repository import KopiaRepository
+from pgro.pipeline.events import Observer
+from pgro.postgres.account import RunAccount
+from pgro.postgres.binaries import PostgresBinaries, find_binaries
+from pgro.postgres.layout import DataDirectory, locate_data_directory
+from pgro.postgres.repair import Repairs, prepare_data_directory
+
+
+@dataclass
+class RestoredDataDirectory:
+    root: Path
+    data: DataDirectory
+    binaries: PostgresBinaries
+    repairs: Repairs
+
+
+def restore_snapshot(
+    repo: KopiaRepository,
+    snapshot: Snapshot,
+    target: Path,
+    account: RunAccount,
+    observer: Observer,
+    *,
+    parallel: int | None = None,
+    cancel: threading.Event | None = None,
+) -> RestoredDataDirectory:
+    observer.step(
+        "restore", f"restoring snapshot {snapshot.id} ({snapshot.size_bytes} bytes) from kopia"
+    )
+    repo.restore(
+        snapshot.id, target, parallel=parallel, on_progress=observer.restore_progress, cancel=cancel
+    )
+    observer.step("locate", "locating the PostgreSQL data directory")
+    data = locate_data_directory(target)
+    observer.note(
+        f"PGDATA is {data.path.relative_to(target) or '.'} (PostgreSQL {data.major}, "
+        f"found via {data.found_via})"
+    )
+    binaries = find_binaries(data.major)
+    observer.step("repair", "preparing the data directory to start on this machine")
+    repairs = prepare_data_directory(target, data.path, binaries, account)
+    for note in repairs.notes:
+        observer.note(note)
+    return RestoredDataDirectory(root=target, data=data, binaries=binaries, repairs=repairs)

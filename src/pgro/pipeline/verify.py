@@ -1,0 +1,297 @@
+"""Verification: restore a snapshot, boot PostgreSQL on it, prove it healthy, clean up.
+
+Every process and directory this creates is removed before `verify_snapshot` returns or
+raises, including on Ctrl-C (KeyboardInterrupt) and SIGTERM (which the CLI turns into one).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.secret import KopiaCredentials, SecretInvalid
+from pgro.core.secrets import scrub
+from pgro.core.selection import select_snapshot
+from pgro.core.snapshot import Snapshot
+from pgro.core.timeouts import readiness_timeout
+from pgro.kopia.errors import KopiaError, RestoreFailed, SnapshotNotFound
+from pgro.kopia.repository import KopiaRepository
+from pgro.pipeline.events import Observer, SilentObserver
+from pgro.pipeline.report import (
+    EXIT_FAILED_VERIFICATION,
+    EXIT_USAGE,
+    VerificationReport,
+)
+from pgro.pipeline.restore import RestoredDataDirectory, restore_snapshot
+from pgro.postgres.account import AccountMissing, RunAccount, resolve_run_account
+from pgro.postgres.binaries import BinariesMissing
+from pgro.postgres.health import check_health
+from pgro.postgres.layout import NotPostgres
+from pgro.postgres.server import (
+    PostgresServer,
+    StartupFailed,
+    bootstrap_superuser,
+    needs_wal_reset,
+    reset_wal,
+    socket_dir_for,
+)
+
+DEFAULT_SUPERUSER = "postgres"
+
+
+class ConfigurationError(Exception):
+    """pgro cannot verify with this input (exit 2): the snapshot was not judged."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class VerifyOptions:
+    snapshot_id: str | None = None
+    work_root: Path | None = None
+    ready_timeout: timedelta | None = None
+    parallel: int | None = None
+    keep: bool = False
+
+
+def _check_traversable(path: Path, account: RunAccount) -> None:
+    """The server's account must be able to reach its data directory through every parent."""
+    if account.is_current_user:
+        return
+    for parent in [path, *path.parents]:
+        st = parent.stat()
+        if st.st_uid == account.uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid == account.gid:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok:
+            raise ConfigurationError(
+                "WorkDirNotAccessible",
+                f"PostgreSQL runs as {account.name}, which cannot enter {parent} "
+                f"(mode {stat.filemode(st.st_mode)}): choose a --work-dir under a directory "
+                "it can traverse, such as /tmp or /var/tmp",
+            )
+
+
+def choose_snapshot(
+    snapshots: list[Snapshot], replica: PostgresPhysicalReplica, snapshot_id: str | None
+) -> Snapshot:
+    if snapshot_id is not None:
+        for snap in snapshots:
+            if snap.id == snapshot_id:
+                return snap
+        raise ConfigurationError(
+            "SnapshotNotFound",
+            f"snapshot {snapshot_id!r} is not in the repository ({len(snapshots)} snapshots "
+            "there; `kopia snapshot list --all` shows them)",
+        )
+    chosen = select_snapshot(snapshots, replica.spec.snapshot_filter)
+    if chosen is None:
+        hosts = sorted({s.source.host for s in snapshots})
+        raise ConfigurationError(
+            "NoMatchingSnapshots",
+            f"no snapshot matches the snapshotFilter of {replica.metadata.name} "
+            f"({len(snapshots)} snapshots in the repository"
+            + (f", from hosts {', '.join(hosts[:8])}" if hosts else "")
+            + "): check tags, hostPattern, pathPattern and descriptionPattern",
+        )
+    return chosen
+
+
+def _start(
+    server: PostgresServer,
+    restored: RestoredDataDirectory,
+    timeout: timedelta,
+    observer: Observer,
+) -> None:
+    observer.step(
+        "start",
+        f"starting PostgreSQL {restored.data.major} on private port {server.port} "
+        f"(readiness timeout {int(timeout.total_seconds())}s)",
+    )
+    try:
+        server.start(timeout.total_seconds())
+    except StartupFailed as exc:
+        if not needs_wal_reset(exc.log_tail):
+            raise
+        observer.note("crash recovery cannot find its WAL: resetting WAL with pg_resetwal -f")
+        reset_wal(restored.binaries, restored.data.path, server.account)
+        restored.repairs.record(
+            "reset_wal", "reset the WAL with pg_resetwal -f (indexes may need a REINDEX)"
+        )
+        server.start(timeout.total_seconds())
+
+
+def _superuser(server: PostgresServer, restored: RestoredDataDirectory, timeout: float) -> str:
+    """`postgres` unless the source cluster was initialised by another OS user."""
+    try:
+        psycopg.connect(
+            server.endpoint.conninfo("template1", DEFAULT_SUPERUSER),
+            connect_timeout=10,
+        ).close()
+        return DEFAULT_SUPERUSER
+    except psycopg.OperationalError as exc:
+        if f'role "{DEFAULT_SUPERUSER}" does not exist' not in str(exc):
+            return DEFAULT_SUPERUSER  # the health check reports the real problem
+    server.stop()
+    name = bootstrap_superuser(restored.binaries, restored.data.path, server.account)
+    server.start(timeout)
+    return name
+
+
+def verify_snapshot(
+    replica: PostgresPhysicalReplica,
+    credentials: KopiaCredentials,
+    options: VerifyOptions | None = None,
+    observer: Observer | None = None,
+    *,
+    cancel: threading.Event | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> VerificationReport:
+    """Run the whole verification. Returns a report; never leaves processes or files behind.
+
+    Expected failures, including configuration problems, come back as a report with
+    `exit_code` 1 (the snapshot failed) or 2 (it could not be judged), so callers always
+    have one verdict to print. Only interruptions (KeyboardInterrupt) propagate.
+    """
+    opts = options or VerifyOptions()
+    obs = observer or SilentObserver()
+    started = time.monotonic()
+    report = VerificationReport(
+        outcome="failure",
+        snapshot_id=opts.snapshot_id,
+        replica=f"{replica.metadata.namespace}/{replica.metadata.name}",
+        repository=credentials.describe(),
+    )
+    timings: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        t = time.monotonic()
+        timings[name] = t - mark
+        mark = t
+
+    workdir: Path | None = None
+    server: PostgresServer | None = None
+    restored: RestoredDataDirectory | None = None
+    extra_dirs: list[Path] = []
+    try:
+        account = resolve_run_account()
+        root = opts.work_root or Path(tempfile.gettempdir())
+        root.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="pgro-verify-", dir=root))
+        # The server's account must traverse into the tree but not list or alter the rest.
+        os.chmod(workdir, 0o711)
+        _check_traversable(workdir, account)
+
+        obs.step("connect", f"connecting to the {credentials.describe()}")
+        with KopiaRepository(credentials, workdir / "kopia") as repo:
+            snapshots = repo.list_snapshots()
+            snapshot = choose_snapshot(snapshots, replica, opts.snapshot_id)
+            report.snapshot_id = snapshot.id
+            report.snapshot_time = snapshot.start_time
+            report.snapshot_size = snapshot.size_bytes
+            obs.note(
+                f"snapshot {snapshot.id} of {snapshot.source.user_name}@{snapshot.source.host}:"
+                f"{snapshot.source.path} taken {snapshot.start_time}"
+            )
+            lap("connect")
+            restored = restore_snapshot(
+                repo,
+                snapshot,
+                workdir / "data",
+                account,
+                obs,
+                parallel=opts.parallel,
+                cancel=cancel,
+            )
+            lap("restore")
+        report.postgres_version = restored.data.major
+        timeout = readiness_timeout(
+            snapshot.size_bytes, opts.ready_timeout or replica.spec.deployment_ready_timeout
+        )
+        socket_dir = socket_dir_for(workdir / "run")
+        if not socket_dir.is_relative_to(workdir):
+            extra_dirs.append(socket_dir)
+        # Assigned before starting, so an interrupt during startup still stops it.
+        server = PostgresServer(
+            restored.data.path,
+            restored.binaries,
+            account,
+            socket_dir=socket_dir,
+            log_path=workdir / "postgres.log",
+        )
+        _start(server, restored, timeout, obs)
+        user = _superuser(server, restored, timeout.total_seconds())
+        lap("start")
+        obs.step("check", "checking health: connect, list databases, SELECT 1 in each")
+        health = check_health(server.endpoint, user)
+        report.checks = health.checks
+        report.sizes = health.sizes
+        lap("check")
+        report.restore_duration_sec = time.monotonic() - started
+        if health.healthy:
+            report.outcome = "success"
+            report.exit_code = 0
+        else:
+            report.reason = health.failure_reason
+            report.error = health.failure_message
+            report.exit_code = EXIT_FAILED_VERIFICATION
+    except ConfigurationError as exc:
+        _fail(report, exc.reason, str(exc), EXIT_USAGE)
+    except (SecretInvalid, AccountMissing, BinariesMissing) as exc:
+        _fail(report, exc.reason, str(exc), EXIT_USAGE)
+    except SnapshotNotFound as exc:
+        _fail(report, exc.reason, str(exc), EXIT_USAGE)
+    except RestoreFailed as exc:
+        _fail(report, exc.reason, str(exc), EXIT_FAILED_VERIFICATION)
+    except KopiaError as exc:
+        # Connecting failed: the repository was never read, so the snapshot is not judged.
+        _fail(report, exc.reason, str(exc), EXIT_USAGE)
+    except NotPostgres as exc:
+        _fail(report, exc.reason, str(exc), EXIT_FAILED_VERIFICATION)
+    except StartupFailed as exc:
+        detail = f"{exc}. Server log:\n{exc.log_tail}" if exc.log_tail else str(exc)
+        _fail(report, exc.reason, detail, EXIT_FAILED_VERIFICATION)
+    finally:
+        obs.step("cleanup", "stopping PostgreSQL and removing the restored files")
+        if server is not None:
+            server.stop()
+        for extra in extra_dirs:
+            shutil.rmtree(extra, ignore_errors=True)
+        if workdir is not None and not opts.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif workdir is not None:
+            obs.note(f"kept the restored files in {workdir} (--keep)")
+        lap("cleanup")
+        if restored is not None:
+            report.fixes = dict(restored.repairs.fixes)
+            report.notes = list(restored.repairs.notes)
+        if report.error:
+            report.error = scrub(report.error, credentials.secret_values())
+        report.timings = timings
+        report.observed_at = now().isoformat().replace("+00:00", "Z")
+    return report
+
+
+def _fail(report: VerificationReport, reason: str, message: str, code: int) -> None:
+    report.outcome = "failure"
+    report.reason = reason
+    report.error = message
+    report.exit_code = code

@@ -1,0 +1,83 @@
+"""The unprivileged account PostgreSQL runs as, and handing files over to it.
+
+PostgreSQL refuses to run as root, and a restored tree keeps the source host's owners. When
+pgro runs as root the server runs as the `postgres` system user (or `$PGRO_RUN_AS`);
+otherwise as the invoking user.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_SYSTEM_USER = "postgres"
+
+
+class AccountMissing(Exception):
+    reason = "RunAccountMissing"
+
+
+@dataclass(frozen=True)
+class RunAccount:
+    name: str
+    uid: int
+    gid: int
+
+    @property
+    def is_current_user(self) -> bool:
+        return self.uid == os.geteuid()
+
+    def popen_kwargs(self) -> dict[str, object]:
+        """Arguments for subprocess.Popen that run the child as this account."""
+        if self.is_current_user:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def env(self) -> dict[str, str]:
+        return {"USER": self.name, "LOGNAME": self.name, "HOME": pwd.getpwuid(self.uid).pw_dir}
+
+
+def resolve_run_account() -> RunAccount:
+    wanted = os.environ.get("PGRO_RUN_AS")
+    if os.geteuid() != 0 and not wanted:
+        entry = pwd.getpwuid(os.geteuid())
+        return RunAccount(entry.pw_name, entry.pw_uid, entry.pw_gid)
+    name = wanted or DEFAULT_SYSTEM_USER
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise AccountMissing(
+            f"pgro runs PostgreSQL as the system user {name!r} when started as root, but "
+            f"there is no such user: install the PostgreSQL packages (they create it), set "
+            "PGRO_RUN_AS to another unprivileged user, or run pgro as a non-root user"
+        ) from None
+    if entry.pw_uid == 0:
+        raise AccountMissing(f"PGRO_RUN_AS={name} is root; PostgreSQL refuses to run as root")
+    if os.geteuid() != 0 and entry.pw_uid != os.geteuid():
+        raise AccountMissing(
+            f"PGRO_RUN_AS={name} needs pgro to run as root (it runs as uid {os.geteuid()})"
+        )
+    return RunAccount(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def hand_over(tree: Path, account: RunAccount) -> int:
+    """Make `tree` and everything under it owned by `account`. Returns entries changed.
+
+    A no-op for the invoking user (it cannot chown and already owns what it restored).
+    """
+    if os.geteuid() != 0:
+        return 0
+    changed = 0
+    st = os.lstat(tree)
+    if st.st_uid != account.uid or st.st_gid != account.gid:
+        os.lchown(tree, account.uid, account.gid)
+        changed += 1
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in (os.path.join(dirpath, n) for n in (*dirnames, *filenames)):
+            st = os.lstat(name)
+            if st.st_uid != account.uid or st.st_gid != account.gid:
+                os.lchown(name, account.uid, account.gid)
+                changed += 1
+    return changed

@@ -1,0 +1,137 @@
+"""Checking that a restored server is healthy: it answers, is a primary, and holds data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import psycopg
+
+from pgro.postgres.server import Endpoint
+
+SYSTEM_DATABASES = frozenset({"postgres", "template0", "template1"})
+CONNECT_TIMEOUT_S = 10
+
+CheckStatus = Literal["pass", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: CheckStatus
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status, "detail": self.detail}
+
+
+@dataclass
+class HealthReport:
+    checks: list[Check] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    server_version: str = ""
+    failure_reason: str | None = None  # e.g. NoApplicationDatabase
+    failure_message: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure_reason is None and all(c.status == "pass" for c in self.checks)
+
+    def passed(self, name: str, detail: str) -> None:
+        self.checks.append(Check(name, "pass", detail))
+
+    def failed(self, name: str, detail: str, reason: str) -> None:
+        self.checks.append(Check(name, "fail", detail))
+        if self.failure_reason is None:
+            self.failure_reason = reason
+            self.failure_message = detail
+
+
+def _connect(endpoint: Endpoint, dbname: str, user: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(
+        endpoint.conninfo(dbname, user),
+        connect_timeout=CONNECT_TIMEOUT_S,
+        autocommit=True,
+        application_name="pgro-verify",
+    )
+
+
+def _maintenance_connection(
+    endpoint: Endpoint, user: str
+) -> tuple[psycopg.Connection[tuple[object, ...]], str]:
+    last: psycopg.Error | None = None
+    for dbname in ("postgres", "template1"):
+        try:
+            return _connect(endpoint, dbname, user), dbname
+        except psycopg.OperationalError as exc:
+            last = exc
+            if "does not exist" not in str(exc) or f'role "{user}"' in str(exc):
+                break
+    assert last is not None
+    raise last
+
+
+def check_health(endpoint: Endpoint, user: str) -> HealthReport:
+    """Connect, list databases with sizes, run `SELECT 1` in each.
+
+    Fails with `NoApplicationDatabase` when only system databases exist: a backup of an
+    empty cluster restores fine but proves nothing about the application's data.
+    """
+    report = HealthReport()
+    try:
+        conn, maint = _maintenance_connection(endpoint, user)
+    except psycopg.Error as exc:
+        report.failed("connect", f"cannot connect as {user}: {exc}".strip(), "ConnectionFailed")
+        return report
+    with conn:
+        row = conn.execute(
+            "SELECT current_setting('server_version'), pg_is_in_recovery()"
+        ).fetchone()
+        assert row is not None
+        report.server_version = str(row[0])
+        report.passed("connect", f"connected to {maint} as {user}; PostgreSQL {row[0]}")
+        if row[1]:
+            report.failed(
+                "primary",
+                "the server is still in recovery (a standby): it would never accept writes",
+                "StillInRecovery",
+            )
+        else:
+            report.passed("primary", "not in recovery: the restore runs as a primary")
+        rows = conn.execute(
+            "SELECT datname, pg_database_size(oid) FROM pg_database "
+            "WHERE datallowconn AND NOT datistemplate ORDER BY datname"
+        ).fetchall()
+    report.sizes = {str(name): int(size) for name, size in rows}  # type: ignore[call-overload]
+    listing = ", ".join(f"{n} ({s} bytes)" for n, s in report.sizes.items())
+    report.passed("list_databases", f"{len(report.sizes)} databases: {listing}")
+
+    for dbname in report.sizes:
+        try:
+            with _connect(endpoint, dbname, user) as db:
+                one = db.execute("SELECT 1").fetchone()
+                tables = db.execute(
+                    "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.relkind IN ('r', 'p', 'm') "
+                    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                    "AND n.nspname NOT LIKE 'pg_toast%'"
+                ).fetchone()
+            if one != (1,):
+                report.failed(f"select_1:{dbname}", f"SELECT 1 returned {one!r}", "QueryFailed")
+            else:
+                count = tables[0] if tables else 0
+                report.passed(f"select_1:{dbname}", f"SELECT 1 ok; {count} user tables")
+        except psycopg.Error as exc:
+            report.failed(f"select_1:{dbname}", f"{dbname}: {exc}".strip(), "QueryFailed")
+
+    apps = sorted(set(report.sizes) - SYSTEM_DATABASES)
+    if apps:
+        report.passed("application_database", f"application databases: {', '.join(apps)}")
+    else:
+        report.failed(
+            "application_database",
+            "the cluster holds only system databases (postgres, template0, template1): "
+            "the backup restores but contains no application data",
+            "NoApplicationDatabase",
+        )
+    return report

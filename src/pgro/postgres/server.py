@@ -1,0 +1,285 @@
+"""Running a PostgreSQL server on a restored data directory: start, wait, stop.
+
+The server is a direct child (not daemonised through pg_ctl) so its lifetime is tied to
+ours and the embedded runtime can supervise it. It listens on a private port and socket
+directory; readiness is read from `postmaster.pid`, the same signal `pg_ctl -w` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from psycopg.conninfo import make_conninfo
+
+from pgro.interrupts import deferred_interrupts
+from pgro.postgres.account import RunAccount
+from pgro.postgres.binaries import PostgresBinaries
+
+# Startup failures that mean the WAL needed for crash recovery is missing or torn (an
+# online-backup snapshot taken without its trailing WAL). `pg_resetwal -f` brings such a
+# cluster up at the price of consistency (reference restore-pipeline.md §4.3 step 11).
+WAL_FAILURE_SIGNATURES = (
+    "WAL ends before end of online backup",
+    "invalid record length at",
+    "database system was interrupted while in recovery",
+    "could not locate required checkpoint record",
+    "could not locate a valid checkpoint record",
+)
+
+
+class StartupFailed(Exception):
+    reason = "StartupFailed"
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class StartupTimeout(StartupFailed):
+    reason = "StartupTimeout"
+
+
+# sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def socket_dir_for(preferred: Path) -> Path:
+    """`preferred` if a socket path in it fits the kernel's limit, else a short dir in /tmp.
+
+    A deep work directory (a test's tmp dir, a user's --work-dir) easily exceeds 107 bytes,
+    and PostgreSQL then refuses to start. The caller removes the returned directory.
+    """
+    if len(str(preferred / ".s.PGSQL.65535")) <= MAX_SOCKET_PATH:
+        preferred.mkdir(parents=True, exist_ok=True)
+        return preferred
+    return Path(tempfile.mkdtemp(prefix="pgro-sock-", dir="/tmp"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How to reach a running server."""
+
+    socket_dir: Path
+    port: int
+    host: str | None = None  # TCP address, if it listens on one
+
+    def conninfo(self, dbname: str, user: str) -> str:
+        """A libpq connection string through the private socket directory."""
+        return make_conninfo(host=str(self.socket_dir), port=self.port, dbname=dbname, user=user)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class PostgresServer:
+    def __init__(
+        self,
+        pgdata: Path,
+        binaries: PostgresBinaries,
+        account: RunAccount,
+        *,
+        socket_dir: Path,
+        log_path: Path,
+        port: int | None = None,
+        listen_addresses: str = "",
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        self.pgdata = pgdata
+        self.binaries = binaries
+        self.account = account
+        self.socket_dir = socket_dir
+        self.log_path = log_path
+        self.port = port or free_port()
+        self.listen_addresses = listen_addresses
+        self.options = dict(options or {})
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        host = self.listen_addresses.split(",")[0].strip() or None
+        return Endpoint(socket_dir=self.socket_dir, port=self.port, host=host)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        return _tail(self.log_path, lines)
+
+    def _command(self) -> list[str]:
+        cmd = [
+            self.binaries.tool("postgres"),
+            "-D",
+            str(self.pgdata),
+            "-c",
+            f"port={self.port}",
+            "-c",
+            f"unix_socket_directories={self.socket_dir}",
+            "-c",
+            f"listen_addresses={self.listen_addresses}",
+        ]
+        for key, value in self.options.items():
+            cmd += ["-c", f"{key}={value}"]
+        return cmd
+
+    def spawn(self) -> None:
+        if self.running():
+            return
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.socket_dir, 0o700)
+        if os.geteuid() == 0:
+            os.chown(self.socket_dir, self.account.uid, self.account.gid)
+        self._log = self.log_path.open("ab")
+        with deferred_interrupts():
+            self._proc = self._popen()
+
+    def _popen(self) -> subprocess.Popen[bytes]:
+        assert self._log is not None
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+        env.update(self.account.env())
+        return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+            self._command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(self.pgdata),
+            start_new_session=True,  # Ctrl-C reaches pgro, which then stops the server cleanly
+            **self.account.popen_kwargs(),
+        )
+
+    def _status(self) -> str | None:
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+        if len(lines) < 8 or lines[0].strip() != str(self.pid):
+            return None
+        return lines[7].strip()
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self._proc is not None
+            rc = self._proc.poll()
+            if rc is not None:
+                self._close_log()
+                raise StartupFailed(
+                    f"PostgreSQL {self.binaries.major} exited with code {rc} during startup",
+                    self.log_tail(),
+                )
+            if self._status() == "ready":
+                return
+            if time.monotonic() > deadline:
+                raise StartupTimeout(
+                    f"PostgreSQL {self.binaries.major} did not accept connections within "
+                    f"{timeout:.0f}s (crash recovery of a large cluster can take longer: "
+                    "raise the readiness timeout)",
+                    self.log_tail(),
+                )
+            time.sleep(0.02)
+
+    def start(self, timeout: float) -> None:
+        self.spawn()
+        try:
+            self.wait_ready(timeout)
+        except StartupTimeout:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """Fast shutdown (SIGINT), then immediate (SIGQUIT), then SIGKILL. Returns exit code."""
+        proc = self._proc
+        if proc is None:
+            return None
+        rc = proc.poll()
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 10.0), (signal.SIGKILL, 10.0)):
+            if rc is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            try:
+                rc = proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                rc = None
+        self._close_log()
+        self._proc = None
+        return rc
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def needs_wal_reset(log_text: str) -> bool:
+    return any(sig in log_text for sig in WAL_FAILURE_SIGNATURES)
+
+
+def reset_wal(binaries: PostgresBinaries, pgdata: Path, account: RunAccount) -> str:
+    """`pg_resetwal -f`: discard unreplayable WAL so the cluster can start."""
+    proc = subprocess.run(  # type: ignore[call-overload]
+        [binaries.tool("pg_resetwal"), "-f", str(pgdata)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", **account.env()},
+        **account.popen_kwargs(),
+    )
+    if proc.returncode != 0:
+        raise StartupFailed(f"pg_resetwal failed: {proc.stderr.strip()}")
+    return str(proc.stdout).strip()
+
+
+_ROLNAME = re.compile(r'rolname\s*=\s*"([^"]+)"')
+
+
+def bootstrap_superuser(binaries: PostgresBinaries, pgdata: Path, account: RunAccount) -> str:
+    """The cluster's bootstrap superuser (the role with OID 10), read in single-user mode.
+
+    Needed when the source cluster was initialised by an OS user other than `postgres`:
+    local `trust` authentication still needs an existing role name.
+    """
+    proc = subprocess.run(  # type: ignore[call-overload]
+        [binaries.tool("postgres"), "--single", "-D", str(pgdata), "template1"],
+        input="SELECT rolname FROM pg_authid WHERE oid = 10;\n",
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", **account.env()},
+        **account.popen_kwargs(),
+    )
+    m = _ROLNAME.search(str(proc.stdout))
+    if not m:
+        raise StartupFailed(
+            "could not read the bootstrap superuser in single-user mode",
+            f"{proc.stdout}\n{proc.stderr}"[-2000:],
+        )
+    return m.group(1)

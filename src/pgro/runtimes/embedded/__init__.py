@@ -1,0 +1,1 @@
+"""pgro.runtimes.embedded."""

@@ -1,0 +1,135 @@
+"""Reading the manifests a user would apply to Kubernetes: Secrets and replicas from YAML."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.secret import KopiaCredentials, SecretInvalid, decode_secret_data, parse_kopia_secret
+
+REPLICA_KIND = "PostgresPhysicalReplica"
+
+
+class ManifestError(Exception):
+    """The manifest cannot be used; the message names the file, the object and the fix."""
+
+    def __init__(self, message: str, reason: str = "InvalidManifest") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Manifest:
+    replicas: list[PostgresPhysicalReplica] = field(default_factory=list)
+    # (namespace, name) → raw `data`/`stringData` document, decoded lazily so one bad
+    # Secret only affects the replicas that use it.
+    secrets: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+    def replica(self, name: str | None) -> PostgresPhysicalReplica:
+        if name is not None:
+            for r in self.replicas:
+                if r.metadata.name == name:
+                    return r
+            known = ", ".join(r.metadata.name for r in self.replicas) or "none"
+            raise ManifestError(f"no PostgresPhysicalReplica named {name!r} (found: {known})")
+        if not self.replicas:
+            raise ManifestError(
+                "the manifest holds no PostgresPhysicalReplica (apiVersion pgro.bes.au/v1alpha1)"
+            )
+        if len(self.replicas) > 1:
+            names = ", ".join(r.metadata.name for r in self.replicas)
+            raise ManifestError(
+                f"the manifest holds several replicas ({names}): choose one with --replica"
+            )
+        return self.replicas[0]
+
+
+def _format_validation(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _documents(path: Path) -> Iterable[tuple[int, Any]]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        yield from enumerate(yaml.safe_load_all(text))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ManifestError(f"{where}: invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: invalid YAML: {exc}") from None
+
+
+def load_manifests(paths: Iterable[Path]) -> Manifest:
+    manifest = Manifest()
+    for path in paths:
+        for index, doc in _documents(path):
+            if doc is None:
+                continue
+            where = f"{path} (document {index + 1})"
+            if not isinstance(doc, dict):
+                raise ManifestError(f"{where}: expected a mapping, got {type(doc).__name__}")
+            kind = doc.get("kind")
+            meta = doc.get("metadata") or {}
+            name = meta.get("name") if isinstance(meta, dict) else None
+            if kind == "Secret":
+                if not name:
+                    raise ManifestError(f"{where}: Secret without metadata.name")
+                ns = str(meta.get("namespace") or "default")
+                manifest.secrets[(ns, str(name))] = doc
+            elif kind == REPLICA_KIND:
+                try:
+                    replica = PostgresPhysicalReplica.model_validate(doc)
+                except pydantic.ValidationError as exc:
+                    raise ManifestError(
+                        f"{where}: PostgresPhysicalReplica {name or '(unnamed)'!s} is invalid: "
+                        f"{_format_validation(exc)}"
+                    ) from None
+                except ValueError as exc:
+                    raise ManifestError(f"{where}: {exc}") from None
+                manifest.replicas.append(replica)
+            else:
+                manifest.ignored.append(f"{kind or '(no kind)'} {name or ''}".strip())
+    return manifest
+
+
+def kopia_credentials(manifest: Manifest, replica: PostgresPhysicalReplica) -> KopiaCredentials:
+    """The replica's credentials, with the reference's condition reasons on failure."""
+    problem = replica.credential_source_problem()
+    if problem is not None:
+        reason, message = problem
+        raise ManifestError(message, reason)
+    if replica.spec.kopia_secret_ref is None:
+        raise ManifestError(
+            f"replica {replica.metadata.name} uses canopySource: it needs canopy "
+            "(`pgro run --canopy-url` or the operator), not a kopia Secret",
+            "CanopySourced",
+        )
+    ns = replica.metadata.namespace or "default"
+    secret_name = replica.spec.kopia_secret_ref.name
+    doc = manifest.secrets.get((ns, secret_name))
+    if doc is None:
+        raise ManifestError(
+            f"replica {replica.metadata.name} references Secret {secret_name!r} in namespace "
+            f"{ns!r}, which is not in the manifest: add a `kind: Secret` document with the "
+            "kopia keys",
+            "SecretNotFound",
+        )
+    try:
+        return parse_kopia_secret(decode_secret_data(doc))
+    except SecretInvalid as exc:
+        raise ManifestError(f"Secret {ns}/{secret_name}: {exc}", exc.reason) from None
