@@ -348,3 +348,71 @@ def test_interrupt_cleans_up(fs_repo: Repo, scratch: Path, sig: signal.Signals, 
             break
     assert code == 130, output
     assert "interrupted" in output
+
+
+def test_too_little_disk_is_refused_before_restoring(fs_repo: Repo, scratch: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = scratch / "small"
+    small.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0711", "tmpfs", str(small)], check=True
+    )
+    try:
+        manifest = fs_manifest(
+            scratch / "m.yaml",
+            fs_repo.path,
+            fs_repo.password,
+            snapshotFilter={"hostPattern": "db-clean"},
+        )
+        code, report, _ = run_verify(manifest, small / "work")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert code == 2
+    assert report["reason"] == "InsufficientDisk"
+    assert "restore elsewhere with --work-dir" in report["error"]
+
+
+def test_demo_builds_verifies_reuses_and_cleans(scratch: Path) -> None:
+    demo_dir = scratch / "demo"
+    first = subprocess.run(
+        [PGRO, "demo", "--dir", str(demo_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["outcome"] == "success"
+    assert report["health_details"]["sizes"]["myapp"] > 0
+    assert report["health_details"]["fixes"]["synthesized_config"] is True
+    assert f"pgro verify -f {demo_dir / 'verify.yaml'}" in first.stderr
+    assert f"pgro demo --clean --dir {demo_dir}" in first.stderr
+    manifest = demo_dir / "verify.yaml"
+    assert manifest.stat().st_mode & 0o777 == 0o600  # it holds the repository password
+
+    again = subprocess.run(
+        [PGRO, "demo", "--dir", str(demo_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "reusing the demo repository" in again.stderr
+    assert json.loads(again.stdout)["snapshot_id"] == report["snapshot_id"]
+
+    # The manifest it leaves is a working input for `pgro verify`.
+    code, verified, _ = run_verify(manifest, scratch / "work")
+    assert code == 0
+    assert verified["snapshot_id"] == report["snapshot_id"]
+
+    clean = subprocess.run(
+        [PGRO, "demo", "--dir", str(demo_dir), "--clean"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert clean.returncode == 0
+    assert not demo_dir.exists()

@@ -213,12 +213,19 @@ def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None
     except ManifestError as exc:
         _manifest_failure(exc, as_json, err)
         sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        # Building the demo failed (initdb, kopia, disk): say what, not a traceback.
+        observer.close()
+        reason = getattr(exc, "reason", type(exc).__name__)
+        err.print(f"[bold red]demo failed[/] ({reason}): {exc}", highlight=False)
+        sys.exit(EXIT_USAGE)
     observer.close()
     _emit(report, as_json, err, out)
+    clean_cmd = "pgro demo --clean" + (f" --dir {paths.root}" if demo_dir else "")
     err.print(
         f"\nThe demo repository and manifest live in {paths.root}.\n"
         f"Verify again with:  pgro verify -f {paths.manifest}\n"
-        f"Remove them with:   pgro demo --clean   (or rm -rf {paths.root})",
+        f"Remove them with:   {clean_cmd}   (or rm -rf {paths.root})",
         highlight=False,
     )
     sys.exit(report.exit_code)

@@ -39,6 +39,10 @@ class RestoreFailed(KopiaError):
     reason = "RestoreFailed"
 
 
+class DiskFull(KopiaError):
+    reason = "InsufficientDisk"
+
+
 # Each entry: (pattern in kopia's stderr, error class, what the user should do).
 _CONNECT_PATTERNS: list[tuple[re.Pattern[str], type[KopiaError], str]] = [
     (
@@ -109,6 +113,11 @@ def classify_connect_failure(stderr: str, where: str, *, s3: bool = False) -> Ko
 
 
 def classify_restore_failure(stderr: str, snapshot_id: str) -> KopiaError:
+    if "no space left on device" in stderr:
+        return DiskFull(
+            f"restore of {snapshot_id} ran out of disk space: restore onto a filesystem with "
+            "room for the whole snapshot (pgro verify --work-dir DIR)"
+        )
     if _SNAPSHOT_PATTERNS.search(stderr):
         return SnapshotNotFound(
             f"snapshot {snapshot_id!r} is not in the repository "

@@ -25,7 +25,7 @@ from pgro.core.secrets import scrub
 from pgro.core.selection import select_snapshot
 from pgro.core.snapshot import Snapshot
 from pgro.core.timeouts import readiness_timeout
-from pgro.kopia.errors import KopiaError, RestoreFailed, SnapshotNotFound
+from pgro.kopia.errors import DiskFull, KopiaError, RestoreFailed, SnapshotNotFound
 from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.events import Observer, SilentObserver
 from pgro.pipeline.report import (
@@ -86,6 +86,21 @@ def _check_traversable(path: Path, account: RunAccount) -> None:
                 f"(mode {stat.filemode(st.st_mode)}): choose a --work-dir under a directory "
                 "it can traverse, such as /tmp or /var/tmp",
             )
+
+
+# Restored files take a little more room than the snapshot's logical size (block rounding).
+SPACE_HEADROOM = 1.05
+
+
+def _check_free_space(workdir: Path, snapshot_bytes: int) -> None:
+    free = shutil.disk_usage(workdir).free
+    needed = int(snapshot_bytes * SPACE_HEADROOM)
+    if needed > free:
+        raise ConfigurationError(
+            "InsufficientDisk",
+            f"the snapshot needs about {needed // 2**20} MiB but {workdir.parent} has "
+            f"{free // 2**20} MiB free: restore elsewhere with --work-dir DIR",
+        )
 
 
 def choose_snapshot(
@@ -212,6 +227,7 @@ def verify_snapshot(
                 f"{snapshot.source.path} taken {snapshot.start_time}"
             )
             lap("connect")
+            _check_free_space(workdir, snapshot.size_bytes)
             restored = restore_snapshot(
                 repo,
                 snapshot,
@@ -257,7 +273,7 @@ def verify_snapshot(
         _fail(report, exc.reason, str(exc), EXIT_USAGE)
     except (SecretInvalid, AccountMissing, BinariesMissing) as exc:
         _fail(report, exc.reason, str(exc), EXIT_USAGE)
-    except SnapshotNotFound as exc:
+    except (SnapshotNotFound, DiskFull) as exc:
         _fail(report, exc.reason, str(exc), EXIT_USAGE)
     except RestoreFailed as exc:
         _fail(report, exc.reason, str(exc), EXIT_FAILED_VERIFICATION)
