@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 from pgro.kopia.repository import RestoreProgress
 from pgro.pipeline.report import VerificationReport
@@ -62,6 +56,16 @@ class TerminalObserver:
                 )
             return
         if self._progress is None:
+            # Imported on first use: with --json or a log as stderr there is no bar to draw.
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("  restoring"),
                 BarColumn(),
@@ -92,6 +96,8 @@ def _human_bytes(n: int) -> str:
 
 
 def render_report(console: Console, report: VerificationReport) -> None:
+    from rich.table import Table
+
     console.print()
     if report.outcome == "success":
         console.print(

@@ -8,7 +8,8 @@ inside the restore pod.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgro.core.snapshot import Snapshot
@@ -26,6 +27,7 @@ class RestoredDataDirectory:
     data: DataDirectory
     binaries: PostgresBinaries
     repairs: Repairs
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def restore_snapshot(
@@ -41,9 +43,11 @@ def restore_snapshot(
     observer.step(
         "restore", f"restoring snapshot {snapshot.id} ({snapshot.size_bytes} bytes) from kopia"
     )
+    started = time.monotonic()
     repo.restore(
         snapshot.id, target, parallel=parallel, on_progress=observer.restore_progress, cancel=cancel
     )
+    downloaded = time.monotonic()
     observer.step("locate", "locating the PostgreSQL data directory")
     data = locate_data_directory(target)
     observer.note(
@@ -55,4 +59,7 @@ def restore_snapshot(
     repairs = prepare_data_directory(target, data.path, binaries, account)
     for note in repairs.notes:
         observer.note(note)
-    return RestoredDataDirectory(root=target, data=data, binaries=binaries, repairs=repairs)
+    timings = {"download": downloaded - started, "prepare": time.monotonic() - downloaded}
+    return RestoredDataDirectory(
+        root=target, data=data, binaries=binaries, repairs=repairs, timings=timings
+    )

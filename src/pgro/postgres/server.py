@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from psycopg.conninfo import make_conninfo
-
 from pgro.interrupts import deferred_interrupts
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
@@ -73,6 +71,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def make_conninfo(**params: str) -> str:
+    """A libpq keyword/value string, quoting as libpq requires (psycopg not needed to build it)."""
+
+    def quote(value: str) -> str:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return " ".join(f"{key}={quote(value)}" for key, value in params.items())
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """How to reach a running server."""
@@ -83,7 +90,9 @@ class Endpoint:
 
     def conninfo(self, dbname: str, user: str) -> str:
         """A libpq connection string through the private socket directory."""
-        return make_conninfo(host=str(self.socket_dir), port=self.port, dbname=dbname, user=user)
+        return make_conninfo(
+            host=str(self.socket_dir), port=str(self.port), dbname=dbname, user=user
+        )
 
 
 def _tail(path: Path, lines: int = 15) -> str:

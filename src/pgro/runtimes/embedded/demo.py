@@ -17,7 +17,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import yaml
 
 from pgro.api.secret import FilesystemLocation, KopiaCredentials
@@ -106,6 +105,8 @@ def write_manifest(paths: DemoPaths, password: str) -> None:
 
 
 def _build_source_cluster(tmp: Path, account: RunAccount, observer: Observer) -> Path:
+    import psycopg  # only the demo's source cluster needs it; keep `pgro` start-up light
+
     binaries = newest_binaries()
     root = tmp / "var-lib-postgresql"
     pgdata = root / binaries.major / "main"
