@@ -51,7 +51,9 @@ def build_repository(
     )
     server.start(120)
     try:
-        with psycopg.connect(server.endpoint.conninfo("postgres", "postgres"), autocommit=True) as c:
+        with psycopg.connect(
+            server.endpoint.conninfo("postgres", "postgres"), autocommit=True
+        ) as c:
             c.execute("CREATE DATABASE bench")
         print(f"generating pgbench data at scale {scale} ...", file=sys.stderr)
         subprocess.run(
@@ -82,7 +84,9 @@ def build_repository(
     kopia = KopiaRepository(creds, base / "kopia-author")
     kopia.create()
     try:
-        snapshot_id = kopia.snapshot_create(root, override_source="postgres@bench:/var/lib/postgresql")
+        snapshot_id = kopia.snapshot_create(
+            root, override_source="postgres@bench:/var/lib/postgresql"
+        )
     finally:
         kopia.close()
     shutil.rmtree(root)
@@ -90,7 +94,12 @@ def build_repository(
 
 
 def baseline(
-    repo: Path, snapshot_id: str, work: Path, binaries: PostgresBinaries, account: RunAccount, parallel: int
+    repo: Path,
+    snapshot_id: str,
+    work: Path,
+    binaries: PostgresBinaries,
+    account: RunAccount,
+    parallel: int,
 ) -> float:
     kopia = find_kopia()
     state = work / "kopia"
@@ -116,11 +125,19 @@ def baseline(
         laps[name] = round(now - mark, 3)
         mark = now
 
-    subprocess.run([kopia, "repository", "connect", "filesystem", f"--path={repo}", "--readonly"],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [kopia, "repository", "connect", "filesystem", f"--path={repo}", "--readonly"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     lap("connect")
-    subprocess.run([kopia, "snapshot", "restore", f"--parallel={parallel}", snapshot_id, str(target)],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [kopia, "snapshot", "restore", f"--parallel={parallel}", snapshot_id, str(target)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     lap("restore")
     hand_over(target, account)
     pgdata = target / binaries.major / "main"
@@ -129,15 +146,30 @@ def baseline(
     port = free_port()
     pg_ctl = binaries.tool("pg_ctl")
     subprocess.run(  # type: ignore[call-overload]
-        [pg_ctl, "-D", str(pgdata), "-w", "-l", str(target / "pg.log"), "start",
-         "-o", f"-p {port} -k {sock} -c listen_addresses=''"],
-        check=True, capture_output=True, **as_account,
+        [
+            pg_ctl,
+            "-D",
+            str(pgdata),
+            "-w",
+            "-l",
+            str(target / "pg.log"),
+            "start",
+            "-o",
+            f"-p {port} -k {sock} -c listen_addresses=''",
+        ],
+        check=True,
+        capture_output=True,
+        **as_account,
     )
     lap("start")
     with psycopg.connect(host=str(sock), port=port, user="postgres", dbname="postgres") as c:
         c.execute("SELECT 1").fetchone()
-    subprocess.run([pg_ctl, "-D", str(pgdata), "-w", "-m", "fast", "stop"],  # type: ignore[call-overload]
-                   check=True, capture_output=True, **as_account)
+    subprocess.run(
+        [pg_ctl, "-D", str(pgdata), "-w", "-m", "fast", "stop"],  # type: ignore[call-overload]
+        check=True,
+        capture_output=True,
+        **as_account,
+    )
     lap("query+stop")
     shutil.rmtree(target)
     shutil.rmtree(state)
@@ -152,9 +184,20 @@ def pgro(manifest: Path, work: Path, parallel: int) -> float:
     exe = str(Path(sys.executable).parent / "pgro")
     started = time.monotonic()
     proc = subprocess.run(
-        [exe, "verify", "-f", str(manifest), "--json", "--quiet", f"--parallel={parallel}",
-         "--work-dir", str(work)],
-        capture_output=True, text=True, check=False,
+        [
+            exe,
+            "verify",
+            "-f",
+            str(manifest),
+            "--json",
+            "--quiet",
+            f"--parallel={parallel}",
+            "--work-dir",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     elapsed = time.monotonic() - started
     if proc.returncode != 0:
@@ -164,7 +207,9 @@ def pgro(manifest: Path, work: Path, parallel: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scale", type=int, default=36, help="pgbench scale (36 ≈ 540 MB)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=2)
@@ -188,10 +233,15 @@ def main() -> None:
         for i in range(args.rounds):
             base_times.append(baseline(repo, snapshot_id, work, binaries, account, args.parallel))
             pgro_times.append(pgro(manifest, work, args.parallel))
-            print(f"round {i + 1}: baseline {base_times[-1]:.2f}s  pgro {pgro_times[-1]:.2f}s", file=sys.stderr)
+            print(
+                f"round {i + 1}: baseline {base_times[-1]:.2f}s  pgro {pgro_times[-1]:.2f}s",
+                file=sys.stderr,
+            )
         b, p = statistics.median(base_times), statistics.median(pgro_times)
         print(f"database size:   {size / 2**20:.0f} MiB")
-        print(f"baseline median: {b:.2f}s  (kopia restore + chown + pg_ctl start -w + SELECT 1 + stop)")
+        print(
+            f"baseline median: {b:.2f}s  (kopia restore + chown + pg_ctl start -w + SELECT 1 + stop)"
+        )
         print(f"pgro median:     {p:.2f}s  (pgro verify --json)")
         print(f"ratio:           {p / b:.3f}  (target <= 1.10)")
     finally:

@@ -19,7 +19,12 @@ from pgro.postgres.binaries import BinariesMissing, PostgresBinaries, find_binar
 from pgro.postgres.config import BLOCK_BEGIN
 from pgro.postgres.initdb import init_cluster
 from pgro.postgres.repair import prepare_data_directory
-from pgro.postgres.server import PostgresServer, StartupFailed, bootstrap_superuser
+from pgro.postgres.server import (
+    PostgresServer,
+    StartupFailed,
+    StartupTimeout,
+    bootstrap_superuser,
+)
 from tests.conftest import Repo
 
 
@@ -170,3 +175,19 @@ def test_run_account_is_postgres_when_root(account: RunAccount) -> None:
         assert account.uid == pwd.getpwnam("postgres").pw_uid
     else:
         assert account.uid == os.geteuid()
+
+
+def test_readiness_timeout_stops_the_server(
+    scratch: Path, account: RunAccount, binaries: PostgresBinaries
+) -> None:
+    pgdata = scratch / "slow"
+    init_cluster(binaries, pgdata, account)
+    server = PostgresServer(
+        pgdata, binaries, account, socket_dir=scratch / "run", log_path=scratch / "pg.log"
+    )
+    with pytest.raises(StartupTimeout) as err:
+        server.start(0.0)  # no server is ready before it even started
+    assert "did not accept connections within 0s" in str(err.value)
+    assert "raise the readiness timeout" in str(err.value)
+    assert not server.running()
+    assert not (pgdata / "postmaster.pid").exists()  # it was shut down, not abandoned

@@ -387,8 +387,8 @@ def test_demo_builds_verifies_reuses_and_cleans(scratch: Path) -> None:
     assert report["outcome"] == "success"
     assert report["health_details"]["sizes"]["myapp"] > 0
     assert report["health_details"]["fixes"]["synthesized_config"] is True
-    assert f"pgro verify -f {demo_dir / 'verify.yaml'}" in first.stderr
-    assert f"pgro demo --clean --dir {demo_dir}" in first.stderr
+    assert f"{PGRO} verify -f {demo_dir / 'verify.yaml'}" in first.stderr
+    assert f"{PGRO} demo --clean --dir {demo_dir}" in first.stderr
     manifest = demo_dir / "verify.yaml"
     assert manifest.stat().st_mode & 0o777 == 0o600  # it holds the repository password
 
@@ -416,3 +416,29 @@ def test_demo_builds_verifies_reuses_and_cleans(scratch: Path) -> None:
     )
     assert clean.returncode == 0
     assert not demo_dir.exists()
+
+
+def test_keep_leaves_the_restored_files_and_no_server(fs_repo: Repo, scratch: Path) -> None:
+    manifest = fs_manifest(
+        scratch / "m.yaml",
+        fs_repo.path,
+        fs_repo.password,
+        snapshotFilter={"hostPattern": "db-clean"},
+    )
+    work = scratch / "work"
+    work.mkdir()
+    os.chmod(work, 0o711)
+    proc = subprocess.run(
+        [PGRO, "verify", "-f", str(manifest), "--json", "--keep", "--work-dir", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (kept,) = list(work.iterdir())
+    assert "kept the restored files in" in proc.stderr
+    assert (kept / "data" / "15" / "main" / "PG_VERSION").exists()
+    assert not (kept / "data" / "15" / "main" / "postmaster.pid").exists()
+    assert processes_mentioning(str(work)) == []
+    assert not (kept / "kopia").exists()  # kopia's state (config, cache) never outlives a run

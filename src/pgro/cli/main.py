@@ -221,10 +221,12 @@ def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None
         sys.exit(EXIT_USAGE)
     observer.close()
     _emit(report, as_json, err, out)
-    clean_cmd = "pgro demo --clean" + (f" --dir {paths.root}" if demo_dir else "")
+    # Name the executable as it was run: after `./run demo`, `pgro` is not on PATH.
+    prog = sys.argv[0] if "/" in sys.argv[0] else "pgro"
+    clean_cmd = f"{prog} demo --clean" + (f" --dir {paths.root}" if demo_dir else "")
     err.print(
         f"\nThe demo repository and manifest live in {paths.root}.\n"
-        f"Verify again with:  pgro verify -f {paths.manifest}\n"
+        f"Verify again with:  {prog} verify -f {paths.manifest}\n"
         f"Remove them with:   {clean_cmd}   (or rm -rf {paths.root})",
         highlight=False,
     )

@@ -35,7 +35,9 @@ from pgro.kopia.errors import (
 )
 
 # Rotate CLI logs as the reference does, so a long-lived cache directory cannot fill up.
-GLOBAL_FLAGS = ("--log-dir-max-files=20", "--log-dir-max-age=24h")
+# Content logs (one line per content read, for kopia's own debugging) only cost I/O during a
+# restore; the CLI logs kept for diagnostics say what failed.
+GLOBAL_FLAGS = ("--log-dir-max-files=20", "--log-dir-max-age=24h", "--disable-content-log")
 DEFAULT_CONNECT_TIMEOUT = 120.0
 DEFAULT_LIST_TIMEOUT = 300.0
 
@@ -273,7 +275,8 @@ class KopiaRepository:
     def list_snapshots(self, timeout: float = DEFAULT_LIST_TIMEOUT) -> list[Snapshot]:
         """Every snapshot in the repository (`kopia snapshot list --json --all`)."""
         self._require_connected()
-        proc = self._run(["snapshot", "list", "--json", "--all"], timeout)
+        # Retention reasons need every policy evaluated, and pgro does not use them.
+        proc = self._run(["snapshot", "list", "--json", "--all", "--no-retention"], timeout)
         if proc.returncode != 0:
             raise classify_connect_failure(proc.stderr, self.description, s3=self._is_s3)
         try:
