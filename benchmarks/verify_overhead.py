@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import psycopg
+from tests.fixtures.manifests import fs_manifest
 
 from pgro.api.secret import FilesystemLocation, KopiaCredentials
 from pgro.kopia.repository import KopiaRepository, find_kopia
@@ -35,7 +36,6 @@ from pgro.postgres.account import RunAccount, hand_over, resolve_run_account
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.initdb import init_cluster, newest_binaries
 from pgro.postgres.server import PostgresServer, free_port
-from tests.fixtures.manifests import fs_manifest
 
 PASSWORD = "bench-repo-password"
 
@@ -240,7 +240,8 @@ def main() -> None:
         b, p = statistics.median(base_times), statistics.median(pgro_times)
         print(f"database size:   {size / 2**20:.0f} MiB")
         print(
-            f"baseline median: {b:.2f}s  (kopia restore + chown + pg_ctl start -w + SELECT 1 + stop)"
+            f"baseline median: {b:.2f}s  "
+            "(kopia restore + chown + pg_ctl start -w + SELECT 1 + stop)"
         )
         print(f"pgro median:     {p:.2f}s  (pgro verify --json)")
         print(f"ratio:           {p / b:.3f}  (target <= 1.10)")

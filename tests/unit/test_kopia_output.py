@@ -40,12 +40,14 @@ def test_progress_lines(line: str, expected: RestoreProgress | None) -> None:
     ("stderr", "cls", "fragment"),
     [
         (
-            "error connecting to repository: unable to create format manager: invalid repository password",
+            "error connecting to repository: unable to create format manager: "
+            "invalid repository password",
             WrongPassword,
             "repositoryPassword",
         ),
         (
-            "can't connect to storage: cannot access storage path: stat /x: no such file or directory",
+            "can't connect to storage: cannot access storage path: "
+            "stat /x: no such file or directory",
             RepositoryNotFound,
             "filesystemPath",
         ),
@@ -55,7 +57,8 @@ def test_progress_lines(line: str, expected: RestoreProgress | None) -> None:
             "holds no Kopia repository",
         ),
         (
-            'unable to list: Get "http://127.0.0.1:1/b": dial tcp 127.0.0.1:1: connect: connection refused',
+            'unable to list: Get "http://127.0.0.1:1/b": '
+            "dial tcp 127.0.0.1:1: connect: connection refused",
             EndpointUnreachable,
             "endpoint",
         ),

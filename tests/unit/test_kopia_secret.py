@@ -63,12 +63,12 @@ def test_empty_value_counts_as_missing() -> None:
 
 
 def test_no_data() -> None:
-    with pytest.raises(SecretInvalid, match="^secret has no data$"):
+    with pytest.raises(SecretInvalid, match=r"^secret has no data$"):
         parse_kopia_secret({})
 
 
 def test_not_utf8() -> None:
-    with pytest.raises(SecretInvalid, match="^key region is not valid UTF-8$"):
+    with pytest.raises(SecretInvalid, match=r"^key region is not valid UTF-8$"):
         parse_kopia_secret({**S3, "region": b"\xff\xfe"})
 
 
