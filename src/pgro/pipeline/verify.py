@@ -292,6 +292,16 @@ def verify_snapshot(
     except StartupFailed as exc:
         detail = f"{exc}. Server log:\n{exc.log_tail}" if exc.log_tail else str(exc)
         _fail(report, exc.reason, detail, EXIT_FAILED_VERIFICATION)
+    except Exception as exc:
+        # A bug or an environment problem nobody classified yet: still one verdict, still a
+        # full cleanup, and a message worth pasting into an issue.
+        _fail(
+            report,
+            "UnexpectedError",
+            f"{type(exc).__name__}: {exc} (this is a pgro bug or an unclassified environment "
+            "problem; please report it with this message)",
+            EXIT_USAGE,
+        )
     finally:
         obs.step("cleanup", "stopping PostgreSQL and removing the restored files")
         if server is not None:
