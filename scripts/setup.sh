@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pgro and its tests need, skipping anything already present:
-#   - Debian packages: PostgreSQL 15 (server and client), Go (only if no `go`), Python venv support
+#   - Debian packages: PostgreSQL 15 (server and client), PgBouncer (the stable endpoint of
+#     `pgro run`), Go (only if no `go`), Python venv support
 #   - the kopia CLI v0.22.3, built once from the Go module proxy into $PGRO_CACHE_DIR/bin
 #   - a virtualenv in .venv with pgro and its pinned development dependencies
 set -euo pipefail
@@ -19,7 +20,7 @@ as_root() {
 # --- Debian packages -------------------------------------------------------
 need_pkgs=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in "postgresql-$PG_MAJOR" "postgresql-client-$PG_MAJOR" ca-certificates git; do
+for p in "postgresql-$PG_MAJOR" "postgresql-client-$PG_MAJOR" pgbouncer ca-certificates git; do
   have_pkg "$p" || need_pkgs+=("$p")
 done
 command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || need_pkgs+=(golang-go)
