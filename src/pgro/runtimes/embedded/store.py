@@ -1,0 +1,267 @@
+"""The embedded runtime's state: replicas, restores and events in SQLite.
+
+This plays the API server's part on one machine. Objects are kept in their wire form
+(camelCase JSON, as Kubernetes stores them), status changes are JSON merge patches, and
+every write is a transaction, so a `kill -9` at any point leaves the last committed state.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS replicas (
+    key TEXT PRIMARY KEY,          -- namespace/name
+    body TEXT NOT NULL,            -- the object without status, wire form
+    status TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS restores (
+    key TEXT PRIMARY KEY,          -- namespace/name
+    replica_key TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS restores_by_replica ON restores (replica_key);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    replica_key TEXT NOT NULL,
+    type TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    note TEXT NOT NULL,
+    related TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_replica ON events (replica_key, id);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+# Events are a recent history, not an archive.
+EVENTS_KEPT_PER_REPLICA = 200
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge recursively, `None` deletes, the rest replaces."""
+    if not isinstance(patch, Mapping):
+        return patch
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Event:
+    at: str
+    replica_key: str
+    type: str
+    reason: str
+    note: str
+    related: str | None
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- replicas -------------------------------------------------------------------------
+    def apply_replica(self, replica: PostgresPhysicalReplica) -> bool:
+        """Create or update a replica from a manifest, keeping its status.
+
+        Like the API server: a uid and creationTimestamp are assigned once, and
+        `generation` grows when the spec changes. Returns True when something changed.
+        """
+        body = replica.to_wire()
+        body.pop("status", None)
+        key = f"{replica.metadata.namespace}/{replica.metadata.name}"
+        with self._tx() as db:
+            row = db.execute("SELECT body FROM replicas WHERE key = ?", (key,)).fetchone()
+            meta = body.setdefault("metadata", {})
+            if row is None:
+                meta["uid"] = meta.get("uid") or str(uuid.uuid4())
+                meta["creationTimestamp"] = meta.get("creationTimestamp") or _now()
+                meta["generation"] = 1
+                db.execute(
+                    "INSERT INTO replicas (key, body) VALUES (?, ?)", (key, json.dumps(body))
+                )
+                return True
+            old = json.loads(row[0])
+            old_meta = old.get("metadata", {})
+            meta["uid"] = old_meta.get("uid")
+            meta["creationTimestamp"] = old_meta.get("creationTimestamp")
+            generation = int(old_meta.get("generation") or 1)
+            meta["generation"] = generation + (old.get("spec") != body.get("spec"))
+            if old == body:
+                return False
+            db.execute("UPDATE replicas SET body = ? WHERE key = ?", (json.dumps(body), key))
+            return True
+
+    def replica_keys(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT key FROM replicas ORDER BY key")]
+
+    def replica(self, key: str) -> PostgresPhysicalReplica | None:
+        row = self._db.execute("SELECT body, status FROM replicas WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        doc = json.loads(row[0])
+        status = json.loads(row[1])
+        if status:
+            doc["status"] = status
+        return PostgresPhysicalReplica.model_validate(doc)
+
+    def replicas(self) -> list[PostgresPhysicalReplica]:
+        out = []
+        for key in self.replica_keys():
+            replica = self.replica(key)
+            if replica is not None:
+                out.append(replica)
+        return out
+
+    def delete_replica(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM replicas WHERE key = ?", (key,))
+
+    def patch_replica_status(self, key: str, patch: Mapping[str, Any]) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM replicas WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                raise KeyError(f"replica {key} does not exist")
+            status = merge_patch(json.loads(row[0]), patch)
+            db.execute("UPDATE replicas SET status = ? WHERE key = ?", (json.dumps(status), key))
+
+    # -- restores -------------------------------------------------------------------------
+    def create_restore(self, restore: PostgresPhysicalRestore) -> bool:
+        """Insert a new restore; False if one of that name exists (a conflict, as on Kubernetes)."""
+        body = restore.to_wire()
+        status = body.pop("status", None) or {}
+        meta = body.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", _now())
+        key = f"{restore.metadata.namespace}/{restore.metadata.name}"
+        replica_key = f"{restore.metadata.namespace}/{restore.spec.replica.name}"
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM restores WHERE key = ?", (key,)).fetchone():
+                return False
+            db.execute(
+                "INSERT INTO restores (key, replica_key, body, status) VALUES (?, ?, ?, ?)",
+                (key, replica_key, json.dumps(body), json.dumps(status)),
+            )
+        return True
+
+    def restores(self, replica_key: str | None = None) -> list[PostgresPhysicalRestore]:
+        if replica_key is None:
+            rows = self._db.execute("SELECT body, status FROM restores ORDER BY key").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT body, status FROM restores WHERE replica_key = ? ORDER BY key",
+                (replica_key,),
+            ).fetchall()
+        out = []
+        for body, status in rows:
+            doc = json.loads(body)
+            st = json.loads(status)
+            if st:
+                doc["status"] = st
+            out.append(PostgresPhysicalRestore.model_validate(doc))
+        return out
+
+    def restore(self, key: str) -> PostgresPhysicalRestore | None:
+        row = self._db.execute("SELECT body, status FROM restores WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        doc = json.loads(row[0])
+        st = json.loads(row[1])
+        if st:
+            doc["status"] = st
+        return PostgresPhysicalRestore.model_validate(doc)
+
+    def patch_restore_status(self, key: str, patch: Mapping[str, Any]) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM restores WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                raise KeyError(f"restore {key} does not exist")
+            status = merge_patch(json.loads(row[0]), patch)
+            db.execute("UPDATE restores SET status = ? WHERE key = ?", (json.dumps(status), key))
+
+    def delete_restore(self, key: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM restores WHERE key = ?", (key,)).rowcount > 0
+
+    # -- events ---------------------------------------------------------------------------
+    def add_event(
+        self, replica_key: str, type_: str, reason: str, note: str, related: str | None = None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO events (at, replica_key, type, reason, note, related) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (_now(), replica_key, type_, reason, note, related),
+            )
+            db.execute(
+                "DELETE FROM events WHERE replica_key = ? AND id NOT IN "
+                "(SELECT id FROM events WHERE replica_key = ? ORDER BY id DESC LIMIT ?)",
+                (replica_key, replica_key, EVENTS_KEPT_PER_REPLICA),
+            )
+
+    def events(self, replica_key: str, limit: int = 20) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT at, replica_key, type, reason, note, related FROM events "
+            "WHERE replica_key = ? ORDER BY id DESC LIMIT ?",
+            (replica_key, limit),
+        ).fetchall()
+        return [Event(*row) for row in reversed(rows)]
+
+    # -- settings (stable ports and the like) ---------------------------------------------
+    def setting(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def delete_setting(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM settings WHERE key = ?", (key,))
