@@ -1,0 +1,720 @@
+"""Login roles of a restored cluster: the analytics user and `extraUsers`.
+
+Run against every restore once its server is up, connected as the bootstrap superuser over
+the private socket (reference restore-pipeline.md §4.3 steps 14 and 18-19, §4.6, §4.8, §9
+items 14 and 17):
+
+1. **Restored passwords are neutralised**: every login role from the source cluster except
+   the bootstrap superuser and the roles pgro manages loses its password, so source-cluster
+   accounts cannot log in over TCP.
+2. **The analytics user is reset to a fixed state** even when the snapshot had a role of
+   that name: attributes, memberships, per-role settings and password; then
+   `pg_read_all_data` (read-only, PostgreSQL ≥ 14) or `SUPERUSER` (read-write, or older
+   servers), with read-only sessions when the replica is read-only.
+3. **extraUsers** get the reference's current semantics: non-superuser LOGIN roles with no
+   memberships, read-only sessions, and in every connectable database `CONNECT` plus
+   `USAGE`/`SELECT` (and default privileges) on the schemas they list, after `PUBLIC` has
+   lost access to every non-system schema.
+
+Every write runs after `SET default_transaction_read_only = off`: the restored server may be
+read-only by default. Identifiers are quoted with `psycopg.sql.Identifier`; passwords are hashed
+to a SCRAM verifier on the client (so the plain text never reaches the server, its logs or
+`pg_stat_statements`) and sent with `psycopg.sql.Literal`. Reports and exceptions name roles and
+databases, never passwords. Running it again on the same cluster converges to the same state.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from pgro.api.users import ExtraUser
+
+if TYPE_CHECKING:
+    # Imported where used, as in pgro.postgres.health: psycopg is slow to import.
+    import psycopg
+    from psycopg import sql
+
+PASSWORD_ALPHABET = string.ascii_letters + string.digits
+PASSWORD_LENGTH = 32
+CONNECT_TIMEOUT_S = 10
+APPLICATION_NAME = "pgro-users"
+MAINTENANCE_DATABASES = ("postgres", "template1")
+READ_ALL_DATA_ROLE = "pg_read_all_data"
+REDACTED = "[redacted]"
+
+# Schemas that are the server's own: catalogs, TOAST and temporary schemas.
+_USER_SCHEMA = "n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'"
+# Routines per GRANT statement when handing PUBLIC's EXECUTE to the analytics user.
+_GRANT_BATCH = 500
+# pg_default_acl.defaclobjtype -> the object kind in ALTER DEFAULT PRIVILEGES.
+_DEFAULT_ACL_KINDS = {
+    "r": "TABLES",
+    "S": "SEQUENCES",
+    "f": "FUNCTIONS",
+    "T": "TYPES",
+    "n": "SCHEMAS",
+}
+
+RoleAction = Literal["created", "reset"]
+AnalyticsPrivilege = Literal["pg_read_all_data", "superuser"]
+
+
+def generate_password() -> str:
+    """32 characters from [A-Za-z0-9], from the `secrets` generator (reference §4.7)."""
+    return "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+
+
+@dataclass(frozen=True)
+class RoleCredentials:
+    username: str
+    password: str = field(repr=False)
+
+
+class ProvisioningFailed(Exception):
+    """Provisioning the login roles failed. `reason` is a CamelCase condition reason; the
+    message names the role and/or database and the cause, never a password."""
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        role: str | None = None,
+        database: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.role = role
+        self.database = database
+
+
+@dataclass(frozen=True)
+class SchemaGrants:
+    """What one extra user was given in one database."""
+
+    database: str
+    granted: tuple[str, ...]  # listed schemas present here: USAGE, SELECT, default privileges
+    skipped: tuple[str, ...]  # listed schemas absent from this database
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "database": self.database,
+            "granted": list(self.granted),
+            "skipped": list(self.skipped),
+        }
+
+
+@dataclass
+class AnalyticsOutcome:
+    name: str
+    action: RoleAction
+    privilege: AnalyticsPrivilege
+    read_only_sessions: bool
+    memberships_revoked: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "action": self.action,
+            "privilege": self.privilege,
+            "read_only_sessions": self.read_only_sessions,
+            "memberships_revoked": list(self.memberships_revoked),
+        }
+
+
+@dataclass
+class ExtraUserOutcome:
+    name: str
+    action: RoleAction
+    schemas: tuple[str, ...]  # as listed in the spec (empty for a bare name)
+    memberships_revoked: list[str] = field(default_factory=list)
+    grants: list[SchemaGrants] = field(default_factory=list)
+
+    @property
+    def schemas_missing(self) -> list[str]:
+        """Listed schemas present in no database: worth a warning in status and logs."""
+        found = {s for g in self.grants for s in g.granted}
+        return [s for s in self.schemas if s not in found]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "action": self.action,
+            "schemas": list(self.schemas),
+            "schemas_missing": self.schemas_missing,
+            "memberships_revoked": list(self.memberships_revoked),
+            "grants": [g.as_dict() for g in self.grants],
+        }
+
+
+@dataclass
+class ProvisionReport:
+    """What provisioning did, for status and logs. Holds no secret."""
+
+    server_version_num: int
+    analytics: AnalyticsOutcome
+    extra_users: list[ExtraUserOutcome] = field(default_factory=list)
+    passwords_neutralised: list[str] = field(default_factory=list)
+    ignored_extra_users: list[str] = field(default_factory=list)
+    databases: list[str] = field(default_factory=list)
+
+    def extra_user(self, name: str) -> ExtraUserOutcome:
+        return next(u for u in self.extra_users if u.name == name)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "server_version_num": self.server_version_num,
+            "analytics": self.analytics.as_dict(),
+            "extra_users": [u.as_dict() for u in self.extra_users],
+            "passwords_neutralised": list(self.passwords_neutralised),
+            "ignored_extra_users": list(self.ignored_extra_users),
+            "databases": list(self.databases),
+        }
+
+    def summary(self) -> str:
+        a = self.analytics
+        parts = [
+            f"analytics user {a.name} {a.action} ({a.privilege}"
+            + (", read-only sessions)" if a.read_only_sessions else ")"),
+            f"{len(self.extra_users)} extra users",
+            f"{len(self.passwords_neutralised)} restored passwords removed",
+            f"grants in {len(self.databases)} databases",
+        ]
+        missing = [
+            f"{u.name}: {', '.join(u.schemas_missing)}"
+            for u in self.extra_users
+            if u.schemas_missing
+        ]
+        if missing:
+            parts.append("schemas not found (" + "; ".join(missing) + ")")
+        return "; ".join(parts)
+
+
+class _Scrubber:
+    """Removes every secret this run handles from text bound for an exception."""
+
+    def __init__(self, secrets_: Sequence[str]) -> None:
+        self._secrets = sorted({s for s in secrets_ if s}, key=len, reverse=True)
+
+    def add(self, secret: str) -> None:
+        if secret and secret not in self._secrets:
+            self._secrets.append(secret)
+            self._secrets.sort(key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+
+def _describe(exc: Exception, scrub: _Scrubber) -> str:
+    sqlstate = getattr(exc, "sqlstate", None)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return scrub(f"{text} (SQLSTATE {sqlstate})" if sqlstate else text)
+
+
+@contextmanager
+def _step(
+    scrub: _Scrubber,
+    reason: str,
+    what: str,
+    *,
+    role: str | None = None,
+    database: str | None = None,
+) -> Iterator[None]:
+    """Turn a psycopg error into ProvisioningFailed naming `what`, with secrets scrubbed."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise ProvisioningFailed(
+            reason, f"{what}: {_describe(exc, scrub)}", role=role, database=database
+        ) from None
+
+
+@dataclass(frozen=True)
+class _ManagedUser:
+    spec: ExtraUser
+    credentials: RoleCredentials
+
+    @property
+    def name(self) -> str:
+        return self.credentials.username
+
+    @property
+    def schemas(self) -> tuple[str, ...]:
+        return tuple(self.spec.schemas or ())
+
+
+def _plan_users(
+    analytics: RoleCredentials,
+    extra_users: Sequence[tuple[ExtraUser, RoleCredentials]],
+    bootstrap_superuser: str,
+) -> tuple[list[_ManagedUser], list[str]]:
+    """Validate the input: the managed users to provision, and the names ignored."""
+
+    def invalid(message: str, role: str | None = None) -> ProvisioningFailed:
+        return ProvisioningFailed("InvalidUsers", message, role=role)
+
+    if not analytics.username.strip() or analytics.username != analytics.username.strip():
+        raise invalid(f"invalid analytics username {analytics.username!r}")
+    if not analytics.password:
+        raise invalid("the analytics user has an empty password", analytics.username)
+    if analytics.username == bootstrap_superuser:
+        raise invalid(
+            f"the analytics user {analytics.username!r} is the cluster's bootstrap superuser; "
+            "choose another analyticsUsername",
+            analytics.username,
+        )
+    kept: list[_ManagedUser] = []
+    ignored: list[str] = []
+    seen: set[str] = set()
+    for spec, creds in extra_users:
+        name = spec.name.strip()
+        if not name:
+            continue
+        if name == analytics.username or name in seen:
+            ignored.append(name)
+            continue
+        if creds.username != name:
+            raise invalid(
+                f"extra user {name!r} was given the credentials of {creds.username!r}", name
+            )
+        if name == bootstrap_superuser:
+            raise invalid(
+                f"extra user {name!r} is the cluster's bootstrap superuser and cannot be "
+                "provisioned as a read-only user",
+                name,
+            )
+        if not creds.password:
+            raise invalid(f"extra user {name!r} has an empty password", name)
+        seen.add(name)
+        kept.append(_ManagedUser(spec, creds))
+    return kept, ignored
+
+
+def _connect(
+    conninfo_for: Callable[[str], str], dbname: str, scrub: _Scrubber
+) -> psycopg.Connection[tuple[object, ...]]:
+    """A superuser session in `dbname` that may write whatever the server's default."""
+    import psycopg
+
+    with _step(scrub, "ConnectionFailed", f"cannot connect to database {dbname}", database=dbname):
+        conn = psycopg.connect(
+            conninfo_for(dbname),
+            connect_timeout=CONNECT_TIMEOUT_S,
+            autocommit=True,
+            application_name=APPLICATION_NAME,
+        )
+    try:
+        with _step(scrub, "ConnectionFailed", f"cannot prepare a session in {dbname}"):
+            # §9 item 14: a read-only restore rejects writes unless the session opts out.
+            conn.execute("SET default_transaction_read_only = off")
+            # Restored per-role or per-database settings must not cut our statements short,
+            # and regprocedure output must be schema-qualified.
+            conn.execute("SET statement_timeout = 0")
+            conn.execute("SET lock_timeout = 0")
+            conn.execute("SET search_path = pg_catalog")
+            row = conn.execute("SELECT current_user, current_setting('is_superuser')").fetchone()
+        if row is None or row[1] != "on":
+            raise ProvisioningFailed(
+                "NotSuperuser",
+                f"the provisioning session in {dbname} runs as {row[0] if row else '?'}, "
+                "which is not a superuser",
+                database=dbname,
+            )
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _maintenance_connection(
+    conninfo_for: Callable[[str], str], scrub: _Scrubber
+) -> psycopg.Connection[tuple[object, ...]]:
+    last: ProvisioningFailed | None = None
+    for dbname in MAINTENANCE_DATABASES:
+        try:
+            return _connect(conninfo_for, dbname, scrub)
+        except ProvisioningFailed as exc:
+            last = exc
+            if exc.reason != "ConnectionFailed" or "does not exist" not in exc.message:
+                break
+    assert last is not None
+    raise last
+
+
+def _rows(
+    conn: psycopg.Connection[tuple[object, ...]],
+    query: str | sql.Composed,
+    params: Sequence[object] | None = None,
+) -> list[tuple[str, ...]]:
+    return [
+        tuple("" if v is None else str(v) for v in row)
+        for row in conn.execute(query, params).fetchall()
+    ]
+
+
+def _neutralise_passwords(
+    conn: psycopg.Connection[tuple[object, ...]], keep: Sequence[str], scrub: _Scrubber
+) -> list[str]:
+    """`PASSWORD NULL` for every other login role that has one (§4.3 step 14, §9 item 17).
+    Unlike the reference, a failure here fails provisioning: a source account left able to
+    log in is not a state to serve."""
+    from psycopg import sql
+
+    with _step(scrub, "PasswordNeutralisationFailed", "cannot list restored login roles"):
+        names = [
+            r[0]
+            for r in _rows(
+                conn,
+                "SELECT rolname FROM pg_authid WHERE rolcanlogin AND rolpassword IS NOT NULL "
+                "AND rolname <> ALL(%s) ORDER BY rolname",
+                [list(keep)],
+            )
+        ]
+    for name in names:
+        with _step(
+            scrub,
+            "PasswordNeutralisationFailed",
+            f"cannot remove the restored password of role {name}",
+            role=name,
+        ):
+            conn.execute(sql.SQL("ALTER ROLE {} WITH PASSWORD NULL").format(sql.Identifier(name)))
+    return names
+
+
+def _reset_role(
+    conn: psycopg.Connection[tuple[object, ...]],
+    creds: RoleCredentials,
+    *,
+    superuser: bool,
+    read_only_sessions: bool,
+    grant_roles: Sequence[str],
+    server_version_num: int,
+    scrub: _Scrubber,
+) -> tuple[RoleAction, list[str]]:
+    """Create or reset a managed login role to exactly the given state.
+
+    Returns whether it was created, and the memberships it had (now revoked)."""
+    from psycopg import sql
+
+    name = creds.username
+    role = sql.Identifier(name)
+
+    def step(what: str) -> AbstractContextManager[None]:
+        return _step(scrub, "RoleProvisioningFailed", f"{what} role {name}", role=name)
+
+    with step("cannot look up"):
+        exists = bool(_rows(conn, "SELECT 1 FROM pg_roles WHERE rolname = %s", [name]))
+    algorithm = b"scram-sha-256" if server_version_num >= 100000 else b"md5"
+    with step("cannot hash the password of"):
+        verifier = conn.pgconn.encrypt_password(
+            creds.password.encode(), name.encode(), algorithm
+        ).decode()
+    scrub.add(verifier)
+    attributes = sql.SQL(
+        "LOGIN {} NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "
+        "CONNECTION LIMIT -1 VALID UNTIL 'infinity' PASSWORD {}"
+    ).format(sql.SQL("SUPERUSER" if superuser else "NOSUPERUSER"), sql.Literal(verifier))
+    verb = "ALTER" if exists else "CREATE"
+    with step("cannot create" if not exists else "cannot reset the attributes of"):
+        conn.execute(sql.SQL(verb + " ROLE {} WITH {}").format(role, attributes))
+
+    with step("cannot revoke the memberships of"):
+        memberships = _rows(
+            conn,
+            "SELECT r.rolname, coalesce(g.rolname, '') FROM pg_auth_members m "
+            "JOIN pg_roles r ON r.oid = m.roleid LEFT JOIN pg_roles g ON g.oid = m.grantor "
+            "WHERE m.member = (SELECT oid FROM pg_roles WHERE rolname = %s) "
+            "ORDER BY r.rolname, g.rolname",
+            [name],
+        )
+        for granted, grantor in memberships:
+            if server_version_num >= 160000 and grantor:
+                # From 16 a membership is one grant per grantor, and a plain REVOKE only
+                # removes the current user's (or the bootstrap superuser's).
+                conn.execute(
+                    sql.SQL("REVOKE {} FROM {} GRANTED BY {} CASCADE").format(
+                        sql.Identifier(granted), role, sql.Identifier(grantor)
+                    )
+                )
+            else:
+                conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(granted), role))
+        left = _rows(
+            conn,
+            "SELECT m.roleid::regrole::text FROM pg_auth_members m "
+            "WHERE m.member = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+            [name],
+        )
+    if left:
+        raise ProvisioningFailed(
+            "RoleProvisioningFailed",
+            f"role {name} is still a member of {', '.join(r[0] for r in left)} after revoking "
+            "its memberships",
+            role=name,
+        )
+
+    with step("cannot reset the settings of"):
+        conn.execute(sql.SQL("ALTER ROLE {} RESET ALL").format(role))
+        for (dbname,) in _rows(
+            conn,
+            "SELECT d.datname FROM pg_db_role_setting s "
+            "JOIN pg_database d ON d.oid = s.setdatabase "
+            "WHERE s.setrole = (SELECT oid FROM pg_roles WHERE rolname = %s) ORDER BY 1",
+            [name],
+        ):
+            conn.execute(
+                sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(
+                    role, sql.Identifier(dbname)
+                )
+            )
+    with step("cannot grant privileges to"):
+        for granted in grant_roles:
+            conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(granted), role))
+        if read_only_sessions:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(role)
+            )
+    return ("reset" if exists else "created"), [m[0] for m in memberships]
+
+
+def _connectable_databases(
+    conn: psycopg.Connection[tuple[object, ...]], scrub: _Scrubber
+) -> list[str]:
+    with _step(scrub, "GrantProvisioningFailed", "cannot list the databases"):
+        return [
+            r[0]
+            for r in _rows(
+                conn,
+                # datconnlimit -2 marks a database left invalid by an interrupted DROP.
+                "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+                "AND datconnlimit <> -2 ORDER BY datname",
+            )
+        ]
+
+
+def _apply_database_grants(
+    conn: psycopg.Connection[tuple[object, ...]],
+    dbname: str,
+    *,
+    analytics: str,
+    analytics_superuser: bool,
+    users: Sequence[_ManagedUser],
+    server_version_num: int,
+) -> dict[str, SchemaGrants]:
+    """One database's privileges, in the caller's transaction. Returns grants per user."""
+    from psycopg import sql
+
+    routines = sql.SQL("ROUTINES" if server_version_num >= 110000 else "FUNCTIONS")
+    routine = sql.SQL("ROUTINE" if server_version_num >= 110000 else "FUNCTION")
+    database = sql.Identifier(dbname)
+    # The schema owner is who creates tables there later; for a schema owned by the
+    # pg_database_owner pseudo-role (public, from 15) that is the database's owner.
+    schema_owner = {
+        row[0]: row[1]
+        for row in _rows(
+            conn,
+            "SELECT n.nspname, CASE WHEN o.rolname = 'pg_database_owner' "
+            "THEN (SELECT r.rolname FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
+            "WHERE d.datname = current_database()) ELSE o.rolname END "
+            "FROM pg_namespace n JOIN pg_roles o ON o.oid = n.nspowner "
+            f"WHERE {_USER_SCHEMA} ORDER BY n.nspname",
+        )
+    }
+    schemas = sql.SQL(", ").join([sql.Identifier(s) for s in schema_owner])
+    user_names = [u.name for u in users]
+    grantees = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(sql.Identifier(n) for n in user_names)])
+
+    if not analytics_superuser:
+        # Revoking EXECUTE from PUBLIC would take application and extension functions
+        # (PostGIS, pgcrypto, …) away from the analytics user, which pg_read_all_data does not
+        # cover: hand it exactly what PUBLIC could execute.
+        signatures = [
+            r[0]
+            for r in _rows(
+                conn,
+                "SELECT p.oid::regprocedure::text FROM pg_proc p "
+                "JOIN pg_namespace n ON n.oid = p.pronamespace "
+                f"WHERE {_USER_SCHEMA} AND EXISTS (SELECT 1 FROM "
+                "aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a "
+                "WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') ORDER BY 1",
+            )
+        ]
+        for start in range(0, len(signatures), _GRANT_BATCH):
+            batch = signatures[start : start + _GRANT_BATCH]
+            # regprocedure output is produced and quoted by the server, schema-qualified
+            # because the session's search_path is pg_catalog only.
+            conn.execute(
+                sql.SQL("GRANT EXECUTE ON {} {} TO {}").format(
+                    routine,
+                    sql.SQL(", ").join([sql.SQL(s) for s in batch]),
+                    sql.Identifier(analytics),
+                )
+            )
+
+    if schema_owner:
+        # §4.8: PUBLIC loses every non-system schema and what is in it; the extra users lose
+        # whatever the snapshot granted them there, before getting exactly their schemas.
+        conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(schemas, grantees))
+        for kind in (sql.SQL("TABLES"), sql.SQL("SEQUENCES"), routines):
+            conn.execute(
+                sql.SQL("REVOKE ALL ON ALL {} IN SCHEMA {} FROM {}").format(kind, schemas, grantees)
+            )
+    if users:
+        extra = sql.SQL(", ").join([sql.Identifier(n) for n in user_names])
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(database, extra))
+        for owner, nspname, objtype in _rows(
+            conn,
+            "SELECT r.rolname, coalesce(n.nspname, ''), d.defaclobjtype::text "
+            "FROM pg_default_acl d JOIN pg_roles r ON r.oid = d.defaclrole "
+            "LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace "
+            "WHERE EXISTS (SELECT 1 FROM aclexplode(d.defaclacl) a "
+            "JOIN pg_roles g ON g.oid = a.grantee WHERE g.rolname = ANY(%s)) "
+            "ORDER BY 1, 2, 3",
+            [user_names],
+        ):
+            acl_kind = _DEFAULT_ACL_KINDS.get(objtype)
+            if acl_kind is None:
+                continue  # a kind this server knows and we do not: leave it
+            in_schema = (
+                sql.SQL(" IN SCHEMA {}").format(sql.Identifier(nspname)) if nspname else sql.SQL("")
+            )
+            conn.execute(
+                sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {}{} REVOKE ALL ON {} FROM {}").format(
+                    sql.Identifier(owner),
+                    in_schema,
+                    sql.SQL(acl_kind),
+                    extra,
+                )
+            )
+
+    connectors = sql.SQL(", ").join([sql.Identifier(n) for n in [analytics, *user_names]])
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(database, connectors))
+
+    result: dict[str, SchemaGrants] = {}
+    for user in users:
+        who = sql.Identifier(user.name)
+        granted = [s for s in user.schemas if s in schema_owner]
+        for name in granted:
+            schema = sql.Identifier(name)
+            owner_id = sql.Identifier(schema_owner[name])
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, who))
+            for kind in (sql.SQL("TABLES"), sql.SQL("SEQUENCES")):
+                conn.execute(
+                    sql.SQL("GRANT SELECT ON ALL {} IN SCHEMA {} TO {}").format(kind, schema, who)
+                )
+                conn.execute(
+                    sql.SQL(
+                        "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT SELECT ON {} TO {}"
+                    ).format(owner_id, schema, kind, who)
+                )
+        result[user.name] = SchemaGrants(
+            database=dbname,
+            granted=tuple(granted),
+            skipped=tuple(s for s in user.schemas if s not in schema_owner),
+        )
+    return result
+
+
+def provision_users(
+    conninfo_for: Callable[[str], str],
+    *,
+    analytics: RoleCredentials,
+    extra_users: Sequence[tuple[ExtraUser, RoleCredentials]],
+    read_only: bool,
+    bootstrap_superuser: str = "postgres",
+    other_managed_roles: Sequence[str] = (),
+) -> ProvisionReport:
+    """Provision the login roles of a running restore; idempotent.
+
+    `conninfo_for(dbname)` is a libpq conninfo for the bootstrap superuser in that database
+    (normally the private socket, `trust`). `read_only` is the replica's effective read-only
+    grant (reference §4.6 `readOnlyAnalyticsGrant`). `other_managed_roles` are login roles pgro
+    provisions elsewhere (persistentUsers) whose passwords must survive a re-run, e.g. when
+    the grants are re-applied after the persistent-schema migration. Raises ProvisioningFailed.
+    """
+    scrub = _Scrubber([analytics.password, *(c.password for _, c in extra_users)])
+    users, ignored = _plan_users(analytics, extra_users, bootstrap_superuser)
+    managed = [analytics.username, *(u.name for u in users)]
+
+    with _maintenance_connection(conninfo_for, scrub) as conn:
+        version = conn.info.server_version
+        read_all = read_only and version >= 140000
+        with (
+            _step(scrub, "RoleProvisioningFailed", "cannot provision the login roles"),
+            conn.transaction(),
+        ):
+            # The bootstrap superuser loses its restored password too (the reference keeps
+            # it): pgro reaches it over the private socket, and the source's superuser
+            # password must not open the restored copy over TCP.
+            neutralised = _neutralise_passwords(conn, [*managed, *other_managed_roles], scrub)
+            action, revoked = _reset_role(
+                conn,
+                analytics,
+                superuser=not read_all,
+                read_only_sessions=read_only,
+                grant_roles=[READ_ALL_DATA_ROLE] if read_all else [],
+                server_version_num=version,
+                scrub=scrub,
+            )
+            outcome = AnalyticsOutcome(
+                name=analytics.username,
+                action=action,
+                privilege="pg_read_all_data" if read_all else "superuser",
+                read_only_sessions=read_only,
+                memberships_revoked=revoked,
+            )
+            outcomes = []
+            for user in users:
+                action, revoked = _reset_role(
+                    conn,
+                    user.credentials,
+                    superuser=False,
+                    read_only_sessions=True,
+                    grant_roles=[],
+                    server_version_num=version,
+                    scrub=scrub,
+                )
+                outcomes.append(
+                    ExtraUserOutcome(user.name, action, user.schemas, memberships_revoked=revoked)
+                )
+        databases = _connectable_databases(conn, scrub)
+
+    for dbname in databases:
+        with (
+            _connect(conninfo_for, dbname, scrub) as db,
+            _step(
+                scrub,
+                "GrantProvisioningFailed",
+                f"cannot apply the user grants in database {dbname}",
+                database=dbname,
+            ),
+            db.transaction(),
+        ):
+            grants = _apply_database_grants(
+                db,
+                dbname,
+                analytics=analytics.username,
+                analytics_superuser=not read_all,
+                users=users,
+                server_version_num=version,
+            )
+        for out in outcomes:
+            out.grants.append(grants[out.name])
+
+    return ProvisionReport(
+        server_version_num=version,
+        analytics=outcome,
+        extra_users=outcomes,
+        passwords_neutralised=neutralised,
+        ignored_extra_users=ignored,
+        databases=databases,
+    )

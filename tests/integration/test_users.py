@@ -1,0 +1,543 @@
+"""Login-role provisioning on a real server, checked through real logins over TCP (scram).
+
+One cluster per module stands in for a restored snapshot: it carries a superuser role named
+`analytics` with memberships and settings, a source login role `app_rw`, a source role named
+like an extra user with grants of its own, and an application database whose `CONNECT` was
+revoked from PUBLIC. Every test provisions the state it needs itself (provisioning converges),
+so the tests do not depend on their order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from pgro.api.users import ExtraUser
+from pgro.postgres.account import RunAccount
+from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.initdb import init_cluster
+from pgro.postgres.repair import DEFAULT_HBA
+from pgro.postgres.server import PostgresServer, make_conninfo, socket_dir_for
+from pgro.postgres.users import (
+    ProvisioningFailed,
+    ProvisionReport,
+    RoleCredentials,
+    generate_password,
+    provision_users,
+)
+
+OLD_ANALYTICS_PASSWORD = "old-analytics-secret"
+OLD_REPORTER_PASSWORD = "old-reporter-secret"
+APP_RW_PASSWORD = "app-rw-secret"
+BOOTSTRAP_PASSWORD = "bootstrap-secret"
+
+SNAPSHOT_ROLES = f"""
+CREATE ROLE legacy_group NOLOGIN;
+CREATE ROLE app_owner LOGIN PASSWORD 'owner-secret';
+CREATE ROLE app_rw LOGIN PASSWORD '{APP_RW_PASSWORD}';
+CREATE ROLE analytics LOGIN SUPERUSER CREATEDB CREATEROLE REPLICATION BYPASSRLS NOINHERIT
+    CONNECTION LIMIT 2 VALID UNTIL '2001-01-01' PASSWORD '{OLD_ANALYTICS_PASSWORD}'
+    IN ROLE legacy_group;
+ALTER ROLE analytics SET work_mem = '64MB';
+ALTER ROLE analytics SET default_transaction_read_only = off;
+CREATE ROLE reporter LOGIN CREATEDB PASSWORD '{OLD_REPORTER_PASSWORD}' IN ROLE legacy_group;
+ALTER ROLE postgres PASSWORD '{BOOTSTRAP_PASSWORD}';
+CREATE DATABASE myapp OWNER app_owner;
+ALTER ROLE analytics IN DATABASE myapp SET search_path = private;
+"""
+
+SNAPSHOT_DATA = """
+REVOKE CONNECT ON DATABASE myapp FROM PUBLIC;
+CREATE SCHEMA reporting AUTHORIZATION app_owner;
+CREATE SCHEMA private AUTHORIZATION app_owner;
+SET ROLE app_owner;
+CREATE TABLE public.items (id int PRIMARY KEY, name text);
+INSERT INTO public.items VALUES (1, 'one'), (2, 'two');
+GRANT SELECT ON public.items TO PUBLIC;
+CREATE FUNCTION public.add_one(i int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT i + 1';
+CREATE TABLE reporting.sales (id serial PRIMARY KEY, amount int);
+INSERT INTO reporting.sales (amount) VALUES (10), (20), (30);
+CREATE SEQUENCE reporting.counter;
+SELECT nextval('reporting.counter');
+CREATE TABLE private.secrets (id int, secret text);
+INSERT INTO private.secrets VALUES (1, 'classified');
+GRANT USAGE ON SCHEMA private TO reporter;
+GRANT SELECT ON private.secrets TO reporter;
+ALTER DEFAULT PRIVILEGES IN SCHEMA private GRANT SELECT ON TABLES TO reporter;
+RESET ROLE;
+"""
+
+
+@dataclass
+class Cluster:
+    server: PostgresServer
+    analytics: RoleCredentials = field(
+        default_factory=lambda: RoleCredentials("analytics", generate_password())
+    )
+    reporter: RoleCredentials = field(
+        default_factory=lambda: RoleCredentials("reporter", generate_password())
+    )
+    viewer: RoleCredentials = field(
+        default_factory=lambda: RoleCredentials("viewer", generate_password())
+    )
+    first_report: ProvisionReport | None = None
+
+    @property
+    def passwords(self) -> list[str]:
+        return [c.password for c in (self.analytics, self.reporter, self.viewer)]
+
+    def conninfo_for(self, dbname: str) -> str:
+        return self.server.endpoint.conninfo(dbname, "postgres")
+
+    def superuser(self, dbname: str = "myapp") -> psycopg.Connection[tuple[object, ...]]:
+        """The bootstrap superuser over the socket, able to write on a read-only server."""
+        conn = psycopg.connect(self.conninfo_for(dbname), autocommit=True)
+        conn.execute("SET default_transaction_read_only = off")
+        return conn
+
+    def login(
+        self, user: str, password: str, dbname: str = "myapp"
+    ) -> psycopg.Connection[tuple[object, ...]]:
+        """A real client login over TCP: scram-sha-256 under DEFAULT_HBA."""
+        return psycopg.connect(
+            make_conninfo(
+                host="127.0.0.1",
+                port=str(self.server.port),
+                dbname=dbname,
+                user=user,
+                password=password,
+                connect_timeout="10",
+            ),
+            autocommit=True,
+        )
+
+    def provision(
+        self,
+        *,
+        read_only: bool = True,
+        extra: list[tuple[ExtraUser, RoleCredentials]] | None = None,
+        other_managed_roles: tuple[str, ...] = (),
+    ) -> ProvisionReport:
+        if extra is None:
+            extra = [
+                (ExtraUser(name="reporter", schemas=["reporting", "missing"]), self.reporter),
+                (ExtraUser(name="viewer"), self.viewer),
+                # Defensive cases normalisation already removes: both are ignored.
+                (ExtraUser(name="analytics", schemas=["reporting"]), self.analytics),
+                (ExtraUser(name="reporter", schemas=["private"]), self.reporter),
+            ]
+        return provision_users(
+            self.conninfo_for,
+            analytics=self.analytics,
+            extra_users=extra,
+            read_only=read_only,
+            other_managed_roles=other_managed_roles,
+        )
+
+    def set_server_read_only(self, on: bool) -> None:
+        """The server-wide default, as the runtime writes it for a read-only replica."""
+        with self.superuser("postgres") as conn:
+            if on:
+                conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            else:
+                conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            conn.execute("SELECT pg_reload_conf()")
+        wanted = "on" if on else "off"
+        deadline = time.monotonic() + 10
+        while True:
+            with psycopg.connect(self.conninfo_for("postgres")) as probe:
+                row = probe.execute("SHOW default_transaction_read_only").fetchone()
+            if row == (wanted,):
+                return
+            assert time.monotonic() < deadline, f"server did not reload to {wanted}"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
+) -> Iterator[Cluster]:
+    base = Path(tempfile.mkdtemp(prefix="users-", dir=scratch_root))
+    os.chmod(base, 0o711)
+    pgdata = base / "data"
+    init_cluster(binaries, pgdata, account)
+    hba = pgdata / "pg_hba.conf"
+    hba.write_text(DEFAULT_HBA)
+    if os.geteuid() == 0:
+        os.chown(hba, account.uid, account.gid)
+    sockets = socket_dir_for(base / "run")
+    server = PostgresServer(
+        pgdata,
+        binaries,
+        account,
+        socket_dir=sockets,
+        log_path=base / "pg.log",
+        listen_addresses="127.0.0.1",
+    )
+    server.start(60)
+    try:
+        c = Cluster(server)
+        with c.superuser("postgres") as conn:
+            for statement in SNAPSHOT_ROLES.split(";\n"):
+                if statement.strip():
+                    conn.execute(statement.encode())
+        with c.superuser("myapp") as conn:
+            conn.execute(SNAPSHOT_DATA.encode())
+        # The snapshot is served read-only: provisioning must write regardless (§9 item 14).
+        c.set_server_read_only(True)
+        c.first_report = c.provision(read_only=True)
+        yield c
+    finally:
+        server.stop()
+        if sockets != base / "run":
+            shutil.rmtree(sockets, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def one(conn: psycopg.Connection[tuple[object, ...]], query: str, *params: object) -> object:
+    row = conn.execute(query.encode(), params or None).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def role_state(cluster: Cluster, name: str) -> dict[str, object]:
+    with cluster.superuser("postgres") as conn:
+        row = conn.execute(
+            "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, "
+            "rolinherit, rolcanlogin, rolconnlimit, rolvaliduntil::text FROM pg_roles "
+            "WHERE rolname = %s",
+            [name],
+        ).fetchone()
+        assert row is not None
+        members = conn.execute(
+            "SELECT m.roleid::regrole::text FROM pg_auth_members m "
+            "WHERE m.member = %s::regrole ORDER BY 1",
+            [name],
+        ).fetchall()
+        settings = conn.execute(
+            "SELECT coalesce(d.datname, '*'), s.setconfig FROM pg_db_role_setting s "
+            "LEFT JOIN pg_database d ON d.oid = s.setdatabase "
+            "WHERE s.setrole = %s::regrole ORDER BY 1",
+            [name],
+        ).fetchall()
+    keys = [
+        "super",
+        "createdb",
+        "createrole",
+        "replication",
+        "bypassrls",
+        "inherit",
+        "login",
+        "connlimit",
+        "validuntil",
+    ]
+    return {
+        **dict(zip(keys, row, strict=True)),
+        "member_of": [m[0] for m in members],
+        "settings": [(d, list(c)) for d, c in settings],  # type: ignore[call-overload]
+    }
+
+
+RESET_ATTRIBUTES = {
+    "super": False,
+    "createdb": False,
+    "createrole": False,
+    "replication": False,
+    "bypassrls": False,
+    "inherit": True,
+    "login": True,
+    "connlimit": -1,
+    "validuntil": "infinity",
+}
+
+
+def test_first_run_reports_what_it_did(cluster: Cluster) -> None:
+    report = cluster.first_report
+    assert report is not None
+    assert report.server_version_num >= 150000
+    assert report.analytics.name == "analytics"
+    assert report.analytics.action == "reset"  # the snapshot had a role of that name
+    assert report.analytics.privilege == "pg_read_all_data"
+    assert report.analytics.read_only_sessions is True
+    assert report.analytics.memberships_revoked == ["legacy_group"]
+    # Managed roles get new passwords; every other login role, the bootstrap superuser
+    # included (unlike the reference), loses its restored one.
+    assert report.passwords_neutralised == ["app_owner", "app_rw", "postgres"]
+    assert report.ignored_extra_users == ["analytics", "reporter"]
+    assert report.databases == ["myapp", "postgres"]
+
+    reporter = report.extra_user("reporter")
+    assert reporter.action == "reset"
+    assert reporter.memberships_revoked == ["legacy_group"]
+    assert reporter.schemas == ("reporting", "missing")
+    assert reporter.schemas_missing == ["missing"]
+    assert [g.as_dict() for g in reporter.grants] == [
+        {"database": "myapp", "granted": ["reporting"], "skipped": ["missing"]},
+        {"database": "postgres", "granted": [], "skipped": ["reporting", "missing"]},
+    ]
+    viewer = report.extra_user("viewer")
+    assert viewer.action == "created"
+    assert viewer.schemas == ()
+    assert viewer.schemas_missing == []
+    assert "reporter: missing" in report.summary()
+
+
+def test_analytics_read_only_is_reset_and_cannot_write(cluster: Cluster) -> None:
+    # Without the server-wide default, the role's own setting still makes sessions read-only.
+    cluster.set_server_read_only(False)
+    try:
+        report = cluster.provision(read_only=True)
+        assert report.analytics.privilege == "pg_read_all_data"
+
+        with pytest.raises(psycopg.OperationalError):
+            cluster.login("analytics", OLD_ANALYTICS_PASSWORD).close()
+        assert role_state(cluster, "analytics") == {
+            **RESET_ATTRIBUTES,
+            "member_of": ["pg_read_all_data"],
+            "settings": [("*", ["default_transaction_read_only=on"])],
+        }
+        with cluster.login("analytics", cluster.analytics.password) as conn:
+            assert one(conn, "SHOW default_transaction_read_only") == "on"
+            assert one(conn, "SHOW search_path") == '"$user", public'  # per-database setting gone
+            assert one(conn, "SELECT count(*) FROM public.items") == 2
+            assert one(conn, "SELECT count(*) FROM reporting.sales") == 3
+            assert one(conn, "SELECT count(*) FROM private.secrets") == 1
+            assert one(conn, "SELECT last_value FROM reporting.counter") == 1
+            # PUBLIC lost EXECUTE; the analytics user kept what PUBLIC could execute.
+            assert one(conn, "SELECT public.add_one(41)") == 42
+            with pytest.raises(errors.ReadOnlySqlTransaction):
+                conn.execute("INSERT INTO public.items VALUES (3, 'three')")
+            # Opting out of the read-only default does not help: it has no write privilege.
+            conn.execute("SET default_transaction_read_only = off")
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute("INSERT INTO public.items VALUES (3, 'three')")
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute("CREATE TABLE public.nope (id int)")
+        with cluster.login("analytics", cluster.analytics.password, "postgres") as conn:
+            assert one(conn, "SELECT current_user") == "analytics"
+    finally:
+        cluster.set_server_read_only(True)
+
+
+def test_analytics_read_write_is_superuser_and_writes(cluster: Cluster) -> None:
+    cluster.set_server_read_only(False)
+    try:
+        report = cluster.provision(read_only=False)
+        assert report.analytics.privilege == "superuser"
+        assert report.analytics.read_only_sessions is False
+        assert role_state(cluster, "analytics") == {
+            **RESET_ATTRIBUTES,
+            "super": True,
+            "member_of": [],  # pg_read_all_data from a read-only run is gone too
+            "settings": [],
+        }
+        with cluster.login("analytics", cluster.analytics.password) as conn:
+            assert one(conn, "SHOW default_transaction_read_only") == "off"
+            conn.execute("CREATE TABLE public.written_by_analytics (id int)")
+            conn.execute("INSERT INTO public.written_by_analytics VALUES (1)")
+            assert one(conn, "SELECT count(*) FROM public.written_by_analytics") == 1
+            conn.execute("DROP TABLE public.written_by_analytics")
+    finally:
+        cluster.set_server_read_only(True)
+        cluster.provision(read_only=True)
+    assert role_state(cluster, "analytics")["super"] is False
+
+
+def test_source_login_roles_cannot_log_in(cluster: Cluster) -> None:
+    cluster.provision(read_only=True)
+    with pytest.raises(psycopg.OperationalError):
+        cluster.login("app_rw", APP_RW_PASSWORD).close()
+    with pytest.raises(psycopg.OperationalError):
+        cluster.login("reporter", OLD_REPORTER_PASSWORD).close()
+    with cluster.superuser("postgres") as conn:
+        rows = conn.execute(
+            "SELECT rolname, rolpassword IS NOT NULL FROM pg_authid "
+            "WHERE rolcanlogin ORDER BY rolname"
+        ).fetchall()
+    # Only the roles pgro manages hold a password; not even the bootstrap superuser.
+    assert rows == [
+        ("analytics", True),
+        ("app_owner", False),
+        ("app_rw", False),
+        ("postgres", False),
+        ("reporter", True),
+        ("viewer", True),
+    ]
+
+
+def test_passwords_of_other_managed_roles_survive_a_rerun(cluster: Cluster) -> None:
+    """persistentUsers are provisioned elsewhere; re-applying these users (after the
+    persistent-schema migration) must not lock them out."""
+    with cluster.superuser("postgres") as su:
+        su.execute("CREATE ROLE keeper LOGIN PASSWORD 'keeper-secret'")
+    try:
+        report = cluster.provision(other_managed_roles=("keeper",))
+        assert "keeper" not in report.passwords_neutralised
+        with cluster.login("keeper", "keeper-secret", "postgres") as conn:
+            assert one(conn, "SELECT current_user") == "keeper"
+        assert cluster.provision().passwords_neutralised == ["keeper"]
+        with pytest.raises(psycopg.OperationalError):
+            cluster.login("keeper", "keeper-secret", "postgres").close()
+    finally:
+        with cluster.superuser("postgres") as su:
+            su.execute("DROP ROLE keeper")
+
+
+def test_extra_user_reads_only_its_schemas(cluster: Cluster) -> None:
+    report = cluster.provision(read_only=True)
+    assert report.extra_user("reporter").schemas_missing == ["missing"]
+    assert role_state(cluster, "reporter") == {
+        **RESET_ATTRIBUTES,
+        "member_of": [],
+        "settings": [("*", ["default_transaction_read_only=on"])],
+    }
+    with cluster.superuser("myapp") as su:
+        # Created after provisioning by the schema owner: default privileges must cover them.
+        su.execute("SET ROLE app_owner")
+        su.execute("DROP TABLE IF EXISTS reporting.later, private.later")
+        su.execute("DROP SEQUENCE IF EXISTS reporting.later_seq")
+        su.execute("CREATE TABLE reporting.later AS SELECT 7 AS n")
+        su.execute("CREATE SEQUENCE reporting.later_seq")
+        su.execute("CREATE TABLE private.later AS SELECT 8 AS n")
+
+    with cluster.login("reporter", cluster.reporter.password) as conn:
+        assert one(conn, "SHOW default_transaction_read_only") == "on"
+        assert one(conn, "SELECT count(*) FROM reporting.sales") == 3
+        assert one(conn, "SELECT last_value FROM reporting.counter") == 1
+        assert one(conn, "SELECT n FROM reporting.later") == 7
+        assert one(conn, "SELECT last_value FROM reporting.later_seq") == 1
+        for query in (
+            "SELECT * FROM private.secrets",  # the snapshot's own grant to `reporter` is gone
+            "SELECT * FROM private.later",  # and so is its default privilege
+            "SELECT * FROM public.items",  # PUBLIC's grant is gone
+            "SELECT public.add_one(1)",
+        ):
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute(query.encode())
+        assert one(conn, "SELECT has_schema_privilege('public', 'USAGE')") is False
+        assert one(conn, "SELECT has_schema_privilege('private', 'USAGE')") is False
+        assert one(conn, "SELECT has_schema_privilege('reporting', 'CREATE')") is False
+        with pytest.raises(errors.ReadOnlySqlTransaction):
+            conn.execute("INSERT INTO reporting.sales (amount) VALUES (1)")
+        conn.execute("SET default_transaction_read_only = off")
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO reporting.sales (amount) VALUES (1)")
+    # CONNECT was revoked from PUBLIC on myapp in the snapshot; provisioning grants it.
+    with cluster.login("reporter", cluster.reporter.password, "postgres") as conn:
+        assert one(conn, "SELECT current_user") == "reporter"
+
+    # A bare name: a login role that reads nothing.
+    with cluster.login("viewer", cluster.viewer.password) as conn:
+        assert one(conn, "SHOW default_transaction_read_only") == "on"
+        assert one(conn, "SELECT has_schema_privilege('reporting', 'USAGE')") is False
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM reporting.sales")
+    with cluster.superuser() as su:
+        assert one(su, "SELECT has_database_privilege('viewer', 'myapp', 'CONNECT')") is True
+
+
+def catalog_state(cluster: Cluster) -> dict[str, object]:
+    """Every role attribute, membership, setting and ACL provisioning touches, ACLs as sets
+    (revoking and re-granting may reorder an aclitem array without changing its meaning)."""
+    state: dict[str, object] = {}
+    with cluster.superuser("postgres") as conn:
+        state["roles"] = conn.execute(
+            "SELECT rolname, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin, "
+            "rolreplication, rolbypassrls, rolconnlimit, rolvaliduntil::text, rolpassword IS NULL "
+            "FROM pg_authid ORDER BY rolname"
+        ).fetchall()
+        state["members"] = conn.execute(
+            "SELECT roleid::regrole::text, member::regrole::text, admin_option "
+            "FROM pg_auth_members ORDER BY 1, 2"
+        ).fetchall()
+        state["settings"] = conn.execute(
+            "SELECT setrole::regrole::text, setdatabase, setconfig FROM pg_db_role_setting "
+            "ORDER BY 1, 2"
+        ).fetchall()
+        state["databases"] = conn.execute(
+            "SELECT datname, ARRAY(SELECT unnest(datacl)::text ORDER BY 1) FROM pg_database "
+            "ORDER BY 1"
+        ).fetchall()
+    for dbname in ("myapp", "postgres"):
+        with cluster.superuser(dbname) as conn:
+            for name, query in {
+                "schemas": "SELECT nspname, ARRAY(SELECT unnest(nspacl)::text ORDER BY 1) "
+                "FROM pg_namespace ORDER BY 1",
+                "relations": "SELECT oid::regclass::text, "
+                "ARRAY(SELECT unnest(relacl)::text ORDER BY 1) FROM pg_class "
+                "WHERE relacl IS NOT NULL ORDER BY 1",
+                "routines": "SELECT oid::regprocedure::text, "
+                "ARRAY(SELECT unnest(proacl)::text ORDER BY 1) FROM pg_proc "
+                "WHERE proacl IS NOT NULL ORDER BY 1",
+                "default_acl": "SELECT defaclrole::regrole::text, "
+                "defaclnamespace::regnamespace::text, "
+                "defaclobjtype, ARRAY(SELECT unnest(defaclacl)::text ORDER BY 1) "
+                "FROM pg_default_acl ORDER BY 1, 2, 3",
+            }.items():
+                state[f"{dbname}:{name}"] = conn.execute(query.encode()).fetchall()
+    return state
+
+
+def test_provisioning_twice_gives_identical_state(cluster: Cluster) -> None:
+    first = cluster.provision(read_only=True)
+    before = catalog_state(cluster)
+    second = cluster.provision(read_only=True)
+    assert catalog_state(cluster) == before
+    # The same report, except that nothing is left to neutralise and nothing to revoke
+    # beyond what provisioning itself granted.
+    assert second.passwords_neutralised == first.passwords_neutralised == []
+    assert second.analytics.memberships_revoked == ["pg_read_all_data"]
+    assert [u.as_dict() for u in second.extra_users] == [u.as_dict() for u in first.extra_users]
+    assert all(u.action == "reset" for u in second.extra_users)
+    for name, creds in (("analytics", cluster.analytics), ("reporter", cluster.reporter)):
+        with cluster.login(name, creds.password) as conn:
+            assert one(conn, "SELECT current_user") == name
+    # The snapshot's default privilege in `private` is gone; only the listed schema's remain.
+    assert before["myapp:default_acl"] == [
+        ("app_owner", "reporting", "S", ["reporter=r/app_owner"]),
+        ("app_owner", "reporting", "r", ["reporter=r/app_owner"]),
+    ]
+
+
+def test_passwords_stay_out_of_reports_and_errors(cluster: Cluster) -> None:
+    report = cluster.provision(read_only=True)
+    text = repr(report) + json.dumps(report.as_dict()) + report.summary()
+    text += repr(cluster.analytics) + str(cluster.reporter)
+    assert "analytics" in text and "reporter" in text
+    for password in cluster.passwords:
+        assert password not in text
+
+    # A role the server refuses to create: the whole role step rolls back, the error names
+    # the role and the cause, and carries no password.
+    evil = RoleCredentials("pg_evil", generate_password())
+    with pytest.raises(ProvisioningFailed) as failed:
+        cluster.provision(extra=[(ExtraUser(name="pg_evil", schemas=["reporting"]), evil)])
+    exc = failed.value
+    assert exc.reason == "RoleProvisioningFailed"
+    assert exc.role == "pg_evil"
+    assert "pg_evil" in str(exc) and "reserved" in str(exc)
+    for password in [*cluster.passwords, evil.password]:
+        assert password not in str(exc) and password not in repr(exc.args)
+    assert exc.__cause__ is None and exc.__suppress_context__
+    # Rolled back: the users from the last successful run are untouched.
+    with cluster.login("reporter", cluster.reporter.password) as conn:
+        assert one(conn, "SELECT count(*) FROM reporting.sales") == 3
+
+    # Inconsistent input is refused before anything is touched.
+    with pytest.raises(ProvisioningFailed) as failed:
+        cluster.provision(extra=[(ExtraUser(name="reporter"), cluster.viewer)])
+    assert failed.value.reason == "InvalidUsers"
+    assert "reporter" in str(failed.value) and cluster.viewer.password not in str(failed.value)
+    with pytest.raises(ProvisioningFailed) as failed:
+        cluster.provision(extra=[(ExtraUser(name="postgres"), RoleCredentials("postgres", "x1"))])
+    assert failed.value.reason == "InvalidUsers"
