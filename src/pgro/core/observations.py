@@ -1,0 +1,185 @@
+"""What a runtime observes and hands to the decisions, in terms both runtimes can map to.
+
+Kubernetes: a Job's status, a Deployment's `readyReplicas`, a Secret GET. Embedded: a
+local process's exit, a server answering `pg_isready`, a Secret read from a manifest. The
+decisions only ever see these abstractions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from pgro.api.migration import MigrationResult
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.snapshot import Snapshot
+
+
+class SecretState(StrEnum):
+    VALID = "valid"
+    NOT_FOUND = "not-found"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class SecretCheck:
+    """The runtime's check of the `kopiaSecretRef` Secret. `detail` is secret-free text
+    (e.g. `missing key: bucket`, or the lookup error)."""
+
+    state: SecretState
+    detail: str = ""
+
+    @classmethod
+    def valid(cls) -> SecretCheck:
+        return cls(SecretState.VALID)
+
+    @classmethod
+    def not_found(cls, detail: str) -> SecretCheck:
+        return cls(SecretState.NOT_FOUND, detail)
+
+    @classmethod
+    def invalid(cls, detail: str) -> SecretCheck:
+        return cls(SecretState.INVALID, detail)
+
+
+@dataclass(frozen=True)
+class SnapshotListing:
+    """The latest listing of a replica's repository, or of its failure.
+
+    The runtime keeps the latest one per replica and builds it with `record_listing_*`,
+    which carry the failure streak the retry backoff needs. Losing it (a restart) is
+    harmless: the next decision that needs a listing asks for one.
+    """
+
+    listed_at: datetime
+    snapshots: tuple[Snapshot, ...] | None = None
+    error: str | None = None
+    consecutive_failures: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.snapshots is None
+
+
+def record_listing_success(snapshots: Sequence[Snapshot], listed_at: datetime) -> SnapshotListing:
+    return SnapshotListing(listed_at=listed_at, snapshots=tuple(snapshots))
+
+
+def record_listing_failure(
+    previous: SnapshotListing | None, error: str, listed_at: datetime
+) -> SnapshotListing:
+    """`error` must be secret-free: it is shown in a condition message."""
+    streak = previous.consecutive_failures if previous is not None and previous.failed else 0
+    return SnapshotListing(listed_at=listed_at, error=error, consecutive_failures=streak + 1)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the replica's stable endpoint answers, for `status.connectionInfo`."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ReplicaObservation:
+    replica: PostgresPhysicalReplica
+    # The restores labelled for this replica, in any order.
+    restores: Sequence[PostgresPhysicalRestore]
+    # None for canopy replicas, or when the runtime has not been able to check yet.
+    secret: SecretCheck | None
+    listing: SnapshotListing | None = None
+    # None: the Kubernetes Service `<replica>.<namespace>.svc.cluster.local:5432`.
+    endpoint: Endpoint | None = None
+
+
+class WorkState(StrEnum):
+    NOT_STARTED = "not-started"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RestoreWork:
+    """The download-and-prepare work of one restore (a Job; a local process).
+
+    `name` is what `status.restoreJob.name` shows; `postgres_version` is the major
+    version found in the data, when the work could report it; `reason` says why a
+    failed piece of work failed (e.g. the snapshot holds no PostgreSQL data directory).
+    """
+
+    state: WorkState
+    name: str | None = None
+    postgres_version: str | None = None
+    reason: str = ""
+    completed_at: datetime | None = None
+
+    @classmethod
+    def not_started(cls) -> RestoreWork:
+        return cls(WorkState.NOT_STARTED)
+
+    @classmethod
+    def running(cls) -> RestoreWork:
+        return cls(WorkState.RUNNING)
+
+    @classmethod
+    def succeeded(
+        cls, postgres_version: str | None, completed_at: datetime | None = None
+    ) -> RestoreWork:
+        return cls(
+            WorkState.SUCCEEDED, postgres_version=postgres_version, completed_at=completed_at
+        )
+
+    @classmethod
+    def failed(cls, reason: str) -> RestoreWork:
+        return cls(WorkState.FAILED, reason=reason)
+
+
+class ServerState(StrEnum):
+    """PostgreSQL on the restored data: `READY` is the only health signal (Kubernetes:
+    `readyReplicas > 0`; embedded: `pg_isready` and no pending quick reindex)."""
+
+    NOT_READY = "not-ready"
+    READY = "ready"
+    # It cannot come up (embedded: the process exited). Kubernetes never reports this
+    # and relies on the readiness timeout, as the reference does.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Server:
+    state: ServerState = ServerState.NOT_READY
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class VersionDetection:
+    """Reading the major version from the data when the work could not report it."""
+
+    state: WorkState
+    postgres_version: str | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class MigrationOutcome:
+    """`migrateTo` (not supported yet; kept so `Migrating` can be represented)."""
+
+    finished: bool
+    result: MigrationResult | None = None
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class RestoreObservation:
+    restore: PostgresPhysicalRestore
+    # None when the replica is gone (its restores are then being cascaded away).
+    replica: PostgresPhysicalReplica | None
+    work: RestoreWork = RestoreWork(WorkState.NOT_STARTED)
+    server: Server = Server()
+    version_detection: VersionDetection | None = None
+    migration: MigrationOutcome | None = None

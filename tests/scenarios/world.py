@@ -1,0 +1,528 @@
+"""A small in-memory world that runs the core decisions in simulated time.
+
+It plays both the cluster and the runtime: objects are kept in wire form (so every status
+patch is applied as the JSON merge patch it is), plans are applied step by step with the
+ordering contract of `pgro.core.plan`, restores progress when told to (work takes
+`work_duration`, servers become ready `ready_after` after they are started), and objects
+are reconciled when they change or when their requeue time comes, like a controller.
+
+Invariants are checked as plans are applied; a violation is recorded, not raised, so a
+test can report all of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+from pgro.api.phases import RestorePhase
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.observations import (
+    ReplicaObservation,
+    RestoreObservation,
+    RestoreWork,
+    SecretCheck,
+    Server,
+    ServerState,
+    SnapshotListing,
+    record_listing_failure,
+    record_listing_success,
+)
+from pgro.core.plan import (
+    CreateRestore,
+    DeleteRestore,
+    EmitEvent,
+    EnsureServer,
+    ListSnapshots,
+    MarkOutgoing,
+    PatchReplicaStatus,
+    PatchRestoreStatus,
+    PointServiceAt,
+    ReportVerification,
+    RunSwitchoverStep,
+    StartRestoreWork,
+    Step,
+)
+from pgro.core.queue import AdmissionQueue
+from pgro.core.replica_decision import ReplicaPlan, decide_replica
+from pgro.core.restore_machine import RestorePlan, decide_restore
+from pgro.core.restore_set import is_in_progress, is_live
+from pgro.core.settings import DEFAULT_SETTINGS, ReconcilerSettings
+from pgro.core.snapshot import Snapshot, SnapshotSource
+
+T0 = datetime(2026, 3, 1, 0, 0, 0, tzinfo=UTC)
+GIB = 1024**3
+
+
+def snapshot(
+    id: str, start: datetime, size: int = GIB, host: str = "prod-db", postgres: bool = True
+) -> Snapshot:
+    return Snapshot(
+        id=id,
+        description="nightly" if postgres else "not a database",
+        source=SnapshotSource(host=host, user_name="postgres", path="/var/lib/postgresql"),
+        tags=MappingProxyType({"tag:kind": "postgres" if postgres else "files"}),
+        start_time=start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        size_bytes=size,
+    )
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def replica_doc(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "kopiaSecretRef": {"name": f"{name}-kopia"},
+        "schedule": "0 */6 * * *",
+        "scheduleJitter": "0s",
+        "switchoverGracePeriod": "10s",
+        **spec,
+    }
+    for key in [k for k, v in body.items() if v is None]:
+        del body[key]
+    return {
+        "apiVersion": "pgro.bes.au/v1alpha1",
+        "kind": "PostgresPhysicalReplica",
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{namespace}-{name}"},
+        "spec": body,
+    }
+
+
+class StepFailed(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    started: datetime
+    duration: timedelta
+
+
+@dataclass
+class Violation:
+    at: datetime
+    what: str
+
+
+@dataclass
+class World:
+    now: datetime = T0
+    limit: int = 2
+    seed: int = 0
+    work_duration: timedelta = timedelta(seconds=60)
+    ready_after: timedelta | None = timedelta(seconds=30)
+    # Deleted restores linger this long with a deletionTimestamp (finalizers).
+    deletion_delay: timedelta = timedelta(0)
+    listing_error: str | None = None
+    # Restores of these snapshots fail: not PostgreSQL.
+    bad_snapshots: set[str] = field(default_factory=set)
+    # When set, every restore's work fails (an outage).
+    restore_outage: bool = False
+    # Critical steps fail when this says so (crash-between-steps simulation).
+    fail_step: Callable[[Step], bool] = lambda step: False
+
+    replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    restores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    snapshots: list[Snapshot] = field(default_factory=list)
+    secrets: dict[str, SecretCheck | None] = field(default_factory=dict)
+    listings: dict[str, SnapshotListing] = field(default_factory=dict)
+    queue: AdmissionQueue = field(init=False)
+    work: dict[str, Run] = field(default_factory=dict)
+    servers: dict[str, datetime] = field(default_factory=dict)
+    deleting: dict[str, datetime] = field(default_factory=dict)
+    service: dict[str, str] = field(default_factory=dict)
+
+    events: list[tuple[datetime, str, EmitEvent]] = field(default_factory=list)
+    created: list[tuple[datetime, str, str]] = field(default_factory=list)
+    deleted: list[tuple[datetime, str]] = field(default_factory=list)
+    failures: list[tuple[datetime, str]] = field(default_factory=list)
+    listing_calls: list[tuple[datetime, str]] = field(default_factory=list)
+    reports: list[ReportVerification] = field(default_factory=list)
+    outgoing: list[str] = field(default_factory=list)
+    switchover_steps: list[RunSwitchoverStep] = field(default_factory=list)
+    replica_patches: list[tuple[datetime, str, dict[str, Any]]] = field(default_factory=list)
+    restore_patches: int = 0
+    passes: int = 0
+    violations: list[Violation] = field(default_factory=list)
+    in_progress_peak: int = 0
+
+    settings: ReconcilerSettings = DEFAULT_SETTINGS
+    # Parsed models, reused while their document is unchanged (parsing dominates run time).
+    _replica_models: dict[str, tuple[Any, Any, PostgresPhysicalReplica]] = field(
+        default_factory=dict
+    )
+    _restore_models: dict[str, tuple[Any, Any, PostgresPhysicalRestore]] = field(
+        default_factory=dict
+    )
+    _due: list[tuple[datetime, int, str]] = field(default_factory=list)
+    _due_at: dict[str, datetime] = field(default_factory=dict)
+    _tick: int = 0
+
+    def __post_init__(self) -> None:
+        self.queue = AdmissionQueue(limit=self.limit)
+        self.rng = random.Random(self.seed)
+        self._run_ids = 0
+
+    # Setup --------------------------------------------------------------------------
+
+    def add_replica(self, doc: dict[str, Any], secret: SecretCheck | None = None) -> str:
+        replica = PostgresPhysicalReplica.model_validate(doc)
+        key = replica.key
+        self.replicas[key] = replica.to_wire()
+        self.secrets[key] = secret if secret is not None else SecretCheck.valid()
+        self.wake(f"replica:{key}")
+        return key
+
+    def add_snapshot(self, snap: Snapshot, *, bad: bool = False) -> None:
+        self.snapshots.append(snap)
+        if bad:
+            self.bad_snapshots.add(snap.id)
+
+    def set_status(self, key: str, **fields: Any) -> None:
+        """What another writer (the canopy syncer, a person) does to a replica's status."""
+        self.replicas[key]["status"] = merge_patch(self.replicas[key].get("status", {}), fields)
+        self.wake(f"replica:{key}")
+
+    def set_spec(self, key: str, **fields: Any) -> None:
+        self.replicas[key]["spec"] = merge_patch(self.replicas[key]["spec"], fields)
+        self.wake(f"replica:{key}")
+
+    def create_restore_by_hand(self, key: str, name: str, snapshot_id: str) -> None:
+        replica = self.replica(key)
+        snap = next(s for s in self.snapshots if s.id == snapshot_id)
+        self.restores[name] = {
+            "apiVersion": "pgro.bes.au/v1alpha1",
+            "kind": "PostgresPhysicalRestore",
+            "metadata": {
+                "name": name,
+                "namespace": replica.namespace,
+                "labels": {"pgro.bes.au/replica": replica.name},
+                "creationTimestamp": self.now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+            "spec": {
+                "replica": {"name": replica.name},
+                "snapshot": snap.id,
+                "snapshotSize": snap.size_bytes,
+                "storageSize": "2Gi",
+            },
+        }
+        self._touch_restore(name)
+
+    def delete_restore_by_hand(self, name: str) -> None:
+        if name in self.restores:
+            self._delete(name)
+
+    def restart(self) -> None:
+        """A controller restart: memory is lost, the queue is rebuilt from observation."""
+        in_progress = {
+            self._restore_key(r): r.name
+            for r in self.all_restores()
+            if is_in_progress(r) and not r.metadata.is_deleting
+        }
+        positions = {key: self.replica(key).status.queue_position or 0 for key in self.replicas}
+        self.queue = AdmissionQueue.rebuild(self.limit, in_progress, positions, self.now)
+        self.listings.clear()
+        for key in self.replicas:
+            self.wake(f"replica:{key}")
+        for name in self.restores:
+            self.wake(f"restore:{name}")
+
+    # Reading ------------------------------------------------------------------------
+
+    def replica(self, key: str) -> PostgresPhysicalReplica:
+        doc = self.replicas[key]
+        cached = self._replica_models.get(key)
+        if cached is None or cached[0] is not doc or cached[1] != doc:
+            model = PostgresPhysicalReplica.model_validate(doc)
+            self._replica_models[key] = (doc, copy.deepcopy(doc), model)
+            return model
+        return cached[2]
+
+    def restore(self, name: str) -> PostgresPhysicalRestore:
+        doc = self.restores[name]
+        cached = self._restore_models.get(name)
+        if cached is None or cached[0] is not doc or cached[1] != doc:
+            model = PostgresPhysicalRestore.model_validate(doc)
+            self._restore_models[name] = (doc, copy.deepcopy(doc), model)
+            return model
+        return cached[2]
+
+    def all_restores(self) -> list[PostgresPhysicalRestore]:
+        return [self.restore(n) for n in self.restores]
+
+    def restores_of(self, key: str) -> list[PostgresPhysicalRestore]:
+        return [r for r in self.all_restores() if self._restore_key(r) == key]
+
+    def created_for(self, key: str) -> list[str]:
+        return [name for _, k, name in self.created if k == key]
+
+    def event_reasons(self, key: str | None = None) -> list[str]:
+        return [e.reason for _, k, e in self.events if key is None or k == key]
+
+    @staticmethod
+    def _restore_key(restore: PostgresPhysicalRestore) -> str:
+        return f"{restore.namespace}/{restore.replica_name}"
+
+    # Running ------------------------------------------------------------------------
+
+    def wake(self, obj: str, when: datetime | None = None) -> None:
+        when = self.now if when is None else max(when, self.now)
+        current = self._due_at.get(obj)
+        if current is not None and current <= when:
+            return
+        self._due_at[obj] = when
+        self._tick += 1
+        heapq.heappush(self._due, (when, self._tick, obj))
+
+    def run_until(self, until: datetime, max_passes: int = 200_000) -> None:
+        budget = max_passes
+        while self._due:
+            when, _, obj = self._due[0]
+            if when > until:
+                break
+            heapq.heappop(self._due)
+            if self._due_at.get(obj) != when:
+                continue
+            del self._due_at[obj]
+            self.now = max(self.now, when)
+            self._finish_deletions()
+            self.reconcile(obj)
+            budget -= 1
+            if budget <= 0:
+                raise AssertionError(f"no quiescence by {self.now}: reconcile loop")
+        self.now = max(self.now, until)
+        self._finish_deletions()
+
+    def run_for(self, delta: timedelta, max_passes: int = 200_000) -> None:
+        self.run_until(self.now + delta, max_passes)
+
+    def reconcile(self, obj: str) -> None:
+        kind, _, ident = obj.partition(":")
+        self.passes += 1
+        if kind == "replica":
+            if ident in self.replicas:
+                self._reconcile_replica(ident)
+        elif ident in self.restores:
+            self._reconcile_restore(ident)
+
+    def _reconcile_replica(self, key: str) -> None:
+        replica = self.replica(key)
+        obs = ReplicaObservation(
+            replica=replica,
+            restores=self.restores_of(key),
+            secret=None if replica.spec.canopy_source is not None else self.secrets.get(key),
+            listing=self.listings.get(key),
+        )
+        plan = decide_replica(obs, self.queue, self.now, self.rng.random, self.settings)
+        self._adopt(plan)
+        self._apply(plan.steps, key)
+        if plan.requeue_after is not None:
+            self.wake(f"replica:{key}", self.now + plan.requeue_after)
+
+    def _reconcile_restore(self, name: str) -> None:
+        restore = self.restore(name)
+        key = self._restore_key(restore)
+        replica = self.replica(key) if key in self.replicas else None
+        obs = RestoreObservation(
+            restore=restore,
+            replica=replica,
+            work=self._work(restore),
+            server=self._server(name),
+        )
+        plan = decide_restore(obs, self.queue, self.now, self._run_id, self.settings)
+        self._adopt(plan)
+        self._apply(plan.steps, key, restore=name)
+        if plan.requeue_after is not None:
+            self.wake(f"restore:{name}", self.now + plan.requeue_after)
+
+    def _adopt(self, plan: ReplicaPlan | RestorePlan) -> None:
+        self.queue = plan.queue
+        for key in plan.wake:
+            self.wake(f"replica:{key}")
+
+    def _run_id(self) -> str:
+        self._run_ids += 1
+        return f"run-{self._run_ids}"
+
+    def _work(self, restore: PostgresPhysicalRestore) -> RestoreWork:
+        run = self.work.get(restore.name)
+        if run is None:
+            return RestoreWork.not_started()
+        if self.now < run.started + run.duration:
+            return RestoreWork.running()
+        if restore.spec.snapshot in self.bad_snapshots:
+            return RestoreWork.failed("no PostgreSQL data directory (PG_VERSION) in the snapshot")
+        if self.restore_outage:
+            return RestoreWork.failed("the node running the restore was reclaimed")
+        return RestoreWork.succeeded("16", run.started + run.duration)
+
+    def _server(self, name: str) -> Server:
+        started = self.servers.get(name)
+        if started is None or self.ready_after is None or self.now < started + self.ready_after:
+            return Server(ServerState.NOT_READY)
+        return Server(ServerState.READY)
+
+    # Applying -----------------------------------------------------------------------
+
+    def _apply(self, steps: Iterable[Step], key: str, restore: str | None = None) -> None:
+        for step in steps:
+            if not step.best_effort and self.fail_step(step):
+                # As a runtime does on an error: stop here and decide again a bit later.
+                obj = f"restore:{restore}" if restore is not None else f"replica:{key}"
+                self.wake(obj, self.now + timedelta(seconds=30))
+                return
+            self._apply_step(step, key)
+
+    def _apply_step(self, step: Step, key: str) -> None:
+        match step:
+            case PatchReplicaStatus(patch):
+                doc = self.replicas[key]
+                before = doc.get("status", {})
+                doc["status"] = merge_patch(before, dict(patch))
+                # The patch must leave a status the model accepts.
+                PostgresPhysicalReplica.model_validate(doc)
+                self.replica_patches.append((self.now, key, dict(patch)))
+                self.wake(f"replica:{key}")
+            case PatchRestoreStatus(name, patch):
+                if name not in self.restores:
+                    raise AssertionError(f"patching missing restore {name}")
+                doc = self.restores[name]
+                doc["status"] = merge_patch(doc.get("status", {}), dict(patch))
+                PostgresPhysicalRestore.model_validate(doc)
+                self.restore_patches += 1
+                self._touch_restore(name)
+            case CreateRestore(restore):
+                self._check_creation(key, restore)
+                if restore.name in self.restores:
+                    return
+                doc = restore.to_wire()
+                doc["metadata"]["creationTimestamp"] = self.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+                self.restores[restore.name] = doc
+                self.created.append((self.now, key, restore.name))
+                self._touch_restore(restore.name)
+            case DeleteRestore(name):
+                self._check_deletion(key, name)
+                if name in self.restores:
+                    self._delete(name)
+            case ListSnapshots():
+                self.listing_calls.append((self.now, key))
+                if self.listing_error is not None:
+                    self.listings[key] = record_listing_failure(
+                        self.listings.get(key), self.listing_error, self.now
+                    )
+                else:
+                    self.listings[key] = record_listing_success(self.snapshots, self.now)
+                self.wake(f"replica:{key}")
+            case PointServiceAt(name):
+                self.service[key] = name
+            case StartRestoreWork(name):
+                if name not in self.work:
+                    self.work[name] = Run(self.now, self.work_duration)
+                    self.wake(f"restore:{name}", self.now + self.work_duration)
+            case EnsureServer(name):
+                if name not in self.servers:
+                    self.servers[name] = self.now
+                    if self.ready_after is not None:
+                        self.wake(f"restore:{name}", self.now + self.ready_after)
+            case EmitEvent():
+                self.events.append((self.now, key, step))
+                if step.reason == "RestoreFailed":
+                    self.failures.append((self.now, key))
+            case ReportVerification():
+                self.reports.append(step)
+            case MarkOutgoing(name):
+                self.outgoing.append(name)
+            case RunSwitchoverStep():
+                self.switchover_steps.append(step)
+            case _:
+                pass
+
+    def _touch_restore(self, name: str) -> None:
+        self.wake(f"restore:{name}")
+        doc = self.restores.get(name)
+        if doc is not None:
+            restore = PostgresPhysicalRestore.model_validate(doc)
+            self.wake(f"replica:{self._restore_key(restore)}")
+        self._record_peak()
+
+    def _delete(self, name: str) -> None:
+        restore = self.restore(name)
+        key = self._restore_key(restore)
+        if self.deletion_delay > timedelta(0):
+            if name not in self.deleting:
+                self.restores[name]["metadata"]["deletionTimestamp"] = self.now.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ"
+                )
+                self.deleting[name] = self.now + self.deletion_delay
+                self.wake(f"replica:{key}", self.now + self.deletion_delay)
+        else:
+            self._remove(name)
+        self.wake(f"replica:{key}")
+        self.wake(f"restore:{name}")
+
+    def _remove(self, name: str) -> None:
+        restore = self.restore(name)
+        del self.restores[name]
+        self.deleting.pop(name, None)
+        self.work.pop(name, None)
+        self.servers.pop(name, None)
+        self.deleted.append((self.now, name))
+        self.wake(f"replica:{self._restore_key(restore)}")
+
+    def _finish_deletions(self) -> None:
+        for name, when in list(self.deleting.items()):
+            if when <= self.now and name in self.restores:
+                self._remove(name)
+
+    def _record_peak(self) -> None:
+        downloading = sum(
+            1
+            for r in self.all_restores()
+            if r.status.phase in (RestorePhase.RESTORING, RestorePhase.READY)
+        )
+        self.in_progress_peak = max(self.in_progress_peak, downloading)
+
+    # Invariants ---------------------------------------------------------------------
+
+    def _violation(self, what: str) -> None:
+        self.violations.append(Violation(self.now, what))
+
+    def _check_creation(self, key: str, restore: PostgresPhysicalRestore) -> None:
+        replica = self.replica(key)
+        mine = self.restores_of(key)
+        live = [r for r in mine if is_live(r)]
+        if any(r.spec.snapshot == restore.spec.snapshot for r in live):
+            self._violation(f"{key}: second live restore of {restore.spec.snapshot}")
+        if len(live) + 1 > 3:
+            self._violation(f"{key}: {len(live) + 1} live restores")
+        if replica.spec.ephemeral and restore.spec.snapshot == replica.status.verified_snapshot_id:
+            self._violation(f"{key}: restores its verified snapshot {restore.spec.snapshot} again")
+
+    def _check_deletion(self, key: str, name: str) -> None:
+        replica = self.replica(key)
+        if name not in self.restores:
+            return
+        restore = self.restore(name)
+        if (
+            not replica.spec.ephemeral
+            and name == replica.status.current_restore
+            and restore.status.phase is RestorePhase.ACTIVE
+        ):
+            self._violation(f"{key}: deletes serving restore {name}")
