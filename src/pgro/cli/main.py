@@ -234,4 +234,8 @@ def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None
 
 
 def main() -> None:
+    from pgro.cli.run import run, status
+
+    cli.add_command(run)
+    cli.add_command(status)
     cli()

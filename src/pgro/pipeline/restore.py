@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def restore_snapshot(
     *,
     parallel: int | None = None,
     cancel: threading.Event | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> RestoredDataDirectory:
     observer.step(
         "restore", f"restoring snapshot {snapshot.id} ({snapshot.size_bytes} bytes) from kopia"
@@ -56,7 +58,7 @@ def restore_snapshot(
     )
     binaries = find_binaries(data.major)
     observer.step("repair", "preparing the data directory to start on this machine")
-    repairs = prepare_data_directory(target, data.path, binaries, account)
+    repairs = prepare_data_directory(target, data.path, binaries, account, settings=settings)
     for note in repairs.notes:
         observer.note(note)
     timings = {"download": downloaded - started, "prepare": time.monotonic() - downloaded}

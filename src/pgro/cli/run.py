@@ -1,0 +1,243 @@
+"""`pgro run` and `pgro status`: the embedded runtime and a look at its state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+from rich.console import Console
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: easy to ship, grep and parse."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def _parse_addr(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (for example 127.0.0.1:9187)")
+    return (host.strip("[]") or "127.0.0.1", int(port))
+
+
+@click.command()
+@click.option(
+    "-f",
+    "--file",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="YAML manifest with Secrets and PostgresPhysicalReplicas (repeatable). "
+    "Re-read when it changes and on SIGHUP.",
+)
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where state (SQLite), restores, credentials and endpoints live.",
+)
+@click.option(
+    "--metrics-addr",
+    callback=_parse_addr,
+    help="Serve /metrics, /livez and /readyz on HOST:PORT.",
+)
+@click.option(
+    "--keep-serving",
+    is_flag=True,
+    help="On SIGTERM, leave the serving databases and endpoints running (the next "
+    "`pgro run` adopts them).",
+)
+@click.option(
+    "--listen-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the replicas' stable endpoints listen on.",
+)
+@click.option(
+    "--max-concurrent-restores",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="Restores downloading at once, across all replicas.",
+)
+@click.option(
+    "--tick", type=click.FloatRange(0.05, 60), default=1.0, help="Seconds between passes."
+)
+def run(
+    files: tuple[Path, ...],
+    state_dir: Path,
+    metrics_addr: tuple[str, int] | None,
+    keep_serving: bool,
+    listen_host: str,
+    max_concurrent_restores: int,
+    tick: float,
+) -> None:
+    """Keep the manifests' replicas restored on this machine until stopped.
+
+    Restores run as local processes (kopia, then PostgreSQL on a private port), each
+    replica answers on one stable address (PgBouncer) that moves to the new restore at
+    switchover, and state survives restarts. Logs are JSON lines on stderr.
+    """
+    from pgro.pgbouncer.endpoint import StableEndpoint
+    from pgro.runtimes.embedded.observability import serve
+    from pgro.runtimes.embedded.runtime import RunOptions, Runtime
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+    def endpoint_factory(
+        name: str, run_dir: Path, account: Any, port: int, host: str
+    ) -> StableEndpoint:
+        return StableEndpoint(name, run_dir, account, port=port, listen_host=host)
+
+    runtime = Runtime(
+        RunOptions(
+            manifests=list(files),
+            state_dir=state_dir,
+            keep_serving=keep_serving,
+            tick=tick,
+            listen_host=listen_host,
+            max_concurrent_restores=max_concurrent_restores,
+        ),
+        endpoint_factory,
+    )
+    stop = threading.Event()
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        runtime.reload_requested.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    http = serve(runtime.metrics, runtime.health, *metrics_addr) if metrics_addr else None
+    try:
+        runtime.run(stop)
+    finally:
+        if http is not None:
+            http.shutdown()
+
+
+@click.command()
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="The --state-dir of `pgro run`.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON with the CRD status field names.")
+@click.option(
+    "--show-credentials",
+    is_flag=True,
+    help="Include the users' passwords (they are otherwise never printed).",
+)
+def status(state_dir: Path, as_json: bool, show_credentials: bool) -> None:
+    """Show every replica: phase, serving restore, verification, schedule, conditions,
+    connection info and restores."""
+    from pgro.runtimes.embedded.credentials import CredentialStore
+    from pgro.runtimes.embedded.store import Store
+
+    db = state_dir / "state.db"
+    if not db.exists():
+        raise click.ClickException(
+            f"{state_dir} holds no pgro state (no state.db): is it a --state-dir?"
+        )
+    store = Store(db)
+    creds = CredentialStore(state_dir / "credentials")
+    out: list[dict[str, Any]] = []
+    for replica in store.replicas():
+        status_doc = replica.status.to_wire() if replica.status else {}
+        entry: dict[str, Any] = {
+            "name": replica.metadata.name,
+            "namespace": replica.metadata.namespace,
+            "status": status_doc,
+            "endpoint": {
+                "host": status_doc.get("connectionInfo", {}).get("host"),
+                "port": status_doc.get("connectionInfo", {}).get("port"),
+            },
+            "restores": [
+                {
+                    "name": r.metadata.name,
+                    "spec": r.spec.to_wire(),
+                    "status": r.status.to_wire() if r.status else {},
+                }
+                for r in store.restores(replica.key)
+            ],
+            "events": [e.__dict__ for e in store.events(replica.key, limit=10)],
+        }
+        users = creds.read(replica.key)
+        entry["credentials"] = [
+            {
+                "username": u.username,
+                "file": str(creds.path_of(replica.key, u.username)),
+                **({"password": u.password} if show_credentials else {}),
+            }
+            for u in users.values()
+        ]
+        out.append(entry)
+    store.close()
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    console = Console()
+    if not out:
+        console.print("no replicas")
+    for entry in out:
+        _print_replica(console, entry)
+
+
+# Conditions whose True status is bad news.
+_TRUE_IS_BAD = ("RestoreCreationBlocked", "LastRestoreFailed", "RestoreSchedulingSuspended")
+
+
+def _print_replica(console: Console, entry: dict[str, Any]) -> None:
+    st = entry["status"]
+    phase = st.get("phase", "Pending")
+    console.print(f"[bold]{entry['namespace']}/{entry['name']}[/]  phase {phase}")
+    endpoint = entry["endpoint"]
+    rows = [
+        ("serving", st.get("currentRestore")),
+        ("verified snapshot", st.get("verifiedSnapshotId")),
+        ("next restore", st.get("nextScheduledRestore")),
+        ("endpoint", f"{endpoint['host']}:{endpoint['port']}" if endpoint["port"] else None),
+    ]
+    for label, value in rows:
+        if value:
+            console.print(f"  {label:18} {value}", highlight=False)
+    for cond in st.get("conditions", []):
+        good = (cond.get("status") == "True") != cond["type"].startswith(_TRUE_IS_BAD)
+        line = (
+            f"{cond['type']}={cond['status']} {cond.get('reason', '')}: {cond.get('message', '')}"
+        )
+        console.print(f"  [{'ok' if good else '!!'}] {line}", highlight=False, markup=False)
+    for r in entry["restores"]:
+        phase = r["status"].get("phase", "Pending")
+        console.print(
+            f"  restore {r['name']}  {phase}  snapshot {r['spec'].get('snapshot')}", highlight=False
+        )
+    for c in entry["credentials"]:
+        secret = f"password {c['password']}" if "password" in c else f"(password in {c['file']})"
+        console.print(f"  user {c['username']} {secret}", highlight=False)

@@ -1,0 +1,152 @@
+"""The restore step as a child process of `pgro run`: one process per restore.
+
+The job arrives as JSON on stdin (so credentials never appear on a command line); the
+outcome is written to `result.json` in the restore's directory, atomically, and the exit
+code says the same. A restore directory with a `result.json` is finished, whatever
+happened to the parent meanwhile; one with neither a result nor a live worker is started
+again from scratch (kopia cannot resume a partial restore).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location
+from pgro.core.snapshot import Snapshot, SnapshotSource
+from pgro.kopia.errors import KopiaError
+from pgro.kopia.repository import KopiaRepository
+from pgro.pipeline.events import SilentObserver
+from pgro.pipeline.restore import restore_snapshot
+from pgro.postgres.account import resolve_run_account
+from pgro.postgres.binaries import BinariesMissing
+from pgro.postgres.layout import NotPostgres
+from pgro.postgres.repair import default_settings
+
+RESULT = "result.json"
+PIDFILE = "work.pid"
+LOG = "work.log"
+DATA = "data"
+
+
+@dataclass(frozen=True)
+class WorkResult:
+    ok: bool
+    postgres_version: str | None = None
+    pgdata: str | None = None
+    reason: str = ""
+    error: str = ""
+    fixes: dict[str, bool] | None = None
+    notes: list[str] | None = None
+
+
+def credentials_to_json(creds: KopiaCredentials) -> dict[str, Any]:
+    loc = creds.location
+    out: dict[str, Any] = {"repositoryPassword": creds.repository_password}
+    if isinstance(loc, FilesystemLocation):
+        out["filesystemPath"] = loc.path
+    else:
+        out.update(
+            bucket=loc.bucket,
+            region=loc.region,
+            endpoint=loc.endpoint,
+            disableTls=loc.disable_tls,
+            accessKeyId=creds.access_key_id,
+            secretAccessKey=creds.secret_access_key,
+        )
+    return out
+
+
+def credentials_from_json(doc: dict[str, Any]) -> KopiaCredentials:
+    if "filesystemPath" in doc:
+        return KopiaCredentials(
+            location=FilesystemLocation(doc["filesystemPath"]),
+            repository_password=doc["repositoryPassword"],
+        )
+    return KopiaCredentials(
+        location=S3Location(
+            bucket=doc["bucket"],
+            region=doc["region"],
+            endpoint=doc.get("endpoint"),
+            disable_tls=bool(doc.get("disableTls")),
+        ),
+        repository_password=doc["repositoryPassword"],
+        access_key_id=doc.get("accessKeyId"),
+        secret_access_key=doc.get("secretAccessKey"),
+    )
+
+
+def read_result(restore_dir: Path) -> WorkResult | None:
+    try:
+        doc = json.loads((restore_dir / RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+    return WorkResult(**doc)
+
+
+def _write_result(restore_dir: Path, result: WorkResult) -> None:
+    tmp = restore_dir / (RESULT + ".tmp")
+    tmp.write_text(json.dumps(asdict(result)))
+    os.replace(tmp, restore_dir / RESULT)
+
+
+def run(job: dict[str, Any]) -> WorkResult:
+    restore_dir = Path(job["restoreDir"])
+    target = restore_dir / DATA
+    if target.exists():
+        shutil.rmtree(target)  # a previous attempt died midway: start over
+    snapshot = Snapshot(
+        id=job["snapshot"],
+        description="",
+        source=SnapshotSource(host="", user_name="", path=""),
+        tags=MappingProxyType({}),
+        start_time=job.get("snapshotTime") or "",
+        size_bytes=int(job.get("snapshotSize") or 0),
+    )
+    settings = default_settings()
+    if job.get("readOnly"):
+        settings["default_transaction_read_only"] = "on"
+    creds = credentials_from_json(job["credentials"])
+    try:
+        account = resolve_run_account()
+        with KopiaRepository(creds, restore_dir / "kopia") as repo:
+            restored = restore_snapshot(
+                repo, snapshot, target, account, SilentObserver(), settings=settings
+            )
+    except (KopiaError, NotPostgres, BinariesMissing) as exc:
+        return WorkResult(ok=False, reason=exc.reason, error=str(exc))
+    except Exception as exc:
+        return WorkResult(ok=False, reason="UnexpectedError", error=f"{type(exc).__name__}: {exc}")
+    return WorkResult(
+        ok=True,
+        postgres_version=restored.data.major,
+        pgdata=str(restored.data.path),
+        fixes=dict(restored.repairs.fixes),
+        notes=list(restored.repairs.notes),
+    )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    # `pgro run` stops work with SIGTERM: unwind so kopia (in its own session) is stopped too.
+    signal.signal(signal.SIGTERM, _interrupt)
+    job = json.loads(sys.stdin.read())
+    restore_dir = Path(job["restoreDir"])
+    result = run(job)
+    _write_result(restore_dir, result)
+    print(json.dumps({k: v for k, v in asdict(result).items() if k != "notes"}))
+    sys.exit(0 if result.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

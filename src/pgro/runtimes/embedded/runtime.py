@@ -1,0 +1,695 @@
+"""`pgro run`: the reconciler core applied to local processes, with state in SQLite.
+
+One loop thread observes, decides (pure `core`) and applies plans step by step with the
+ordering contract of `pgro.core.plan`. Slow work never runs on it: snapshot listings run
+in a small thread pool, restores as child processes (`restore_worker`), servers as
+supervised children. Every pass is level-triggered, so a restart at any point converges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from pgro.api.phases import RestorePhase
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.secret import KopiaCredentials
+from pgro.core.observations import (
+    Endpoint as ConnectionEndpoint,
+)
+from pgro.core.observations import (
+    ReplicaObservation,
+    RestoreObservation,
+    RestoreWork,
+    SecretCheck,
+    Server,
+    SnapshotListing,
+    VersionDetection,
+    WorkState,
+    record_listing_failure,
+    record_listing_success,
+)
+from pgro.core.plan import (
+    CleanupRestoreWork,
+    CreateRestore,
+    DeleteRestore,
+    DetectPostgresVersion,
+    EmitEvent,
+    EnsureReplicaResources,
+    EnsureServer,
+    ListSnapshots,
+    PatchReplicaStatus,
+    PatchRestoreStatus,
+    PointServiceAt,
+    PrepareRestoreStorage,
+    RunSwitchoverStep,
+    StartRestoreWork,
+    Step,
+    SwitchoverStep,
+)
+from pgro.core.queue import AdmissionQueue
+from pgro.core.replica_decision import decide_replica
+from pgro.core.restore_machine import decide_restore
+from pgro.core.restore_set import is_in_progress
+from pgro.interrupts import deferred_interrupts
+from pgro.kopia.repository import KopiaRepository
+from pgro.postgres.account import RunAccount, resolve_run_account
+from pgro.postgres.binaries import find_binaries
+from pgro.postgres.server import Endpoint, free_port, socket_dir_for
+from pgro.postgres.users import RoleCredentials, provision_users
+from pgro.runtimes.embedded import restore_worker as worker
+from pgro.runtimes.embedded.credentials import CredentialStore
+from pgro.runtimes.embedded.manifest import (
+    Manifest,
+    ManifestError,
+    kopia_credentials,
+    load_manifests,
+)
+from pgro.runtimes.embedded.observability import Health, Metrics
+from pgro.runtimes.embedded.servers import ServerHandle
+from pgro.runtimes.embedded.store import Store
+
+log = logging.getLogger("pgro.run")
+
+# Restores need room for their data plus the server's own growth (WAL, temp files).
+DISK_HEADROOM = 1.0
+QUEUE_RECONCILE_EVERY = timedelta(seconds=60)
+
+
+class StableEndpoint(Protocol):
+    """The replica's fixed address (PgBouncer in production; see pgro.pgbouncer)."""
+
+    def route(self, backend: Endpoint | None, users: Mapping[str, str]) -> None: ...
+
+    def stop(self) -> object: ...
+
+
+EndpointFactory = Callable[[str, Path, RunAccount, int, str], StableEndpoint]
+
+
+@dataclass
+class RunOptions:
+    manifests: Sequence[Path]
+    state_dir: Path
+    keep_serving: bool = False
+    tick: float = 1.0
+    listen_host: str = "127.0.0.1"
+    max_concurrent_restores: int = 2
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    log: Any
+
+
+@dataclass
+class _EndpointState:
+    endpoint: StableEndpoint
+    port: int
+    routed: tuple[Any, ...] | None = None
+
+
+@dataclass
+class _ReplicaRuntime:
+    listing: SnapshotListing | None = None
+    listing_job: Future[SnapshotListing] | None = None
+    next_pass: float = 0.0
+
+
+class StepFailed(Exception):
+    pass
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Runtime:
+    def __init__(
+        self,
+        options: RunOptions,
+        endpoint_factory: EndpointFactory,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.options = options
+        self.state_dir = options.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o711)
+        self.store = Store(self.state_dir / "state.db")
+        self.credentials = CredentialStore(self.state_dir / "credentials")
+        self.metrics = Metrics()
+        self.health = Health()
+        self.clock = clock
+        self.account = resolve_run_account()
+        self.endpoint_factory = endpoint_factory
+        self.manifest = Manifest()
+        self._manifest_mtimes: dict[Path, float] = {}
+        self.reload_requested = threading.Event()
+        self.replicas: dict[str, _ReplicaRuntime] = {}
+        self.workers: dict[str, _Worker] = {}
+        self.servers: dict[str, ServerHandle] = {}
+        self.endpoints: dict[str, _EndpointState] = {}
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="listing")
+        self.random = random.Random()  # noqa: S311 - schedule jitter, not secrets
+        self.queue = self._rebuild_queue()
+        self._last_queue_reconcile = self.clock()
+        self._completed_seen: set[str] = set()
+
+    # -- manifests ----------------------------------------------------------------------
+    def load(self) -> None:
+        """Read the manifests; on an error keep running with what was loaded before."""
+        try:
+            manifest = load_manifests(self.options.manifests)
+        except ManifestError as exc:
+            log.error("manifest not reloaded: %s", exc, extra={"reason": exc.reason})
+            return
+        self.manifest = manifest
+        self._manifest_mtimes = {p: _mtime(p) for p in self.options.manifests}
+        wanted = {r.key for r in manifest.replicas}
+        for replica in manifest.replicas:
+            if self.store.apply_replica(replica):
+                log.info("replica %s loaded", replica.key)
+            self.replicas.setdefault(replica.key, _ReplicaRuntime())
+        for key in self.store.replica_keys():
+            if key not in wanted:
+                self._remove_replica(key)
+
+    def _manifests_changed(self) -> bool:
+        return any(_mtime(p) != self._manifest_mtimes.get(p) for p in self.options.manifests)
+
+    def _remove_replica(self, key: str) -> None:
+        log.info("replica %s is no longer in the manifests: removing it and its restores", key)
+        for restore in self.store.restores(key):
+            self._delete_restore(restore)
+        state = self.endpoints.pop(key, None)
+        if state is not None:
+            state.endpoint.stop()
+        self.store.delete_replica(key)
+        self.replicas.pop(key, None)
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        self.load()
+        self.health.set_ready(True)
+        while not stop.is_set():
+            if self.reload_requested.is_set() or self._manifests_changed():
+                self.reload_requested.clear()
+                self.load()
+            started = time.monotonic()
+            try:
+                self.reconcile_once()
+            except Exception:
+                log.exception("reconcile pass failed")
+            self.metrics.reconciliation_duration.observe(time.monotonic() - started)
+            self.health.beat()
+            stop.wait(self.options.tick)
+        self.shutdown()
+
+    def reconcile_once(self) -> None:
+        now = self.clock()
+        if now - self._last_queue_reconcile >= QUEUE_RECONCILE_EVERY:
+            self.queue = self.queue.reconcile(self._in_progress(), now)
+            self._last_queue_reconcile = now
+        for key in self.store.replica_keys():
+            self._reconcile_replica(key, now)
+            for restore in self.store.restores(key):
+                self._reconcile_restore(restore, now)
+        self.metrics.queue_depth.set(len(self.queue.waiting))
+        self.metrics.active_count.set(len(self.queue.slots))
+
+    def _rebuild_queue(self) -> AdmissionQueue:
+        positions = {
+            r.key: (r.status.queue_position or 0) if r.status else 0 for r in self.store.replicas()
+        }
+        return AdmissionQueue.rebuild(
+            self.options.max_concurrent_restores, self._in_progress(), positions, self.clock()
+        )
+
+    def _in_progress(self) -> dict[str, str]:
+        return {
+            f"{r.namespace}/{r.replica_name}": r.name
+            for r in self.store.restores()
+            if is_in_progress(r)
+        }
+
+    # -- replicas -----------------------------------------------------------------------
+    def _secret_check(self, replica: PostgresPhysicalReplica) -> SecretCheck | None:
+        if replica.spec.canopy_source is not None:
+            return None
+        try:
+            kopia_credentials(self.manifest, replica)
+        except ManifestError as exc:
+            if exc.reason == "SecretNotFound":
+                return SecretCheck.not_found(str(exc))
+            if exc.reason == "SecretInvalid":
+                return SecretCheck.invalid(str(exc))
+            return None
+        return SecretCheck.valid()
+
+    def _reconcile_replica(self, key: str, now: datetime) -> None:
+        replica = self.store.replica(key)
+        if replica is None:
+            return
+        rt = self.replicas.setdefault(key, _ReplicaRuntime())
+        if rt.listing_job is not None and rt.listing_job.done():
+            rt.listing = rt.listing_job.result()
+            rt.listing_job = None
+        endpoint = self.endpoints.get(key)
+        obs = ReplicaObservation(
+            replica=replica,
+            restores=self.store.restores(key),
+            secret=self._secret_check(replica),
+            listing=rt.listing,
+            endpoint=ConnectionEndpoint(self.options.listen_host, endpoint.port)
+            if endpoint
+            else None,
+        )
+        self.metrics.reconciliations.labels("replica").inc()
+        plan = decide_replica(obs, self.queue, now, self.random.random)
+        self.queue = plan.queue
+        self._apply(plan.steps, replica, None)
+
+    # -- restores -----------------------------------------------------------------------
+    def _restore_dir(self, restore: PostgresPhysicalRestore) -> Path:
+        return self.state_dir / "restores" / restore.namespace / restore.name
+
+    def _restore_key(self, restore: PostgresPhysicalRestore) -> str:
+        return f"{restore.namespace}/{restore.name}"
+
+    def _work(self, restore: PostgresPhysicalRestore) -> RestoreWork:
+        rdir = self._restore_dir(restore)
+        result = worker.read_result(rdir)
+        if result is not None:
+            if result.ok:
+                return RestoreWork.succeeded(result.postgres_version)
+            return RestoreWork.failed(f"{result.reason}: {result.error}")
+        w = self.workers.get(self._restore_key(restore))
+        if w is not None:
+            rc = w.process.poll()
+            if rc is None:
+                return RestoreWork.running()
+            tail = _tail(rdir / worker.LOG)
+            return RestoreWork.failed(f"the restore process exited with code {rc}: {tail}")
+        pid = _read_pid(rdir / worker.PIDFILE)
+        if pid is not None and _is_worker(pid):
+            return RestoreWork.running()  # started by a pgro run that was killed
+        return RestoreWork.not_started()
+
+    def _reconcile_restore(self, restore: PostgresPhysicalRestore, now: datetime) -> None:
+        key = f"{restore.namespace}/{restore.replica_name}"
+        replica = self.store.replica(key)
+        work = self._work(restore)
+        if work.state is WorkState.SUCCEEDED and self._restore_key(restore) not in (
+            self._completed_seen
+        ):
+            self._completed_seen.add(self._restore_key(restore))
+            if (restore.effective_phase) in (RestorePhase.PENDING, RestorePhase.RESTORING):
+                self.metrics.completed.inc()
+        handle = self.servers.get(self._restore_key(restore))
+        server = handle.observe() if handle is not None else Server()
+        version = None
+        if work.state is WorkState.SUCCEEDED:
+            version = VersionDetection(WorkState.SUCCEEDED, work.postgres_version)
+        obs = RestoreObservation(
+            restore=restore,
+            replica=replica,
+            work=work,
+            server=server,
+            version_detection=version,
+        )
+        self.metrics.reconciliations.labels("restore").inc()
+        plan = decide_restore(obs, self.queue, now, lambda: str(uuid.uuid4()))
+        self.queue = plan.queue
+        if replica is not None:
+            self._apply(plan.steps, replica, restore)
+
+    # -- applying plans -----------------------------------------------------------------
+    def _apply(
+        self,
+        steps: Sequence[Step],
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore | None,
+    ) -> None:
+        for step in steps:
+            try:
+                self._apply_step(step, replica, restore)
+            except Exception as exc:
+                if step.best_effort:
+                    log.warning("%s failed (best effort): %s", type(step).__name__, exc)
+                    continue
+                self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
+                log.error(
+                    "%s for %s failed; the rest of the plan waits for the next pass: %s",
+                    type(step).__name__,
+                    replica.key,
+                    exc,
+                )
+                return
+
+    def _apply_step(
+        self,
+        step: Step,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore | None,
+    ) -> None:
+        key = replica.key
+        match step:
+            case PatchReplicaStatus(patch=patch):
+                self.store.patch_replica_status(key, patch)
+            case PatchRestoreStatus(restore=name, patch=patch):
+                rkey = f"{replica.namespace}/{name}"
+                before = self.store.restore(rkey)
+                self.store.patch_restore_status(rkey, patch)
+                if patch.get("phase") == RestorePhase.FAILED and (
+                    before is None or before.effective_phase is not RestorePhase.FAILED
+                ):
+                    self.metrics.failed.inc()
+            case EmitEvent(type=type_, reason=reason, note=note, related=related):
+                self.store.add_event(key, str(type_), reason, note, related)
+                level = logging.WARNING if str(type_) == "Warning" else logging.INFO
+                log.log(level, "%s %s: %s", key, reason, note)
+            case EnsureReplicaResources():
+                self._ensure_resources(replica)
+            case ListSnapshots():
+                self._start_listing(replica)
+            case CreateRestore(restore=new):
+                if not self.store.create_restore(new):
+                    raise StepFailed(f"restore {new.metadata.name} already exists")
+                self.metrics.started.inc()
+            case DeleteRestore(restore=name):
+                target = self.store.restore(f"{replica.namespace}/{name}")
+                if target is not None:
+                    self._delete_restore(target)
+            case PointServiceAt(restore=name):
+                self._point_service_at(replica, name)
+            case PrepareRestoreStorage():
+                assert restore is not None
+                self._prepare_storage(restore)
+            case StartRestoreWork():
+                assert restore is not None
+                self._start_work(replica, restore)
+            case CleanupRestoreWork():
+                assert restore is not None
+                shutil.rmtree(self._restore_dir(restore) / "kopia", ignore_errors=True)
+                self.workers.pop(self._restore_key(restore), None)
+            case DetectPostgresVersion():
+                pass  # the worker's result carries the version
+            case EnsureServer():
+                assert restore is not None
+                self._ensure_server(replica, restore)
+            case RunSwitchoverStep(kind=kind):
+                self._unsupported_switchover_step(replica, kind)
+            case _:
+                # Canopy reports, outgoing marks, notifications, migrations: not part of
+                # the embedded runtime yet; the decisions do not wait on them.
+                log.debug("%s: %s is not handled by pgro run", key, type(step).__name__)
+
+    def _unsupported_switchover_step(
+        self, replica: PostgresPhysicalReplica, kind: SwitchoverStep
+    ) -> None:
+        message = f"{kind.value} is not supported by pgro run yet"
+        field_name = {
+            SwitchoverStep.REDACTION: "redactionPhase",
+            SwitchoverStep.SCHEMA_MIGRATION: "schemaMigrationPhase",
+        }.get(kind)
+        if field_name is not None:
+            self.store.patch_replica_status(replica.key, {field_name: f"failed: {message}"})
+        self.store.add_event(replica.key, "Warning", "SwitchoverStepUnsupported", message)
+
+    # -- resources, endpoint ------------------------------------------------------------
+    def _users(self, replica: PostgresPhysicalReplica) -> dict[str, RoleCredentials]:
+        users = {
+            replica.spec.analytics_username: self.credentials.ensure(
+                replica.key, replica.spec.analytics_username
+            )
+        }
+        for extra in replica.spec.extra_users:
+            users[extra.name] = self.credentials.ensure(replica.key, extra.name)
+        return users
+
+    def _endpoint(self, replica: PostgresPhysicalReplica) -> _EndpointState:
+        state = self.endpoints.get(replica.key)
+        if state is not None:
+            return state
+        setting = f"endpoint-port/{replica.key}"
+        stored = self.store.setting(setting)
+        port = int(stored) if stored else free_port(self.options.listen_host)
+        if not stored:
+            self.store.set_setting(setting, str(port))
+        run_dir = self.state_dir / "endpoints" / replica.namespace / replica.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        endpoint = self.endpoint_factory(
+            replica.key, run_dir, self.account, port, self.options.listen_host
+        )
+        state = _EndpointState(endpoint=endpoint, port=port)
+        self.endpoints[replica.key] = state
+        return state
+
+    def _route(self, replica: PostgresPhysicalReplica, restore_name: str | None) -> None:
+        state = self._endpoint(replica)
+        backend = None
+        if restore_name is not None:
+            handle = self.servers.get(f"{replica.namespace}/{restore_name}")
+            if handle is not None:
+                backend = handle.endpoint
+        users = {name: c.password for name, c in self._users(replica).items()}
+        wanted = (backend, tuple(sorted(users.items())))
+        if state.routed == wanted:
+            return
+        state.endpoint.route(backend, users)
+        state.routed = wanted
+
+    def _ensure_resources(self, replica: PostgresPhysicalReplica) -> None:
+        current = replica.status.current_restore if replica.status else None
+        self._route(replica, current)
+
+    def _point_service_at(self, replica: PostgresPhysicalReplica, name: str) -> None:
+        handle = self.servers.get(f"{replica.namespace}/{name}")
+        if handle is None:
+            raise StepFailed(f"restore {name} has no running server to switch to")
+        self._route(replica, name)
+        self.metrics.switchovers.inc()
+        restore = self.store.restore(f"{replica.namespace}/{name}")
+        if restore is not None and restore.metadata.creation_timestamp is not None:
+            created = restore.metadata.creation_timestamp
+            self.metrics.duration.observe((self.clock() - created).total_seconds())
+
+    # -- restore work -------------------------------------------------------------------
+    def _prepare_storage(self, restore: PostgresPhysicalRestore) -> None:
+        rdir = self._restore_dir(restore)
+        rdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(rdir, 0o711)
+        if worker.read_result(rdir) is not None:
+            return
+        from pgro.api.quantity import parse_quantity
+
+        needed = int(parse_quantity(str(restore.spec.storage_size)) * DISK_HEADROOM)
+        free = shutil.disk_usage(rdir).free
+        if needed > free:
+            result = worker.WorkResult(
+                ok=False,
+                reason="InsufficientDisk",
+                error=f"the restore needs {needed // 2**20} MiB (storageSize) but "
+                f"{rdir.parent} has {free // 2**20} MiB free",
+            )
+            (rdir / worker.RESULT).write_text(json.dumps(result.__dict__))
+
+    def _start_work(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        if self._work(restore).state is not WorkState.NOT_STARTED:
+            return
+        creds: KopiaCredentials = kopia_credentials(self.manifest, replica)
+        rdir = self._restore_dir(restore)
+        rdir.mkdir(parents=True, exist_ok=True)
+        job = {
+            "restoreDir": str(rdir),
+            "snapshot": restore.spec.snapshot,
+            "snapshotSize": restore.spec.snapshot_size,
+            "snapshotTime": restore.spec.snapshot_time,
+            "readOnly": replica.spec.read_only
+            and not replica.spec.persistent_schemas
+            and replica.spec.redaction is None,
+            "credentials": worker.credentials_to_json(creds),
+        }
+        logf = (rdir / worker.LOG).open("ab")
+        with deferred_interrupts():
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pgro.runtimes.embedded.restore_worker"],
+                stdin=subprocess.PIPE,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (rdir / worker.PIDFILE).write_text(str(proc.pid))
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(job).encode())
+        proc.stdin.close()
+        self.workers[self._restore_key(restore)] = _Worker(proc, logf)
+        log.info("restore %s: downloading snapshot %s", restore.name, restore.spec.snapshot)
+
+    def _ensure_server(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        rkey = self._restore_key(restore)
+        handle = self.servers.get(rkey)
+        if handle is None:
+            result = worker.read_result(self._restore_dir(restore))
+            if result is None or not result.ok or not result.pgdata:
+                raise StepFailed(f"restore {restore.name} has no restored data yet")
+            rdir = self._restore_dir(restore)
+            port_setting = f"server-port/{rkey}"
+            stored = self.store.setting(port_setting)
+            port = int(stored) if stored else free_port()
+            if not stored:
+                self.store.set_setting(port_setting, str(port))
+            users = self._users(replica)
+            analytics = users[replica.spec.analytics_username]
+            extras = [(u, users[u.name]) for u in replica.spec.extra_users if u.name in users]
+            read_only = bool(replica.spec.read_only)
+
+            def provision(endpoint: Endpoint) -> None:
+                provision_users(
+                    lambda db: endpoint.conninfo(db, "postgres"),
+                    analytics=analytics,
+                    extra_users=extras,
+                    read_only=read_only,
+                )
+
+            handle = ServerHandle(
+                pgdata=Path(result.pgdata),
+                socket_dir=socket_dir_for(rdir / "run"),
+                port=port,
+                log_path=rdir / "postgres.log",
+                binaries=find_binaries(result.postgres_version or ""),
+                account=self.account,
+                provision=provision,
+            )
+            self.servers[rkey] = handle
+        handle.ensure()
+
+    def _delete_restore(self, restore: PostgresPhysicalRestore) -> None:
+        rkey = self._restore_key(restore)
+        w = self.workers.pop(rkey, None)
+        if w is not None and w.process.poll() is None:
+            w.process.terminate()
+            w.process.wait(30)
+        pid = _read_pid(self._restore_dir(restore) / worker.PIDFILE)
+        if pid is not None and _is_worker(pid):
+            os.kill(pid, signal.SIGTERM)
+        handle = self.servers.pop(rkey, None)
+        if handle is None:
+            # Possibly left running by an earlier pgro run: adopt it only to stop it.
+            result = worker.read_result(self._restore_dir(restore))
+            if result is not None and result.pgdata:
+                from pgro.runtimes.embedded.servers import running_postmaster
+
+                found = running_postmaster(Path(result.pgdata))
+                if found is not None:
+                    os.kill(found[0], signal.SIGINT)
+                    _wait_gone(found[0], 60)
+        else:
+            handle.stop()
+        shutil.rmtree(self._restore_dir(restore), ignore_errors=True)
+        self.store.delete_setting(f"server-port/{rkey}")
+        self.store.delete_restore(rkey)
+        log.info("restore %s deleted", rkey)
+
+    # -- listings -----------------------------------------------------------------------
+    def _start_listing(self, replica: PostgresPhysicalReplica) -> None:
+        rt = self.replicas.setdefault(replica.key, _ReplicaRuntime())
+        if rt.listing_job is not None:
+            return
+        creds = kopia_credentials(self.manifest, replica)
+        previous = rt.listing
+        state = (
+            self.state_dir / "kopia" / f"{replica.namespace}-{replica.name}-{uuid.uuid4().hex[:8]}"
+        )
+
+        def list_now() -> SnapshotListing:
+            try:
+                with KopiaRepository(creds, state) as repo:
+                    snapshots = repo.list_snapshots()
+                return record_listing_success(snapshots, self.clock())
+            except Exception as exc:
+                return record_listing_failure(previous, str(exc), self.clock())
+
+        rt.listing_job = self.pool.submit(list_now)
+
+    # -- shutdown -----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self.health.set_ready(False)
+        for key, w in list(self.workers.items()):
+            if w.process.poll() is None:
+                log.info("stopping restore work %s (it restarts on the next run)", key)
+                w.process.terminate()
+        for w in self.workers.values():
+            try:
+                w.process.wait(30)
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+        if not self.options.keep_serving:
+            for key, handle in list(self.servers.items()):
+                log.info("stopping PostgreSQL of %s", key)
+                handle.stop()
+            for state in self.endpoints.values():
+                state.endpoint.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"pgro.runtimes.embedded.restore_worker" in cmdline
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)

@@ -1,0 +1,395 @@
+"""`pgro run` end to end: the real process, real kopia, PostgreSQL and PgBouncer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgro.api.secret import FilesystemLocation, KopiaCredentials
+from pgro.kopia.repository import KopiaRepository
+from pgro.postgres.account import RunAccount, hand_over
+from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.server import PostgresServer, free_port
+from tests.fixtures.clusters import build_debian_cluster
+from tests.fixtures.manifests import replica_doc, secret_doc, write_manifest
+
+PGRO = str(Path(sys.executable).parent / "pgro")
+PASSWORD = "run-test-password"
+
+
+@dataclass
+class Backups:
+    """A writable repository whose snapshots differ by a `marker` table's value."""
+
+    path: Path
+    kopia: KopiaRepository
+    source: Path
+    binaries: PostgresBinaries
+    account: RunAccount
+    scratch: Path
+
+    def snapshot(self, marker: str) -> str:
+        pgdata = self.source / self.binaries.major / "main"
+        (pgdata / "postgresql.conf").touch()
+        server = PostgresServer(
+            pgdata,
+            self.binaries,
+            self.account,
+            socket_dir=self.scratch / f"src-{marker}",
+            log_path=self.scratch / "src.log",
+        )
+        server.start(60)
+        try:
+            with psycopg.connect(
+                server.endpoint.conninfo("myapp", "postgres"), autocommit=True
+            ) as c:
+                c.execute("CREATE TABLE IF NOT EXISTS marker (v text)")
+                c.execute("DELETE FROM marker")
+                c.execute("INSERT INTO marker VALUES (%s)", (marker,))
+        finally:
+            server.stop()
+        (pgdata / "postgresql.conf").unlink()
+        return self.kopia.snapshot_create(
+            self.source, override_source="postgres@db-run:/var/lib/postgresql"
+        )
+
+
+@pytest.fixture
+def backups(scratch: Path, account: RunAccount, binaries: PostgresBinaries) -> Iterator[Backups]:
+    # A clean Debian-layout cluster (config kept in /etc on Debian, so absent here).
+    source = scratch / "source"
+    pgdata = build_debian_cluster(source, binaries, account, scratch)
+    (pgdata / "pg_hba.conf").write_text("local all all trust\n")
+    (pgdata / "pg_ident.conf").write_text("")
+    hand_over(source, account)
+    creds = KopiaCredentials(FilesystemLocation(str(scratch / "repo")), PASSWORD)
+    kopia = KopiaRepository(creds, scratch / "kopia-author")
+    kopia.create()
+    try:
+        yield Backups(scratch / "repo", kopia, source, binaries, account, scratch)
+    finally:
+        kopia.close()
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+    state: Path
+    metrics: int
+    log: Path
+
+    def status(self) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [PGRO, "status", "--state-dir", str(self.state), "--json", "--show-credentials"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        doc: list[dict[str, Any]] = json.loads(out.stdout)
+        return doc
+
+    def replica(self, name: str) -> dict[str, Any]:
+        return next(r for r in self.status() if r["name"] == name)
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"no metric {name}")
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pgro run exited: {self.log.read_text()[-3000:]}")
+            try:
+                if check():
+                    return
+            except (StopIteration, KeyError, IndexError, subprocess.CalledProcessError):
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(120)
+
+
+@pytest.fixture
+def start_run(scratch: Path) -> Iterator[Callable[[Path], Running]]:
+    started: list[Running] = []
+
+    def start(manifest: Path) -> Running:
+        state = scratch / "state"
+        metrics = free_port()
+        log = scratch / f"run-{len(started)}.log"
+        proc = subprocess.Popen(
+            [
+                PGRO,
+                "run",
+                "-f",
+                str(manifest),
+                "--state-dir",
+                str(state),
+                "--tick",
+                "0.3",
+                "--metrics-addr",
+                f"127.0.0.1:{metrics}",
+            ],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        running = Running(proc, state, metrics, log)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.proc.poll() is None:
+            running.stop()
+
+
+def connect(entry: dict[str, Any], dbname: str = "myapp") -> psycopg.Connection[tuple[Any, ...]]:
+    cred = next(c for c in entry["credentials"] if c["username"] == "analytics")
+    return psycopg.connect(
+        host="127.0.0.1",
+        port=entry["endpoint"]["port"],
+        user="analytics",
+        password=cred["password"],
+        dbname=dbname,
+        connect_timeout=10,
+    )
+
+
+def manifest_for(path: Path, backups: Backups, **spec: Any) -> Path:
+    return write_manifest(
+        path,
+        secret_doc("kopia", {"filesystemPath": str(backups.path), "repositoryPassword": PASSWORD}),
+        replica_doc("orders", ephemeral=False, scheduleJitter="0s", **spec),
+    )
+
+
+def marker(entry: dict[str, Any]) -> str:
+    with connect(entry) as conn:
+        row = conn.execute("SELECT v FROM marker").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def phases(entry: dict[str, Any]) -> dict[str, str]:
+    return {r["name"]: r["status"].get("phase", "Pending") for r in entry["restores"]}
+
+
+def test_analytics_replica_switches_over_to_a_newer_snapshot(
+    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+) -> None:
+    first = backups.snapshot("old")
+    manifest = manifest_for(
+        scratch / "m.yaml", backups, schedule="* * * * *", switchoverGracePeriod="5s"
+    )
+    run = start_run(manifest)
+    run.wait_for(
+        "the first restore to serve",
+        lambda: run.replica("orders")["status"].get("phase") == "Ready",
+    )
+    entry = run.replica("orders")
+    serving = entry["status"]["currentRestore"]
+    assert phases(entry) == {serving: "Active"}
+    address = entry["endpoint"]
+    assert marker(entry) == "old"
+    # The analytics user is read-only.
+    with connect(entry) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        conn.execute("INSERT INTO marker VALUES ('write')")
+
+    held = connect(entry)  # a client that stays connected across the switchover
+    assert held.execute("SELECT v FROM marker").fetchone() == ("old",)
+    second = backups.snapshot("new")
+    assert second != first
+    run.wait_for(
+        "the switchover to the new snapshot",
+        lambda: run.replica("orders")["status"].get("currentRestore") not in (None, serving),
+        timeout=180,
+    )
+    entry = run.replica("orders")
+    assert entry["endpoint"] == address  # clients keep one address
+    assert marker(entry) == "new"
+    # The old restore serves its existing clients until the grace period ends, then goes.
+    run.wait_for(
+        "the sweep of the old restore", lambda: serving not in phases(run.replica("orders"))
+    )
+    with pytest.raises(psycopg.OperationalError):
+        held.execute("SELECT v FROM marker")
+    held.close()
+    assert marker(run.replica("orders")) == "new"
+    assert run.metric("postgres_restore_switchovers_total") == 2
+    assert run.metric("postgres_restore_started_total") == 2
+    assert not (run.state / "restores" / "default" / serving).exists()
+    assert run.stop() == 0
+
+
+def test_ephemeral_replica_verifies_once_per_snapshot(
+    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+) -> None:
+    backups.snapshot("v1")
+    manifest = write_manifest(
+        scratch / "m.yaml",
+        secret_doc("kopia", {"filesystemPath": str(backups.path), "repositoryPassword": PASSWORD}),
+        replica_doc("verify", ephemeral=True, schedule="* * * * *", scheduleJitter="0s"),
+    )
+    run = start_run(manifest)
+    run.wait_for(
+        "the verification", lambda: bool(run.replica("verify")["status"].get("verifiedSnapshotId"))
+    )
+    entry = run.replica("verify")
+    verified = entry["status"]["verifiedSnapshotId"]
+    run.wait_for("the teardown", lambda: run.replica("verify")["restores"] == [])
+    assert "currentRestore" not in run.replica("verify")["status"]
+    assert run.metric("postgres_restore_started_total") == 1
+    # Several schedule fires later, the same snapshot is not restored again.
+    fires = run.replica("verify")["status"]["nextScheduledRestore"]
+    run.wait_for(
+        "two schedule fires",
+        lambda: run.replica("verify")["status"]["nextScheduledRestore"] > fires,
+        timeout=150,
+    )
+    assert run.metric("postgres_restore_started_total") == 1
+    assert run.replica("verify")["restores"] == []
+    # A newer snapshot: exactly one more verification.
+    second = backups.snapshot("v2")
+    run.wait_for(
+        "the second verification",
+        lambda: run.replica("verify")["status"].get("verifiedSnapshotId") == second,
+        timeout=150,
+    )
+    assert verified != second
+    assert run.metric("postgres_restore_started_total") == 2
+    assert run.stop() == 0
+    leftovers = run.state / "restores" / "default"
+    assert not leftovers.exists() or os.listdir(leftovers) == []
+
+
+def postmasters_under(path: Path) -> list[int]:
+    """Live postmasters whose data directory is under `path`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"/postgres") and b"-D" in args:
+            data = args[args.index(b"-D") + 1].decode()
+            if data.startswith(str(path)):
+                found.append(int(pid))
+    return found
+
+
+def test_kill_9_during_restore_and_after_verification_converges(
+    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+) -> None:
+    backups.snapshot("only")
+    manifest = write_manifest(
+        scratch / "m.yaml",
+        secret_doc("kopia", {"filesystemPath": str(backups.path), "repositoryPassword": PASSWORD}),
+        replica_doc("orders", ephemeral=False, scheduleJitter="0s"),
+        replica_doc("verify", ephemeral=True, scheduleJitter="0s"),
+    )
+    run = start_run(manifest)
+    run.wait_for(
+        "a restore in progress",
+        lambda: any(p in ("Pending", "Restoring") for p in phases(run.replica("orders")).values()),
+    )
+    run.proc.kill()  # kill -9: no cleanup at all
+    run.proc.wait()
+
+    again = start_run(manifest)
+    again.wait_for(
+        "orders to serve", lambda: again.replica("orders")["status"].get("phase") == "Ready"
+    )
+    again.wait_for(
+        "verify to verify",
+        lambda: bool(again.replica("verify")["status"].get("verifiedSnapshotId")),
+    )
+    again.wait_for("verify's teardown", lambda: again.replica("verify")["restores"] == [])
+    orders = again.replica("orders")
+    assert len(orders["restores"]) == 1  # no duplicate restore of the same snapshot
+    assert list(phases(orders).values()) == ["Active"]
+    assert marker(orders) == "only"
+    # One server: the serving restore's. The verification's server is gone with it.
+    assert len(postmasters_under(again.state)) == 1
+
+    again.proc.kill()  # right after verification
+    again.proc.wait()
+    third = start_run(manifest)
+    third.wait_for("orders to serve", lambda: marker(third.replica("orders")) == "only")
+    time.sleep(3)  # several passes: a re-restore would have started by now
+    assert third.replica("verify")["restores"] == []
+    assert third.metric("postgres_restore_started_total") == 0
+    assert len(postmasters_under(third.state)) == 1
+    assert third.stop() == 0
+    assert postmasters_under(third.state) == []
+
+
+def test_bad_input_keeps_the_process_and_other_replicas_running(
+    fs_repo: Any, backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+) -> None:
+    backups.snapshot("good")
+    repo = {"filesystemPath": str(backups.path), "repositoryPassword": PASSWORD}
+    manifest = write_manifest(
+        scratch / "m.yaml",
+        secret_doc("kopia", repo),
+        secret_doc("wrong", {**repo, "repositoryPassword": "not-the-password"}),
+        secret_doc(
+            "fixtures",
+            {"filesystemPath": str(fs_repo.path), "repositoryPassword": fs_repo.password},
+        ),
+        replica_doc("good", ephemeral=False),
+        replica_doc("badcron", schedule="61 * * * *"),
+        replica_doc("nosecret", secret="absent"),
+        replica_doc("wrongpw", secret="wrong"),
+        replica_doc("notpg", secret="fixtures", snapshotFilter={"hostPattern": "files-host"}),
+    )
+    run = start_run(manifest)
+    run.wait_for("good to serve", lambda: run.replica("good")["status"].get("phase") == "Ready")
+
+    def condition(name: str, type_: str) -> dict[str, Any]:
+        conds = run.replica(name)["status"].get("conditions", [])
+        return next(c for c in conds if c["type"] == type_)
+
+    run.wait_for(
+        "the cron condition", lambda: condition("badcron", "ScheduleValid")["status"] == "False"
+    )
+    assert "61 * * * *" in condition("badcron", "ScheduleValid")["message"]
+    run.wait_for(
+        "the secret condition",
+        lambda: condition("nosecret", "KopiaSecretValid")["reason"] == "SecretNotFound",
+    )
+    run.wait_for(
+        "the listing failure",
+        lambda: condition("wrongpw", "SnapshotAvailable")["status"] == "False",
+    )
+    assert "repository password is wrong" in condition("wrongpw", "SnapshotAvailable")["message"]
+    assert "not-the-password" not in json.dumps(run.status())
+    run.wait_for(
+        "the failed restore of a non-PostgreSQL snapshot",
+        lambda: "NotPostgres" in json.dumps(run.replica("notpg")["status"]),
+        timeout=120,
+    )
+    assert run.proc.poll() is None
+    assert marker(run.replica("good")) == "good"
+    assert run.replica("badcron")["restores"] == []
+    assert run.stop() == 0
