@@ -393,3 +393,103 @@ def test_bad_input_keeps_the_process_and_other_replicas_running(
     assert marker(run.replica("good")) == "good"
     assert run.replica("badcron")["restores"] == []
     assert run.stop() == 0
+
+
+def store_phases(state: Path) -> dict[str, str]:
+    """Restore phases read straight from the state database (fast enough to catch a switch)."""
+    from pgro.runtimes.embedded.store import Store
+
+    db = state / "state.db"
+    if not db.exists():
+        return {}
+    store = Store(db)
+    try:
+        return {r.name: str(r.effective_phase) for r in store.restores()}
+    finally:
+        store.close()
+
+
+def test_kill_9_during_switchover_converges(
+    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+) -> None:
+    backups.snapshot("old")
+    manifest = manifest_for(
+        scratch / "m.yaml", backups, schedule="* * * * *", switchoverGracePeriod="3s"
+    )
+    run = start_run(manifest)
+    run.wait_for(
+        "the first restore", lambda: run.replica("orders")["status"].get("phase") == "Ready"
+    )
+    first = run.replica("orders")["status"]["currentRestore"]
+    backups.snapshot("new")
+    seen = ""
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        others = {n: p for n, p in store_phases(run.state).items() if n != first}
+        seen = next(iter(others.values()), "")
+        if seen in ("Switching", "Active"):
+            break
+        time.sleep(0.02)
+    assert seen in ("Switching", "Active"), store_phases(run.state)
+    run.proc.kill()  # in the middle of the switchover (or right after it)
+    run.proc.wait()
+
+    again = start_run(manifest)
+    again.wait_for(
+        "the new restore to serve",
+        lambda: again.replica("orders")["status"].get("currentRestore") not in (None, first),
+    )
+    again.wait_for(
+        "the sweep of the old restore", lambda: first not in phases(again.replica("orders"))
+    )
+    entry = again.replica("orders")
+    assert list(phases(entry).values()) == ["Active"]
+    assert marker(entry) == "new"
+    assert len(postmasters_under(again.state)) == 1
+    assert again.stop() == 0
+
+
+def test_keep_serving_leaves_the_endpoint_up_and_the_next_run_adopts_it(
+    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+) -> None:
+    backups.snapshot("kept")
+    manifest = manifest_for(scratch / "m.yaml", backups)
+    state = scratch / "state"
+    metrics = free_port()
+    proc = subprocess.Popen(
+        [
+            PGRO,
+            "run",
+            "-f",
+            str(manifest),
+            "--state-dir",
+            str(state),
+            "--tick",
+            "0.3",
+            "--keep-serving",
+            "--metrics-addr",
+            f"127.0.0.1:{metrics}",
+        ],
+        stdout=(scratch / "keep.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    run = Running(proc, state, metrics, scratch / "keep.log")
+    run.wait_for("serving", lambda: run.replica("orders")["status"].get("phase") == "Ready")
+    entry = run.replica("orders")
+    assert run.stop() == 0
+    # Still serving with pgro stopped.
+    assert marker(entry) == "kept"
+    servers = postmasters_under(state)
+    assert len(servers) == 1
+
+    again = start_run(manifest)
+    again.wait_for(
+        "a pass over the adopted restore",
+        lambda: again.replica("orders")["status"].get("phase") == "Ready",
+    )
+    time.sleep(2)
+    assert postmasters_under(state) == servers  # adopted, not started twice
+    assert again.metric("postgres_restore_started_total") == 0
+    assert marker(again.replica("orders")) == "kept"
+    assert again.stop() == 0
+    assert postmasters_under(state) == []

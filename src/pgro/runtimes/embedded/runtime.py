@@ -604,10 +604,12 @@ class Runtime:
 
                 found = running_postmaster(Path(result.pgdata))
                 if found is not None:
-                    os.kill(found[0], signal.SIGINT)
-                    _wait_gone(found[0], 60)
+                    os.kill(found.pid, signal.SIGINT)
+                    _wait_gone(found.pid, 60)
+                    _remove_outside(found.socket_dir, self._restore_dir(restore))
         else:
             handle.stop()
+            _remove_outside(handle.socket_dir, self._restore_dir(restore))
         shutil.rmtree(self._restore_dir(restore), ignore_errors=True)
         self.store.delete_setting(f"server-port/{rkey}")
         self.store.delete_restore(rkey)
@@ -683,6 +685,12 @@ def _is_worker(pid: int) -> bool:
     except OSError:
         return False
     return b"pgro.runtimes.embedded.restore_worker" in cmdline
+
+
+def _remove_outside(socket_dir: Path, restore_dir: Path) -> None:
+    """Remove a socket directory pgro made in /tmp for a too-long path (see socket_dir_for)."""
+    if not socket_dir.is_relative_to(restore_dir) and socket_dir.name.startswith("pgro-sock-"):
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

@@ -34,16 +34,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def running_postmaster(pgdata: Path) -> tuple[int, int, str] | None:
-    """(pid, port, status) of a live postmaster on `pgdata`, from its postmaster.pid."""
+@dataclass(frozen=True)
+class Postmaster:
+    pid: int
+    port: int
+    socket_dir: Path
+    status: str
+
+
+def running_postmaster(pgdata: Path) -> Postmaster | None:
+    """The live postmaster on `pgdata`, from its postmaster.pid (None if there is none)."""
     try:
         lines = (pgdata / "postmaster.pid").read_text().splitlines()
-        pid = int(lines[0])
-        port = int(lines[3])
-        status = lines[7].strip() if len(lines) > 7 else ""
+        found = Postmaster(
+            pid=int(lines[0]),
+            port=int(lines[3]),
+            socket_dir=Path(lines[4].strip()),
+            status=lines[7].strip() if len(lines) > 7 else "",
+        )
     except (OSError, ValueError, IndexError):
         return None
-    return (pid, port, status) if _pid_alive(pid) else None
+    return found if _pid_alive(found.pid) else None
 
 
 @dataclass
@@ -84,9 +95,11 @@ class ServerHandle:
             return
         found = running_postmaster(self.pgdata)
         if found is not None:
-            self.adopted_pid, self.port = found[0], found[1]
+            # Reach it where it listens: its socket directory may differ from the one this
+            # handle would have chosen (a fresh one in /tmp when the path is too long).
+            self.adopted_pid, self.port, self.socket_dir = found.pid, found.port, found.socket_dir
             # It served before pgro restarted; its roles were provisioned then.
-            self.provisioned = found[2] == "ready"
+            self.provisioned = found.status == "ready"
             return
         self._spawn()
 
@@ -97,7 +110,7 @@ class ServerHandle:
 
     def _ready(self) -> bool:
         found = running_postmaster(self.pgdata)
-        return found is not None and found[2] == "ready"
+        return found is not None and found.status == "ready"
 
     def observe(self) -> Server:
         if self.failure:
