@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -193,12 +195,41 @@ def phases(entry: dict[str, Any]) -> dict[str, str]:
     return {r["name"]: r["status"].get("phase", "Pending") for r in entry["restores"]}
 
 
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A local HTTP endpoint recording the JSON bodies posted to it."""
+    received: list[dict[str, Any]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
+
+
 def test_analytics_replica_switches_over_to_a_newer_snapshot(
-    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+    backups: Backups,
+    scratch: Path,
+    start_run: Callable[[Path], Running],
+    webhook: tuple[str, list[dict[str, Any]]],
 ) -> None:
     first = backups.snapshot("old")
+    url, received = webhook
     manifest = manifest_for(
-        scratch / "m.yaml", backups, schedule="* * * * *", switchoverGracePeriod="5s"
+        scratch / "m.yaml",
+        backups,
+        schedule="* * * * *",
+        switchoverGracePeriod="5s",
+        notifications=[{"target": "webhook", "url": url}],
     )
     run = start_run(manifest)
     run.wait_for(
@@ -213,6 +244,16 @@ def test_analytics_replica_switches_over_to_a_newer_snapshot(
     # The analytics user is read-only.
     with connect(entry) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         conn.execute("INSERT INTO marker VALUES ('write')")
+
+    # The switchover was announced to the webhook, and its delivery recorded in status.
+    run.wait_for(
+        "the notification status",
+        lambda: run.replica("orders")["status"]["notifications"][0]["success"] is True,
+    )
+    assert received[0]["replica"] == {"name": "orders", "namespace": "default"}
+    assert received[0]["restore"]["name"] == serving
+    assert received[0]["connectionInfo"]["port"] == address["port"]
+    assert "password" not in received[0]["connectionInfo"]  # includePassword is false
 
     held = connect(entry)  # a client that stays connected across the switchover
     assert held.execute("SELECT v FROM marker").fetchone() == ("old",)

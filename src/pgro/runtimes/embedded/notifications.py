@@ -9,7 +9,8 @@ at once; the runtime picks the round's statuses up later with `take_status` and 
 Differences from the reference, on purpose:
 
 - `lastError` keeps the real, secret-free cause of the last attempt ("HTTP 500 Internal
-  Server Error from https://…", "connection failed: …") instead of "max retries exhausted".
+  Server Error from https://…", "connection to https://… failed: …") instead of "max
+  retries exhausted".
 - An error no retry can change within the round (a header Secret missing from the
   manifest, a template that does not render valid JSON, an invalid URL or header) ends the
   target at once instead of repeating the same failure for 73 minutes.
@@ -22,7 +23,7 @@ Differences from the reference, on purpose:
 
 GraphQL `variablesTemplate`s are rendered with `render_template`, a strict subset of
 Handlebars that matches handlebars-rust 6 (the reference's engine) in the non-strict
-default mode: `{{path}}` (HTML-escaped like Handlebars: `& < > " ' \\` =`),
+default mode: `{{path}}` (HTML-escaped as Handlebars does: & < > " ' = and backtick),
 `{{{path}}}` / `{{&path}}` (raw), comments, `\\{{` escapes, `~` whitespace control,
 `{{#if}}`, `{{#unless}}`, `{{#with}}`, `{{#each}}` (with `@key`, `@index`, `@first`,
 `@last`), `{{else}}` / `{{^}}` / `{{else if …}}`, mustache-style sections `{{#path}}` and
@@ -43,6 +44,7 @@ import math
 import re
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -410,6 +412,8 @@ class Notifier:
         `secrets` are the manifest's Secret documents by (namespace, name).
         A round already running for `replica_key` is superseded.
         """
+        if self._closed:
+            raise RuntimeError("the notifier is shut down")
         targets: list[Target] = list(replica.spec.notifications)
         if not targets:
             return
@@ -483,8 +487,17 @@ class Notifier:
     def _deliver(self, round_: _Round, index: int, target: Target, inp: RoundInput) -> None:
         try:
             status = self._deliver_target(round_, target, inp)
-        except Exception:  # a bug must not leave the round unfinished
-            log.exception("%s: notification %s crashed", round_.key, _label(target))
+        except Exception as exc:  # a bug must not leave the round unfinished
+            # The message could hold a header value or the password: type and place only.
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error(
+                "%s: notification %s crashed: %s at %s:%s",
+                round_.key,
+                _label(target),
+                type(exc).__name__,
+                frame.filename,
+                frame.lineno,
+            )
             self.metrics.notifications_failed.labels(name=target.display_name, event=EVENT).inc()
             status = NotificationStatus(
                 name=target.display_name,

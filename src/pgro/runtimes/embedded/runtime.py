@@ -59,6 +59,7 @@ from pgro.core.plan import (
     PointServiceAt,
     PrepareRestoreStorage,
     RunSwitchoverStep,
+    SendNotifications,
     StartRestoreWork,
     Step,
     SwitchoverStep,
@@ -81,6 +82,7 @@ from pgro.runtimes.embedded.manifest import (
     kopia_credentials,
     load_manifests,
 )
+from pgro.runtimes.embedded.notifications import Notifier
 from pgro.runtimes.embedded.observability import Health, Metrics
 from pgro.runtimes.embedded.servers import ServerHandle
 from pgro.runtimes.embedded.store import Store
@@ -172,6 +174,7 @@ class Runtime:
         self.queue = self._rebuild_queue()
         self._last_queue_reconcile = self.clock()
         self._completed_seen: set[str] = set()
+        self.notifier = Notifier(self.metrics, clock=self.clock)
 
     # -- manifests ----------------------------------------------------------------------
     def load(self) -> None:
@@ -202,6 +205,7 @@ class Runtime:
         state = self.endpoints.pop(key, None)
         if state is not None:
             state.endpoint.stop()
+        self.notifier.cancel(key)
         self.store.delete_replica(key)
         self.replicas.pop(key, None)
 
@@ -229,6 +233,7 @@ class Runtime:
             self.queue = self.queue.reconcile(self._in_progress(), now)
             self._last_queue_reconcile = now
         for key in self.store.replica_keys():
+            self._collect_notifications(key)
             self._reconcile_replica(key, now)
             for restore in self.store.restores(key):
                 self._reconcile_restore(restore, now)
@@ -417,10 +422,39 @@ class Runtime:
                 self._ensure_server(replica, restore)
             case RunSwitchoverStep(kind=kind):
                 self._unsupported_switchover_step(replica, kind)
+            case SendNotifications(restore=name):
+                self._send_notifications(key, name)
             case _:
                 # Canopy reports, outgoing marks, notifications, migrations: not part of
                 # the embedded runtime yet; the decisions do not wait on them.
                 log.debug("%s: %s is not handled by pgro run", key, type(step).__name__)
+
+    def _send_notifications(self, key: str, restore_name: str) -> None:
+        # Re-read: connectionInfo was written by the status patch just before this step.
+        replica = self.store.replica(key)
+        restore = self.store.restore(f"{key.split('/')[0]}/{restore_name}")
+        if replica is None or restore is None:
+            return
+        info = replica.status.connection_info if replica.status else None
+        if info is None:
+            log.info("%s: no connectionInfo yet, notifications skipped", key)
+            return
+        analytics = self.credentials.ensure(key, replica.spec.analytics_username)
+        self.notifier.notify(
+            key,
+            replica,
+            restore_name,
+            restore.spec.snapshot,
+            restore.status.postgres_version if restore.status else None,
+            info.to_wire(),
+            analytics.password,
+            self.manifest.secrets,
+        )
+
+    def _collect_notifications(self, key: str) -> None:
+        statuses = self.notifier.take_status(key)
+        if statuses:
+            self.store.patch_replica_status(key, {"notifications": [s.to_wire() for s in statuses]})
 
     def _unsupported_switchover_step(
         self, replica: PostgresPhysicalReplica, kind: SwitchoverStep
@@ -654,6 +688,7 @@ class Runtime:
                 handle.stop()
             for state in self.endpoints.values():
                 state.endpoint.stop()
+        self.notifier.shutdown()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
