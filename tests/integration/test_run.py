@@ -534,3 +534,80 @@ def test_keep_serving_leaves_the_endpoint_up_and_the_next_run_adopts_it(
     assert marker(again.replica("orders")) == "kept"
     assert again.stop() == 0
     assert postmasters_under(state) == []
+
+
+def test_manifest_changes_are_picked_up_and_bad_edits_do_not_disturb(
+    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+) -> None:
+    backups.snapshot("m")
+    secret = secret_doc(
+        "kopia", {"filesystemPath": str(backups.path), "repositoryPassword": PASSWORD}
+    )
+    manifest = write_manifest(scratch / "m.yaml", secret, replica_doc("one", ephemeral=False))
+    run = start_run(manifest)
+    run.wait_for("one to serve", lambda: run.replica("one")["status"].get("phase") == "Ready")
+
+    # A broken edit is reported and ignored: "one" keeps serving.
+    manifest.write_text("kind: [unclosed\n")
+    run.wait_for("the error in the log", lambda: "manifest not reloaded" in run.log.read_text())
+    assert marker(run.replica("one")) == "m"
+
+    # A second replica added; SIGHUP forces the re-read even without a new mtime.
+    write_manifest(
+        manifest, secret, replica_doc("one", ephemeral=False), replica_doc("two", ephemeral=False)
+    )
+    run.proc.send_signal(signal.SIGHUP)
+    run.wait_for("two to serve", lambda: run.replica("two")["status"].get("phase") == "Ready")
+    assert marker(run.replica("one")) == "m"
+
+    # A replica removed from the manifests is torn down with its restores.
+    write_manifest(manifest, secret, replica_doc("two", ephemeral=False))
+    run.wait_for("one to be gone", lambda: [r["name"] for r in run.status()] == ["two"])
+    assert len(postmasters_under(run.state)) == 1
+    assert run.stop() == 0
+
+
+def test_a_restore_that_does_not_fit_on_the_disk_fails_clearly(
+    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    backups.snapshot("big")
+    small = scratch / "small"
+    small.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m,mode=0711", "tmpfs", str(small)], check=True
+    )
+    try:
+        manifest = manifest_for(scratch / "m.yaml", backups)
+        state = small / "state"
+        metrics = free_port()
+        proc = subprocess.Popen(
+            [
+                PGRO,
+                "run",
+                "-f",
+                str(manifest),
+                "--state-dir",
+                str(state),
+                "--tick",
+                "0.3",
+                "--metrics-addr",
+                f"127.0.0.1:{metrics}",
+            ],
+            stdout=(scratch / "small.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        run = Running(proc, state, metrics, scratch / "small.log")
+        try:
+            run.wait_for(
+                "the restore to fail",
+                lambda: "InsufficientDisk" in json.dumps(run.replica("orders")["status"]),
+            )
+            text = json.dumps(run.replica("orders")["status"])
+            assert "storageSize" in text and "MiB free" in text
+            assert run.metric("postgres_restore_failed_total") == 1
+        finally:
+            run.stop()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -33,6 +33,13 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def filtered(scratch: Path, fs_repo: Repo, **snapshot_filter: Any) -> Path:
+    """A manifest for the fixture repository whose replica selects with `snapshot_filter`."""
+    return fs_manifest(
+        scratch / "m.yaml", fs_repo.path, fs_repo.password, snapshotFilter=snapshot_filter
+    )
+
+
 def run_verify(manifest: Path, work: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     work.mkdir(exist_ok=True)
     os.chmod(work, 0o711)
@@ -54,12 +61,7 @@ def run_verify(manifest: Path, work: Path, *args: str) -> tuple[int, dict[str, A
 
 
 def test_clean_debian_cluster_verifies(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"hostPattern": "db-clean"},
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="db-clean")
     code, report, _ = run_verify(manifest, scratch / "work")
     assert code == 0, json.dumps(report, indent=1)
     assert report["outcome"] == "success"
@@ -85,12 +87,7 @@ def test_clean_debian_cluster_verifies(fs_repo: Repo, scratch: Path) -> None:
 
 
 def test_crash_consistent_copy_recovers(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"tags": {"kind": "crash"}},
-    )
+    manifest = filtered(scratch, fs_repo, tags={"kind": "crash"})
     code, report, _ = run_verify(manifest, scratch / "work")
     assert code == 0, json.dumps(report, indent=1)
     assert report["snapshot_id"] == fs_repo.snapshots["crash"]
@@ -99,12 +96,7 @@ def test_crash_consistent_copy_recovers(fs_repo: Repo, scratch: Path) -> None:
 
 
 def test_poisoned_config_is_repaired(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"hostPattern": "db-poisoned"},
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="db-poisoned")
     code, report, _ = run_verify(manifest, scratch / "work")
     assert code == 0, json.dumps(report, indent=1)
     fixes = report["health_details"]["fixes"]
@@ -127,12 +119,7 @@ def test_poisoned_config_is_repaired(fs_repo: Repo, scratch: Path) -> None:
 
 
 def test_missing_pg_wal_is_recreated_and_reset(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"hostPattern": "db-nowal"},
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="db-nowal")
     code, report, _ = run_verify(manifest, scratch / "work")
     assert code == 0, json.dumps(report, indent=1)
     fixes = report["health_details"]["fixes"]
@@ -141,12 +128,7 @@ def test_missing_pg_wal_is_recreated_and_reset(fs_repo: Repo, scratch: Path) -> 
 
 
 def test_not_postgres_fails_verification(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"hostPattern": "files-host"},
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="files-host")
     code, report, _ = run_verify(manifest, scratch / "work")
     assert code == 1
     assert report["outcome"] == "failure"
@@ -157,12 +139,7 @@ def test_not_postgres_fails_verification(fs_repo: Repo, scratch: Path) -> None:
 
 
 def test_system_databases_only(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"hostPattern": "db-empty"},
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="db-empty")
     code, report, _ = run_verify(manifest, scratch / "work")
     assert code == 1
     assert report["reason"] == "NoApplicationDatabase"
@@ -171,9 +148,7 @@ def test_system_databases_only(fs_repo: Repo, scratch: Path) -> None:
 
 
 def test_major_without_binaries(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml", fs_repo.path, fs_repo.password, snapshotFilter={"hostPattern": "db-old"}
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="db-old")
     code, report, _ = run_verify(manifest, scratch / "work")
     assert code == 2
     assert report["reason"] == "PostgresBinariesMissing"
@@ -192,9 +167,7 @@ def test_wrong_password_is_a_configuration_error(fs_repo: Repo, scratch: Path) -
 
 
 def test_no_matching_snapshot(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml", fs_repo.path, fs_repo.password, snapshotFilter={"hostPattern": "nope-*"}
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="nope-*")
     code, report, _ = run_verify(manifest, scratch / "work")
     assert code == 2
     assert report["reason"] == "NoMatchingSnapshots"
@@ -203,12 +176,7 @@ def test_no_matching_snapshot(fs_repo: Repo, scratch: Path) -> None:
 
 
 def test_explicit_snapshot_overrides_the_filter(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"hostPattern": "db-clean"},
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="db-clean")
     code, report, _ = run_verify(
         manifest, scratch / "work", "--snapshot", fs_repo.snapshots["notpg"]
     )
@@ -282,12 +250,7 @@ def test_invalid_yaml_points_at_the_line(scratch: Path) -> None:
 
 
 def test_human_report(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"hostPattern": "db-clean"},
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="db-clean")
     proc = subprocess.run(
         [PGRO, "verify", "-f", str(manifest), "--work-dir", str(scratch)],
         capture_output=True,
@@ -326,12 +289,7 @@ def _interrupt_once(manifest: Path, work: Path, sig: signal.Signals, when: str) 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("when", ["restoring snapshot", "starting PostgreSQL"])
 def test_interrupt_cleans_up(fs_repo: Repo, scratch: Path, sig: signal.Signals, when: str) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"hostPattern": "db-clean"},
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="db-clean")
     work = scratch / "work"
     work.mkdir()
     os.chmod(work, 0o711)
@@ -359,12 +317,7 @@ def test_too_little_disk_is_refused_before_restoring(fs_repo: Repo, scratch: Pat
         ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0711", "tmpfs", str(small)], check=True
     )
     try:
-        manifest = fs_manifest(
-            scratch / "m.yaml",
-            fs_repo.path,
-            fs_repo.password,
-            snapshotFilter={"hostPattern": "db-clean"},
-        )
+        manifest = filtered(scratch, fs_repo, hostPattern="db-clean")
         code, report, _ = run_verify(manifest, small / "work")
     finally:
         subprocess.run(["umount", str(small)], check=True)
@@ -419,12 +372,7 @@ def test_demo_builds_verifies_reuses_and_cleans(scratch: Path) -> None:
 
 
 def test_keep_leaves_the_restored_files_and_no_server(fs_repo: Repo, scratch: Path) -> None:
-    manifest = fs_manifest(
-        scratch / "m.yaml",
-        fs_repo.path,
-        fs_repo.password,
-        snapshotFilter={"hostPattern": "db-clean"},
-    )
+    manifest = filtered(scratch, fs_repo, hostPattern="db-clean")
     work = scratch / "work"
     work.mkdir()
     os.chmod(work, 0o711)
