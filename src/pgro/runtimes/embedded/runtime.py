@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pgro.api.phases import RestorePhase
+from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
@@ -84,12 +85,13 @@ from pgro.runtimes.embedded.manifest import (
 )
 from pgro.runtimes.embedded.notifications import Notifier
 from pgro.runtimes.embedded.observability import Health, Metrics
-from pgro.runtimes.embedded.servers import ServerHandle
+from pgro.runtimes.embedded.servers import ServerHandle, running_postmaster
 from pgro.runtimes.embedded.store import Store
 
 log = logging.getLogger("pgro.run")
 
-# Restores need room for their data plus the server's own growth (WAL, temp files).
+# A restore needs its `storageSize` free (the core already sizes it at 1.1x the snapshot,
+# the reference's PVC sizing, which leaves room for WAL and temp files).
 DISK_HEADROOM = 1.0
 QUEUE_RECONCILE_EVERY = timedelta(seconds=60)
 
@@ -533,8 +535,6 @@ class Runtime:
         os.chmod(rdir, 0o711)
         if worker.read_result(rdir) is not None:
             return
-        from pgro.api.quantity import parse_quantity
-
         needed = int(parse_quantity(str(restore.spec.storage_size)) * DISK_HEADROOM)
         free = shutil.disk_usage(rdir).free
         if needed > free:
@@ -634,8 +634,6 @@ class Runtime:
             # Possibly left running by an earlier pgro run: adopt it only to stop it.
             result = worker.read_result(self._restore_dir(restore))
             if result is not None and result.pgdata:
-                from pgro.runtimes.embedded.servers import running_postmaster
-
                 found = running_postmaster(Path(result.pgdata))
                 if found is not None:
                     os.kill(found.pid, signal.SIGINT)
@@ -686,6 +684,7 @@ class Runtime:
             for key, handle in list(self.servers.items()):
                 log.info("stopping PostgreSQL of %s", key)
                 handle.stop()
+                _remove_outside(handle.socket_dir, self.state_dir)
             for state in self.endpoints.values():
                 state.endpoint.stop()
         self.notifier.shutdown()
