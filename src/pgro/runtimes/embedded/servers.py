@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -97,6 +98,11 @@ class ServerHandle:
         if found is not None:
             # Reach it where it listens: its socket directory may differ from the one this
             # handle would have chosen (a fresh one in /tmp when the path is too long).
+            if found.socket_dir != self.socket_dir and self.socket_dir.name.startswith(
+                "pgro-sock-"
+            ):
+                # The fresh /tmp directory chosen for a start that is not needed after all.
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
             self.adopted_pid, self.port, self.socket_dir = found.pid, found.port, found.socket_dir
             # It served before pgro restarted; its roles were provisioned then.
             self.provisioned = found.status == "ready"
