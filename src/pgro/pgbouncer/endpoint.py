@@ -53,6 +53,7 @@ from pgro.pgbouncer.errors import (
 )
 from pgro.postgres.account import RunAccount
 from pgro.postgres.server import MAX_SOCKET_PATH, Endpoint, make_conninfo
+from pgro.processes import process_args, read_pid
 
 log = logging.getLogger(__name__)
 
@@ -97,32 +98,12 @@ def _invoking_user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def _read_pid(pidfile: Path) -> int | None:
-    try:
-        text = pidfile.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def _process_args(pid: int) -> list[str] | None:
-    """A live (not zombie) process's argv, or None."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    if stat.rpartition(")")[2].split()[:1] == ["Z"]:
-        return None
-    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
-
-
 def pgbouncer_pids(ini: Path) -> list[int]:
     """Every live process running PgBouncer on this configuration file."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            args = _process_args(int(entry.name))
+            args = process_args(int(entry.name))
             if args and str(ini) in args[1:]:
                 pids.append(int(entry.name))
     return sorted(pids)
@@ -216,9 +197,9 @@ class StableEndpoint:
         """The running PgBouncer's pid: started by this object or adopted from the pidfile."""
         if self._proc is not None and self._proc.poll() is not None:
             self._proc = None  # reaped
-        pid = _read_pid(self.files.pidfile)
+        pid = read_pid(self.files.pidfile)
         if pid is not None:
-            args = _process_args(pid)
+            args = process_args(pid)
             if args and str(self.files.ini) in args[1:]:
                 return pid
         if self._proc is not None:
@@ -308,7 +289,7 @@ class StableEndpoint:
             if self._proc is not None and self._proc.pid == pid:
                 if self._proc.poll() is not None:
                     return True
-            elif _process_args(pid) is None:
+            elif process_args(pid) is None:
                 return True
             if time.monotonic() > deadline:
                 return False
@@ -483,7 +464,7 @@ class StableEndpoint:
                 self._proc = None
                 tail = _tail(self.files.log, 20, offset)
                 raise self._startup_error(f"exited with code {rc} during startup", tail)
-            if _read_pid(self.files.pidfile) == proc.pid:
+            if read_pid(self.files.pidfile) == proc.pid:
                 with contextlib.suppress(psycopg.Error):
                     self._admin("SHOW VERSION")
                     break

@@ -75,6 +75,7 @@ from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.postgres.binaries import find_binaries
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
 from pgro.postgres.users import RoleCredentials, provision_users
+from pgro.processes import process_args, read_pid, stop_postmaster_pid
 from pgro.runtimes.embedded import restore_worker as worker
 from pgro.runtimes.embedded.credentials import CredentialStore
 from pgro.runtimes.embedded.manifest import (
@@ -315,7 +316,7 @@ class Runtime:
                 return RestoreWork.running()
             tail = _tail(rdir / worker.LOG)
             return RestoreWork.failed(f"the restore process exited with code {rc}: {tail}")
-        pid = _read_pid(rdir / worker.PIDFILE)
+        pid = read_pid(rdir / worker.PIDFILE)
         if pid is not None and _is_worker(pid):
             return RestoreWork.running()  # started by a pgro run that was killed
         return RestoreWork.not_started()
@@ -626,7 +627,7 @@ class Runtime:
         if w is not None and w.process.poll() is None:
             w.process.terminate()
             w.process.wait(30)
-        pid = _read_pid(self._restore_dir(restore) / worker.PIDFILE)
+        pid = read_pid(self._restore_dir(restore) / worker.PIDFILE)
         if pid is not None and _is_worker(pid):
             os.kill(pid, signal.SIGTERM)
         handle = self.servers.pop(rkey, None)
@@ -636,8 +637,7 @@ class Runtime:
             if result is not None and result.pgdata:
                 found = running_postmaster(Path(result.pgdata))
                 if found is not None:
-                    os.kill(found.pid, signal.SIGINT)
-                    _wait_gone(found.pid, 60)
+                    stop_postmaster_pid(found.pid)
                     _remove_outside(found.socket_dir, self._restore_dir(restore))
         else:
             handle.stop()
@@ -706,32 +706,12 @@ def _tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def _is_worker(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"pgro.runtimes.embedded.restore_worker" in cmdline
+    args = process_args(pid)
+    return args is not None and "pgro.runtimes.embedded.restore_worker" in args
 
 
 def _remove_outside(socket_dir: Path, restore_dir: Path) -> None:
     """Remove a socket directory pgro made in /tmp for a too-long path (see socket_dir_for)."""
     if not socket_dir.is_relative_to(restore_dir) and socket_dir.name.startswith("pgro-sock-"):
         shutil.rmtree(socket_dir, ignore_errors=True)
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)

@@ -7,11 +7,7 @@ pgro never starts a second server on the same data directory.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +16,10 @@ from pgro.core.observations import Server, ServerState
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.server import Endpoint, PostgresServer
+from pgro.processes import is_alive, stop_postmaster_pid
 
 # A server that keeps dying is a failed restore, not something to restart forever.
 MAX_RESTARTS = 3
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -55,7 +42,7 @@ def running_postmaster(pgdata: Path) -> Postmaster | None:
         )
     except (OSError, ValueError, IndexError):
         return None
-    return found if _pid_alive(found.pid) else None
+    return found if is_alive(found.pid) else None
 
 
 @dataclass
@@ -112,7 +99,7 @@ class ServerHandle:
     def alive(self) -> bool:
         if self.child is not None:
             return self.child.running()
-        return self.adopted_pid is not None and _pid_alive(self.adopted_pid)
+        return self.adopted_pid is not None and is_alive(self.adopted_pid)
 
     def _ready(self) -> bool:
         found = running_postmaster(self.pgdata)
@@ -148,13 +135,5 @@ class ServerHandle:
             self.child.stop(timeout)
             self.child = None
         elif self.adopted_pid is not None:
-            pid = self.adopted_pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGINT)  # fast shutdown
-            deadline = time.monotonic() + timeout
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGQUIT)
+            stop_postmaster_pid(self.adopted_pid, timeout)
             self.adopted_pid = None
