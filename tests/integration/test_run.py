@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import pytest
@@ -130,27 +130,21 @@ class Running:
         return self.proc.wait(120)
 
 
+class StartRun(Protocol):
+    def __call__(self, manifest: Path, *args: str, state: Path | None = None) -> Running: ...
+
+
 @pytest.fixture
-def start_run(scratch: Path) -> Iterator[Callable[[Path], Running]]:
+def start_run(scratch: Path) -> Iterator[StartRun]:
     started: list[Running] = []
 
-    def start(manifest: Path) -> Running:
-        state = scratch / "state"
+    def start(manifest: Path, *args: str, state: Path | None = None) -> Running:
+        state = state or scratch / "state"
         metrics = free_port()
         log = scratch / f"run-{len(started)}.log"
+        command = [PGRO, "run", "-f", str(manifest), "--state-dir", str(state), "--tick", "0.3"]
         proc = subprocess.Popen(
-            [
-                PGRO,
-                "run",
-                "-f",
-                str(manifest),
-                "--state-dir",
-                str(state),
-                "--tick",
-                "0.3",
-                "--metrics-addr",
-                f"127.0.0.1:{metrics}",
-            ],
+            [*command, "--metrics-addr", f"127.0.0.1:{metrics}", *args],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
@@ -219,7 +213,7 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 def test_analytics_replica_switches_over_to_a_newer_snapshot(
     backups: Backups,
     scratch: Path,
-    start_run: Callable[[Path], Running],
+    start_run: StartRun,
     webhook: tuple[str, list[dict[str, Any]]],
 ) -> None:
     first = backups.snapshot("old")
@@ -282,7 +276,7 @@ def test_analytics_replica_switches_over_to_a_newer_snapshot(
 
 
 def test_ephemeral_replica_verifies_once_per_snapshot(
-    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+    backups: Backups, scratch: Path, start_run: StartRun
 ) -> None:
     backups.snapshot("v1")
     manifest = write_manifest(
@@ -340,7 +334,7 @@ def postmasters_under(path: Path) -> list[int]:
 
 
 def test_kill_9_during_restore_and_after_verification_converges(
-    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+    backups: Backups, scratch: Path, start_run: StartRun
 ) -> None:
     backups.snapshot("only")
     manifest = write_manifest(
@@ -386,7 +380,7 @@ def test_kill_9_during_restore_and_after_verification_converges(
 
 
 def test_bad_input_keeps_the_process_and_other_replicas_running(
-    fs_repo: Any, backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+    fs_repo: Any, backups: Backups, scratch: Path, start_run: StartRun
 ) -> None:
     backups.snapshot("good")
     repo = {"filesystemPath": str(backups.path), "repositoryPassword": PASSWORD}
@@ -451,7 +445,7 @@ def store_phases(state: Path) -> dict[str, str]:
 
 
 def test_kill_9_during_switchover_converges(
-    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+    backups: Backups, scratch: Path, start_run: StartRun
 ) -> None:
     backups.snapshot("old")
     manifest = manifest_for(
@@ -491,30 +485,12 @@ def test_kill_9_during_switchover_converges(
 
 
 def test_keep_serving_leaves_the_endpoint_up_and_the_next_run_adopts_it(
-    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+    backups: Backups, scratch: Path, start_run: StartRun
 ) -> None:
     backups.snapshot("kept")
     manifest = manifest_for(scratch / "m.yaml", backups)
-    state = scratch / "state"
-    metrics = free_port()
-    proc = subprocess.Popen(
-        [
-            PGRO,
-            "run",
-            "-f",
-            str(manifest),
-            "--state-dir",
-            str(state),
-            "--tick",
-            "0.3",
-            "--keep-serving",
-            "--metrics-addr",
-            f"127.0.0.1:{metrics}",
-        ],
-        stdout=(scratch / "keep.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    run = Running(proc, state, metrics, scratch / "keep.log")
+    run = start_run(manifest, "--keep-serving")
+    state = run.state
     run.wait_for("serving", lambda: run.replica("orders")["status"].get("phase") == "Ready")
     entry = run.replica("orders")
     assert run.stop() == 0
@@ -537,7 +513,7 @@ def test_keep_serving_leaves_the_endpoint_up_and_the_next_run_adopts_it(
 
 
 def test_manifest_changes_are_picked_up_and_bad_edits_do_not_disturb(
-    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+    backups: Backups, scratch: Path, start_run: StartRun
 ) -> None:
     backups.snapshot("m")
     secret = secret_doc(
@@ -568,7 +544,7 @@ def test_manifest_changes_are_picked_up_and_bad_edits_do_not_disturb(
 
 
 def test_a_restore_that_does_not_fit_on_the_disk_fails_clearly(
-    backups: Backups, scratch: Path, start_run: Callable[[Path], Running]
+    backups: Backups, scratch: Path, start_run: StartRun
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
@@ -580,25 +556,7 @@ def test_a_restore_that_does_not_fit_on_the_disk_fails_clearly(
     )
     try:
         manifest = manifest_for(scratch / "m.yaml", backups)
-        state = small / "state"
-        metrics = free_port()
-        proc = subprocess.Popen(
-            [
-                PGRO,
-                "run",
-                "-f",
-                str(manifest),
-                "--state-dir",
-                str(state),
-                "--tick",
-                "0.3",
-                "--metrics-addr",
-                f"127.0.0.1:{metrics}",
-            ],
-            stdout=(scratch / "small.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        run = Running(proc, state, metrics, scratch / "small.log")
+        run = start_run(manifest, state=small / "state")
         try:
             run.wait_for(
                 "the restore to fail",
