@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
@@ -64,6 +64,17 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+_M = TypeVar("_M", PostgresPhysicalReplica, PostgresPhysicalRestore)
+
+
+def _load(model: type[_M], body: str, status: str) -> _M:
+    """An object from its stored body and status columns."""
+    doc = json.loads(body)
+    if st := json.loads(status):
+        doc["status"] = st
+    return model.model_validate(doc)
 
 
 def _now() -> str:
@@ -139,21 +150,11 @@ class Store:
 
     def replica(self, key: str) -> PostgresPhysicalReplica | None:
         row = self._db.execute("SELECT body, status FROM replicas WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            return None
-        doc = json.loads(row[0])
-        status = json.loads(row[1])
-        if status:
-            doc["status"] = status
-        return PostgresPhysicalReplica.model_validate(doc)
+        return None if row is None else _load(PostgresPhysicalReplica, *row)
 
     def replicas(self) -> list[PostgresPhysicalReplica]:
-        out = []
-        for key in self.replica_keys():
-            replica = self.replica(key)
-            if replica is not None:
-                out.append(replica)
-        return out
+        rows = self._db.execute("SELECT body, status FROM replicas ORDER BY key").fetchall()
+        return [_load(PostgresPhysicalReplica, *row) for row in rows]
 
     def delete_replica(self, key: str) -> None:
         with self._tx() as db:
@@ -194,24 +195,11 @@ class Store:
                 "SELECT body, status FROM restores WHERE replica_key = ? ORDER BY key",
                 (replica_key,),
             ).fetchall()
-        out = []
-        for body, status in rows:
-            doc = json.loads(body)
-            st = json.loads(status)
-            if st:
-                doc["status"] = st
-            out.append(PostgresPhysicalRestore.model_validate(doc))
-        return out
+        return [_load(PostgresPhysicalRestore, *row) for row in rows]
 
     def restore(self, key: str) -> PostgresPhysicalRestore | None:
         row = self._db.execute("SELECT body, status FROM restores WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            return None
-        doc = json.loads(row[0])
-        st = json.loads(row[1])
-        if st:
-            doc["status"] = st
-        return PostgresPhysicalRestore.model_validate(doc)
+        return None if row is None else _load(PostgresPhysicalRestore, *row)
 
     def patch_restore_status(self, key: str, patch: Mapping[str, Any]) -> None:
         with self._tx() as db:
