@@ -24,6 +24,7 @@ from typing import Any
 from pgro.api.phases import RestorePhase
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.merge_patch import merge_patch as apply_merge_patch
 from pgro.core.observations import (
     ReplicaObservation,
     RestoreObservation,
@@ -75,16 +76,8 @@ def snapshot(
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
+    """RFC 7386, on a private copy of the patch: the world keeps documents in memory."""
+    return apply_merge_patch(target, copy.deepcopy(patch))
 
 
 def replica_doc(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:

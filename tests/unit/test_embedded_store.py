@@ -7,7 +7,8 @@ from typing import Any
 
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
-from pgro.runtimes.embedded.store import EVENTS_KEPT_PER_REPLICA, Store, merge_patch
+from pgro.core.merge_patch import merge_patch
+from pgro.runtimes.embedded.store import EVENTS_KEPT_PER_REPLICA, Store
 
 
 def replica(schedule: str = "H 3 * * *", **spec: Any) -> PostgresPhysicalReplica:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.merge_patch import merge_patch
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replicas (
@@ -51,19 +52,6 @@ CREATE TABLE IF NOT EXISTS settings (
 
 # Events are a recent history, not an archive.
 EVENTS_KEPT_PER_REPLICA = 200
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: objects merge recursively, `None` deletes, the rest replaces."""
-    if not isinstance(patch, Mapping):
-        return patch
-    result = dict(target) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 _M = TypeVar("_M", PostgresPhysicalReplica, PostgresPhysicalRestore)
