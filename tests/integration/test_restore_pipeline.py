@@ -191,3 +191,23 @@ def test_readiness_timeout_stops_the_server(
     assert "raise the readiness timeout" in str(err.value)
     assert not server.running()
     assert not (pgdata / "postmaster.pid").exists()  # it was shut down, not abandoned
+
+
+def test_restore_worker_result_never_carries_a_secret(scratch: Path) -> None:
+    from pgro.runtimes.embedded import restore_worker
+
+    secret = "hunter2-in-the-path"
+    result = restore_worker.run(
+        {
+            "restoreDir": str(scratch / "r"),
+            "snapshot": "0123456789abcdef",
+            "credentials": {
+                "filesystemPath": f"/nonexistent/{secret}",
+                "repositoryPassword": secret,
+            },
+        }
+    )
+    assert result.ok is False
+    assert result.reason == "RepositoryNotFound"
+    assert "/nonexistent/***" in result.error
+    assert secret not in result.error

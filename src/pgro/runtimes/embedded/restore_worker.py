@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location
+from pgro.core.secrets import scrub
 from pgro.core.snapshot import Snapshot, SnapshotSource
 from pgro.kopia.errors import KopiaError
 from pgro.kopia.repository import KopiaRepository
@@ -121,9 +122,11 @@ def run(job: dict[str, Any]) -> WorkResult:
                 repo, snapshot, target, account, SilentObserver(), settings=settings
             )
     except (KopiaError, NotPostgres, BinariesMissing) as exc:
-        return WorkResult(ok=False, reason=exc.reason, error=str(exc))
+        return WorkResult(ok=False, reason=exc.reason, error=scrub(str(exc), creds.secret_values()))
     except Exception as exc:
-        return WorkResult(ok=False, reason="UnexpectedError", error=f"{type(exc).__name__}: {exc}")
+        # The result lands in status: whatever the error says, secrets stay out of it.
+        error = scrub(f"{type(exc).__name__}: {exc}", creds.secret_values())
+        return WorkResult(ok=False, reason="UnexpectedError", error=error)
     return WorkResult(
         ok=True,
         postgres_version=restored.data.major,

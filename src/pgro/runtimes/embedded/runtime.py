@@ -69,6 +69,7 @@ from pgro.core.queue import AdmissionQueue
 from pgro.core.replica_decision import decide_replica
 from pgro.core.restore_machine import decide_restore
 from pgro.core.restore_set import is_in_progress
+from pgro.core.secrets import scrub
 from pgro.interrupts import deferred_interrupts
 from pgro.kopia.repository import KopiaRepository
 from pgro.postgres.account import RunAccount, resolve_run_account
@@ -664,7 +665,9 @@ class Runtime:
                     snapshots = repo.list_snapshots()
                 return record_listing_success(snapshots, self.clock())
             except Exception as exc:
-                return record_listing_failure(previous, str(exc), self.clock())
+                # Shown in a condition message: never with a secret in it.
+                error = scrub(str(exc), creds.secret_values())
+                return record_listing_failure(previous, error, self.clock())
 
         rt.listing_job = self.pool.submit(list_now)
 
