@@ -20,8 +20,8 @@ import pytest
 
 from pgro.api.notifications import NotificationStatus
 from pgro.api.replica import PostgresPhysicalReplica
-from pgro.runtimes.embedded.notifications import EVENT, Notifier
-from pgro.runtimes.embedded.observability import Metrics
+from pgro.notifications import EVENT, Notifier
+from pgro.observability import Metrics
 
 DELAYS = (0.0, 0.2, 0.4)
 KEY = "team-a/analytics"

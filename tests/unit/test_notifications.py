@@ -20,7 +20,7 @@ import pytest
 
 from pgro.api.notifications import GraphQLNotification, NotificationStatus, WebhookNotification
 from pgro.api.replica import ConnectionInfo, PostgresPhysicalReplica
-from pgro.runtimes.embedded.notifications import (
+from pgro.notifications import (
     EVENT,
     NotificationError,
     Notifier,
@@ -33,7 +33,7 @@ from pgro.runtimes.embedded.notifications import (
     safe_url,
     webhook_payload,
 )
-from pgro.runtimes.embedded.observability import Metrics
+from pgro.observability import Metrics
 
 NAMESPACE = "team-a"
 PASSWORD = "Pw-0123456789abcdefXYZ"

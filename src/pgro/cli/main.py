@@ -234,8 +234,17 @@ def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None
 
 
 def main() -> None:
+    from pgro.cli.crds import crds_command
+    from pgro.cli.operator import operator, restore_job
     from pgro.cli.run import run, status
 
     cli.add_command(run)
     cli.add_command(status)
+    cli.add_command(operator)
+    cli.add_command(restore_job)
+    cli.add_command(crds_command)
     cli()
+
+
+if __name__ == "__main__":
+    main()

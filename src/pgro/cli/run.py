@@ -98,8 +98,8 @@ def run(
     replica answers on one stable address (PgBouncer) that moves to the new restore at
     switchover, and state survives restarts. Logs are JSON lines on stderr.
     """
+    from pgro.observability import serve
     from pgro.pgbouncer.endpoint import StableEndpoint
-    from pgro.runtimes.embedded.observability import serve
     from pgro.runtimes.embedded.runtime import RunOptions, Runtime
 
     handler = logging.StreamHandler(sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 # Where distributions install each major side by side. `PGRO_POSTGRES_BINDIRS` (a
 # colon-separated list of patterns with `{major}`) is searched first.
@@ -20,6 +21,15 @@ class BinariesMissing(Exception):
     reason = "PostgresBinariesMissing"
 
 
+class ServerInstall(Protocol):
+    """The PostgreSQL that will run a data directory: its major and its libraries."""
+
+    @property
+    def major(self) -> str: ...
+
+    def has_library(self, name: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class PostgresBinaries:
     major: str
@@ -31,6 +41,9 @@ class PostgresBinaries:
     @property
     def libdir(self) -> Path:
         return self.bindir.parent / "lib"
+
+    def has_library(self, name: str) -> bool:
+        return (self.libdir / f"{name}.so").exists()
 
 
 def bindir_patterns() -> list[str]:

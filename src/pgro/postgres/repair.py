@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgro.postgres.account import RunAccount, hand_over
-from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.binaries import ServerInstall
 from pgro.postgres.config import MINIMAL_CONFIG, meaningful_lines, rewrite_config
 
 # The reference's four keys first; pgro's additional repairs after.
@@ -99,13 +99,17 @@ def _include_allowed(pgdata: Path, target: str) -> bool:
 def prepare_data_directory(
     restore_root: Path,
     pgdata: Path,
-    binaries: PostgresBinaries,
+    binaries: ServerInstall,
     account: RunAccount,
     *,
     settings: Mapping[str, str] | None = None,
     hba: str = DEFAULT_HBA,
 ) -> Repairs:
-    """Make `pgdata` (inside `restore_root`) startable by `account`. Idempotent."""
+    """Make `pgdata` (inside `restore_root`) startable by `account`. Idempotent.
+
+    `binaries` is the PostgreSQL that will serve the data: the local install, or the
+    server image a Kubernetes Deployment will run (which this process cannot execute).
+    """
     repairs = Repairs()
 
     pid = pgdata / "postmaster.pid"
@@ -157,7 +161,7 @@ def prepare_data_directory(
     rewrite = rewrite_config(
         conf.read_text(errors="replace"),
         dict(settings if settings is not None else default_settings()),
-        library_exists=lambda lib: (binaries.libdir / f"{lib}.so").exists(),
+        library_exists=binaries.has_library,
         include_allowed=lambda target: _include_allowed(pgdata, target),
     )
     conf.write_text(rewrite.text)

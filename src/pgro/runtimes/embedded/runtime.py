@@ -72,6 +72,8 @@ from pgro.core.restore_set import is_in_progress
 from pgro.core.secrets import scrub
 from pgro.interrupts import deferred_interrupts
 from pgro.kopia.repository import KopiaRepository
+from pgro.notifications import Notifier
+from pgro.observability import Health, Metrics
 from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.postgres.binaries import find_binaries
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
@@ -85,8 +87,6 @@ from pgro.runtimes.embedded.manifest import (
     kopia_credentials,
     load_manifests,
 )
-from pgro.runtimes.embedded.notifications import Notifier
-from pgro.runtimes.embedded.observability import Health, Metrics
 from pgro.runtimes.embedded.servers import ServerHandle, running_postmaster
 from pgro.runtimes.embedded.store import Store
 

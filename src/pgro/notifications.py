@@ -63,7 +63,7 @@ from pgro.api.notifications import (
 from pgro.api.replica import ConnectionInfo, PostgresPhysicalReplica
 from pgro.api.secret import SecretInvalid, decode_secret_data
 from pgro.api.timestamp import format_rfc3339
-from pgro.runtimes.embedded.observability import Metrics
+from pgro.observability import Metrics
 
 log = logging.getLogger("pgro.notifications")
 

@@ -1,0 +1,1 @@
+"""The Kubernetes runtime: operator controllers and the objects they create."""

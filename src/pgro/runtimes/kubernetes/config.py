@@ -1,0 +1,245 @@
+"""Operator-wide configuration: the `postgres-restore-operator-config` ConfigMap, the
+operator's environment, and the placement defaults stamped onto every pod it builds.
+
+Parsing is forgiving like the reference's (replica-lifecycle.md §4.1-4.2): a bad value
+falls back to its default and yields a warning naming it, never an error, so a typo in the
+ConfigMap cannot stop the operator.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+CONFIG_MAP_NAME: Final = "postgres-restore-operator-config"
+
+DEFAULT_MAX_CONCURRENT_RESTORES: Final = 2
+DEFAULT_READY_TIMEOUT_SECS: Final = 1800
+DEFAULT_OPERATOR_NAMESPACE: Final = "postgres-restore-operator"
+DEFAULT_METRICS_ADDR: Final = "[::]:8080"
+IMAGE_REPOSITORY: Final = "ghcr.io/beyondessential/pgro"
+
+TOLERATION_EFFECTS: Final = frozenset({"NoSchedule", "PreferNoSchedule", "NoExecute"})
+
+_ADDR: Final = re.compile(r"(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^\[\]:]+)):(?P<port>\d{1,5})")
+
+
+@dataclass(frozen=True)
+class Toleration:
+    key: str
+    operator: Literal["Equal", "Exists"]
+    effect: str
+    value: str | None = None
+
+    def to_wire(self) -> dict[str, str]:
+        wire = {"key": self.key, "operator": self.operator}
+        if self.operator == "Equal":
+            wire["value"] = self.value or ""
+        wire["effect"] = self.effect
+        return wire
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Operator-wide scheduling defaults (reference restore-pipeline.md §8.6)."""
+
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.node_selector or self.pod_annotations or self.tolerations)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    max_concurrent_restores: int
+    # The ConfigMap key is still `kopiaImage` for compatibility, but pgro's restore Job
+    # runs pgro itself (which drives kopia), so the default is the pgro image.
+    restore_image: str
+    use_port_forward: bool = False
+    placement: Placement = field(default_factory=Placement)
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator reads from its environment once, at startup."""
+
+    ready_timeout_floor_secs: int
+    namespace: str
+    metrics_host: str
+    metrics_port: int
+    pgro_image: str
+
+
+def with_placement(pod_template: Mapping[str, Any], placement: Placement) -> dict[str, Any]:
+    """A copy of `pod_template` ({metadata, spec}) with the operator-wide placement added.
+
+    Keys already on the template win: a replica's own `podAnnotations` or a deliberate
+    node selector is never overwritten. Tolerations are appended unless an identical one
+    is already there. An empty placement returns an identical copy.
+    """
+    template = copy.deepcopy(dict(pod_template))
+    if placement.is_empty:
+        return template
+    if placement.pod_annotations:
+        meta = template.setdefault("metadata", {})
+        meta["annotations"] = {**placement.pod_annotations, **(meta.get("annotations") or {})}
+    spec = template.setdefault("spec", {})
+    if placement.node_selector:
+        spec["nodeSelector"] = {**placement.node_selector, **(spec.get("nodeSelector") or {})}
+    if placement.tolerations:
+        tolerations = list(spec.get("tolerations") or [])
+        for toleration in placement.tolerations:
+            wire = toleration.to_wire()
+            if wire not in tolerations:
+                tolerations.append(wire)
+        spec["tolerations"] = tolerations
+    return template
+
+
+def _items(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def parse_pairs(raw: str, what: str, warnings: list[str]) -> dict[str, str]:
+    """`k=v,k=v`; only the first `=` splits, so a value may contain `=`."""
+    pairs: dict[str, str] = {}
+    for item in _items(raw):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            warnings.append(f"{what}: skipping malformed entry {item!r} (expected key=value)")
+            continue
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def parse_tolerations(raw: str, warnings: list[str]) -> tuple[Toleration, ...]:
+    """`key=value:Effect` (operator Equal) or `key:Effect` (Exists), comma-separated."""
+    parsed: list[Toleration] = []
+    for item in _items(raw):
+        head, sep, effect = item.rpartition(":")
+        effect = effect.strip()
+        key, eq, value = head.partition("=")
+        key = key.strip()
+        if not sep or not key or effect not in TOLERATION_EFFECTS:
+            warnings.append(
+                f"tolerations: skipping malformed entry {item!r} (expected key=value:Effect or "
+                f"key:Effect, Effect one of {', '.join(sorted(TOLERATION_EFFECTS))})"
+            )
+            continue
+        toleration = (
+            Toleration(key=key, operator="Equal", value=value.strip(), effect=effect)
+            if eq
+            else Toleration(key=key, operator="Exists", effect=effect)
+        )
+        if toleration not in parsed:
+            parsed.append(toleration)
+    return tuple(parsed)
+
+
+def _positive_int(raw: str | None, name: str, default: int, warnings: list[str]) -> int:
+    if raw is None or not raw.strip():
+        return default
+    text = raw.strip()
+    # Zero is refused too: no restore could ever start, which is never what was meant.
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    warnings.append(f"{name}: invalid value {raw!r} (expected a positive integer); using {default}")
+    return default
+
+
+def parse_operator_config(
+    data: Mapping[str, str] | None, *, default_image: str
+) -> tuple[OperatorConfig, list[str]]:
+    """The config from the ConfigMap's `data` (None when it does not exist), and warnings
+    for every value that was ignored."""
+    data = data or {}
+    warnings: list[str] = []
+    max_restores = _positive_int(
+        data.get("maxConcurrentRestores"),
+        "maxConcurrentRestores",
+        DEFAULT_MAX_CONCURRENT_RESTORES,
+        warnings,
+    )
+    image = (data.get("kopiaImage") or "").strip() or default_image
+    placement = Placement(
+        node_selector=parse_pairs(data.get("nodeSelector") or "", "nodeSelector", warnings),
+        pod_annotations=parse_pairs(data.get("podAnnotations") or "", "podAnnotations", warnings),
+        tolerations=parse_tolerations(data.get("tolerations") or "", warnings),
+    )
+    config = OperatorConfig(
+        max_concurrent_restores=max_restores,
+        restore_image=image,
+        use_port_forward=data.get("usePortForward") == "true",
+        placement=placement,
+    )
+    return config, warnings
+
+
+def pgro_version() -> str:
+    try:
+        return importlib.metadata.version("pgro")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
+def default_pgro_image() -> str:
+    return f"{IMAGE_REPOSITORY}:{pgro_version()}"
+
+
+def parse_listen_addr(raw: str) -> tuple[str, int] | None:
+    """`[::]:8080` → ("::", 8080); `0.0.0.0:9090` → ("0.0.0.0", 9090); None if malformed."""
+    match = _ADDR.fullmatch(raw.strip())
+    if match is None:
+        return None
+    port = int(match["port"])
+    if port > 65535:
+        return None
+    return match["v6"] or match["host"], port
+
+
+def parse_operator_settings(
+    env: Mapping[str, str], *, serviceaccount_namespace: str | None = None
+) -> tuple[OperatorSettings, list[str]]:
+    """Settings from the environment (`os.environ`); `serviceaccount_namespace` is the
+    content of the pod's service-account namespace file, if it could be read."""
+    warnings: list[str] = []
+    raw_timeout = env.get("DEPLOYMENT_READY_TIMEOUT_SECS")
+    timeout = DEFAULT_READY_TIMEOUT_SECS
+    if raw_timeout is not None:
+        if raw_timeout.strip().isdigit():
+            timeout = int(raw_timeout.strip())
+        else:
+            warnings.append(
+                f"DEPLOYMENT_READY_TIMEOUT_SECS: invalid value {raw_timeout!r} (expected whole "
+                f"seconds); using {DEFAULT_READY_TIMEOUT_SECS}"
+            )
+    namespace = (
+        (env.get("OPERATOR_NAMESPACE") or "").strip()
+        or (serviceaccount_namespace or "").strip()
+        or DEFAULT_OPERATOR_NAMESPACE
+    )
+    raw_addr = env.get("METRICS_ADDR") or DEFAULT_METRICS_ADDR
+    addr = parse_listen_addr(raw_addr)
+    if addr is None:
+        warnings.append(
+            f"METRICS_ADDR: invalid value {raw_addr!r} (expected host:port, e.g. "
+            f"{DEFAULT_METRICS_ADDR}); using {DEFAULT_METRICS_ADDR}"
+        )
+        addr = parse_listen_addr(DEFAULT_METRICS_ADDR)
+        assert addr is not None
+    image = (env.get("PGRO_IMAGE") or "").strip() or default_pgro_image()
+    settings = OperatorSettings(
+        ready_timeout_floor_secs=timeout,
+        namespace=namespace,
+        metrics_host=addr[0],
+        metrics_port=addr[1],
+        pgro_image=image,
+    )
+    return settings, warnings

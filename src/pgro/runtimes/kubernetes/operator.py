@@ -1,0 +1,1033 @@
+"""`pgro operator`: the reconciler core applied to a Kubernetes cluster.
+
+Watches (replicas, restores, and the Jobs, Deployments and Pods they own, label-selected)
+feed caches and a keyed work queue; workers take one key at a time (never the same key on
+two workers), observe from the caches, decide with `pgro.core` (pure, shared with
+`pgro run`) and apply the plan step by step with the ordering contract of
+`pgro.core.plan`. A periodic resync re-queues everything, so a missed event only delays.
+Leadership is held on a Lease: a standby instance watches nothing and decides nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from pgro.api.names import (
+    LABEL_READY_FOR_TRAFFIC,
+    LABEL_REPLICA,
+    LABEL_RESTORE,
+    REPLICA_KIND,
+    RESTORE_KIND,
+    extra_user_secret_name,
+    kopia_cache_pvc_name,
+    replica_creds_secret_name,
+    restore_job_name,
+)
+from pgro.api.notifications import SecretHeaderValue
+from pgro.api.phases import RestorePhase
+from pgro.api.quantity import parse_quantity
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.secret import (
+    KopiaCredentials,
+    SecretInvalid,
+    decode_secret_data,
+    parse_kopia_secret,
+)
+from pgro.core.observations import (
+    ReplicaObservation,
+    RestoreObservation,
+    RestoreWork,
+    SecretCheck,
+    Server,
+    ServerState,
+    VersionDetection,
+    WorkState,
+)
+from pgro.core.plan import (
+    CleanupRestoreWork,
+    CreateRestore,
+    DeleteRestore,
+    DetectPostgresVersion,
+    EmitEvent,
+    EnsureReplicaResources,
+    EnsureServer,
+    ListSnapshots,
+    MarkReadyForTraffic,
+    PatchReplicaStatus,
+    PatchRestoreStatus,
+    PointServiceAt,
+    PrepareRestoreStorage,
+    RunSwitchoverStep,
+    SendNotifications,
+    StartRestoreWork,
+    Step,
+    SwitchoverStep,
+)
+from pgro.core.queue import AdmissionQueue
+from pgro.core.replica_decision import decide_replica
+from pgro.core.restore_machine import decide_restore
+from pgro.core.restore_set import is_in_progress
+from pgro.core.secrets import scrub
+from pgro.core.settings import ReconcilerSettings
+from pgro.notifications import Notifier
+from pgro.observability import Health, Metrics
+from pgro.postgres.server import make_conninfo
+from pgro.postgres.users import RoleCredentials, generate_password, provision_users
+from pgro.runtimes.kubernetes import workloads
+from pgro.runtimes.kubernetes.config import parse_operator_config
+from pgro.runtimes.kubernetes.crds import crd_documents
+from pgro.runtimes.kubernetes.informer import Informer
+from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.runtimes.kubernetes.leader import LeaderElector
+from pgro.runtimes.kubernetes.listing import ListingCache
+from pgro.runtimes.kubernetes.restore_job import parse_message
+from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
+from pgro.runtimes.kubernetes.workqueue import WorkQueue
+
+log = logging.getLogger("pgro.operator")
+
+CONFIGMAP_NAME: Final = "postgres-restore-operator-config"
+EVENT_REPORTER: Final = "postgres-restore-operator"
+QUEUE_RECONCILE_EVERY: Final = 60.0
+# How long a restore's pod may take to answer SQL once its Deployment is Ready.
+PROVISION_CONNECT_TIMEOUT_S: Final = 10
+
+# (controller, namespace, name): "replica" or "restore".
+WorkKey = tuple[str, str, str]
+
+
+class StepFailed(Exception):
+    pass
+
+
+@dataclass
+class OperatorOptions:
+    namespace: str
+    identity: str
+    default_image: str
+    install_crds: bool = True
+    leader_election: bool = True
+    workers: int = 2
+    resync_s: float = 60.0
+    settings: ReconcilerSettings = field(default_factory=ReconcilerSettings)
+    state_dir: Path | None = None
+    lease_duration_s: float = 15.0
+    renew_every_s: float = 5.0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _micro(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def _true_conditions(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    conditions = obj.get("status", {}).get("conditions") or []
+    return {c["type"]: c for c in conditions if c.get("status") == "True"}
+
+
+def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    labels: Mapping[str, str] = obj.get("metadata", {}).get("labels") or {}
+    return labels
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    return pod.get("status", {}).get("phase") == "Running" and "Ready" in _true_conditions(pod)
+
+
+def _termination_message(pod: Mapping[str, Any]) -> str:
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated and terminated.get("message"):
+            return str(terminated["message"])
+    return ""
+
+
+class Operator:
+    def __init__(
+        self,
+        api: KubeApi,
+        options: OperatorOptions,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
+    ) -> None:
+        self.api = api
+        self.options = options
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.health = health or Health()
+        self.config, _ = parse_operator_config(None, default_image=options.default_image)
+        self.queue: WorkQueue[WorkKey] = WorkQueue()
+        self.random = random.Random()  # noqa: S311 - schedule jitter, not secrets
+        self.admission = AdmissionQueue(limit=self.config.max_concurrent_restores)
+        self._decide_lock = threading.Lock()
+        self.listing = ListingCache(
+            lambda key: self.queue.add(("replica", *key)),
+            clock,
+            state_dir=options.state_dir,
+        )
+        self.notifier = Notifier(self.metrics, clock=clock)
+        self._notifying: set[tuple[str, str]] = set()
+        self._ensured: dict[str, tuple[Any, ...]] = {}
+        self._applied: dict[str, str] = {}
+        self._provisioned: dict[str, str] = {}
+        self._provisioning: set[str] = set()
+        self._provision_lock = threading.Lock()
+        self._bad_spec_seen: set[tuple[str, str]] = set()
+        self._completed_seen: set[str] = set()
+        self._stop = threading.Event()
+        self.replicas = Informer(api, REPLICA_KIND, self._on_replica)
+        self.restores = Informer(api, RESTORE_KIND, self._on_restore)
+        self.jobs = Informer(api, "Job", self._on_owned, labels={LABEL_RESTORE: None})
+        self.deployments = Informer(api, "Deployment", self._on_owned, labels={LABEL_RESTORE: None})
+        self.pods = Informer(api, "Pod", self._on_owned, labels={LABEL_RESTORE: None})
+        self.configmap = Informer(
+            api,
+            "ConfigMap",
+            self._on_config,
+            namespace=options.namespace,
+            fields={"metadata.name": CONFIGMAP_NAME},
+        )
+        self.elector = LeaderElector(
+            api,
+            options.namespace,
+            options.identity,
+            lease_duration=options.lease_duration_s,
+            renew_every=options.renew_every_s,
+        )
+
+    # -- lifecycle --------------------------------------------------------------------
+    def install_crds(self) -> None:
+        for crd in crd_documents():
+            self.api.apply(crd)
+        log.info("CustomResourceDefinitions applied")
+
+    def run(self, stop: threading.Event) -> int:
+        """Run until `stop`; returns the process exit code (1 if leadership was lost)."""
+        self._stop = stop
+        if self.options.install_crds:
+            self.install_crds()
+        self.configmap.start()
+        heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        heartbeat.start()
+        elector_thread = None
+        if self.options.leader_election:
+            elector_thread = threading.Thread(
+                target=self.elector.run, args=(stop,), name="leader", daemon=True
+            )
+            elector_thread.start()
+            # A standby is healthy: it serves metrics and waits to take over.
+            self.health.set_ready(True)
+            log.info(
+                "waiting for leadership (lease %s/%s)", self.options.namespace, self.elector.name
+            )
+            while not stop.is_set() and not self.elector.is_leader.wait(0.5):
+                pass
+            if stop.is_set():
+                self._shutdown([])
+                return 0
+        return self._lead(stop)
+
+    def _lead(self, stop: threading.Event) -> int:
+        informers = [self.replicas, self.restores, self.jobs, self.deployments, self.pods]
+        for informer in informers:
+            informer.start()
+        for informer in informers:
+            while not informer.synced.wait(0.5):
+                if stop.is_set() or self.elector.lost.is_set():
+                    self._shutdown(informers)
+                    return 1 if self.elector.lost.is_set() else 0
+        self._rebuild_admission()
+        self.health.set_ready(True)
+        log.info(
+            "leading: %d replicas, %d restores",
+            len(self.replicas.items()),
+            len(self.restores.items()),
+        )
+        workers = [
+            threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True)
+            for i in range(max(1, self.options.workers))
+        ]
+        for w in workers:
+            w.start()
+        self._enqueue_all()
+        last_resync = last_queue = time.monotonic()
+        while not stop.is_set() and not self.elector.lost.is_set():
+            stop.wait(1.0)
+            now = time.monotonic()
+            if now - last_resync >= self.options.resync_s:
+                self._enqueue_all()
+                last_resync = now
+            if now - last_queue >= QUEUE_RECONCILE_EVERY:
+                self._reconcile_admission()
+                last_queue = now
+            for key in list(self._notifying):
+                if not self.notifier.running(f"{key[0]}/{key[1]}"):
+                    self._notifying.discard(key)
+                    self.queue.add(("replica", *key))
+        self.queue.close()
+        for w in workers:
+            w.join(timeout=30)
+        self._shutdown(informers)
+        return 1 if self.elector.lost.is_set() else 0
+
+    def _shutdown(self, informers: Sequence[Informer]) -> None:
+        self.health.set_ready(False)
+        for informer in (*informers, self.configmap):
+            informer.stop()
+        if self.options.leader_election:
+            self.elector.release()
+        self.notifier.shutdown()
+        self.listing.shutdown()
+        log.info("operator stopped")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.is_set():
+            self.health.beat()
+            self._stop.wait(5.0)
+
+    # -- events from the caches -------------------------------------------------------
+    def _on_replica(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata", {})
+        self.queue.add(("replica", meta.get("namespace", ""), meta.get("name", "")))
+
+    def _on_restore(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata", {})
+        ns = meta.get("namespace", "")
+        self.queue.add(("restore", ns, meta.get("name", "")))
+        replica = (obj.get("spec", {}).get("replica") or {}).get("name")
+        if replica:
+            self.queue.add(("replica", ns, replica))
+
+    def _on_owned(self, obj: dict[str, Any]) -> None:
+        ns = obj.get("metadata", {}).get("namespace", "")
+        labels = _labels(obj)
+        if labels.get(LABEL_RESTORE):
+            self.queue.add(("restore", ns, labels[LABEL_RESTORE]))
+        if labels.get(LABEL_REPLICA):
+            self.queue.add(("replica", ns, labels[LABEL_REPLICA]))
+
+    def _on_config(self, obj: dict[str, Any]) -> None:
+        current = self.configmap.get(self.options.namespace, CONFIGMAP_NAME)
+        data = current.get("data") if current is not None else None
+        config, warnings = parse_operator_config(data, default_image=self.options.default_image)
+        for warning in warnings:
+            log.warning("ConfigMap %s: %s", CONFIGMAP_NAME, warning)
+        if current is None:
+            log.warning("ConfigMap %s is gone: operator defaults apply", CONFIGMAP_NAME)
+        self.config = config
+        with self._decide_lock:
+            self.admission = self.admission.with_limit(config.max_concurrent_restores)
+
+    def _enqueue_all(self) -> None:
+        for obj in self.replicas.items():
+            self._on_replica(obj)
+        for obj in self.restores.items():
+            meta = obj.get("metadata", {})
+            self.queue.add(("restore", meta.get("namespace", ""), meta.get("name", "")))
+
+    # -- the admission queue ----------------------------------------------------------
+    def _restore_models(self, raws: Iterable[Mapping[str, Any]]) -> list[PostgresPhysicalRestore]:
+        out = []
+        for raw in raws:
+            try:
+                out.append(PostgresPhysicalRestore.model_validate(raw))
+            except ValidationError as exc:
+                meta = raw.get("metadata", {})
+                log.warning(
+                    "restore %s/%s does not validate: %s",
+                    meta.get("namespace"),
+                    meta.get("name"),
+                    exc.errors()[0].get("msg"),
+                )
+        return out
+
+    def _in_progress(self) -> dict[str, str]:
+        return {
+            f"{r.namespace}/{r.replica_name}": r.name
+            for r in self._restore_models(self.restores.items())
+            if is_in_progress(r)
+        }
+
+    def _rebuild_admission(self) -> None:
+        positions = {}
+        for raw in self.replicas.items():
+            meta = raw.get("metadata", {})
+            pos = (raw.get("status") or {}).get("queuePosition") or 0
+            positions[f"{meta.get('namespace')}/{meta.get('name')}"] = int(pos)
+        with self._decide_lock:
+            self.admission = AdmissionQueue.rebuild(
+                self.config.max_concurrent_restores, self._in_progress(), positions, self.clock()
+            )
+
+    def _reconcile_admission(self) -> None:
+        in_progress = self._in_progress()
+        with self._decide_lock:
+            self.admission = self.admission.reconcile(in_progress, self.clock())
+            self.metrics.queue_depth.set(len(self.admission.waiting))
+            self.metrics.active_count.set(len(self.admission.slots))
+
+    # -- workers ----------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            key = self.queue.get()
+            if key is None:
+                return
+            started = time.monotonic()
+            controller, ns, name = key
+            try:
+                self.metrics.reconciliations.labels(controller).inc()
+                if controller == "replica":
+                    self.reconcile_replica(ns, name)
+                else:
+                    self.reconcile_restore(ns, name)
+            except Exception:
+                self.metrics.reconciliation_errors.labels(controller).inc()
+                log.exception("reconciling %s %s/%s failed", controller, ns, name)
+                self.queue.add(key, delay=30.0)
+            finally:
+                self.metrics.reconciliation_duration.observe(time.monotonic() - started)
+                self.queue.done(key)
+
+    def _requeue(self, key: WorkKey, after: timedelta | None, wake: Iterable[str]) -> None:
+        for replica_key in wake:
+            ns, _, name = replica_key.partition("/")
+            self.queue.add(("replica", ns, name))
+        if after is not None:
+            self.queue.add(key, delay=max(1.0, after.total_seconds()))
+
+    # -- replicas ---------------------------------------------------------------------
+    def _parse_replica(self, raw: Mapping[str, Any]) -> PostgresPhysicalReplica | None:
+        try:
+            return PostgresPhysicalReplica.model_validate(raw)
+        except ValidationError as exc:
+            meta = raw.get("metadata", {})
+            seen = (meta.get("uid", ""), str(meta.get("generation")))
+            problem = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3]
+            )
+            if seen not in self._bad_spec_seen:
+                self._bad_spec_seen.add(seen)
+                log.error(
+                    "replica %s/%s is invalid: %s", meta.get("namespace"), meta.get("name"), problem
+                )
+                self._event_raw(
+                    raw, "Warning", "InvalidSpec", f"The replica is invalid: {problem}", None
+                )
+            return None
+
+    def kopia_credentials(self, replica: PostgresPhysicalReplica) -> KopiaCredentials:
+        """The replica's kopia Secret, validated. SecretInvalid/LookupError say why not."""
+        ref = replica.spec.kopia_secret_ref
+        if ref is None:
+            raise SecretInvalid("the replica has no kopiaSecretRef")
+        secret = self.api.get("Secret", replica.namespace, ref.name)
+        if secret is None:
+            raise LookupError(f"Secret {replica.namespace}/{ref.name} not found")
+        return parse_kopia_secret(decode_secret_data(secret))
+
+    def _secret_check(
+        self, replica: PostgresPhysicalReplica
+    ) -> tuple[SecretCheck | None, KopiaCredentials | None]:
+        if replica.spec.canopy_source is not None or replica.spec.kopia_secret_ref is None:
+            return None, None
+        try:
+            creds = self.kopia_credentials(replica)
+        except LookupError as exc:
+            return SecretCheck.not_found(str(exc).strip("'\"")), None
+        except SecretInvalid as exc:
+            return SecretCheck.invalid(str(exc)), None
+        return SecretCheck.valid(), creds
+
+    def reconcile_replica(self, ns: str, name: str) -> None:
+        raw = self.replicas.get(ns, name)
+        key = (ns, name)
+        if raw is None:
+            self.listing.forget(key)
+            self.notifier.cancel(f"{ns}/{name}")
+            return
+        replica = self._parse_replica(raw)
+        if replica is None:
+            return
+        statuses = self.notifier.take_status(replica.key)
+        if statuses:
+            raw = self.api.merge_patch(
+                REPLICA_KIND,
+                ns,
+                name,
+                {"status": {"notifications": [s.to_wire() for s in statuses]}},
+                status=True,
+            )
+            replica = PostgresPhysicalReplica.model_validate(raw)
+        restores = self._restore_models(
+            r
+            for r in self.restores.items()
+            if r.get("metadata", {}).get("namespace") == ns
+            and (r.get("spec", {}).get("replica") or {}).get("name") == name
+        )
+        secret, creds = self._secret_check(replica)
+        listing = self.listing.listing_for(key, creds) if creds is not None else None
+        obs = ReplicaObservation(replica=replica, restores=restores, secret=secret, listing=listing)
+        with self._decide_lock:
+            plan = decide_replica(
+                obs, self.admission, self.clock(), self.random.random, self.options.settings
+            )
+            self.admission = plan.queue
+        self._apply(plan.steps, replica, None, creds)
+        self._requeue(("replica", ns, name), plan.requeue_after, plan.wake)
+
+    # -- restores ---------------------------------------------------------------------
+    def _work(self, restore: PostgresPhysicalRestore) -> RestoreWork:
+        job_name = restore_job_name(restore.name)
+        job = self.jobs.get(restore.namespace, job_name)
+        if job is None:
+            return RestoreWork.not_started()
+        conditions = _true_conditions(job)
+        pods = self.pods.select(restore.namespace, **{"job-name": job_name})
+        pods.sort(key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")
+        if "Complete" in conditions:
+            message = next(
+                (
+                    _termination_message(p)
+                    for p in reversed(pods)
+                    if p.get("status", {}).get("phase") == "Succeeded"
+                ),
+                "",
+            )
+            version, _ = parse_message(message)
+            completed = _parse_time(job.get("status", {}).get("completionTime"))
+            return RestoreWork(
+                WorkState.SUCCEEDED,
+                name=job_name,
+                postgres_version=version,
+                completed_at=completed,
+            )
+        if "Failed" in conditions:
+            messages = [_termination_message(p) for p in pods]
+            reason = next((parse_message(m)[1] for m in reversed(messages) if m), "")
+            if not reason:
+                cond = conditions["Failed"]
+                reason = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
+            return RestoreWork(WorkState.FAILED, name=job_name, reason=reason)
+        return RestoreWork(WorkState.RUNNING, name=job_name)
+
+    def _ready_pod(self, restore: PostgresPhysicalRestore) -> dict[str, Any] | None:
+        pods = [
+            p
+            for p in self.pods.select(restore.namespace, **{LABEL_RESTORE: restore.name})
+            if "job-name" not in _labels(p) and _pod_ready(p) and p.get("status", {}).get("podIP")
+        ]
+        return pods[0] if pods else None
+
+    def _server(self, restore: PostgresPhysicalRestore) -> Server:
+        deployment = self.deployments.get(restore.namespace, restore.name)
+        if deployment is None or (deployment.get("status", {}).get("readyReplicas") or 0) < 1:
+            return Server(ServerState.NOT_READY)
+        pod = self._ready_pod(restore)
+        if pod is None:
+            return Server(ServerState.NOT_READY)
+        uid = restore.metadata.uid or restore.name
+        if self._provisioned.get(uid) == pod["metadata"]["uid"]:
+            return Server(ServerState.READY)
+        return Server(ServerState.NOT_READY, "provisioning users")
+
+    def reconcile_restore(self, ns: str, name: str) -> None:
+        raw = self.restores.get(ns, name)
+        if raw is None:
+            return
+        models = self._restore_models([raw])
+        if not models:
+            return
+        restore = models[0]
+        replica_raw = self.replicas.get(ns, restore.replica_name)
+        replica = self._parse_replica(replica_raw) if replica_raw is not None else None
+        work = self._work(restore)
+        if work.state is WorkState.SUCCEEDED and (restore.metadata.uid or "") not in (
+            self._completed_seen
+        ):
+            self._completed_seen.add(restore.metadata.uid or "")
+            if restore.effective_phase in (RestorePhase.PENDING, RestorePhase.RESTORING):
+                self.metrics.completed.inc()
+        detection = None
+        if work.state is WorkState.SUCCEEDED:
+            detection = VersionDetection(WorkState.SUCCEEDED, work.postgres_version)
+        elif restore.effective_phase is RestorePhase.READY and not restore.status.postgres_version:
+            detection = VersionDetection(
+                WorkState.FAILED,
+                reason="the restore Job finished without reporting the PostgreSQL version",
+            )
+        obs = RestoreObservation(
+            restore=restore,
+            replica=replica,
+            work=work,
+            server=self._server(restore),
+            version_detection=detection,
+        )
+        with self._decide_lock:
+            plan = decide_restore(
+                obs,
+                self.admission,
+                self.clock(),
+                lambda: str(uuid.uuid4()),
+                self.options.settings,
+            )
+            self.admission = plan.queue
+        if replica is not None:
+            self._apply(plan.steps, replica, restore, None)
+        self._requeue(("restore", ns, name), plan.requeue_after, plan.wake)
+
+    # -- applying plans ---------------------------------------------------------------
+    def _apply(
+        self,
+        steps: Sequence[Step],
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore | None,
+        creds: KopiaCredentials | None,
+    ) -> None:
+        for step in steps:
+            try:
+                self._apply_step(step, replica, restore, creds)
+            except Exception as exc:
+                detail = scrub(str(exc), creds.secret_values() if creds else [])
+                if step.best_effort:
+                    log.warning(
+                        "%s for %s failed (best effort): %s",
+                        type(step).__name__,
+                        replica.key,
+                        detail,
+                    )
+                    continue
+                self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
+                log.error(
+                    "%s for %s failed; the rest of the plan waits for the next pass: %s",
+                    type(step).__name__,
+                    replica.key,
+                    detail,
+                )
+                return
+
+    def _apply_step(
+        self,
+        step: Step,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore | None,
+        creds: KopiaCredentials | None,
+    ) -> None:
+        ns = replica.namespace
+        match step:
+            case PatchReplicaStatus(patch=patch):
+                if patch:
+                    self.api.merge_patch(
+                        REPLICA_KIND, ns, replica.name, {"status": dict(patch)}, status=True
+                    )
+            case PatchRestoreStatus(restore=name, patch=patch):
+                if patch:
+                    self.api.merge_patch(
+                        RESTORE_KIND, ns, name, {"status": dict(patch)}, status=True
+                    )
+                    if patch.get("phase") == RestorePhase.FAILED and (
+                        restore is None or restore.effective_phase is not RestorePhase.FAILED
+                    ):
+                        self.metrics.failed.inc()
+            case EmitEvent(type=type_, reason=reason, note=note, related=related):
+                self._event(replica, str(type_), reason, note, related)
+            case EnsureReplicaResources(
+                analytics_username=analytics,
+                extra_usernames=extras,
+                service_annotations=annotations,
+            ):
+                self._ensure_resources(replica, analytics, extras, annotations)
+            case ListSnapshots():
+                if creds is None:
+                    raise StepFailed("no usable kopia Secret to list snapshots with")
+                self.listing.request((ns, replica.name), creds)
+            case CreateRestore(restore=new):
+                self.api.create(new.to_wire())
+                self.metrics.started.inc()
+                log.info("restore %s/%s created (snapshot %s)", ns, new.name, new.spec.snapshot)
+            case DeleteRestore(restore=name, pods_first=pods_first):
+                if pods_first:
+                    for pod in self.pods.select(ns, **{LABEL_RESTORE: name}):
+                        self.api.delete("Pod", ns, pod["metadata"]["name"])
+                if self.api.delete(RESTORE_KIND, ns, name):
+                    log.info("restore %s/%s deleted", ns, name)
+            case PointServiceAt(restore=name):
+                self._point_service_at(replica, name)
+            case PrepareRestoreStorage():
+                assert restore is not None
+                self._prepare_storage(replica, restore)
+            case StartRestoreWork():
+                assert restore is not None
+                self._start_work(replica, restore)
+            case CleanupRestoreWork():
+                assert restore is not None
+                self.api.delete("Job", ns, restore_job_name(restore.name))
+            case DetectPostgresVersion():
+                pass  # the restore Job's termination message carries it (see _work)
+            case EnsureServer():
+                assert restore is not None
+                self._ensure_server(replica, restore)
+            case MarkReadyForTraffic(restore=name):
+                self._label_ready(ns, name)
+            case RunSwitchoverStep(kind=kind):
+                self._unsupported_switchover_step(replica, kind)
+            case SendNotifications(restore=name):
+                self._send_notifications(replica, name)
+            case _:
+                # Canopy reports and outgoing marks are not part of the operator yet;
+                # the decisions never wait on them (they are best effort).
+                log.debug("%s: %s is not handled by the operator", replica.key, type(step).__name__)
+
+    # -- step helpers -----------------------------------------------------------------
+    def _event(
+        self,
+        replica: PostgresPhysicalReplica,
+        type_: str,
+        reason: str,
+        note: str,
+        related: str | None,
+    ) -> None:
+        self._event_raw(replica.to_wire(), type_, reason, note, related)
+
+    def _event_raw(
+        self,
+        regarding: Mapping[str, Any],
+        type_: str,
+        reason: str,
+        note: str,
+        related: str | None,
+    ) -> None:
+        meta = regarding.get("metadata", {})
+        ns = meta.get("namespace", "default")
+        ref = {
+            "apiVersion": regarding.get("apiVersion"),
+            "kind": regarding.get("kind"),
+            "name": meta.get("name"),
+            "namespace": ns,
+            "uid": meta.get("uid"),
+        }
+        event: dict[str, Any] = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}", "namespace": ns},
+            "eventTime": _micro(self.clock()),
+            "reportingController": EVENT_REPORTER,
+            "reportingInstance": self.options.identity,
+            "action": "Restore",
+            "reason": reason,
+            "note": note[:1024],
+            "type": type_,
+            "regarding": {k: v for k, v in ref.items() if v},
+        }
+        if related:
+            event["related"] = {
+                "apiVersion": regarding.get("apiVersion"),
+                "kind": RESTORE_KIND,
+                "name": related,
+                "namespace": ns,
+            }
+        try:
+            self.api.create(event)
+        except Exception as exc:
+            log.warning("event %s for %s/%s not recorded: %s", reason, ns, meta.get("name"), exc)
+
+    def _ensure_resources(
+        self,
+        replica: PostgresPhysicalReplica,
+        analytics: str,
+        extras: Sequence[str],
+        annotations: Mapping[str, str] | None,
+    ) -> None:
+        wanted = (
+            analytics,
+            tuple(extras),
+            tuple(sorted((annotations or {}).items())),
+            annotations is None,
+        )
+        uid = replica.metadata.uid or replica.key
+        if self._ensured.get(uid) == wanted:
+            return
+        ns = replica.namespace
+        created = self.api.create_if_missing(
+            workloads.credentials_secret(replica, generate_password())
+        )
+        if created:
+            log.info("%s: created Secret %s", replica.key, replica_creds_secret_name(replica.name))
+        self.api.create_if_missing(workloads.admin_secret(replica, generate_password()))
+        for username in extras:
+            self.api.create_if_missing(
+                workloads.extra_user_secret(replica, username, generate_password())
+            )
+        service = workloads.stable_service(replica)
+        if not self.api.create_if_missing(service) and annotations is not None:
+            current = self.api.get("Service", ns, replica.name) or {}
+            have = current.get("metadata", {}).get("annotations") or {}
+            missing = {k: v for k, v in annotations.items() if have.get(k) != v}
+            if missing:
+                self.api.merge_patch(
+                    "Service", ns, replica.name, {"metadata": {"annotations": missing}}
+                )
+        self._ensured[uid] = wanted
+
+    def _label_ready(self, ns: str, restore: str) -> int:
+        labelled = 0
+        for pod in self.pods.select(ns, **{LABEL_RESTORE: restore}):
+            if "job-name" in _labels(pod) or pod.get("status", {}).get("phase") != "Running":
+                continue
+            labelled += 1
+            if _labels(pod).get(LABEL_READY_FOR_TRAFFIC) != "true":
+                self.api.merge_patch(
+                    "Pod", ns, pod["metadata"]["name"], workloads.pod_ready_for_traffic_patch()
+                )
+        return labelled
+
+    def _point_service_at(self, replica: PostgresPhysicalReplica, name: str) -> None:
+        ns = replica.namespace
+        if self._label_ready(ns, name) == 0:
+            raise StepFailed(f"restore {name} has no running PostgreSQL pod to switch to")
+        self.api.merge_patch(
+            "Service",
+            ns,
+            replica.name,
+            {"spec": {"selector": workloads.stable_service_selector(name)}},
+        )
+        self.metrics.switchovers.inc()
+        restore = self.restores.get(ns, name)
+        created = _parse_time((restore or {}).get("metadata", {}).get("creationTimestamp"))
+        if created is not None:
+            self.metrics.duration.observe((self.clock() - created).total_seconds())
+        log.info("%s: Service %s now selects restore %s", replica.key, replica.name, name)
+
+    def _prepare_storage(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        self.api.create_if_missing(workloads.data_pvc(replica, restore))
+        cache = workloads.kopia_cache_pvc(replica, restore.spec.snapshot_size)
+        if self.api.create_if_missing(cache):
+            return
+        current = (
+            self.api.get(
+                "PersistentVolumeClaim", replica.namespace, kopia_cache_pvc_name(replica.name)
+            )
+            or {}
+        )
+        requests = current.get("spec", {}).get("resources", {}).get("requests", {})
+        want = cache["spec"]["resources"]["requests"]["storage"]
+        try:
+            grow = parse_quantity(str(want)) > parse_quantity(str(requests.get("storage", "0")))
+        except ValueError:
+            grow = False
+        if grow:
+            try:
+                self.api.merge_patch(
+                    "PersistentVolumeClaim",
+                    replica.namespace,
+                    kopia_cache_pvc_name(replica.name),
+                    {"spec": {"resources": {"requests": {"storage": want}}}},
+                )
+            except Exception as exc:
+                log.warning("%s: the kopia cache volume cannot grow: %s", replica.key, exc)
+
+    def _start_work(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        if replica.spec.canopy_source is not None:
+            raise StepFailed("canopy-sourced replicas are not supported by the operator yet")
+        job = workloads.restore_job(replica, restore, self.config)
+        if self.api.create_if_missing(job):
+            log.info(
+                "restore %s/%s: Job %s started",
+                restore.namespace,
+                restore.name,
+                job["metadata"]["name"],
+            )
+
+    def _ensure_server(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        version = restore.status.postgres_version
+        if not version:
+            raise StepFailed(f"restore {restore.name} has no PostgreSQL version yet")
+        uid = restore.metadata.uid or restore.name
+        deployment = workloads.postgres_deployment(replica, restore, self.config, None, version)
+        service = workloads.restore_service(restore)
+        digest = repr((deployment, service))
+        if self._applied.get(uid) != digest:
+            self.api.apply(deployment)
+            self.api.create_if_missing(service)
+            self._applied[uid] = digest
+        if restore.effective_phase is RestorePhase.READY:
+            self._maybe_provision(replica, restore)
+
+    # -- users ------------------------------------------------------------------------
+    def _secret_value(self, ns: str, name: str, key: str) -> str:
+        secret = self.api.get("Secret", ns, name)
+        if secret is None:
+            raise StepFailed(f"Secret {ns}/{name} not found")
+        data = decode_secret_data(secret)
+        if key not in data:
+            raise StepFailed(f"Secret {ns}/{name} has no key {key}")
+        return data[key].decode()
+
+    def _maybe_provision(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        pod = self._ready_pod(restore)
+        if pod is None:
+            return
+        uid = restore.metadata.uid or restore.name
+        pod_uid = pod["metadata"]["uid"]
+        with self._provision_lock:
+            if self._provisioned.get(uid) == pod_uid or uid in self._provisioning:
+                return
+            self._provisioning.add(uid)
+        thread = threading.Thread(
+            target=self._provision,
+            args=(replica, restore, pod["status"]["podIP"], pod_uid),
+            name=f"provision-{restore.name}",
+            daemon=True,
+        )
+        thread.start()
+
+    def _provision(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        host: str,
+        pod_uid: str,
+    ) -> None:
+        uid = restore.metadata.uid or restore.name
+        ns = replica.namespace
+        passwords: list[str] = []
+        try:
+            admin_password = self._secret_value(
+                ns, workloads.admin_secret_name(replica.name), "password"
+            )
+            passwords.append(admin_password)
+            analytics = RoleCredentials(
+                replica.spec.analytics_username,
+                self._secret_value(ns, replica_creds_secret_name(replica.name), "password"),
+            )
+            passwords.append(analytics.password)
+            extras = []
+            for user in replica.spec.extra_users:
+                password = self._secret_value(
+                    ns, extra_user_secret_name(replica.name, user.name), "password"
+                )
+                passwords.append(password)
+                extras.append((user, RoleCredentials(user.name, password)))
+
+            def conninfo(dbname: str) -> str:
+                return make_conninfo(
+                    host=host,
+                    port="5432",
+                    user=ADMIN_ROLE,
+                    password=admin_password,
+                    dbname=dbname,
+                    connect_timeout=str(PROVISION_CONNECT_TIMEOUT_S),
+                    sslmode="prefer",
+                )
+
+            report = provision_users(
+                conninfo,
+                analytics=analytics,
+                extra_users=extras,
+                read_only=workloads.effective_read_only(replica, restore),
+                other_managed_roles=[ADMIN_ROLE],
+            )
+            with self._provision_lock:
+                self._provisioned[uid] = pod_uid
+            log.info(
+                "restore %s/%s: users provisioned (%s, %d extra)",
+                ns,
+                restore.name,
+                report.analytics.name,
+                len(report.extra_users),
+            )
+        except Exception as exc:
+            log.warning(
+                "restore %s/%s: provisioning users failed, retrying: %s",
+                ns,
+                restore.name,
+                scrub(str(exc), passwords),
+            )
+        finally:
+            with self._provision_lock:
+                self._provisioning.discard(uid)
+            self.queue.add(("restore", ns, restore.name), delay=1.0)
+
+    # -- switchover extras ------------------------------------------------------------
+    def _unsupported_switchover_step(
+        self, replica: PostgresPhysicalReplica, kind: SwitchoverStep
+    ) -> None:
+        message = f"{kind.value} is not supported by the pgro operator yet"
+        field_name = {
+            SwitchoverStep.REDACTION: "redactionPhase",
+            SwitchoverStep.SCHEMA_MIGRATION: "schemaMigrationPhase",
+        }.get(kind)
+        if field_name is not None:
+            self.api.merge_patch(
+                REPLICA_KIND,
+                replica.namespace,
+                replica.name,
+                {"status": {field_name: f"failed: {message}"}},
+                status=True,
+            )
+        self._event(replica, "Warning", "SwitchoverStepUnsupported", message, None)
+
+    def _send_notifications(self, replica: PostgresPhysicalReplica, restore_name: str) -> None:
+        if not replica.spec.notifications:
+            return
+        ns = replica.namespace
+        fresh_raw = self.api.get(REPLICA_KIND, ns, replica.name)
+        restore_raw = self.restores.get(ns, restore_name) or self.api.get(
+            RESTORE_KIND, ns, restore_name
+        )
+        if fresh_raw is None or restore_raw is None:
+            return
+        fresh = PostgresPhysicalReplica.model_validate(fresh_raw)
+        restore = PostgresPhysicalRestore.model_validate(restore_raw)
+        info = fresh.status.connection_info
+        if info is None:
+            log.info("%s: no connectionInfo yet, notifications skipped", replica.key)
+            return
+        secrets: dict[tuple[str, str], Mapping[str, Any]] = {}
+        for target in fresh.spec.notifications:
+            for value in (target.headers or {}).values():
+                if isinstance(value, SecretHeaderValue):
+                    name = value.secret_key_ref.name
+                    doc = self.api.get("Secret", ns, name)
+                    if doc is not None:
+                        secrets[(ns, name)] = doc
+        password = self._secret_value(ns, replica_creds_secret_name(replica.name), "password")
+        self.notifier.notify(
+            replica.key,
+            fresh,
+            restore_name,
+            restore.spec.snapshot,
+            restore.status.postgres_version,
+            info.to_wire(),
+            password,
+            secrets,
+        )
+        self._notifying.add((ns, replica.name))

@@ -1,0 +1,219 @@
+"""`pgro restore-job`: the restore step inside the Kubernetes restore Job's pod.
+
+The same pipeline as `pgro run`'s restore worker (`pgro.pipeline.restore`): kopia restores
+the snapshot onto the data volume, PGDATA is located and repaired, and the major version is
+reported through the container's termination message, which the operator reads from the
+pod. The volume's root gets `pgdata`, a relative symlink to PGDATA (the path every later
+pod uses), and `.postgres-version`, as in the reference.
+
+Everything comes from the environment the operator's Job sets (see
+`pgro.runtimes.kubernetes.workloads.restore_job`): the Secret values by `secretKeyRef`,
+so they never appear in the pod spec. The exit code tells the Job controller whether a
+retry can help: 2 for a failure that will repeat (wrong password, no such snapshot, not a
+PostgreSQL snapshot), which the Job's pod failure policy turns into an immediate failure,
+and 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+
+from pgro.api.secret import SecretInvalid, parse_kopia_secret
+from pgro.core.secrets import scrub
+from pgro.core.snapshot import Snapshot, SnapshotSource
+from pgro.kopia.errors import EndpointUnreachable, KopiaError, RestoreFailed
+from pgro.kopia.repository import KopiaRepository, RestoreProgress
+from pgro.pipeline.events import Observer
+from pgro.postgres.account import RunAccount
+from pgro.postgres.image import OfficialImage
+from pgro.postgres.layout import NotPostgres, locate_data_directory
+from pgro.postgres.repair import default_settings, prepare_data_directory
+
+EXIT_RETRY: Final = 1
+EXIT_PERMANENT: Final = 2
+# Kubernetes keeps at most 4096 bytes of a termination message.
+MESSAGE_LIMIT: Final = 4096
+
+# Secret key each environment variable carries (reference restore-pipeline §2.1), plus
+# pgro's filesystem repositories.
+SECRET_ENV: Final = MappingProxyType(
+    {
+        "KOPIA_BUCKET": "bucket",
+        "KOPIA_REGION": "region",
+        "AWS_ACCESS_KEY_ID": "accessKeyId",
+        "AWS_SECRET_ACCESS_KEY": "secretAccessKey",
+        "KOPIA_PASSWORD": "repositoryPassword",
+        "KOPIA_ENDPOINT": "endpoint",
+        "KOPIA_DISABLE_TLS": "disableTls",
+        "KOPIA_FILESYSTEM_PATH": "filesystemPath",
+    }
+)
+
+# Kubernetes: TCP from anywhere in the cluster with a password; the socket stays inside
+# the pod, where only the server's own uid runs.
+KUBERNETES_HBA: Final = """\
+# Written by pgro for a Kubernetes restore. The socket is private to the pod.
+local   all  all                 trust
+host    all  all  0.0.0.0/0      scram-sha-256
+host    all  all  ::/0           scram-sha-256
+"""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    exit_code: int
+    message: str
+
+
+class _Progress:
+    """Plain lines on stdout, which `kubectl logs` shows (a pipeline Observer)."""
+
+    def __init__(self) -> None:
+        self._last_pct = -10.0
+
+    def step(self, name: str, message: str) -> None:
+        print(f"[{name}] {message}", flush=True)
+
+    def note(self, message: str) -> None:
+        print(f"  {message}", flush=True)
+
+    def restore_progress(self, progress: RestoreProgress) -> None:
+        if not progress.total_bytes:
+            return
+        pct = 100.0 * progress.done_bytes / progress.total_bytes
+        if pct - self._last_pct >= 10.0:
+            self._last_pct = pct
+            print(f"  restored {pct:.0f}% ({progress.done_bytes // 2**20} MiB)", flush=True)
+
+
+def _account() -> RunAccount:
+    # The pod runs as uid 999, which the pgro image has no passwd entry for.
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return RunAccount(name, uid, gid)
+
+
+def _snapshot(env: Mapping[str, str]) -> Snapshot:
+    size = env.get("SNAPSHOT_SIZE", "0")
+    return Snapshot(
+        id=env.get("SNAPSHOT_ID", ""),
+        description="",
+        source=SnapshotSource(host="", user_name="", path=""),
+        tags=MappingProxyType({}),
+        start_time=env.get("SNAPSHOT_TIME", ""),
+        size_bytes=int(size) if size.isdigit() else 0,
+    )
+
+
+def run(env: Mapping[str, str]) -> Outcome:
+    """Restore and prepare; never raises (the outcome is the termination message)."""
+    data = {key: env[var].encode() for var, key in SECRET_ENV.items() if env.get(var)}
+    try:
+        creds = parse_kopia_secret(data)
+    except SecretInvalid as exc:
+        return Outcome(EXIT_PERMANENT, f"error: SecretInvalid: {exc}")
+    secrets = creds.secret_values()
+    snapshot = _snapshot(env)
+    if not snapshot.id:
+        return Outcome(EXIT_PERMANENT, "error: InvalidJob: SNAPSHOT_ID is not set")
+    root = Path(env.get("PGRO_DATA_ROOT", "/pgdata"))
+    kopia_dir = Path(env.get("PGRO_KOPIA_DIR", "/tmp/kopia")) / "restore"  # noqa: S108 - the cache volume
+    target = root / "postgres"
+    observer: Observer = _Progress()
+    try:
+        # A retried pod starts over: kopia cannot resume a partial restore.
+        for leftover in (target, kopia_dir, root / "pgdata", root / ".postgres-version"):
+            if leftover.is_symlink() or leftover.is_file():
+                leftover.unlink()
+            elif leftover.exists():
+                shutil.rmtree(leftover)
+        parallel = env.get("KOPIA_PARALLEL", "")
+        with KopiaRepository(creds, kopia_dir) as repo:
+            observer.step("restore", f"restoring snapshot {snapshot.id} from {repo.description}")
+            repo.restore(
+                snapshot.id,
+                target,
+                parallel=int(parallel) if parallel.isdigit() else None,
+                on_progress=observer.restore_progress,
+            )
+        observer.step("locate", "locating the PostgreSQL data directory")
+        data_dir = locate_data_directory(target)
+        observer.note(f"PGDATA is {data_dir.path.relative_to(root)} (PostgreSQL {data_dir.major})")
+        settings = default_settings()
+        if env.get("PGRO_READ_ONLY") == "true":
+            settings["default_transaction_read_only"] = "on"
+        extra = env.get("PGRO_EXTRA_CONFIG", "")
+        for line in extra.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() and not key.strip().startswith("#"):
+                settings[key.strip()] = value.strip().strip("'")
+        observer.step("repair", "preparing the data directory for postgres:" + data_dir.major)
+        repairs = prepare_data_directory(
+            target,
+            data_dir.path,
+            OfficialImage(data_dir.major),
+            _account(),
+            settings=settings,
+            hba=KUBERNETES_HBA,
+        )
+        for note in repairs.notes:
+            observer.note(note)
+        link = root / "pgdata"
+        link.symlink_to(data_dir.path.relative_to(root))
+        (root / ".postgres-version").write_text(data_dir.major + "\n")
+        fixes = sorted(name for name, done in repairs.fixes.items() if done)
+        (root / ".pgro-restore.json").write_text(
+            json.dumps({"postgresVersion": data_dir.major, "fixes": fixes, "notes": repairs.notes})
+        )
+    except (KopiaError, NotPostgres) as exc:
+        retry = isinstance(exc, EndpointUnreachable | RestoreFailed)
+        reason = getattr(exc, "reason", type(exc).__name__)
+        return Outcome(
+            EXIT_RETRY if retry else EXIT_PERMANENT,
+            f"error: {reason}: {scrub(str(exc), secrets)}",
+        )
+    except Exception as exc:
+        return Outcome(
+            EXIT_RETRY, f"error: UnexpectedError: {scrub(f'{type(exc).__name__}: {exc}', secrets)}"
+        )
+    return Outcome(0, data_dir.major)
+
+
+def parse_message(message: str) -> tuple[str | None, str]:
+    """(postgres version, failure reason) from a restore pod's termination message."""
+    text = message.strip()
+    if text.startswith("error: "):
+        return None, text.removeprefix("error: ")
+    if text and all(part.isdigit() for part in text.split(".")):
+        return text, ""
+    return None, text
+
+
+def main() -> None:
+    outcome = run(os.environ)
+    path = Path(os.environ.get("PGRO_TERMINATION_LOG", "/dev/termination-log"))
+    encoded = outcome.message.encode()[:MESSAGE_LIMIT]
+    try:
+        path.write_bytes(encoded)
+    except OSError as exc:
+        print(f"cannot write the termination message to {path}: {exc}", file=sys.stderr)
+    stream = sys.stdout if outcome.exit_code == 0 else sys.stderr
+    print(
+        outcome.message if outcome.exit_code else f"done: PostgreSQL {outcome.message}", file=stream
+    )
+    sys.exit(outcome.exit_code)
+
+
+__all__ = ["main", "parse_message", "run"]

@@ -1,0 +1,104 @@
+"""Shell scripts run inside the pods the operator builds.
+
+Kept minimal: the restore Job (`pgro restore-job`) already located and repaired PGDATA,
+so the postgres pod's `setup` init container only sets the bootstrap superuser's password,
+which the operator needs to provision users over SQL. Paths come from the environment
+only, so the same script runs unchanged against a local data directory in the tests.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Final
+
+from pgro.postgres.server import WAL_FAILURE_SIGNATURES
+
+ADMIN_ROLE: Final = "postgres"
+FIX_RESET_WAL_FLAG: Final = "fix-reset-wal"
+
+_SETUP_TEMPLATE: Final = r"""set -eu
+# Never `set -x`: PGRO_ADMIN_PASSWORD would be echoed into the pod log.
+
+case "${PGRO_ADMIN_PASSWORD:-}" in
+  '' | *[!A-Za-z0-9]*)
+    echo "setup: PGRO_ADMIN_PASSWORD must be a non-empty string of letters and digits" \
+      "(it is interpolated into SQL); check the Secret it comes from" >&2
+    exit 1
+    ;;
+esac
+
+chmod 0700 "$PGDATA"
+
+# Single-user mode ends a statement at the newline, so the DO block is one line. It makes
+# sure a `__ROLE__` superuser exists even if the source cluster was initialised by
+# another OS user, and sets its password (hashed per password_encryption).
+attributes="SUPERUSER LOGIN PASSWORD '$PGRO_ADMIN_PASSWORD'"
+sql="DO \$pgro\$BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '__ROLE__')"
+sql="$sql THEN ALTER ROLE __ROLE__ WITH $attributes;"
+sql="$sql ELSE CREATE ROLE __ROLE__ WITH $attributes; END IF; END\$pgro\$;"
+
+# Single-user mode exits 0 even when the statement fails, so its output decides.
+# log_min_error_statement=panic keeps the statement (and the password) out of the log.
+set_password() {
+  printf '%s\n' "$sql" \
+    | postgres --single -D "$PGDATA" -c log_min_error_statement=panic __DATABASE__ 2>&1
+}
+
+# awk reads the password from its environment: on sed's command line it would be
+# visible to anything that lists processes.
+redacted() {
+  printf '%s\n' "$1" | awk '{ gsub(ENVIRON["PGRO_ADMIN_PASSWORD"], "[redacted]"); print }'
+}
+
+failed() {
+  printf '%s\n' "$1" | grep -Eq '(ERROR|FATAL|PANIC):'
+}
+
+attempt() {
+  if output=$(set_password); then
+    if failed "$output"; then
+      return 1
+    fi
+    return 0
+  fi
+  return 1
+}
+
+if attempt; then
+  echo "setup: set the __ROLE__ password"
+  exit 0
+fi
+
+if printf '%s\n' "$output" | grep -Fq __SIGNATURES__; then
+  echo "setup: the WAL needed for recovery is missing or torn; running pg_resetwal -f" >&2
+  redacted "$output" >&2
+  # A PANIC in single-user mode leaves its lock file behind, and pg_resetwal refuses to
+  # run while one exists; nothing else uses this data directory while the pod initialises.
+  rm -f "$PGDATA/postmaster.pid"
+  if ! pg_resetwal -f "$PGDATA" >&2; then
+    echo "setup: pg_resetwal failed; the data directory cannot be started" >&2
+    exit 1
+  fi
+  touch "$PGRO_DATA_ROOT/__FLAG__"
+  if attempt; then
+    echo "setup: set the __ROLE__ password after pg_resetwal"
+    exit 0
+  fi
+fi
+
+echo "setup: could not set the __ROLE__ password in single-user mode:" >&2
+redacted "$output" >&2
+exit 1
+"""
+
+
+def setup_script() -> str:
+    """The `setup` init container's script (POSIX sh). Needs `$PGDATA`, `$PGRO_DATA_ROOT`
+    and `$PGRO_ADMIN_PASSWORD`; `postgres` and `pg_resetwal` on `$PATH`."""
+    signatures = " ".join(f"-e {shlex.quote(s)}" for s in WAL_FAILURE_SIGNATURES)
+    return (
+        _SETUP_TEMPLATE.replace("__SIGNATURES__", signatures)
+        .replace("__ROLE__", ADMIN_ROLE)
+        .replace("__DATABASE__", "postgres")
+        .replace("__FLAG__", FIX_RESET_WAL_FLAG)
+    )

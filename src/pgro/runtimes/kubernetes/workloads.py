@@ -1,0 +1,545 @@
+"""The Kubernetes objects the operator creates for a replica and its restores.
+
+Pure builders: api models in, plain JSON-able dicts (the wire form an API server takes)
+out. Names, labels and owners follow the reference (restore-pipeline.md §2-4 and §7,
+replica-lifecycle.md §1.3), so selectors and dashboards written for it keep working.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any, Final
+
+from pgro.api.names import (
+    COMPONENT_EXTRA_USER_CREDS,
+    COMPONENT_KOPIA_CACHE,
+    LABEL_COMPONENT,
+    LABEL_READY_FOR_TRAFFIC,
+    LABEL_REPLICA,
+    LABEL_RESTORE,
+    LABEL_TRUE,
+    POSTGRES_PORT,
+    canopy_creds_secret_name,
+    extra_user_secret_name,
+    kopia_cache_pvc_name,
+    replica_creds_secret_name,
+    restore_data_pvc_name,
+    restore_job_name,
+)
+from pgro.api.quantity import format_quantity, parse_quantity
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.runtimes.kubernetes.config import OperatorConfig, Placement, with_placement
+from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE, setup_script
+from pgro.runtimes.kubernetes.sizing import (
+    kopia_cache_caps,
+    kopia_cache_size,
+    postgres_resources,
+    restore_job_resources,
+    shm_size_mib,
+)
+
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "pgro"
+COMPONENT_ADMIN_CREDS: Final = "admin-creds"
+
+# The postgres uid/gid of the official image, so restored files belong to the server.
+POSTGRES_UID: Final = 999
+
+DATA_MOUNT: Final = "/pgdata"
+# A symlink the restore Job leaves at the volume root, pointing at the located PGDATA.
+PGDATA: Final = "/pgdata/pgdata"
+KOPIA_MOUNT: Final = "/tmp/kopia"  # noqa: S108 - a volume mount point inside the pod
+TERMINATION_LOG: Final = "/dev/termination-log"
+
+RESTORE_CONTAINER: Final = "restore"
+RESTORE_COMMAND: Final = ("pgro", "restore-job")
+# `pgro restore-job` exits 2 for failures a retry cannot fix (wrong password, no such
+# snapshot, not PostgreSQL).
+RESTORE_EXIT_PERMANENT: Final = 2
+RESTORE_BACKOFF_LIMIT: Final = 3
+RESTORE_DEADLINE_S: Final = 7200
+JOB_TTL_S: Final = 120
+KOPIA_PARALLEL: Final = "2"
+
+SETUP_RESOURCES: Final = {
+    "requests": {"cpu": "100m", "memory": "128Mi"},
+    "limits": {"cpu": "500m", "memory": "256Mi"},
+}
+PG_ISREADY: Final = ("pg_isready", "-U", "postgres", "-d", "postgres")
+PROGRESS_DEADLINE_S: Final = 3600
+
+# Environment variable → kopia Secret key (reference §2.1, plus pgro's filesystem
+# repositories). Only the repository password is needed by both kinds of repository;
+# the rest are optional here and `pgro restore-job` says which one is missing.
+KOPIA_SECRET_ENV: Final = (
+    ("KOPIA_BUCKET", "bucket", True),
+    ("KOPIA_REGION", "region", True),
+    ("AWS_ACCESS_KEY_ID", "accessKeyId", True),
+    ("AWS_SECRET_ACCESS_KEY", "secretAccessKey", True),
+    ("KOPIA_PASSWORD", "repositoryPassword", False),
+    ("KOPIA_ENDPOINT", "endpoint", True),
+    ("KOPIA_DISABLE_TLS", "disableTls", True),
+    ("KOPIA_FILESYSTEM_PATH", "filesystemPath", True),
+)
+
+
+def admin_secret_name(replica: str) -> str:
+    return f"{replica}-admin-creds"
+
+
+def postgres_image(postgres_version: str) -> str:
+    return f"postgres:{postgres_version}"
+
+
+def effective_read_only(replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore) -> bool:
+    """Read-only unless a later step must write: persistent schemas, redaction or a
+    migration (reference §4.6)."""
+    spec = replica.spec
+    return (
+        spec.read_only
+        and not spec.persistent_schemas
+        and spec.redaction is None
+        and restore.spec.migrate_to is None
+    )
+
+
+def kopia_secret_name(replica: PostgresPhysicalReplica) -> str:
+    """The Secret the restore Job reads: `kopiaSecretRef`, or on the canopy path the one
+    the canopy syncer writes."""
+    ref = replica.spec.kopia_secret_ref
+    return ref.name if ref is not None else canopy_creds_secret_name(replica.name)
+
+
+def stable_service_selector(restore_name: str) -> dict[str, str]:
+    """The stable Service's selector at switchover. The restore name is the real gate;
+    the ready label stays because a merge patch cannot drop a selector key."""
+    return {LABEL_RESTORE: restore_name, LABEL_READY_FOR_TRAFFIC: LABEL_TRUE}
+
+
+def pod_ready_for_traffic_patch() -> dict[str, Any]:
+    """Merge patch re-stamping the label on a running postgres pod (a replaced pod may
+    lack it)."""
+    return {"metadata": {"labels": {LABEL_READY_FOR_TRAFFIC: LABEL_TRUE}}}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _replica_labels(replica: str) -> dict[str, str]:
+    return {LABEL_REPLICA: replica, LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _restore_labels(restore: PostgresPhysicalRestore) -> dict[str, str]:
+    return {
+        LABEL_REPLICA: restore.replica_name,
+        LABEL_RESTORE: restore.name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def _metadata(
+    name: str,
+    namespace: str,
+    labels: Mapping[str, str],
+    owner: dict[str, Any],
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": dict(labels),
+        "ownerReferences": [owner],
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def _b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()
+
+
+def _secret(metadata: dict[str, Any], username: str, password: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata,
+        "type": "Opaque",
+        "data": {"username": _b64(username), "password": _b64(password)},
+    }
+
+
+def _env(name: str, value: str) -> dict[str, Any]:
+    return {"name": name, "value": value}
+
+
+def _secret_env(name: str, secret: str, key: str, *, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _pvc_volume(name: str, claim: str) -> dict[str, Any]:
+    return {"name": name, "persistentVolumeClaim": {"claimName": claim}}
+
+
+def _pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsUser": POSTGRES_UID,
+        "runAsGroup": POSTGRES_UID,
+        "fsGroup": POSTGRES_UID,
+        # Without it the kubelet re-chowns every file of a multi-terabyte volume on each
+        # pod start; the volume root already has the right group after the first mount.
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _pvc(metadata: dict[str, Any], storage_class: str | None, storage: str | int) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(storage)}},
+    }
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata,
+        "spec": spec,
+    }
+
+
+def _service_ports() -> list[dict[str, Any]]:
+    return [
+        {"name": "postgres", "port": POSTGRES_PORT, "targetPort": POSTGRES_PORT, "protocol": "TCP"}
+    ]
+
+
+def _exec_probe(initial_delay: int, period: int, timeout: int, failures: int) -> dict[str, Any]:
+    return {
+        "exec": {"command": list(PG_ISREADY)},
+        "initialDelaySeconds": initial_delay,
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+# ---------------------------------------------------------------------------- Secrets
+
+
+def credentials_secret(replica: PostgresPhysicalReplica, password: str) -> dict[str, Any]:
+    """`<replica>-creds`: the analytics user's login, created once and never rotated."""
+    return _secret(
+        _metadata(
+            replica_creds_secret_name(replica.name),
+            replica.namespace,
+            _replica_labels(replica.name),
+            replica.owner_reference(),
+        ),
+        replica.spec.analytics_username,
+        password,
+    )
+
+
+def extra_user_secret(
+    replica: PostgresPhysicalReplica, username: str, password: str
+) -> dict[str, Any]:
+    """`<replica>-user-<slug>-creds`; `username` keeps the unslugged role name."""
+    return _secret(
+        _metadata(
+            extra_user_secret_name(replica.name, username),
+            replica.namespace,
+            {**_replica_labels(replica.name), LABEL_COMPONENT: COMPONENT_EXTRA_USER_CREDS},
+            replica.owner_reference(),
+        ),
+        username,
+        password,
+    )
+
+
+def admin_secret(replica: PostgresPhysicalReplica, password: str) -> dict[str, Any]:
+    """`<replica>-admin-creds` (pgro only): the password the `setup` init container gives
+    the `postgres` superuser, so the operator can provision users over SQL."""
+    return _secret(
+        _metadata(
+            admin_secret_name(replica.name),
+            replica.namespace,
+            {**_replica_labels(replica.name), LABEL_COMPONENT: COMPONENT_ADMIN_CREDS},
+            replica.owner_reference(),
+        ),
+        ADMIN_ROLE,
+        password,
+    )
+
+
+# ---------------------------------------------------------------------------- Services
+
+
+def stable_service(replica: PostgresPhysicalReplica) -> dict[str, Any]:
+    """`<replica>`: created without a selector, so it routes nowhere until the first
+    switchover patches in `stable_service_selector`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(
+            replica.name,
+            replica.namespace,
+            _replica_labels(replica.name),
+            replica.owner_reference(),
+            replica.spec.service_annotations,
+        ),
+        "spec": {"type": "ClusterIP", "ports": _service_ports()},
+    }
+
+
+def restore_service(restore: PostgresPhysicalRestore) -> dict[str, Any]:
+    """`<restore>`: this restore's server, whatever the stable Service points at."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(
+            restore.name, restore.namespace, _restore_labels(restore), restore.owner_reference()
+        ),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {LABEL_RESTORE: restore.name},
+            "ports": _service_ports(),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- volumes
+
+
+def data_pvc(replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore) -> dict[str, Any]:
+    """`<restore>-data`, sized when the restore was created (`spec.storageSize`)."""
+    return _pvc(
+        _metadata(
+            restore_data_pvc_name(restore.name),
+            restore.namespace,
+            _restore_labels(restore),
+            restore.owner_reference(),
+        ),
+        replica.spec.storage_class,
+        restore.spec.storage_size,
+    )
+
+
+def kopia_cache_pvc(replica: PostgresPhysicalReplica, snapshot_size: str | int) -> dict[str, Any]:
+    """`<replica>-kopia-cache`, owned by the replica so it outlives each restore."""
+    return _pvc(
+        _metadata(
+            kopia_cache_pvc_name(replica.name),
+            replica.namespace,
+            {**_replica_labels(replica.name), LABEL_COMPONENT: COMPONENT_KOPIA_CACHE},
+            replica.owner_reference(),
+        ),
+        replica.spec.storage_class,
+        format_quantity(kopia_cache_size(snapshot_size)),
+    )
+
+
+# ---------------------------------------------------------------------------- restore Job
+
+
+def _restore_env(
+    replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+) -> list[dict[str, Any]]:
+    caps = kopia_cache_caps(restore.spec.snapshot_size)
+    env = [
+        _env("SNAPSHOT_ID", restore.spec.snapshot),
+        _env("SNAPSHOT_SIZE", str(parse_quantity(restore.spec.snapshot_size))),
+        _env("SNAPSHOT_TIME", restore.spec.snapshot_time or ""),
+        _env("PGRO_DATA_ROOT", DATA_MOUNT),
+        _env("PGRO_KOPIA_DIR", KOPIA_MOUNT),
+        _env("PGRO_READ_ONLY", "true" if effective_read_only(replica, restore) else "false"),
+        _env("PGRO_TERMINATION_LOG", TERMINATION_LOG),
+        _env("KOPIA_CONTENT_CACHE_MB", str(caps.content_mb)),
+        _env("KOPIA_METADATA_CACHE_MB", str(caps.metadata_mb)),
+        # Kopia otherwise sizes its worker pool from the node's CPUs, not the CPU limit.
+        _env("KOPIA_PARALLEL", KOPIA_PARALLEL),
+    ]
+    if replica.spec.postgres_extra_config:
+        # Written into postgresql.conf by the restore Job, after the source's settings.
+        env.append(_env("PGRO_EXTRA_CONFIG", replica.spec.postgres_extra_config))
+    secret = kopia_secret_name(replica)
+    env.extend(
+        _secret_env(var, secret, key, optional=optional) for var, key, optional in KOPIA_SECRET_ENV
+    )
+    return env
+
+
+def restore_job(
+    replica: PostgresPhysicalReplica,
+    restore: PostgresPhysicalRestore,
+    config: OperatorConfig,
+    placement: Placement | None = None,
+) -> dict[str, Any]:
+    """`<restore>-restore`: runs `pgro restore-job`, which restores the snapshot onto the
+    data volume, prepares PGDATA and reports the major version as its termination
+    message. `placement` defaults to the config's."""
+    labels = _restore_labels(restore)
+    container = {
+        "name": RESTORE_CONTAINER,
+        "image": config.restore_image,
+        "command": list(RESTORE_COMMAND),
+        "env": _restore_env(replica, restore),
+        "resources": restore_job_resources(restore.spec.snapshot_size),
+        "volumeMounts": [
+            {"name": "pgdata", "mountPath": DATA_MOUNT},
+            {"name": "kopia-cache", "mountPath": KOPIA_MOUNT},
+        ],
+        "securityContext": _container_security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+    }
+    template = {
+        "metadata": {"labels": dict(labels)},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 30,
+            "securityContext": _pod_security_context(),
+            "containers": [container],
+            "volumes": [
+                _pvc_volume("pgdata", restore_data_pvc_name(restore.name)),
+                _pvc_volume("kopia-cache", kopia_cache_pvc_name(replica.name)),
+            ],
+        },
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(
+            restore_job_name(restore.name), restore.namespace, labels, restore.owner_reference()
+        ),
+        "spec": {
+            "backoffLimit": RESTORE_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": RESTORE_DEADLINE_S,
+            "ttlSecondsAfterFinished": JOB_TTL_S,
+            "podFailurePolicy": {
+                "rules": [
+                    # A failure that will repeat fails the Job at once, not after 3 retries.
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": RESTORE_CONTAINER,
+                            "operator": "In",
+                            "values": [RESTORE_EXIT_PERMANENT],
+                        },
+                    },
+                    # An evicted or preempted pod is not the restore's fault.
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            "template": with_placement(template, placement or config.placement),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- Deployment
+
+
+def postgres_deployment(
+    replica: PostgresPhysicalReplica,
+    restore: PostgresPhysicalRestore,
+    config: OperatorConfig,
+    placement: Placement | None,
+    postgres_version: str,
+) -> dict[str, Any]:
+    """`<restore>`: the restored server, `postgres:<version>` on the data volume.
+
+    The restore Job already repaired PGDATA, so the only init step is `setup`, which sets
+    the superuser password (and resets WAL if recovery cannot start). `placement`
+    defaults to the config's.
+    """
+    spec = replica.spec
+    image = postgres_image(postgres_version)
+    resources = postgres_resources(spec, restore.spec.snapshot_size)
+    shm_mib, shared_buffers_mb = shm_size_mib(resources, spec.shm_size_floor)
+    setup = {
+        "name": "setup",
+        "image": image,
+        "command": ["/bin/sh", "-c", setup_script()],
+        "env": [
+            _env("PGDATA", PGDATA),
+            _env("PGRO_DATA_ROOT", DATA_MOUNT),
+            _secret_env("PGRO_ADMIN_PASSWORD", admin_secret_name(replica.name), "password"),
+        ],
+        "resources": {k: dict(v) for k, v in SETUP_RESOURCES.items()},
+        # No /dev/shm here: single-user mode needs little, and the memory-backed volume
+        # would count against this container's small limit.
+        "volumeMounts": [{"name": "pgdata", "mountPath": DATA_MOUNT}],
+        "securityContext": _container_security_context(),
+    }
+    postgres: dict[str, Any] = {
+        "name": "postgres",
+        "image": image,
+        "command": ["postgres"],
+        "args": [
+            "-D",
+            PGDATA,
+            "-c",
+            "listen_addresses=*",
+            "-c",
+            f"port={POSTGRES_PORT}",
+            "-c",
+            f"shared_buffers={shared_buffers_mb}MB",
+        ],
+        "env": [_env("PGDATA", PGDATA)],
+        "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP"}],
+        "volumeMounts": [
+            {"name": "pgdata", "mountPath": DATA_MOUNT},
+            {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108,
+        ],
+        "readinessProbe": _exec_probe(5, 5, 3, 6),
+        "livenessProbe": _exec_probe(30, 10, 3, 3),
+        "securityContext": _container_security_context(),
+    }
+    if resources is not None:
+        postgres["resources"] = resources
+    pod_spec: dict[str, Any] = {"securityContext": _pod_security_context()}
+    if spec.affinity:
+        pod_spec["affinity"] = dict(spec.affinity)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    pod_spec |= {
+        "initContainers": [setup],
+        "containers": [postgres],
+        "volumes": [
+            _pvc_volume("pgdata", restore_data_pvc_name(restore.name)),
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_mib}Mi"}},
+        ],
+    }
+    pod_meta: dict[str, Any] = {
+        "labels": {**_restore_labels(restore), LABEL_READY_FOR_TRAFFIC: LABEL_TRUE}
+    }
+    if spec.pod_annotations:
+        pod_meta["annotations"] = dict(spec.pod_annotations)
+    template = with_placement(
+        {"metadata": pod_meta, "spec": pod_spec}, placement or config.placement
+    )
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(
+            restore.name, restore.namespace, _restore_labels(restore), restore.owner_reference()
+        ),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {LABEL_RESTORE: restore.name}},
+            # The data volume is ReadWriteOnce: the old pod must be gone first.
+            "strategy": {"type": "Recreate"},
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
+            "template": template,
+        },
+    }
