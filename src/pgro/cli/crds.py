@@ -25,8 +25,9 @@ def crds_command(output: Path | None) -> None:
     \b
         pgro crds | kubectl apply --server-side -f -
 
-    `pgro operator` applies them itself at startup unless started with
-    --no-install-crds.
+    \b
+    `pgro operator` applies them itself at startup
+    unless started with --no-install-crds.
     """
     text = crds_yaml()
     if output is None:

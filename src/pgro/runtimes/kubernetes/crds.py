@@ -233,7 +233,7 @@ _DESCRIPTIONS: Final[Mapping[type[BaseModel], Mapping[str, str]]] = {
         "schema_migration_phase": "State of the persistent-schema migration.",
         "persistent_schema_data_size": "Measured size of the persistent schemas.",
         "persistent_schemas_missing": (
-            "Persistent schemas that were absent from the previous restore."
+            "Persistent schemas found missing from the new restore after the last migration."
         ),
         "consecutive_restore_failures": (
             "Restores failed in a row; reset by a switchover. Retries back off as it grows."
