@@ -4,14 +4,15 @@
 # (default ~/.cache/pgro/bin):
 #   - etcd                     go.etcd.io/etcd/server/v3 at $ETCD_VERSION
 #   - kube-apiserver           k8s.io/kubernetes cmd/kube-apiserver at $KUBE_VERSION
-#   - kube-controller-manager  same module; the tests run only its garbage-collector and
-#                              namespace controllers (owner-reference cascades, namespace deletion)
+#   - kube-controller-manager  same module; the tests run its controllers (Job, Deployment,
+#                              garbage collector, namespace, ...) against pods a fake node runs
 # Binaries already cached at the right version are kept (the script is idempotent).
 #
-# Usage: scripts/build-kube.sh [--smoke] [--force]
+# Usage: scripts/build-kube.sh [--smoke] [--force] [--quiet]
 #   --smoke  afterwards start etcd + kube-apiserver (+ controller-manager) on loopback, create a
 #            CRD and objects through the API, check garbage collection, print timings, stop all
 #   --force  rebuild even when the cached binaries have the right versions
+#   --quiet  say nothing when the cached binaries are current (scripts/setup.sh uses it)
 # See docs/kube-test-env.md for the flags, timings and pitfalls.
 set -euo pipefail
 
@@ -22,16 +23,19 @@ ETCD_VERSION="3.7.3"    # Kubernetes 1.37 is tested against etcd 3.7.0 (hack/lib
 
 SMOKE=0
 FORCE=0
+QUIET=0
 for a in "$@"; do
   case "$a" in
     --smoke) SMOKE=1 ;;
     --force) FORCE=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --quiet) QUIET=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
 
 log() { printf '==> %s\n' "$*" >&2; }
+cached() { [ "$QUIET" = 1 ] || log "$@"; }
 export PATH="/usr/local/go/bin:$PATH"
 # Build with the Go on this machine (both modules say `go 1.26.0`); never try to fetch a toolchain
 # named by a `toolchain` line. A caller may still export GOTOOLCHAIN=go1.27.3 for newer versions.
@@ -68,7 +72,7 @@ EOF
   have_etcd || { echo "built etcd does not report version $ETCD_VERSION" >&2; exit 1; }
   log "etcd built in $(secs "$start")s"
 else
-  log "etcd v$ETCD_VERSION already cached in $BIN"
+  cached "etcd v$ETCD_VERSION already cached in $BIN"
 fi
 
 # --- kube-apiserver, kube-controller-manager ---------------------------------------------
@@ -121,7 +125,7 @@ EOF
     || { echo "built binaries do not report v$KUBE_VERSION" >&2; exit 1; }
   log "kube-apiserver and kube-controller-manager built in $(secs "$start")s"
 else
-  log "kube-apiserver and kube-controller-manager v$KUBE_VERSION already cached in $BIN"
+  cached "kube-apiserver and kube-controller-manager v$KUBE_VERSION already cached in $BIN"
 fi
 
 [ "$SMOKE" = 1 ] || exit 0

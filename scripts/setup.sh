@@ -3,6 +3,8 @@
 #   - Debian packages: PostgreSQL 15 (server and client), PgBouncer (the stable endpoint of
 #     `pgro run`), Go (only if no `go`), Python venv support
 #   - the kopia CLI v0.22.3, built once from the Go module proxy into $PGRO_CACHE_DIR/bin
+#   - etcd, kube-apiserver and kube-controller-manager for the Kubernetes tests, built once
+#     the same way by scripts/build-kube.sh (about 8 minutes and 4 GB of Go build cache)
 #   - a virtualenv in .venv with pgro and its pinned development dependencies
 set -euo pipefail
 
@@ -50,6 +52,10 @@ if ! "$CACHE/bin/kopia" --version 2>/dev/null | grep -q "^$KOPIA_VERSION"; then
   (cd "$moddir" && go build -trimpath -ldflags "-X github.com/kopia/kopia/repo.BuildVersion=$KOPIA_VERSION -X github.com/kopia/kopia/repo.BuildInfo=go-module-proxy" -o "$CACHE/bin/kopia.tmp" .)
   mv "$CACHE/bin/kopia.tmp" "$CACHE/bin/kopia"
 fi
+
+# --- Kubernetes control plane for tests/kube ---------------------------------
+# The script checks the cached binaries' versions itself and says nothing when they are current.
+"$ROOT/scripts/build-kube.sh" --quiet
 
 # --- Python virtualenv -------------------------------------------------------
 PY="${PGRO_PYTHON:-}"

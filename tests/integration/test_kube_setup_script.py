@@ -201,6 +201,21 @@ def test_rerun_is_idempotent(
 
 
 @pytest.mark.slow
+def test_works_on_a_read_only_replica(
+    binaries: PostgresBinaries, account: RunAccount, scratch: Path
+) -> None:
+    """The restore Job writes `default_transaction_read_only = on` for read-only replicas;
+    the password must still be settable (found by the operator's end-to-end test)."""
+    pgdata, root = new_cluster(binaries, account, scratch)
+    with (pgdata / "postgresql.conf").open("a") as conf:
+        conf.write("\ndefault_transaction_read_only = on\n")
+    run = run_setup(binaries, account, pgdata, root)
+    assert run.returncode == 0, run.output
+    with started(binaries, account, pgdata, scratch) as server:
+        assert_admin_login(server)
+
+
+@pytest.mark.slow
 def test_creates_postgres_role_when_the_source_superuser_has_another_name(
     binaries: PostgresBinaries, account: RunAccount, scratch: Path
 ) -> None:

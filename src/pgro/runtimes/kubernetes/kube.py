@@ -8,11 +8,13 @@ module converts at the boundary and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import msgspec
 from lightkube import ALL_NS, ApiError, Client, KubeConfig, codecs
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
@@ -72,11 +74,29 @@ class Listed:
     resource_version: str
 
 
+def _warm_decoders() -> None:
+    """Build every decoder the operator's threads will use, once, in the calling thread.
+
+    lightkube decodes with msgspec, which builds a type's decoder on first use; two threads
+    doing that at once for overlapping models (a Job list and a Pod list share PodSpec) can
+    crash the interpreter.
+    """
+    from lightkube.core.decoders import decode_list
+    from lightkube.models.meta_v1 import Status
+
+    for res in (*KINDS.values(), Status):
+        with contextlib.suppress(Exception):
+            decode_list(b'{"items": []}', res)
+        with contextlib.suppress(Exception):
+            msgspec.json.decode(b"{}", type=res)
+
+
 class KubeApi:
     """The calls the operator makes, on dicts. Errors are lightkube's `ApiError`."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
+        _warm_decoders()
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> KubeApi:

@@ -443,7 +443,10 @@ class Operator:
             raise SecretInvalid("the replica has no kopiaSecretRef")
         secret = self.api.get("Secret", replica.namespace, ref.name)
         if secret is None:
-            raise LookupError(f"Secret {replica.namespace}/{ref.name} not found")
+            raise LookupError(
+                f"no Secret {ref.name!r} in namespace {replica.namespace}; create it or fix "
+                "spec.kopiaSecretRef.name"
+            )
         return parse_kopia_secret(decode_secret_data(secret))
 
     def _secret_check(
@@ -454,7 +457,7 @@ class Operator:
         try:
             creds = self.kopia_credentials(replica)
         except LookupError as exc:
-            return SecretCheck.not_found(str(exc).strip("'\"")), None
+            return SecretCheck.not_found(exc.args[0] if exc.args else str(exc)), None
         except SecretInvalid as exc:
             return SecretCheck.invalid(str(exc)), None
         return SecretCheck.valid(), creds

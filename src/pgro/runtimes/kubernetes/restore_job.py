@@ -33,7 +33,7 @@ from pgro.core.snapshot import Snapshot, SnapshotSource
 from pgro.kopia.errors import EndpointUnreachable, KopiaError, RestoreFailed
 from pgro.kopia.repository import KopiaRepository, RestoreProgress
 from pgro.pipeline.events import Observer
-from pgro.postgres.account import RunAccount
+from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.postgres.image import OfficialImage
 from pgro.postgres.layout import NotPostgres, locate_data_directory
 from pgro.postgres.repair import default_settings, prepare_data_directory
@@ -96,8 +96,12 @@ class _Progress:
 
 
 def _account() -> RunAccount:
-    # The pod runs as uid 999, which the pgro image has no passwd entry for.
+    """Who will own the data: the pod's own uid (999, the official image's postgres, which
+    the pgro image has no passwd entry for). Run as root outside a pod, the data goes to
+    the PostgreSQL system account, as with `pgro run`."""
     uid, gid = os.geteuid(), os.getegid()
+    if uid == 0:
+        return resolve_run_account()
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:

@@ -38,10 +38,12 @@ sql="$sql THEN ALTER ROLE __ROLE__ WITH $attributes;"
 sql="$sql ELSE CREATE ROLE __ROLE__ WITH $attributes; END IF; END\$pgro\$;"
 
 # Single-user mode exits 0 even when the statement fails, so its output decides.
-# log_min_error_statement=panic keeps the statement (and the password) out of the log.
+# log_min_error_statement=panic keeps the statement (and the password) out of the log;
+# a read-only replica's postgresql.conf makes every transaction read-only unless overridden.
 set_password() {
   printf '%s\n' "$sql" \
-    | postgres --single -D "$PGDATA" -c log_min_error_statement=panic __DATABASE__ 2>&1
+    | postgres --single -D "$PGDATA" -c log_min_error_statement=panic \
+        -c default_transaction_read_only=off __DATABASE__ 2>&1
 }
 
 # awk reads the password from its environment: on sed's command line it would be
