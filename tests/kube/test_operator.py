@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 from lightkube import Client
+from lightkube.resources.core_v1 import Event as CoreEvent
 
 from pgro.api.names import LABEL_READY_FOR_TRAFFIC, LABEL_REPLICA, LABEL_RESTORE
 from pgro.api.secret import KopiaCredentials, S3Location
@@ -246,14 +247,18 @@ def test_first_restore_becomes_active_behind_the_stable_service(
             connect_timeout=5,
         ).close()
 
-    events = admin.list("Event", namespace=ns).items
-    reasons = {e.get("reason") for e in events if e.get("regarding", {}).get("name") == "orders"}
-    assert {"RestoreStarted", "RestoreCompleted"} <= reasons, reasons
-    assert all(
-        e.get("reportingController") == "postgres-restore-operator"
+    # Read through core/v1: lightkube cannot decode events.k8s.io lists holding events the
+    # controller-manager wrote (their eventTime is null).
+    events = [e.to_dict() for e in admin.client.list(CoreEvent, namespace=ns)]
+    ours = [
+        e
         for e in events
-        if e.get("regarding", {}).get("name") == "orders"
-    )
+        if e.get("involvedObject", {}).get("name") == "orders"
+        and e["involvedObject"].get("kind") == "PostgresPhysicalReplica"
+    ]
+    reasons = {e.get("reason") for e in ours}
+    assert {"RestoreStarted", "RestoreCompleted"} <= reasons, reasons
+    assert all(e.get("reportingComponent") == "postgres-restore-operator" for e in ours)
     assert operator.metric("postgres_restore_switchovers_total") >= 1
     # Secrets never reach status, events or logs.
     secret_value = creds.secret_access_key or "unset"
@@ -424,42 +429,33 @@ def test_missing_and_invalid_secret_conditions(
     admin.create(_replica(ns, "nosecret", "absent"))
 
     def reason(name: str) -> str | None:
+        """`status/reason/message` of KopiaSecretValid."""
         replica = admin.get("PostgresPhysicalReplica", ns, name) or {}
         cond = _condition(replica, "KopiaSecretValid")
         return f"{cond['status']}/{cond['reason']}/{cond['message']}" if cond else None
 
-    got = wait_for(
-        "SecretNotFound",
-        lambda: (
-            (reason("nosecret") or "").startswith("False/SecretNotFound") and reason("nosecret")
-        ),
-        60,
-        context=operator.log_tail,
-    )
+    def wait_reason(name: str, prefix: str) -> str:
+        found: list[str] = wait_for(
+            f"{name}: KopiaSecretValid {prefix}",
+            lambda: [r] if (r := reason(name) or "").startswith(prefix) else None,
+            60,
+            context=operator.log_tail,
+        )
+        return found[0]
+
+    got = wait_reason("nosecret", "False/SecretNotFound")
     assert "absent" in got
 
     admin.create(_secret(ns, "partial", {"bucket": "b", "repositoryPassword": "pw-secret-99"}))
     admin.create(_replica(ns, "badsecret", "partial"))
-    got = wait_for(
-        "SecretInvalid",
-        lambda: (
-            (reason("badsecret") or "").startswith("False/SecretInvalid") and reason("badsecret")
-        ),
-        60,
-        context=operator.log_tail,
-    )
+    got = wait_reason("badsecret", "False/SecretInvalid")
     assert got.endswith("invalid: missing key: region"), got
     assert "pw-secret-99" not in got
     assert _restores(admin, ns, "nosecret") == [] and _restores(admin, ns, "badsecret") == []
 
     # Fixing the Secret is picked up by the resync, without touching the replica.
     admin.create(_s3_secret(ns, "absent", creds))
-    wait_for(
-        "SecretValid after the fix",
-        lambda: (reason("nosecret") or "").startswith("True/SecretValid"),
-        60,
-        context=operator.log_tail,
-    )
+    wait_reason("nosecret", "True/SecretValid")
 
 
 def test_restart_mid_restore_converges_and_a_standby_stays_passive(
