@@ -60,3 +60,41 @@ def test_best_effort_steps() -> None:
     assert EmitEvent(EventType.NORMAL, "R", "n").best_effort
     assert MarkOutgoing("r").best_effort
     assert not DeleteRestore("r").best_effort
+
+
+def test_apply_in_order_stops_at_a_failing_step_but_not_a_best_effort_one() -> None:
+    from pgro.core.plan import (
+        EmitEvent,
+        EventType,
+        ListSnapshots,
+        PatchReplicaStatus,
+        apply_in_order,
+    )
+
+    event = EmitEvent(EventType.NORMAL, "R", "n")
+    listing = ListSnapshots()
+    patch = PatchReplicaStatus({"phase": "Ready"})
+    applied: list[object] = []
+    failures: list[object] = []
+
+    def apply(step: object) -> None:
+        if step in (event, listing):
+            raise RuntimeError("boom")
+        applied.append(step)
+
+    def failed(step: object, exc: Exception) -> None:
+        failures.append(step)
+
+    assert apply_in_order([event, patch, listing, patch], apply, failed) is False
+    assert applied == [patch]  # the event failed but did not stop the plan; the listing did
+    assert failures == [event, listing]
+    assert apply_in_order([patch, event], apply, failed) is True
+
+
+def test_unsupported_switchover_step_names_the_runtime_and_the_phase_it_owns() -> None:
+    from pgro.core.plan import SwitchoverStep, unsupported_switchover_step
+
+    patch, note = unsupported_switchover_step(SwitchoverStep.REDACTION, "pgro run")
+    assert patch == {"redactionPhase": "failed: redaction is not supported by pgro run yet"}
+    assert note == "redaction is not supported by pgro run yet"
+    assert unsupported_switchover_step(SwitchoverStep.SCHEMA_BUILD, "x")[0] == {}

@@ -18,11 +18,11 @@ The contract, shared by both runtimes:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -242,6 +242,39 @@ class RunMigration(Step):
     support migrateTo yet; the step exists so the `Migrating` phase is representable."""
 
     restore: str
+
+
+def apply_in_order(
+    steps: Sequence[Step],
+    apply: Callable[[Step], None],
+    failed: Callable[[Step, Exception], None],
+) -> bool:
+    """Apply a plan with the contract above: in order, stopping at the first failing step
+    that is not best effort. `failed` hears of every failure (best effort or not) and
+    logs it. Returns whether the plan ran to its end."""
+    for step in steps:
+        try:
+            apply(step)
+        except Exception as exc:
+            failed(step, exc)
+            if not step.best_effort:
+                return False
+    return True
+
+
+UNSUPPORTED_SWITCHOVER_EVENT: Final = "SwitchoverStepUnsupported"
+
+
+def unsupported_switchover_step(kind: SwitchoverStep, runtime: str) -> tuple[dict[str, Any], str]:
+    """(status patch, event note) for a runtime that cannot run `kind` yet: the phase the
+    step owns reads `failed: ...`, so the replica shows why its switchover waits."""
+    message = f"{kind.value} is not supported by {runtime} yet"
+    field_name = {
+        SwitchoverStep.REDACTION: "redactionPhase",
+        SwitchoverStep.SCHEMA_MIGRATION: "schemaMigrationPhase",
+    }.get(kind)
+    patch = {field_name: f"failed: {message}"} if field_name is not None else {}
+    return patch, message
 
 
 _M = TypeVar("_M", bound=BaseModel)

@@ -47,6 +47,7 @@ from pgro.core.observations import (
     record_listing_success,
 )
 from pgro.core.plan import (
+    UNSUPPORTED_SWITCHOVER_EVENT,
     CleanupRestoreWork,
     CreateRestore,
     DeleteRestore,
@@ -64,6 +65,8 @@ from pgro.core.plan import (
     StartRestoreWork,
     Step,
     SwitchoverStep,
+    apply_in_order,
+    unsupported_switchover_step,
 )
 from pgro.core.queue import AdmissionQueue
 from pgro.core.replica_decision import decide_replica
@@ -357,21 +360,19 @@ class Runtime:
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore | None,
     ) -> None:
-        for step in steps:
-            try:
-                self._apply_step(step, replica, restore)
-            except Exception as exc:
-                if step.best_effort:
-                    log.warning("%s failed (best effort): %s", type(step).__name__, exc)
-                    continue
-                self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
-                log.error(
-                    "%s for %s failed; the rest of the plan waits for the next pass: %s",
-                    type(step).__name__,
-                    replica.key,
-                    exc,
-                )
+        def failed(step: Step, exc: Exception) -> None:
+            if step.best_effort:
+                log.warning("%s failed (best effort): %s", type(step).__name__, exc)
                 return
+            self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
+            log.error(
+                "%s for %s failed; the rest of the plan waits for the next pass: %s",
+                type(step).__name__,
+                replica.key,
+                exc,
+            )
+
+        apply_in_order(steps, lambda step: self._apply_step(step, replica, restore), failed)
 
     def _apply_step(
         self,
@@ -463,14 +464,10 @@ class Runtime:
     def _unsupported_switchover_step(
         self, replica: PostgresPhysicalReplica, kind: SwitchoverStep
     ) -> None:
-        message = f"{kind.value} is not supported by pgro run yet"
-        field_name = {
-            SwitchoverStep.REDACTION: "redactionPhase",
-            SwitchoverStep.SCHEMA_MIGRATION: "schemaMigrationPhase",
-        }.get(kind)
-        if field_name is not None:
-            self.store.patch_replica_status(replica.key, {field_name: f"failed: {message}"})
-        self.store.add_event(replica.key, "Warning", "SwitchoverStepUnsupported", message)
+        patch, message = unsupported_switchover_step(kind, "pgro run")
+        if patch:
+            self.store.patch_replica_status(replica.key, patch)
+        self.store.add_event(replica.key, "Warning", UNSUPPORTED_SWITCHOVER_EVENT, message)
 
     # -- resources, endpoint ------------------------------------------------------------
     def _users(self, replica: PostgresPhysicalReplica) -> dict[str, RoleCredentials]:

@@ -56,6 +56,7 @@ from pgro.core.observations import (
     WorkState,
 )
 from pgro.core.plan import (
+    UNSUPPORTED_SWITCHOVER_EVENT,
     CleanupRestoreWork,
     CreateRestore,
     DeleteRestore,
@@ -74,6 +75,8 @@ from pgro.core.plan import (
     StartRestoreWork,
     Step,
     SwitchoverStep,
+    apply_in_order,
+    unsupported_switchover_step,
 )
 from pgro.core.queue import AdmissionQueue
 from pgro.core.replica_decision import decide_replica
@@ -607,27 +610,22 @@ class Operator:
         restore: PostgresPhysicalRestore | None,
         creds: KopiaCredentials | None,
     ) -> None:
-        for step in steps:
-            try:
-                self._apply_step(step, replica, restore, creds)
-            except Exception as exc:
-                detail = scrub(str(exc), creds.secret_values() if creds else [])
-                if step.best_effort:
-                    log.warning(
-                        "%s for %s failed (best effort): %s",
-                        type(step).__name__,
-                        replica.key,
-                        detail,
-                    )
-                    continue
-                self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
-                log.error(
-                    "%s for %s failed; the rest of the plan waits for the next pass: %s",
-                    type(step).__name__,
-                    replica.key,
-                    detail,
+        def failed(step: Step, exc: Exception) -> None:
+            detail = scrub(str(exc), creds.secret_values() if creds else [])
+            if step.best_effort:
+                log.warning(
+                    "%s for %s failed (best effort): %s", type(step).__name__, replica.key, detail
                 )
                 return
+            self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
+            log.error(
+                "%s for %s failed; the rest of the plan waits for the next pass: %s",
+                type(step).__name__,
+                replica.key,
+                detail,
+            )
+
+        apply_in_order(steps, lambda step: self._apply_step(step, replica, restore, creds), failed)
 
     def _apply_step(
         self,
@@ -983,20 +981,12 @@ class Operator:
     def _unsupported_switchover_step(
         self, replica: PostgresPhysicalReplica, kind: SwitchoverStep
     ) -> None:
-        message = f"{kind.value} is not supported by the pgro operator yet"
-        field_name = {
-            SwitchoverStep.REDACTION: "redactionPhase",
-            SwitchoverStep.SCHEMA_MIGRATION: "schemaMigrationPhase",
-        }.get(kind)
-        if field_name is not None:
+        patch, message = unsupported_switchover_step(kind, "the pgro operator")
+        if patch:
             self.api.merge_patch(
-                REPLICA_KIND,
-                replica.namespace,
-                replica.name,
-                {"status": {field_name: f"failed: {message}"}},
-                status=True,
+                REPLICA_KIND, replica.namespace, replica.name, {"status": patch}, status=True
             )
-        self._event(replica, "Warning", "SwitchoverStepUnsupported", message, None)
+        self._event(replica, "Warning", UNSUPPORTED_SWITCHOVER_EVENT, message, None)
 
     def _send_notifications(self, replica: PostgresPhysicalReplica, restore_name: str) -> None:
         if not replica.spec.notifications:
