@@ -61,9 +61,11 @@ def operator(
     workdir = scratch_root / "operator-1"
     workdir.mkdir(exist_ok=True)
     op = OperatorProcess(workdir, operator_kubeconfig, "op-1").start()
+    # Live with zero replicas (the reference failed /livez when nothing was reconciled).
     wait_for(
         "the operator to be ready", lambda: op.http("/readyz")[0] == 200, 60, context=op.log_tail
     )
+    assert op.http("/livez")[0] == 200
     yield op
     op.stop()
 
@@ -518,6 +520,10 @@ def test_restart_mid_restore_converges_and_a_standby_stays_passive(
         )
         assert len(_restores(admin, ns, "crashy")) == 1  # no duplicate after the restart
         assert standby.metric("postgres_restore_reconciliations_total", 'controller="replica"') > 0
+        # A clean shutdown (SIGTERM) exits 0 and hands the Lease back at once.
+        assert standby.stop() == 0, standby.log_tail()
+        lease = admin.get("Lease", OPERATOR_NAMESPACE, "pgro-operator-leader")
+        assert lease is not None and not lease["spec"].get("holderIdentity")
     finally:
         # Leave a leader for later tests in the module: op-1 restarts as a standby/leader.
         standby.stop()

@@ -343,6 +343,10 @@ class Operator:
             self.admission = self.admission.with_limit(config.max_concurrent_restores)
 
     def _enqueue_all(self) -> None:
+        # Forget what was ensured and applied, so each resync re-checks it: a deleted
+        # credentials Secret or Service, or a Deployment edited by hand, is put right.
+        self._ensured.clear()
+        self._applied.clear()
         for obj in self.replicas.items():
             self._on_replica(obj)
         for obj in self.restores.items():
