@@ -5,7 +5,7 @@ feed caches and a keyed work queue; workers take one key at a time (never the sa
 two workers), observe from the caches, decide with `pgro.core` (pure, shared with
 `pgro run`) and apply the plan step by step with the ordering contract of
 `pgro.core.plan`. A periodic resync re-queues everything, so a missed event only delays.
-Leadership is held on a Lease: a standby instance watches nothing and decides nothing.
+Leadership is held on a Lease: a standby watches only its ConfigMap and decides nothing.
 """
 
 from __future__ import annotations
