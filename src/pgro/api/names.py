@@ -69,6 +69,12 @@ def replica_creds_secret_name(replica: str) -> str:
     return f"{replica}-creds"
 
 
+def admin_creds_secret_name(replica: str) -> str:
+    """pgro's Kubernetes runtime: the restored server's `postgres` password, which the
+    operator uses to provision users over SQL (not in the reference)."""
+    return f"{replica}-admin-creds"
+
+
 def canopy_creds_secret_name(replica: str) -> str:
     return f"{replica}-canopy-creds"
 

@@ -31,6 +31,7 @@ from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
+from pgro.core.access import effective_read_only
 from pgro.core.observations import (
     Endpoint as ConnectionEndpoint,
 )
@@ -558,9 +559,7 @@ class Runtime:
             "snapshot": restore.spec.snapshot,
             "snapshotSize": restore.spec.snapshot_size,
             "snapshotTime": restore.spec.snapshot_time,
-            "readOnly": replica.spec.read_only
-            and not replica.spec.persistent_schemas
-            and replica.spec.redaction is None,
+            "readOnly": effective_read_only(replica, restore),
             "credentials": worker.credentials_to_json(creds),
         }
         logf = (rdir / worker.LOG).open("ab")
@@ -597,7 +596,7 @@ class Runtime:
             users = self._users(replica)
             analytics = users[replica.spec.analytics_username]
             extras = [(u, users[u.name]) for u in replica.spec.extra_users if u.name in users]
-            read_only = bool(replica.spec.read_only)
+            read_only = effective_read_only(replica, restore)
 
             def provision(endpoint: Endpoint) -> None:
                 provision_users(

@@ -29,6 +29,7 @@ from pgro.api.names import (
     LABEL_RESTORE,
     REPLICA_KIND,
     RESTORE_KIND,
+    admin_creds_secret_name,
     extra_user_secret_name,
     kopia_cache_pvc_name,
     replica_creds_secret_name,
@@ -45,6 +46,7 @@ from pgro.api.secret import (
     decode_secret_data,
     parse_kopia_secret,
 )
+from pgro.core.access import effective_read_only
 from pgro.core.observations import (
     ReplicaObservation,
     RestoreObservation,
@@ -926,7 +928,7 @@ class Operator:
         passwords: list[str] = []
         try:
             admin_password = self._secret_value(
-                ns, workloads.admin_secret_name(replica.name), "password"
+                ns, admin_creds_secret_name(replica.name), "password"
             )
             passwords.append(admin_password)
             analytics = RoleCredentials(
@@ -957,7 +959,7 @@ class Operator:
                 conninfo,
                 analytics=analytics,
                 extra_users=extras,
-                read_only=workloads.effective_read_only(replica, restore),
+                read_only=effective_read_only(replica, restore),
                 other_managed_roles=[ADMIN_ROLE],
             )
             with self._provision_lock:

@@ -20,6 +20,7 @@ from pgro.api.names import (
     LABEL_RESTORE,
     LABEL_TRUE,
     POSTGRES_PORT,
+    admin_creds_secret_name,
     canopy_creds_secret_name,
     extra_user_secret_name,
     kopia_cache_pvc_name,
@@ -30,6 +31,7 @@ from pgro.api.names import (
 from pgro.api.quantity import format_quantity, parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.access import effective_read_only
 from pgro.runtimes.kubernetes.config import OperatorConfig, Placement, with_placement
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE, setup_script
 from pgro.runtimes.kubernetes.sizing import (
@@ -85,24 +87,8 @@ KOPIA_SECRET_ENV: Final = (
 )
 
 
-def admin_secret_name(replica: str) -> str:
-    return f"{replica}-admin-creds"
-
-
 def postgres_image(postgres_version: str) -> str:
     return f"postgres:{postgres_version}"
-
-
-def effective_read_only(replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore) -> bool:
-    """Read-only unless a later step must write: persistent schemas, redaction or a
-    migration (reference §4.6)."""
-    spec = replica.spec
-    return (
-        spec.read_only
-        and not spec.persistent_schemas
-        and spec.redaction is None
-        and restore.spec.migrate_to is None
-    )
 
 
 def kopia_secret_name(replica: PostgresPhysicalReplica) -> str:
@@ -272,7 +258,7 @@ def admin_secret(replica: PostgresPhysicalReplica, password: str) -> dict[str, A
     the `postgres` superuser, so the operator can provision users over SQL."""
     return _secret(
         _metadata(
-            admin_secret_name(replica.name),
+            admin_creds_secret_name(replica.name),
             replica.namespace,
             {**_replica_labels(replica.name), LABEL_COMPONENT: COMPONENT_ADMIN_CREDS},
             replica.owner_reference(),
@@ -473,7 +459,7 @@ def postgres_deployment(
         "env": [
             _env("PGDATA", PGDATA),
             _env("PGRO_DATA_ROOT", DATA_MOUNT),
-            _secret_env("PGRO_ADMIN_PASSWORD", admin_secret_name(replica.name), "password"),
+            _secret_env("PGRO_ADMIN_PASSWORD", admin_creds_secret_name(replica.name), "password"),
         ],
         "resources": {k: dict(v) for k, v in SETUP_RESOURCES.items()},
         # No /dev/shm here: single-user mode needs little, and the memory-backed volume

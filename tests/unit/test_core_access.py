@@ -1,0 +1,56 @@
+"""One read-only rule for both runtimes (reference restore-pipeline §4.6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.access import effective_read_only
+
+
+def _replica(**spec: Any) -> PostgresPhysicalReplica:
+    return PostgresPhysicalReplica.model_validate(
+        {
+            "apiVersion": "pgro.bes.au/v1alpha1",
+            "kind": "PostgresPhysicalReplica",
+            "metadata": {"name": "r"},
+            "spec": {"schedule": "0 3 * * *", "kopiaSecretRef": {"name": "k"}, **spec},
+        }
+    )
+
+
+def _restore(**spec: Any) -> PostgresPhysicalRestore:
+    return PostgresPhysicalRestore.model_validate(
+        {
+            "apiVersion": "pgro.bes.au/v1alpha1",
+            "kind": "PostgresPhysicalRestore",
+            "metadata": {"name": "r-1"},
+            "spec": {
+                "replica": {"name": "r"},
+                "snapshot": "k0123456789",
+                "snapshotSize": "1Gi",
+                "storageSize": "2Gi",
+                **spec,
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("replica_spec", "restore_spec", "expected"),
+    [
+        ({}, {}, True),
+        ({"readOnly": False}, {}, False),
+        ({"persistentSchemas": ["reporting"]}, {}, False),
+        ({"persistentSchemas": []}, {}, True),
+        ({"redaction": {"manifestUrl": "https://x/{version}", "version": "1"}}, {}, False),
+        ({}, {"migrateTo": {"version": "2.1", "versionId": "v"}}, False),
+    ],
+)
+def test_read_only_unless_a_later_step_must_write(
+    replica_spec: dict[str, Any], restore_spec: dict[str, Any], expected: bool
+) -> None:
+    assert effective_read_only(_replica(**replica_spec), _restore(**restore_spec)) is expected
