@@ -283,3 +283,12 @@ def s3_repo(
     finally:
         kopia.close()
     yield creds, snap
+
+
+@pytest.fixture
+def canopy_stub() -> Iterator[object]:
+    """A stub canopy (tests/fixtures/canopy_stub.py) on 127.0.0.1 with §7's `int-test` entry."""
+    from tests.fixtures.canopy_stub import start_canopy_stub
+
+    with start_canopy_stub() as stub:
+        yield stub
