@@ -108,6 +108,7 @@ EVENT_REPORTER: Final = "postgres-restore-operator"
 QUEUE_RECONCILE_EVERY: Final = 60.0
 # How long a restore's pod may take to answer SQL once its Deployment is Ready.
 PROVISION_CONNECT_TIMEOUT_S: Final = 10
+PROVISION_RETRY_S: Final = 10.0
 
 # (controller, namespace, name): "replica" or "restore".
 WorkKey = tuple[str, str, str]
@@ -972,16 +973,21 @@ class Operator:
                 len(report.extra_users),
             )
         except Exception as exc:
+            # The server may still be recovering; the readiness timeout bounds the retries.
+            retry_in = PROVISION_RETRY_S
             log.warning(
-                "restore %s/%s: provisioning users failed, retrying: %s",
+                "restore %s/%s: provisioning users failed, retrying in %.0fs: %s",
                 ns,
                 restore.name,
+                retry_in,
                 scrub(str(exc), passwords),
             )
+        else:
+            retry_in = 0.0
         finally:
             with self._provision_lock:
                 self._provisioning.discard(uid)
-            self.queue.add(("restore", ns, restore.name), delay=1.0)
+        self.queue.add(("restore", ns, restore.name), delay=retry_in)
 
     # -- switchover extras ------------------------------------------------------------
     def _unsupported_switchover_step(
