@@ -227,7 +227,11 @@ def _poison(pgdata: Path, major: str) -> None:
 def moto_s3(scratch_root: Path) -> Iterator[str]:
     """A local S3 server (moto) speaking the real S3 protocol; yields its host:port."""
     port = free_port()
-    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # The virtualenv's pinned moto, not whichever one comes first on PATH.
+    venv_server = Path(sys.executable).parent / "moto_server"
+    server = (
+        str(venv_server) if venv_server.exists() else shutil.which("moto_server") or "moto_server"
+    )
     log = (scratch_root / "moto.log").open("wb")
     proc = subprocess.Popen(
         [server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT

@@ -353,6 +353,9 @@ class KopiaRepository:
             if proc is not None:
                 _terminate(proc)
             raise
+        finally:
+            if proc is not None and proc.stderr is not None:
+                proc.stderr.close()
         if buf.strip():
             tail.append(buf.decode(errors="replace"))
         if cancel is not None and cancel.is_set():
