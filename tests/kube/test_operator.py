@@ -460,6 +460,69 @@ def test_missing_and_invalid_secret_conditions(
     wait_reason("nosecret", "True/SecretValid")
 
 
+def test_configmap_placement_and_image_reach_new_pods_live(
+    admin: KubeApi,
+    operator: OperatorProcess,
+    fake_node: Any,
+    kube_namespace: str,
+    s3_repo: tuple[KopiaCredentials, str],
+) -> None:
+    ns = kube_namespace
+    creds, _ = s3_repo
+    config = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "postgres-restore-operator-config", "namespace": OPERATOR_NAMESPACE},
+        "data": {
+            "kopiaImage": "registry.example/pgro:custom",
+            "nodeSelector": "disk=ssd,zone=a=b",
+            "podAnnotations": "team=data",
+            "tolerations": "dedicated=pgro:NoSchedule,spot:NoExecute",
+        },
+    }
+    admin.create(config)
+    try:
+        # Watched live: no restart. Give the watch a moment, then restore.
+        time.sleep(2)
+        admin.create(_s3_secret(ns, "kopia", creds))
+        admin.create(_replica(ns, "placed", "kopia", podAnnotations={"team": "replica-wins"}))
+
+        def restore_job() -> list[dict[str, Any]] | None:
+            for r in _restores(admin, ns, "placed"):
+                job = admin.get("Job", ns, f"{r['metadata']['name']}-restore")
+                if job is not None:
+                    return [job]
+            return None
+
+        (job,) = wait_for("the restore Job", restore_job, 120, interval=0.2)
+        job_pod = job["spec"]["template"]
+        assert job_pod["spec"]["containers"][0]["image"] == "registry.example/pgro:custom"
+        assert job_pod["spec"]["nodeSelector"] == {"disk": "ssd"}
+        assert job_pod["metadata"]["annotations"]["team"] == "data"
+        replica = wait_for(
+            "a restore under the ConfigMap's placement",
+            lambda: _active(admin, ns, "placed"),
+            240,
+            context=lambda: _diagnostics(operator, fake_node),
+        )
+        deployment = admin.get("Deployment", ns, replica["status"]["currentRestore"])
+        assert deployment is not None
+        pod = deployment["spec"]["template"]
+        # `zone=a=b` is not a valid label value: skipped with a warning, not copied into
+        # every pod (where the API server would refuse them all).
+        assert pod["spec"]["nodeSelector"] == {"disk": "ssd"}
+        assert "zone='a=b'" in operator.log_tail(2000)
+        # The replica's own pod annotations win over the ConfigMap's.
+        assert pod["metadata"]["annotations"]["team"] == "replica-wins"
+        for toleration in (
+            {"key": "dedicated", "operator": "Equal", "value": "pgro", "effect": "NoSchedule"},
+            {"key": "spot", "operator": "Exists", "effect": "NoExecute"},
+        ):
+            assert toleration in pod["spec"]["tolerations"]
+    finally:
+        admin.delete("ConfigMap", OPERATOR_NAMESPACE, "postgres-restore-operator-config")
+
+
 def test_restart_mid_restore_converges_and_a_standby_stays_passive(
     admin: KubeApi,
     operator: OperatorProcess,

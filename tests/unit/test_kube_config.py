@@ -91,9 +91,22 @@ def test_port_forward_only_exact_true(raw: str, expected: bool) -> None:
 
 
 def test_pairs_split_on_first_equals_and_trim() -> None:
-    config, warnings = parse({"nodeSelector": " a = 1 , b=x=y,, c= "})
-    assert dict(config.placement.node_selector) == {"a": "1", "b": "x=y", "c": ""}
+    config, warnings = parse({"nodeSelector": " a = 1 ,, c= ", "podAnnotations": "b=x=y"})
+    assert dict(config.placement.node_selector) == {"a": "1", "c": ""}
+    assert dict(config.placement.pod_annotations) == {"b": "x=y"}
     assert warnings == []
+
+
+def test_values_the_api_server_would_reject_are_skipped_with_a_warning() -> None:
+    """The reference copies them into every pod, and then no pod can be created."""
+    config, warnings = parse(
+        {"nodeSelector": "zone=a=b,bad key=x,example.com/tier=gold,-x=1", "podAnnotations": "a b=1"}
+    )
+    assert dict(config.placement.node_selector) == {"example.com/tier": "gold"}
+    assert dict(config.placement.pod_annotations) == {}
+    assert len(warnings) == 4
+    assert any("zone='a=b'" in w and "label value" in w for w in warnings)
+    assert any("'bad key'" in w for w in warnings)
 
 
 def test_malformed_pairs_are_skipped_and_named() -> None:
@@ -116,10 +129,9 @@ def test_tolerations_equal_exists_and_malformed() -> None:
     assert [t.to_wire() for t in config.placement.tolerations] == [
         {"key": "a", "operator": "Equal", "value": "b", "effect": "NoSchedule"},
         {"key": "c", "operator": "Exists", "effect": "NoExecute"},
-        {"key": "f", "operator": "Equal", "value": "g=h", "effect": "PreferNoSchedule"},
     ]
-    assert len(warnings) == 3
-    for bad in ("'d=e:Bogus'", "'noeffect'", "':NoSchedule'"):
+    assert len(warnings) == 4
+    for bad in ("'d=e:Bogus'", "'noeffect'", "':NoSchedule'", "f='g=h'"):
         assert any(bad in w for w in warnings), bad
 
 

@@ -103,6 +103,42 @@ def with_placement(pod_template: Mapping[str, Any], placement: Placement) -> dic
     return template
 
 
+_LABEL_NAME: Final = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)")
+_DNS_SUBDOMAIN: Final = re.compile(
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
+
+
+def qualified_name_ok(key: str) -> bool:
+    """A label/annotation key: `[prefix/]name`, as the API server validates it."""
+    prefix, sep, name = key.rpartition("/")
+    if sep and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return False
+    return bool(_LABEL_NAME.fullmatch(name))
+
+
+def label_value_ok(value: str) -> bool:
+    return value == "" or bool(_LABEL_NAME.fullmatch(value))
+
+
+def _valid_pairs(
+    pairs: Mapping[str, str], what: str, warnings: list[str], *, label_values: bool
+) -> dict[str, str]:
+    """Drop what the API server would reject, so one bad entry cannot stop every pod."""
+    kept: dict[str, str] = {}
+    for key, value in pairs.items():
+        if not qualified_name_ok(key):
+            warnings.append(f"{what}: skipping {key!r}: not a valid key ([prefix/]name)")
+        elif label_values and not label_value_ok(value):
+            warnings.append(
+                f"{what}: skipping {key}={value!r}: a label value is at most 63 letters, digits, "
+                "'-', '_' or '.', starting and ending with a letter or digit"
+            )
+        else:
+            kept[key] = value
+    return kept
+
+
 def _items(raw: str) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
@@ -168,10 +204,17 @@ def parse_operator_config(
         warnings,
     )
     image = (data.get("kopiaImage") or "").strip() or default_image
+    node_selector = parse_pairs(data.get("nodeSelector") or "", "nodeSelector", warnings)
+    annotations = parse_pairs(data.get("podAnnotations") or "", "podAnnotations", warnings)
+    tolerations = tuple(
+        t
+        for t in parse_tolerations(data.get("tolerations") or "", warnings)
+        if _valid_pairs({t.key: t.value or ""}, "tolerations", warnings, label_values=True)
+    )
     placement = Placement(
-        node_selector=parse_pairs(data.get("nodeSelector") or "", "nodeSelector", warnings),
-        pod_annotations=parse_pairs(data.get("podAnnotations") or "", "podAnnotations", warnings),
-        tolerations=parse_tolerations(data.get("tolerations") or "", warnings),
+        node_selector=_valid_pairs(node_selector, "nodeSelector", warnings, label_values=True),
+        pod_annotations=_valid_pairs(annotations, "podAnnotations", warnings, label_values=False),
+        tolerations=tolerations,
     )
     config = OperatorConfig(
         max_concurrent_restores=max_restores,
