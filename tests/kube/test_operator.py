@@ -523,6 +523,55 @@ def test_configmap_placement_and_image_reach_new_pods_live(
         admin.delete("ConfigMap", OPERATOR_NAMESPACE, "postgres-restore-operator-config")
 
 
+def test_a_replica_deleted_mid_restore_gives_its_slot_back_at_once(
+    admin: KubeApi,
+    operator: OperatorProcess,
+    fake_node: Any,
+    kube_namespace: str,
+    s3_repo: tuple[KopiaCredentials, str],
+) -> None:
+    """With one slot, a replica removed while restoring (as a namespace deletion does: no
+    pass ever sees it deleting) must not hold the slot for the queue's 10-minute grace."""
+    ns = kube_namespace
+    creds, _ = s3_repo
+    config = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "postgres-restore-operator-config", "namespace": OPERATOR_NAMESPACE},
+        "data": {"maxConcurrentRestores": "1"},
+    }
+    admin.create(config)
+    try:
+        time.sleep(2)
+        admin.create(_s3_secret(ns, "kopia", creds))
+        admin.create(_replica(ns, "first", "kopia"))
+        wait_for("first's restore", lambda: _restores(admin, ns, "first"), 60, interval=0.2)
+        admin.create(_replica(ns, "second", "kopia"))
+        wait_for(
+            "second to queue behind first",
+            lambda: (
+                (admin.get("PostgresPhysicalReplica", ns, "second") or {})
+                .get("status", {})
+                .get("queuePosition")
+            ),
+            60,
+            interval=0.2,
+        )
+        assert _restores(admin, ns, "second") == []
+        for restore in _restores(admin, ns, "first"):
+            admin.delete("PostgresPhysicalRestore", ns, restore["metadata"]["name"])
+        admin.delete("PostgresPhysicalReplica", ns, "first")
+        wait_for(
+            "second to get the freed slot",
+            lambda: _restores(admin, ns, "second"),
+            45,  # well under the queue's 60 s healing pass and its 10-minute grace
+            interval=0.2,
+            context=lambda: _diagnostics(operator, fake_node),
+        )
+    finally:
+        admin.delete("ConfigMap", OPERATOR_NAMESPACE, "postgres-restore-operator-config")
+
+
 def test_restart_mid_restore_converges_and_a_standby_stays_passive(
     admin: KubeApi,
     operator: OperatorProcess,

@@ -63,14 +63,12 @@ class ListingCache:
         self.clock = clock
         self.state_dir = state_dir or Path(tempfile.gettempdir()) / "pgro-operator-kopia"
         self._repos: dict[str, _Repo] = {}
-        self._replica_repo: dict[ReplicaKey, str] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="listing")
 
     def listing_for(self, replica: ReplicaKey, creds: KopiaCredentials) -> SnapshotListing | None:
         digest = credentials_digest(creds)
         with self._lock:
-            self._replica_repo[replica] = digest
             repo = self._repos.get(digest)
             return repo.listing if repo else None
 
@@ -105,10 +103,6 @@ class ListingCache:
             waiting, repo.waiting = repo.waiting, set()
         for replica in waiting:
             self.on_done(replica)
-
-    def forget(self, replica: ReplicaKey) -> None:
-        with self._lock:
-            self._replica_repo.pop(replica, None)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

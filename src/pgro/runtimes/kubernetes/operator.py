@@ -80,7 +80,7 @@ from pgro.core.plan import (
     apply_in_order,
     unsupported_switchover_step,
 )
-from pgro.core.queue import AdmissionQueue
+from pgro.core.queue import AdmissionQueue, promoted_keys
 from pgro.core.replica_decision import decide_replica
 from pgro.core.restore_machine import decide_restore
 from pgro.core.restore_set import is_in_progress
@@ -236,12 +236,10 @@ class Operator:
         self.configmap.start()
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         heartbeat.start()
-        elector_thread = None
         if self.options.leader_election:
-            elector_thread = threading.Thread(
+            threading.Thread(
                 target=self.elector.run, args=(stop,), name="leader", daemon=True
-            )
-            elector_thread.start()
+            ).start()
             # A standby is healthy: it serves metrics and waits to take over.
             self.health.set_ready(True)
             log.info(
@@ -476,8 +474,11 @@ class Operator:
         raw = self.replicas.get(ns, name)
         key = (ns, name)
         if raw is None:
-            self.listing.forget(key)
+            # Gone without a pass seeing it deleting (no finalizers: a namespace deletion
+            # removes it at once): its slot or place in line is given back here, not
+            # after the queue's grace period.
             self.notifier.cancel(f"{ns}/{name}")
+            self._release(f"{ns}/{name}", None)
             return
         replica = self._parse_replica(raw)
         if replica is None:
@@ -567,6 +568,17 @@ class Operator:
     def reconcile_restore(self, ns: str, name: str) -> None:
         raw = self.restores.get(ns, name)
         if raw is None:
+            self._forget_deleted_restores()
+            held = next(
+                (
+                    slot.key
+                    for slot in self.admission.slots
+                    if slot.restore == name and slot.key.startswith(f"{ns}/")
+                ),
+                None,
+            )
+            if held is not None:
+                self._release(held, name)
             return
         models = self._restore_models([raw])
         if not models:
@@ -608,6 +620,27 @@ class Operator:
         if replica is not None:
             self._apply(plan.steps, replica, restore, None)
         self._requeue(("restore", ns, name), plan.requeue_after, plan.wake)
+
+    def _release(self, replica_key: str, restore: str | None) -> None:
+        with self._decide_lock:
+            before = self.admission
+            self.admission = before.release(replica_key, restore)
+            woken = promoted_keys(before, self.admission)
+        for key in woken:
+            woken_ns, _, woken_name = key.partition("/")
+            self.queue.add(("replica", woken_ns, woken_name))
+
+    def _forget_deleted_restores(self) -> None:
+        """Drop what was remembered about restores that no longer exist (keyed by uid)."""
+        gone = {
+            uid
+            for uid in (*self._provisioned, *self._applied, *self._completed_seen)
+            if not any((r.get("metadata") or {}).get("uid") == uid for r in self.restores.items())
+        }
+        for uid in gone:
+            self._provisioned.pop(uid, None)
+            self._applied.pop(uid, None)
+            self._completed_seen.discard(uid)
 
     # -- applying plans ---------------------------------------------------------------
     def _apply(
