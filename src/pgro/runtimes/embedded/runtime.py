@@ -504,8 +504,12 @@ class Runtime:
         backend = None
         if restore_name is not None:
             handle = self.servers.get(f"{replica.namespace}/{restore_name}")
-            if handle is not None:
-                backend = handle.endpoint
+            if handle is None:
+                # Not adopted yet (the first pass after a restart reaches the replica
+                # before its restores): leave the endpoint as it is, still serving the
+                # running server, instead of refusing logins until the next pass.
+                return
+            backend = handle.endpoint
         users = {name: c.password for name, c in self._users(replica).items()}
         wanted = (backend, tuple(sorted(users.items())))
         if state.routed == wanted:
