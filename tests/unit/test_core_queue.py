@@ -121,3 +121,11 @@ def test_with_limit_promotes_when_raised() -> None:
     raised = queue.with_limit(3)
     assert {s.key for s in raised.slots} == {"a/a", "b/b"}
     assert raised.waiting == ()
+
+
+def test_key_bound_to_finds_the_slot_of_a_restore_in_its_namespace_only() -> None:
+    q = AdmissionQueue(limit=2).bind("a/orders", "orders-1", NOW).bind("b/orders", "orders-1", NOW)
+    assert q.key_bound_to("a", "orders-1") == "a/orders"
+    assert q.key_bound_to("b", "orders-1") == "b/orders"
+    assert q.key_bound_to("c", "orders-1") is None
+    assert q.key_bound_to("a", "orders-2") is None

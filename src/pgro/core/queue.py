@@ -129,6 +129,18 @@ class AdmissionQueue:
             waiting=tuple(w for w in self.waiting if w.key != key),
         ).promote()
 
+    def key_bound_to(self, namespace: str, restore: str) -> str | None:
+        """The replica key whose slot is bound to this restore, if any (to give the slot
+        back when the restore vanishes without being seen deleting)."""
+        return next(
+            (
+                s.key
+                for s in self.slots
+                if s.restore == restore and s.key.startswith(f"{namespace}/")
+            ),
+            None,
+        )
+
     def withdraw(self, key: str) -> AdmissionQueue:
         """`key` no longer needs a restore: leave the line, and give back a reservation
         (never a slot bound to a restore, which its restore gives back)."""

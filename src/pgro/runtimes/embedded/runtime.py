@@ -214,6 +214,8 @@ class Runtime:
         if state is not None:
             state.endpoint.stop()
         self.notifier.cancel(key)
+        # Its slot or place in line goes now, not after the queue's unbacked grace.
+        self.queue = self.queue.release(key)
         self.store.delete_replica(key)
         self.replicas.pop(key, None)
 

@@ -569,14 +569,7 @@ class Operator:
         raw = self.restores.get(ns, name)
         if raw is None:
             self._forget_deleted_restores()
-            held = next(
-                (
-                    slot.key
-                    for slot in self.admission.slots
-                    if slot.restore == name and slot.key.startswith(f"{ns}/")
-                ),
-                None,
-            )
+            held = self.admission.key_bound_to(ns, name)
             if held is not None:
                 self._release(held, name)
             return
