@@ -133,6 +133,11 @@ def test_canopy_verify_replica_restores_only_a_different_desired_snapshot() -> N
     assert [r.outcome for r in world.reports] == [VerificationOutcome.SUCCESS]
     secret = get_condition(replica.status.conditions, "KopiaSecretValid")
     assert secret is not None and secret.reason == "CanopySourced"
+    # The success report was persisted with the switchover, before the teardown, and
+    # stays in status until a runtime delivers it (the world delivers nothing).
+    [pending] = replica.status.pending_verification_reports
+    assert (pending.snapshot_id, pending.outcome) == ("k-first", "success")
+    assert pending.run_id is not None and pending.restore in world.created_for(key)
 
     world.run_for(timedelta(hours=48))
     assert len(world.created) == 1
@@ -143,6 +148,8 @@ def test_canopy_verify_replica_restores_only_a_different_desired_snapshot() -> N
     assert world.restores == {}
     assert world.replica(key).status.verified_snapshot_id == "k-second"
     assert len(world.reports) == 2
+    pending_runs = [r.snapshot_id for r in world.replica(key).status.pending_verification_reports]
+    assert pending_runs == ["k-first", "k-second"]
     assert world.violations == []
 
 

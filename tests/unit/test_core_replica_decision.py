@@ -252,6 +252,13 @@ def test_covered(
         ({"canopySource": CANOPY}, None, "False", "SecretRefAndCanopySource", "mutually exclusive"),
         ({"kopiaSecretRef": None}, None, "False", "NoCredentialSource", "must be set"),
         ({"kopiaSecretRef": None, "canopySource": CANOPY}, None, "True", "CanopySourced", "canopy"),
+        (
+            {"kopiaSecretRef": None, "canopySource": CANOPY},
+            SecretCheck.invalid("canopy refused credentials (403): no declaration covers it"),
+            "False",
+            "CanopyCredentialsRefused",
+            "no declaration covers it",
+        ),
     ],
 )
 def test_kopia_secret_valid(

@@ -151,6 +151,11 @@ def test_failed_work_fails_the_restore_counts_once_and_reports() -> None:
     assert isinstance(replica_patch, PatchReplicaStatus)
     assert replica_patch.patch["consecutiveRestoreFailures"] == 3
     assert replica_patch.patch["nextScheduledRestore"] == stamp(NOW + timedelta(seconds=480))
+    # The failure report is persisted in the same write as the failure count.
+    [pending] = replica_patch.patch["pendingVerificationReports"]
+    assert pending["restore"] == "fiji-1" and pending["outcome"] == "failure"
+    assert "no PostgreSQL data directory" in pending["error"]
+    assert pending["observedAt"] == stamp(NOW) and "attempts" in pending
     restore_patch = _restore_patch(plan)
     assert restore_patch["phase"] == "Failed"
     assert restore_patch["restoreJob"] == {"name": "fiji-1-restore", "phase": "Failed"}

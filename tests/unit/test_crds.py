@@ -42,6 +42,7 @@ from pgro.api import (
 )
 from pgro.api.names import GROUP, VERSION
 from pgro.api.users import ExtraUser
+from pgro.api.verification import PendingVerificationReport
 from pgro.cli.crds import crds_command
 from pgro.runtimes.kubernetes.crds import CRD_NAMES, crd_documents, crds_yaml
 from tests.fixtures.manifests import replica_doc
@@ -458,6 +459,22 @@ def full_replica_status() -> PostgresPhysicalReplicaStatus:
         redaction_phase=RedactionPhase.PARTIAL,
         redaction_version="2.30",
         redaction_columns_applied=12,
+        pending_verification_reports=[
+            PendingVerificationReport(
+                restore="r-1",
+                run_id="6f1c3a52-4d0e-4b7a-9b8e-2f51d7f4a1c3",
+                snapshot_id="k1",
+                outcome="failure",
+                error="NotPostgres: no PG_VERSION",
+                observed_at=NOW,
+                postgres_version="15",
+                health_details={"restore_duration_sec": 12, "sizes": {"app": 1024}},
+                traffic={"s3_received_payload_bytes": 10},
+                attempts=2,
+                next_attempt_at=NOW,
+                last_error="canopy answered 503",
+            )
+        ],
     )
 
 

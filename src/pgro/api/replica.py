@@ -19,6 +19,7 @@ from pgro.api.quantity import Quantity, parse_quantity
 from pgro.api.references import SecretReference
 from pgro.api.timestamp import Timestamp
 from pgro.api.users import ExtraUser, PersistentUser, normalize_extra_users
+from pgro.api.verification import PendingVerificationReport
 
 DEFAULT_SCHEDULE_JITTER: Final = timedelta(minutes=10)
 DEFAULT_SWITCHOVER_GRACE_PERIOD: Final = timedelta(minutes=5)
@@ -164,7 +165,7 @@ class PostgresPhysicalReplicaSpec(ApiModel):
 
 
 class PostgresPhysicalReplicaStatus(ApiModel):
-    omit_when_empty = frozenset({"notifications", "conditions"})
+    omit_when_empty = frozenset({"notifications", "conditions", "pending_verification_reports"})
 
     phase: ReplicaPhase | None = None
     current_restore: str | None = None
@@ -188,6 +189,7 @@ class PostgresPhysicalReplicaStatus(ApiModel):
     redaction_phase: RedactionPhase | None = None
     redaction_version: str | None = None
     redaction_columns_applied: int | None = Field(default=None, ge=0)
+    pending_verification_reports: list[PendingVerificationReport] = Field(default_factory=list)
 
 
 class PostgresPhysicalReplica(ApiModel):

@@ -21,6 +21,8 @@ LAST_RESTORE_FAILED: Final = "LastRestoreFailed"
 # KopiaSecretValid reasons.
 SECRET_VALID: Final = "SecretValid"  # noqa: S105 (a wire name, not a password)
 CANOPY_SOURCED: Final = "CanopySourced"
+# pgro: canopy refused the replica's credentials (403) or its group is not ready (409).
+CANOPY_CREDENTIALS_REFUSED: Final = "CanopyCredentialsRefused"
 SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105 (a wire name, not a password)
 SECRET_INVALID: Final = "SecretInvalid"  # noqa: S105 (a wire name, not a password)
 # pgro: the runtime could not check the Secret yet.
@@ -58,3 +60,5 @@ EVENT_RESTORE_COMPLETED: Final = "RestoreCompleted"
 EVENT_RESTORE_FAILED: Final = "RestoreFailed"
 # pgro: a verify replica's restore was torn down after verification.
 EVENT_RESTORE_VERIFIED: Final = "RestoreVerified"
+# pgro: canopy refused a verification report for good (400, 404); it is dropped.
+EVENT_VERIFICATION_REPORT_REJECTED: Final = "VerificationReportRejected"

@@ -37,7 +37,7 @@ from pgro.api.restore import (
     PostgresPhysicalRestoreSpec,
     PostgresPhysicalRestoreStatus,
 )
-from pgro.core import reasons
+from pgro.core import reasons, verification_reports
 from pgro.core.backoff import listing_retry_delay
 from pgro.core.naming import restore_name
 from pgro.core.observations import ReplicaObservation, SecretState, SnapshotListing
@@ -218,6 +218,17 @@ def _credentials(p: _Pass) -> bool:
         p.draft.condition(reasons.KOPIA_SECRET_VALID, "False", reason, message)
         return False
     if replica.spec.canopy_source is not None:
+        refused = p.obs.secret
+        if refused is not None and refused.state is not SecretState.VALID:
+            # The runtime asked canopy for this group's credentials and was refused
+            # (403: no enabled declaration covers it, 409: the group is not ready).
+            p.draft.condition(
+                reasons.KOPIA_SECRET_VALID,
+                "False",
+                reasons.CANOPY_CREDENTIALS_REFUSED,
+                refused.detail,
+            )
+            return False
         p.draft.condition(
             reasons.KOPIA_SECRET_VALID,
             "True",
@@ -342,6 +353,15 @@ def _switchover(
         last_restore_completed_at=p.now,
         consecutive_restore_failures=0,
     )
+    if replica.spec.canopy_source is not None:
+        # Persisted with the switchover itself: the report outlives a crash or a canopy
+        # outage, and the ephemeral teardown that follows cannot lose it.
+        report = verification_reports.new_report(switching, "success", p.now)
+        p.draft.set(
+            pending_verification_reports=verification_reports.with_report(
+                p.draft.get("pending_verification_reports"), report
+            )
+        )
     _condition_if_true(
         p,
         reasons.RESTORE_SCHEDULING_SUSPENDED,

@@ -20,7 +20,7 @@ from pgro.api.phases import JobPhase, RestorePhase
 from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica, PostgresPhysicalReplicaStatus
 from pgro.api.restore import JobStatus, PostgresPhysicalRestore, PostgresPhysicalRestoreStatus
-from pgro.core import reasons
+from pgro.core import reasons, verification_reports
 from pgro.core.backoff import failure_backoff
 from pgro.core.observations import RestoreObservation, ServerState, WorkState
 from pgro.core.plan import (
@@ -297,6 +297,13 @@ def _fail(p: _Pass, reason: str, **fields: Any) -> None:
             reasons.RESTORE_FAILED,
             f"Restore {restore.name} failed: {reason}",
         )
+        if replica.spec.canopy_source is not None:
+            report = verification_reports.new_report(restore, "failure", p.now, reason)
+            replica_draft.set(
+                pending_verification_reports=verification_reports.with_report(
+                    replica.status.pending_verification_reports, report
+                )
+            )
         p.steps.append(PatchReplicaStatus(replica_draft.take()))
     p.draft.set(phase=RestorePhase.FAILED, **fields)
     p.draft.condition(FAILED_CONDITION, "True", reasons.RESTORE_FAILED, reason)

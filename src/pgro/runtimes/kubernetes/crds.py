@@ -51,6 +51,7 @@ from pgro.api.replica import (
 )
 from pgro.api.restore import JobStatus, PostgresPhysicalRestoreSpec, PostgresPhysicalRestoreStatus
 from pgro.api.users import ExtraUser
+from pgro.api.verification import PendingVerificationReport
 
 CRD_NAMES: Final[tuple[str, str]] = (f"{REPLICA_PLURAL}.{GROUP}", f"{RESTORE_PLURAL}.{GROUP}")
 CRD_LABELS: Final[Mapping[str, str]] = {
@@ -241,6 +242,9 @@ _DESCRIPTIONS: Final[Mapping[type[BaseModel], Mapping[str, str]]] = {
         "redaction_phase": "State of redaction of the current restore.",
         "redaction_version": "Redaction manifest version in use.",
         "redaction_columns_applied": "Columns redaction was applied to.",
+        "pending_verification_reports": (
+            "Canopy verification reports not yet accepted by canopy; retried with backoff."
+        ),
     },
     PostgresPhysicalRestoreSpec: {
         "replica": "The replica this restore belongs to.",
@@ -279,6 +283,20 @@ _DESCRIPTIONS: Final[Mapping[type[BaseModel], Mapping[str, str]]] = {
         "database": "Database to connect to.",
         "username": "Login role (the analytics user).",
         "password_secret": "Secret with the password, key password.",
+    },
+    PendingVerificationReport: {
+        "restore": "The restore the report is about.",
+        "run_id": "The restore's canopy run.",
+        "snapshot_id": "The snapshot restored.",
+        "outcome": "success or failure.",
+        "error": "Why the restore failed.",
+        "observed_at": "When the outcome was recorded.",
+        "postgres_version": "Major version of the restored server.",
+        "health_details": "Free-form details sent to canopy (sizes, fixes, checks).",
+        "traffic": "The canopy proxy's final S3 traffic counters.",
+        "attempts": "Failed deliveries so far.",
+        "next_attempt_at": "When delivery is tried again.",
+        "last_error": "Why the last delivery failed.",
     },
     NotificationStatus: {
         "name": "The target: method and URL, or 'GraphQL <url>'.",

@@ -12,6 +12,12 @@ so they never appear in the pod spec. The exit code tells the Job controller whe
 retry can help: 2 for a failure that will repeat (wrong password, no such snapshot, not a
 PostgreSQL snapshot), which the Job's pod failure policy turns into an immediate failure,
 and 1 for anything else.
+
+On a canopy replica (`PGRO_CANOPY_PROXY_PORT_FILE` set) kopia goes through the pod's
+`canopy-proxy` sidecar (reference canopy-protocol §5.4): the restore waits up to 30 s for
+the port the sidecar writes, then connects to it on loopback without TLS, with the dummy
+keys of the canopy-creds Secret and the real repository password; the sidecar re-signs
+each request with canopy's credentials, which this container never sees.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import pwd
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
-from pgro.api.secret import SecretInvalid, parse_kopia_secret
+from pgro.api.secret import KopiaCredentials, S3Location, SecretInvalid, parse_kopia_secret
+from pgro.canopy.proxy import wait_for_port_file
 from pgro.core.secrets import scrub
 from pgro.core.snapshot import Snapshot, SnapshotSource
 from pgro.kopia.errors import EndpointUnreachable, KopiaError, RestoreFailed
@@ -57,6 +64,13 @@ SECRET_ENV: Final = MappingProxyType(
         "KOPIA_FILESYSTEM_PATH": "filesystemPath",
     }
 )
+
+# The canopy-creds Secret's keys a canopy restore ignores: kopia's endpoint is the proxy.
+CANOPY_IGNORED_KEYS: Final = frozenset({"endpoint", "disableTls", "filesystemPath"})
+PROXY_PORT_TIMEOUT_S: Final = 30
+DEFAULT_PROXY_HOST: Final = "127.0.0.1"
+# What the proxy answers kopia when the broker gives it no credentials (pgro.canopy.proxy).
+_NO_CREDENTIALS: Final = "no S3 credentials"
 
 # Kubernetes: TCP from anywhere in the cluster with a password; the socket stays inside
 # the pod, where only the server's own uid runs.
@@ -121,9 +135,22 @@ def _snapshot(env: Mapping[str, str]) -> Snapshot:
     )
 
 
+def _through_proxy(creds: KopiaCredentials, host: str, port: int) -> KopiaCredentials:
+    """The same repository, reached through the canopy-proxy sidecar on loopback."""
+    loc = creds.location
+    assert isinstance(loc, S3Location)
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return replace(creds, location=replace(loc, endpoint=netloc, disable_tls=True))
+
+
 def run(env: Mapping[str, str]) -> Outcome:
     """Restore and prepare; never raises (the outcome is the termination message)."""
-    data = {key: env[var].encode() for var, key in SECRET_ENV.items() if env.get(var)}
+    port_file = env.get("PGRO_CANOPY_PROXY_PORT_FILE", "")
+    data = {
+        key: env[var].encode()
+        for var, key in SECRET_ENV.items()
+        if env.get(var) and not (port_file and key in CANOPY_IGNORED_KEYS)
+    }
     try:
         creds = parse_kopia_secret(data)
     except SecretInvalid as exc:
@@ -132,6 +159,17 @@ def run(env: Mapping[str, str]) -> Outcome:
     snapshot = _snapshot(env)
     if not snapshot.id:
         return Outcome(EXIT_PERMANENT, "error: InvalidJob: SNAPSHOT_ID is not set")
+    if port_file:
+        try:
+            port = wait_for_port_file(Path(port_file), timeout=PROXY_PORT_TIMEOUT_S)
+        except TimeoutError:
+            return Outcome(
+                EXIT_RETRY,
+                "error: CanopyProxyNotReady: canopy-proxy sidecar did not write port file "
+                f"within {PROXY_PORT_TIMEOUT_S}s",
+            )
+        host = env.get("PGRO_CANOPY_PROXY_HOST", "").strip("[]") or DEFAULT_PROXY_HOST
+        creds = _through_proxy(creds, host, port)
     root = Path(env.get("PGRO_DATA_ROOT", "/pgdata"))
     kopia_dir = Path(env.get("PGRO_KOPIA_DIR", "/tmp/kopia")) / "restore"  # noqa: S108 - the cache volume
     target = root / "postgres"
@@ -184,6 +222,10 @@ def run(env: Mapping[str, str]) -> Outcome:
     except (KopiaError, NotPostgres) as exc:
         retry = isinstance(exc, EndpointUnreachable | RestoreFailed)
         reason = getattr(exc, "reason", type(exc).__name__)
+        if port_file and _NO_CREDENTIALS in str(exc):
+            # The broker (or canopy behind it) gave the sidecar nothing: canopy may be
+            # down or the group not ready yet, so let the Job retry.
+            retry, reason = True, "CanopyCredentialsUnavailable"
         return Outcome(
             EXIT_RETRY if retry else EXIT_PERMANENT,
             f"error: {reason}: {scrub(str(exc), secrets)}",

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from pgro.api.names import (
     COMPONENT_EXTRA_USER_CREDS,
     COMPONENT_KOPIA_CACHE,
     LABEL_COMPONENT,
+    LABEL_PROXY_SIDECAR,
     LABEL_READY_FOR_TRAFFIC,
     LABEL_REPLICA,
     LABEL_RESTORE,
@@ -62,6 +64,8 @@ RESTORE_COMMAND: Final = ("pgro", "restore-job")
 RESTORE_EXIT_PERMANENT: Final = 2
 RESTORE_BACKOFF_LIMIT: Final = 3
 RESTORE_DEADLINE_S: Final = 7200
+# Canopy restores get twice as long (reference canopy-protocol §5.4).
+CANOPY_RESTORE_DEADLINE_S: Final = 14400
 JOB_TTL_S: Final = 120
 KOPIA_PARALLEL: Final = "2"
 
@@ -85,6 +89,49 @@ KOPIA_SECRET_ENV: Final = (
     ("KOPIA_DISABLE_TLS", "disableTls", True),
     ("KOPIA_FILESYSTEM_PATH", "filesystemPath", True),
 )
+
+
+# The canopy variant (reference canopy-protocol §5.3/§5.4): a native sidecar running
+# `pgro canopy-proxy`, which re-signs kopia's S3 requests with credentials from the
+# operator's broker, so kopia only ever holds the dummy keys of the canopy-creds Secret.
+CANOPY_PROXY_CONTAINER: Final = "canopy-proxy"
+CANOPY_PROXY_COMMAND: Final = ("pgro", "canopy-proxy")
+CANOPY_PROXY_RESOURCES: Final = {
+    "requests": {"cpu": "50m", "memory": "64Mi"},
+    "limits": {"cpu": "500m", "memory": "256Mi"},
+}
+PROXY_SHARED_VOLUME: Final = "proxy-shared"
+PROXY_SHARED_MOUNT: Final = "/var/run/pgro"
+PROXY_PORT_FILE: Final = f"{PROXY_SHARED_MOUNT}/proxy-port"
+# Where the proxy listens and kopia connects. The two containers share the pod's network
+# namespace, so any loopback address works, and only a loopback one is safe: the proxy
+# signs for anyone who reaches it. IPv4 loopback rather than the reference's `[::1]`:
+# 127.0.0.1 exists in every pod, while ::1 is missing where IPv6 is disabled on the node.
+# (The test harness runs a pod's processes on the host, where 127.0.0.1 is shared by all
+# fake pods; each proxy takes an ephemeral port and tells its own pod through the port
+# file, so pods do not meet. A pod IP would work there but is not loopback in a cluster.)
+PROXY_LISTEN_HOST: Final = "127.0.0.1"
+CANOPY_STATS_PATH: Final = "/api/v1/canopy-stats"
+CANOPY_PROGRESS_PATH: Final = "/api/v1/canopy-progress"
+# Secret keys the restore container must not take from the canopy-creds Secret: kopia's
+# endpoint is the proxy, whatever the Secret says.
+CANOPY_IGNORED_SECRET_KEYS: Final = frozenset({"endpoint", "disableTls", "filesystemPath"})
+
+
+@dataclass(frozen=True)
+class CanopyJobSettings:
+    """What a canopy restore Job's sidecar needs of the operator.
+
+    `broker_url`: the credential broker's base URL (`CANOPY_BROKER_BASE_URL`, else
+    `http://<operator service>.<ns>.svc:<broker port>`); `callback_base_url`: where the
+    operator serves `/api/v1/canopy-stats|progress/...` (`CALLBACK_BASE_URL`, else the
+    metrics port of the operator Service); `s3_endpoint`: an upstream S3 URL other than
+    AWS's regional endpoint (MinIO, tests), None for AWS.
+    """
+
+    broker_url: str
+    callback_base_url: str
+    s3_endpoint: str | None = None
 
 
 def postgres_image(postgres_version: str) -> str:
@@ -359,10 +406,72 @@ def _restore_env(
         # Written into postgresql.conf by the restore Job, after the source's settings.
         env.append(_env("PGRO_EXTRA_CONFIG", replica.spec.postgres_extra_config))
     secret = kopia_secret_name(replica)
+    canopy = replica.spec.canopy_source is not None
     env.extend(
-        _secret_env(var, secret, key, optional=optional) for var, key, optional in KOPIA_SECRET_ENV
+        _secret_env(var, secret, key, optional=optional)
+        for var, key, optional in KOPIA_SECRET_ENV
+        if not (canopy and key in CANOPY_IGNORED_SECRET_KEYS)
     )
+    if canopy:
+        # `pgro restore-job` waits for the sidecar's port file, then points kopia at it.
+        env += [
+            _env("PGRO_CANOPY_PROXY_PORT_FILE", PROXY_PORT_FILE),
+            _env("PGRO_CANOPY_PROXY_HOST", PROXY_LISTEN_HOST),
+        ]
     return env
+
+
+def _callback_url(base: str, path: str, restore: PostgresPhysicalRestore) -> str:
+    return f"{base.rstrip('/')}{path}/{restore.namespace}/{restore_job_name(restore.name)}"
+
+
+def _canopy_proxy_container(
+    replica: PostgresPhysicalReplica,
+    restore: PostgresPhysicalRestore,
+    config: OperatorConfig,
+    canopy: CanopyJobSettings,
+) -> dict[str, Any]:
+    """The `canopy-proxy` native sidecar (an init container with `restartPolicy: Always`):
+    started before the restore container and SIGTERMed once it has exited, when it posts
+    the final traffic totals to the stats callback."""
+    source = replica.spec.canopy_source
+    assert source is not None
+    env = [
+        _env("PGRO_BROKER_URL", canopy.broker_url),
+        _env("PGRO_GROUP", source.group),
+        _env("PGRO_TYPE", source.type),
+        _secret_env("PGRO_REGION", kopia_secret_name(replica), "region"),
+    ]
+    if canopy.s3_endpoint:
+        env.append(_env("PGRO_S3_ENDPOINT", canopy.s3_endpoint))
+    run_id = restore.status.run_id
+    if run_id:
+        # Progress samples are per run: without a run id the sidecar samples nothing.
+        env += [
+            _env("PGRO_RUN_ID", run_id),
+            _env(
+                "PGRO_PROGRESS_CALLBACK_URL",
+                _callback_url(canopy.callback_base_url, CANOPY_PROGRESS_PATH, restore),
+            ),
+        ]
+    env += [
+        _env(
+            "PGRO_STATS_CALLBACK_URL",
+            _callback_url(canopy.callback_base_url, CANOPY_STATS_PATH, restore),
+        ),
+        _env("PGRO_PROXY_PORT_FILE", PROXY_PORT_FILE),
+        _env("PGRO_PROXY_LISTEN_HOST", PROXY_LISTEN_HOST),
+    ]
+    return {
+        "name": CANOPY_PROXY_CONTAINER,
+        "image": config.restore_image,
+        "command": list(CANOPY_PROXY_COMMAND),
+        "restartPolicy": "Always",
+        "env": env,
+        "resources": {k: dict(v) for k, v in CANOPY_PROXY_RESOURCES.items()},
+        "volumeMounts": [{"name": PROXY_SHARED_VOLUME, "mountPath": PROXY_SHARED_MOUNT}],
+        "securityContext": _container_security_context(),
+    }
 
 
 def restore_job(
@@ -370,12 +479,26 @@ def restore_job(
     restore: PostgresPhysicalRestore,
     config: OperatorConfig,
     placement: Placement | None = None,
+    *,
+    canopy: CanopyJobSettings | None = None,
 ) -> dict[str, Any]:
     """`<restore>-restore`: runs `pgro restore-job`, which restores the snapshot onto the
     data volume, prepares PGDATA and reports the major version as its termination
-    message. `placement` defaults to the config's."""
+    message. `placement` defaults to the config's.
+
+    A replica with `spec.canopySource` gets the canopy variant, which needs `canopy`
+    (ValueError without it): the `canopy-proxy` sidecar, the in-memory `proxy-shared`
+    volume both containers mount, the `proxy-sidecar` pod label and a 4 h deadline.
+    """
+    is_canopy = replica.spec.canopy_source is not None
+    if is_canopy and canopy is None:
+        raise ValueError(
+            f"replica {replica.namespace}/{replica.name} reads from canopy (spec.canopySource): "
+            "its restore Job needs CanopyJobSettings (the credential broker and callback URLs "
+            "for the canopy-proxy sidecar)"
+        )
     labels = _restore_labels(restore)
-    container = {
+    container: dict[str, Any] = {
         "name": RESTORE_CONTAINER,
         "image": config.restore_image,
         "command": list(RESTORE_COMMAND),
@@ -389,19 +512,26 @@ def restore_job(
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
     }
-    template = {
-        "metadata": {"labels": dict(labels)},
-        "spec": {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 30,
-            "securityContext": _pod_security_context(),
-            "containers": [container],
-            "volumes": [
-                _pvc_volume("pgdata", restore_data_pvc_name(restore.name)),
-                _pvc_volume("kopia-cache", kopia_cache_pvc_name(replica.name)),
-            ],
-        },
+    pod_labels = dict(labels)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": _pod_security_context(),
+        "containers": [container],
+        "volumes": [
+            _pvc_volume("pgdata", restore_data_pvc_name(restore.name)),
+            _pvc_volume("kopia-cache", kopia_cache_pvc_name(replica.name)),
+        ],
     }
+    if canopy is not None and is_canopy:
+        container["volumeMounts"].append(
+            {"name": PROXY_SHARED_VOLUME, "mountPath": PROXY_SHARED_MOUNT}
+        )
+        pod_spec["initContainers"] = [_canopy_proxy_container(replica, restore, config, canopy)]
+        pod_spec["volumes"].append({"name": PROXY_SHARED_VOLUME, "emptyDir": {"medium": "Memory"}})
+        # The broker's NetworkPolicy admits pods with this label (reference §5.2).
+        pod_labels[LABEL_PROXY_SIDECAR] = LABEL_TRUE
+    template = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -410,7 +540,7 @@ def restore_job(
         ),
         "spec": {
             "backoffLimit": RESTORE_BACKOFF_LIMIT,
-            "activeDeadlineSeconds": RESTORE_DEADLINE_S,
+            "activeDeadlineSeconds": CANOPY_RESTORE_DEADLINE_S if is_canopy else RESTORE_DEADLINE_S,
             "ttlSecondsAfterFinished": JOB_TTL_S,
             "podFailurePolicy": {
                 "rules": [
