@@ -31,6 +31,8 @@ class S3Location:
     region: str
     endpoint: str | None = None
     disable_tls: bool = False
+    # Key prefix inside the bucket (canopy's `prefix`; the reference never passed it on).
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ def parse_kopia_secret(data: Mapping[str, bytes]) -> KopiaCredentials:
             region=text["region"],
             endpoint=endpoint,
             disable_tls=text.get("disableTls", "").strip() == "true",
+            prefix=text.get("prefix", "").strip(),
         ),
         repository_password=text["repositoryPassword"],
         access_key_id=text["accessKeyId"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final, Protocol
 from uuid import UUID
 
+from pydantic import ValidationError
+
 from pgro.canopy.client import CanopyError
-from pgro.canopy.wire import RestoreCredentials
+from pgro.canopy.wire import ProgressArgs, RestoreCredentials, describe_validation_error
 
 log = logging.getLogger("pgro.canopy.broker")
 
@@ -46,6 +49,8 @@ CacheKey = tuple[str, str, str | None]
 class BrokerError(Exception):
     status: int
     message: str
+    # What canopy answered, when the error is canopy's (403, 409, 5xx...).
+    upstream_status: int | None = None
 
 
 class CredentialBroker:
@@ -86,7 +91,7 @@ class CredentialBroker:
         try:
             fresh = self.issuer.restore_credentials(group, type_, run_id)
         except CanopyError as exc:
-            raise BrokerError(502, str(exc)) from None
+            raise BrokerError(502, str(exc), exc.status) from None
         with self._lock:
             self._cache[key] = fresh
             self.issued += 1
@@ -116,8 +121,58 @@ class CredentialBroker:
             return exc.status, {"error": exc.message}
 
 
-def serve(broker: CredentialBroker, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve the broker in a daemon thread; `shutdown()` stops it."""
+class Callbacks:
+    """Where the canopy proxies report: final traffic totals, kept until the verification
+    report takes them, and progress samples, relayed to canopy at once (reference §5.3).
+
+    Keyed by `namespace/job` as in the reference (the restore's work: `<restore>-restore`
+    on Kubernetes, `<restore>` for `pgro run`). Never blocks a proxy on canopy: a relay
+    failure is logged at debug level and the proxy still gets its 204.
+    """
+
+    def __init__(self, relay: ProgressRelay | None) -> None:
+        self.relay = relay
+        self._stats: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.relayed = 0
+
+    def final_stats(self, key: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._stats[key] = body
+
+    def take_stats(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._stats.pop(key, None)
+
+    def progress(self, body: dict[str, Any]) -> None:
+        if self.relay is None:
+            return
+        try:
+            sample = ProgressArgs.model_validate(body)
+        except ValidationError as error:
+            log.debug("progress sample dropped: %s", describe_validation_error(error))
+            return
+        try:
+            self.relay.backup_progress(sample)
+            self.relayed += 1
+        except CanopyError as exc:
+            log.debug("progress sample not relayed: %s", exc)
+
+
+class ProgressRelay(Protocol):
+    def backup_progress(self, sample: ProgressArgs) -> None: ...
+
+
+_CALLBACK = re.compile(
+    r"^/api/v1/canopy-(stats|progress)/([a-z0-9][-a-z0-9.]*)/([a-z0-9][-a-z0-9.]*)$"
+)
+
+
+def serve(
+    broker: CredentialBroker, host: str, port: int, callbacks: Callbacks | None = None
+) -> ThreadingHTTPServer:
+    """Serve the broker (and, with `callbacks`, the proxies' callback routes) in a daemon
+    thread; `shutdown()` stops it."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -127,20 +182,38 @@ def serve(broker: CredentialBroker, host: str, port: int) -> ThreadingHTTPServer
                 self._send(404, {"error": "not found"})
 
         def do_POST(self) -> None:
-            if self.path != "/internal/restore-creds":
-                self._send(404, {"error": "not found"})
-                return
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY:
                 self._send(413, {"error": "request body too large"})
                 return
-            status, answer = broker.handle(self.rfile.read(length))
-            self._send(status, answer)
+            body = self.rfile.read(length)
+            if self.path == "/internal/restore-creds":
+                status, answer = broker.handle(body)
+                self._send(status, answer)
+                return
+            match = _CALLBACK.match(self.path)
+            if callbacks is None or match is None:
+                self._send(404, {"error": "not found"})
+                return
+            try:
+                doc = json.loads(body or b"{}")
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict):
+                self._send(400, {"error": "expected a JSON object"})
+                return
+            kind, namespace, job = match.groups()
+            if kind == "stats":
+                callbacks.final_stats(f"{namespace}/{job}", doc)
+            else:
+                callbacks.progress(doc)
+            self._send(204, None)
 
-        def _send(self, status: int, doc: dict[str, Any]) -> None:
-            body = json.dumps(doc).encode()
+        def _send(self, status: int, doc: dict[str, Any] | None) -> None:
+            body = b"" if doc is None else json.dumps(doc).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            if doc is not None:
+                self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -45,10 +46,9 @@ def _parse_addr(ctx: click.Context, param: click.Parameter, value: str | None) -
     "--file",
     "files",
     multiple=True,
-    required=True,
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="YAML manifest with Secrets and PostgresPhysicalReplicas (repeatable). "
-    "Re-read when it changes and on SIGHUP.",
+    "Re-read when it changes and on SIGHUP. Optional with --canopy-url.",
 )
 @click.option(
     "--state-dir",
@@ -83,6 +83,60 @@ def _parse_addr(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option(
     "--tick", type=click.FloatRange(0.05, 60), default=1.0, help="Seconds between passes."
 )
+@click.option(
+    "--canopy-url",
+    envvar="CANOPY_BASE_URL",
+    help="Take replicas from canopy's worklist at this base URL ($CANOPY_BASE_URL): "
+    "verify, upgrade and analytics declarations become replicas, their verdicts are "
+    "reported back. https URLs authenticate with the device certificate.",
+)
+@click.option(
+    "--canopy-device-key",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="P-256 private key (PEM) of this canopy device; a self-signed certificate for it "
+    "is built and renewed in the state directory. Without it a key is generated there: "
+    "enrol its fingerprint (logged at start) in canopy.",
+)
+@click.option(
+    "--canopy-ca-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="CA bundle to verify canopy's server certificate (default: the system's).",
+)
+@click.option(
+    "--canopy-socks5-proxy",
+    envvar="CANOPY_SOCKS5_PROXY",
+    default="",
+    help="SOCKS5 proxy for *.ts.net canopy URLs, e.g. socks5://[::1]:1055 "
+    "($CANOPY_SOCKS5_PROXY; empty: none).",
+)
+@click.option(
+    "--canopy-interval",
+    type=click.FloatRange(0.2, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds between worklist polls (each one jittered by ±20%).",
+)
+@click.option(
+    "--canopy-progress-interval",
+    type=click.FloatRange(0.05, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds between restore progress samples relayed to canopy.",
+)
+@click.option(
+    "--canopy-removal-grace",
+    type=click.FloatRange(0, 30 * 86400),
+    default=600.0,
+    show_default=True,
+    help="Seconds a replica canopy no longer lists is kept before it and its data are "
+    "removed (the reference removes it at once).",
+)
+@click.option(
+    "--s3-endpoint",
+    envvar="PGRO_S3_ENDPOINT",
+    help="Upstream S3 URL the canopy proxy forwards to, e.g. http://127.0.0.1:9000 "
+    "($PGRO_S3_ENDPOINT; default https://s3.<region>.amazonaws.com).",
+)
 def run(
     files: tuple[Path, ...],
     state_dir: Path,
@@ -91,6 +145,14 @@ def run(
     listen_host: str,
     max_concurrent_restores: int,
     tick: float,
+    canopy_url: str | None,
+    canopy_device_key: Path | None,
+    canopy_ca_file: Path | None,
+    canopy_socks5_proxy: str,
+    canopy_interval: float,
+    canopy_progress_interval: float,
+    canopy_removal_grace: float,
+    s3_endpoint: str | None,
 ) -> None:
     """Keep the manifests' replicas restored on this machine until stopped.
 
@@ -100,11 +162,31 @@ def run(
     """
     from pgro.observability import serve
     from pgro.pgbouncer.endpoint import StableEndpoint
+    from pgro.runtimes.embedded.canopy import CanopyOptions
     from pgro.runtimes.embedded.runtime import RunOptions, Runtime
 
+    if not files and not canopy_url:
+        raise click.UsageError("give at least one manifest (-f) or --canopy-url")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    canopy = (
+        _canopy(
+            canopy_url,
+            state_dir,
+            canopy_device_key,
+            canopy_ca_file,
+            canopy_socks5_proxy or None,
+            CanopyOptions(
+                s3_endpoint=s3_endpoint or None,
+                interval=timedelta(seconds=canopy_interval),
+                progress_interval=canopy_progress_interval,
+                removal_grace=timedelta(seconds=canopy_removal_grace),
+            ),
+        )
+        if canopy_url
+        else None
+    )
 
     def endpoint_factory(
         name: str, run_dir: Path, account: Any, port: int, host: str
@@ -119,6 +201,7 @@ def run(
             tick=tick,
             listen_host=listen_host,
             max_concurrent_restores=max_concurrent_restores,
+            canopy=canopy,
         ),
         endpoint_factory,
     )
@@ -139,6 +222,43 @@ def run(
     finally:
         if http is not None:
             http.shutdown()
+
+
+def _canopy(
+    url: str,
+    state_dir: Path,
+    device_key: Path | None,
+    ca_file: Path | None,
+    socks5_proxy: str | None,
+    options: Any,
+) -> tuple[Any, Any]:
+    """The canopy client for `pgro run`: plain HTTP as given, https with this machine's
+    device certificate (kept in the state directory, renewed before it expires)."""
+    import httpx
+
+    from pgro.canopy.client import CanopyClient
+    from pgro.canopy.device_cert import DeviceCertificateError, DeviceIdentity
+
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--canopy-url")
+    identity = None
+    if parsed.scheme == "https":
+        state_dir.mkdir(parents=True, exist_ok=True)
+        identity = DeviceIdentity(
+            state_dir / "canopy-device",
+            key_pem=device_key.read_bytes() if device_key is not None else None,
+        )
+        try:
+            fingerprint = identity.fingerprint()
+        except DeviceCertificateError as exc:
+            raise click.BadParameter(str(exc), param_hint="--canopy-device-key") from None
+        logging.getLogger("pgro.run").info(
+            "canopy device key SPKI SHA-256 %s (enrol it in canopy with role backup-restore)",
+            fingerprint,
+        )
+    client = CanopyClient(url, socks5_proxy=socks5_proxy, device_cert=identity, ca_file=ca_file)
+    return client, options
 
 
 @click.command()

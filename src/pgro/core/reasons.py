@@ -23,6 +23,8 @@ SECRET_VALID: Final = "SecretValid"  # noqa: S105 (a wire name, not a password)
 CANOPY_SOURCED: Final = "CanopySourced"
 # pgro: canopy refused the replica's credentials (403) or its group is not ready (409).
 CANOPY_CREDENTIALS_REFUSED: Final = "CanopyCredentialsRefused"
+# pgro: the runtime has not obtained the replica's canopy credentials yet.
+CANOPY_CREDENTIALS_PENDING: Final = "CanopyCredentialsPending"
 SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105 (a wire name, not a password)
 SECRET_INVALID: Final = "SecretInvalid"  # noqa: S105 (a wire name, not a password)
 # pgro: the runtime could not check the Secret yet.

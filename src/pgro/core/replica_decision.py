@@ -218,15 +218,24 @@ def _credentials(p: _Pass) -> bool:
         p.draft.condition(reasons.KOPIA_SECRET_VALID, "False", reason, message)
         return False
     if replica.spec.canopy_source is not None:
-        refused = p.obs.secret
-        if refused is not None and refused.state is not SecretState.VALID:
+        check = p.obs.secret
+        if check is not None and check.state is SecretState.INVALID:
             # The runtime asked canopy for this group's credentials and was refused
             # (403: no enabled declaration covers it, 409: the group is not ready).
             p.draft.condition(
                 reasons.KOPIA_SECRET_VALID,
                 "False",
                 reasons.CANOPY_CREDENTIALS_REFUSED,
-                refused.detail,
+                check.detail,
+            )
+            return False
+        if check is not None and check.state is SecretState.NOT_FOUND:
+            # Not obtained yet (the first tick after a start): wait rather than fail.
+            p.draft.condition(
+                reasons.KOPIA_SECRET_VALID,
+                "Unknown",
+                reasons.CANOPY_CREDENTIALS_PENDING,
+                check.detail,
             )
             return False
         p.draft.condition(

@@ -201,6 +201,8 @@ class KopiaRepository:
             return ["repository", verb, "filesystem", f"--path={loc.path}", *common]
         assert isinstance(loc, S3Location)
         args = ["repository", verb, "s3", f"--bucket={loc.bucket}", f"--region={loc.region}"]
+        if loc.prefix:
+            args.append(f"--prefix={loc.prefix}")
         if loc.endpoint:
             args.append(f"--endpoint={loc.endpoint}")
             if loc.disable_tls:

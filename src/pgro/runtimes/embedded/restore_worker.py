@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -59,6 +61,7 @@ def credentials_to_json(creds: KopiaCredentials) -> dict[str, Any]:
             region=loc.region,
             endpoint=loc.endpoint,
             disableTls=loc.disable_tls,
+            prefix=loc.prefix,
             accessKeyId=creds.access_key_id,
             secretAccessKey=creds.secret_access_key,
         )
@@ -77,6 +80,7 @@ def credentials_from_json(doc: dict[str, Any]) -> KopiaCredentials:
             region=doc["region"],
             endpoint=doc.get("endpoint"),
             disable_tls=bool(doc.get("disableTls")),
+            prefix=doc.get("prefix") or "",
         ),
         repository_password=doc["repositoryPassword"],
         access_key_id=doc.get("accessKeyId"),
@@ -98,6 +102,70 @@ def _write_result(restore_dir: Path, result: WorkResult) -> None:
     os.replace(tmp, restore_dir / RESULT)
 
 
+PROXY_PORT_FILE = "proxy-port"
+PROXY_START_TIMEOUT_S = 30.0
+PROXY_STOP_TIMEOUT_S = 15.0
+
+
+def _start_proxy(proxy: dict[str, Any], restore_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start `pgro canopy-proxy` for this restore and wait for its port (the reference's
+    native sidecar, here a child of the worker). Only the proxy holds S3 credentials."""
+    port_file = restore_dir / PROXY_PORT_FILE
+    port_file.unlink(missing_ok=True)
+    args = [
+        proxy.get("python") or sys.executable,
+        "-m",
+        "pgro",
+        "canopy-proxy",
+        f"--broker-url={proxy['brokerUrl']}",
+        f"--group={proxy['group']}",
+        f"--type={proxy['type']}",
+        f"--region={proxy['region']}",
+        "--listen-host=127.0.0.1",
+        f"--port-file={port_file}",
+        f"--progress-interval={proxy.get('progressInterval') or 30}",
+    ]
+    for flag, key in (
+        ("--s3-endpoint", "s3Endpoint"),
+        ("--run-id", "runId"),
+        ("--progress-callback-url", "progressUrl"),
+        ("--stats-callback-url", "statsUrl"),
+    ):
+        if proxy.get(key):
+            args.append(f"{flag}={proxy[key]}")
+    # The proxy's log lines go to the worker's log (work.log), next to kopia's.
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=sys.stdout)
+    deadline = time.monotonic() + PROXY_START_TIMEOUT_S
+    while True:
+        try:
+            return proc, int(port_file.read_text().strip())
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            raise ProxyFailed(f"canopy-proxy exited with code {proc.returncode} before listening")
+        if time.monotonic() > deadline:
+            _stop_proxy(proc)
+            raise ProxyFailed(
+                f"canopy-proxy did not write its port file within {PROXY_START_TIMEOUT_S:.0f}s"
+            )
+        time.sleep(0.05)
+
+
+def _stop_proxy(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: the proxy posts its final traffic totals, then exits."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(PROXY_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class ProxyFailed(RuntimeError):
+    reason = "CanopyProxyFailed"
+
+
 def run(job: dict[str, Any]) -> WorkResult:
     restore_dir = Path(job["restoreDir"])
     target = restore_dir / DATA
@@ -115,18 +183,29 @@ def run(job: dict[str, Any]) -> WorkResult:
     if job.get("readOnly"):
         settings["default_transaction_read_only"] = "on"
     creds = credentials_from_json(job["credentials"])
+    proxy: subprocess.Popen[bytes] | None = None
     try:
+        if job.get("canopyProxy"):
+            proxy, port = _start_proxy(job["canopyProxy"], restore_dir)
+            loc = creds.location
+            assert isinstance(loc, S3Location)
+            creds = replace(
+                creds, location=replace(loc, endpoint=f"127.0.0.1:{port}", disable_tls=True)
+            )
         account = resolve_run_account()
         with KopiaRepository(creds, restore_dir / "kopia") as repo:
             restored = restore_snapshot(
                 repo, snapshot, target, account, SilentObserver(), settings=settings
             )
-    except (KopiaError, NotPostgres, BinariesMissing) as exc:
+    except (KopiaError, NotPostgres, BinariesMissing, ProxyFailed) as exc:
         return WorkResult(ok=False, reason=exc.reason, error=scrub(str(exc), creds.secret_values()))
     except Exception as exc:
         # The result lands in status: whatever the error says, secrets stay out of it.
         error = scrub(f"{type(exc).__name__}: {exc}", creds.secret_values())
         return WorkResult(ok=False, reason="UnexpectedError", error=error)
+    finally:
+        if proxy is not None:
+            _stop_proxy(proxy)
     return WorkResult(
         ok=True,
         postgres_version=restored.data.major,

@@ -8,6 +8,7 @@ supervised children. Every pass is level-triggered, so a restart at any point co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from pgro.api.phases import RestorePhase
 from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
-from pgro.api.secret import KopiaCredentials
+from pgro.canopy.client import CanopyClient
 from pgro.core.access import effective_read_only
 from pgro.core.observations import (
     Endpoint as ConnectionEndpoint,
@@ -61,11 +62,13 @@ from pgro.core.plan import (
     PatchRestoreStatus,
     PointServiceAt,
     PrepareRestoreStorage,
+    ReportVerification,
     RunSwitchoverStep,
     SendNotifications,
     StartRestoreWork,
     Step,
     SwitchoverStep,
+    VerificationOutcome,
     apply_in_order,
     unsupported_switchover_step,
 )
@@ -80,10 +83,12 @@ from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
 from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.postgres.binaries import find_binaries
+from pgro.postgres.health import check_health
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
 from pgro.postgres.users import RoleCredentials, provision_users
 from pgro.processes import process_args, read_pid, stop_postmaster_pid
 from pgro.runtimes.embedded import restore_worker as worker
+from pgro.runtimes.embedded.canopy import CanopyOptions, EmbeddedCanopy, is_canopy_managed
 from pgro.runtimes.embedded.credentials import CredentialStore
 from pgro.runtimes.embedded.manifest import (
     Manifest,
@@ -121,6 +126,8 @@ class RunOptions:
     tick: float = 1.0
     listen_host: str = "127.0.0.1"
     max_concurrent_restores: int = 2
+    # `--canopy-url`: the client to canopy and the syncer's settings; None: no canopy.
+    canopy: tuple[CanopyClient, CanopyOptions] | None = None
 
 
 @dataclass
@@ -183,6 +190,12 @@ class Runtime:
         self._last_queue_reconcile = self.clock()
         self._completed_seen: set[str] = set()
         self.notifier = Notifier(self.metrics, clock=self.clock)
+        self.canopy: EmbeddedCanopy | None = None
+        if options.canopy is not None:
+            client, canopy_options = options.canopy
+            self.canopy = EmbeddedCanopy(
+                client, canopy_options, self.store, clock=self.clock, rnd=self.random.random
+            )
 
     # -- manifests ----------------------------------------------------------------------
     def load(self) -> None:
@@ -199,9 +212,10 @@ class Runtime:
             if self.store.apply_replica(replica):
                 log.info("replica %s loaded", replica.key)
             self.replicas.setdefault(replica.key, _ReplicaRuntime())
-        for key in self.store.replica_keys():
-            if key not in wanted:
-                self._remove_replica(key)
+        for existing in self.store.replicas():
+            # Canopy's replicas are the syncer's to remove, not the manifests'.
+            if existing.key not in wanted and not is_canopy_managed(existing):
+                self._remove_replica(existing.key)
 
     def _manifests_changed(self) -> bool:
         return any(_mtime(p) != self._manifest_mtimes.get(p) for p in self.options.manifests)
@@ -242,6 +256,8 @@ class Runtime:
         if now - self._last_queue_reconcile >= QUEUE_RECONCILE_EVERY:
             self.queue = self.queue.reconcile(self._in_progress(), now)
             self._last_queue_reconcile = now
+        if self.canopy is not None:
+            self.canopy.poll(self._remove_replica)
         for key in self.store.replica_keys():
             self._collect_notifications(key)
             self._reconcile_replica(key, now)
@@ -268,7 +284,12 @@ class Runtime:
     # -- replicas -----------------------------------------------------------------------
     def _secret_check(self, replica: PostgresPhysicalReplica) -> SecretCheck | None:
         if replica.spec.canopy_source is not None:
-            return None
+            if self.canopy is None:
+                return SecretCheck.invalid(
+                    "the replica's credentials come from canopy, but this pgro run has no "
+                    "--canopy-url"
+                )
+            return self.canopy.secret_check(replica)
         try:
             kopia_credentials(self.manifest, replica)
         except ManifestError as exc:
@@ -305,6 +326,9 @@ class Runtime:
     # -- restores -----------------------------------------------------------------------
     def _restore_dir(self, restore: PostgresPhysicalRestore) -> Path:
         return self.state_dir / "restores" / restore.namespace / restore.name
+
+    def _restore_dir_named(self, replica: PostgresPhysicalReplica, name: str) -> Path:
+        return self.state_dir / "restores" / replica.namespace / name
 
     def _restore_key(self, restore: PostgresPhysicalRestore) -> str:
         return f"{restore.namespace}/{restore.name}"
@@ -416,9 +440,9 @@ class Runtime:
             case PrepareRestoreStorage():
                 assert restore is not None
                 self._prepare_storage(restore)
-            case StartRestoreWork():
+            case StartRestoreWork(run_id=run_id):
                 assert restore is not None
-                self._start_work(replica, restore)
+                self._start_work(replica, restore, run_id)
             case CleanupRestoreWork():
                 assert restore is not None
                 shutil.rmtree(self._restore_dir(restore) / "kopia", ignore_errors=True)
@@ -432,6 +456,8 @@ class Runtime:
                 self._unsupported_switchover_step(replica, kind)
             case SendNotifications(restore=name):
                 self._send_notifications(key, name)
+            case ReportVerification(restore=name, outcome=outcome):
+                self._report_details(replica, name, outcome)
             case _:
                 # Canopy reports, outgoing marks, notifications, migrations: not part of
                 # the embedded runtime yet; the decisions do not wait on them.
@@ -458,6 +484,29 @@ class Runtime:
             analytics.password,
             self.manifest.secrets,
         )
+
+    def _report_details(
+        self, replica: PostgresPhysicalReplica, restore_name: str, outcome: VerificationOutcome
+    ) -> None:
+        """Add what only the running server can tell to the report the decision persisted:
+        database sizes, the checks run on it, and the repairs made to the data directory.
+        Delivery happens in `EmbeddedCanopy`, with retries."""
+        if self.canopy is None:
+            return
+        fresh = self.store.replica(replica.key)
+        if fresh is None:
+            return
+        details: dict[str, Any] = {}
+        result = worker.read_result(self._restore_dir_named(replica, restore_name))
+        if result is not None and result.fixes is not None:
+            details["fixes"] = dict(result.fixes)
+        handle = self.servers.get(f"{replica.namespace}/{restore_name}")
+        if outcome is VerificationOutcome.SUCCESS and handle is not None:
+            health = check_health(handle.endpoint, "postgres")
+            details["checks"] = [c.as_dict() for c in health.checks]
+            if health.sizes:
+                details["sizes"] = dict(health.sizes)
+        self.canopy.add_details(fresh, restore_name, details or None)
 
     def _collect_notifications(self, key: str) -> None:
         statuses = self.notifier.take_status(key)
@@ -553,11 +602,21 @@ class Runtime:
             (rdir / worker.RESULT).write_text(json.dumps(result.__dict__))
 
     def _start_work(
-        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        run_id: str | None = None,
     ) -> None:
         if self._work(restore).state is not WorkState.NOT_STARTED:
             return
-        creds: KopiaCredentials = kopia_credentials(self.manifest, replica)
+        proxy: dict[str, Any] | None = None
+        if replica.spec.canopy_source is not None:
+            if self.canopy is None:
+                raise StepFailed("canopy replicas need pgro run --canopy-url")
+            # The run id from the step: this pass persisted it, `restore` predates that.
+            creds, proxy = self.canopy.restore_job(replica, restore, run_id)
+        else:
+            creds = kopia_credentials(self.manifest, replica)
         rdir = self._restore_dir(restore)
         rdir.mkdir(parents=True, exist_ok=True)
         job = {
@@ -567,6 +626,7 @@ class Runtime:
             "snapshotTime": restore.spec.snapshot_time,
             "readOnly": effective_read_only(replica, restore),
             "credentials": worker.credentials_to_json(creds),
+            "canopyProxy": proxy,
         }
         logf = (rdir / worker.LOG).open("ab")
         with deferred_interrupts():
@@ -655,20 +715,29 @@ class Runtime:
         rt = self.replicas.setdefault(replica.key, _ReplicaRuntime())
         if rt.listing_job is not None:
             return
-        creds = kopia_credentials(self.manifest, replica)
+        canopy = self.canopy
+        access: Any = None
+        if replica.spec.canopy_source is not None:
+            if canopy is None:
+                raise StepFailed("canopy replicas need pgro run --canopy-url")
+            access = canopy.listing(replica)
+        else:
+            access = contextlib.nullcontext(kopia_credentials(self.manifest, replica))
         previous = rt.listing
         state = (
             self.state_dir / "kopia" / f"{replica.namespace}-{replica.name}-{uuid.uuid4().hex[:8]}"
         )
 
         def list_now() -> SnapshotListing:
+            secrets: list[str] = []
             try:
-                with KopiaRepository(creds, state) as repo:
+                with access as creds, KopiaRepository(creds, state) as repo:
+                    secrets = creds.secret_values()
                     snapshots = repo.list_snapshots()
                 return record_listing_success(snapshots, self.clock())
             except Exception as exc:
                 # Shown in a condition message: never with a secret in it.
-                error = scrub(str(exc), creds.secret_values())
+                error = scrub(str(exc), secrets)
                 return record_listing_failure(previous, error, self.clock())
 
         rt.listing_job = self.pool.submit(list_now)
@@ -693,6 +762,8 @@ class Runtime:
             for state in self.endpoints.values():
                 state.endpoint.stop()
         self.notifier.shutdown()
+        if self.canopy is not None:
+            self.canopy.shutdown()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 

@@ -1,0 +1,5 @@
+"""`python -m pgro`: the same CLI as the `pgro` command."""
+
+from pgro.cli.main import main
+
+main()

@@ -1,0 +1,103 @@
+"""Verification reports: what the replica's status holds → the body canopy receives.
+
+Identity comes from the labels the syncer put on the replica (declaration, group,
+machine, type, intent), the verdict from the pending report the decision wrote. The
+machine is named as `server_id`: every canopy generation accepts it (the newest one also
+takes `machine_id`, the oldest only `server_id`), and naming both is a 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from pgro.api.names import (
+    LABEL_CANOPY_DECLARATION_ID,
+    LABEL_CANOPY_GROUP,
+    LABEL_CANOPY_INTENT,
+    LABEL_CANOPY_SERVER,
+    LABEL_CANOPY_TYPE,
+)
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.verification import PendingVerificationReport
+from pgro.canopy.wire import HealthDetails, VerificationArgs, describe_validation_error
+
+TRAFFIC_FIELDS: Final = (
+    "s3_sent_raw_bytes",
+    "s3_sent_payload_bytes",
+    "s3_received_raw_bytes",
+    "s3_received_payload_bytes",
+)
+
+
+class ReportUnsendable(ValueError):
+    """The report cannot be built (labels missing or malformed): retrying cannot help."""
+
+
+def traffic_from_stats(stats: Mapping[str, Any]) -> dict[str, int]:
+    """The proxy's final stats body (`sent_raw_bytes`, ...) → the report's `s3_*` fields.
+    Anything missing or malformed is left out rather than sent as 0."""
+    out: dict[str, int] = {}
+    for name in TRAFFIC_FIELDS:
+        value = stats.get(name.removeprefix("s3_"))
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            out[name] = value
+    return out
+
+
+def _uuid(labels: Mapping[str, str], key: str) -> UUID:
+    value = labels.get(key)
+    if not value:
+        raise ReportUnsendable(f"the replica has no {key} label")
+    try:
+        return UUID(value)
+    except ValueError:
+        raise ReportUnsendable(f"label {key}={value!r} is not a UUID") from None
+
+
+def verification_args(
+    replica: PostgresPhysicalReplica, report: PendingVerificationReport
+) -> VerificationArgs:
+    labels = replica.metadata.labels or {}
+    type_ = labels.get(LABEL_CANOPY_TYPE) or (
+        replica.spec.canopy_source.type if replica.spec.canopy_source else ""
+    )
+    intent = labels.get(LABEL_CANOPY_INTENT, "")
+    if not intent:
+        raise ReportUnsendable(f"the replica has no {LABEL_CANOPY_INTENT} label")
+    run_id: UUID | None
+    try:
+        run_id = UUID(report.run_id) if report.run_id else None
+    except ValueError:
+        run_id = None  # as the reference: a malformed run id is sent as absent
+    healthy = report.outcome == "success"
+    try:
+        details = (
+            HealthDetails.model_validate(report.health_details) if report.health_details else None
+        )
+    except ValidationError:
+        details = None  # details are extras: a bad one never holds back the verdict
+    try:
+        return VerificationArgs.model_validate(
+            {
+                "replica_id": _uuid(labels, LABEL_CANOPY_DECLARATION_ID),
+                "group": _uuid(labels, LABEL_CANOPY_GROUP),
+                "server_id": _uuid(labels, LABEL_CANOPY_SERVER),
+                "type": type_,
+                "intent": intent,
+                "snapshot_id": report.snapshot_id,
+                "outcome": report.outcome,
+                "error": None if healthy else (report.error or "restore failed"),
+                "replica_healthy": healthy,
+                "postgres_version": report.postgres_version,
+                "observed_at": report.observed_at,
+                "health_details": details,
+                "run_id": run_id,
+                **(report.traffic or {}),
+            }
+        )
+    except ValidationError as error:
+        raise ReportUnsendable(describe_validation_error(error)) from None

@@ -1,0 +1,391 @@
+"""Canopy in `pgro run`: the worklist syncer, the broker, and report delivery.
+
+Everything that talks to canopy runs in a small thread pool; the runtime's loop thread
+calls `poll` once per pass and applies what came back (the store is only touched from the
+loop thread). Replicas canopy wants live in the store as `<namespace>/canopy-replica`,
+exactly as the operator materialises them, labelled `pgro.bes.au/managed-by=pgro-canopy`;
+the manifests never remove them, the syncer does.
+
+The credential broker and the proxies' callbacks are served on loopback on a port kept
+in the state database, so a restore's proxy that outlived a `pgro run` restart still
+reaches the broker of the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pgro.api.names import CANOPY_MANAGED_BY_VALUE, LABEL_CANOPY_MANAGED_BY
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.secret import KopiaCredentials
+from pgro.api.verification import PendingVerificationReport
+from pgro.canopy import reports
+from pgro.canopy.access import CanopyRepository, broker_source, listing_access
+from pgro.canopy.broker import Callbacks, CredentialBroker, serve
+from pgro.canopy.client import CanopyClient, CanopyError
+from pgro.canopy.materialise import ExistingReplica, plan_sync
+from pgro.canopy.naming import REPLICA_NAME
+from pgro.canopy.proxy import DEFAULT_PROGRESS_INTERVAL
+from pgro.canopy.syncer import (
+    DEFAULT_INTERVAL,
+    DEFAULT_REMOVAL_GRACE,
+    SyncTick,
+    capability_retry_delay,
+    fetch_tick,
+    jittered,
+)
+from pgro.core import reasons
+from pgro.core import verification_reports as vr
+from pgro.core.observations import SecretCheck
+from pgro.postgres.server import free_port
+from pgro.runtimes.embedded.store import Store
+
+log = logging.getLogger("pgro.run.canopy")
+
+BROKER_HOST = "127.0.0.1"
+BROKER_PORT_SETTING = "canopy-broker-port"
+# Canopy's answers to a report that no retry can change: malformed (400, 422), or naming
+# a declaration that no longer exists (404: "refused rather than recorded").
+DEFINITIVE_REFUSALS = frozenset({400, 404, 422})
+
+
+@dataclass(frozen=True)
+class CanopyOptions:
+    s3_endpoint: str | None = None
+    interval: timedelta = DEFAULT_INTERVAL
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL
+    removal_grace: timedelta = DEFAULT_REMOVAL_GRACE
+
+
+@dataclass
+class _Delivery:
+    replica: str
+    report: str
+    future: Future[None]
+
+
+@dataclass
+class _State:
+    repositories: dict[str, CanopyRepository] = field(default_factory=dict)
+    refusals: dict[str, str] = field(default_factory=dict)
+    # Replica key → when a fetched worklist first did not list it.
+    absent_since: dict[str, datetime] = field(default_factory=dict)
+    ticks: int = 0
+
+
+def is_canopy_managed(replica: PostgresPhysicalReplica) -> bool:
+    labels = replica.metadata.labels or {}
+    return labels.get(LABEL_CANOPY_MANAGED_BY) == CANOPY_MANAGED_BY_VALUE
+
+
+class EmbeddedCanopy:
+    def __init__(
+        self,
+        client: CanopyClient,
+        options: CanopyOptions,
+        store: Store,
+        *,
+        clock: Callable[[], datetime],
+        rnd: Callable[[], float] = random.random,
+    ) -> None:
+        self.client = client
+        self.options = options
+        self.store = store
+        self.clock = clock
+        self.rnd = rnd
+        self.broker = CredentialBroker(client, clock=clock)
+        self.callbacks = Callbacks(client)
+        stored = store.setting(BROKER_PORT_SETTING)
+        port = int(stored) if stored else free_port(BROKER_HOST)
+        self.server = serve(self.broker, BROKER_HOST, port, self.callbacks)
+        if not stored:
+            store.set_setting(BROKER_PORT_SETTING, str(port))
+        self.base_url = f"http://{BROKER_HOST}:{port}"
+        self.pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="canopy")
+        self.state = _State()
+        self._capabilities: Future[None] | None = self.pool.submit(client.register_capabilities)
+        self._capability_attempts = 0
+        self._capabilities_at: float | None = None
+        self._tick: Future[SyncTick] | None = None
+        self._next_tick = 0.0
+        self._deliveries: list[_Delivery] = []
+        log.info("canopy: %r; broker on %s", client, self.base_url)
+
+    # -- the loop thread's entry point ---------------------------------------------------
+    def poll(self, remove_replica: Callable[[str], None]) -> None:
+        self._poll_capabilities()
+        self._poll_tick(remove_replica)
+        self._poll_deliveries()
+
+    def _poll_capabilities(self) -> None:
+        now = time.monotonic()
+        if self._capabilities is None:
+            if self._capabilities_at is not None and now >= self._capabilities_at:
+                self._capabilities = self.pool.submit(self.client.register_capabilities)
+                self._capabilities_at = None
+            return
+        if not self._capabilities.done():
+            return
+        error = self._capabilities.exception()
+        self._capabilities = None
+        if error is None:
+            log.info("canopy: intents advertised (verify, upgrade, analytics)")
+            return
+        self._capability_attempts += 1
+        delay = capability_retry_delay(self._capability_attempts)
+        log.warning(
+            "canopy: advertising intents failed (attempt %d), again in %ds: %s",
+            self._capability_attempts,
+            delay.total_seconds(),
+            error,
+        )
+        self._capabilities_at = now + delay.total_seconds()
+
+    def _poll_tick(self, remove_replica: Callable[[str], None]) -> None:
+        if self._tick is None:
+            # The first tick waits for the first capabilities attempt: canopy lists only
+            # intents it knows this device handles.
+            first_pending = self.state.ticks == 0 and self._capabilities is not None
+            if time.monotonic() >= self._next_tick and not first_pending:
+                self._tick = self.pool.submit(fetch_tick, self.client, self.broker)
+            return
+        if not self._tick.done():
+            return
+        tick = self._tick.result()
+        self._tick = None
+        self.state.ticks += 1
+        self._next_tick = time.monotonic() + jittered(self.options.interval, self.rnd)
+        self._apply(tick, remove_replica)
+
+    # -- applying a tick -----------------------------------------------------------------
+    def _apply(self, tick: SyncTick, remove_replica: Callable[[str], None]) -> None:
+        existing = {
+            r.namespace: ExistingReplica(r.namespace, r.status.canopy_desired_snapshot_id)
+            for r in self.store.replicas()
+            if is_canopy_managed(r)
+        }
+        plan = plan_sync(tick.worklist, existing)
+        if not plan.fetched:
+            return
+        for problem in plan.problems:
+            log.warning("canopy worklist: %s", problem)
+        if plan.deletions_withheld:
+            log.warning("canopy worklist: %s", plan.deletions_withheld)
+        for change in plan.apply:
+            desired = change.desired
+            replica = desired.replica()
+            key = replica.key
+            if self.store.apply_replica(replica):
+                log.info("canopy: replica %s applied (%s)", key, desired.entry.describe())
+            if change.desired_snapshot_patch is not None:
+                self.store.patch_replica_status(
+                    key, {"canopyDesiredSnapshotId": change.desired_snapshot_patch}
+                )
+                log.info(
+                    "canopy: %s should restore snapshot %s", key, change.desired_snapshot_patch
+                )
+            entry = desired.entry
+            group_type = (str(entry.group_id), entry.type)
+            password = tick.passwords.get(group_type)
+            if password is not None:
+                self.state.repositories[key] = CanopyRepository(
+                    entry.bucket, entry.region, entry.prefix, password
+                )
+            refusal = tick.refusals.get(group_type)
+            if refusal is not None:
+                self.state.refusals[key] = refusal
+            elif password is not None:
+                self.state.refusals.pop(key, None)
+        now = self.clock()
+        listed = {f"{c.desired.namespace}/{REPLICA_NAME}" for c in plan.apply}
+        listed |= {f"{namespace}/{REPLICA_NAME}" for namespace in plan.kept}
+        for key in listed:
+            self.state.absent_since.pop(key, None)
+        for namespace in plan.delete:
+            key = f"{namespace}/{REPLICA_NAME}"
+            since = self.state.absent_since.setdefault(key, now)
+            if now - since < self.options.removal_grace:
+                continue
+            held = self.store.replica(key)
+            if held is not None and vr.holds_removal(held.status.pending_verification_reports):
+                log.info("canopy no longer lists %s; kept until its report is delivered", key)
+                continue
+            log.info("canopy no longer lists %s: removing it", key)
+            remove_replica(key)
+            self.state.repositories.pop(key, None)
+            self.state.refusals.pop(key, None)
+            self.state.absent_since.pop(key, None)
+
+    # -- what the runtime asks ------------------------------------------------------------
+    def secret_check(self, replica: PostgresPhysicalReplica) -> SecretCheck:
+        refusal = self.state.refusals.get(replica.key)
+        if refusal is not None:
+            return SecretCheck.invalid(refusal)
+        if replica.key in self.state.repositories:
+            return SecretCheck.valid()
+        return SecretCheck.not_found("waiting for the repository password from canopy")
+
+    def repository(self, replica: PostgresPhysicalReplica) -> CanopyRepository:
+        repo = self.state.repositories.get(replica.key)
+        if repo is None:
+            raise RuntimeError(f"{replica.key}: canopy has not issued its repository password yet")
+        return repo
+
+    def listing(self, replica: PostgresPhysicalReplica) -> Any:
+        """A context manager giving kopia credentials through an in-process proxy."""
+        source = replica.spec.canopy_source
+        assert source is not None
+        return listing_access(
+            self.repository(replica),
+            broker_source(self.broker, source.group, source.type),
+            s3_endpoint=self.options.s3_endpoint,
+        )
+
+    def restore_job(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        run_id: str | None,
+    ) -> tuple[KopiaCredentials, dict[str, Any]]:
+        """Kopia's credentials (the proxy's endpoint is filled in by the worker) and how
+        the worker starts its `pgro canopy-proxy`."""
+        source = replica.spec.canopy_source
+        assert source is not None
+        repo = self.repository(replica)
+        job = f"{restore.namespace}/{restore.name}"
+        run_id = run_id or restore.status.run_id
+        proxy: dict[str, Any] = {
+            "python": sys.executable,
+            "brokerUrl": self.base_url,
+            "group": source.group,
+            "type": source.type,
+            "region": repo.region,
+            "s3Endpoint": self.options.s3_endpoint,
+            "runId": run_id,
+            "statsUrl": f"{self.base_url}/api/v1/canopy-stats/{job}",
+            "progressUrl": f"{self.base_url}/api/v1/canopy-progress/{job}" if run_id else None,
+            "progressInterval": self.options.progress_interval,
+        }
+        return repo.through(""), proxy
+
+    # -- verification reports -------------------------------------------------------------
+    def add_details(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: str,
+        health_details: dict[str, Any] | None,
+    ) -> None:
+        """Merge what the runtime measured into the restore's waiting report."""
+        pending = replica.status.pending_verification_reports
+        target = next((r for r in pending if r.restore == restore), None)
+        if target is None:
+            return
+        traffic = None
+        stats = self.callbacks.take_stats(f"{replica.namespace}/{restore}")
+        if stats is not None and target.traffic is None:
+            traffic = reports.traffic_from_stats(stats)
+        updated = vr.with_details(
+            pending, target.key, health_details=health_details, traffic=traffic
+        )
+        if updated != list(pending):
+            self.store.patch_replica_status(replica.key, vr.status_patch(updated))
+
+    def _poll_deliveries(self) -> None:
+        for delivery in [d for d in self._deliveries if d.future.done()]:
+            self._deliveries.remove(delivery)
+            self._settle(delivery)
+        now = self.clock()
+        busy = {(d.replica, d.report) for d in self._deliveries}
+        for replica in self.store.replicas():
+            if not is_canopy_managed(replica):
+                continue
+            for report in vr.due(replica.status.pending_verification_reports, now):
+                if (replica.key, report.key) in busy:
+                    continue
+                self._deliver(replica, report)
+
+    def _deliver(self, replica: PostgresPhysicalReplica, report: PendingVerificationReport) -> None:
+        if report.traffic is None:
+            self.add_details(replica, report.restore, None)
+            fresh = self.store.replica(replica.key)
+            if fresh is None:
+                return
+            replica = fresh
+            report = next(
+                (r for r in replica.status.pending_verification_reports if r.key == report.key),
+                report,
+            )
+        try:
+            args = reports.verification_args(replica, report)
+        except reports.ReportUnsendable as exc:
+            self._drop(replica.key, report, f"the report cannot be built: {exc}")
+            return
+        future = self.pool.submit(self.client.report_verification, args)
+        self._deliveries.append(_Delivery(replica.key, report.key, future))
+
+    def _settle(self, delivery: _Delivery) -> None:
+        replica = self.store.replica(delivery.replica)
+        if replica is None:
+            return
+        pending = replica.status.pending_verification_reports
+        report = next((r for r in pending if r.key == delivery.report), None)
+        if report is None:
+            return
+        error = delivery.future.exception()
+        if error is None:
+            log.info(
+                "canopy accepted the %s report on %s (snapshot %s)",
+                report.outcome,
+                replica.key,
+                report.snapshot_id,
+            )
+            self.store.patch_replica_status(
+                replica.key, vr.status_patch(vr.delivered(pending, report.key))
+            )
+            return
+        if isinstance(error, CanopyError) and error.status in DEFINITIVE_REFUSALS:
+            self._drop(replica.key, report, f"canopy refused it: {error}")
+            return
+        updated = vr.attempt_failed(pending, report.key, self.clock(), str(error))
+        attempt = next(r for r in updated if r.key == report.key)
+        log.warning(
+            "canopy report on %s not delivered (attempt %d, next at %s): %s",
+            replica.key,
+            attempt.attempts,
+            attempt.next_attempt_at,
+            error,
+        )
+        self.store.patch_replica_status(replica.key, vr.status_patch(updated))
+
+    def _drop(self, key: str, report: PendingVerificationReport, why: str) -> None:
+        replica = self.store.replica(key)
+        if replica is None:
+            return
+        pending = vr.rejected(replica.status.pending_verification_reports, report.key)
+        self.store.patch_replica_status(key, vr.status_patch(pending))
+        note = f"The {report.outcome} report on restore {report.restore} was dropped: {why}"
+        self.store.add_event(
+            key, "Warning", reasons.EVENT_VERIFICATION_REPORT_REJECTED, note, report.restore
+        )
+        log.warning("%s: %s", key, note)
+
+    # -- shutdown -----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+def state_dir_for_device(state_dir: Path) -> Path:
+    return state_dir / "canopy-device"
