@@ -11,9 +11,10 @@ from http.server import ThreadingHTTPServer
 import httpx
 import pytest
 
-from pgro.canopy.broker import CredentialBroker, serve
+from pgro.canopy.broker import Callbacks, CredentialBroker, serve
 from pgro.canopy.client import CanopyClient
 from pgro.canopy.proxy import BrokerCredentialSource, CredentialsUnavailable
+from pgro.canopy.syncer import fetch_tick
 from pgro.postgres.server import free_port
 from tests.fixtures.canopy_stub import (
     BACKUP_TYPE,
@@ -110,3 +111,91 @@ def test_no_canopy_is_a_503_and_bad_requests_a_400() -> None:
     assert configured.handle(b"not json")[0] == 400
     assert configured.handle(b'{"type": "t"}')[0] == 400
     assert configured.handle(b'{"group": "not-a-uuid", "type": "t"}')[0] == 400
+
+
+# -- the proxies' callbacks, served next to the broker -----------------------------------
+
+
+@pytest.fixture
+def with_callbacks(stub: CanopyStub) -> Iterator[tuple[Callbacks, str]]:
+    client = CanopyClient(stub.url)
+    callbacks = Callbacks(client)
+    port = free_port()
+    server = serve(CredentialBroker(client), "127.0.0.1", port, callbacks)
+    yield callbacks, f"http://127.0.0.1:{port}"
+    server.shutdown()
+    client.close()
+
+
+def test_final_stats_are_kept_until_taken(with_callbacks: tuple[Callbacks, str]) -> None:
+    callbacks, url = with_callbacks
+    body = {"sent_raw_bytes": 1, "sent_payload_bytes": 2, "received_raw_bytes": 3}
+    answer = httpx.post(f"{url}/api/v1/canopy-stats/ns-1/r-1-restore", json=body)
+    assert answer.status_code == 204
+    assert callbacks.take_stats("ns-1/r-1-restore") == body
+    assert callbacks.take_stats("ns-1/r-1-restore") is None
+    assert httpx.post(f"{url}/api/v1/canopy-stats/ns-1/r-1", content=b"[1]").status_code == 400
+    assert httpx.post(f"{url}/api/v1/canopy-other/ns-1/r-1", json={}).status_code == 404
+
+
+def test_progress_is_relayed_to_canopy_and_bad_samples_dropped(
+    stub: CanopyStub, with_callbacks: tuple[Callbacks, str]
+) -> None:
+    callbacks, url = with_callbacks
+    run = str(uuid.uuid4())
+    sample = {
+        "run_id": run,
+        "type": BACKUP_TYPE,
+        "purpose": "restore",
+        "s3_received_payload_bytes": 10,
+        "extra": {},
+    }
+    assert httpx.post(f"{url}/api/v1/canopy-progress/ns-1/r-1", json=sample).status_code == 204
+    [relayed] = stub.progress()
+    assert relayed.body["run_id"] == run and relayed.body["s3_received_payload_bytes"] == 10
+    # A malformed sample, or canopy refusing it, still gets the proxy its 204.
+    bad = {"run_id": "not-a-uuid", "type": BACKUP_TYPE}
+    assert httpx.post(f"{url}/api/v1/canopy-progress/ns-1/r-1", json=bad).status_code == 204
+    stub.fail("backup-progress", 429)
+    assert httpx.post(f"{url}/api/v1/canopy-progress/ns-1/r-1", json=sample).status_code == 204
+    assert len(stub.progress()) == 1 and callbacks.relayed == 1
+
+
+# -- one syncer tick --------------------------------------------------------------------
+
+
+def test_a_tick_reads_passwords_through_the_broker_cache(stub: CanopyStub) -> None:
+    stub.advertise(["verify"])
+    client = CanopyClient(stub.url)
+    broker = CredentialBroker(client)
+    first = fetch_tick(client, broker)
+    again = fetch_tick(client, broker)
+    assert first.worklist is not None and len(first.worklist.entries) == 1
+    assert first.passwords == {(GROUP_ID, BACKUP_TYPE): REPO_PASSWORD} == again.passwords
+    assert REPO_PASSWORD not in repr(first)
+    # Minted once for both ticks (the reference minted per entry per tick).
+    assert stub.issuance_count(GROUP_ID, BACKUP_TYPE) == 1
+
+
+@pytest.mark.parametrize("status", [403, 409])
+def test_a_tick_names_a_refusal(stub: CanopyStub, status: int) -> None:
+    stub.advertise(["verify"])
+    stub.fail("restore-credentials", status)
+    client = CanopyClient(stub.url)
+    tick = fetch_tick(client, CredentialBroker(client))
+    assert tick.worklist is not None and tick.passwords == {}
+    message = tick.refusals[(GROUP_ID, BACKUP_TYPE)]
+    assert f"HTTP {status}" in message and GROUP_ID in message
+
+
+def test_a_tick_with_canopy_down_changes_nothing(stub: CanopyStub) -> None:
+    stub.advertise(["verify"])
+    stub.fail("restore-worklist", 503)
+    client = CanopyClient(stub.url)
+    tick = fetch_tick(client, CredentialBroker(client))
+    assert tick.worklist is None and tick.error is not None and "503" in tick.error
+    stub.clear_failures()
+    stub.fail("restore-credentials", 502)
+    tick = fetch_tick(client, CredentialBroker(client))
+    # A transient credential failure is neither a password nor a refusal.
+    assert tick.worklist is not None and tick.passwords == {} and tick.refusals == {}

@@ -1,0 +1,126 @@
+"""Pending reports → the verification body canopy receives; syncer timing helpers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.verification import PendingVerificationReport
+from pgro.canopy import reports
+from pgro.canopy.naming import canopy_labels
+from pgro.canopy.syncer import capability_retry_delay, jittered
+
+REPLICA_ID = UUID("11111111-1111-1111-1111-111111111111")
+GROUP = UUID("22222222-2222-2222-2222-222222222222")
+MACHINE = UUID("33333333-3333-3333-3333-333333333333")
+RUN = "0b0e7f7e-0d1a-4b7e-8f3e-5f8b1c2d3e4f"
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def _replica(labels: dict[str, str] | None = None) -> PostgresPhysicalReplica:
+    if labels is None:
+        labels = canopy_labels(
+            replica_id=REPLICA_ID,
+            group_id=GROUP,
+            server_id=MACHINE,
+            type="tamanu-postgres",
+            intent="verify",
+        )
+    return PostgresPhysicalReplica.model_validate(
+        {
+            "metadata": {
+                "name": "canopy-replica",
+                "namespace": "int-test-15de9039",
+                "labels": labels,
+            },
+            "spec": {
+                "schedule": "H * * * *",
+                "canopySource": {"group": str(GROUP), "type": "tamanu-postgres"},
+            },
+        }
+    )
+
+
+def _report(**fields: Any) -> PendingVerificationReport:
+    base: dict[str, Any] = {
+        "restore": "r-1",
+        "runId": RUN,
+        "snapshotId": "kA",
+        "outcome": "success",
+        "observedAt": "2026-11-27T12:00:00Z",
+        "postgresVersion": "15",
+    }
+    return PendingVerificationReport.model_validate({**base, **fields})
+
+
+def test_success_report_from_labels_and_details() -> None:
+    report = _report(
+        healthDetails={
+            "restore_duration_sec": 42,
+            "sizes": {"myapp": 1000},
+            "fixes": {"reset_wal": False},
+            "checks": [{"name": "connect", "status": "pass", "detail": "ok"}],
+        },
+        traffic={"s3_received_payload_bytes": 123, "s3_sent_raw_bytes": 7},
+    )
+    wire = reports.verification_args(_replica(), report).to_wire()
+    assert wire["replica_id"] == str(REPLICA_ID) and wire["group"] == str(GROUP)
+    assert wire["server_id"] == str(MACHINE) and "machine_id" not in wire
+    assert (wire["type"], wire["intent"]) == ("tamanu-postgres", "verify")
+    assert (wire["outcome"], wire["replica_healthy"]) == ("success", True)
+    assert "error" not in wire and wire["run_id"] == RUN
+    assert wire["observed_at"].startswith("2026-11-27T12:00:00")
+    assert wire["health_details"]["sizes"] == {"myapp": 1000}
+    assert wire["s3_received_payload_bytes"] == 123 and wire["s3_sent_raw_bytes"] == 7
+    # Unmeasured counters are left out, not sent as 0.
+    assert "s3_sent_payload_bytes" not in wire
+
+
+def test_failure_report_carries_the_reason_and_a_bad_run_id_is_absent() -> None:
+    wire = reports.verification_args(
+        _replica(), _report(outcome="failure", error="NotPostgres: no PG_VERSION", runId="x")
+    ).to_wire()
+    assert (wire["outcome"], wire["replica_healthy"]) == ("failure", False)
+    assert wire["error"] == "NotPostgres: no PG_VERSION"
+    assert "run_id" not in wire and "health_details" not in wire
+
+
+def test_unknown_detail_keys_never_hold_back_the_verdict() -> None:
+    wire = reports.verification_args(_replica(), _report(healthDetails={"surprise": 1})).to_wire()
+    assert "health_details" not in wire and wire["outcome"] == "success"
+
+
+@pytest.mark.parametrize("missing", ["pgro.bes.au/declaration-id", "pgro.bes.au/server"])
+def test_missing_identity_cannot_be_sent(missing: str) -> None:
+    labels = canopy_labels(
+        replica_id=REPLICA_ID,
+        group_id=GROUP,
+        server_id=MACHINE,
+        type="tamanu-postgres",
+        intent="verify",
+    )
+    del labels[missing]
+    with pytest.raises(reports.ReportUnsendable, match=missing):
+        reports.verification_args(_replica(labels), _report())
+
+
+def test_traffic_from_the_proxys_final_stats() -> None:
+    stats = {"sent_raw_bytes": 1, "sent_payload_bytes": 2, "received_raw_bytes": 3}
+    stats["received_payload_bytes"] = -1  # malformed: left out
+    assert reports.traffic_from_stats({**stats, "extra": True}) == {
+        "s3_sent_raw_bytes": 1,
+        "s3_sent_payload_bytes": 2,
+        "s3_received_raw_bytes": 3,
+    }
+
+
+def test_tick_jitter_and_capability_backoff() -> None:
+    assert jittered(timedelta(seconds=30), lambda: 0.0) == pytest.approx(24)
+    assert jittered(timedelta(seconds=30), lambda: 1.0) == pytest.approx(36)
+    delays = [capability_retry_delay(n).total_seconds() for n in range(1, 10)]
+    assert delays[:8] == [1, 2, 4, 8, 16, 32, 64, 128][:7] + [3600]
+    assert delays[8] == 3600
