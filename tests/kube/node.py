@@ -19,11 +19,12 @@ How a container becomes a process (the node's "images"):
 
 Mapping the container's view onto the host:
 
-- Volumes: PVC → `<root>/pvc/<namespace>/<claim>` (or the bound PV's hostPath); emptyDir,
-  secret and configMap volumes → `<root>/pods/<uid>/<volume>`. A PVC that is not bound yet is
-  provisioned on first use: the node creates a hostPath PV pre-bound to it (like a
-  WaitForFirstConsumer provisioner) and the real PV controller binds them; a released PV is
-  deleted with its directory (reclaim policy Delete).
+- Volumes: PVC → `<root>/pvc/<namespace>/<claim>` (or the bound PV's hostPath); emptyDir
+  (`medium: Memory` too: a plain directory, `sizeLimit` not enforced), secret and configMap
+  volumes → `<root>/pods/<uid>/<volume>`, one directory every container of the pod shares.
+  A PVC that is not bound yet is provisioned on first use: the node creates a hostPath PV
+  pre-bound to it (like a WaitForFirstConsumer provisioner) and the real PV controller binds
+  them; a released PV is deleted with its directory (reclaim policy Delete).
 - Paths: in env `value`s, command, args, workingDir and exec probes, every occurrence of a
   mountPath (or the terminationMessagePath) at a path boundary becomes the host path (longest
   mountPath first), e.g. `/pgdata/x`, `--dir=/pgdata`, `sh -c "ls /tmp/kopia/cache"`. Paths a
@@ -39,10 +40,18 @@ Mapping the container's view onto the host:
   `-c unix_socket_directories=<per-pod dir>`; `pg_ctl` finds that wrapper too, and `PGHOST`
   defaults to the per-pod socket dir, so several servers on port 5432 coexist and in-pod
   clients without a host reach their own pod's server. `localhost` is the host's, not the
-  pod's: use the pod IP (fieldRef status.podIP) or the socket.
+  pod's: use the pod IP (fieldRef status.podIP) or the socket. Two containers of one pod can
+  still meet on 127.0.0.1 (a sidecar and its client) if the listener takes an ephemeral port
+  and tells the other through a shared volume: fake pods share the host's loopback.
 - Probes: exec, tcpSocket and httpGet; every 1 s whatever periodSeconds says, the first one
   after min(initialDelaySeconds, 1 s). Readiness drives the Ready condition; liveness and
   startup probes restart the container.
+- Native sidecars (init containers with `restartPolicy: Always`) start in their place among
+  the init containers, and the next one waits until the sidecar runs (and passed its startup
+  probe); they keep running (restarted when they exit) beside the regular containers. Once
+  every regular container has exited for good they are stopped, in reverse order, and the pod
+  phase is the regular containers' verdict. On pod deletion they are stopped after the
+  regular containers.
 - Restarts (`Always`/`OnFailure`, native sidecars) happen 1 s after the exit: no CrashLoopBackOff
   growth. Stop signal: SIGINT for the postgres image (its STOPSIGNAL), else SIGTERM; SIGKILL
   after the grace period.
@@ -969,12 +978,21 @@ class _PodRunner(threading.Thread):
                 c.proc.wait()
             self._kill_leftovers(c)
 
+    def _stop_sidecars(self, grace: float) -> list[_Container]:
+        """Stop the running native sidecars as kubelet does once the regular containers are
+        gone: one at a time in reverse order of the spec, within one grace period. Returns
+        those stopped (their exits are not recorded yet)."""
+        live = [c for c in self._sidecars() if c.running()]
+        deadline = time.monotonic() + grace
+        for c in reversed(live):
+            self._kill([c], max(0.0, deadline - time.monotonic()))
+        return live
+
     def _finish(self, phase: str) -> None:
-        sidecars = [c for c in self._sidecars() if c.running()]
-        if sidecars:
-            self._kill(sidecars, self._grace())
-            for c in sidecars:
-                self._record_exit(c)
+        """The regular containers are done: `phase` is theirs, whatever the sidecars do on
+        their way out (SIGTERM, then SIGKILL after the grace period)."""
+        for c in self._stop_sidecars(self._grace()):
+            self._record_exit(c)
         for c in self.containers:
             c.done = True
         self.phase = phase
@@ -992,8 +1010,12 @@ class _PodRunner(threading.Thread):
         return float(pod_grace)
 
     def _terminate(self) -> None:
+        # Regular (and init) containers first; native sidecars outlive them, as in kubelet.
         live = [c for c in self.containers if c.running()]
-        self._kill(live, self._grace())
+        grace = self._grace()
+        deadline = time.monotonic() + grace
+        self._kill([c for c in live if c.kind != "sidecar"], grace)
+        self._stop_sidecars(max(0.0, deadline - time.monotonic()))
         for c in live:
             self._record_exit(c)
         if not self.terminal:

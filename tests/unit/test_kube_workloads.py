@@ -365,7 +365,9 @@ def test_restore_job_extra_config_passed_to_restore_job() -> None:
 def test_restore_job_canopy_path_reads_canopy_secret() -> None:
     rep = replica(kopiaSecretRef=None, canopySource={"group": "g", "type": "t"})
     env = env_map(
-        wl.restore_job(rep, restore(), CONFIG)["spec"]["template"]["spec"]["containers"][0]
+        wl.restore_job(
+            rep, restore(), CONFIG, canopy=wl.CanopyJobSettings("http://broker", "http://cb")
+        )["spec"]["template"]["spec"]["containers"][0]
     )
     assert env["KOPIA_PASSWORD"] == secret_ref("fiji-canopy-creds", "repositoryPassword")
 

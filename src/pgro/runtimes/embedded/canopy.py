@@ -28,11 +28,10 @@ from pgro.api.names import CANOPY_MANAGED_BY_VALUE, LABEL_CANOPY_MANAGED_BY
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
-from pgro.api.verification import PendingVerificationReport
-from pgro.canopy import reports
 from pgro.canopy.access import CanopyRepository, broker_source, listing_access
 from pgro.canopy.broker import Callbacks, CredentialBroker, serve
-from pgro.canopy.client import CanopyClient, CanopyError
+from pgro.canopy.client import CanopyClient
+from pgro.canopy.courier import ReportCourier
 from pgro.canopy.materialise import ExistingReplica, plan_sync
 from pgro.canopy.naming import REPLICA_NAME
 from pgro.canopy.proxy import DEFAULT_PROGRESS_INTERVAL
@@ -54,9 +53,6 @@ log = logging.getLogger("pgro.run.canopy")
 
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT_SETTING = "canopy-broker-port"
-# Canopy's answers to a report that no retry can change: malformed (400, 422), or naming
-# a declaration that no longer exists (404: "refused rather than recorded").
-DEFINITIVE_REFUSALS = frozenset({400, 404, 422})
 
 
 @dataclass(frozen=True)
@@ -65,13 +61,6 @@ class CanopyOptions:
     interval: timedelta = DEFAULT_INTERVAL
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL
     removal_grace: timedelta = DEFAULT_REMOVAL_GRACE
-
-
-@dataclass
-class _Delivery:
-    replica: str
-    report: str
-    future: Future[None]
 
 
 @dataclass
@@ -118,7 +107,9 @@ class EmbeddedCanopy:
         self._capabilities_at: float | None = None
         self._tick: Future[SyncTick] | None = None
         self._next_tick = 0.0
-        self._deliveries: list[_Delivery] = []
+        self.courier = ReportCourier(
+            client.report_verification, self.pool, clock, callbacks=self.callbacks
+        )
         log.info("canopy: %r; broker on %s", client, self.base_url)
 
     # -- the loop thread's entry point ---------------------------------------------------
@@ -285,99 +276,37 @@ class EmbeddedCanopy:
         restore: str,
         health_details: dict[str, Any] | None,
     ) -> None:
-        """Merge what the runtime measured into the restore's waiting report."""
+        """Merge what the runtime measured into the restore's waiting report (delivered
+        from the next pass on, so the details always go with it)."""
         pending = replica.status.pending_verification_reports
         target = next((r for r in pending if r.restore == restore), None)
         if target is None:
             return
-        traffic = None
-        stats = self.callbacks.take_stats(f"{replica.namespace}/{restore}")
-        if stats is not None and target.traffic is None:
-            traffic = reports.traffic_from_stats(stats)
-        updated = vr.with_details(
-            pending, target.key, health_details=health_details, traffic=traffic
-        )
+        updated = vr.with_details(pending, target.key, health_details=health_details)
         if updated != list(pending):
             self.store.patch_replica_status(replica.key, vr.status_patch(updated))
 
     def _poll_deliveries(self) -> None:
-        for delivery in [d for d in self._deliveries if d.future.done()]:
-            self._deliveries.remove(delivery)
-            self._settle(delivery)
-        now = self.clock()
-        busy = {(d.replica, d.report) for d in self._deliveries}
         for replica in self.store.replicas():
             if not is_canopy_managed(replica):
                 continue
-            for report in vr.due(replica.status.pending_verification_reports, now):
-                if (replica.key, report.key) in busy:
-                    continue
-                self._deliver(replica, report)
-
-    def _deliver(self, replica: PostgresPhysicalReplica, report: PendingVerificationReport) -> None:
-        if report.traffic is None:
-            self.add_details(replica, report.restore, None)
-            fresh = self.store.replica(replica.key)
-            if fresh is None:
-                return
-            replica = fresh
-            report = next(
-                (r for r in replica.status.pending_verification_reports if r.key == report.key),
-                report,
-            )
-        try:
-            args = reports.verification_args(replica, report)
-        except reports.ReportUnsendable as exc:
-            self._drop(replica.key, report, f"the report cannot be built: {exc}")
-            return
-        future = self.pool.submit(self.client.report_verification, args)
-        self._deliveries.append(_Delivery(replica.key, report.key, future))
-
-    def _settle(self, delivery: _Delivery) -> None:
-        replica = self.store.replica(delivery.replica)
-        if replica is None:
-            return
-        pending = replica.status.pending_verification_reports
-        report = next((r for r in pending if r.key == delivery.report), None)
-        if report is None:
-            return
-        error = delivery.future.exception()
-        if error is None:
-            log.info(
-                "canopy accepted the %s report on %s (snapshot %s)",
-                report.outcome,
-                replica.key,
-                report.snapshot_id,
-            )
-            self.store.patch_replica_status(
-                replica.key, vr.status_patch(vr.delivered(pending, report.key))
-            )
-            return
-        if isinstance(error, CanopyError) and error.status in DEFINITIVE_REFUSALS:
-            self._drop(replica.key, report, f"canopy refused it: {error}")
-            return
-        updated = vr.attempt_failed(pending, report.key, self.clock(), str(error))
-        attempt = next(r for r in updated if r.key == report.key)
-        log.warning(
-            "canopy report on %s not delivered (attempt %d, next at %s): %s",
-            replica.key,
-            attempt.attempts,
-            attempt.next_attempt_at,
-            error,
-        )
-        self.store.patch_replica_status(replica.key, vr.status_patch(updated))
-
-    def _drop(self, key: str, report: PendingVerificationReport, why: str) -> None:
-        replica = self.store.replica(key)
-        if replica is None:
-            return
-        pending = vr.rejected(replica.status.pending_verification_reports, report.key)
-        self.store.patch_replica_status(key, vr.status_patch(pending))
-        note = f"The {report.outcome} report on restore {report.restore} was dropped: {why}"
-        self.store.add_event(
-            key, "Warning", reasons.EVENT_VERIFICATION_REPORT_REJECTED, note, report.restore
-        )
-        log.warning("%s: %s", key, note)
+            step = self.courier.step(replica)
+            if step.reports is not None:
+                self.store.patch_replica_status(replica.key, vr.status_patch(step.reports))
+            for dropped in step.dropped:
+                note = (
+                    f"The {dropped.report.outcome} report on restore {dropped.report.restore} "
+                    f"was dropped: {dropped.why}"
+                )
+                self.store.add_event(
+                    replica.key,
+                    "Warning",
+                    reasons.EVENT_VERIFICATION_REPORT_REJECTED,
+                    note,
+                    dropped.report.restore,
+                )
+                log.warning("%s: %s", replica.key, note)
+            self.courier.settled(step)
 
     # -- shutdown -----------------------------------------------------------------------
     def shutdown(self) -> None:

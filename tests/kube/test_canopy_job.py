@@ -1,0 +1,460 @@
+"""A canopy restore Job, run for real on the fake node without the operator.
+
+The Job is the one `workloads.restore_job(..., canopy=...)` builds: its `canopy-proxy`
+native sidecar (`pgro canopy-proxy`) gets credentials from a `CredentialBroker` in front
+of the stub canopy, and `pgro restore-job` restores through it with the dummy keys of the
+canopy-creds Secret. The S3 side is a moto of this module's own with IAM authentication
+on: it refuses the dummy keys and accepts only the STS credentials the stub hands out, so
+the restore succeeds only if the sidecar re-signed every request. The test plays the
+operator's other part: the stats and progress callbacks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import boto3
+import httpx
+import pytest
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from lightkube import Client, codecs
+from lightkube.resources.batch_v1 import Job
+from lightkube.resources.core_v1 import Pod, Secret
+
+from pgro.api.names import canopy_creds_secret_name, restore_job_name
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.secret import KopiaCredentials, S3Location
+from pgro.canopy.broker import CredentialBroker, serve
+from pgro.canopy.client import CanopyClient
+from pgro.canopy.materialise import (
+    PROXY_DUMMY_ACCESS_KEY,
+    PROXY_DUMMY_SECRET_KEY,
+    canopy_creds_secret_data,
+)
+from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.server import free_port
+from pgro.runtimes.kubernetes import workloads
+from pgro.runtimes.kubernetes.config import OperatorConfig
+from tests.fixtures.canopy_stub import (
+    BACKUP_TYPE,
+    BUCKET,
+    GROUP_ID,
+    REGION,
+    CanopyStub,
+    StubCredentials,
+)
+from tests.kube.node import FakeNode
+
+pytestmark = pytest.mark.timeout(300)
+
+T = TypeVar("T")
+REPLICA = "canopy-replica"
+RESTORE = "canopy-replica-20260701-000000"
+JOB = restore_job_name(RESTORE)
+FAR = datetime(2099, 12, 31, 23, 59, 59, tzinfo=UTC)
+CONFIG = OperatorConfig(max_concurrent_restores=1, restore_image="example.org/pgro:dev")
+
+
+def wait_for(
+    what: str, check: Callable[[], T | None], timeout: float, context: Callable[[], str]
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n{context()}")
+        time.sleep(0.3)
+
+
+# -- S3: moto that checks signatures ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CanopyS3:
+    endpoint: str  # http://127.0.0.1:<port>
+    credentials: dict[str, str]  # STS credentials moto minted (credential_process names)
+    snapshot_id: str
+    repo_password: str
+
+    def secrets(self) -> list[str]:
+        return [self.credentials[k] for k in ("AccessKeyId", "SecretAccessKey", "SessionToken")]
+
+
+@pytest.fixture(scope="module")
+def canopy_s3(
+    s3_repo: tuple[KopiaCredentials, str], moto_s3: str, scratch_root: Path
+) -> Iterator[CanopyS3]:
+    """A moto holding a copy of the `s3_repo` repository in the stub's bucket, with IAM
+    authentication on (as tests/integration/test_canopy_proxy.py's `authed_moto`)."""
+    port = free_port()
+    server = str(Path(sys.executable).parent / "moto_server")  # the venv's pinned moto
+    log = (scratch_root / "moto-canopy-job.log").open("wb")
+    proc = subprocess.Popen(
+        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            "moto to start",
+            lambda: _answers(endpoint) or proc.poll() is not None,
+            30,
+            lambda: (scratch_root / "moto-canopy-job.log").read_text(),
+        )
+        assert proc.poll() is None, "moto_server exited"
+        creds, snapshot_id = s3_repo
+        assert isinstance(creds.location, S3Location)
+        setup = {
+            "region_name": REGION,
+            "aws_access_key_id": "setup",
+            "aws_secret_access_key": "setup",
+        }
+        src = boto3.client("s3", endpoint_url=f"http://{moto_s3}", **setup)
+        dst = boto3.client("s3", endpoint_url=endpoint, **setup)
+        dst.create_bucket(Bucket=BUCKET)
+        for page in src.get_paginator("list_objects_v2").paginate(Bucket=creds.location.bucket):
+            for obj in page.get("Contents", []):
+                body = src.get_object(Bucket=creds.location.bucket, Key=obj["Key"])["Body"]
+                dst.put_object(Bucket=BUCKET, Key=obj["Key"], Body=body.read())
+        minted = _assume_role(endpoint, setup)
+        # From here on moto checks every signature and session token.
+        httpx.post(f"{endpoint}/moto-api/reset-auth", content=b"0").raise_for_status()
+        dummy = {
+            "region_name": REGION,
+            "aws_access_key_id": PROXY_DUMMY_ACCESS_KEY,
+            "aws_secret_access_key": PROXY_DUMMY_SECRET_KEY,
+        }
+        with pytest.raises(ClientError):  # the control: kopia's keys alone get nowhere
+            boto3.client("s3", endpoint_url=endpoint, **dummy).list_objects_v2(Bucket=BUCKET)
+        yield CanopyS3(endpoint, minted, snapshot_id, creds.repository_password)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def _answers(endpoint: str) -> bool:
+    try:
+        httpx.get(f"{endpoint}/moto-api/", timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def _assume_role(endpoint: str, setup: dict[str, str]) -> dict[str, str]:
+    iam = boto3.client("iam", endpoint_url=endpoint, **setup)
+    trust = {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}
+    role = iam.create_role(
+        RoleName="canopy-restore",
+        AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [trust]}),
+    )["Role"]
+    read = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+    iam.put_role_policy(
+        RoleName="canopy-restore",
+        PolicyName="s3",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [read]}),
+    )
+    sts = boto3.client("sts", endpoint_url=endpoint, **setup)
+    c = sts.assume_role(RoleArn=role["Arn"], RoleSessionName="canopy-job", DurationSeconds=3600)
+    got = c["Credentials"]
+    return {
+        "AccessKeyId": got["AccessKeyId"],
+        "SecretAccessKey": got["SecretAccessKey"],
+        "SessionToken": got["SessionToken"],
+    }
+
+
+# -- the operator's side: broker and callbacks ---------------------------------------------
+
+
+class Callbacks:
+    """The operator's `/api/v1/canopy-stats|progress/{ns}/{job}` handlers: record, 204."""
+
+    def __init__(self) -> None:
+        self.posts: dict[str, list[Any]] = defaultdict(list)
+        self._lock = threading.Lock()
+        callbacks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with callbacks._lock:
+                    callbacks.posts[self.path].append(json.loads(raw or b"null"))
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def received(self, path: str) -> list[Any]:
+        with self._lock:
+            return list(self.posts[path])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Operator:
+    """What the operator would be for this Job: broker, callbacks, the stub behind them."""
+
+    stub: CanopyStub
+    s3: CanopyS3
+    broker_url: str
+    callbacks: Callbacks
+
+    def settings(self) -> workloads.CanopyJobSettings:
+        return workloads.CanopyJobSettings(
+            broker_url=self.broker_url,
+            callback_base_url=self.callbacks.url,
+            s3_endpoint=self.s3.endpoint,
+        )
+
+
+@pytest.fixture
+def operator_side(canopy_stub: CanopyStub, canopy_s3: CanopyS3) -> Iterator[Operator]:
+    stub = canopy_stub
+    stub.configure(require_advertised=False)  # the worklist without a capabilities post
+    c = canopy_s3.credentials
+    stub.set_credentials(
+        StubCredentials(
+            access_key_id=c["AccessKeyId"],
+            secret_access_key=c["SecretAccessKey"],
+            session_token=c["SessionToken"],
+            repo_password=canopy_s3.repo_password,
+            expiration=FAR,
+        )
+    )
+    broker = CredentialBroker(CanopyClient(stub.url))
+    port = free_port()
+    server = serve(broker, "127.0.0.1", port)
+    callbacks = Callbacks()
+    try:
+        yield Operator(stub, canopy_s3, f"http://127.0.0.1:{port}", callbacks)
+    finally:
+        server.shutdown()
+        server.server_close()
+        callbacks.close()
+
+
+# -- the Job --------------------------------------------------------------------------------
+
+
+def _replica(ns: str) -> PostgresPhysicalReplica:
+    return PostgresPhysicalReplica.model_validate(
+        {
+            "apiVersion": "pgro.bes.au/v1alpha1",
+            "kind": "PostgresPhysicalReplica",
+            "metadata": {"name": REPLICA, "namespace": ns},
+            "spec": {
+                "schedule": "H * * * *",
+                "canopySource": {"group": GROUP_ID, "type": BACKUP_TYPE},
+            },
+        }
+    )
+
+
+def _restore(ns: str, snapshot: str, run_id: str) -> PostgresPhysicalRestore:
+    return PostgresPhysicalRestore.model_validate(
+        {
+            "apiVersion": "pgro.bes.au/v1alpha1",
+            "kind": "PostgresPhysicalRestore",
+            "metadata": {"name": RESTORE, "namespace": ns},
+            "spec": {
+                "replica": {"name": REPLICA},
+                "snapshot": snapshot,
+                "snapshotSize": "64Mi",
+                "storageSize": "1Gi",
+            },
+            "status": {"phase": "Restoring", "runId": run_id},
+        }
+    )
+
+
+def _unowned(obj: dict[str, Any]) -> dict[str, Any]:
+    """No restore object exists here: an owner reference to one would have the garbage
+    collector delete the object at once."""
+    obj["metadata"].pop("ownerReferences", None)
+    return obj
+
+
+def _start_restore(
+    client: Client, ns: str, op: Operator, *, refused: bool = False
+) -> tuple[str, dict[str, Any]]:
+    """What the syncer and the operator do before the Job runs: the canopy-creds Secret
+    (worklist entry + password from canopy, as the syncer writes it), the volumes, the Job.
+    `refused`: canopy refuses credentials from then on (403), and the Job gets no retries
+    (those are the Job controller's business: one pod shows the failure). Returns the run
+    id and the Job as created."""
+    with CanopyClient(op.stub.url) as canopy:
+        [entry] = canopy.worklist().entries
+        password = canopy.restore_credentials(entry.group_id, entry.type).repo_password
+    data = canopy_creds_secret_data(entry, password.get_secret_value())
+    client.create(
+        codecs.from_dict(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": canopy_creds_secret_name(REPLICA), "namespace": ns},
+                "type": "Opaque",
+                "stringData": data,
+            }
+        )
+    )
+    if refused:
+        op.stub.fail("restore-credentials", 403)
+    run_id = str(uuid.uuid4())
+    replica = _replica(ns)
+    restore = _restore(ns, op.s3.snapshot_id, run_id)
+    for pvc in (
+        workloads.data_pvc(replica, restore),
+        workloads.kopia_cache_pvc(replica, restore.spec.snapshot_size),
+    ):
+        client.create(codecs.from_dict(_unowned(pvc)))
+    job = _unowned(workloads.restore_job(replica, restore, CONFIG, canopy=op.settings()))
+    if refused:
+        job["spec"]["backoffLimit"] = 0
+    client.create(codecs.from_dict(job))
+    return run_id, job
+
+
+def _job_state(client: Client, ns: str) -> dict[str, str]:
+    status = client.get(Job, JOB, namespace=ns).to_dict().get("status") or {}
+    return {c["type"]: c["status"] for c in status.get("conditions") or []}
+
+
+def _pod(client: Client, ns: str) -> dict[str, Any]:
+    pods = [p.to_dict() for p in client.list(Pod, namespace=ns, labels={"job-name": JOB})]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    return pods[0]
+
+
+def _terminated(pod: dict[str, Any], statuses: str, name: str) -> dict[str, Any]:
+    [status] = [s for s in pod["status"][statuses] if s["name"] == name]
+    assert "terminated" in status["state"], status
+    term: dict[str, Any] = status["state"]["terminated"]
+    return term
+
+
+def test_canopy_restore_job_restores_through_the_sidecar(
+    kube_client: Client,
+    kube_namespace: str,
+    fake_node: FakeNode,
+    operator_side: Operator,
+    binaries: PostgresBinaries,
+) -> None:
+    ns, op = kube_namespace, operator_side
+    run_id, job = _start_restore(kube_client, ns, op)
+
+    def done() -> bool:
+        state = _job_state(kube_client, ns)
+        assert state.get("Failed") != "True", fake_node.describe()
+        return state.get("Complete") == "True"
+
+    wait_for("the canopy restore Job to complete", done, 240, fake_node.describe)
+
+    pod = _pod(kube_client, ns)
+    assert pod["status"]["phase"] == "Succeeded"
+    assert pod["metadata"]["labels"]["pgro.bes.au/proxy-sidecar"] == "true"
+    restore = _terminated(pod, "containerStatuses", "restore")
+    assert restore["exitCode"] == 0
+    assert restore["message"] == binaries.major
+    # The sidecar was stopped after the restore container, and exited cleanly on SIGTERM.
+    sidecar = _terminated(pod, "initContainerStatuses", "canopy-proxy")
+    assert sidecar["exitCode"] == 0, fake_node.logs(pod["metadata"]["name"], ns)
+    assert sidecar["finishedAt"] >= restore["finishedAt"]
+    data = fake_node.pvc_path(ns, f"{RESTORE}-data")
+    assert (data / ".postgres-version").read_text().strip() == binaries.major
+    assert (data / "pgdata" / "PG_VERSION").is_file()
+
+    # One issuance for the run: the broker and the sidecar cached it for every request.
+    assert op.stub.issuance_count(GROUP_ID, BACKUP_TYPE, run_id=run_id) == 1
+    [stats] = op.callbacks.received(f"/api/v1/canopy-stats/{ns}/{JOB}")
+    assert set(stats) == {
+        "sent_raw_bytes",
+        "sent_payload_bytes",
+        "received_raw_bytes",
+        "received_payload_bytes",
+    }
+    assert stats["received_payload_bytes"] > 1_000_000  # the snapshot came through the proxy
+    assert stats["received_raw_bytes"] > stats["received_payload_bytes"]
+    for sample in op.callbacks.received(f"/api/v1/canopy-progress/{ns}/{JOB}"):
+        assert sample["run_id"] == run_id  # none before the sidecar's 30 s interval
+
+    # The real credentials stayed with the sidecar: not in the pod spec, not in the Secret
+    # kopia reads, not in any container's output.
+    [restore_spec] = pod["spec"]["containers"]
+    env = {e["name"]: e for e in restore_spec["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": canopy_creds_secret_name(REPLICA),
+        "key": "secretAccessKey",
+        "optional": True,
+    }
+    secret = kube_client.get(Secret, canopy_creds_secret_name(REPLICA), namespace=ns)
+    keys = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+    assert keys["accessKeyId"] == PROXY_DUMMY_ACCESS_KEY
+    assert keys["secretAccessKey"] == PROXY_DUMMY_SECRET_KEY
+    logs = fake_node.logs(pod["metadata"]["name"], ns, tail=10_000)
+    assert "canopy proxy listening" in logs
+    exposed = json.dumps(pod) + json.dumps(keys) + logs
+    for value in op.s3.secrets():
+        assert value not in exposed
+    assert "Signature=" not in logs
+    assert job["spec"]["template"]["spec"]["initContainers"][0]["name"] == "canopy-proxy"
+
+
+def test_canopy_refusal_fails_the_job_with_a_secret_free_message(
+    kube_client: Client,
+    kube_namespace: str,
+    fake_node: FakeNode,
+    operator_side: Operator,
+) -> None:
+    ns, op = kube_namespace, operator_side
+    run_id, _ = _start_restore(kube_client, ns, op, refused=True)
+
+    wait_for(
+        "the Job to fail",
+        lambda: _job_state(kube_client, ns).get("Failed") == "True",
+        180,
+        fake_node.describe,
+    )
+    pod = _pod(kube_client, ns)
+    assert pod["status"]["phase"] == "Failed"
+    restore = _terminated(pod, "containerStatuses", "restore")
+    # Retryable (canopy may come back), so the pod failure policy did not fail it at once.
+    assert restore["exitCode"] == 1
+    message = restore["message"]
+    assert message.startswith("error: CanopyCredentialsUnavailable: "), message
+    assert "credential broker answered 502" in message, message
+    for value in [*op.s3.secrets(), op.s3.repo_password]:
+        assert value not in message
+    assert op.stub.issuance_count(GROUP_ID, BACKUP_TYPE, run_id=run_id) == 0
+    refused = [r for r in op.stub.requests("restore-credentials") if r.status == 403]
+    assert refused, "the broker never asked canopy"
+    # The sidecar still stopped cleanly and reported its (small) totals.
+    assert len(op.callbacks.received(f"/api/v1/canopy-stats/{ns}/{JOB}")) == 1
+    logs = fake_node.logs(pod["metadata"]["name"], ns, tail=10_000)
+    for value in [*op.s3.secrets(), op.s3.repo_password]:
+        assert value not in logs
