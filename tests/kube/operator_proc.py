@@ -23,9 +23,10 @@ OPERATOR_NAMESPACE = "pgro-system"
 SERVICE_ACCOUNT = "postgres-restore-operator"
 
 
-def apply_deploy_rbac(client: Client) -> None:
-    """The namespace, ServiceAccount and RBAC exactly as deploy/ ships them."""
-    for name in ("namespace.yaml", "rbac.yaml"):
+def apply_deploy_rbac(client: Client, *extra: str) -> None:
+    """The namespace, ServiceAccount and RBAC exactly as deploy/ ships them (`extra`:
+    more files under deploy/, such as canopy/rbac.yaml)."""
+    for name in ("namespace.yaml", "rbac.yaml", *extra):
         for doc in yaml.safe_load_all((REPO_ROOT / "deploy" / name).read_text()):
             if not doc:
                 continue
@@ -45,8 +46,9 @@ class OperatorProcess:
         self.log_path = workdir / f"operator-{identity}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *extra: str) -> OperatorProcess:
+    def start(self, *extra: str, env_extra: dict[str, str] | None = None) -> OperatorProcess:
         env = dict(os.environ)
+        env.update(env_extra or {})
         env["PGRO_KOPIA"] = find_kopia()
         env["TMPDIR"] = str(self.workdir)
         log = self.log_path.open("ab")

@@ -732,3 +732,31 @@ def test_containerfile_stages_user_and_entrypoint() -> None:
     labels = " ".join(a for k, a in final if k == "LABEL")
     assert "org.opencontainers.image.source=" in labels
     assert f'org.opencontainers.image.version="{pyproject_version()}"' in labels
+
+
+# --- canopy (deploy/canopy/) -------------------------------------------------------------
+
+CANOPY_RULES: dict[tuple[str, str, tuple[str, ...] | None], set[str]] = {
+    ("", "namespaces", None): {"list", "create", "delete"},
+    (GROUP, "postgresphysicalreplicas", None): {"create", "patch"},
+    ("", "secrets", None): {"patch"},
+}
+
+
+def test_canopy_role_grants_exactly_the_syncers_use() -> None:
+    docs = load_docs(DEPLOY / "canopy" / "rbac.yaml")
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert flatten_rules(role) == normalise(CANOPY_RULES)
+    binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "postgres-restore-operator", "namespace": NAMESPACE}
+    ]
+
+
+def test_canopy_overlay_builds_on_the_base_and_opens_the_broker_port() -> None:
+    [kustomization] = load_docs(DEPLOY / "canopy" / "kustomization.yaml")
+    assert kustomization["resources"] == ["../", "rbac.yaml"]
+    patches = "\n".join(p["patch"] for p in kustomization["patches"])
+    assert "CANOPY_BASE_URL" in patches and "containerPort: 9091" in patches
+    assert "port: 9091" in patches

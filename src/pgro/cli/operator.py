@@ -99,10 +99,13 @@ def operator(
     and turns them into restore Jobs, data volumes, PostgreSQL Deployments and a stable
     Service per replica that moves to each new restore at switchover. Settings come from
     the ConfigMap postgres-restore-operator-config in the operator's namespace (watched
-    live). Logs are JSON lines on stderr. See docs/operator.md.
+    live). With CANOPY_BASE_URL set, replicas also come from canopy's worklist and their
+    verdicts are reported back (see docs/canopy.md). Logs are JSON lines on stderr. See
+    docs/operator.md.
     """
     from pgro.core.settings import ReconcilerSettings
     from pgro.observability import serve
+    from pgro.runtimes.kubernetes.canopy import settings_from_env as canopy_settings_from_env
     from pgro.runtimes.kubernetes.config import parse_operator_settings
     from pgro.runtimes.kubernetes.kube import KubeApi
     from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
@@ -145,7 +148,10 @@ def operator(
         lease_duration_s=lease_duration,
         renew_every_s=renew_every,
     )
-    op = Operator(api, options)
+    canopy, canopy_warnings = canopy_settings_from_env(env, settings.namespace)
+    for warning in canopy_warnings:
+        log.warning("%s", warning)
+    op = Operator(api, options, canopy=canopy)
     host, port = metrics_addr
     try:
         server = serve(op.metrics, op.health, host, port)

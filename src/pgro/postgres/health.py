@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-
-from pgro.postgres.server import Endpoint
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     # Imported where used: psycopg takes a fifth of a second to import, which `pgro verify`
@@ -16,6 +14,12 @@ SYSTEM_DATABASES = frozenset({"postgres", "template0", "template1"})
 CONNECT_TIMEOUT_S = 10
 
 CheckStatus = Literal["pass", "fail"]
+
+
+class Endpoint(Protocol):
+    """A server to check: a local socket (`pgro.postgres.server.Endpoint`) or TCP."""
+
+    def conninfo(self, dbname: str, user: str) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,20 @@ from typing import Any, Final
 
 import msgspec
 from lightkube import ALL_NS, ApiError, Client, KubeConfig, codecs
+from lightkube.core.resource import GlobalResource
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.batch_v1 import Job
 from lightkube.resources.coordination_v1 import Lease
-from lightkube.resources.core_v1 import ConfigMap, PersistentVolumeClaim, Pod, Secret, Service
+from lightkube.resources.core_v1 import (
+    ConfigMap,
+    Namespace,
+    PersistentVolumeClaim,
+    Pod,
+    Secret,
+    Service,
+)
 from lightkube.resources.events_v1 import Event
 from lightkube.types import CascadeType, PatchType
 
@@ -47,6 +55,7 @@ KINDS: Final[Mapping[str, Any]] = {
     "Service": Service,
     "PersistentVolumeClaim": PersistentVolumeClaim,
     "ConfigMap": ConfigMap,
+    "Namespace": Namespace,
     "Lease": Lease,
     "Event": Event,
     "CustomResourceDefinition": CustomResourceDefinition,
@@ -124,9 +133,10 @@ class KubeApi:
         fields: Mapping[str, str] | None = None,
     ) -> Listed:
         res = KINDS[kind]
+        scope = None if issubclass(res, GlobalResource) else ALL_NS
         listing = self.client.list(
             res,
-            namespace=namespace if namespace is not None else ALL_NS,
+            namespace=namespace if namespace is not None else scope,
             labels=dict(labels) if labels else None,
             fields=dict(fields) if fields else None,
         )

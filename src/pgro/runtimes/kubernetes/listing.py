@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ from pgro.kopia.repository import KopiaRepository
 log = logging.getLogger("pgro.operator.listing")
 
 ReplicaKey = tuple[str, str]
+Access = Callable[[], AbstractContextManager[KopiaCredentials]]
 
 
 def credentials_digest(creds: KopiaCredentials) -> str:
@@ -72,8 +74,15 @@ class ListingCache:
             repo = self._repos.get(digest)
             return repo.listing if repo else None
 
-    def request(self, replica: ReplicaKey, creds: KopiaCredentials) -> None:
-        """List the repository again (unless a listing of it is already running)."""
+    def request(
+        self,
+        replica: ReplicaKey,
+        creds: KopiaCredentials,
+        access: Access | None = None,
+    ) -> None:
+        """List the repository again (unless a listing of it is already running).
+        `access` opens what kopia uses instead of `creds` (a canopy repository is reached
+        through a proxy that lives only while the listing runs)."""
         digest = credentials_digest(creds)
         with self._lock:
             repo = self._repos.setdefault(digest, _Repo())
@@ -82,13 +91,21 @@ class ListingCache:
                 return
             repo.running = True
             previous = repo.listing
-        self._pool.submit(self._list, digest, creds, previous)
+        self._pool.submit(
+            self._list, digest, creds, previous, access or (lambda: nullcontext(creds))
+        )
 
-    def _list(self, digest: str, creds: KopiaCredentials, previous: SnapshotListing | None) -> None:
+    def _list(
+        self,
+        digest: str,
+        creds: KopiaCredentials,
+        previous: SnapshotListing | None,
+        access: Access,
+    ) -> None:
         state = self.state_dir / digest[:16]
         shutil.rmtree(state, ignore_errors=True)
         try:
-            with KopiaRepository(creds, state) as kopia:
+            with access() as opened, KopiaRepository(opened, state) as kopia:
                 snapshots = kopia.list_snapshots()
             listing = record_listing_success(snapshots, self.clock())
             log.info("listed %d snapshots in %s", len(snapshots), creds.describe())

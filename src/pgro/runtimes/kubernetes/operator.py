@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tempfile
 import threading
 import time
 import uuid
@@ -46,6 +47,9 @@ from pgro.api.secret import (
     decode_secret_data,
     parse_kopia_secret,
 )
+from pgro.api.verification import PendingVerificationReport
+from pgro.core import reasons
+from pgro.core import verification_reports as vr
 from pgro.core.access import effective_read_only
 from pgro.core.observations import (
     ReplicaObservation,
@@ -72,11 +76,13 @@ from pgro.core.plan import (
     PatchRestoreStatus,
     PointServiceAt,
     PrepareRestoreStorage,
+    ReportVerification,
     RunSwitchoverStep,
     SendNotifications,
     StartRestoreWork,
     Step,
     SwitchoverStep,
+    VerificationOutcome,
     apply_in_order,
     unsupported_switchover_step,
 )
@@ -88,13 +94,15 @@ from pgro.core.secrets import scrub
 from pgro.core.settings import ReconcilerSettings
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
+from pgro.postgres.health import check_health
 from pgro.postgres.server import make_conninfo
 from pgro.postgres.users import RoleCredentials, generate_password, provision_users
 from pgro.runtimes.kubernetes import workloads
+from pgro.runtimes.kubernetes.canopy import CanopySettings, OperatorCanopy
 from pgro.runtimes.kubernetes.config import parse_operator_config
 from pgro.runtimes.kubernetes.crds import crd_documents
 from pgro.runtimes.kubernetes.informer import Informer
-from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.runtimes.kubernetes.kube import KubeApi, is_conflict
 from pgro.runtimes.kubernetes.leader import LeaderElector
 from pgro.runtimes.kubernetes.listing import ListingCache
 from pgro.runtimes.kubernetes.restore_job import parse_message
@@ -167,6 +175,26 @@ def _termination_message(pod: Mapping[str, Any]) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class _PodEndpoint:
+    """A restore's PostgreSQL over TCP, as the operator's admin role."""
+
+    host: str
+    password: str
+    port: int = 5432
+
+    def conninfo(self, dbname: str, user: str) -> str:
+        return make_conninfo(
+            host=self.host,
+            port=str(self.port),
+            user=user,
+            password=self.password,
+            dbname=dbname,
+            connect_timeout=str(PROVISION_CONNECT_TIMEOUT_S),
+            sslmode="prefer",
+        )
+
+
 class Operator:
     def __init__(
         self,
@@ -176,6 +204,7 @@ class Operator:
         clock: Callable[[], datetime] = _utcnow,
         metrics: Metrics | None = None,
         health: Health | None = None,
+        canopy: CanopySettings | None = None,
     ) -> None:
         self.api = api
         self.options = options
@@ -214,6 +243,14 @@ class Operator:
             namespace=options.namespace,
             fields={"metadata.name": CONFIGMAP_NAME},
         )
+        self.canopy: OperatorCanopy | None = None
+        if canopy is not None:
+            self.canopy = OperatorCanopy.connect(
+                api,
+                canopy,
+                state_dir=options.state_dir or Path(tempfile.gettempdir()) / "pgro-operator",
+                replicas=self.replicas.items,
+            )
         self.elector = LeaderElector(
             api,
             options.namespace,
@@ -233,6 +270,8 @@ class Operator:
         self._stop = stop
         if self.options.install_crds:
             self.install_crds()
+        if self.canopy is not None:
+            self.canopy.serve()
         self.configmap.start()
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         heartbeat.start()
@@ -262,6 +301,8 @@ class Operator:
                     self._shutdown(informers)
                     return 1 if self.elector.lost.is_set() else 0
         self._rebuild_admission()
+        if self.canopy is not None:
+            self.canopy.start_syncer()
         self.health.set_ready(True)
         log.info(
             "leading: %d replicas, %d restores",
@@ -303,6 +344,8 @@ class Operator:
             self.elector.release()
         self.notifier.shutdown()
         self.listing.shutdown()
+        if self.canopy is not None:
+            self.canopy.stop()
         log.info("operator stopped")
 
     def _heartbeat(self) -> None:
@@ -460,7 +503,14 @@ class Operator:
     def _secret_check(
         self, replica: PostgresPhysicalReplica
     ) -> tuple[SecretCheck | None, KopiaCredentials | None]:
-        if replica.spec.canopy_source is not None or replica.spec.kopia_secret_ref is None:
+        if replica.spec.canopy_source is not None:
+            if self.canopy is None:
+                return SecretCheck.invalid(
+                    "the replica's credentials come from canopy, but the operator has no "
+                    "CANOPY_BASE_URL"
+                ), None
+            return self.canopy.secret_check(replica)
+        if replica.spec.kopia_secret_ref is None:
             return None, None
         try:
             creds = self.kopia_credentials(replica)
@@ -509,6 +559,8 @@ class Operator:
             self.admission = plan.queue
         self._apply(plan.steps, replica, None, creds)
         self._requeue(("replica", ns, name), plan.requeue_after, plan.wake)
+        if self.canopy is not None and replica.spec.canopy_source is not None:
+            self._deliver_reports(ns, name)
 
     # -- restores ---------------------------------------------------------------------
     def _work(self, restore: PostgresPhysicalRestore) -> RestoreWork:
@@ -694,7 +746,10 @@ class Operator:
             case ListSnapshots():
                 if creds is None:
                     raise StepFailed("no usable kopia Secret to list snapshots with")
-                self.listing.request((ns, replica.name), creds)
+                access = None
+                if replica.spec.canopy_source is not None and self.canopy is not None:
+                    access = self.canopy.listing_access(replica, creds)
+                self.listing.request((ns, replica.name), creds, access)
             case CreateRestore(restore=new):
                 self.api.create(new.to_wire())
                 self.metrics.started.inc()
@@ -710,9 +765,9 @@ class Operator:
             case PrepareRestoreStorage():
                 assert restore is not None
                 self._prepare_storage(replica, restore)
-            case StartRestoreWork():
+            case StartRestoreWork(run_id=run_id):
                 assert restore is not None
-                self._start_work(replica, restore)
+                self._start_work(replica, restore, run_id)
             case CleanupRestoreWork():
                 assert restore is not None
                 self.api.delete("Job", ns, restore_job_name(restore.name))
@@ -727,6 +782,9 @@ class Operator:
                 self._unsupported_switchover_step(replica, kind)
             case SendNotifications(restore=name):
                 self._send_notifications(replica, name)
+            case ReportVerification(restore=name, outcome=outcome):
+                if outcome is VerificationOutcome.SUCCESS:
+                    self._report_health(replica, name)
             case _:
                 # Canopy reports and outgoing marks are not part of the operator yet;
                 # the decisions never wait on them (they are best effort).
@@ -883,11 +941,22 @@ class Operator:
                 log.warning("%s: the kopia cache volume cannot grow: %s", replica.key, exc)
 
     def _start_work(
-        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        run_id: str | None = None,
     ) -> None:
+        canopy = None
         if replica.spec.canopy_source is not None:
-            raise StepFailed("canopy-sourced replicas are not supported by the operator yet")
-        job = workloads.restore_job(replica, restore, self.config)
+            if self.canopy is None:
+                raise StepFailed("canopy replicas need the operator's CANOPY_BASE_URL")
+            canopy = self.canopy.job_settings()
+            if run_id and restore.status.run_id != run_id:
+                # This pass persisted the run id; the object in hand predates it.
+                restore = restore.model_copy(
+                    update={"status": restore.status.model_copy(update={"run_id": run_id})}
+                )
+        job = workloads.restore_job(replica, restore, self.config, canopy=canopy)
         if self.api.create_if_missing(job):
             log.info(
                 "restore %s/%s: Job %s started",
@@ -1014,6 +1083,88 @@ class Operator:
             with self._provision_lock:
                 self._provisioning.discard(uid)
         self.queue.add(("restore", ns, restore.name), delay=retry_in)
+
+    # -- canopy reports -----------------------------------------------------------------
+    def _patch_reports(
+        self, raw: Mapping[str, Any], reports: Sequence[PendingVerificationReport]
+    ) -> bool:
+        """Write the report list only if the replica did not change since `raw` was read
+        (a decision on another worker may have just added a report): False on a conflict,
+        and the next pass recomputes."""
+        meta = raw["metadata"]
+        try:
+            self.api.merge_patch(
+                REPLICA_KIND,
+                meta["namespace"],
+                meta["name"],
+                {
+                    "metadata": {"resourceVersion": meta["resourceVersion"]},
+                    "status": vr.status_patch(reports),
+                },
+                status=True,
+            )
+        except Exception as exc:
+            if is_conflict(exc):
+                self.queue.add(("replica", meta["namespace"], meta["name"]), delay=1.0)
+                return False
+            raise
+        return True
+
+    def _deliver_reports(self, ns: str, name: str) -> None:
+        assert self.canopy is not None
+        raw = self.api.get(REPLICA_KIND, ns, name)
+        if raw is None:
+            return
+        replica = PostgresPhysicalReplica.model_validate(raw)
+        courier = self.canopy.courier
+        step = courier.step(replica)
+        if step.reports is not None and not self._patch_reports(raw, step.reports):
+            return
+        for dropped in step.dropped:
+            self._event(
+                replica,
+                "Warning",
+                reasons.EVENT_VERIFICATION_REPORT_REJECTED,
+                f"The {dropped.report.outcome} report on restore {dropped.report.restore} "
+                f"was dropped: {dropped.why}",
+                dropped.report.restore,
+            )
+        courier.settled(step)
+        waiting = (
+            step.reports
+            if step.reports is not None
+            else (replica.status.pending_verification_reports)
+        )
+        if courier.busy():
+            self.queue.add(("replica", ns, name), delay=1.0)
+        retries = [r.next_attempt_at for r in waiting if r.next_attempt_at is not None]
+        if retries:
+            delay = (min(retries) - self.clock()).total_seconds()
+            self.queue.add(("replica", ns, name), delay=max(1.0, delay))
+
+    def _report_health(self, replica: PostgresPhysicalReplica, restore_name: str) -> None:
+        """Sizes and checks from the restored server, added to its waiting report while
+        the server still runs (an ephemeral replica tears it down on the next pass)."""
+        raw_restore = self.restores.get(replica.namespace, restore_name)
+        if raw_restore is None:
+            return
+        pod = self._ready_pod(PostgresPhysicalRestore.model_validate(raw_restore))
+        if pod is None:
+            return
+        password = self._secret_value(
+            replica.namespace, admin_creds_secret_name(replica.name), "password"
+        )
+        health = check_health(_PodEndpoint(pod["status"]["podIP"], password), ADMIN_ROLE)
+        details: dict[str, Any] = {"checks": [c.as_dict() for c in health.checks]}
+        if health.sizes:
+            details["sizes"] = dict(health.sizes)
+        raw = self.api.get(REPLICA_KIND, replica.namespace, replica.name)
+        if raw is None:
+            return
+        pending = PostgresPhysicalReplica.model_validate(raw).status.pending_verification_reports
+        target = next((r for r in pending if r.restore == restore_name), None)
+        if target is not None:
+            self._patch_reports(raw, vr.with_details(pending, target.key, health_details=details))
 
     # -- switchover extras ------------------------------------------------------------
     def _unsupported_switchover_step(

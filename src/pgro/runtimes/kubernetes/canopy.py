@@ -1,0 +1,424 @@
+"""Canopy in the operator: the worklist syncer, the broker, and what reconciles ask of it.
+
+Enabled by `CANOPY_BASE_URL`, as in the reference. The syncer runs on the leader only:
+each tick it materialises every worklist entry as a Namespace `<slug>-<hash>` holding the
+`<replica>-canopy-creds` Secret and the `canopy-replica` PostgresPhysicalReplica (both
+server-side applied, so hand edits are reverted), writes `status.canopyDesiredSnapshotId`,
+and deletes the Namespaces canopy no longer lists, after a grace period and never while
+a verification report still waits in their replica's status. Every instance serves the
+credential broker and the canopy proxies' callbacks on one listener (`:9091`), so a
+restore's sidecar keeps working across a change of leader.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Final
+
+from pgro.api.names import (
+    CANOPY_MANAGED_BY_VALUE,
+    LABEL_CANOPY_MANAGED_BY,
+    REPLICA_KIND,
+    canopy_creds_secret_name,
+    restore_job_name,
+)
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.secret import KopiaCredentials, SecretInvalid, decode_secret_data
+from pgro.canopy.access import CanopyRepository, broker_source, listing_access
+from pgro.canopy.broker import Callbacks, CredentialBroker, serve
+from pgro.canopy.client import DEFAULT_SOCKS5_PROXY, TAILNET_URL, CanopyClient, connect
+from pgro.canopy.courier import ReportCourier
+from pgro.canopy.device_cert import DeviceIdentity
+from pgro.canopy.materialise import ExistingReplica, canopy_creds_secret_data, plan_sync
+from pgro.canopy.naming import REPLICA_NAME
+from pgro.canopy.syncer import (
+    DEFAULT_INTERVAL,
+    DEFAULT_REMOVAL_GRACE,
+    SyncTick,
+    capability_retry_delay,
+    fetch_tick,
+    jittered,
+)
+from pgro.core import verification_reports as vr
+from pgro.core.observations import SecretCheck
+from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.runtimes.kubernetes.workloads import CanopyJobSettings
+
+log = logging.getLogger("pgro.operator.canopy")
+
+DEFAULT_BROKER_PORT: Final = 9091
+DEFAULT_SERVICE_NAME: Final = "postgres-restore-operator"
+
+
+@dataclass(frozen=True)
+class CanopySettings:
+    base_url: str
+    namespace: str
+    tailnet_url: str | None = TAILNET_URL
+    socks5_proxy: str | None = DEFAULT_SOCKS5_PROXY
+    device_cert_secret: str | None = None
+    broker_host: str = "::"
+    broker_port: int = DEFAULT_BROKER_PORT
+    broker_base_url: str | None = None
+    s3_endpoint: str | None = None
+    interval: timedelta = DEFAULT_INTERVAL
+    removal_grace: timedelta = DEFAULT_REMOVAL_GRACE
+    service_name: str = DEFAULT_SERVICE_NAME
+
+    @property
+    def sidecar_base_url(self) -> str:
+        """Where restore pods reach the broker and post their callbacks."""
+        if self.broker_base_url:
+            return self.broker_base_url.rstrip("/")
+        return f"http://{self.service_name}.{self.namespace}.svc:{self.broker_port}"
+
+
+def _seconds(env: Mapping[str, str], name: str, default: timedelta, warn: list[str]) -> timedelta:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        warn.append(f"{name}={raw!r} is not a number of seconds; using {default}")
+        return default
+    return timedelta(seconds=value)
+
+
+def settings_from_env(
+    env: Mapping[str, str], namespace: str
+) -> tuple[CanopySettings | None, list[str]]:
+    """The reference's environment (`CANOPY_BASE_URL`, `CANOPY_SOCKS5_PROXY`,
+    `CANOPY_DEVICE_CERT_SECRET`, `PGRO_BROKER_LISTEN_ADDR`, `CANOPY_BROKER_BASE_URL`,
+    `CANOPY_RECONCILE_INTERVAL_SECS`) plus pgro's `PGRO_S3_ENDPOINT`,
+    `CANOPY_TAILNET_URL` (empty: never probe the tailnet) and
+    `CANOPY_REMOVAL_GRACE_SECS`. None: canopy is off."""
+    warnings: list[str] = []
+    base = env.get("CANOPY_BASE_URL", "").strip()
+    if not base:
+        return None, warnings
+    if not base.startswith(("http://", "https://")):
+        warnings.append(f"CANOPY_BASE_URL={base!r} is not an http(s) URL; canopy is off")
+        return None, warnings
+    host, port = "::", DEFAULT_BROKER_PORT
+    listen = env.get("PGRO_BROKER_LISTEN_ADDR", "").strip()
+    if listen:
+        h, sep, p = listen.rpartition(":")
+        if not sep or not p.isdigit():
+            warnings.append(f"PGRO_BROKER_LISTEN_ADDR={listen!r} is not HOST:PORT; using [::]:9091")
+        else:
+            host, port = h.strip("[]") or "::", int(p)
+    tailnet = env.get("CANOPY_TAILNET_URL")
+    socks = env.get("CANOPY_SOCKS5_PROXY")
+    settings = CanopySettings(
+        base_url=base,
+        namespace=namespace,
+        tailnet_url=TAILNET_URL if tailnet is None else (tailnet.strip() or None),
+        socks5_proxy=DEFAULT_SOCKS5_PROXY if socks is None else (socks.strip() or None),
+        device_cert_secret=env.get("CANOPY_DEVICE_CERT_SECRET", "").strip() or None,
+        broker_host=host,
+        broker_port=port,
+        broker_base_url=env.get("CANOPY_BROKER_BASE_URL", "").strip() or None,
+        s3_endpoint=env.get("PGRO_S3_ENDPOINT", "").strip() or None,
+        interval=_seconds(env, "CANOPY_RECONCILE_INTERVAL_SECS", DEFAULT_INTERVAL, warnings),
+        removal_grace=_seconds(env, "CANOPY_REMOVAL_GRACE_SECS", DEFAULT_REMOVAL_GRACE, warnings),
+        service_name=env.get("OPERATOR_SERVICE_NAME", "").strip() or DEFAULT_SERVICE_NAME,
+    )
+    return settings, warnings
+
+
+@dataclass
+class _SyncState:
+    refusals: dict[str, str] = field(default_factory=dict)
+    absent_since: dict[str, datetime] = field(default_factory=dict)
+
+
+class OperatorCanopy:
+    def __init__(
+        self,
+        api: KubeApi,
+        settings: CanopySettings,
+        client: CanopyClient,
+        *,
+        replicas: Callable[[], list[dict[str, Any]]],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rnd: Callable[[], float] = random.random,
+    ) -> None:
+        self.api = api
+        self.settings = settings
+        self.client = client
+        self.clock = clock
+        self.rnd = rnd
+        self._replicas = replicas
+        self.broker = CredentialBroker(client, clock=clock)
+        self.callbacks = Callbacks(client)
+        self.pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="canopy")
+        self.courier = ReportCourier(
+            client.report_verification,
+            self.pool,
+            clock,
+            callbacks=self.callbacks,
+            stats_key=lambda ns, restore: f"{ns}/{restore_job_name(restore)}",
+        )
+        self.state = _SyncState()
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._syncer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @classmethod
+    def connect(
+        cls,
+        api: KubeApi,
+        settings: CanopySettings,
+        *,
+        state_dir: Path,
+        replicas: Callable[[], list[dict[str, Any]]],
+    ) -> OperatorCanopy | None:
+        identity = None
+        if settings.device_cert_secret:
+            secret = api.get("Secret", settings.namespace, settings.device_cert_secret)
+            if secret is None:
+                log.error(
+                    "CANOPY_DEVICE_CERT_SECRET names Secret %s/%s, which does not exist; "
+                    "the mTLS route is off",
+                    settings.namespace,
+                    settings.device_cert_secret,
+                )
+            else:
+                values = list(decode_secret_data(secret).values())
+                if values:
+                    # The reference takes the Secret's first value as the key PEM.
+                    identity = DeviceIdentity(state_dir / "canopy-device", key_pem=values[0])
+        client = connect(
+            settings.base_url,
+            tailnet_url=settings.tailnet_url,
+            socks5_proxy=settings.socks5_proxy,
+            device_cert=identity,
+        )
+        if client is None:
+            log.error("canopy client not configured: no route to canopy; canopy is off")
+            return None
+        return cls(api, settings, client, replicas=replicas)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def serve(self) -> None:
+        """The broker and the callbacks: every instance, leader or not."""
+        self._server = serve(
+            self.broker, self.settings.broker_host, self.settings.broker_port, self.callbacks
+        )
+        log.info(
+            "canopy broker on [%s]:%d; sidecars use %s",
+            self.settings.broker_host,
+            self.settings.broker_port,
+            self.settings.sidecar_base_url,
+        )
+
+    def start_syncer(self) -> None:
+        self._stop.clear()
+        self._syncer = threading.Thread(target=self._sync_loop, name="canopy-syncer", daemon=True)
+        self._syncer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join(10)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+    def _sync_loop(self) -> None:
+        attempt = 0
+        next_capabilities = 0.0
+        advertised = False
+        while not self._stop.is_set():
+            now = datetime.now(UTC).timestamp()
+            if not advertised and now >= next_capabilities:
+                try:
+                    self.client.register_capabilities()
+                    advertised = True
+                    log.info("canopy: intents advertised (verify, upgrade, analytics)")
+                except Exception as exc:
+                    attempt += 1
+                    delay = capability_retry_delay(attempt).total_seconds()
+                    next_capabilities = now + delay
+                    log.warning(
+                        "canopy: advertising intents failed (attempt %d), again in %ds: %s",
+                        attempt,
+                        delay,
+                        exc,
+                    )
+            try:
+                self.apply(fetch_tick(self.client, self.broker))
+            except Exception:
+                log.exception("canopy sync tick failed")
+            self._stop.wait(jittered(self.settings.interval, self.rnd))
+
+    # -- one tick --------------------------------------------------------------------------
+    def apply(self, tick: SyncTick) -> None:
+        listed = self.api.list(
+            "Namespace", labels={LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE}
+        ).items
+        replicas = {
+            r["metadata"]["namespace"]: r
+            for r in self._replicas()
+            if r.get("metadata", {}).get("name") == REPLICA_NAME
+        }
+        existing = {
+            ns["metadata"]["name"]: ExistingReplica(
+                ns["metadata"]["name"],
+                (replicas.get(ns["metadata"]["name"]) or {})
+                .get("status", {})
+                .get("canopyDesiredSnapshotId"),
+            )
+            for ns in listed
+        }
+        plan = plan_sync(tick.worklist, existing)
+        if not plan.fetched:
+            return
+        for problem in plan.problems:
+            log.warning("canopy worklist: %s", problem)
+        if plan.deletions_withheld:
+            log.warning("canopy worklist: %s", plan.deletions_withheld)
+        for change in plan.apply:
+            try:
+                self._apply_change(change, tick)
+            except Exception as exc:
+                log.warning("canopy: %s not applied: %s", change.desired.namespace, exc)
+        now = self.clock()
+        with self._lock:
+            for change in plan.apply:
+                self.state.absent_since.pop(change.desired.namespace, None)
+            for namespace in plan.kept:
+                self.state.absent_since.pop(namespace, None)
+        for namespace in plan.delete:
+            with self._lock:
+                since = self.state.absent_since.setdefault(namespace, now)
+            if now - since < self.settings.removal_grace:
+                continue
+            replica = replicas.get(namespace)
+            pending = (replica or {}).get("status", {}).get("pendingVerificationReports") or []
+            if replica is not None and vr.holds_removal(
+                PostgresPhysicalReplica.model_validate(replica).status.pending_verification_reports
+            ):
+                log.info(
+                    "canopy no longer lists %s; kept until its %d report(s) are delivered",
+                    namespace,
+                    len(pending),
+                )
+                continue
+            log.info("canopy no longer lists %s: deleting the Namespace", namespace)
+            try:
+                self.api.delete("Namespace", None, namespace)
+            except Exception as exc:
+                log.warning("canopy: Namespace %s not deleted: %s", namespace, exc)
+                continue
+            with self._lock:
+                self.state.absent_since.pop(namespace, None)
+                self.state.refusals.pop(f"{namespace}/{REPLICA_NAME}", None)
+
+    def _apply_change(self, change: Any, tick: SyncTick) -> None:
+        desired = change.desired
+        ns = desired.namespace
+        key = f"{ns}/{desired.name}"
+        if change.create_namespace:
+            self.api.create_if_missing(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": ns, "labels": dict(desired.labels)},
+                }
+            )
+            log.info("canopy: Namespace %s created (%s)", ns, desired.entry.describe())
+        entry = desired.entry
+        group_type = (str(entry.group_id), entry.type)
+        password = tick.passwords.get(group_type)
+        if password is not None:
+            self.api.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "type": "Opaque",
+                    "metadata": {
+                        "name": canopy_creds_secret_name(desired.name),
+                        "namespace": ns,
+                        "labels": {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE},
+                    },
+                    "stringData": canopy_creds_secret_data(entry, password),
+                }
+            )
+        with self._lock:
+            refusal = tick.refusals.get(group_type)
+            if refusal is not None:
+                self.state.refusals[key] = refusal
+            elif password is not None:
+                self.state.refusals.pop(key, None)
+        self.api.apply(desired.manifest())
+        if change.desired_snapshot_patch is not None:
+            self.api.merge_patch(
+                REPLICA_KIND,
+                ns,
+                desired.name,
+                {"status": {"canopyDesiredSnapshotId": change.desired_snapshot_patch}},
+                status=True,
+            )
+            log.info("canopy: %s should restore snapshot %s", key, change.desired_snapshot_patch)
+
+    # -- what reconciles ask ---------------------------------------------------------------
+    def _creds_secret(self, replica: PostgresPhysicalReplica) -> dict[str, str] | None:
+        secret = self.api.get("Secret", replica.namespace, canopy_creds_secret_name(replica.name))
+        if secret is None:
+            return None
+        return {k: v.decode() for k, v in decode_secret_data(secret).items()}
+
+    def secret_check(
+        self, replica: PostgresPhysicalReplica
+    ) -> tuple[SecretCheck, KopiaCredentials | None]:
+        """The condition, and kopia's credentials for the in-process listing proxy (their
+        endpoint is a placeholder: the proxy's port is known only once it listens)."""
+        with self._lock:
+            refusal = self.state.refusals.get(replica.key)
+        if refusal is not None:
+            return SecretCheck.invalid(refusal), None
+        data = self._creds_secret(replica)
+        if data is None:
+            return SecretCheck.not_found("waiting for the canopy syncer to write its Secret"), None
+        try:
+            repo = CanopyRepository.from_secret_data(data)
+        except SecretInvalid as exc:
+            return SecretCheck.invalid(f"{canopy_creds_secret_name(replica.name)}: {exc}"), None
+        return SecretCheck.valid(), repo.through("canopy-proxy")
+
+    def listing_access(
+        self, replica: PostgresPhysicalReplica, creds: KopiaCredentials
+    ) -> Callable[[], AbstractContextManager[KopiaCredentials]]:
+        source = replica.spec.canopy_source
+        assert source is not None
+        loc = creds.location
+        repo = CanopyRepository(
+            bucket=getattr(loc, "bucket", ""),
+            region=getattr(loc, "region", ""),
+            prefix=getattr(loc, "prefix", ""),
+            repository_password=creds.repository_password,
+        )
+        fetch = broker_source(self.broker, source.group, source.type)
+        return lambda: listing_access(repo, fetch, s3_endpoint=self.settings.s3_endpoint)
+
+    def job_settings(self) -> CanopyJobSettings:
+        base = self.settings.sidecar_base_url
+        return CanopyJobSettings(
+            broker_url=base, callback_base_url=base, s3_endpoint=self.settings.s3_endpoint
+        )
