@@ -30,8 +30,12 @@ def test_failure_backoff_table(failures: int, seconds: int) -> None:
     [
         (0, timedelta(minutes=5), False),
         (None, timedelta(minutes=5), False),
-        (1, timedelta(minutes=5), True),
+        (1, timedelta(minutes=2), True),
         (3, timedelta(seconds=1), True),
+        # Further ahead than one failure's backoff (120 s): the schedule's next fire time.
+        (1, timedelta(minutes=5), False),
+        (1, timedelta(days=300), False),
+        (6, timedelta(minutes=59), True),
         (1, timedelta(0), False),
         (1, timedelta(minutes=-5), False),
         (2, None, False),

@@ -37,13 +37,21 @@ def failure_backoff(consecutive_failures: int) -> timedelta:
     )
 
 
+def in_backoff(failures: int, next_at: datetime | None, now: datetime) -> bool:
+    """A failed restore's backoff has not elapsed.
+
+    Right after a failure `nextScheduledRestore` holds the backoff's end, at most
+    `failure_backoff(failures)` ahead. Once the backoff has run out, the schedule moves
+    `nextScheduledRestore` to its next fire time while the failure count stays (it resets
+    only at a switchover); a time further ahead than any backoff of that count is that
+    schedule time, not a backoff. Without this, a canopy replica on a yearly fallback
+    schedule ignored new desired snapshots for a year after one failed restore.
+    """
+    return failures > 0 and next_at is not None and now < next_at <= now + failure_backoff(failures)
+
+
 def backoff_pending(status: PostgresPhysicalReplicaStatus, now: datetime) -> bool:
-    """A failed restore's backoff has not elapsed (`nextScheduledRestore` holds its end)."""
-    return (
-        (status.consecutive_restore_failures or 0) > 0
-        and status.next_scheduled_restore is not None
-        and now < status.next_scheduled_restore
-    )
+    return in_backoff(status.consecutive_restore_failures or 0, status.next_scheduled_restore, now)
 
 
 def listing_retry_delay(consecutive_failures: int) -> timedelta:

@@ -38,7 +38,7 @@ from pgro.api.restore import (
     PostgresPhysicalRestoreStatus,
 )
 from pgro.core import reasons, verification_reports
-from pgro.core.backoff import listing_retry_delay
+from pgro.core.backoff import in_backoff, listing_retry_delay
 from pgro.core.naming import restore_name
 from pgro.core.observations import ReplicaObservation, SecretState, SnapshotListing
 from pgro.core.plan import (
@@ -556,7 +556,7 @@ def _triggers(p: _Pass, restores: RestoreSet, schedule: CronSchedule | None) -> 
     serving = restores.serving
     failures = draft.get("consecutive_restore_failures") or 0
     next_at: datetime | None = draft.get("next_scheduled_restore")
-    backoff = failures > 0 and next_at is not None and p.now < next_at
+    backoff = in_backoff(failures, next_at, p.now)
     triggers = evaluate_triggers(
         now=p.now,
         serving_snapshot=serving.spec.snapshot if serving is not None else None,
