@@ -124,3 +124,16 @@ def test_tick_jitter_and_capability_backoff() -> None:
     delays = [capability_retry_delay(n).total_seconds() for n in range(1, 10)]
     assert delays[:8] == [1, 2, 4, 8, 16, 32, 64, 3600]
     assert delays[8] == 3600
+
+
+def test_a_failed_health_check_makes_a_successful_restore_unhealthy() -> None:
+    checks = [
+        {"name": "connect", "status": "pass", "detail": "ok"},
+        {"name": "application_database", "status": "fail", "detail": "only system databases"},
+    ]
+    wire = reports.verification_args(
+        _replica(), _report(healthDetails={"checks": checks})
+    ).to_wire()
+    assert (wire["outcome"], wire["replica_healthy"]) == ("success", False)
+    assert wire["error"] == "health check application_database failed: only system databases"
+    assert wire["health_details"]["checks"][1]["status"] == "fail"

@@ -287,6 +287,14 @@ def test_migrate_to_passes_through_migrating() -> None:
     assert _kinds(waiting) == ["RunMigration"]
     done = _decide(migrating, migration=MigrationOutcome(finished=True))
     assert _restore_patch(done) == {"phase": "Ready"}
+    # A runtime that cannot run migrations fails the restore (and frees its slot) instead
+    # of leaving it in Migrating for good.
+    unsupported = _decide(migrating, migration=MigrationOutcome.unsupported("pgro run"))
+    patch = _restore_patch(unsupported)
+    assert patch["phase"] == "Failed"
+    [failed] = [Condition.model_validate(c) for c in patch["conditions"]]
+    assert failed.message.startswith("MigrationUnsupported: pgro run cannot run")
+    assert "RunMigration" not in _kinds(unsupported)
 
 
 @pytest.mark.parametrize(

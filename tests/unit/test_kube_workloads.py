@@ -333,6 +333,7 @@ def test_restore_job_env() -> None:
         "KOPIA_ENDPOINT": secret_ref("kopia", "endpoint", optional=True),
         "KOPIA_DISABLE_TLS": secret_ref("kopia", "disableTls", optional=True),
         "KOPIA_FILESYSTEM_PATH": secret_ref("kopia", "filesystemPath", optional=True),
+        "KOPIA_PREFIX": secret_ref("kopia", "prefix", optional=True),
     }
 
 

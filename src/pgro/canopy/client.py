@@ -75,7 +75,7 @@ IDENTITY_RECHECK_SECONDS: Final = 600.0
 IDENTITY_RETRY_SECONDS: Final = 60.0
 
 # Capability registration at start-up: 8 attempts, 1 s doubling to at most 300 s between
-# them (so 1, 2, 4 ... 128 s), then give up until the next restart (§3.1).
+# them (so 1, 2, 4 ... 64 s: seven waits), then give up until the next restart (§3.1).
 CAPABILITIES_RETRY_DELAYS: Final = tuple(min(2**n, 300) for n in range(7))
 
 USER_AGENT: Final = f"pgro/{__version__} (canopy client; {platform.system()}; {platform.machine()})"

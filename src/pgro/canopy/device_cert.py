@@ -11,9 +11,11 @@ The reference builds the certificate once, when its client is built, and never r
 so a long-lived operator would present an expired certificate after 6 days (§9.5);
 `ensure_device_certificate` is called again as the client runs (see `DeviceIdentity`).
 
-The key comes from the operator's configuration (the reference reads the PEM from the
-Secret named by `CANOPY_DEVICE_CERT_SECRET`); with none, one is generated on first use
-and kept, and must then be enrolled in canopy (`spki_sha256` gives its fingerprint).
+The key comes from the configuration: the operator reads the PEM from the Secret named by
+`CANOPY_DEVICE_CERT_SECRET`, as the reference does, and has no key without it (one made in
+a pod would change at every restart); `pgro run` takes `--canopy-device-key`, else
+generates one in its state directory on first use and keeps it. Either way the key must
+be enrolled in canopy (`spki_sha256` gives its fingerprint).
 """
 
 from __future__ import annotations

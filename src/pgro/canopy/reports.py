@@ -48,6 +48,16 @@ def traffic_from_stats(stats: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
+def _failed_check(details: Mapping[str, Any] | None) -> str | None:
+    checks = (details or {}).get("checks")
+    if not isinstance(checks, list):
+        return None
+    for check in checks:
+        if isinstance(check, Mapping) and check.get("status") == "fail":
+            return f"health check {check.get('name')} failed: {check.get('detail', '')}".strip()
+    return None
+
+
 def _uuid(labels: Mapping[str, str], key: str) -> UUID:
     value = labels.get(key)
     if not value:
@@ -73,7 +83,16 @@ def verification_args(
         run_id = UUID(report.run_id) if report.run_id else None
     except ValueError:
         run_id = None  # as the reference: a malformed run id is sent as absent
-    healthy = report.outcome == "success"
+    restored = report.outcome == "success"
+    failed_check = _failed_check(report.health_details)
+    # The restore worked but the server is not what a backup should give back (still in
+    # recovery, no application database): success, unhealthy. Canopy settles a snapshot
+    # only on success *and* healthy, so it keeps alerting, and pgro, which has verified
+    # the snapshot, does not restore it again.
+    healthy = restored and failed_check is None
+    error = None if restored else (report.error or "restore failed")
+    if restored and failed_check is not None:
+        error = failed_check
     try:
         details = (
             HealthDetails.model_validate(report.health_details) if report.health_details else None
@@ -90,7 +109,7 @@ def verification_args(
                 "intent": intent,
                 "snapshot_id": report.snapshot_id,
                 "outcome": report.outcome,
-                "error": None if healthy else (report.error or "restore failed"),
+                "error": error,
                 "replica_healthy": healthy,
                 "postgres_version": report.postgres_version,
                 "observed_at": report.observed_at,

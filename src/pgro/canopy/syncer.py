@@ -31,8 +31,8 @@ DEFAULT_INTERVAL: Final = timedelta(seconds=30)
 # (with its `verifiedSnapshotId`) restores it.
 DEFAULT_REMOVAL_GRACE: Final = timedelta(minutes=10)
 JITTER: Final = 0.2
-# Capabilities: 8 attempts, 1 s doubling to 128 s, as the reference; then pgro keeps
-# trying hourly instead of giving up until a restart.
+# Capabilities: 8 attempts with 1, 2, 4 … 64 s between them, as the reference; then
+# pgro keeps trying hourly instead of giving up until a restart.
 CAPABILITY_ATTEMPTS: Final = 8
 CAPABILITY_RETRY_AFTER_GIVING_UP: Final = timedelta(hours=1)
 
@@ -61,7 +61,7 @@ def jittered(interval: timedelta, rnd: Callable[[], float] = random.random) -> f
 
 
 def capability_retry_delay(attempt: int) -> timedelta:
-    """After failed attempt `attempt` (1-based): 1, 2, 4 … 128 s, then hourly."""
+    """After failed attempt `attempt` (1-based): 1, 2, 4 … 64 s, then hourly."""
     if attempt >= CAPABILITY_ATTEMPTS:
         return CAPABILITY_RETRY_AFTER_GIVING_UP
     return timedelta(seconds=min(2 ** (attempt - 1), 300))

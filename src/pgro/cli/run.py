@@ -243,7 +243,8 @@ def _canopy(
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--canopy-url")
     identity = None
-    if parsed.scheme == "https":
+    # On the tailnet canopy knows the node; a certificate is for the mTLS route only.
+    if parsed.scheme == "https" and not parsed.host.endswith(".ts.net"):
         state_dir.mkdir(parents=True, exist_ok=True)
         identity = DeviceIdentity(
             state_dir / "canopy-device",

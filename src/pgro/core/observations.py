@@ -31,6 +31,9 @@ class SecretCheck:
 
     state: SecretState
     detail: str = ""
+    # The condition reason when the runtime knows better than the default for the state
+    # (canopy replicas: `CanopyNotConfigured`, `SecretInvalid`, ...).
+    reason: str | None = None
 
     @classmethod
     def valid(cls) -> SecretCheck:
@@ -41,8 +44,8 @@ class SecretCheck:
         return cls(SecretState.NOT_FOUND, detail)
 
     @classmethod
-    def invalid(cls, detail: str) -> SecretCheck:
-        return cls(SecretState.INVALID, detail)
+    def invalid(cls, detail: str, reason: str | None = None) -> SecretCheck:
+        return cls(SecretState.INVALID, detail, reason)
 
 
 @dataclass(frozen=True)
@@ -167,11 +170,21 @@ class VersionDetection:
 
 @dataclass(frozen=True)
 class MigrationOutcome:
-    """`migrateTo` (not supported yet; kept so `Migrating` can be represented)."""
+    """`migrateTo`. `failed` without a result: the migrations could not be run at all
+    (`reason` says why), which fails the restore; a result, passed or not, is a finding."""
 
     finished: bool
     result: MigrationResult | None = None
     failed: bool = False
+    reason: str = ""
+
+    @classmethod
+    def unsupported(cls, runtime: str) -> MigrationOutcome:
+        return cls(
+            finished=True,
+            failed=True,
+            reason=f"{runtime} cannot run the application's migrations (migrateTo) yet",
+        )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ CANOPY_SOURCED: Final = "CanopySourced"
 CANOPY_CREDENTIALS_REFUSED: Final = "CanopyCredentialsRefused"
 # pgro: the runtime has not obtained the replica's canopy credentials yet.
 CANOPY_CREDENTIALS_PENDING: Final = "CanopyCredentialsPending"
+# pgro: a canopy replica on a runtime started without canopy (no --canopy-url or
+# CANOPY_BASE_URL).
+CANOPY_NOT_CONFIGURED: Final = "CanopyNotConfigured"
 SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105 (a wire name, not a password)
 SECRET_INVALID: Final = "SecretInvalid"  # noqa: S105 (a wire name, not a password)
 # pgro: the runtime could not check the Secret yet.

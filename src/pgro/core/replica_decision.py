@@ -225,7 +225,7 @@ def _credentials(p: _Pass) -> bool:
             p.draft.condition(
                 reasons.KOPIA_SECRET_VALID,
                 "False",
-                reasons.CANOPY_CREDENTIALS_REFUSED,
+                check.reason or reasons.CANOPY_CREDENTIALS_REFUSED,
                 check.detail,
             )
             return False

@@ -206,6 +206,11 @@ def _migrating(p: _Pass) -> timedelta | None:
     if outcome is None or not outcome.finished:
         p.steps.append(RunMigration(restore.name))
         return REQUEUE_WORK_RUNNING
+    if outcome.failed and outcome.result is None:
+        # Nothing was learnt about the migrations: the restore cannot serve its purpose,
+        # and holding its slot in `Migrating` forever would block every other restore.
+        _fail(p, f"MigrationUnsupported: {outcome.reason}")
+        return None
     # A failed migration is a finding reported with the result, not a failed restore.
     p.draft.set(phase=RestorePhase.READY, migration_result=outcome.result)
     return REQUEUE_SOON

@@ -20,7 +20,7 @@ RETRY_MAX: Final = timedelta(hours=1)
 # Error text kept in status: enough to diagnose, bounded so status stays small.
 ERROR_LIMIT: Final = 500
 # A canopy replica canopy no longer lists is kept while its reports are still being
-# retried, for this many attempts (about 4 h with the backoff above); after that the
+# retried, for this many attempts (about 2 h with the backoff above); after that the
 # report is the only thing left of it and canopy has refused it for hours.
 HOLD_REMOVAL_ATTEMPTS: Final = 10
 

@@ -32,11 +32,13 @@ from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.canopy.client import CanopyClient
+from pgro.core import reasons
 from pgro.core.access import effective_read_only
 from pgro.core.observations import (
     Endpoint as ConnectionEndpoint,
 )
 from pgro.core.observations import (
+    MigrationOutcome,
     ReplicaObservation,
     RestoreObservation,
     RestoreWork,
@@ -287,7 +289,8 @@ class Runtime:
             if self.canopy is None:
                 return SecretCheck.invalid(
                     "the replica's credentials come from canopy, but this pgro run has no "
-                    "--canopy-url"
+                    "--canopy-url",
+                    reasons.CANOPY_NOT_CONFIGURED,
                 )
             return self.canopy.secret_check(replica)
         try:
@@ -373,6 +376,7 @@ class Runtime:
             work=work,
             server=server,
             version_detection=version,
+            migration=MigrationOutcome.unsupported("pgro run") if restore.spec.migrate_to else None,
         )
         self.metrics.reconciliations.labels("restore").inc()
         plan = decide_restore(obs, self.queue, now, lambda: str(uuid.uuid4()))
@@ -459,8 +463,8 @@ class Runtime:
             case ReportVerification(restore=name, outcome=outcome):
                 self._report_details(replica, name, outcome)
             case _:
-                # Canopy reports, outgoing marks, notifications, migrations: not part of
-                # the embedded runtime yet; the decisions do not wait on them.
+                # The outgoing mark (best effort). RunMigration never comes: the restore
+                # is observed as unable to migrate (MigrationOutcome.unsupported).
                 log.debug("%s: %s is not handled by pgro run", key, type(step).__name__)
 
     def _send_notifications(self, key: str, restore_name: str) -> None:

@@ -48,6 +48,7 @@ from pgro.canopy.syncer import (
     fetch_tick,
     jittered,
 )
+from pgro.core import reasons
 from pgro.core import verification_reports as vr
 from pgro.core.observations import SecretCheck
 from pgro.runtimes.kubernetes.kube import KubeApi
@@ -102,8 +103,9 @@ def settings_from_env(
     """The reference's environment (`CANOPY_BASE_URL`, `CANOPY_SOCKS5_PROXY`,
     `CANOPY_DEVICE_CERT_SECRET`, `PGRO_BROKER_LISTEN_ADDR`, `CANOPY_BROKER_BASE_URL`,
     `CANOPY_RECONCILE_INTERVAL_SECS`) plus pgro's `PGRO_S3_ENDPOINT`,
-    `CANOPY_TAILNET_URL` (empty: never probe the tailnet) and
-    `CANOPY_REMOVAL_GRACE_SECS`. None: canopy is off."""
+    `CANOPY_TAILNET_URL` (empty: never probe the tailnet), `CANOPY_REMOVAL_GRACE_SECS`
+    and `OPERATOR_SERVICE_NAME` (the Service sidecars reach the broker through). None:
+    canopy is off."""
     warnings: list[str] = []
     base = env.get("CANOPY_BASE_URL", "").strip()
     if not base:
@@ -201,6 +203,17 @@ class OperatorCanopy:
                 if values:
                     # The reference takes the Secret's first value as the key PEM.
                     identity = DeviceIdentity(state_dir / "canopy-device", key_pem=values[0])
+                    log.info(
+                        "canopy device key SPKI SHA-256 %s (enrolled in canopy with role "
+                        "backup-restore?)",
+                        identity.fingerprint(),
+                    )
+        elif settings.base_url.startswith("https://"):
+            log.warning(
+                "CANOPY_DEVICE_CERT_SECRET is not set: the mTLS route to %s has no device "
+                "certificate and canopy will answer 401",
+                settings.base_url,
+            )
         client = connect(
             settings.base_url,
             tailnet_url=settings.tailnet_url,
@@ -399,7 +412,9 @@ class OperatorCanopy:
         try:
             repo = CanopyRepository.from_secret_data(data)
         except SecretInvalid as exc:
-            return SecretCheck.invalid(f"{canopy_creds_secret_name(replica.name)}: {exc}"), None
+            return SecretCheck.invalid(
+                f"{canopy_creds_secret_name(replica.name)}: {exc}", reasons.SECRET_INVALID
+            ), None
         return SecretCheck.valid(), repo.through("canopy-proxy")
 
     def listing_access(

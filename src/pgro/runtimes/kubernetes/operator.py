@@ -52,6 +52,7 @@ from pgro.core import reasons
 from pgro.core import verification_reports as vr
 from pgro.core.access import effective_read_only
 from pgro.core.observations import (
+    MigrationOutcome,
     ReplicaObservation,
     RestoreObservation,
     RestoreWork,
@@ -507,7 +508,8 @@ class Operator:
             if self.canopy is None:
                 return SecretCheck.invalid(
                     "the replica's credentials come from canopy, but the operator has no "
-                    "CANOPY_BASE_URL"
+                    "CANOPY_BASE_URL",
+                    reasons.CANOPY_NOT_CONFIGURED,
                 ), None
             return self.canopy.secret_check(replica)
         if replica.spec.kopia_secret_ref is None:
@@ -652,6 +654,9 @@ class Operator:
             work=work,
             server=self._server(restore),
             version_detection=detection,
+            migration=MigrationOutcome.unsupported("the operator")
+            if restore.spec.migrate_to
+            else None,
         )
         with self._decide_lock:
             plan = decide_restore(
@@ -786,8 +791,8 @@ class Operator:
                 if outcome is VerificationOutcome.SUCCESS:
                     self._report_health(replica, name)
             case _:
-                # Canopy reports and outgoing marks are not part of the operator yet;
-                # the decisions never wait on them (they are best effort).
+                # The outgoing mark (best effort). RunMigration never comes: the restore
+                # is observed as unable to migrate (MigrationOutcome.unsupported).
                 log.debug("%s: %s is not handled by the operator", replica.key, type(step).__name__)
 
     # -- step helpers -----------------------------------------------------------------

@@ -62,6 +62,7 @@ SECRET_ENV: Final = MappingProxyType(
         "KOPIA_ENDPOINT": "endpoint",
         "KOPIA_DISABLE_TLS": "disableTls",
         "KOPIA_FILESYSTEM_PATH": "filesystemPath",
+        "KOPIA_PREFIX": "prefix",
     }
 )
 

@@ -88,6 +88,8 @@ KOPIA_SECRET_ENV: Final = (
     ("KOPIA_ENDPOINT", "endpoint", True),
     ("KOPIA_DISABLE_TLS", "disableTls", True),
     ("KOPIA_FILESYSTEM_PATH", "filesystemPath", True),
+    # The key prefix inside the bucket (canopy's `prefix`; the reference never passed it).
+    ("KOPIA_PREFIX", "prefix", True),
 )
 
 
@@ -124,9 +126,10 @@ class CanopyJobSettings:
 
     `broker_url`: the credential broker's base URL (`CANOPY_BROKER_BASE_URL`, else
     `http://<operator service>.<ns>.svc:<broker port>`); `callback_base_url`: where the
-    operator serves `/api/v1/canopy-stats|progress/...` (`CALLBACK_BASE_URL`, else the
-    metrics port of the operator Service); `s3_endpoint`: an upstream S3 URL other than
-    AWS's regional endpoint (MinIO, tests), None for AWS.
+    operator serves `/api/v1/canopy-stats|progress/...` (the broker's listener, so the
+    same URL; the reference used a separate `:8080` callback server); `s3_endpoint`: an
+    upstream S3 URL other than AWS's regional endpoint (`PGRO_S3_ENDPOINT`: MinIO,
+    tests), None for AWS.
     """
 
     broker_url: str
