@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pgro.api.secret import KopiaCredentials, S3Location
 from pgro.postgres.layout import locate_data_directory
-from pgro.runtimes.kubernetes.restore_job import parse_message
+from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
 from tests.conftest import Repo
 
 
@@ -47,8 +47,11 @@ def test_restores_locates_and_reports_the_major_version(fs_repo: Repo, scratch: 
         {**_fs_env(fs_repo, fs_repo.snapshots["poisoned"]), "PGRO_READ_ONLY": "true"}, scratch
     )
     assert code == 0, output
-    assert message == "15"  # no newline: the reference's termination message
+    # The reference's message (the major version) first; pgro's repairs on a second line.
+    assert message.splitlines()[0] == "15"
     assert parse_message(message) == ("15", "")
+    fixes = parse_fixes(message)
+    assert fixes is not None and fixes["removed_stale_pid"] is True  # the poisoned cluster
     root = scratch / "pgdata-volume"
     link = root / "pgdata"
     # Relative, so the same path works wherever the volume is mounted.
@@ -75,7 +78,10 @@ def test_a_retried_pod_starts_over(fs_repo: Repo, scratch: Path) -> None:
     code, message, output = _run(env, scratch)
     assert code == 0, output
     assert not (scratch / "pgdata-volume" / "postgres" / "leftover").exists()
-    assert locate_data_directory(scratch / "pgdata-volume" / "postgres").major == message
+    assert (
+        locate_data_directory(scratch / "pgdata-volume" / "postgres").major
+        == (parse_message(message)[0])
+    )
 
 
 def test_not_postgres_is_a_permanent_failure(fs_repo: Repo, scratch: Path) -> None:
@@ -118,7 +124,7 @@ def test_s3_repository_via_the_reference_environment(
     }
     code, message, output = _run(env, scratch)
     assert code == 0, output
-    assert message == "15"
+    assert parse_message(message) == ("15", "")
 
 
 def test_unreachable_endpoint_is_worth_a_retry(fs_repo: Repo, scratch: Path) -> None:

@@ -380,7 +380,7 @@ def test_canopy_restore_job_restores_through_the_sidecar(
     assert pod["metadata"]["labels"]["pgro.bes.au/proxy-sidecar"] == "true"
     restore = _terminated(pod, "containerStatuses", "restore")
     assert restore["exitCode"] == 0
-    assert restore["message"] == binaries.major
+    assert restore["message"].splitlines()[0] == binaries.major
     # The sidecar was stopped after the restore container, and exited cleanly on SIGTERM.
     sidecar = _terminated(pod, "initContainerStatuses", "canopy-proxy")
     assert sidecar["exitCode"] == 0, fake_node.logs(pod["metadata"]["name"], ns)

@@ -168,6 +168,10 @@ def test_verify_entry_is_materialised_restored_reported_and_removed(
     assert (body["type"], body["intent"], body["outcome"]) == (BACKUP_TYPE, "verify", "success")
     assert body["replica_healthy"] is True and body["snapshot_id"] == snapshot
     assert body["health_details"]["sizes"]["myapp"] > 0
+    # The restore Job's repairs, carried by its termination message into the status.
+    fixes = body["health_details"]["fixes"]
+    assert {"reset_wal", "synthesized_config"} <= set(fixes)
+    assert all(isinstance(v, bool) for v in fixes.values())
     assert all(c["status"] == "pass" for c in body["health_details"]["checks"])
     # The restore's sidecar fetched its credentials from the operator's broker, under the
     # run id the report carries, and its final traffic totals made it into the report.

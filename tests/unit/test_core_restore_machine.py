@@ -114,7 +114,9 @@ def test_running_work_is_recorded_once() -> None:
 def test_finished_work_makes_the_restore_ready_then_cleans_up() -> None:
     plan = _decide(
         restore("fiji-1", phase="Restoring"),
-        work=RestoreWork.succeeded("16", NOW - timedelta(seconds=5)),
+        work=RestoreWork.succeeded(
+            "16", NOW - timedelta(seconds=5), fixes={"reset_wal": False, "locale": True}
+        ),
     )
     assert _kinds(plan) == ["PatchRestoreStatus", "CleanupRestoreWork"]
     assert _restore_patch(plan) == {
@@ -126,6 +128,7 @@ def test_finished_work_makes_the_restore_ready_then_cleans_up() -> None:
             "completedAt": stamp(NOW - timedelta(seconds=5)),
         },
         "postgresVersion": "16",
+        "fixes": {"reset_wal": False, "locale": True},
     }
 
 

@@ -25,7 +25,9 @@ def _restore(name: str = "r-1", run_id: str | None = RUN) -> PostgresPhysicalRes
                 "snapshotSize": "1Gi",
                 "storageSize": "2Gi",
             },
-            "status": {"runId": run_id, "postgresVersion": "15"} if run_id else {},
+            "status": {"runId": run_id, "postgresVersion": "15", "fixes": {"reset_wal": True}}
+            if run_id
+            else {},
         }
     )
 
@@ -34,7 +36,7 @@ def test_new_report_carries_the_run_and_the_duration() -> None:
     report = vr.new_report(_restore(), "success", NOW)
     assert (report.restore, report.run_id, report.snapshot_id) == ("r-1", RUN, "kA")
     assert report.postgres_version == "15" and report.outcome == "success"
-    assert report.health_details == {"restore_duration_sec": 120}
+    assert report.health_details == {"restore_duration_sec": 120, "fixes": {"reset_wal": True}}
     assert report.key == RUN and report.attempts == 0 and report.next_attempt_at is None
 
 
@@ -80,7 +82,11 @@ def test_details_are_merged_not_replacing_the_verdict() -> None:
         traffic={"s3_received_payload_bytes": 5},
     )
     [r] = reports
-    assert r.health_details == {"restore_duration_sec": 120, "sizes": {"app": 10}}
+    assert r.health_details == {
+        "restore_duration_sec": 120,
+        "fixes": {"reset_wal": True},
+        "sizes": {"app": 10},
+    }
     assert r.traffic == {"s3_received_payload_bytes": 5} and r.outcome == "success"
     assert vr.with_details(reports, "other", health_details={"x": 1}) == reports
     [wire] = vr.status_patch(reports)["pendingVerificationReports"]

@@ -483,6 +483,7 @@ def full_restore_status() -> PostgresPhysicalRestoreStatus:
         phase=RestorePhase.ACTIVE,
         run_id="7d0e3c52-5f0b-4f0e-a3f4-6a1f9d3c2b11",
         postgres_version="16",
+        fixes={"reset_wal": False, "stale_pid": True},
         created_at=NOW,
         restored_at=NOW + timedelta(minutes=20),
         activated_at=NOW + timedelta(minutes=30),

@@ -40,6 +40,9 @@ class PostgresPhysicalRestoreStatus(ApiModel):
     phase: RestorePhase | None = None
     run_id: str | None = None
     postgres_version: str | None = None
+    # The repairs the restore step made to the data directory (`reset_wal`, ...), as
+    # reported to canopy in `health_details.fixes`.
+    fixes: dict[str, bool] | None = None
     created_at: Timestamp | None = None
     restored_at: Timestamp | None = None
     activated_at: Timestamp | None = None

@@ -7,7 +7,7 @@ decisions only ever see these abstractions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -120,6 +120,7 @@ class RestoreWork:
     postgres_version: str | None = None
     reason: str = ""
     completed_at: datetime | None = None
+    fixes: Mapping[str, bool] | None = None
 
     @classmethod
     def not_started(cls) -> RestoreWork:
@@ -131,10 +132,16 @@ class RestoreWork:
 
     @classmethod
     def succeeded(
-        cls, postgres_version: str | None, completed_at: datetime | None = None
+        cls,
+        postgres_version: str | None,
+        completed_at: datetime | None = None,
+        fixes: Mapping[str, bool] | None = None,
     ) -> RestoreWork:
         return cls(
-            WorkState.SUCCEEDED, postgres_version=postgres_version, completed_at=completed_at
+            WorkState.SUCCEEDED,
+            postgres_version=postgres_version,
+            completed_at=completed_at,
+            fixes=fixes,
         )
 
     @classmethod

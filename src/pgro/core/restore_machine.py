@@ -183,6 +183,7 @@ def _restoring(p: _Pass) -> timedelta | None:
                     completed_at=work.completed_at or p.now,
                 ),
                 postgres_version=work.postgres_version or restore.status.postgres_version,
+                fixes=dict(work.fixes) if work.fixes is not None else restore.status.fixes,
             )
             p.flush()
             p.steps.append(CleanupRestoreWork(restore.name))

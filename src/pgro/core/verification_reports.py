@@ -35,9 +35,11 @@ def new_report(
     sizes, fixes and checks are added by the runtime while the server still runs."""
     status = restore.status
     created = status.created_at or restore.metadata.creation_timestamp
-    details: dict[str, Any] | None = None
+    details: dict[str, Any] = {}
     if created is not None:
-        details = {"restore_duration_sec": max(0, int((now - created).total_seconds()))}
+        details["restore_duration_sec"] = max(0, int((now - created).total_seconds()))
+    if status.fixes is not None:
+        details["fixes"] = dict(status.fixes)
     return PendingVerificationReport(
         restore=restore.name,
         run_id=status.run_id,
@@ -46,7 +48,7 @@ def new_report(
         error=error[:ERROR_LIMIT] if error else None,
         observed_at=now,
         postgres_version=status.postgres_version,
-        health_details=details,
+        health_details=details or None,
     )
 
 

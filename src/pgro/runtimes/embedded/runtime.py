@@ -330,9 +330,6 @@ class Runtime:
     def _restore_dir(self, restore: PostgresPhysicalRestore) -> Path:
         return self.state_dir / "restores" / restore.namespace / restore.name
 
-    def _restore_dir_named(self, replica: PostgresPhysicalReplica, name: str) -> Path:
-        return self.state_dir / "restores" / replica.namespace / name
-
     def _restore_key(self, restore: PostgresPhysicalRestore) -> str:
         return f"{restore.namespace}/{restore.name}"
 
@@ -341,7 +338,7 @@ class Runtime:
         result = worker.read_result(rdir)
         if result is not None:
             if result.ok:
-                return RestoreWork.succeeded(result.postgres_version)
+                return RestoreWork.succeeded(result.postgres_version, fixes=result.fixes)
             return RestoreWork.failed(f"{result.reason}: {result.error}")
         w = self.workers.get(self._restore_key(restore))
         if w is not None:
@@ -493,17 +490,14 @@ class Runtime:
         self, replica: PostgresPhysicalReplica, restore_name: str, outcome: VerificationOutcome
     ) -> None:
         """Add what only the running server can tell to the report the decision persisted:
-        database sizes, the checks run on it, and the repairs made to the data directory.
-        Delivery happens in `EmbeddedCanopy`, with retries."""
+        database sizes and the checks run on it (the repairs come from the restore's
+        status). Delivery happens in `EmbeddedCanopy`, with retries."""
         if self.canopy is None:
             return
         fresh = self.store.replica(replica.key)
         if fresh is None:
             return
         details: dict[str, Any] = {}
-        result = worker.read_result(self._restore_dir_named(replica, restore_name))
-        if result is not None and result.fixes is not None:
-            details["fixes"] = dict(result.fixes)
         handle = self.servers.get(f"{replica.namespace}/{restore_name}")
         if outcome is VerificationOutcome.SUCCESS and handle is not None:
             health = check_health(handle.endpoint, "postgres")

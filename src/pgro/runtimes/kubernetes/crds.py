@@ -261,6 +261,7 @@ _DESCRIPTIONS: Final[Mapping[type[BaseModel], Mapping[str, str]]] = {
             "or Failed."
         ),
         "run_id": "Canopy run this restore belongs to.",
+        "fixes": "Repairs the restore step made to the data directory (reset_wal, ...).",
         "postgres_version": "PostgreSQL major version of the restored data.",
         "created_at": "When the restore was picked up.",
         "restored_at": "When the data was restored.",

@@ -106,7 +106,7 @@ from pgro.runtimes.kubernetes.informer import Informer
 from pgro.runtimes.kubernetes.kube import KubeApi, is_conflict
 from pgro.runtimes.kubernetes.leader import LeaderElector
 from pgro.runtimes.kubernetes.listing import ListingCache
-from pgro.runtimes.kubernetes.restore_job import parse_message
+from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
 from pgro.runtimes.kubernetes.workqueue import WorkQueue
 
@@ -589,6 +589,7 @@ class Operator:
                 name=job_name,
                 postgres_version=version,
                 completed_at=completed,
+                fixes=parse_fixes(message),
             )
         if "Failed" in conditions:
             messages = [_termination_message(p) for p in pods]

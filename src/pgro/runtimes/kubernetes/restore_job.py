@@ -235,7 +235,9 @@ def run(env: Mapping[str, str]) -> Outcome:
         return Outcome(
             EXIT_RETRY, f"error: UnexpectedError: {scrub(f'{type(exc).__name__}: {exc}', secrets)}"
         )
-    return Outcome(0, data_dir.major)
+    # The major version on the first line (what the reference writes), the repairs as
+    # JSON on the second, for the restore's status and canopy's `health_details.fixes`.
+    return Outcome(0, f"{data_dir.major}\n{json.dumps({'fixes': dict(repairs.fixes)})}")
 
 
 def parse_message(message: str) -> tuple[str | None, str]:
@@ -243,9 +245,23 @@ def parse_message(message: str) -> tuple[str | None, str]:
     text = message.strip()
     if text.startswith("error: "):
         return None, text.removeprefix("error: ")
-    if text and all(part.isdigit() for part in text.split(".")):
-        return text, ""
+    first = text.split("\n", 1)[0].strip()
+    if first and all(part.isdigit() for part in first.split(".")):
+        return first, ""
     return None, text
+
+
+def parse_fixes(message: str) -> dict[str, bool] | None:
+    """The repairs a successful restore step reported on its message's second line."""
+    _, _, rest = message.strip().partition("\n")
+    try:
+        doc = json.loads(rest) if rest else None
+    except ValueError:
+        return None
+    fixes = doc.get("fixes") if isinstance(doc, dict) else None
+    if not isinstance(fixes, dict):
+        return None
+    return {str(k): v for k, v in fixes.items() if isinstance(v, bool)}
 
 
 def main() -> None:
@@ -258,9 +274,12 @@ def main() -> None:
         print(f"cannot write the termination message to {path}: {exc}", file=sys.stderr)
     stream = sys.stdout if outcome.exit_code == 0 else sys.stderr
     print(
-        outcome.message if outcome.exit_code else f"done: PostgreSQL {outcome.message}", file=stream
+        outcome.message
+        if outcome.exit_code
+        else f"done: PostgreSQL {outcome.message.splitlines()[0]}",
+        file=stream,
     )
     sys.exit(outcome.exit_code)
 
 
-__all__ = ["main", "parse_message", "run"]
+__all__ = ["main", "parse_fixes", "parse_message", "run"]
