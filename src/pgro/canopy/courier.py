@@ -11,6 +11,7 @@ recomputed on the next pass from the replica as it then is.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -65,8 +66,14 @@ class ReportCourier:
     stats_key: Callable[[str, str], str] = lambda namespace, restore: f"{namespace}/{restore}"
     _flying: dict[_Key, Future[None]] = field(default_factory=dict)
     _done: dict[_Key, _Done] = field(default_factory=dict)
+    # The operator's workers step different replicas at the same time.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def step(self, replica: PostgresPhysicalReplica) -> Step:
+        with self._lock:
+            return self._step(replica)
+
+    def _step(self, replica: PostgresPhysicalReplica) -> Step:
         rkey = replica.key
         for key, future in list(self._flying.items()):
             if key[0] == rkey and future.done():
@@ -119,8 +126,9 @@ class ReportCourier:
 
     def settled(self, step: Step) -> None:
         """The runtime wrote `step.reports`: the results it applied are done with."""
-        for key in step.keys:
-            self._done.pop(key, None)
+        with self._lock:
+            for key in step.keys:
+                self._done.pop(key, None)
 
     def _with_traffic(
         self,
@@ -137,4 +145,5 @@ class ReportCourier:
         return current, next(r for r in current if r.key == report.key)
 
     def busy(self) -> bool:
-        return bool(self._flying)
+        with self._lock:
+            return bool(self._flying)
