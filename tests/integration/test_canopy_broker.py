@@ -199,3 +199,14 @@ def test_a_tick_with_canopy_down_changes_nothing(stub: CanopyStub) -> None:
     tick = fetch_tick(client, CredentialBroker(client))
     # A transient credential failure is neither a password nor a refusal.
     assert tick.worklist is not None and tick.passwords == {} and tick.refusals == {}
+
+
+def test_the_default_listen_address_serves_ipv6_and_ipv4() -> None:
+    """`[::]:9091` is the reference's default; sidecars may come over either family."""
+    server = serve(CredentialBroker(None), "::", 0)
+    try:
+        port = server.server_address[1]
+        assert httpx.get(f"http://[::1]:{port}/healthz").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        server.shutdown()

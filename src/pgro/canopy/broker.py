@@ -12,9 +12,11 @@ on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,6 +170,21 @@ _CALLBACK = re.compile(
 )
 
 
+class _DualStackServer(ThreadingHTTPServer):
+    """`[::]` as in the reference's default: IPv6, and IPv4 too where the host has it."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    return _DualStackServer if ":" in host else ThreadingHTTPServer
+
+
 def serve(
     broker: CredentialBroker, host: str, port: int, callbacks: Callbacks | None = None
 ) -> ThreadingHTTPServer:
@@ -222,7 +239,7 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:
             pass  # every proxy refresh would be a log line; failures are logged above
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = _server_class(host)((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True, name="broker").start()
     return server

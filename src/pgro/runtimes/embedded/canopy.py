@@ -152,10 +152,16 @@ class EmbeddedCanopy:
             return
         if not self._tick.done():
             return
-        tick = self._tick.result()
-        self._tick = None
+        future, self._tick = self._tick, None
         self.state.ticks += 1
         self._next_tick = time.monotonic() + jittered(self.options.interval, self.rnd)
+        try:
+            tick = future.result()
+        except Exception:
+            # fetch_tick turns canopy's answers into a SyncTick; anything else is a bug
+            # that must not stop the syncer for good.
+            log.exception("canopy sync tick failed")
+            return
         self._apply(tick, remove_replica)
 
     # -- applying a tick -----------------------------------------------------------------
