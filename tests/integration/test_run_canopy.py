@@ -375,3 +375,36 @@ def test_credentials_refused_is_a_condition(
             and e["restores"]
         ),
     )
+
+
+def test_the_broker_keeps_its_port_and_moves_only_when_it_is_taken(
+    scratch: Path, stub: CanopyStub
+) -> None:
+    import socket
+    from datetime import UTC, datetime
+
+    from pgro.canopy.client import CanopyClient
+    from pgro.runtimes.embedded.canopy import BROKER_PORT_SETTING, CanopyOptions, EmbeddedCanopy
+    from pgro.runtimes.embedded.store import Store
+
+    store = Store(scratch / "state.db")
+
+    def start() -> EmbeddedCanopy:
+        return EmbeddedCanopy(
+            CanopyClient(stub.url), CanopyOptions(), store, clock=lambda: datetime.now(UTC)
+        )
+
+    first = start()
+    port = first.base_url.rsplit(":", 1)[1]
+    first.shutdown()
+    again = start()  # a restart: the same port, so surviving proxies still reach it
+    assert again.base_url.rsplit(":", 1)[1] == port
+    again.shutdown()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", int(port)))
+        squatter.listen()
+        moved = start()
+        new_port = moved.base_url.rsplit(":", 1)[1]
+        moved.shutdown()
+    assert new_port != port and store.setting(BROKER_PORT_SETTING) == new_port
+    store.close()

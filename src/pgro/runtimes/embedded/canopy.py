@@ -96,7 +96,15 @@ class EmbeddedCanopy:
         self.callbacks = Callbacks(client)
         stored = store.setting(BROKER_PORT_SETTING)
         port = int(stored) if stored else free_port(BROKER_HOST)
-        self.server = serve(self.broker, BROKER_HOST, port, self.callbacks)
+        try:
+            self.server = serve(self.broker, BROKER_HOST, port, self.callbacks)
+        except OSError as exc:
+            # Taken by something else since: a new port (a restore's proxy that outlived
+            # the previous pgro run loses its broker and fails; the restore is retried).
+            log.warning("canopy broker port %d unavailable (%s); using another", port, exc)
+            port = free_port(BROKER_HOST)
+            self.server = serve(self.broker, BROKER_HOST, port, self.callbacks)
+            stored = None
         if not stored:
             store.set_setting(BROKER_PORT_SETTING, str(port))
         self.base_url = f"http://{BROKER_HOST}:{port}"
