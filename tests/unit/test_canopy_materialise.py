@@ -398,3 +398,20 @@ def test_group_wide_declarations_get_one_namespace_per_machine() -> None:
     namespaces = {c.desired.namespace for c in plan.apply}
     assert len(namespaces) == 2
     assert all(n.startswith("int-test-") for n in namespaces)
+
+
+def test_removals_wait_for_the_grace_and_for_waiting_reports() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from pgro.canopy.materialise import SyncPlan, plan_removals
+
+    t0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    grace = timedelta(minutes=10)
+    plan = SyncPlan(fetched=True, delete=("gone-a", "gone-b"))
+    first = plan_removals(plan, {"listed-again": t0}, t0, grace, lambda ns: False)
+    # Newly missing: the clock starts; a Namespace listed again is forgotten.
+    assert first.remove == () and first.absent_since == {"gone-a": t0, "gone-b": t0}
+    later = plan_removals(plan, first.absent_since, t0 + grace, grace, lambda ns: ns == "gone-b")
+    assert later.remove == ("gone-a",) and later.held == ("gone-b",)
+    # Without a grace the reference's behaviour: removed on the first tick.
+    assert plan_removals(plan, {}, t0, timedelta(0), lambda ns: False).remove == plan.delete

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 from uuid import UUID
 
@@ -513,3 +513,41 @@ def plan_sync(
         problems=tuple(problems),
         deletions_withheld=withheld,
     )
+
+
+# -- removals (pgro's grace, and reports that still wait) -----------------------------------
+
+
+@dataclass(frozen=True)
+class Removals:
+    """Which Namespaces a tick removes now, which it holds for their waiting reports, and
+    since when each Namespace canopy does not list has been missing (carry it to the next
+    tick)."""
+
+    remove: tuple[str, ...]
+    held: tuple[str, ...]
+    absent_since: dict[str, datetime]
+
+
+def plan_removals(
+    plan: SyncPlan,
+    absent_since: Mapping[str, datetime],
+    now: datetime,
+    grace: timedelta,
+    holds: Callable[[str], bool],
+) -> Removals:
+    """The plan's deletions, after the removal grace: a Namespace goes once canopy has not
+    listed it for `grace`, and not while `holds(namespace)` (its replica still has reports
+    to deliver). A Namespace listed again starts over."""
+    since = {ns: t for ns, t in absent_since.items() if ns in plan.delete}
+    remove: list[str] = []
+    held: list[str] = []
+    for namespace in plan.delete:
+        first = since.setdefault(namespace, now)
+        if now - first < grace:
+            continue
+        if holds(namespace):
+            held.append(namespace)
+            continue
+        remove.append(namespace)
+    return Removals(tuple(remove), tuple(held), since)

@@ -32,7 +32,7 @@ from pgro.canopy.access import CanopyRepository, broker_source, listing_access
 from pgro.canopy.broker import Callbacks, CredentialBroker, serve
 from pgro.canopy.client import CanopyClient
 from pgro.canopy.courier import ReportCourier
-from pgro.canopy.materialise import ExistingReplica, plan_sync
+from pgro.canopy.materialise import ExistingReplica, plan_removals, plan_sync
 from pgro.canopy.naming import REPLICA_NAME
 from pgro.canopy.proxy import DEFAULT_PROGRESS_INTERVAL
 from pgro.canopy.syncer import (
@@ -67,7 +67,7 @@ class CanopyOptions:
 class _State:
     repositories: dict[str, CanopyRepository] = field(default_factory=dict)
     refusals: dict[str, str] = field(default_factory=dict)
-    # Replica key → when a fetched worklist first did not list it.
+    # Namespace → when a fetched worklist first did not list it.
     absent_since: dict[str, datetime] = field(default_factory=dict)
     ticks: int = 0
 
@@ -211,25 +211,23 @@ class EmbeddedCanopy:
                 self.state.refusals[key] = refusal
             elif password is not None:
                 self.state.refusals.pop(key, None)
-        now = self.clock()
-        listed = {f"{c.desired.namespace}/{REPLICA_NAME}" for c in plan.apply}
-        listed |= {f"{namespace}/{REPLICA_NAME}" for namespace in plan.kept}
-        for key in listed:
-            self.state.absent_since.pop(key, None)
-        for namespace in plan.delete:
+
+        def holds(namespace: str) -> bool:
+            held = self.store.replica(f"{namespace}/{REPLICA_NAME}")
+            return held is not None and vr.holds_removal(held.status.pending_verification_reports)
+
+        removals = plan_removals(
+            plan, self.state.absent_since, self.clock(), self.options.removal_grace, holds
+        )
+        self.state.absent_since = removals.absent_since
+        for namespace in removals.held:
+            log.info("canopy no longer lists %s; kept until its reports are delivered", namespace)
+        for namespace in removals.remove:
             key = f"{namespace}/{REPLICA_NAME}"
-            since = self.state.absent_since.setdefault(key, now)
-            if now - since < self.options.removal_grace:
-                continue
-            held = self.store.replica(key)
-            if held is not None and vr.holds_removal(held.status.pending_verification_reports):
-                log.info("canopy no longer lists %s; kept until its report is delivered", key)
-                continue
             log.info("canopy no longer lists %s: removing it", key)
             remove_replica(key)
             self.state.repositories.pop(key, None)
             self.state.refusals.pop(key, None)
-            self.state.absent_since.pop(key, None)
 
     # -- what the runtime asks ------------------------------------------------------------
     def secret_check(self, replica: PostgresPhysicalReplica) -> SecretCheck:

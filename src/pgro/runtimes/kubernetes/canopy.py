@@ -38,7 +38,12 @@ from pgro.canopy.broker import Callbacks, CredentialBroker, serve
 from pgro.canopy.client import DEFAULT_SOCKS5_PROXY, TAILNET_URL, CanopyClient, connect
 from pgro.canopy.courier import ReportCourier
 from pgro.canopy.device_cert import DeviceIdentity
-from pgro.canopy.materialise import ExistingReplica, canopy_creds_secret_data, plan_sync
+from pgro.canopy.materialise import (
+    ExistingReplica,
+    canopy_creds_secret_data,
+    plan_removals,
+    plan_sync,
+)
 from pgro.canopy.naming import REPLICA_NAME
 from pgro.canopy.syncer import (
     DEFAULT_INTERVAL,
@@ -311,28 +316,20 @@ class OperatorCanopy:
                 self._apply_change(change, tick)
             except Exception as exc:
                 log.warning("canopy: %s not applied: %s", change.desired.namespace, exc)
-        now = self.clock()
-        with self._lock:
-            for change in plan.apply:
-                self.state.absent_since.pop(change.desired.namespace, None)
-            for namespace in plan.kept:
-                self.state.absent_since.pop(namespace, None)
-        for namespace in plan.delete:
-            with self._lock:
-                since = self.state.absent_since.setdefault(namespace, now)
-            if now - since < self.settings.removal_grace:
-                continue
+
+        def holds(namespace: str) -> bool:
             replica = replicas.get(namespace)
-            pending = (replica or {}).get("status", {}).get("pendingVerificationReports") or []
-            if replica is not None and vr.holds_removal(
+            return replica is not None and vr.holds_removal(
                 PostgresPhysicalReplica.model_validate(replica).status.pending_verification_reports
-            ):
-                log.info(
-                    "canopy no longer lists %s; kept until its %d report(s) are delivered",
-                    namespace,
-                    len(pending),
-                )
-                continue
+            )
+
+        removals = plan_removals(
+            plan, self.state.absent_since, self.clock(), self.settings.removal_grace, holds
+        )
+        self.state.absent_since = removals.absent_since
+        for namespace in removals.held:
+            log.info("canopy no longer lists %s; kept until its reports are delivered", namespace)
+        for namespace in removals.remove:
             log.info("canopy no longer lists %s: deleting the Namespace", namespace)
             try:
                 self.api.delete("Namespace", None, namespace)
@@ -340,7 +337,6 @@ class OperatorCanopy:
                 log.warning("canopy: Namespace %s not deleted: %s", namespace, exc)
                 continue
             with self._lock:
-                self.state.absent_since.pop(namespace, None)
                 self.state.refusals.pop(f"{namespace}/{REPLICA_NAME}", None)
 
     def _apply_change(self, change: Any, tick: SyncTick) -> None:
