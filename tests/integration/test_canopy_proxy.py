@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import boto3
 import httpx
 import pytest
 from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
@@ -54,6 +53,7 @@ from pgro.canopy.sigv4 import SigningCredentials, canonical_path, sign
 from pgro.cli.canopy_proxy import canopy_proxy
 from pgro.kopia.repository import KopiaRepository
 from pgro.postgres.server import free_port
+from tests.fixtures.authed_moto import authed_moto as start_authed_moto
 
 DUMMY_ACCESS = "PROXY_DUMMY_ACCESS_KEY"
 DUMMY_SECRET = "PROXY_DUMMY_SECRET_KEY"
@@ -97,104 +97,21 @@ class AuthedMoto:
     repo_password: str
 
 
-def _mint(endpoint: str, count: int) -> list[dict[str, Any]]:
-    common = {
-        "endpoint_url": endpoint,
-        "region_name": REGION,
-        "aws_access_key_id": "setup",
-        "aws_secret_access_key": "setup",
-    }
-    iam = boto3.client("iam", **common)
-    role = iam.create_role(
-        RoleName="canopy-restore",
-        AssumeRolePolicyDocument=json.dumps(
-            {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}
-                ],
-            }
-        ),
-    )["Role"]
-    iam.put_role_policy(
-        RoleName="canopy-restore",
-        PolicyName="s3",
-        PolicyDocument=json.dumps(
-            {
-                "Version": "2012-10-17",
-                "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
-            }
-        ),
-    )
-    sts = boto3.client("sts", **common)
-    out = []
-    for i in range(count):
-        c = sts.assume_role(
-            RoleArn=role["Arn"], RoleSessionName=f"canopy-restore-{i}", DurationSeconds=3600
-        )["Credentials"]
-        out.append(
-            {
-                "Version": 1,
-                "AccessKeyId": c["AccessKeyId"],
-                "SecretAccessKey": c["SecretAccessKey"],
-                "SessionToken": c["SessionToken"],
-                "Expiration": FAR.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            }
-        )
-    return out
-
-
 @pytest.fixture(scope="module")
 def authed_moto(
     s3_repo: tuple[KopiaCredentials, str], moto_s3: str, scratch_root: Path
 ) -> Iterator[AuthedMoto]:
     """A moto of our own holding a copy of the `s3_repo` repository, with IAM auth on."""
-    port = free_port()
-    # The pinned moto in this environment (an older one on PATH checks some signatures on
-    # the decoded path and refuses correctly signed bucket listings).
-    server = str(Path(sys.executable).parent / "moto_server")
-    log = (scratch_root / "moto-authed.log").open("wb")
-    proc = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(endpoint) or proc.poll() is not None, "moto to start", 30)
-        assert proc.poll() is None, "moto_server exited"
-        creds, snapshot_id = s3_repo
-        assert isinstance(creds.location, S3Location)
-        plain = {
-            "region_name": REGION,
-            "aws_access_key_id": "setup",
-            "aws_secret_access_key": "setup",
-        }
-        src = boto3.client("s3", endpoint_url=f"http://{moto_s3}", **plain)
-        dst = boto3.client("s3", endpoint_url=endpoint, **plain)
-        dst.create_bucket(Bucket=BUCKET)
-        dst.create_bucket(Bucket=WRITE_BUCKET)
-        copied = 0
-        for page in src.get_paginator("list_objects_v2").paginate(Bucket=creds.location.bucket):
-            for obj in page.get("Contents", []):
-                data = src.get_object(Bucket=creds.location.bucket, Key=obj["Key"])["Body"].read()
-                dst.put_object(Bucket=BUCKET, Key=obj["Key"], Body=data)
-                copied += 1
-        assert copied > 3
-        minted = _mint(endpoint, 6)
-        # From here on moto checks every signature and token.
-        httpx.post(f"{endpoint}/moto-api/reset-auth", content=b"0").raise_for_status()
-        yield AuthedMoto(endpoint, minted, snapshot_id, creds.repository_password)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-
-
-def _answers(endpoint: str) -> bool:
-    try:
-        httpx.get(f"{endpoint}/moto-api/", timeout=1)
-        return True
-    except httpx.HTTPError:
-        return False
+    creds, snapshot_id = s3_repo
+    assert isinstance(creds.location, S3Location)
+    with start_authed_moto(
+        moto_s3,
+        creds.location.bucket,
+        [BUCKET, WRITE_BUCKET],
+        scratch_root / "moto-authed.log",
+        mint=6,
+    ) as s3:
+        yield AuthedMoto(s3.endpoint, s3.minted, snapshot_id, creds.repository_password)
 
 
 class Supply:

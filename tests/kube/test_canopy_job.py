@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,7 +25,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
-import httpx
 import pytest
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from lightkube import Client, codecs
@@ -49,6 +46,7 @@ from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.server import free_port
 from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.config import OperatorConfig
+from tests.fixtures.authed_moto import authed_moto
 from tests.fixtures.canopy_stub import (
     BACKUP_TYPE,
     BUCKET,
@@ -101,82 +99,21 @@ def canopy_s3(
     s3_repo: tuple[KopiaCredentials, str], moto_s3: str, scratch_root: Path
 ) -> Iterator[CanopyS3]:
     """A moto holding a copy of the `s3_repo` repository in the stub's bucket, with IAM
-    authentication on (as tests/integration/test_canopy_proxy.py's `authed_moto`)."""
-    port = free_port()
-    server = str(Path(sys.executable).parent / "moto_server")  # the venv's pinned moto
-    log = (scratch_root / "moto-canopy-job.log").open("wb")
-    proc = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(
-            "moto to start",
-            lambda: _answers(endpoint) or proc.poll() is not None,
-            30,
-            lambda: (scratch_root / "moto-canopy-job.log").read_text(),
-        )
-        assert proc.poll() is None, "moto_server exited"
-        creds, snapshot_id = s3_repo
-        assert isinstance(creds.location, S3Location)
-        setup = {
-            "region_name": REGION,
-            "aws_access_key_id": "setup",
-            "aws_secret_access_key": "setup",
-        }
-        src = boto3.client("s3", endpoint_url=f"http://{moto_s3}", **setup)
-        dst = boto3.client("s3", endpoint_url=endpoint, **setup)
-        dst.create_bucket(Bucket=BUCKET)
-        for page in src.get_paginator("list_objects_v2").paginate(Bucket=creds.location.bucket):
-            for obj in page.get("Contents", []):
-                body = src.get_object(Bucket=creds.location.bucket, Key=obj["Key"])["Body"]
-                dst.put_object(Bucket=BUCKET, Key=obj["Key"], Body=body.read())
-        minted = _assume_role(endpoint, setup)
-        # From here on moto checks every signature and session token.
-        httpx.post(f"{endpoint}/moto-api/reset-auth", content=b"0").raise_for_status()
+    authentication on (tests/fixtures/authed_moto.py)."""
+    creds, snapshot_id = s3_repo
+    assert isinstance(creds.location, S3Location)
+    with authed_moto(
+        moto_s3, creds.location.bucket, [BUCKET], scratch_root / "moto-canopy-job.log"
+    ) as s3:
         dummy = {
             "region_name": REGION,
             "aws_access_key_id": PROXY_DUMMY_ACCESS_KEY,
             "aws_secret_access_key": PROXY_DUMMY_SECRET_KEY,
         }
         with pytest.raises(ClientError):  # the control: kopia's keys alone get nowhere
-            boto3.client("s3", endpoint_url=endpoint, **dummy).list_objects_v2(Bucket=BUCKET)
-        yield CanopyS3(endpoint, minted, snapshot_id, creds.repository_password)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-
-
-def _answers(endpoint: str) -> bool:
-    try:
-        httpx.get(f"{endpoint}/moto-api/", timeout=1)
-        return True
-    except httpx.HTTPError:
-        return False
-
-
-def _assume_role(endpoint: str, setup: dict[str, str]) -> dict[str, str]:
-    iam = boto3.client("iam", endpoint_url=endpoint, **setup)
-    trust = {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}
-    role = iam.create_role(
-        RoleName="canopy-restore",
-        AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [trust]}),
-    )["Role"]
-    read = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
-    iam.put_role_policy(
-        RoleName="canopy-restore",
-        PolicyName="s3",
-        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [read]}),
-    )
-    sts = boto3.client("sts", endpoint_url=endpoint, **setup)
-    c = sts.assume_role(RoleArn=role["Arn"], RoleSessionName="canopy-job", DurationSeconds=3600)
-    got = c["Credentials"]
-    return {
-        "AccessKeyId": got["AccessKeyId"],
-        "SecretAccessKey": got["SecretAccessKey"],
-        "SessionToken": got["SessionToken"],
-    }
+            boto3.client("s3", endpoint_url=s3.endpoint, **dummy).list_objects_v2(Bucket=BUCKET)
+        [minted] = s3.minted
+        yield CanopyS3(s3.endpoint, minted, snapshot_id, creds.repository_password)
 
 
 # -- the operator's side: broker and callbacks ---------------------------------------------
