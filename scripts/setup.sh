@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# Installs what pgro and its tests need, skipping anything already present:
-#   - Debian packages: PostgreSQL 15 (server and client), PgBouncer (the stable endpoint of
-#     `pgro run`), Go (only if no `go`), Python venv support
-#   - the kopia CLI v0.22.3, built once from the Go module proxy into $PGRO_CACHE_DIR/bin
-#   - etcd, kube-apiserver and kube-controller-manager for the Kubernetes tests, built once
-#     the same way by scripts/build-kube.sh (about 8 minutes and 4 GB of Go build cache)
-#   - a virtualenv in .venv with pgro and its pinned development dependencies
+# Installs what pgro (and, for `test`, its tests) need, skipping anything already present.
+#
+# Usage: scripts/setup.sh [demo|test]   (default: test, i.e. everything)
+#   demo  what `pgro demo`, `pgro verify` and `pgro run` need:
+#           - Debian packages: PostgreSQL 15 (server and client), PgBouncer (the stable endpoint
+#             of `pgro run`), Go (only if no `go`, to build kopia), Python venv support
+#           - the kopia CLI v0.22.3, built once from the Go module proxy into $PGRO_CACHE_DIR/bin
+#           - a virtualenv in .venv with pgro and its pinned runtime dependencies
+#   test  all of the above, plus
+#           - the pinned development dependencies (ruff, mypy, pytest, moto, ...) in .venv
+#           - etcd, kube-apiserver and kube-controller-manager for the Kubernetes tests, built
+#             once the same way by scripts/build-kube.sh (about 8 minutes, 4 GB of Go cache)
 set -euo pipefail
+
+PROFILE="${1:-test}"
+case "$PROFILE" in
+  demo|test) ;;
+  *) echo "usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${PGRO_CACHE_DIR:-$HOME/.cache/pgro}"
@@ -53,9 +64,11 @@ if ! "$CACHE/bin/kopia" --version 2>/dev/null | grep -q "^$KOPIA_VERSION"; then
   mv "$CACHE/bin/kopia.tmp" "$CACHE/bin/kopia"
 fi
 
-# --- Kubernetes control plane for tests/kube ---------------------------------
+# --- Kubernetes control plane for tests/kube (tests only) ----------------------
 # The script checks the cached binaries' versions itself and says nothing when they are current.
-"$ROOT/scripts/build-kube.sh" --quiet
+if [ "$PROFILE" = test ]; then
+  "$ROOT/scripts/build-kube.sh" --quiet
+fi
 
 # --- Python virtualenv -------------------------------------------------------
 PY="${PGRO_PYTHON:-}"
@@ -69,11 +82,20 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
   log "creating virtualenv .venv with $PY"
   "$PY" -m venv "$ROOT/.venv"
 fi
+# The stamp records what was installed (the pyproject hash and which extras), so a `test`
+# after a `demo` adds the development dependencies and a `demo` after a `test` changes nothing.
 stamp="$ROOT/.venv/.pgro-installed"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  log "installing pgro and its pinned dependencies into .venv"
+hash="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+have="$(cat "$stamp" 2>/dev/null || true)"
+if [ "$PROFILE" = test ]; then
+  wanted=("$hash dev"); spec="$ROOT[dev]"
+else
+  wanted=("$hash" "$hash dev"); spec="$ROOT"
+fi
+if ! printf '%s\n' "${wanted[@]}" | grep -qxF -- "$have"; then
+  if [ "$PROFILE" = test ]; then what="pgro and its pinned runtime and development dependencies"; else what="pgro and its pinned runtime dependencies"; fi
+  log "installing $what into .venv"
   "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip==26.3
-  "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[dev]"
-  echo "$want" > "$stamp"
+  "$ROOT/.venv/bin/python" -m pip install -q -e "$spec"
+  echo "${wanted[0]}" > "$stamp"
 fi
