@@ -634,6 +634,31 @@ def test_deployment_placement_defaults_to_config() -> None:
     assert containers(built)[1]["image"] == "postgres:16"
 
 
+def test_restored_pods_get_no_service_account_token() -> None:
+    """Restore Jobs and restored servers run what a snapshot holds and never call the API
+    server: the namespace's ServiceAccount token must not be mounted into them (a
+    `pg_read_server_files` or `COPY … TO PROGRAM` in the restored server would read it)."""
+    canopy_replica = replica(kopiaSecretRef=None, canopySource={"group": "g", "type": "t"})
+    pods = {
+        "restore Job": wl.restore_job(replica(), restore(), CONFIG),
+        "restore Job (placed)": wl.restore_job(replica(), restore(), CONFIG, PLACEMENT),
+        "restore Job (canopy)": wl.restore_job(
+            canopy_replica,
+            restore(),
+            CONFIG,
+            canopy=wl.CanopyJobSettings("http://broker", "http://cb"),
+        ),
+        "postgres Deployment": deployment(),
+        "postgres Deployment (placed)": deployment(
+            placement=PLACEMENT, affinity={"nodeAffinity": {}}, tolerations=[{"key": "x"}]
+        ),
+    }
+    for what, obj in pods.items():
+        pod = obj["spec"]["template"]["spec"]
+        assert pod.get("automountServiceAccountToken") is False, what
+        assert_kubernetes_valid(obj)
+
+
 def test_builders_do_not_share_mutable_state() -> None:
     first = deployment()
     containers(first)[0]["resources"]["limits"]["cpu"] = "9"

@@ -519,6 +519,8 @@ def restore_job(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": 30,
+        # The pod handles an untrusted snapshot and never calls the API server: no token.
+        "automountServiceAccountToken": False,
         "securityContext": _pod_security_context(),
         "containers": [container],
         "volumes": [
@@ -626,7 +628,11 @@ def postgres_deployment(
     }
     if resources is not None:
         postgres["resources"] = resources
-    pod_spec: dict[str, Any] = {"securityContext": _pod_security_context()}
+    pod_spec: dict[str, Any] = {
+        # The restored server runs the backup's content and never calls the API server.
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security_context(),
+    }
     if spec.affinity:
         pod_spec["affinity"] = dict(spec.affinity)
     if spec.tolerations:
