@@ -1,12 +1,22 @@
-"""Looking at processes pgro did not start itself (or started before a restart) by pid."""
+"""Processes: starting children that die with pgro, and looking at processes pgro did not
+start itself (or started before a restart) by pid."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import queue
 import signal
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 
 def read_pid(pidfile: Path) -> int | None:
@@ -51,3 +61,163 @@ def stop_postmaster_pid(pid: int, timeout: float = 60.0) -> None:
             os.kill(pid, sig)
         if wait_gone(pid, wait):
             return
+
+
+# -- Starting children that cannot outlive pgro ----------------------------------------------
+#
+# Every long-lived child pgro starts (kopia, the PostgreSQL of a verification, restore workers,
+# canopy-proxy) must go when the pgro process that started it goes, however it goes: a
+# refusal, a failure, Ctrl-C, or kill -9, which runs no cleanup at all. The kernel does this
+# for us: PR_SET_PDEATHSIG, set in the child between fork and exec, delivers a signal to the
+# child when its parent dies.
+#
+# Two Linux details shape the code:
+# - The "parent" is the *thread* that forked, not the process: a child started from a
+#   short-lived thread (a pool's worker, a per-restore thread) would be killed when that
+#   thread ends. So only the main thread forks directly; every other thread hands the start
+#   to one long-lived spawner thread, which lives as long as the process.
+# - The kernel clears the setting when the child's credentials change. `subprocess` runs
+#   `preexec_fn` after `user=`/`group=` have switched the uid, so setting it there sticks.
+#   (It is also cleared by exec of a set-uid binary; pgro starts none.)
+#
+# Services that `pgro run` deliberately leaves running for the next run to adopt (its
+# PostgreSQL servers with `--keep-serving` or after a crash, PgBouncer) are started without a
+# death signal unless the process declared, with `tie_services()`, that its services are
+# throwaway (`pgro verify`, `pgro demo`).
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_prctl: Callable[..., int] | None = None
+_prctl_lock = threading.Lock()
+_services_tied = False
+
+
+def _prctl_function() -> Callable[..., int] | None:
+    """libc's prctl, resolved in the parent (a forked child must not load libraries)."""
+    global _prctl
+    if not sys.platform.startswith("linux"):
+        return None
+    with _prctl_lock:
+        if _prctl is None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            function = libc.prctl
+            function.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+            function.restype = ctypes.c_int
+            _prctl = function
+        return _prctl
+
+
+def prctl(option: int, value: int) -> None:
+    """`prctl(option, value)` for this process; OSError on failure."""
+    function = _prctl_function()
+    if function is None:
+        raise OSError(errno.ENOSYS, "prctl is Linux-only")
+    if function(option, value, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def death_signal_preexec(sig: signal.Signals) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child receive `sig` when this process's spawning thread
+    dies (None where the kernel has no such feature)."""
+    function = _prctl_function()
+    if function is None:
+        return None
+    parent = os.getpid()
+    signum = int(sig)
+
+    def set_death_signal() -> None:
+        # Runs in the forked child: no imports, no locks, no allocation worth mentioning.
+        if function(PR_SET_PDEATHSIG, signum, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:
+            # The parent died between fork and prctl: the signal will never come.
+            os._exit(126)
+
+    return set_death_signal
+
+
+def tie_services() -> None:
+    """Declare that servers this process starts (PostgreSQL) are throwaway: they get a death
+    signal like every other child. Called by `pgro verify` and `pgro demo`."""
+    global _services_tied
+    _services_tied = True
+
+
+def service_death_signal(sig: signal.Signals) -> signal.Signals | None:
+    """`sig` if this process's services are tied to it (see `tie_services`), else None."""
+    return sig if _services_tied else None
+
+
+class _Spawner:
+    """One long-lived thread that starts children for threads that may end before them."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[
+            tuple[Callable[[], subprocess.Popen[Any]], Future[subprocess.Popen[Any]]]
+        ] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="pgro-spawner", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            start, result = self._requests.get()
+            if not result.set_running_or_notify_cancel():
+                continue
+            try:
+                result.set_result(start())
+            except BaseException as exc:  # handed to the caller, raised there
+                result.set_exception(exc)
+
+    def run(self, start: Callable[[], subprocess.Popen[Any]]) -> subprocess.Popen[Any]:
+        result: Future[subprocess.Popen[Any]] = Future()
+        self._requests.put((start, result))
+        return result.result()
+
+
+_spawner: _Spawner | None = None
+_spawner_lock = threading.Lock()
+
+
+def _forget_spawner() -> None:
+    # A forked child has no spawner thread, only the object: start a new one on demand.
+    global _spawner, _spawner_lock
+    _spawner, _spawner_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_spawner)
+
+
+def _the_spawner() -> _Spawner:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or not _spawner.thread.is_alive():
+            _spawner = _Spawner()
+        return _spawner
+
+
+def spawn(
+    args: Sequence[str],
+    *,
+    death_signal: signal.Signals | None = signal.SIGKILL,
+    **popen_kwargs: Any,
+) -> subprocess.Popen[Any]:
+    """`subprocess.Popen(args, **popen_kwargs)` for a child that dies with this process.
+
+    `death_signal` is what the child receives when pgro dies (SIGKILL for tools that hold
+    nothing worth a clean exit, SIGTERM for Python children that unwind their own children,
+    SIGQUIT for a throwaway postmaster); None starts an ordinary, independent child.
+    """
+    if death_signal is None:
+        return subprocess.Popen(args, **popen_kwargs)
+    if "preexec_fn" in popen_kwargs:
+        raise TypeError("spawn() sets preexec_fn itself")
+
+    def start() -> subprocess.Popen[Any]:
+        preexec = death_signal_preexec(death_signal)
+        return subprocess.Popen(args, preexec_fn=preexec, **popen_kwargs)
+
+    if threading.current_thread() is threading.main_thread():
+        return start()
+    return _the_spawner().run(start)

@@ -76,6 +76,20 @@ class KopiaCredentials:
         return f"S3 bucket {loc.bucket!r} ({where}, region {loc.region})"
 
 
+def _scalar(value: object, key: object, where: str) -> str:
+    """A Secret value as text; only strings (and YAML numbers and booleans) are values.
+
+    A list or mapping is refused before anything stringifies it: with YAML aliases a few
+    hundred bytes can stand for gigabytes, and `str()` would build them all.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    kind = "empty" if value is None else f"a {type(value).__name__}"
+    raise SecretInvalid(f"key {key} in `{where}` must be a string, not {kind}")
+
+
 def decode_secret_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
     """Merge a Secret document's base64 `data` and plain `stringData` like the API server does.
 
@@ -86,15 +100,16 @@ def decode_secret_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
     if not isinstance(data, Mapping):
         raise SecretInvalid("secret `data` must be a mapping of key to base64 value")
     for key, value in data.items():
+        text = _scalar(value, key, "data")
         try:
-            out[str(key)] = base64.b64decode(str(value), validate=True)
+            out[str(key)] = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise SecretInvalid(f"key {key} is not valid base64 in `data`") from None
     string_data = secret.get("stringData") or {}
     if not isinstance(string_data, Mapping):
         raise SecretInvalid("secret `stringData` must be a mapping of key to string")
     for key, value in string_data.items():
-        out[str(key)] = str(value).encode()
+        out[str(key)] = _scalar(value, key, "stringData").encode()
     return out
 
 

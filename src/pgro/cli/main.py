@@ -14,15 +14,17 @@ from types import FrameType
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from pgro import __version__
 from pgro.api.duration import parse_duration
-from pgro.cli.output import TerminalObserver, render_report
+from pgro.cli.output import TerminalObserver, literal, render_report
 from pgro.pipeline.report import EXIT_USAGE, VerificationReport
 from pgro.pipeline.verify import VerifyOptions, verify_snapshot
 from pgro.runtimes.embedded.demo import DemoPaths, default_demo_dir, prepare_demo
 from pgro.runtimes.embedded.manifest import (
     ManifestError,
+    check_schedule,
     kopia_credentials,
     load_manifests,
 )
@@ -77,7 +79,11 @@ def _manifest_failure(exc: ManifestError, as_json: bool, err: Console) -> None:
             outcome="failure", snapshot_id=None, error=str(exc), reason=exc.reason
         )
         click.echo(json.dumps(report.to_json()))
-    err.print(f"[bold red]error[/] ({exc.reason}): {exc}", highlight=False)
+    # The message quotes the manifest (names, values): printed literally.
+    err.print(
+        Text.assemble(("error", "bold red"), " (", literal(exc.reason), "): ", literal(exc)),
+        highlight=False,
+    )
 
 
 @cli.command()
@@ -147,6 +153,8 @@ def verify(
     try:
         manifest = load_manifests(files)
         chosen = manifest.replica(replica)
+        # What `pgro run` reports as ScheduleValid=False: the same manifest must not verify.
+        check_schedule(chosen)
         creds = kopia_credentials(manifest, chosen)
     except ManifestError as exc:
         _manifest_failure(exc, as_json, err)
@@ -195,9 +203,9 @@ def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None
     if clean:
         if paths.root.exists():
             shutil.rmtree(paths.root)
-            err.print(f"removed {paths.root}")
+            err.print(f"removed {paths.root}", markup=False)
         else:
-            err.print(f"nothing to remove: {paths.root} does not exist")
+            err.print(f"nothing to remove: {paths.root} does not exist", markup=False)
         return
     observer = TerminalObserver(err)
     try:
@@ -217,7 +225,10 @@ def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None
         # Building the demo failed (initdb, kopia, disk): say what, not a traceback.
         observer.close()
         reason = getattr(exc, "reason", type(exc).__name__)
-        err.print(f"[bold red]demo failed[/] ({reason}): {exc}", highlight=False)
+        err.print(
+            Text.assemble(("demo failed", "bold red"), " (", literal(reason), "): ", literal(exc)),
+            highlight=False,
+        )
         sys.exit(EXIT_USAGE)
     observer.close()
     _emit(report, as_json, err, out)
@@ -229,6 +240,7 @@ def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None
         f"Verify again with:  {prog} verify -f {paths.manifest}\n"
         f"Remove them with:   {clean_cmd}   (or rm -rf {paths.root})",
         highlight=False,
+        markup=False,
     )
     sys.exit(report.exit_code)
 

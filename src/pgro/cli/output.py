@@ -1,17 +1,48 @@
-"""What people see: progress on stderr while work runs, and the verification report."""
+"""What people see: progress on stderr while work runs, and the verification report.
+
+Most of what is printed comes from the backup (host names, paths, repair notes with keys from
+`postgresql.auto.conf`, database names), from kopia or from the restored server's log: it is
+untrusted. It is never parsed as Rich markup (`[/]` in a setting name must not crash a
+verification, nor `[link=...]` restyle the report) and its control characters are removed so
+it cannot move the cursor, retitle the terminal or hide lines. Only the fixed labels written
+here carry styles; every value goes through `literal()`.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.text import Text
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
 from pgro.kopia.repository import RestoreProgress
 from pgro.pipeline.report import VerificationReport
+
+# ESC-introduced sequences (CSI `ESC [ ... final`, OSC `ESC ] ... BEL|ST`, and the two-byte
+# forms), then every other C0/C1 control except tab and newline, and DEL.
+_ESCAPE_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC, terminated or not
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"  # DCS, SOS, PM, APC
+    r"|\x1b[ -/]*[0-~]?"  # two-byte escapes and a lone ESC
+    r"|\x9b[0-?]*[ -/]*[@-~]"  # 8-bit CSI
+)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_controls(text: str) -> str:
+    """`text` without terminal escape sequences and control characters (tab, newline kept)."""
+    return _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", text))
+
+
+def literal(value: object, style: str = "") -> Text:
+    """Untrusted text as printed: no markup parsing, no control characters."""
+    return Text(strip_controls("" if value is None else str(value)), style=style)
 
 
 class TerminalObserver:
@@ -33,11 +64,13 @@ class TerminalObserver:
     def step(self, name: str, message: str) -> None:
         self._end_progress()
         if not self.quiet:
-            self.console.print(f"[bold cyan]•[/] {message}", highlight=False)
+            self.console.print(
+                Text.assemble(("•", "bold cyan"), " ", literal(message)), highlight=False
+            )
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"  [dim]{message}[/]", highlight=False)
+            self.console.print(Text.assemble("  ", literal(message, "dim")), highlight=False)
 
     def restore_progress(self, progress: RestoreProgress) -> None:
         if self.quiet:
@@ -52,7 +85,9 @@ class TerminalObserver:
                 )
                 done, total = progress.done_bytes, progress.total_bytes
                 self.console.print(
-                    f"  restored {done} of {total} bytes ({pct:.0f}%)", highlight=False
+                    f"  restored {done} of {total} bytes ({pct:.0f}%)",
+                    highlight=False,
+                    markup=False,
                 )
             return
         if self._progress is None:
@@ -101,38 +136,54 @@ def render_report(console: Console, report: VerificationReport) -> None:
     console.print()
     if report.outcome == "success":
         console.print(
-            f"[bold green]✔ VERIFIED[/] snapshot {report.snapshot_id} restores and PostgreSQL "
-            f"{report.postgres_version} comes up healthy "
-            f"({report.restore_duration_sec or 0:.1f}s)",
+            Text.assemble(
+                ("✔ VERIFIED", "bold green"),
+                " snapshot ",
+                literal(report.snapshot_id),
+                " restores and PostgreSQL ",
+                literal(report.postgres_version),
+                f" comes up healthy ({report.restore_duration_sec or 0:.1f}s)",
+            ),
             highlight=False,
         )
     else:
         verdict = "NOT VERIFIED" if report.exit_code == 2 else "FAILED"
         console.print(
-            f"[bold red]✘ {verdict}[/] ({report.reason}): {report.error}", highlight=False
+            Text.assemble(
+                (f"✘ {verdict}", "bold red"),
+                " (",
+                literal(report.reason),
+                "): ",
+                literal(report.error),
+            ),
+            highlight=False,
         )
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="dim")
     facts.add_column()
-    facts.add_row("replica", report.replica or "")
-    facts.add_row("repository", report.repository or "")
+    facts.add_row("replica", literal(report.replica))
+    facts.add_row("repository", literal(report.repository))
     if report.snapshot_id:
         size = f", {_human_bytes(report.snapshot_size)}" if report.snapshot_size is not None else ""
-        facts.add_row("snapshot", f"{report.snapshot_id} (taken {report.snapshot_time}{size})")
+        facts.add_row(
+            "snapshot", literal(f"{report.snapshot_id} (taken {report.snapshot_time}{size})")
+        )
     if report.postgres_version:
-        facts.add_row("postgres", report.postgres_version)
+        facts.add_row("postgres", literal(report.postgres_version))
     applied = [name for name, done in report.fixes.items() if done]
     if report.fixes:
-        facts.add_row("repairs", ", ".join(applied) if applied else "none needed")
+        facts.add_row("repairs", literal(", ".join(applied) if applied else "none needed"))
     if report.timings:
-        facts.add_row("timings", ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
+        facts.add_row(
+            "timings", literal(", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
+        )
     console.print(facts)
     if report.sizes:
         sizes = Table(title="databases", title_justify="left", show_edge=False)
         sizes.add_column("database")
         sizes.add_column("size", justify="right")
         for db, db_size in report.sizes.items():
-            sizes.add_row(db, _human_bytes(db_size))
+            sizes.add_row(literal(db), _human_bytes(db_size))
         console.print(sizes)
     if report.checks:
         checks = Table(title="checks", title_justify="left", show_edge=False)
@@ -140,6 +191,6 @@ def render_report(console: Console, report: VerificationReport) -> None:
         checks.add_column("result")
         checks.add_column("detail", overflow="fold")
         for check in report.checks:
-            mark = "[green]pass[/]" if check.status == "pass" else "[red]FAIL[/]"
-            checks.add_row(check.name, mark, check.detail)
+            mark = Text("pass", "green") if check.status == "pass" else Text("FAIL", "red")
+            checks.add_row(literal(check.name), mark, literal(check.detail))
         console.print(checks)

@@ -1,4 +1,8 @@
-"""Reading the manifests a user would apply to Kubernetes: Secrets and replicas from YAML."""
+"""Reading the manifests a user would apply to Kubernetes: Secrets and replicas from YAML.
+
+A manifest is input, not code: every way it can be malformed (not UTF-8, not YAML, YAML
+aliases, a wrong shape) ends in a `ManifestError` that names the file and the place.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import yaml
 
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.secret import KopiaCredentials, SecretInvalid, decode_secret_data, parse_kopia_secret
+from pgro.core import reasons
+from pgro.core.schedule import InvalidSchedule, parse_schedule, schedule_seed
 
 REPLICA_KIND = "PostgresPhysicalReplica"
 
@@ -59,13 +65,47 @@ def _format_validation(exc: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """`SafeLoader` that refuses aliases (`*name`).
+
+    An alias shares a node, and nested aliases multiply: a few hundred bytes expand to
+    gigabytes once anything walks or stringifies the result (the "billion laughs"). A
+    Kubernetes manifest never needs them, so none are accepted.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"found the alias *{event.anchor}: YAML aliases are not accepted in "
+                "manifests (they can expand without bound); write the value out instead",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ManifestError(
+            f"{path}:{line}:{column}: byte 0x{raw[exc.start]:02x} at offset {exc.start} is not "
+            "UTF-8: manifests must be UTF-8 text (re-save the file as UTF-8)"
+        ) from None
+
+
 def _documents(path: Path) -> Iterable[tuple[int, Any]]:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+    text = _decode(path, raw)
     try:
-        yield from enumerate(yaml.safe_load_all(text))
+        yield from enumerate(yaml.load_all(text, Loader=_NoAliasLoader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -105,6 +145,20 @@ def load_manifests(paths: Iterable[Path]) -> Manifest:
             else:
                 manifest.ignored.append(f"{kind or '(no kind)'} {name or ''}".strip())
     return manifest
+
+
+def check_schedule(replica: PostgresPhysicalReplica) -> None:
+    """Raise `ManifestError` (reason InvalidSchedule) for a schedule `pgro run` would report
+    as ScheduleValid=False; the same parse, with the same per-replica seed for `H`."""
+    seed = schedule_seed(replica.metadata.uid, replica.namespace, replica.name)
+    try:
+        parse_schedule(replica.spec.schedule, seed)
+    except InvalidSchedule as exc:
+        raise ManifestError(
+            f"replica {replica.metadata.name}: spec.schedule: {exc} "
+            "(pgro run reports this as ScheduleValid=False): fix spec.schedule",
+            reasons.INVALID_SCHEDULE,
+        ) from None
 
 
 def kopia_credentials(manifest: Manifest, replica: PostgresPhysicalReplica) -> KopiaCredentials:
