@@ -33,6 +33,7 @@ from pgro.kopia.errors import (
     classify_restore_failure,
     last_lines,
 )
+from pgro.processes import spawn
 
 # Rotate CLI logs as the reference does, so a long-lived cache directory cannot fill up.
 # Content logs (one line per content read, for kopia's own debugging) only cost I/O during a
@@ -167,7 +168,7 @@ class KopiaRepository:
         child: subprocess.Popen[str] | None = None
         try:
             with deferred_interrupts():
-                child = subprocess.Popen(
+                child = spawn(  # dies with pgro, even on kill -9
                     cmd,
                     env=self._env(),
                     stdin=subprocess.DEVNULL,
@@ -324,7 +325,7 @@ class KopiaRepository:
         buf = b""
         try:
             with deferred_interrupts():
-                proc = subprocess.Popen(
+                proc = spawn(  # dies with pgro, even on kill -9
                     cmd,
                     env=self._env(),
                     stdin=subprocess.DEVNULL,
