@@ -23,6 +23,7 @@ from typing import IO
 from pgro.interrupts import deferred_interrupts
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
+from pgro.processes import service_death_signal, spawn
 
 # Startup failures that mean the WAL needed for crash recovery is missing or torn (an
 # online-backup snapshot taken without its trailing WAL). `pg_resetwal -f` brings such a
@@ -173,8 +174,10 @@ class PostgresServer:
         assert self._log is not None
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
         env.update(self.account.env())
-        return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        return spawn(
             self._command(),
+            # Immediate shutdown if pgro dies, where this server is throwaway (pgro verify).
+            death_signal=service_death_signal(signal.SIGQUIT),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
