@@ -21,6 +21,7 @@ from pgro.api.duration import parse_duration
 from pgro.cli.output import TerminalObserver, literal, render_report
 from pgro.pipeline.report import EXIT_USAGE, VerificationReport
 from pgro.pipeline.verify import VerifyOptions, verify_snapshot
+from pgro.processes import tie_services
 from pgro.runtimes.embedded.demo import DemoPaths, default_demo_dir, prepare_demo
 from pgro.runtimes.embedded.manifest import (
     ManifestError,
@@ -150,6 +151,8 @@ def verify(
     """
     err = Console(stderr=True, soft_wrap=True)
     out = Console()
+    # The server verified here is throwaway: if pgro dies (even kill -9), it goes too.
+    tie_services()
     try:
         manifest = load_manifests(files)
         chosen = manifest.replica(replica)
@@ -199,6 +202,7 @@ def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None
     """
     err = Console(stderr=True, soft_wrap=True)
     out = Console()
+    tie_services()  # like verify: no server outlives the demo
     paths = DemoPaths(demo_dir or default_demo_dir())
     if clean:
         if paths.root.exists():
