@@ -32,6 +32,7 @@ from pgro.postgres.account import resolve_run_account
 from pgro.postgres.binaries import BinariesMissing
 from pgro.postgres.layout import NotPostgres
 from pgro.postgres.repair import default_settings
+from pgro.processes import spawn
 
 RESULT = "result.json"
 PIDFILE = "work.pid"
@@ -134,7 +135,14 @@ def _start_proxy(proxy: dict[str, Any], restore_dir: Path) -> tuple[subprocess.P
         if proxy.get(key):
             args.append(f"{flag}={proxy[key]}")
     # The proxy's log lines go to the worker's log (work.log), next to kopia's.
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=sys.stdout)
+    # SIGKILL when the worker dies (even kill -9): the proxy serves this worker's kopia only.
+    proc = spawn(
+        args,
+        death_signal=signal.SIGKILL,
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stdout,
+        stderr=sys.stdout,
+    )
     deadline = time.monotonic() + PROXY_START_TIMEOUT_S
     while True:
         try:
