@@ -88,7 +88,7 @@ from pgro.postgres.binaries import find_binaries
 from pgro.postgres.health import check_health
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
 from pgro.postgres.users import RoleCredentials, provision_users
-from pgro.processes import process_args, read_pid, stop_postmaster_pid
+from pgro.processes import process_args, read_pid, spawn, stop_postmaster_pid
 from pgro.runtimes.embedded import restore_worker as worker
 from pgro.runtimes.embedded.canopy import CanopyOptions, EmbeddedCanopy, is_canopy_managed
 from pgro.runtimes.embedded.credentials import CredentialStore
@@ -628,8 +628,11 @@ class Runtime:
         }
         logf = (rdir / worker.LOG).open("ab")
         with deferred_interrupts():
-            proc = subprocess.Popen(
+            proc = spawn(
                 [sys.executable, "-m", "pgro.runtimes.embedded.restore_worker"],
+                # pgro run gone (even kill -9): the worker unwinds, and its kopia and
+                # canopy-proxy go with it; the next run restarts the restore from scratch.
+                death_signal=signal.SIGTERM,
                 stdin=subprocess.PIPE,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
