@@ -131,14 +131,25 @@ class Running:
 
 
 class StartRun(Protocol):
-    def __call__(self, manifest: Path, *args: str, state: Path | None = None) -> Running: ...
+    def __call__(
+        self,
+        manifest: Path,
+        *args: str,
+        state: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Running: ...
 
 
 @pytest.fixture
 def start_run(scratch: Path) -> Iterator[StartRun]:
     started: list[Running] = []
 
-    def start(manifest: Path, *args: str, state: Path | None = None) -> Running:
+    def start(
+        manifest: Path,
+        *args: str,
+        state: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Running:
         state = state or scratch / "state"
         metrics = free_port()
         log = scratch / f"run-{len(started)}.log"
@@ -147,6 +158,7 @@ def start_run(scratch: Path) -> Iterator[StartRun]:
             [*command, "--metrics-addr", f"127.0.0.1:{metrics}", *args],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         running = Running(proc, state, metrics, log)
         started.append(running)

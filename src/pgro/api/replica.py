@@ -18,7 +18,7 @@ from pgro.api.phases import RedactionPhase, ReplicaPhase, SchemaMigrationPhase
 from pgro.api.quantity import Quantity, parse_quantity
 from pgro.api.references import SecretReference
 from pgro.api.timestamp import Timestamp
-from pgro.api.users import ExtraUser, PersistentUser, normalize_extra_users
+from pgro.api.users import ExtraUser, PersistentUser, RoleName, normalize_extra_users
 from pgro.api.verification import PendingVerificationReport
 
 DEFAULT_SCHEDULE_JITTER: Final = timedelta(minutes=10)
@@ -106,7 +106,7 @@ class PostgresPhysicalReplicaSpec(ApiModel):
     schedule_jitter: Duration = DEFAULT_SCHEDULE_JITTER
     minimum_ttl: Duration | None = None
     switchover_grace_period: Duration = DEFAULT_SWITCHOVER_GRACE_PERIOD
-    analytics_username: str = DEFAULT_ANALYTICS_USERNAME
+    analytics_username: RoleName = DEFAULT_ANALYTICS_USERNAME
     extra_users: list[ExtraUser] = Field(default_factory=list)
     persistent_users: list[PersistentUser] | None = None
     storage_class: str | None = None

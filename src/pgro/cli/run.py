@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -110,6 +111,12 @@ def _parse_addr(ctx: click.Context, param: click.Parameter, value: str | None) -
     "($CANOPY_SOCKS5_PROXY; empty: none).",
 )
 @click.option(
+    "--canopy-insecure-http",
+    is_flag=True,
+    help="Allow a plain http:// --canopy-url to a host other than this one (repository "
+    "passwords and S3 credentials then cross the network unencrypted; logged as a warning).",
+)
+@click.option(
     "--canopy-interval",
     type=click.FloatRange(0.2, 3600),
     default=30.0,
@@ -149,6 +156,7 @@ def run(
     canopy_device_key: Path | None,
     canopy_ca_file: Path | None,
     canopy_socks5_proxy: str,
+    canopy_insecure_http: bool,
     canopy_interval: float,
     canopy_progress_interval: float,
     canopy_removal_grace: float,
@@ -163,13 +171,28 @@ def run(
     from pgro.observability import serve
     from pgro.pgbouncer.endpoint import StableEndpoint
     from pgro.runtimes.embedded.canopy import CanopyOptions
+    from pgro.runtimes.embedded.manifest import ManifestError, load_manifests
     from pgro.runtimes.embedded.runtime import RunOptions, Runtime
+    from pgro.runtimes.embedded.state_dir import StateDirError, prepare_state_dir
 
     if not files and not canopy_url:
         raise click.UsageError("give at least one manifest (-f) or --canopy-url")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    # httpx logs every request's full URL at INFO; a notification URL is often the secret.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # Nothing pgro run writes is for other users (state, logs, results); the few paths the
+    # run account needs are opened up explicitly (see runtimes/embedded/state_dir.py).
+    os.umask(0o077)
+    try:
+        state_dir = prepare_state_dir(state_dir)
+        # Read now so that a manifest that cannot be used stops the start (exit 2) instead
+        # of leaving a process that runs nothing; later edits are reloaded while running.
+        load_manifests(files)
+    except (StateDirError, ManifestError) as exc:
+        _refuse_start(exc)
     canopy = (
         _canopy(
             canopy_url,
@@ -177,6 +200,7 @@ def run(
             canopy_device_key,
             canopy_ca_file,
             canopy_socks5_proxy or None,
+            canopy_insecure_http,
             CanopyOptions(
                 s3_endpoint=s3_endpoint or None,
                 interval=timedelta(seconds=canopy_interval),
@@ -193,18 +217,21 @@ def run(
     ) -> StableEndpoint:
         return StableEndpoint(name, run_dir, account, port=port, listen_host=host)
 
-    runtime = Runtime(
-        RunOptions(
-            manifests=list(files),
-            state_dir=state_dir,
-            keep_serving=keep_serving,
-            tick=tick,
-            listen_host=listen_host,
-            max_concurrent_restores=max_concurrent_restores,
-            canopy=canopy,
-        ),
-        endpoint_factory,
-    )
+    try:
+        runtime = Runtime(
+            RunOptions(
+                manifests=list(files),
+                state_dir=state_dir,
+                keep_serving=keep_serving,
+                tick=tick,
+                listen_host=listen_host,
+                max_concurrent_restores=max_concurrent_restores,
+                canopy=canopy,
+            ),
+            endpoint_factory,
+        )
+    except StateDirError as exc:
+        _refuse_start(exc)
     stop = threading.Event()
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
@@ -216,12 +243,31 @@ def run(
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
-    http = serve(runtime.metrics, runtime.health, *metrics_addr) if metrics_addr else None
+    http = None
+    if metrics_addr:
+        try:
+            http = serve(runtime.metrics, runtime.health, *metrics_addr)
+        except OSError as exc:
+            host, port = metrics_addr
+            shown = f"[{host}]" if ":" in host else host
+            click.echo(
+                f"Error: cannot serve --metrics-addr {shown}:{port}: {exc.strerror or exc}. "
+                "Pick a free port, or an address of this host.",
+                err=True,
+            )
+            sys.exit(2)
     try:
         runtime.run(stop)
     finally:
         if http is not None:
             http.shutdown()
+
+
+def _refuse_start(exc: Exception) -> NoReturn:
+    """Exit 2 (bad input, as `pgro verify` does) with the error on stderr, plain text."""
+    reason = getattr(exc, "reason", type(exc).__name__)
+    click.echo(f"error ({reason}): {exc}", err=True)
+    sys.exit(2)
 
 
 def _canopy(
@@ -230,18 +276,22 @@ def _canopy(
     device_key: Path | None,
     ca_file: Path | None,
     socks5_proxy: str | None,
+    insecure_http: bool,
     options: Any,
 ) -> tuple[Any, Any]:
     """The canopy client for `pgro run`: plain HTTP as given, https with this machine's
     device certificate (kept in the state directory, renewed before it expires)."""
     import httpx
 
-    from pgro.canopy.client import CanopyClient
+    from pgro.canopy.client import CanopyClient, plain_http_problem
     from pgro.canopy.device_cert import DeviceCertificateError, DeviceIdentity
 
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--canopy-url")
+    problem = plain_http_problem(url, allowed=insecure_http, flag="--canopy-insecure-http")
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="--canopy-url")
     identity = None
     # On the tailnet canopy knows the node; a certificate is for the mTLS route only.
     if parsed.scheme == "https" and not parsed.host.endswith(".ts.net"):

@@ -2,58 +2,112 @@
 
 The embedded counterpart of the `<replica>-creds` and extra-user Secrets: created once,
 never rotated (as the reference does), so clients keep working across restores.
+
+User names come from manifests and from canopy (remote input), so a file is named by a
+slug of the name plus a hash of it, never by the name itself: no name can reach outside
+the replica's folder, and two names that slug alike still get different files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import stat
 from pathlib import Path
 
 from pgro.postgres.users import RoleCredentials, generate_password
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# Names the files of pgro before 2026-12 had (`<username>.json`); read once, then moved.
+_LEGACY_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
+
+
+def credential_file_name(username: str) -> str:
+    """`<slug>-<hash>.json`: readable, and confined to one path component whatever the name."""
+    slug = _UNSAFE.sub("_", username)[:40] or "_"
+    digest = hashlib.sha256(username.encode()).hexdigest()[:16]
+    return f"{slug}-{digest}.json"
+
+
+def _private_dir(path: Path) -> None:
+    """`path` as a directory only its owner can enter: created 0700 by us, or already ours."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(
+                f"{path} exists but is not a directory owned by this user: remove it"
+            ) from None
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(path, 0o700)  # a folder pgro made, under an older, laxer pgro
+        return
+    os.chmod(path, 0o700)  # mkdir's mode is cut by the umask, never widened
 
 
 class CredentialStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _path(self, replica_key: str, username: str) -> Path:
+    def _folder(self, replica_key: str) -> Path:
         namespace, name = replica_key.split("/", 1)
-        return self.root / namespace / name / f"{username}.json"
+        # Both are validated DNS-1123 labels (api.objects); checked again because a path
+        # is built from them.
+        for part in (namespace, name):
+            if not part or _UNSAFE.sub("", part) != part:
+                raise ValueError(f"{replica_key!r} is not a namespace/name replica key")
+        return self.root / namespace / name
+
+    def _path(self, replica_key: str, username: str) -> Path:
+        return self._folder(replica_key) / credential_file_name(username)
+
+    def _read(self, path: Path, username: str) -> RoleCredentials | None:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("username") != username:
+            return None
+        password = doc.get("password")
+        return RoleCredentials(username, password) if isinstance(password, str) else None
 
     def ensure(self, replica_key: str, username: str) -> RoleCredentials:
         """The user's credentials, generated and written (mode 0600) on first use."""
         path = self._path(replica_key, username)
-        try:
-            doc = json.loads(path.read_text())
-            return RoleCredentials(doc["username"], doc["password"])
-        except (OSError, ValueError, KeyError):
-            pass
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for directory in (self.root, *path.parents):
-            if directory == self.root.parent:
-                break
-            os.chmod(directory, 0o700)
-        creds = RoleCredentials(username, generate_password())
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        found = self._read(path, username)
+        if found is not None:
+            return found
+        folder = path.parent
+        # Only the folders pgro makes here are chmodded; never a parent named by input.
+        for directory in (self.root, self.root / folder.parent.name, folder):
+            _private_dir(directory)
+        legacy = None
+        if _LEGACY_SAFE.fullmatch(username):
+            legacy = self._read(folder / f"{username}.json", username)
+        creds = legacy or RoleCredentials(username, generate_password())
+        tmp = folder / f".{path.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"username": creds.username, "password": creds.password}, f)
         os.replace(tmp, path)
+        if legacy is not None:
+            (folder / f"{username}.json").unlink(missing_ok=True)
         return creds
 
     def read(self, replica_key: str) -> dict[str, RoleCredentials]:
         """Every stored user of a replica, by username."""
-        namespace, name = replica_key.split("/", 1)
         out: dict[str, RoleCredentials] = {}
-        folder = self.root / namespace / name
+        folder = self._folder(replica_key)
         if not folder.is_dir():
             return out
         for path in sorted(folder.glob("*.json")):
             try:
                 doc = json.loads(path.read_text())
                 out[doc["username"]] = RoleCredentials(doc["username"], doc["password"])
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
         return out
 

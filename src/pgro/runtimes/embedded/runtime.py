@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from pgro.api.conditions import set_condition
 from pgro.api.phases import RestorePhase
 from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
@@ -88,7 +91,7 @@ from pgro.postgres.binaries import find_binaries
 from pgro.postgres.health import check_health
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
 from pgro.postgres.users import RoleCredentials, provision_users
-from pgro.processes import process_args, read_pid, spawn, stop_postmaster_pid
+from pgro.processes import process_args, read_pid, spawn
 from pgro.runtimes.embedded import restore_worker as worker
 from pgro.runtimes.embedded.canopy import CanopyOptions, EmbeddedCanopy, is_canopy_managed
 from pgro.runtimes.embedded.credentials import CredentialStore
@@ -98,7 +101,15 @@ from pgro.runtimes.embedded.manifest import (
     kopia_credentials,
     load_manifests,
 )
-from pgro.runtimes.embedded.servers import ServerHandle, running_postmaster
+from pgro.runtimes.embedded.servers import ServerHandle, running_postmaster, stop_postmaster
+from pgro.runtimes.embedded.state_dir import (
+    PRIVATE,
+    TRAVERSE,
+    choose_run_root,
+    ensure_dir,
+    ensure_dirs,
+    prepare_state_dir,
+)
 from pgro.runtimes.embedded.store import Store
 
 log = logging.getLogger("pgro.run")
@@ -107,6 +118,12 @@ log = logging.getLogger("pgro.run")
 # the reference's PVC sizing, which leaves room for WAL and temp files).
 DISK_HEADROOM = 1.0
 QUEUE_RECONCILE_EVERY = timedelta(seconds=60)
+# A failing step is retried after 1 s, then 2, 4, … up to 5 minutes (per object and step).
+STEP_RETRY_FIRST = 1.0
+STEP_RETRY_MAX = 300.0
+# The replica condition that shows a step failing (False) and its recovery (True).
+STEPS_CONDITION = "StepsSucceeding"
+RUN_ROOT_SETTING = "run-root"
 
 
 class StableEndpoint(Protocol):
@@ -156,6 +173,30 @@ class StepFailed(Exception):
     pass
 
 
+class _BackingOff(Exception):
+    """The step failed recently; its retry time has not come (not a new failure)."""
+
+
+@dataclass
+class _StepFailure:
+    replica_key: str
+    failures: int
+    retry_at: float  # time.monotonic()
+    shape: str  # the error with its numbers masked: a new shape is logged again
+    message: str
+
+
+def _error_shape(exc: Exception) -> str:
+    # Pids, ports and timestamps change from one attempt to the next; the error does not.
+    return re.sub(r"\d+", "#", f"{type(exc).__name__}: {exc}")
+
+
+def step_retry_delay(failures: int) -> float:
+    """1 s after the first failure, doubling, at most 5 minutes."""
+    exponent = min(max(failures - 1, 0), 20)
+    return min(STEP_RETRY_MAX, STEP_RETRY_FIRST * float(1 << exponent))
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -169,15 +210,31 @@ class Runtime:
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.options = options
-        self.state_dir = options.state_dir
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o711)
+        # Raises StateDirError (the CLI exits 2 with its message) before anything is made.
+        self.state_dir = prepare_state_dir(options.state_dir)
+        self.account = resolve_run_account()
         self.store = Store(self.state_dir / "state.db")
+        # Only the path to restores and endpoints is for the run account (see state_dir).
+        self.run_root = choose_run_root(
+            self.state_dir, self.account, self.store.setting(RUN_ROOT_SETTING)
+        )
+        if self.store.setting(RUN_ROOT_SETTING) != str(self.run_root):
+            self.store.set_setting(RUN_ROOT_SETTING, str(self.run_root))
+        if self.run_root != self.state_dir:
+            log.info(
+                "%s cannot reach %s: restores and endpoints live in %s",
+                self.account.name,
+                self.state_dir,
+                self.run_root,
+            )
+        for name in ("restores", "endpoints"):
+            ensure_dir(self.run_root / name, TRAVERSE)
+        ensure_dir(self.state_dir / "credentials", PRIVATE)
+        ensure_dir(self.state_dir / "kopia", PRIVATE)
         self.credentials = CredentialStore(self.state_dir / "credentials")
         self.metrics = Metrics()
         self.health = Health()
         self.clock = clock
-        self.account = resolve_run_account()
         self.endpoint_factory = endpoint_factory
         self.manifest = Manifest()
         self._manifest_mtimes: dict[Path, float] = {}
@@ -186,6 +243,7 @@ class Runtime:
         self.workers: dict[str, _Worker] = {}
         self.servers: dict[str, ServerHandle] = {}
         self.endpoints: dict[str, _EndpointState] = {}
+        self._step_failures: dict[tuple[str, str], _StepFailure] = {}
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="listing")
         self.random = random.Random()  # noqa: S311 - schedule jitter, not secrets
         self.queue = self._rebuild_queue()
@@ -201,14 +259,22 @@ class Runtime:
 
     # -- manifests ----------------------------------------------------------------------
     def load(self) -> None:
-        """Read the manifests; on an error keep running with what was loaded before."""
+        """Read the manifests; on an error keep running with what was loaded before.
+
+        The files' times are taken first, whether the load works or not: a manifest that
+        does not load is reported once, and read again when it changes (or on SIGHUP).
+        """
+        self._manifest_mtimes = {p: _mtime(p) for p in self.options.manifests}
         try:
             manifest = load_manifests(self.options.manifests)
         except ManifestError as exc:
             log.error("manifest not reloaded: %s", exc, extra={"reason": exc.reason})
             return
+        except Exception as exc:
+            # Whatever a file holds, the replicas already running keep running.
+            log.exception("manifest not reloaded: %s: %s", type(exc).__name__, exc)
+            return
         self.manifest = manifest
-        self._manifest_mtimes = {p: _mtime(p) for p in self.options.manifests}
         wanted = {r.key for r in manifest.replicas}
         for replica in manifest.replicas:
             if self.store.apply_replica(replica):
@@ -224,6 +290,7 @@ class Runtime:
 
     def _remove_replica(self, key: str) -> None:
         log.info("replica %s is no longer in the manifests: removing it and its restores", key)
+        self._forget_failures(lambda f: f.replica_key == key)
         for restore in self.store.restores(key):
             self._delete_restore(restore)
         state = self.endpoints.pop(key, None)
@@ -237,21 +304,24 @@ class Runtime:
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        self.load()
-        self.health.set_ready(True)
-        while not stop.is_set():
-            if self.reload_requested.is_set() or self._manifests_changed():
-                self.reload_requested.clear()
-                self.load()
-            started = time.monotonic()
-            try:
-                self.reconcile_once()
-            except Exception:
-                log.exception("reconcile pass failed")
-            self.metrics.reconciliation_duration.observe(time.monotonic() - started)
-            self.health.beat()
-            stop.wait(self.options.tick)
-        self.shutdown()
+        # Whatever ends the loop (a stop, an exception), the children are stopped.
+        try:
+            self.load()
+            self.health.set_ready(True)
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    if self.reload_requested.is_set() or self._manifests_changed():
+                        self.reload_requested.clear()
+                        self.load()
+                    self.reconcile_once()
+                except Exception:
+                    log.exception("reconcile pass failed")
+                self.metrics.reconciliation_duration.observe(time.monotonic() - started)
+                self.health.beat()
+                stop.wait(self.options.tick)
+        finally:
+            self.shutdown()
 
     def reconcile_once(self) -> None:
         now = self.clock()
@@ -328,7 +398,11 @@ class Runtime:
 
     # -- restores -----------------------------------------------------------------------
     def _restore_dir(self, restore: PostgresPhysicalRestore) -> Path:
-        return self.state_dir / "restores" / restore.namespace / restore.name
+        return self.run_root / "restores" / restore.namespace / restore.name
+
+    def _make_restore_dir(self, restore: PostgresPhysicalRestore) -> Path:
+        # The server's account must traverse into it but not list or alter the rest.
+        return ensure_dirs(self.run_root, ("restores", restore.namespace, restore.name), TRAVERSE)
 
     def _restore_key(self, restore: PostgresPhysicalRestore) -> str:
         return f"{restore.namespace}/{restore.name}"
@@ -388,19 +462,71 @@ class Runtime:
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore | None,
     ) -> None:
+        owner = self._restore_key(restore) if restore is not None else replica.key
+
+        def apply(step: Step) -> None:
+            key = (owner, type(step).__name__)
+            failure = self._step_failures.get(key)
+            if failure is not None and time.monotonic() < failure.retry_at:
+                raise _BackingOff
+            self._apply_step(step, replica, restore)
+            if failure is not None:
+                self._step_recovered(key, failure)
+
         def failed(step: Step, exc: Exception) -> None:
-            if step.best_effort:
-                log.warning("%s failed (best effort): %s", type(step).__name__, exc)
-                return
-            self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
-            log.error(
-                "%s for %s failed; the rest of the plan waits for the next pass: %s",
-                type(step).__name__,
-                replica.key,
-                exc,
+            if isinstance(exc, _BackingOff):
+                return  # the rest of the plan waits, as after the failure itself
+            if not step.best_effort:
+                self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
+            self._step_failed((owner, type(step).__name__), replica, step, exc)
+
+        apply_in_order(steps, apply, failed)
+
+    def _step_failed(
+        self, key: tuple[str, str], replica: PostgresPhysicalReplica, step: Step, exc: Exception
+    ) -> None:
+        """Back the step off; log, record an event and set the condition once per change."""
+        previous = self._step_failures.get(key)
+        failures = previous.failures + 1 if previous is not None else 1
+        delay = step_retry_delay(failures)
+        shape = _error_shape(exc)
+        message = f"{key[1]} for {key[0]} failed: {exc}"
+        self._step_failures[key] = _StepFailure(
+            replica.key, failures, time.monotonic() + delay, shape, message
+        )
+        if previous is not None and previous.shape == shape:
+            log.debug("%s (again, %d times; next try in %.0fs)", message, failures, delay)
+            return
+        level = logging.WARNING if step.best_effort else logging.ERROR
+        log.log(
+            level,
+            "%s; retried with backoff (1 s doubling to 5 min), logged again when the error changes",
+            message,
+        )
+        self.store.add_event(replica.key, "Warning", "StepFailed", message)
+        self._set_steps_condition(replica.key, "False", "StepFailing", message)
+
+    def _step_recovered(self, key: tuple[str, str], failure: _StepFailure) -> None:
+        self._step_failures.pop(key, None)
+        log.info("%s for %s succeeded after %d failures", key[1], key[0], failure.failures)
+        if not any(f.replica_key == failure.replica_key for f in self._step_failures.values()):
+            self._set_steps_condition(
+                failure.replica_key, "True", "Recovered", f"{key[1]} for {key[0]} succeeded"
             )
 
-        apply_in_order(steps, lambda step: self._apply_step(step, replica, restore), failed)
+    def _set_steps_condition(self, replica_key: str, status: Any, reason: str, msg: str) -> None:
+        replica = self.store.replica(replica_key)
+        if replica is None:
+            return
+        current = replica.status.conditions if replica.status else []
+        updated = set_condition(
+            current, STEPS_CONDITION, status, reason, msg, self.clock(), replica.metadata.generation
+        )
+        self.store.patch_replica_status(replica_key, {"conditions": [c.to_wire() for c in updated]})
+
+    def _forget_failures(self, which: Callable[[_StepFailure], bool]) -> None:
+        for key in [k for k, f in self._step_failures.items() if which(f)]:
+            del self._step_failures[key]
 
     def _apply_step(
         self,
@@ -539,8 +665,8 @@ class Runtime:
         port = int(stored) if stored else free_port(self.options.listen_host)
         if not stored:
             self.store.set_setting(setting, str(port))
-        run_dir = self.state_dir / "endpoints" / replica.namespace / replica.name
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dirs(self.run_root, ("endpoints", replica.namespace), TRAVERSE)
+        run_dir = self.run_root / "endpoints" / replica.namespace / replica.name
         endpoint = self.endpoint_factory(
             replica.key, run_dir, self.account, port, self.options.listen_host
         )
@@ -583,9 +709,7 @@ class Runtime:
 
     # -- restore work -------------------------------------------------------------------
     def _prepare_storage(self, restore: PostgresPhysicalRestore) -> None:
-        rdir = self._restore_dir(restore)
-        rdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(rdir, 0o711)
+        rdir = self._make_restore_dir(restore)
         if worker.read_result(rdir) is not None:
             return
         needed = int(parse_quantity(str(restore.spec.storage_size)) * DISK_HEADROOM)
@@ -597,7 +721,7 @@ class Runtime:
                 error=f"the restore needs {needed // 2**20} MiB (storageSize) but "
                 f"{rdir.parent} has {free // 2**20} MiB free",
             )
-            (rdir / worker.RESULT).write_text(json.dumps(result.__dict__))
+            _write_private(rdir / worker.RESULT, json.dumps(result.__dict__))
 
     def _start_work(
         self,
@@ -615,8 +739,7 @@ class Runtime:
             creds, proxy = self.canopy.restore_job(replica, restore, run_id)
         else:
             creds = kopia_credentials(self.manifest, replica)
-        rdir = self._restore_dir(restore)
-        rdir.mkdir(parents=True, exist_ok=True)
+        rdir = self._make_restore_dir(restore)
         job = {
             "restoreDir": str(rdir),
             "snapshot": restore.spec.snapshot,
@@ -626,7 +749,12 @@ class Runtime:
             "credentials": worker.credentials_to_json(creds),
             "canopyProxy": proxy,
         }
-        logf = (rdir / worker.LOG).open("ab")
+        logf = os.fdopen(
+            os.open(
+                rdir / worker.LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+            ),
+            "ab",
+        )
         with deferred_interrupts():
             proc = spawn(
                 [sys.executable, "-m", "pgro.runtimes.embedded.restore_worker"],
@@ -675,7 +803,7 @@ class Runtime:
 
             handle = ServerHandle(
                 pgdata=Path(result.pgdata),
-                socket_dir=socket_dir_for(rdir / "run"),
+                socket_dir=self._socket_dir(rkey, rdir),
                 port=port,
                 log_path=rdir / "postgres.log",
                 binaries=find_binaries(result.postgres_version or ""),
@@ -685,8 +813,24 @@ class Runtime:
             self.servers[rkey] = handle
         handle.ensure()
 
+    def _socket_dir(self, rkey: str, rdir: Path) -> Path:
+        """The server's socket directory: chosen once by pgro and remembered, so an adopted
+        server is reached (and its directory removed) by pgro's record, never by what
+        `postmaster.pid` (written by the run account) says."""
+        setting = f"server-socket/{rkey}"
+        stored = self.store.setting(setting)
+        if stored:
+            path = Path(stored)
+            if path == rdir / "run" or _our_tmp_socket_dir(path, self.account.uid):
+                return path
+        path = socket_dir_for(rdir / "run")
+        self.store.set_setting(setting, str(path))
+        return path
+
     def _delete_restore(self, restore: PostgresPhysicalRestore) -> None:
         rkey = self._restore_key(restore)
+        for key in [k for k in self._step_failures if k[0] == rkey]:
+            del self._step_failures[key]
         w = self.workers.pop(rkey, None)
         if w is not None and w.process.poll() is None:
             w.process.terminate()
@@ -695,19 +839,23 @@ class Runtime:
         if pid is not None and _is_worker(pid):
             os.kill(pid, signal.SIGTERM)
         handle = self.servers.pop(rkey, None)
+        remembered = self.store.setting(f"server-socket/{rkey}")
         if handle is None:
-            # Possibly left running by an earlier pgro run: adopt it only to stop it.
+            # Possibly left running by an earlier pgro run: adopt it only to stop it (if
+            # /proc shows it is that server, whatever postmaster.pid claims).
             result = worker.read_result(self._restore_dir(restore))
             if result is not None and result.pgdata:
-                found = running_postmaster(Path(result.pgdata))
+                pgdata = Path(result.pgdata)
+                found = running_postmaster(pgdata, self.account)
                 if found is not None:
-                    stop_postmaster_pid(found.pid)
-                    _remove_outside(found.socket_dir, self._restore_dir(restore))
+                    stop_postmaster(found.pid, pgdata, self.account)
         else:
             handle.stop()
-            _remove_outside(handle.socket_dir, self._restore_dir(restore))
+        if remembered:
+            _remove_outside(Path(remembered), self._restore_dir(restore))
         shutil.rmtree(self._restore_dir(restore), ignore_errors=True)
         self.store.delete_setting(f"server-port/{rkey}")
+        self.store.delete_setting(f"server-socket/{rkey}")
         self.store.delete_restore(rkey)
         log.info("restore %s deleted", rkey)
 
@@ -759,7 +907,7 @@ class Runtime:
             for key, handle in list(self.servers.items()):
                 log.info("stopping PostgreSQL of %s", key)
                 handle.stop()
-                _remove_outside(handle.socket_dir, self.state_dir)
+                _remove_outside(handle.socket_dir, self.run_root)
             for state in self.endpoints.values():
                 state.endpoint.stop()
         self.notifier.shutdown()
@@ -788,7 +936,27 @@ def _is_worker(pid: int) -> bool:
     return args is not None and "pgro.runtimes.embedded.restore_worker" in args
 
 
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _our_tmp_socket_dir(path: Path, run_uid: int) -> bool:
+    """A remembered /tmp socket directory that is still the one pgro made (not replaced by
+    a link or someone else's directory; /tmp is everybody's)."""
+    if path.parent != Path("/tmp") or not path.name.startswith("pgro-sock-"):  # noqa: S108
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid in (os.geteuid(), run_uid)
+
+
 def _remove_outside(socket_dir: Path, restore_dir: Path) -> None:
-    """Remove a socket directory pgro made in /tmp for a too-long path (see socket_dir_for)."""
+    """Remove a socket directory pgro made in /tmp for a too-long path (see socket_dir_for).
+
+    Only ever called with a path pgro chose and remembered, never one read from a file."""
     if not socket_dir.is_relative_to(restore_dir) and socket_dir.name.startswith("pgro-sock-"):
         shutil.rmtree(socket_dir, ignore_errors=True)

@@ -3,11 +3,16 @@
 A server either is our child (`PostgresServer`) or was left running by an earlier `pgro run`
 (a crash, or `--keep-serving`) and is adopted through its `postmaster.pid`, so a restart of
 pgro never starts a second server on the same data directory.
+
+`postmaster.pid` is written by the run account, which runs restored (untrusted) content:
+pgro, often root, takes nothing from it on trust. A pid is adopted or signalled only when
+`/proc` shows a postgres postmaster on this data directory owned by the run account, and
+the socket directory and port are the ones pgro chose and remembered, never the file's.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +21,7 @@ from pgro.core.observations import Server, ServerState
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.server import Endpoint, PostgresServer
-from pgro.processes import is_alive, stop_postmaster_pid
+from pgro.processes import process_args, stop_postmaster_pid
 
 # A server that keeps dying is a failed restore, not something to restart forever.
 MAX_RESTARTS = 3
@@ -25,24 +30,51 @@ MAX_RESTARTS = 3
 @dataclass(frozen=True)
 class Postmaster:
     pid: int
-    port: int
-    socket_dir: Path
     status: str
 
 
-def running_postmaster(pgdata: Path) -> Postmaster | None:
-    """The live postmaster on `pgdata`, from its postmaster.pid (None if there is none)."""
+def is_postmaster_of(pid: int, pgdata: Path, account: RunAccount) -> bool:
+    """`pid` is a live postgres postmaster on `pgdata` that runs as the run account.
+
+    Its argv is the one pgro starts it with (`postgres -D <pgdata> …`); a backend or
+    another restore's server has a different one, an unrelated process has neither.
+    """
+    args = process_args(pid)
+    if not args or os.path.basename(args[0]) not in ("postgres", "postmaster"):
+        return False
+    try:
+        d = args.index("-D")
+    except ValueError:
+        return False
+    if d + 1 >= len(args) or os.path.abspath(args[d + 1]) != os.path.abspath(pgdata):
+        return False
+    try:
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return False
+    return owner == account.uid
+
+
+def running_postmaster(pgdata: Path, account: RunAccount) -> Postmaster | None:
+    """The live postmaster on `pgdata` named by its postmaster.pid, verified against /proc
+    (None if there is none, or the file names some other process)."""
     try:
         lines = (pgdata / "postmaster.pid").read_text().splitlines()
-        found = Postmaster(
-            pid=int(lines[0]),
-            port=int(lines[3]),
-            socket_dir=Path(lines[4].strip()),
-            status=lines[7].strip() if len(lines) > 7 else "",
-        )
+        pid = int(lines[0])
+        status = lines[7].strip() if len(lines) > 7 else ""
     except (OSError, ValueError, IndexError):
         return None
-    return found if is_alive(found.pid) else None
+    if pid <= 1 or not is_postmaster_of(pid, pgdata, account):
+        return None
+    return Postmaster(pid=pid, status=status)
+
+
+def stop_postmaster(pid: int, pgdata: Path, account: RunAccount, timeout: float = 60.0) -> bool:
+    """Stop a postmaster we did not start, if it still is the one on `pgdata`."""
+    if not is_postmaster_of(pid, pgdata, account):
+        return False
+    stop_postmaster_pid(pid, timeout)
+    return True
 
 
 @dataclass
@@ -81,16 +113,11 @@ class ServerHandle:
         """Adopt a running server, or start one if none runs (and it has not failed)."""
         if self.failure or self.alive():
             return
-        found = running_postmaster(self.pgdata)
+        found = running_postmaster(self.pgdata, self.account)
         if found is not None:
-            # Reach it where it listens: its socket directory may differ from the one this
-            # handle would have chosen (a fresh one in /tmp when the path is too long).
-            if found.socket_dir != self.socket_dir and self.socket_dir.name.startswith(
-                "pgro-sock-"
-            ):
-                # The fresh /tmp directory chosen for a start that is not needed after all.
-                shutil.rmtree(self.socket_dir, ignore_errors=True)
-            self.adopted_pid, self.port, self.socket_dir = found.pid, found.port, found.socket_dir
+            # It listens where pgro started it: the socket directory and port the runtime
+            # remembered for this restore (this handle's), whatever postmaster.pid says.
+            self.adopted_pid = found.pid
             # It served before pgro restarted; its roles were provisioned then.
             self.provisioned = found.status == "ready"
             return
@@ -99,11 +126,16 @@ class ServerHandle:
     def alive(self) -> bool:
         if self.child is not None:
             return self.child.running()
-        return self.adopted_pid is not None and is_alive(self.adopted_pid)
+        return self.adopted_pid is not None and is_postmaster_of(
+            self.adopted_pid, self.pgdata, self.account
+        )
 
     def _ready(self) -> bool:
-        found = running_postmaster(self.pgdata)
-        return found is not None and found.status == "ready"
+        found = running_postmaster(self.pgdata, self.account)
+        if found is None or found.status != "ready":
+            return False
+        expected = self.child.pid if self.child is not None else self.adopted_pid
+        return found.pid == expected
 
     def observe(self) -> Server:
         if self.failure:
@@ -135,5 +167,5 @@ class ServerHandle:
             self.child.stop(timeout)
             self.child = None
         elif self.adopted_pid is not None:
-            stop_postmaster_pid(self.adopted_pid, timeout)
+            stop_postmaster(self.adopted_pid, self.pgdata, self.account, timeout)
             self.adopted_pid = None

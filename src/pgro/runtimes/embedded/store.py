@@ -7,7 +7,9 @@ every write is a transaction, so a `kill -9` at any point leaves the last commit
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterator, Mapping
@@ -50,6 +52,27 @@ CREATE TABLE IF NOT EXISTS settings (
 );
 """
 
+# The files SQLite keeps next to the database in WAL mode.
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _create_private(path: Path) -> None:
+    """The database file exists with mode 0600 before SQLite opens it.
+
+    It holds replica specs (notification URLs and headers), events and settings. SQLite
+    creates its -wal and -shm files with the database file's mode, so they follow; a
+    database left by an older pgro (0644) is tightened here too.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in SIDE_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600, follow_symlinks=False)
+
+
 # Events are a recent history, not an archive.
 EVENTS_KEPT_PER_REPLICA = 200
 
@@ -83,6 +106,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        _create_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
