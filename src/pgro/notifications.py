@@ -9,8 +9,13 @@ at once; the runtime picks the round's statuses up later with `take_status` and 
 Differences from the reference, on purpose:
 
 - `lastError` keeps the real, secret-free cause of the last attempt ("HTTP 500 Internal
-  Server Error from https://…", "connection to https://… failed: …") instead of "max
+  Server Error from https://host", "connection to https://host failed: …") instead of "max
   retries exhausted".
+- A target is named without its secrets (`target_name`: method, `scheme://host[:port]`
+  and a fingerprint) in the status, the metric label and the log, and errors name only the
+  URL's origin: webhook URLs carry their token in the path or `user:password@`.
+- A header Secret the runtime refused to read (the operator reads only Secrets labelled
+  `pgro.bes.au/notification-secret: "true"`) ends the target with the refusal's message.
 - An error no retry can change within the round (a header Secret missing from the
   manifest, a template that does not render valid JSON, an invalid URL or header) ends the
   target at once instead of repeating the same failure for 73 minutes.
@@ -18,7 +23,7 @@ Differences from the reference, on purpose:
   be forwarded to whatever host a `Location` names. A 3xx is a failure that says so.
 - A newer round for the same replica supersedes one still running (its remaining retries
   are cancelled and its statuses discarded): the status describes the latest switchover.
-- Metrics use one label set, `name` (the display name) and `event="restore_completed"`;
+- Metrics use one label set, `name` (the target's secret-free name) and `event="restore_completed"`;
   `sent` counts each target delivered, `failed` each target that gave up, once.
 
 GraphQL `variablesTemplate`s are rendered with `render_template`, a strict subset of
@@ -49,6 +54,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import httpx
 import pydantic
@@ -59,6 +65,7 @@ from pgro.api.notifications import (
     HeaderValue,
     NotificationStatus,
     WebhookNotification,
+    url_origin,
 )
 from pgro.api.replica import ConnectionInfo, PostgresPhysicalReplica
 from pgro.api.secret import SecretInvalid, decode_secret_data
@@ -119,6 +126,9 @@ class RoundInput:
     timestamp: str
     password: str | None = field(default=None, repr=False)
     secrets: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict, repr=False)
+    # (namespace, name) of header Secrets the runtime would not or could not read, and why
+    # (with the fix).
+    unavailable: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
     def password_for(self, target: Target) -> str | None:
         """The password goes out only to targets that ask for it (`includePassword`)."""
@@ -204,9 +214,11 @@ def resolve_headers(
     headers: Mapping[str, HeaderValue] | None,
     namespace: str,
     secrets: Mapping[tuple[str, str], Mapping[str, Any]],
+    unavailable: Mapping[tuple[str, str], str] | None = None,
 ) -> dict[str, str]:
-    """Plain values as written; `secretKeyRef` values read from the manifest's Secrets in
-    the replica's namespace. Errors name the header, Secret and key, never the value."""
+    """Plain values as written; `secretKeyRef` values read from the given Secrets in the
+    replica's namespace (a Secret in `unavailable` fails with that reason). Errors name the
+    header, Secret and key, never the value."""
     out: dict[str, str] = {}
     for name, value in (headers or {}).items():
         if _HEADER_NAME.fullmatch(name) is None:
@@ -219,6 +231,9 @@ def resolve_headers(
         else:
             ref = value.secret_key_ref
             source = f"Secret {namespace}/{ref.name} key {ref.key!r}"
+            reason = (unavailable or {}).get((namespace, ref.name))
+            if reason is not None:
+                raise NotificationError(f"header {name!r}: {reason}", permanent=True)
             resolved = _secret_value(name, namespace, ref.name, ref.key, secrets)
         if _HEADER_VALUE.fullmatch(resolved) is None:
             raise NotificationError(
@@ -268,21 +283,22 @@ def _secret_value(
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """One attempt's request. Headers and body may hold secrets: kept out of `repr`."""
+    """One attempt's request. The URL, headers and body may hold secrets: kept out of
+    `repr`."""
 
     method: str
-    url: str
+    url: str = field(repr=False)
     body: dict[str, Any] = field(repr=False)
     headers: dict[str, str] = field(repr=False)
 
     def sensitive_values(self) -> list[str]:
-        return list(self.headers.values())
+        return [*self.headers.values(), *url_secrets(self.url)]
 
 
 def prepare_request(target: Target, inp: RoundInput) -> PreparedRequest:
     """Method, URL, headers and JSON body for one attempt at `target`."""
     _check_url(target.url)
-    headers = resolve_headers(target.headers, inp.namespace, inp.secrets)
+    headers = resolve_headers(target.headers, inp.namespace, inp.secrets, inp.unavailable)
     if isinstance(target, WebhookNotification):
         body = webhook_payload(inp, inp.password_for(target))
         return PreparedRequest(target.effective_method, target.url, body, headers)
@@ -290,21 +306,39 @@ def prepare_request(target: Target, inp: RoundInput) -> PreparedRequest:
 
 
 def _check_url(url: str) -> None:
+    # The URL is not quoted back: its path or user information may be the secret.
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError):
         raise NotificationError(
-            f"url {safe_url(url)!r} is not a valid URL", permanent=True
+            f"url (origin {url_origin(url)}) is not a valid URL", permanent=True
         ) from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise NotificationError(
-            f"url {safe_url(url)!r} is not an http:// or https:// URL", permanent=True
+            f"url (origin {url_origin(url)}) is not an http:// or https:// URL", permanent=True
         )
 
 
 def safe_url(url: str) -> str:
     """`url` without user information (`https://user:pass@host` → `https://host`)."""
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@]*@", r"\1", url)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of `url` that may be secret (whole URL, user information, path, query and
+    fragment, each as written and as httpx normalises it), for scrubbing messages of
+    exceptions we do not build ourselves."""
+    parts = [url]
+    try:
+        split = urlsplit(url)
+        parts += [split.netloc.rpartition("@")[0], split.path, split.query, split.fragment]
+        parts += [seg for seg in split.path.split("/") if len(seg) >= 6]
+        parsed = httpx.URL(url)
+        parts += [str(parsed), parsed.userinfo.decode("ascii", "replace"), parsed.raw_path.decode()]
+    except (ValueError, TypeError, httpx.InvalidURL, UnicodeDecodeError):
+        pass
+    # The longest first, so a whole URL is replaced before its parts.
+    return sorted({p for p in parts if p and p != "/"}, key=len, reverse=True)
 
 
 def _scrub(text: str, sensitive: Iterable[str | None]) -> str:
@@ -320,7 +354,7 @@ def _scrub(text: str, sensitive: Iterable[str | None]) -> str:
 
 def send(client: httpx.Client, request: PreparedRequest, password: str | None) -> None:
     """One HTTP attempt; a non-2xx status or a transport error is a `NotificationError`."""
-    where = safe_url(request.url)
+    where = url_origin(request.url)
     try:
         with client.stream(
             request.method, request.url, json=request.body, headers=request.headers
@@ -343,6 +377,28 @@ def send(client: httpx.Client, request: PreparedRequest, password: str | None) -
     if 300 <= status < 400:
         text += " (redirects are not followed: set url to the final address)"
     raise NotificationError(text)
+
+
+class _HttpxUrlRedaction(logging.Filter):
+    """httpx logs every request's full URL at INFO ("HTTP Request: POST https://…"), and a
+    webhook URL is a secret. The CLIs set the `httpx` logger to WARNING; this filter keeps
+    the URL out even where a process logs httpx at INFO or DEBUG: it reduces every URL
+    argument of an httpx record to its origin."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) for a in record.args):
+            record.args = tuple(
+                url_origin(str(a)) if isinstance(a, httpx.URL) else a for a in record.args
+            )
+        return True
+
+
+_HTTPX_URL_REDACTION: Final = _HttpxUrlRedaction()
+
+
+def redact_http_client_logs() -> None:
+    """Install the URL redaction on the `httpx` logger (idempotent)."""
+    logging.getLogger("httpx").addFilter(_HTTPX_URL_REDACTION)
 
 
 # -- the notifier -------------------------------------------------------------------------
@@ -381,6 +437,7 @@ class Notifier:
         self.clock = clock
         self.delays = tuple(float(d) for d in delays)
         self.http_timeout = http_timeout
+        redact_http_client_logs()
         self._client = httpx.Client(
             transport=transport,
             timeout=http_timeout,
@@ -404,12 +461,15 @@ class Notifier:
         connection_info: Mapping[str, Any] | ConnectionInfo,
         password: str | None,
         secrets: Mapping[tuple[str, str], Mapping[str, Any]],
+        unavailable: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         """Start one round for every target in `replica.spec.notifications`; return at once.
 
         `connection_info` is `status.connectionInfo` (wire or Python field names).
         `password` is the analytics user's; it goes only to targets with `includePassword`.
-        `secrets` are the manifest's Secret documents by (namespace, name).
+        `secrets` are the header Secret documents by (namespace, name); `unavailable` the ones
+        the runtime would not or could not read, with the reason and fix (a target needing one fails
+        with that reason and is not sent).
         A round already running for `replica_key` is superseded.
         """
         if self._closed:
@@ -427,6 +487,7 @@ class Notifier:
             timestamp=format_rfc3339(self.clock()),
             password=password,
             secrets=dict(secrets),
+            unavailable=dict(unavailable or {}),
         )
         with self._lock:
             if self._closed:
@@ -493,7 +554,7 @@ class Notifier:
             log.error(
                 "%s: notification %s crashed: %s at %s:%s",
                 round_.key,
-                _label(target),
+                target.display_name,
                 type(exc).__name__,
                 frame.filename,
                 frame.lineno,
@@ -523,7 +584,7 @@ class Notifier:
         self, round_: _Round, target: Target, inp: RoundInput
     ) -> NotificationStatus | None:
         name = target.display_name
-        label = _label(target)
+        label = name
         sent_at = self.clock()
         last_error = "no attempt was made"
         attempts = len(self.delays)
@@ -562,11 +623,6 @@ class Notifier:
         return NotificationStatus(
             name=name, last_sent_at=sent_at, success=False, last_error=last_error
         )
-
-
-def _label(target: Target) -> str:
-    """The display name with any user information taken out of the URL, for logs."""
-    return target.display_name.replace(target.url, safe_url(target.url))
 
 
 def _connection_info(value: Mapping[str, Any] | ConnectionInfo) -> ConnectionInfo:

@@ -6,10 +6,13 @@ Delays are shortened to (0, 0.2, 0.4) so retries and exhaustion run in about a s
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from pgro.api.notifications import NotificationStatus
+from pgro.api.notifications import NotificationStatus, target_name
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.notifications import EVENT, Notifier
-from pgro.observability import Metrics
+from pgro.observability import Health, Metrics, serve
 
 DELAYS = (0.0, 0.2, 0.4)
 KEY = "team-a/analytics"
@@ -194,7 +197,7 @@ def test_success_on_the_first_try(
     notify(notifier, {"target": "webhook", "url": url})
     [status] = wait_status(notifier)
 
-    assert status.name == f"POST {url}"
+    assert status.name == target_name("POST", url)
     assert status.success is True
     assert status.last_error is None
     assert status.last_sent_at is not None
@@ -213,8 +216,8 @@ def test_success_on_the_first_try(
         "connectionInfo": CONNECTION,  # no password: includePassword is false
     }
     assert datetime.fromisoformat(request.body["timestamp"]) >= before
-    assert counter(metrics, "sent", f"POST {url}") == 1
-    assert counter(metrics, "failed", f"POST {url}") == 0
+    assert counter(metrics, "sent", target_name("POST", url)) == 1
+    assert counter(metrics, "failed", target_name("POST", url)) == 0
 
 
 def test_success_after_two_failures(
@@ -232,8 +235,8 @@ def test_success_after_two_failures(
     # The schedule's delays separate the attempts (0.2 s, then 0.4 s).
     assert (attempts[1].at - attempts[0].at).total_seconds() >= 0.19
     assert (attempts[2].at - attempts[1].at).total_seconds() >= 0.39
-    assert counter(metrics, "sent", f"POST {url}") == 1
-    assert counter(metrics, "failed", f"POST {url}") == 0
+    assert counter(metrics, "sent", target_name("POST", url)) == 1
+    assert counter(metrics, "failed", target_name("POST", url)) == 0
 
 
 def test_exhaustion_keeps_the_last_error(
@@ -245,22 +248,23 @@ def test_exhaustion_keeps_the_last_error(
     [status] = wait_status(notifier)
 
     assert status.success is False
-    assert status.last_error == f"HTTP 500 Internal Server Error from {url}"
+    assert status.last_error == f"HTTP 500 Internal Server Error from {hook_server.url}"
     assert len(hook_server.on("/down")) == len(DELAYS)
-    assert counter(metrics, "failed", f"POST {url}") == 1
-    assert counter(metrics, "sent", f"POST {url}") == 0
+    assert counter(metrics, "failed", target_name("POST", url)) == 1
+    assert counter(metrics, "sent", target_name("POST", url)) == 0
 
 
 def test_connection_refused_is_the_last_error(notifier: Notifier, metrics: Metrics) -> None:
-    url = f"http://127.0.0.1:{free_port()}/nobody"
+    origin = f"http://127.0.0.1:{free_port()}"
+    url = f"{origin}/nobody"
     notify(notifier, {"target": "webhook", "url": url})
     [status] = wait_status(notifier)
 
     assert status.success is False
     assert status.last_error is not None
-    assert status.last_error.startswith(f"connection to {url} failed: ")
+    assert status.last_error.startswith(f"connection to {origin} failed: ")
     assert "refused" in status.last_error.lower()
-    assert counter(metrics, "failed", f"POST {url}") == 1
+    assert counter(metrics, "failed", target_name("POST", url)) == 1
 
 
 def test_put_is_honoured_and_anything_else_is_post(
@@ -276,9 +280,9 @@ def test_put_is_honoured_and_anything_else_is_post(
 
     assert [s.success for s in statuses] == [True, True, True]
     assert [s.name for s in statuses] == [
-        f"PUT {hook_server.url}/put",
-        f"GET {hook_server.url}/get",
-        f"POST {hook_server.url}/default",
+        target_name("PUT", f"{hook_server.url}/put"),
+        target_name("GET", f"{hook_server.url}/get"),
+        target_name("POST", f"{hook_server.url}/default"),
     ]
     assert [r.method for r in hook_server.on("/put")] == ["PUT"]
     assert [r.method for r in hook_server.on("/get")] == ["POST"]
@@ -342,7 +346,7 @@ def test_a_missing_secret_fails_without_sending(
     assert status.success is False
     assert status.last_error == "header 'Authorization': Secret team-a/hook has no key 'absent'"
     assert hook_server.on("/guarded") == []
-    assert counter(metrics, "failed", f"POST {url}") == 1
+    assert counter(metrics, "failed", target_name("POST", url)) == 1
 
 
 def test_notify_does_not_block_the_caller(hook_server: HookServer, notifier: Notifier) -> None:
@@ -382,9 +386,65 @@ def test_metrics_count_each_target_once_per_round(
 
     # Round 1: a failure, then a success; round 2: a success.
     assert len(hook_server.on("/m-flaky")) == 3
-    assert counter(metrics, "sent", f"POST {flaky}") == 2
-    assert counter(metrics, "failed", f"POST {flaky}") == 0
-    assert counter(metrics, "sent", f"POST {down}") == 0
-    assert counter(metrics, "failed", f"POST {down}") == 2
+    assert counter(metrics, "sent", target_name("POST", flaky)) == 2
+    assert counter(metrics, "failed", target_name("POST", flaky)) == 0
+    assert counter(metrics, "sent", target_name("POST", down)) == 0
+    assert counter(metrics, "failed", target_name("POST", down)) == 2
     rendered = metrics.render().decode()
     assert f'event="{EVENT}"' in rendered
+
+
+SECRET_PARTS = ("hookuser", "USERINFO-PASS-999", "T0000", "B0000", "URL-PATH-TOKEN-555", "/hooks")
+
+
+def test_a_secret_url_appears_in_no_metric_status_or_log(
+    hook_server: HookServer,
+    notifier: Notifier,
+    metrics: Metrics,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Slack/Teams-style webhook URLs carry their secret in the path, others in
+    `user:password@`: neither may reach /metrics, the status or any log line, at any level
+    (httpx logs full request URLs at INFO)."""
+    caplog.set_level(logging.DEBUG)  # everything: pgro's own lines, httpx, httpcore
+    origin = hook_server.url
+    secret_url = origin.replace("http://", "http://hookuser:USERINFO-PASS-999@")
+    ok_url = f"{secret_url}/hooks/T0000/B0000/URL-PATH-TOKEN-555"
+    down_url = f"{secret_url}/hooks/T0000/B0000/URL-PATH-TOKEN-555-down"
+    refused_url = f"http://hookuser:USERINFO-PASS-999@127.0.0.1:{free_port()}/hooks/T0000/B0000/URL-PATH-TOKEN-555"
+    hook_server.fail["/hooks/T0000/B0000/URL-PATH-TOKEN-555-down"] = 99
+    server = serve(metrics, Health(), "127.0.0.1", 0)
+    try:
+        notify(
+            notifier,
+            {"target": "webhook", "url": ok_url},
+            {"target": "webhook", "url": down_url},
+            {"target": "graphQL", "url": refused_url, "mutation": "m", "variablesTemplate": "{}"},
+        )
+        statuses = wait_status(notifier)
+        port = server.server_address[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            metrics_body = reply.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    # The URL is still used in full to send: user information becomes Basic auth.
+    [arrived] = hook_server.on("/hooks/T0000/B0000/URL-PATH-TOKEN-555")
+    assert (
+        arrived.headers["authorization"]
+        == "Basic " + base64.b64encode(b"hookuser:USERINFO-PASS-999").decode()
+    )
+    assert [s.success for s in statuses] == [True, False, False]
+    # Each target is named and counted under its secret-free name...
+    ok_name = target_name("POST", ok_url)
+    assert ok_name.startswith(f"POST {origin} #")
+    assert f'name="{ok_name}"' in metrics_body
+    assert f'name="{target_name("POST", down_url)}"' in metrics_body
+    assert len({s.name for s in statuses}) == 3
+    # ...and the secret parts are nowhere.
+    status_text = json.dumps([s.to_wire() for s in statuses])
+    assert "HTTP Request" in caplog.text or "delivered" in caplog.text
+    for where, text in (("/metrics", metrics_body), ("status", status_text), ("log", caplog.text)):
+        for part in SECRET_PARTS:
+            assert part not in text, f"{part!r} leaked into the {where}"

@@ -191,7 +191,8 @@ def test_notifications_are_tagged_by_target() -> None:
     webhook, graphql = spec.notifications
     assert isinstance(webhook, WebhookNotification)
     assert webhook.effective_method == "PUT"
-    assert webhook.display_name == "PUT https://hooks.example.com/pgro"
+    # Named without the URL's path (a webhook's path is often its secret): see target_name.
+    assert webhook.display_name.startswith("PUT https://hooks.example.com #")
     assert webhook.include_password is True
     assert webhook.headers is not None
     assert webhook.headers["X-Plain"] == "hello"
@@ -202,7 +203,7 @@ def test_notifications_are_tagged_by_target() -> None:
         "token",
     )
     assert isinstance(graphql, GraphQLNotification)
-    assert graphql.display_name == "GraphQL https://api.example.com/graphql"
+    assert graphql.display_name.startswith("GraphQL https://api.example.com #")
     assert graphql.variables_template == '{"replica": "{{Replica}}"}'
     assert graphql.include_password is False
 

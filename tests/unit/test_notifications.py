@@ -18,7 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
-from pgro.api.notifications import GraphQLNotification, NotificationStatus, WebhookNotification
+from pgro.api.notifications import (
+    GraphQLNotification,
+    NotificationStatus,
+    WebhookNotification,
+    target_name,
+    url_fingerprint,
+    url_origin,
+)
 from pgro.api.replica import ConnectionInfo, PostgresPhysicalReplica
 from pgro.notifications import (
     EVENT,
@@ -31,6 +38,7 @@ from pgro.notifications import (
     render_template,
     resolve_headers,
     safe_url,
+    url_secrets,
     webhook_payload,
 )
 from pgro.observability import Metrics
@@ -376,6 +384,123 @@ def test_safe_url_drops_user_information() -> None:
     assert safe_url("http://hooks.test/a@b") == "http://hooks.test/a@b"
 
 
+# -- naming targets without their secrets ---------------------------------------------------
+
+SECRET_URL = "https://hookuser:USERINFO-PASS-999@Hooks.Example:8443/services/T0000/B0000/URL-PATH-TOKEN-555?sig=QUERY-SIG-777#FRAG-888"
+SECRET_PARTS = (
+    "hookuser",
+    "USERINFO-PASS-999",
+    "T0000",
+    "URL-PATH-TOKEN-555",
+    "QUERY-SIG-777",
+    "FRAG-888",
+    "services",
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "origin"),
+    [
+        (SECRET_URL, "https://hooks.example:8443"),
+        ("http://hooks.test/a", "http://hooks.test"),
+        ("http://u@[::1]:9/p", "http://[::1]:9"),
+        ("http://a@b@hooks.test/p@q", "http://hooks.test"),
+        ("not a url", "<invalid URL>"),
+        ("http://", "<invalid URL>"),
+    ],
+)
+def test_url_origin_keeps_only_scheme_host_and_port(url: str, origin: str) -> None:
+    assert url_origin(url) == origin
+
+
+def test_target_names_carry_no_secret_part_of_the_url() -> None:
+    hook = webhook(url=SECRET_URL, method="PUT")
+    gql = graphql("{}", url=SECRET_URL)
+    for name in (hook.display_name, gql.display_name):
+        for part in SECRET_PARTS:
+            assert part not in name
+    assert hook.display_name == f"PUT https://hooks.example:8443 #{url_fingerprint(SECRET_URL)}"
+    assert gql.display_name.startswith("GraphQL https://hooks.example:8443 #")
+
+
+def test_target_names_tell_targets_on_one_host_apart_and_are_stable() -> None:
+    a = webhook(url="https://hooks.slack.test/services/T1/B1/aaaaaaaaaaaaaaaaaaaaaaaa")
+    b = webhook(url="https://hooks.slack.test/services/T1/B1/bbbbbbbbbbbbbbbbbbbbbbbb")
+    assert a.display_name != b.display_name
+    assert a.display_name == webhook(url=a.url).display_name
+    assert len(url_fingerprint(a.url)) == 8
+
+
+def test_the_fingerprint_leaves_a_userinfo_password_out() -> None:
+    # A 32-bit hash of a guessable password could be confirmed offline: it is not hashed.
+    assert url_fingerprint("https://u:guess1@h.test/p") == url_fingerprint(
+        "https://u:other@h.test/p"
+    )
+    assert url_fingerprint("https://u1:pw@h.test/p") != url_fingerprint("https://u2:pw@h.test/p")
+
+
+def test_url_secrets_cover_every_secret_part() -> None:
+    found = " ".join(url_secrets(SECRET_URL))
+    for part in SECRET_PARTS:
+        assert part in found
+
+
+def test_bad_urls_are_not_quoted_back() -> None:
+    bad = "hxxp://user:BAD-URL-PASS@hooks.test/BAD-URL-TOKEN"
+    with pytest.raises(NotificationError) as caught:
+        prepare_request(webhook(url=bad), round_input())
+    assert "BAD-URL-PASS" not in caught.value.message
+    assert "BAD-URL-TOKEN" not in caught.value.message
+    assert "hxxp://hooks.test" in caught.value.message
+
+
+def test_an_unavailable_header_secret_fails_with_its_reason() -> None:
+    target = webhook(headers={"Authorization": secret_header("hook")})
+    reason = "Secret team-a/hook is not labelled for pgro; label it"
+    with pytest.raises(NotificationError) as caught:
+        resolve_headers(target.headers, NAMESPACE, SECRETS, {(NAMESPACE, "hook"): reason})
+    assert caught.value.permanent
+    assert caught.value.message == f"header 'Authorization': {reason}"
+
+
+def test_an_unavailable_secret_is_not_sent(metrics: Metrics) -> None:
+    seen: list[dict[str, Any]] = []
+    notifier = Notifier(metrics, clock=lambda: WHEN, delays=(0, 30), transport=_recorder(seen))
+    target = {"target": "webhook", "url": "http://hooks.test/a"}
+    try:
+        notifier.notify(
+            "team-a/analytics",
+            make_replica({**target, "headers": {"X-Token": secret_header("hook")}}),
+            "r",
+            None,
+            None,
+            CONNECTION,
+            None,
+            SECRETS,
+            {(NAMESPACE, "hook"): "Secret team-a/hook is refused: label it"},
+        )
+        [status] = _wait_status(notifier)
+    finally:
+        notifier.shutdown()
+    assert seen == []
+    assert status.success is False
+    assert status.last_error == "header 'X-Token': Secret team-a/hook is refused: label it"
+
+
+def test_transport_errors_that_quote_the_url_are_scrubbed(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    def respond(request: httpx.Request) -> httpx.Response:
+        raise httpx.ProxyError(f"proxy refused {request.url} (path {request.url.path})")
+
+    caplog.set_level(logging.DEBUG)
+    statuses, _ = run_round(metrics, [{"target": "webhook", "url": SECRET_URL}], respond)
+    written = json.dumps([s.to_wire() for s in statuses]) + caplog.text
+    assert "proxy refused ***" in written
+    for part in SECRET_PARTS:
+        assert part not in written
+
+
 # -- the notifier, over MockTransport -------------------------------------------------------
 
 
@@ -462,7 +587,9 @@ def test_webhook_method_selection(metrics: Metrics, method: str, sent: str) -> N
         metrics, [{"target": "webhook", "url": "http://hooks.test/a", "method": method}]
     )
     assert [s["method"] for s in seen] == [sent]
-    assert statuses[0].name == f"{method} http://hooks.test/a"  # the method as written
+    # The method as written, like the reference; the URL reduced to its origin.
+    assert statuses[0].name == target_name(method, "http://hooks.test/a")
+    assert statuses[0].name.startswith(f"{method} http://hooks.test #")
     assert statuses[0].success
 
 
@@ -484,7 +611,9 @@ def test_graphql_is_posted_with_query_and_variables(metrics: Metrics) -> None:
     assert seen[0]["headers"]["authorization"] == TOKEN
     assert seen[0]["headers"]["content-type"] == "application/json"
     assert statuses == [
-        NotificationStatus(name="GraphQL http://api.test/graphql", last_sent_at=WHEN, success=True)
+        NotificationStatus(
+            name=target_name("GraphQL", "http://api.test/graphql"), last_sent_at=WHEN, success=True
+        )
     ]
 
 
@@ -503,16 +632,17 @@ def test_statuses_in_spec_order_with_real_errors(metrics: Metrics) -> None:
         respond,
     )
     assert [(s.name, s.success) for s in statuses] == [
-        ("POST http://hooks.test/500", False),
-        ("POST http://hooks.test/201", True),
-        ("POST http://hooks.test/302", False),
-        ("POST http://u:pw@hooks.test/404", False),
+        (target_name("POST", "http://hooks.test/500"), False),
+        (target_name("POST", "http://hooks.test/201"), True),
+        (target_name("POST", "http://hooks.test/302"), False),
+        (target_name("POST", "http://u:pw@hooks.test/404"), False),
     ]
-    assert statuses[0].last_error == "HTTP 500 Internal Server Error from http://hooks.test/500"
+    # Errors name the origin only: the path or user information may be the secret.
+    assert statuses[0].last_error == "HTTP 500 Internal Server Error from http://hooks.test"
     assert statuses[1].last_error is None
     assert statuses[2].last_error is not None
     assert "redirects are not followed" in statuses[2].last_error
-    assert statuses[3].last_error == "HTTP 404 Not Found from http://hooks.test/404"
+    assert statuses[3].last_error == "HTTP 404 Not Found from http://hooks.test"
 
 
 def test_transport_errors_become_the_last_error(metrics: Metrics) -> None:
@@ -521,7 +651,7 @@ def test_transport_errors_become_the_last_error(metrics: Metrics) -> None:
 
     statuses, _ = run_round(metrics, [{"target": "webhook", "url": "http://hooks.test/a"}], respond)
     assert statuses[0].last_error == (
-        "connection to http://hooks.test/a failed: [Errno 111] Connection refused"
+        "connection to http://hooks.test failed: [Errno 111] Connection refused"
     )
 
 
@@ -530,7 +660,7 @@ def test_timeouts_become_the_last_error(metrics: Metrics) -> None:
         raise httpx.ReadTimeout("timed out", request=request)
 
     statuses, _ = run_round(metrics, [{"target": "webhook", "url": "http://hooks.test/a"}], respond)
-    assert statuses[0].last_error == "timed out sending POST to http://hooks.test/a"
+    assert statuses[0].last_error == "timed out sending POST to http://hooks.test"
 
 
 def test_permanent_errors_do_not_retry(metrics: Metrics) -> None:
@@ -544,8 +674,8 @@ def test_permanent_errors_do_not_retry(metrics: Metrics) -> None:
     assert statuses[0].success is False
     assert statuses[0].last_error is not None
     assert "Secret 'absent' is not in namespace 'team-a'" in statuses[0].last_error
-    assert counter(metrics, "failed", "POST http://hooks.test/a") == 1
-    assert counter(metrics, "sent", "POST http://hooks.test/a") == 0
+    assert counter(metrics, "failed", target_name("POST", "http://hooks.test/a")) == 1
+    assert counter(metrics, "sent", target_name("POST", "http://hooks.test/a")) == 0
 
 
 def test_metrics_count_each_target_once(metrics: Metrics) -> None:
@@ -569,10 +699,10 @@ def test_metrics_count_each_target_once(metrics: Metrics) -> None:
     )
     assert [s.success for s in statuses] == [True, False]
     assert attempts == {"/flaky": 3, "/down": 3}
-    assert counter(metrics, "sent", "POST http://hooks.test/flaky") == 1
-    assert counter(metrics, "failed", "POST http://hooks.test/flaky") == 0
-    assert counter(metrics, "sent", "POST http://hooks.test/down") == 0
-    assert counter(metrics, "failed", "POST http://hooks.test/down") == 1
+    assert counter(metrics, "sent", target_name("POST", "http://hooks.test/flaky")) == 1
+    assert counter(metrics, "failed", target_name("POST", "http://hooks.test/flaky")) == 0
+    assert counter(metrics, "sent", target_name("POST", "http://hooks.test/down")) == 0
+    assert counter(metrics, "failed", target_name("POST", "http://hooks.test/down")) == 1
 
 
 def test_last_sent_at_is_taken_before_the_first_attempt(metrics: Metrics) -> None:
@@ -691,8 +821,8 @@ def test_a_newer_round_supersedes_the_one_in_flight(metrics: Metrics) -> None:
     # The superseded round stops retrying and reports nothing.
     assert [s["json"]["restore"]["name"] for s in seen] == ["old", "new"]
     assert notifier.take_status("team-a/analytics") is None
-    assert counter(metrics, "failed", "POST http://hooks.test/a") == 0
-    assert counter(metrics, "sent", "POST http://hooks.test/a") == 1
+    assert counter(metrics, "failed", target_name("POST", "http://hooks.test/a")) == 0
+    assert counter(metrics, "sent", target_name("POST", "http://hooks.test/a")) == 1
 
 
 def test_shutdown_interrupts_pending_retries(metrics: Metrics) -> None:

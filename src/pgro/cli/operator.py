@@ -113,9 +113,11 @@ def operator(
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    # lightkube's HTTP client logs every request at INFO.
+    # lightkube's HTTP client logs every request at INFO, and httpx logs full URLs (a
+    # notification URL is often the secret).
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     log = logging.getLogger("pgro.operator")
 
     sa_namespace = None

@@ -36,7 +36,12 @@ from pgro.api.names import (
     replica_creds_secret_name,
     restore_job_name,
 )
-from pgro.api.notifications import SecretHeaderValue
+from pgro.api.notifications import (
+    LABEL_NOTIFICATION_SECRET,
+    NOTIFICATION_SECRET_OPT_IN,
+    NotificationConfig,
+    SecretHeaderValue,
+)
 from pgro.api.phases import RestorePhase
 from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
@@ -125,6 +130,63 @@ WorkKey = tuple[str, str, str]
 
 class StepFailed(Exception):
     pass
+
+
+NOTIFICATION_SECRET_REFUSED: Final = "NotificationSecretRefused"  # noqa: S105 - an event reason
+
+
+@dataclass(frozen=True)
+class NotificationSecrets:
+    """The header Secrets a notification round may use, and those it may not (with why)."""
+
+    found: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    refused: dict[tuple[str, str], str] = field(default_factory=dict)
+    missing: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def unavailable(self) -> dict[tuple[str, str], str]:
+        return {**self.missing, **self.refused}
+
+
+def notification_secrets(
+    namespace: str,
+    targets: Iterable[NotificationConfig],
+    get_secret: Callable[[str, str], Mapping[str, Any] | None],
+) -> NotificationSecrets:
+    """Read the Secrets named by the targets' header `secretKeyRef`s, in the replica's
+    namespace, but use only those labelled `pgro.bes.au/notification-secret: "true"`.
+
+    The operator may read every Secret in the cluster and sends a header's value to a URL
+    the replica's author chose: without the opt-in, write access to a replica would be
+    read access to every Secret in its namespace (a confused deputy).
+    """
+    out = NotificationSecrets()
+    for target in targets:
+        for value in (target.headers or {}).values():
+            if not isinstance(value, SecretHeaderValue):
+                continue
+            name = value.secret_key_ref.name
+            key = (namespace, name)
+            if key in out.found or key in out.refused or key in out.missing:
+                continue
+            doc = get_secret(namespace, name)
+            if doc is None:
+                out.missing[key] = (
+                    f"Secret {namespace}/{name} not found; create it (labelled "
+                    f"{NOTIFICATION_SECRET_OPT_IN}) or fix the header's secretKeyRef"
+                )
+            elif (doc.get("metadata", {}).get("labels") or {}).get(
+                LABEL_NOTIFICATION_SECRET
+            ) != "true":
+                out.refused[key] = (
+                    f"Secret {namespace}/{name} is not labelled {NOTIFICATION_SECRET_OPT_IN}, "
+                    "so the operator does not read it for notifications (editing a replica "
+                    "must not expose every Secret in the namespace); if it is meant for "
+                    f"notification headers, run: kubectl label secret -n {namespace} {name} "
+                    f"{LABEL_NOTIFICATION_SECRET}=true"
+                )
+            else:
+                out.found[key] = doc
+    return out
 
 
 @dataclass
@@ -1199,14 +1261,12 @@ class Operator:
         if info is None:
             log.info("%s: no connectionInfo yet, notifications skipped", replica.key)
             return
-        secrets: dict[tuple[str, str], Mapping[str, Any]] = {}
-        for target in fresh.spec.notifications:
-            for value in (target.headers or {}).values():
-                if isinstance(value, SecretHeaderValue):
-                    name = value.secret_key_ref.name
-                    doc = self.api.get("Secret", ns, name)
-                    if doc is not None:
-                        secrets[(ns, name)] = doc
+        secrets = notification_secrets(
+            ns, fresh.spec.notifications, lambda n, name: self.api.get("Secret", n, name)
+        )
+        for reason in secrets.refused.values():
+            log.warning("%s: notification header %s", replica.key, reason)
+            self._event(fresh, "Warning", NOTIFICATION_SECRET_REFUSED, reason, None)
         password = self._secret_value(ns, replica_creds_secret_name(replica.name), "password")
         self.notifier.notify(
             replica.key,
@@ -1216,6 +1276,7 @@ class Operator:
             restore.status.postgres_version,
             info.to_wire(),
             password,
-            secrets,
+            secrets.found,
+            secrets.unavailable(),
         )
         self._notifying.add((ns, replica.name))
