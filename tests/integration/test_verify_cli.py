@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import Repo
 from tests.fixtures.manifests import fs_manifest, replica_doc, secret_doc, write_manifest
@@ -222,6 +223,20 @@ def test_explicit_snapshot_overrides_the_filter(fs_repo: Repo, scratch: Path) ->
             "spec.schedule",
         ),
         ([], "InvalidManifest", "the manifest holds no PostgresPhysicalReplica"),
+        # What `pgro run` reports as ScheduleValid=False must not verify (it did, exit 0).
+        (
+            [secret_doc("kopia", {"repositoryPassword": "x"}), replica_doc("r", schedule="x y")],
+            "InvalidSchedule",
+            "replica r: spec.schedule: invalid schedule 'x y'",
+        ),
+        (
+            [
+                secret_doc("kopia", {"repositoryPassword": "x"}),
+                replica_doc("r", schedule="61 * * * *"),
+            ],
+            "InvalidSchedule",
+            "invalid schedule '61 * * * *'",
+        ),
     ],
 )
 def test_bad_manifests(
@@ -247,6 +262,45 @@ def test_invalid_yaml_points_at_the_line(scratch: Path) -> None:
     assert proc.returncode == 2
     assert f"{bad}:" in proc.stderr
     assert "invalid YAML" in proc.stderr
+
+
+def test_bytes_that_are_not_utf8_are_a_manifest_error(scratch: Path) -> None:
+    manifest = write_manifest(
+        scratch / "m.yaml", secret_doc("kopia", {"repositoryPassword": "x"}), replica_doc("r")
+    )
+    data = manifest.read_bytes() + b"# \xff\xfe\n"
+    manifest.write_bytes(data)
+    for json_flag in ([], ["--json"]):
+        proc = subprocess.run(
+            [PGRO, "verify", "-f", str(manifest), *json_flag],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 2, proc.stderr  # was 1 ("failed verification")
+        assert "Traceback" not in proc.stderr
+        assert f"byte 0xff at offset {data.index(b'#') + 2} is not UTF-8" in proc.stderr
+        assert str(manifest) in proc.stderr
+    assert json.loads(proc.stdout)["reason"] == "InvalidManifest"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(scratch: Path) -> None:
+    levels = ['  a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdef", "bcdefg", strict=True):
+        levels.append(f"  {name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = "kind: Secret\nmetadata: {name: kopia}\nstringData:\n" + "\n".join(levels)
+    bomb += "\n  repositoryPassword: *g\n---\n"
+    manifest = scratch / "bomb.yaml"
+    manifest.write_text(bomb + yaml.safe_dump(replica_doc("r")))
+    assert len(bomb) < 400
+    started = time.monotonic()
+    proc = subprocess.run(
+        [PGRO, "verify", "-f", str(manifest)], capture_output=True, text=True, check=False
+    )
+    assert time.monotonic() - started < 15  # 355 MB of strings took 9.4 s before
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"{manifest}:5:" in proc.stderr and "YAML aliases are not accepted" in proc.stderr
 
 
 def test_human_report(fs_repo: Repo, scratch: Path) -> None:
