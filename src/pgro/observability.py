@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,6 +14,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from pgro.http_listener import ListenerHandler, ListenerServer
 
 # /livez fails when the loop has not turned for this long (the reference: 30 s heartbeat).
 HEARTBEAT_STALE_S = 30.0
@@ -114,9 +116,12 @@ class Health:
 
 
 def serve(metrics: Metrics, health: Health, host: str, port: int) -> ThreadingHTTPServer:
-    """Start the HTTP server in a daemon thread; `shutdown()` stops it."""
+    """Start the HTTP server in a daemon thread; `shutdown()` stops it.
 
-    class Handler(BaseHTTPRequestHandler):
+    `host` may be an IPv4 or IPv6 address (`::` serves both) or a host name; OSError when
+    it cannot be bound (the port is taken, the address is not this host's)."""
+
+    class Handler(ListenerHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
@@ -136,7 +141,6 @@ def serve(metrics: Metrics, health: Health, host: str, port: int) -> ThreadingHT
         def log_message(self, format: str, *args: object) -> None:
             pass  # scrapes every few seconds would drown the structured log
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = ListenerServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True, name="http").start()
     return server

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -57,6 +58,9 @@ from tests.fixtures.authed_moto import authed_moto as start_authed_moto
 
 DUMMY_ACCESS = "PROXY_DUMMY_ACCESS_KEY"
 DUMMY_SECRET = "PROXY_DUMMY_SECRET_KEY"
+# What kopia signs with and the proxy checks (per proxy in service; fixed here).
+CLIENT = SigningCredentials(DUMMY_ACCESS, DUMMY_SECRET)
+BROKER_TOKEN = "broker-token-for-this-restore"
 BUCKET = "canopy-int-test"
 WRITE_BUCKET = "canopy-write-test"
 REGION = "us-east-1"
@@ -185,7 +189,9 @@ def test_kopia_connects_and_lists_through_the_proxy_with_cached_then_refreshed_c
     supply = Supply(authed_moto.minted, clock)
     cache = CredentialCache(supply, clock=clock)
     state = scratch / "kopia"
-    with CanopyProxy(cache, region=REGION, upstream=authed_moto.endpoint) as proxy:
+    with CanopyProxy(
+        cache, region=REGION, upstream=authed_moto.endpoint, client_credentials=CLIENT
+    ) as proxy:
         assert proxy.endpoint.startswith("[::1]:")
         repo = _kopia(proxy.endpoint, BUCKET, authed_moto.repo_password, state)
         repo.connect()
@@ -219,7 +225,9 @@ def test_kopia_writes_through_the_proxy(authed_moto: AuthedMoto, scratch: Path) 
     source.mkdir()
     (source / "small.txt").write_text("hello\n")
     (source / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
-    with CanopyProxy(supply, region=REGION, upstream=authed_moto.endpoint) as proxy:
+    with CanopyProxy(
+        supply, region=REGION, upstream=authed_moto.endpoint, client_credentials=CLIENT
+    ) as proxy:
         repo = _kopia(proxy.endpoint, WRITE_BUCKET, "write-test-password", scratch / "kw")
         repo.create()
         snap = repo.snapshot_create(source, description="through the proxy")
@@ -240,6 +248,7 @@ class Recorder:
 
     def __init__(self, sets: list[dict[str, Any]], broker_status: int = 200) -> None:
         self.posts: dict[str, list[Any]] = defaultdict(list)
+        self.auth: dict[str, list[str | None]] = defaultdict(list)
         self.sets = sets
         self.broker_status = broker_status
         recorder = self
@@ -248,6 +257,7 @@ class Recorder:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"null")
                 recorder.posts[self.path].append(body)
+                recorder.auth[self.path].append(self.headers.get("Authorization"))
                 if self.path == "/internal/restore-creds":
                     if recorder.broker_status != 200:
                         reply = json.dumps({"error": "canopy said no"}).encode()
@@ -299,6 +309,9 @@ def test_sidecar_restores_the_clean_snapshot_and_reports_traffic(
         "PGRO_PROGRESS_CALLBACK_URL": recorder.url + progress_path,
         "PGRO_STATS_CALLBACK_URL": recorder.url + stats_path,
         "PGRO_PROXY_PORT_FILE": str(port_file),
+        "PGRO_BROKER_TOKEN": BROKER_TOKEN,
+        "PGRO_PROXY_ACCESS_KEY_ID": DUMMY_ACCESS,
+        "PGRO_PROXY_SECRET_ACCESS_KEY": DUMMY_SECRET,
     }
     log_file = scratch / "sidecar.log"
     with log_file.open("wb") as sink:  # a file: a full pipe would block the sidecar's logs
@@ -343,6 +356,9 @@ def test_sidecar_restores_the_clean_snapshot_and_reports_traffic(
     assert recorder.posts["/internal/restore-creds"] == [
         {"group": GROUP, "type": BACKUP_TYPE, "run_id": run_id}
     ]
+    # Every call to the operator carries the restore's token.
+    for path in ("/internal/restore-creds", progress_path, stats_path):
+        assert set(recorder.auth[path]) == {f"Bearer {BROKER_TOKEN}"}, path
     samples = recorder.posts[progress_path]
     assert len(samples) >= 2
     for sample in samples:
@@ -401,6 +417,8 @@ def test_failed_stats_post_is_not_fatal(scratch: Path) -> None:
         group=GROUP,
         backup_type=BACKUP_TYPE,
         region=REGION,
+        broker_token=BROKER_TOKEN,
+        client_credentials=CLIENT,
         s3_endpoint=dead,
         listen_host="127.0.0.1",
         port_file=scratch / "port",
@@ -578,9 +596,18 @@ def verifying() -> Iterator[tuple[VerifyingS3, str]]:
     s3.stop()
 
 
-def _kopia_like(method: str, url: str, path: str, **kwargs: Any) -> httpx.Response:
-    """A request signed with the dummy keys, as kopia sends it."""
+def _kopia_like(
+    method: str,
+    url: str,
+    path: str,
+    *,
+    keys: SigningCredentials = CLIENT,
+    client: httpx.Client | None = None,
+    **kwargs: Any,
+) -> httpx.Response:
+    """A request signed with the proxy's client keys, as kopia sends it."""
     headers = dict(kwargs.pop("headers", {}))
+    payload_hash = headers.pop("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
     host = url.removeprefix("http://")
     raw_path, _, query = path.partition("?")
     dummy = sign(
@@ -588,13 +615,15 @@ def _kopia_like(method: str, url: str, path: str, **kwargs: Any) -> httpx.Respon
         path=canonical_path(raw_path),
         query=query,
         headers={"host": host},
-        credentials=SigningCredentials(DUMMY_ACCESS, DUMMY_SECRET),
+        credentials=keys,
         region=REGION,
         service="s3",
         when=datetime.now(UTC),
-        payload_hash="UNSIGNED-PAYLOAD",
+        payload_hash=payload_hash,
     )
     headers.update(dummy.headers)
+    if client is not None:
+        return client.request(method, url + path, headers=headers, timeout=30, **kwargs)
     return httpx.request(method, url + path, headers=headers, timeout=30, **kwargs)
 
 
@@ -613,7 +642,9 @@ def test_every_request_is_re_signed_with_the_session_token(
     s3, upstream = verifying
     supply = Supply(TEMP_SETS)
     big = os.urandom(5 * 1024 * 1024 + 17)
-    with CanopyProxy(supply, region=REGION, upstream=upstream, host="127.0.0.1") as proxy:
+    with CanopyProxy(
+        supply, region=REGION, upstream=upstream, host="127.0.0.1", client_credentials=CLIENT
+    ) as proxy:
         base = f"http://{proxy.endpoint}"
         # Plain PUT with Content-Length, streamed (larger than the replay buffer).
         assert _kopia_like("PUT", base, "/bkt/big blob", content=big).status_code == 200
@@ -671,11 +702,13 @@ def test_chunked_upstream_responses_are_relayed(verifying: tuple[VerifyingS3, st
     s3, upstream = verifying
     s3.objects["k"] = os.urandom(1_000_003)
     s3.chunked_responses = True
-    with CanopyProxy(Supply(TEMP_SETS), region=REGION, upstream=upstream, host="::1") as proxy:
+    with CanopyProxy(
+        Supply(TEMP_SETS), region=REGION, upstream=upstream, host="::1", client_credentials=CLIENT
+    ) as proxy:
         base = f"http://{proxy.endpoint}"
         with httpx.Client() as client:  # one keep-alive connection for both requests
             for _ in range(2):
-                reply = client.get(base + "/bkt/k", headers={"Authorization": "AWS4-HMAC-SHA256 x"})
+                reply = _kopia_like("GET", base, "/bkt/k", client=client)
                 assert reply.content == s3.objects["k"]
     assert s3.rejected == []
 
@@ -685,7 +718,9 @@ def test_expired_token_refreshes_and_retries_once(verifying: tuple[VerifyingS3, 
     s3.objects["k"] = b"payload"
     s3.expired.add("ASIATEMP0")
     supply = Supply(TEMP_SETS)
-    with CanopyProxy(supply, region=REGION, upstream=upstream, host="127.0.0.1") as proxy:
+    with CanopyProxy(
+        supply, region=REGION, upstream=upstream, host="127.0.0.1", client_credentials=CLIENT
+    ) as proxy:
         reply = _kopia_like("GET", f"http://{proxy.endpoint}", "/bkt/k")
     assert reply.status_code == 200
     assert reply.content == b"payload"
@@ -700,7 +735,9 @@ def test_expired_token_on_a_streamed_upload_is_passed_back_for_kopia_to_retry(
     s3.expired.add("ASIATEMP0")
     supply = Supply(TEMP_SETS)
     body = os.urandom(REPLAY_LIMIT + 1)
-    with CanopyProxy(supply, region=REGION, upstream=upstream, host="127.0.0.1") as proxy:
+    with CanopyProxy(
+        supply, region=REGION, upstream=upstream, host="127.0.0.1", client_credentials=CLIENT
+    ) as proxy:
         base = f"http://{proxy.endpoint}"
         first = _kopia_like("PUT", base, "/bkt/big", content=body)
         assert first.status_code == 400
@@ -717,7 +754,9 @@ def test_no_credentials_is_a_retryable_s3_error(verifying: tuple[VerifyingS3, st
     def broken() -> TemporaryCredentials:
         raise CredentialsUnavailable("credential broker answered 502: canopy down")
 
-    with CanopyProxy(broken, region=REGION, upstream=upstream, host="127.0.0.1") as proxy:
+    with CanopyProxy(
+        broken, region=REGION, upstream=upstream, host="127.0.0.1", client_credentials=CLIENT
+    ) as proxy:
         reply = _kopia_like("GET", f"http://{proxy.endpoint}", "/bkt/k")
     assert reply.status_code == 503
     assert b"<Code>ServiceUnavailable</Code>" in reply.content
@@ -727,7 +766,9 @@ def test_no_credentials_is_a_retryable_s3_error(verifying: tuple[VerifyingS3, st
 
 def test_unreachable_upstream_is_a_bad_gateway() -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    with CanopyProxy(Supply(TEMP_SETS), region=REGION, upstream=dead, host="127.0.0.1") as proxy:
+    with CanopyProxy(
+        Supply(TEMP_SETS), region=REGION, upstream=dead, host="127.0.0.1", client_credentials=CLIENT
+    ) as proxy:
         reply = _kopia_like("GET", f"http://{proxy.endpoint}", "/bkt/k")
     assert reply.status_code == 502
     assert b"BadGateway" in reply.content
@@ -779,9 +820,11 @@ def test_progress_reporter_posts_cumulative_samples() -> None:
 def test_broker_source_sends_group_type_run_id_and_reads_only_credentials() -> None:
     recorder = Recorder(TEMP_SETS)
     try:
-        source = BrokerCredentialSource(recorder.url, GROUP, BACKUP_TYPE, "run-1")
+        source = BrokerCredentialSource(
+            recorder.url, GROUP, BACKUP_TYPE, "run-1", token=BROKER_TOKEN
+        )
         creds = source()
-        no_run = BrokerCredentialSource(recorder.url + "/", GROUP, BACKUP_TYPE)()
+        no_run = BrokerCredentialSource(recorder.url + "/", GROUP, BACKUP_TYPE, token="t2")()
     finally:
         recorder.close()
     assert recorder.posts["/internal/restore-creds"] == [
@@ -791,19 +834,22 @@ def test_broker_source_sends_group_type_run_id_and_reads_only_credentials() -> N
     assert (creds.access_key_id, creds.session_token) == ("ASIATEMP0", "session-token-0==")
     assert creds.expiration == FAR
     assert no_run.access_key_id == "ASIATEMP1"
+    assert recorder.auth["/internal/restore-creds"] == [f"Bearer {BROKER_TOKEN}", "Bearer t2"]
 
 
 def test_broker_errors_carry_its_message_but_no_secret() -> None:
     recorder = Recorder(TEMP_SETS, broker_status=502)
     try:
         with pytest.raises(CredentialsUnavailable) as err:
-            BrokerCredentialSource(recorder.url, GROUP, BACKUP_TYPE)()
+            BrokerCredentialSource(recorder.url, GROUP, BACKUP_TYPE, token=BROKER_TOKEN)()
     finally:
         recorder.close()
     assert "502" in str(err.value)
     assert "canopy said no" in str(err.value)
     with pytest.raises(CredentialsUnavailable, match="unreachable"):
-        BrokerCredentialSource(f"http://127.0.0.1:{free_port()}", GROUP, BACKUP_TYPE)()
+        BrokerCredentialSource(
+            f"http://127.0.0.1:{free_port()}", GROUP, BACKUP_TYPE, token=BROKER_TOKEN
+        )()
 
 
 def test_parse_credentials_names_missing_fields_without_values() -> None:
@@ -875,3 +921,149 @@ def test_cache_invalidate_forgets_only_the_rejected_set() -> None:
     assert b.access_key_id == "AK1"
     cache.invalidate(a)  # a late report about the old set does not drop the new one
     assert cache.get() is b
+
+
+# -- the proxy signs only for its own kopia (issue 18 item 9) -----------------------------------
+
+
+def test_requests_not_signed_with_the_client_keys_are_refused_and_not_forwarded(
+    verifying: tuple[VerifyingS3, str],
+) -> None:
+    """Before: anyone who could reach the loopback port got any S3 request signed."""
+    s3, upstream = verifying
+    s3.objects["k"] = b"secret backup bytes"
+    supply = Supply(TEMP_SETS)
+    with CanopyProxy(supply, region=REGION, upstream=upstream, host="127.0.0.1") as proxy:
+        base = f"http://{proxy.endpoint}"
+        other_keys = SigningCredentials(proxy.client_credentials.access_key_id, "guessed")
+        stranger = SigningCredentials("PROXY_DUMMY_ACCESS_KEY", "PROXY_DUMMY_SECRET_KEY")
+        refused = [
+            httpx.get(base + "/bkt/k"),  # unsigned
+            httpx.get(base + "/bkt/k", headers={"Authorization": "AWS4-HMAC-SHA256 x"}),
+            _kopia_like("GET", base, "/bkt/k", keys=other_keys),  # right id, wrong secret
+            _kopia_like("GET", base, "/bkt/k", keys=stranger),  # the old fixed dummy keys
+        ]
+        # A genuine signature replayed for another object.
+        signed = _kopia_like("GET", base, "/bkt/k", keys=proxy.client_credentials)
+        assert signed.status_code == 200 and signed.content == b"secret backup bytes"
+        for reply in refused:
+            assert reply.status_code == 403, reply.text
+            assert b"<Code>AccessDenied</Code>" in reply.content
+            assert b"secret backup bytes" not in reply.content
+        stats = proxy.stats.snapshot()
+    assert len(s3.seen) == 1  # only the genuine request went upstream
+    assert supply.calls == 1 and stats.requests == 1
+
+
+def test_a_signature_for_another_request_is_refused(verifying: tuple[VerifyingS3, str]) -> None:
+    s3, upstream = verifying
+    s3.objects["a"] = b"A"
+    s3.objects["b"] = b"B"
+    with CanopyProxy(
+        Supply(TEMP_SETS), region=REGION, upstream=upstream, host="127.0.0.1"
+    ) as proxy:
+        base = f"http://{proxy.endpoint}"
+        good = sign(
+            method="GET",
+            path="/bkt/a",
+            query="",
+            headers={"host": proxy.endpoint},
+            credentials=proxy.client_credentials,
+            region=REGION,
+            service="s3",
+            when=datetime.now(UTC),
+            payload_hash="UNSIGNED-PAYLOAD",
+        )
+        assert httpx.get(base + "/bkt/a", headers=good.headers).content == b"A"
+        assert httpx.get(base + "/bkt/b", headers=good.headers).status_code == 403
+        stale = sign(
+            method="GET",
+            path="/bkt/a",
+            query="",
+            headers={"host": proxy.endpoint},
+            credentials=proxy.client_credentials,
+            region=REGION,
+            service="s3",
+            when=datetime.now(UTC) - timedelta(hours=1),
+            payload_hash="UNSIGNED-PAYLOAD",
+        )
+        assert httpx.get(base + "/bkt/a", headers=stale.headers).status_code == 403
+    assert [s.path for s in s3.seen] == ["/bkt/a"]
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1_0"])
+def test_a_bad_content_length_is_a_400(verifying: tuple[VerifyingS3, str], length: str) -> None:
+    s3, upstream = verifying
+    with CanopyProxy(
+        Supply(TEMP_SETS), region=REGION, upstream=upstream, host="127.0.0.1"
+    ) as proxy:
+        signed = sign(
+            method="PUT",
+            path="/bkt/x",
+            query="",
+            headers={"host": proxy.endpoint},
+            credentials=proxy.client_credentials,
+            region=REGION,
+            service="s3",
+            when=datetime.now(UTC),
+            payload_hash="UNSIGNED-PAYLOAD",
+        )
+        head = "".join(f"{k}: {v}\r\n" for k, v in signed.headers.items())
+        request = (
+            f"PUT /bkt/x HTTP/1.1\r\nHost: {proxy.endpoint}\r\n{head}"
+            f"Content-Length: {length}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as conn:
+            conn.sendall(request + b"x" * 1000)
+            answer = conn.recv(4096)
+    assert answer.split(b" ", 2)[1] == b"400", answer
+    assert s3.seen == []
+
+
+def test_sidecar_without_its_secrets_exits_2() -> None:
+    env = {
+        "PGRO_BROKER_URL": "http://broker",
+        "PGRO_GROUP": GROUP,
+        "PGRO_TYPE": BACKUP_TYPE,
+        "PGRO_REGION": REGION,
+        "PGRO_PROXY_ACCESS_KEY_ID": DUMMY_ACCESS,
+        "PGRO_PROXY_SECRET_ACCESS_KEY": DUMMY_SECRET,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "pgro", "canopy-proxy", "--port-file="],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "PGRO_BROKER_TOKEN" in result.stderr
+
+
+def test_sidecar_secrets_file_must_be_private(scratch: Path) -> None:
+    secrets_file = scratch / "secrets.json"
+    secrets_file.write_text(
+        json.dumps(
+            {"brokerToken": "t", "accessKeyId": DUMMY_ACCESS, "secretAccessKey": DUMMY_SECRET}
+        )
+    )
+    secrets_file.chmod(0o644)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgro",
+            "canopy-proxy",
+            "--broker-url=http://broker",
+            f"--group={GROUP}",
+            f"--type={BACKUP_TYPE}",
+            f"--region={REGION}",
+            "--port-file=",
+            f"--secrets-from={secrets_file}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "chmod 600" in result.stderr and DUMMY_SECRET not in result.stderr

@@ -24,6 +24,7 @@ from pgro.canopy.proxy import (
     TemporaryCredentials,
     parse_credentials,
 )
+from pgro.canopy.sigv4 import SigningCredentials
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ class CanopyRepository:
             repository_password=data["repositoryPassword"],
         )
 
-    def through(self, endpoint: str) -> KopiaCredentials:
-        """Kopia's credentials for a proxy listening on `endpoint` (`host:port`)."""
+    def through(self, endpoint: str, client: SigningCredentials | None = None) -> KopiaCredentials:
+        """Kopia's credentials for a proxy listening on `endpoint` (`host:port`) that
+        accepts requests signed with `client` (the placeholder keys when not known yet)."""
         return KopiaCredentials(
             location=S3Location(
                 bucket=self.bucket,
@@ -56,8 +58,8 @@ class CanopyRepository:
                 prefix=self.prefix,
             ),
             repository_password=self.repository_password,
-            access_key_id=PROXY_DUMMY_ACCESS_KEY,
-            secret_access_key=PROXY_DUMMY_SECRET_KEY,
+            access_key_id=client.access_key_id if client else PROXY_DUMMY_ACCESS_KEY,
+            secret_access_key=client.secret_access_key if client else PROXY_DUMMY_SECRET_KEY,
         )
 
 
@@ -87,4 +89,4 @@ def listing_access(
     """Kopia credentials valid while the block runs, through an in-process proxy."""
     proxy = CanopyProxy(source, region=repository.region, upstream=s3_endpoint, host=host)
     with proxy:
-        yield repository.through(proxy.endpoint)
+        yield repository.through(proxy.endpoint, proxy.client_credentials)

@@ -1,34 +1,36 @@
 """The credential broker: canopy credentials for `pgro canopy-proxy`, without handing
 canopy access to the restore pod (reference canopy-protocol §5.2).
 
-`POST /internal/restore-creds` with `{group, type, run_id?}` answers
+`POST /internal/restore-creds` with `{group, type, run_id?}` and the restore's bearer
+token (`pgro.canopy.tokens`) answers
 `{"credentials": {...credential_process...}, "repo_password": "..."}`; `GET /healthz`.
 Answers are cached per `(group, type, run_id)` until two minutes before they expire, so a
 restore's proxy refreshing every few minutes does not mint credentials each time. Canopy
 errors become `502 {"error": ...}` (secret-free), a broker without canopy `503`, as in the
-reference. The operator serves it on `PGRO_BROKER_LISTEN_ADDR` (`[::]:9091`); `pgro run`
-on loopback.
+reference; a missing or forged token `401`, a token for another group, type, run or job
+`403`. The operator serves it on `PGRO_BROKER_LISTEN_ADDR` (`[::]:9091`, behind the
+NetworkPolicy in deploy/canopy); `pgro run` on loopback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Final, Protocol
 from uuid import UUID
 
 from pydantic import ValidationError
 
 from pgro.canopy.client import CanopyError
+from pgro.canopy.tokens import BrokerTokens, TokenBinding, bearer
 from pgro.canopy.wire import ProgressArgs, RestoreCredentials, describe_validation_error
+from pgro.http_listener import BodyRefused, ListenerHandler, ListenerServer
 
 log = logging.getLogger("pgro.canopy.broker")
 
@@ -103,8 +105,8 @@ class CredentialBroker:
                 del self._cache[stale]
         return fresh
 
-    def handle(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        """One request body → (status, JSON answer)."""
+    def handle(self, body: bytes, binding: TokenBinding) -> tuple[int, dict[str, Any]]:
+        """One request body from the holder of a token for `binding` → (status, answer)."""
         try:
             doc = json.loads(body or b"{}")
         except ValueError:
@@ -116,6 +118,14 @@ class CredentialBroker:
             return 400, {"error": "group and type are required strings"}
         if run_id is not None and not isinstance(run_id, str):
             return 400, {"error": "run_id must be a string"}
+        if (group, type_, run_id or None) != (binding.group, binding.type, binding.run_id):
+            log.warning(
+                "restore credentials for group %s type %s refused: the token is for %s",
+                group,
+                type_,
+                binding.job,
+            )
+            return 403, {"error": "the token does not cover this group, type and run"}
         try:
             return 200, self.credentials(group, type_, run_id or None).broker_json()
         except BrokerError as exc:
@@ -170,28 +180,23 @@ _CALLBACK = re.compile(
 )
 
 
-class _DualStackServer(ThreadingHTTPServer):
-    """`[::]` as in the reference's default: IPv6, and IPv4 too where the host has it."""
-
-    address_family = socket.AF_INET6
-
-    def server_bind(self) -> None:
-        with contextlib.suppress(OSError):
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-
-
-def _server_class(host: str) -> type[ThreadingHTTPServer]:
-    return _DualStackServer if ":" in host else ThreadingHTTPServer
-
-
 def serve(
-    broker: CredentialBroker, host: str, port: int, callbacks: Callbacks | None = None
+    broker: CredentialBroker,
+    host: str,
+    port: int,
+    callbacks: Callbacks | None = None,
+    *,
+    tokens: BrokerTokens,
 ) -> ThreadingHTTPServer:
     """Serve the broker (and, with `callbacks`, the proxies' callback routes) in a daemon
-    thread; `shutdown()` stops it."""
+    thread; `shutdown()` stops it.
 
-    class Handler(BaseHTTPRequestHandler):
+    Every route but `/healthz` needs `Authorization: Bearer <token>` with a token from
+    `tokens` (401 without a genuine one), and answers only for what that token names
+    (403 otherwise): credentials for its `(group, type, run_id)`, callbacks for its job.
+    """
+
+    class Handler(ListenerHandler):
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 self._send(200, {"status": "ok"})
@@ -199,19 +204,27 @@ def serve(
                 self._send(404, {"error": "not found"})
 
         def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self._send(413, {"error": "request body too large"})
+            try:
+                body = self.read_body(MAX_BODY)
+            except BodyRefused as exc:
+                self._send(exc.status, {"error": exc.message})
                 return
-            body = self.rfile.read(length)
-            if self.path == "/internal/restore-creds":
-                status, answer = broker.handle(body)
-                self._send(status, answer)
-                return
+            creds_route = self.path == "/internal/restore-creds"
             match = _CALLBACK.match(self.path)
-            if callbacks is None or match is None:
+            if not creds_route and (callbacks is None or match is None):
                 self._send(404, {"error": "not found"})
                 return
+            token = bearer(self.headers.get("Authorization"))
+            binding = tokens.verify(token) if token else None
+            if binding is None:
+                log.warning("broker: %s without a valid token refused", self.path)
+                self._send(401, {"error": "a valid bearer token is required"}, challenge=True)
+                return
+            if creds_route:
+                status, answer = broker.handle(body, binding)
+                self._send(status, answer)
+                return
+            assert callbacks is not None and match is not None
             try:
                 doc = json.loads(body or b"{}")
             except ValueError:
@@ -220,17 +233,29 @@ def serve(
                 self._send(400, {"error": "expected a JSON object"})
                 return
             kind, namespace, job = match.groups()
+            if f"{namespace}/{job}" != binding.job:
+                self._send(403, {"error": "the token is for another restore's callbacks"})
+                return
             if kind == "stats":
-                callbacks.final_stats(f"{namespace}/{job}", doc)
+                callbacks.final_stats(binding.job, doc)
+            elif binding.run_id is None or doc.get("run_id") != binding.run_id:
+                self._send(403, {"error": "the token is for another run"})
+                return
             else:
                 callbacks.progress(doc)
             self._send(204, None)
 
-        def _send(self, status: int, doc: dict[str, Any] | None) -> None:
+        def _send(
+            self, status: int, doc: dict[str, Any] | None, *, challenge: bool = False
+        ) -> None:
             body = b"" if doc is None else json.dumps(doc).encode()
             self.send_response(status)
             if doc is not None:
                 self.send_header("Content-Type", "application/json")
+            if challenge:
+                self.send_header("WWW-Authenticate", "Bearer")
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
@@ -239,7 +264,6 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:
             pass  # every proxy refresh would be a log line; failures are logged above
 
-    server = _server_class(host)((host, port), Handler)
-    server.daemon_threads = True
+    server = ListenerServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True, name="broker").start()
     return server

@@ -22,6 +22,7 @@ are never quoted (a credentials answer is one).
 from __future__ import annotations
 
 import gzip
+import ipaddress
 import json
 import logging
 import platform
@@ -151,6 +152,41 @@ class CanopyProtocolError(CanopyError):
 
 def is_tailnet_host(host: str) -> bool:
     return host.lower().rstrip(".").endswith(TAILNET_SUFFIX)
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_problem(base_url: str, *, allowed: bool, flag: str) -> str | None:
+    """Why `base_url` must not be used, or None. Plain `http://` to another host sends
+    repository passwords and S3 credentials in the clear: refused unless `allowed` (the
+    operator gave `flag`), and then logged as a warning. Loopback is always allowed."""
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return None  # the client names an unusable URL itself
+    if url.scheme != "http" or not url.host or is_loopback_host(url.host):
+        return None
+    if not allowed:
+        return (
+            f"the canopy URL {_where(url)} is plain http to another host: repository "
+            f"passwords and S3 credentials would cross the network unencrypted. Use https, "
+            f"or set {flag} to accept that"
+        )
+    log.warning(
+        "canopy at %s over plain http (%s): repository passwords and S3 credentials cross "
+        "the network unencrypted",
+        _where(url),
+        flag,
+    )
+    return None
 
 
 def _where(url: httpx.URL) -> str:

@@ -23,15 +23,14 @@ import io
 import logging
 import os
 import re
-import socket
-import socketserver
+import secrets
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol
@@ -42,11 +41,14 @@ import httpx
 from pgro.api.timestamp import parse_rfc3339
 from pgro.canopy.sigv4 import (
     UNSIGNED_PAYLOAD,
+    SignatureRejected,
     SigningCredentials,
     canonical_path,
     canonical_query,
     sign,
+    verify,
 )
+from pgro.http_listener import BodyRefused, ListenerServer, content_length
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ FETCH_RETRY_AFTER: Final = timedelta(seconds=2)
 # retried here; larger ones stream, and kopia's own retry covers them.
 REPLAY_LIMIT: Final = 1024 * 1024
 CHUNK: Final = 64 * 1024
+# S3's largest single PUT; a larger Content-Length is refused before anything is read.
+MAX_BODY: Final = 5 * 1024**3
 INT64_MAX: Final = 2**63 - 1
 
 # S3 answers expired or revoked session credentials with these codes (400 or 403).
@@ -144,8 +148,9 @@ def parse_credentials(doc: Any) -> TemporaryCredentials:
 class BrokerCredentialSource:
     """The operator's credential broker: `POST <broker>/internal/restore-creds`.
 
-    The body is `{group, type, run_id?}`; of the answer only `credentials` is used (the
-    repository password in it is not the proxy's business).
+    The body is `{group, type, run_id?}`, authenticated with the restore's bearer token;
+    of the answer only `credentials` is used (the repository password in it is not the
+    proxy's business).
     """
 
     def __init__(
@@ -155,10 +160,12 @@ class BrokerCredentialSource:
         backup_type: str,
         run_id: str | None = None,
         *,
+        token: str,
         timeout: float = BROKER_TIMEOUT,
         client: httpx.Client | None = None,
     ) -> None:
         self.url = broker_url.rstrip("/") + BROKER_PATH
+        self._headers = auth_headers(token)
         self._body: dict[str, str] = {"group": group, "type": backup_type}
         if run_id:
             self._body["run_id"] = run_id
@@ -167,7 +174,9 @@ class BrokerCredentialSource:
 
     def __call__(self) -> TemporaryCredentials:
         try:
-            reply = self._client.post(self.url, json=self._body, timeout=self._timeout)
+            reply = self._client.post(
+                self.url, json=self._body, headers=self._headers, timeout=self._timeout
+            )
         except httpx.HTTPError as exc:
             raise CredentialsUnavailable(
                 f"credential broker {self.url} unreachable ({type(exc).__name__})"
@@ -183,6 +192,10 @@ class BrokerCredentialSource:
         if not isinstance(doc, Mapping):
             raise CredentialsUnavailable("credential broker answered with a non-object")
         return parse_credentials(doc.get("credentials"))
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _error_text(reply: httpx.Response) -> str:
@@ -443,20 +456,24 @@ def _read_body(handler: BaseHTTPRequestHandler) -> tuple[_Body, bool]:
     if "chunked" in (headers.get("Transfer-Encoding") or "").lower():
         raise _BadRequest(411, "MissingContentLength", "a Content-Length is required")
     try:
-        wire_length = int(headers.get("Content-Length") or "0")
-    except ValueError:
-        raise _BadRequest(400, "InvalidArgument", "invalid Content-Length") from None
+        wire_length = content_length(headers.get("Content-Length"), MAX_BODY)
+    except BodyRefused as exc:
+        code = "EntityTooLarge" if exc.status == 413 else "InvalidArgument"
+        raise _BadRequest(exc.status, code, exc.message) from None
     reader = _LimitedReader(handler.rfile, wire_length)
     content_sha = (headers.get("x-amz-content-sha256") or "").upper()
     encodings = [e.strip().lower() for e in (headers.get("Content-Encoding") or "").split(",")]
     chunked = content_sha.startswith("STREAMING-") or "aws-chunked" in encodings
     if chunked:
-        try:
-            length = int(headers.get("x-amz-decoded-content-length") or "")
-        except ValueError:
+        decoded = headers.get("x-amz-decoded-content-length")
+        if not decoded:
             raise _BadRequest(
                 411, "MissingContentLength", "aws-chunked body without its decoded length"
-            ) from None
+            )
+        try:
+            length = content_length(decoded, MAX_BODY)
+        except BodyRefused as exc:
+            raise _BadRequest(exc.status, "InvalidArgument", exc.message) from None
         stream: Iterator[bytes] = _decode_aws_chunked(reader, length)
     else:
         length = wire_length
@@ -474,18 +491,10 @@ def default_endpoint(region: str) -> str:
     return f"https://s3.{region}.amazonaws.com"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _Server(ListenerServer):
     def __init__(self, address: tuple[str, int], proxy: CanopyProxy) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.proxy = proxy
         super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer's version resolves the host's FQDN, a DNS round trip for nothing.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The default prints a traceback to stderr; a reset connection is routine here.
@@ -494,8 +503,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    # Idle keep-alive connections and stalled clients release their thread after this.
-    timeout = 300
+    # Idle keep-alive connections and stalled clients release their thread after this;
+    # longer than Go's 90 s idle-connection timeout, so kopia closes first.
+    timeout = 120
     server: _Server
 
     def _proxy(self) -> None:
@@ -507,8 +517,20 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("client %s: " + format, self.address_string(), *args)
 
 
+def new_client_credentials() -> SigningCredentials:
+    """A random key pair for one proxy's kopia (what the proxy checks requests against)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+    key_id = "PGRO" + "".join(secrets.choice(alphabet) for _ in range(16))
+    return SigningCredentials(key_id, secrets.token_urlsafe(30))
+
+
 class CanopyProxy:
     """A loopback S3 endpoint that re-signs every request with live credentials.
+
+    It signs only for its own kopia: every request must carry a valid SigV4 signature
+    made with `client_credentials` (random per proxy unless given; hand them to kopia as
+    its S3 keys), anything else gets 403 AccessDenied and is not forwarded. Loopback is
+    shared by every local user, so the port alone proves nothing.
 
     `start()` binds and serves in a background thread and returns the port; `stop()`
     stops serving and returns the final traffic totals. Also a context manager.
@@ -526,7 +548,9 @@ class CanopyProxy:
         clock: Callable[[], datetime] = _utcnow,
         transport: httpx.BaseTransport | None = None,
         upstream_timeout: float = 300.0,
+        client_credentials: SigningCredentials | None = None,
     ) -> None:
+        self.client_credentials = client_credentials or new_client_credentials()
         self.cache = (
             credentials
             if isinstance(credentials, CredentialCache)
@@ -609,6 +633,21 @@ class CanopyProxy:
         raw_path, _, raw_query = target.partition("?")
         path, query = canonical_path(raw_path), canonical_query(raw_query)
         method = h.command
+        try:
+            verify(
+                method=method,
+                path=path,
+                query=query,
+                headers=h.headers.items(),
+                credentials=self.client_credentials,
+                now=self._clock(),
+            )
+        except SignatureRejected as exc:
+            # Not our kopia: nothing is forwarded, and its body is never read.
+            h.close_connection = True
+            log.warning("%s %s refused: %s", method, raw_path, exc)
+            self._error(h, 403, "AccessDenied", f"canopy-proxy: {exc}")
+            return
         self.stats.add(requests=1)
         try:
             body, chunked = _read_body(h)
@@ -809,10 +848,18 @@ def _error_code(body: bytes) -> str | None:
 # -- progress, final stats, port file ----------------------------------------------------------
 
 
-def post_json(client: httpx.Client, url: str, body: Mapping[str, Any], what: str) -> bool:
+def post_json(
+    client: httpx.Client,
+    url: str,
+    body: Mapping[str, Any],
+    what: str,
+    token: str | None = None,
+) -> bool:
     """POST best-effort: failures are logged (without the URL's query), never raised."""
     try:
-        reply = client.post(url, json=dict(body), timeout=CALLBACK_TIMEOUT)
+        reply = client.post(
+            url, json=dict(body), headers=auth_headers(token), timeout=CALLBACK_TIMEOUT
+        )
     except httpx.HTTPError as exc:
         log.warning("%s to %s failed: %s", what, _safe_url(url), type(exc).__name__)
         return False
@@ -863,10 +910,10 @@ class ProgressReporter:
 
 
 def http_progress_sender(
-    client: httpx.Client, url: str, run_id: str, backup_type: str
+    client: httpx.Client, url: str, run_id: str, backup_type: str, token: str | None = None
 ) -> Callable[[TrafficSnapshot], None]:
     def send(sample: TrafficSnapshot) -> None:
-        post_json(client, url, sample.progress_body(run_id, backup_type), "progress sample")
+        post_json(client, url, sample.progress_body(run_id, backup_type), "progress sample", token)
 
     return send
 
@@ -892,12 +939,16 @@ def valid_run_id(value: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class SidecarSettings:
-    """What the `canopy-proxy` command is given (the reference's `PGRO_*` environment)."""
+    """What the `canopy-proxy` command is given (the reference's `PGRO_*` environment),
+    plus the two secrets it is handed out of argv: the restore's broker token and the
+    key pair its kopia signs with."""
 
     broker_url: str
     group: str
     backup_type: str
     region: str
+    broker_token: str = field(repr=False)
+    client_credentials: SigningCredentials = field(repr=False)
     s3_endpoint: str | None = None
     listen_host: str = "::1"
     port: int = 0
@@ -918,8 +969,14 @@ def run_sidecar(
     """Serve until `stop` is set, then post the final stats; returns them."""
     run_id = valid_run_id(settings.run_id)
     with httpx.Client(follow_redirects=False) as callbacks:
+        token = settings.broker_token
         source = BrokerCredentialSource(
-            settings.broker_url, settings.group, settings.backup_type, run_id, client=callbacks
+            settings.broker_url,
+            settings.group,
+            settings.backup_type,
+            run_id,
+            token=token,
+            client=callbacks,
         )
         proxy = CanopyProxy(
             CredentialCache(source, refresh_margin=settings.refresh_margin),
@@ -927,6 +984,7 @@ def run_sidecar(
             upstream=settings.s3_endpoint,
             host=settings.listen_host,
             port=settings.port,
+            client_credentials=settings.client_credentials,
         )
         port = proxy.start()
         reporter: ProgressReporter | None = None
@@ -935,7 +993,7 @@ def run_sidecar(
                 write_port_file(settings.port_file, port)
             if run_id and settings.progress_url:
                 send = http_progress_sender(
-                    callbacks, settings.progress_url, run_id, settings.backup_type
+                    callbacks, settings.progress_url, run_id, settings.backup_type, token
                 )
                 reporter = ProgressReporter(proxy.stats, send, settings.progress_interval).start()
             if on_ready is not None:
@@ -953,7 +1011,7 @@ def run_sidecar(
                 totals.received_payload_bytes,
             )
             if settings.stats_url:
-                post_json(callbacks, settings.stats_url, totals.stats_body(), "final stats")
+                post_json(callbacks, settings.stats_url, totals.stats_body(), "final stats", token)
     return totals
 
 

@@ -145,3 +145,92 @@ def sign(
     return SignedRequest(
         headers=added, canonical_request=canonical_request, string_to_sign=string_to_sign
     )
+
+
+# How far a request's X-Amz-Date may be from the verifier's clock (S3 allows 15 minutes).
+MAX_CLOCK_SKEW_S = 15 * 60
+
+
+class SignatureRejected(Exception):
+    """A request whose SigV4 signature does not verify; the message says why, secret-free."""
+
+
+def _parse_authorization(value: str) -> tuple[str, list[str], list[str], str]:
+    """(access key id, scope parts, signed header names, signature) of an Authorization
+    header `AWS4-HMAC-SHA256 Credential=…, SignedHeaders=…, Signature=…`."""
+    algorithm, _, rest = value.strip().partition(" ")
+    if algorithm != ALGORITHM:
+        raise SignatureRejected("the request is not signed with AWS4-HMAC-SHA256")
+    fields: dict[str, str] = {}
+    for part in rest.split(","):
+        name, eq, val = part.strip().partition("=")
+        if eq:
+            fields[name.strip()] = val.strip()
+    try:
+        credential, signed, signature = (
+            fields["Credential"],
+            fields["SignedHeaders"],
+            fields["Signature"],
+        )
+    except KeyError:
+        raise SignatureRejected("the Authorization header is incomplete") from None
+    key_id, _, scope = credential.partition("/")
+    parts = scope.split("/")
+    if len(parts) != 4 or parts[3] != "aws4_request":
+        raise SignatureRejected("the Authorization header has an invalid credential scope")
+    return key_id, parts, signed.split(";"), signature
+
+
+def verify(
+    *,
+    method: str,
+    path: str,
+    query: str,
+    headers: Iterable[tuple[str, str]],
+    credentials: SigningCredentials,
+    now: datetime,
+    service: str = "s3",
+) -> None:
+    """Check that a header-signed request was signed with `credentials`; raise
+    `SignatureRejected` if not. `path` and `query` are canonical (`canonical_path`,
+    `canonical_query` of what arrived). The payload hash is the one the client declared
+    in `X-Amz-Content-SHA256` (S3 requires the header); the body itself is not hashed."""
+    received: dict[str, list[str]] = {}
+    for name, value in headers:
+        received.setdefault(name.strip().lower(), []).append(value)
+    auth = received.get("authorization")
+    if not auth:
+        raise SignatureRejected("the request is not signed")
+    key_id, (date, region, scope_service, _), signed_names, signature = _parse_authorization(
+        auth[0]
+    )
+    if not hmac.compare_digest(key_id.encode(), credentials.access_key_id.encode()):
+        raise SignatureRejected("the request is signed with another access key")
+    if scope_service != service:
+        raise SignatureRejected(f"the request is signed for service {scope_service!r}")
+    if "host" not in signed_names:
+        raise SignatureRejected("the request's signature does not cover its Host header")
+    stamp = (received.get("x-amz-date") or [""])[0].strip()
+    try:
+        when = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        raise SignatureRejected("the request has no valid X-Amz-Date") from None
+    if stamp[:8] != date or abs((now - when).total_seconds()) > MAX_CLOCK_SKEW_S:
+        raise SignatureRejected("the request's X-Amz-Date is outside the allowed window")
+    payload_hash = (received.get("x-amz-content-sha256") or [""])[0].strip()
+    if not payload_hash:
+        raise SignatureRejected("the request has no X-Amz-Content-SHA256")
+    try:
+        pairs = [(n, v) for n in signed_names for v in received[n]]
+    except KeyError:
+        raise SignatureRejected("a signed header is missing from the request") from None
+    block, names = canonical_headers(pairs)
+    canonical_request = "\n".join([method.upper(), path, query, block, names, payload_hash])
+    scope = f"{date}/{region}/{service}/aws4_request"
+    string_to_sign = "\n".join(
+        [ALGORITHM, stamp, scope, hashlib.sha256(canonical_request.encode()).hexdigest()]
+    )
+    key = signing_key(credentials.secret_access_key, date, region, service)
+    expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), signature.encode("ascii", "replace")):
+        raise SignatureRejected("the request's signature does not match")

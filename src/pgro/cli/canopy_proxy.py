@@ -1,11 +1,22 @@
-"""`pgro canopy-proxy`: the restore pod's S3 re-signing sidecar (canopy replicas only)."""
+"""`pgro canopy-proxy`: the restore pod's S3 re-signing sidecar (canopy replicas only).
+
+Its two secrets never go on the command line (`ps` shows that to every local user): the
+restore's broker token and the key pair kopia signs with come from `--secrets-from` (a
+JSON file that only its owner may read, or `-` for stdin: how `pgro run` hands them
+over), else from the environment (`PGRO_BROKER_TOKEN`, `PGRO_PROXY_ACCESS_KEY_ID`,
+`PGRO_PROXY_SECRET_ACCESS_KEY`: how the restore Job's Secret hands them over).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+import stat
 import sys
 import threading
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -19,7 +30,56 @@ from pgro.canopy.proxy import (
     SidecarSettings,
     run_sidecar,
 )
+from pgro.canopy.sigv4 import SigningCredentials
 from pgro.cli.run import JsonFormatter
+
+SECRETS_ENV = {
+    "brokerToken": "PGRO_BROKER_TOKEN",
+    "accessKeyId": "PGRO_PROXY_ACCESS_KEY_ID",
+    "secretAccessKey": "PGRO_PROXY_SECRET_ACCESS_KEY",
+}
+
+
+class SecretsUnavailable(Exception):
+    pass
+
+
+def read_secrets(source: str | None, env: Mapping[str, str]) -> tuple[str, SigningCredentials]:
+    """(broker token, kopia's key pair) from `source` (a path, `-` for stdin) or `env`."""
+    if source:
+        if source == "-":
+            text = sys.stdin.read()
+        else:
+            path = Path(source)
+            try:
+                mode = path.stat().st_mode
+                if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    raise SecretsUnavailable(
+                        f"{path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
+                        "chmod 600 it"
+                    )
+                text = path.read_text()
+            except OSError as exc:
+                raise SecretsUnavailable(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise SecretsUnavailable("--secrets-from is not a JSON object") from None
+        if not isinstance(doc, dict):
+            raise SecretsUnavailable("--secrets-from is not a JSON object")
+        values = {k: doc.get(k) for k in SECRETS_ENV}
+        where = {k: f"{k} in --secrets-from" for k in SECRETS_ENV}
+    else:
+        values = {k: env.get(var) for k, var in SECRETS_ENV.items()}
+        where = {k: f"${var}" for k, var in SECRETS_ENV.items()}
+    missing = [where[k] for k, v in values.items() if not isinstance(v, str) or not v]
+    if missing:
+        raise SecretsUnavailable(
+            f"missing {', '.join(missing)}: the proxy needs the restore's broker token and "
+            "the S3 keys its kopia signs with"
+        )
+    token, key_id, secret = (str(values[k]) for k in SECRETS_ENV)
+    return token, SigningCredentials(key_id, secret)
 
 
 def _blank_is_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -76,7 +136,8 @@ def _blank_is_none(ctx: click.Context, param: click.Parameter, value: str | None
     envvar="PGRO_PROXY_LISTEN_HOST",
     default="::1",
     show_default=True,
-    help="Address to listen on; keep it loopback: the proxy signs for anyone who asks.",
+    help="Address to listen on; keep it loopback. Only requests signed with kopia's key "
+    "pair are forwarded.",
 )
 @click.option(
     "--port",
@@ -92,6 +153,13 @@ def _blank_is_none(ctx: click.Context, param: click.Parameter, value: str | None
     default=str(DEFAULT_PORT_FILE),
     show_default=True,
     help="Write the chosen port here (atomically) once listening; empty disables.",
+)
+@click.option(
+    "--secrets-from",
+    envvar="PGRO_PROXY_SECRETS_FILE",
+    help="JSON file (mode 0600) with brokerToken, accessKeyId and secretAccessKey; `-` "
+    "reads it from stdin. Default: $PGRO_BROKER_TOKEN, $PGRO_PROXY_ACCESS_KEY_ID and "
+    "$PGRO_PROXY_SECRET_ACCESS_KEY.",
 )
 @click.option(
     "--progress-interval",
@@ -125,15 +193,18 @@ def canopy_proxy(
     listen_host: str,
     port: int,
     port_file: str,
+    secrets_from: str | None,
     progress_interval: float,
     refresh_margin: float,
     log_level: str,
 ) -> None:
     """Serve S3 on loopback for kopia and re-sign every request with canopy credentials.
 
-    kopia connects with dummy keys to the port written to --port-file; the proxy replaces
-    the signature with one made from short-lived credentials fetched from the operator's
-    broker (refreshed before they expire) and forwards the request to S3. On SIGTERM or
+    kopia connects with its own key pair (see --secrets-from) to the port written to
+    --port-file; the proxy checks that signature, replaces it with one made from
+    short-lived credentials fetched from the broker with the restore's token (refreshed
+    before they expire) and forwards the request to S3. Unsigned or wrongly signed
+    requests get 403. On SIGTERM or
     SIGINT it posts the traffic totals to --stats-callback-url and exits 0.
     """
     handler = logging.StreamHandler(sys.stderr)
@@ -142,11 +213,18 @@ def canopy_proxy(
     # httpx logs every request line at INFO; the proxy's own log says what matters.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
+    try:
+        token, client = read_secrets(secrets_from, os.environ)
+    except SecretsUnavailable as exc:
+        logging.getLogger(__name__).error("canopy proxy cannot start: %s", exc)
+        sys.exit(2)
     settings = SidecarSettings(
         broker_url=broker_url,
         group=group,
         backup_type=backup_type,
         region=region,
+        broker_token=token,
+        client_credentials=client,
         s3_endpoint=s3_endpoint,
         listen_host=listen_host.strip("[]"),
         port=port,

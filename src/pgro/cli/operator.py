@@ -150,7 +150,10 @@ def operator(
         lease_duration_s=lease_duration,
         renew_every_s=renew_every,
     )
-    canopy, canopy_warnings = canopy_settings_from_env(env, settings.namespace)
+    try:
+        canopy, canopy_warnings = canopy_settings_from_env(env, settings.namespace)
+    except ValueError as exc:
+        raise click.UsageError(f"CANOPY_BASE_URL: {exc}") from None
     for warning in canopy_warnings:
         log.warning("%s", warning)
     op = Operator(api, options, canopy=canopy)

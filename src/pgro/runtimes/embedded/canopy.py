@@ -8,7 +8,9 @@ the manifests never remove them, the syncer does.
 
 The credential broker and the proxies' callbacks are served on loopback on a port kept
 in the state database, so a restore's proxy that outlived a `pgro run` restart still
-reaches the broker of the next one.
+reaches the broker of the next one. Loopback is every local user's: each restore's proxy
+authenticates with a token issued when the restore starts (`pgro.canopy.tokens`), under
+a key kept 0600 in the state directory (`canopy-broker.key`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pgro.canopy.client import CanopyClient
 from pgro.canopy.courier import ReportCourier
 from pgro.canopy.materialise import ExistingReplica, plan_removals, plan_sync
 from pgro.canopy.naming import REPLICA_NAME
-from pgro.canopy.proxy import DEFAULT_PROGRESS_INTERVAL
+from pgro.canopy.proxy import DEFAULT_PROGRESS_INTERVAL, valid_run_id
 from pgro.canopy.syncer import (
     DEFAULT_INTERVAL,
     DEFAULT_REMOVAL_GRACE,
@@ -43,6 +45,7 @@ from pgro.canopy.syncer import (
     fetch_tick,
     jittered,
 )
+from pgro.canopy.tokens import BrokerTokens, TokenBinding, load_or_create_key
 from pgro.core import reasons
 from pgro.core import verification_reports as vr
 from pgro.core.observations import SecretCheck
@@ -53,6 +56,7 @@ log = logging.getLogger("pgro.run.canopy")
 
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT_SETTING = "canopy-broker-port"
+BROKER_KEY_FILE = "canopy-broker.key"
 
 
 @dataclass(frozen=True)
@@ -94,16 +98,17 @@ class EmbeddedCanopy:
         self.rnd = rnd
         self.broker = CredentialBroker(client, clock=clock)
         self.callbacks = Callbacks(client)
+        self.tokens = BrokerTokens(load_or_create_key(store.path.parent / BROKER_KEY_FILE))
         stored = store.setting(BROKER_PORT_SETTING)
         port = int(stored) if stored else free_port(BROKER_HOST)
         try:
-            self.server = serve(self.broker, BROKER_HOST, port, self.callbacks)
+            self.server = serve(self.broker, BROKER_HOST, port, self.callbacks, tokens=self.tokens)
         except OSError as exc:
             # Taken by something else since: a new port (a restore's proxy that outlived
             # the previous pgro run loses its broker and fails; the restore is retried).
             log.warning("canopy broker port %d unavailable (%s); using another", port, exc)
             port = free_port(BROKER_HOST)
-            self.server = serve(self.broker, BROKER_HOST, port, self.callbacks)
+            self.server = serve(self.broker, BROKER_HOST, port, self.callbacks, tokens=self.tokens)
             stored = None
         if not stored:
             store.set_setting(BROKER_PORT_SETTING, str(port))
@@ -260,8 +265,9 @@ class EmbeddedCanopy:
         restore: PostgresPhysicalRestore,
         run_id: str | None,
     ) -> tuple[KopiaCredentials, dict[str, Any]]:
-        """Kopia's credentials (the proxy's endpoint is filled in by the worker) and how
-        the worker starts its `pgro canopy-proxy`."""
+        """Kopia's credentials (the proxy's endpoint and kopia's keys are filled in by the
+        worker) and how the worker starts its `pgro canopy-proxy`, with the restore's
+        broker token (bound to its group, type, run id and callbacks)."""
         source = replica.spec.canopy_source
         assert source is not None
         repo = self.repository(replica)
@@ -278,6 +284,11 @@ class EmbeddedCanopy:
             "statsUrl": f"{self.base_url}/api/v1/canopy-stats/{job}",
             "progressUrl": f"{self.base_url}/api/v1/canopy-progress/{job}" if run_id else None,
             "progressInterval": self.options.progress_interval,
+            "brokerToken": self.tokens.issue(
+                TokenBinding(
+                    group=source.group, type=source.type, run_id=valid_run_id(run_id), job=job
+                )
+            ),
         }
         return repo.through(""), proxy
 

@@ -22,6 +22,8 @@ from types import MappingProxyType
 from typing import Any
 
 from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location
+from pgro.canopy.proxy import new_client_credentials
+from pgro.canopy.sigv4 import SigningCredentials
 from pgro.core.secrets import scrub
 from pgro.core.snapshot import Snapshot, SnapshotSource
 from pgro.kopia.errors import KopiaError
@@ -108,9 +110,14 @@ PROXY_START_TIMEOUT_S = 30.0
 PROXY_STOP_TIMEOUT_S = 15.0
 
 
-def _start_proxy(proxy: dict[str, Any], restore_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _start_proxy(
+    proxy: dict[str, Any], restore_dir: Path, client: SigningCredentials
+) -> tuple[subprocess.Popen[bytes], int]:
     """Start `pgro canopy-proxy` for this restore and wait for its port (the reference's
-    native sidecar, here a child of the worker). Only the proxy holds S3 credentials."""
+    native sidecar, here a child of the worker). Only the proxy holds S3 credentials.
+
+    Its secrets go on its stdin, never its command line: the restore's broker token and
+    `client`, the random key pair kopia signs with (the proxy refuses anything else)."""
     port_file = restore_dir / PROXY_PORT_FILE
     port_file.unlink(missing_ok=True)
     args = [
@@ -135,14 +142,26 @@ def _start_proxy(proxy: dict[str, Any], restore_dir: Path) -> tuple[subprocess.P
         if proxy.get(key):
             args.append(f"{flag}={proxy[key]}")
     # The proxy's log lines go to the worker's log (work.log), next to kopia's.
+    args.append("--secrets-from=-")
     # SIGKILL when the worker dies (even kill -9): the proxy serves this worker's kopia only.
     proc = spawn(
         args,
         death_signal=signal.SIGKILL,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=sys.stdout,
         stderr=sys.stdout,
     )
+    secrets_doc = {
+        "brokerToken": proxy.get("brokerToken") or "",
+        "accessKeyId": client.access_key_id,
+        "secretAccessKey": client.secret_access_key,
+    }
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(json.dumps(secrets_doc).encode())
+        proc.stdin.close()
+    except OSError:
+        pass  # it exited already: the wait below reports its exit code
     deadline = time.monotonic() + PROXY_START_TIMEOUT_S
     while True:
         try:
@@ -194,11 +213,15 @@ def run(job: dict[str, Any]) -> WorkResult:
     proxy: subprocess.Popen[bytes] | None = None
     try:
         if job.get("canopyProxy"):
-            proxy, port = _start_proxy(job["canopyProxy"], restore_dir)
+            client = new_client_credentials()
+            proxy, port = _start_proxy(job["canopyProxy"], restore_dir, client)
             loc = creds.location
             assert isinstance(loc, S3Location)
             creds = replace(
-                creds, location=replace(loc, endpoint=f"127.0.0.1:{port}", disable_tls=True)
+                creds,
+                location=replace(loc, endpoint=f"127.0.0.1:{port}", disable_tls=True),
+                access_key_id=client.access_key_id,
+                secret_access_key=client.secret_access_key,
             )
         account = resolve_run_account()
         with KopiaRepository(creds, restore_dir / "kopia") as repo:

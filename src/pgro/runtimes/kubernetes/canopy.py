@@ -8,10 +8,17 @@ and deletes the Namespaces canopy no longer lists, after a grace period and neve
 a verification report still waits in their replica's status. Every instance serves the
 credential broker and the canopy proxies' callbacks on one listener (`:9091`), so a
 restore's sidecar keeps working across a change of leader.
+
+The broker answers only bearer tokens it issued (`pgro.canopy.tokens`): each restore Job
+gets one, bound to its group, type, run id and callbacks, in a `<restore>-canopy-proxy`
+Secret that only its sidecar reads (with the random key pair its kopia signs S3 requests
+with, which the sidecar checks). Every instance checks tokens with one key, kept in the
+`<service>-broker-key` Secret of the operator's namespace.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import random
 import threading
@@ -32,10 +39,17 @@ from pgro.api.names import (
     restore_job_name,
 )
 from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials, SecretInvalid, decode_secret_data
 from pgro.canopy.access import CanopyRepository, broker_source, listing_access
 from pgro.canopy.broker import Callbacks, CredentialBroker, serve
-from pgro.canopy.client import DEFAULT_SOCKS5_PROXY, TAILNET_URL, CanopyClient, connect
+from pgro.canopy.client import (
+    DEFAULT_SOCKS5_PROXY,
+    TAILNET_URL,
+    CanopyClient,
+    connect,
+    plain_http_problem,
+)
 from pgro.canopy.courier import ReportCourier
 from pgro.canopy.device_cert import DeviceIdentity
 from pgro.canopy.materialise import (
@@ -45,6 +59,7 @@ from pgro.canopy.materialise import (
     plan_sync,
 )
 from pgro.canopy.naming import REPLICA_NAME
+from pgro.canopy.proxy import new_client_credentials, valid_run_id
 from pgro.canopy.syncer import (
     DEFAULT_INTERVAL,
     DEFAULT_REMOVAL_GRACE,
@@ -53,16 +68,23 @@ from pgro.canopy.syncer import (
     fetch_tick,
     jittered,
 )
+from pgro.canopy.tokens import BrokerTokens, TokenBinding, new_key
 from pgro.core import reasons
 from pgro.core import verification_reports as vr
 from pgro.core.observations import SecretCheck
 from pgro.runtimes.kubernetes.kube import KubeApi
-from pgro.runtimes.kubernetes.workloads import CanopyJobSettings
+from pgro.runtimes.kubernetes.workloads import (
+    PROXY_SECRET_KEYS,
+    CanopyJobSettings,
+    canopy_proxy_secret_name,
+)
 
 log = logging.getLogger("pgro.operator.canopy")
 
 DEFAULT_BROKER_PORT: Final = 9091
 DEFAULT_SERVICE_NAME: Final = "postgres-restore-operator"
+BROKER_KEY_DATA: Final = "key"
+INSECURE_HTTP_ENV: Final = "CANOPY_INSECURE_HTTP"
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,11 @@ class CanopySettings:
     interval: timedelta = DEFAULT_INTERVAL
     removal_grace: timedelta = DEFAULT_REMOVAL_GRACE
     service_name: str = DEFAULT_SERVICE_NAME
+
+    @property
+    def broker_key_secret(self) -> str:
+        """The Secret (in the operator's namespace) holding the broker's token key."""
+        return f"{self.service_name}-broker-key"
 
     @property
     def sidecar_base_url(self) -> str:
@@ -118,6 +145,10 @@ def settings_from_env(
     if not base.startswith(("http://", "https://")):
         warnings.append(f"CANOPY_BASE_URL={base!r} is not an http(s) URL; canopy is off")
         return None, warnings
+    insecure = env.get(INSECURE_HTTP_ENV, "").strip().lower() in ("1", "true", "yes")
+    problem = plain_http_problem(base, allowed=insecure, flag=f"{INSECURE_HTTP_ENV}=true")
+    if problem is not None:
+        raise ValueError(problem)
     host, port = "::", DEFAULT_BROKER_PORT
     listen = env.get("PGRO_BROKER_LISTEN_ADDR", "").strip()
     if listen:
@@ -183,6 +214,35 @@ class OperatorCanopy:
         self._server: ThreadingHTTPServer | None = None
         self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
+        self._tokens: BrokerTokens | None = None
+
+    @property
+    def tokens(self) -> BrokerTokens:
+        """The broker's token key, from its Secret (created with a fresh key by whichever
+        instance comes first; every instance then reads the same one)."""
+        if self._tokens is None:
+            ns, name = self.settings.namespace, self.settings.broker_key_secret
+            secret = self.api.get("Secret", ns, name)
+            if secret is None:
+                self.api.create_if_missing(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "type": "Opaque",
+                        "metadata": {
+                            "name": name,
+                            "namespace": ns,
+                            "labels": {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE},
+                        },
+                        "data": {BROKER_KEY_DATA: base64.b64encode(new_key()).decode()},
+                    }
+                )
+                secret = self.api.get("Secret", ns, name)
+            key = decode_secret_data(secret or {}).get(BROKER_KEY_DATA)
+            if not key:
+                raise RuntimeError(f"Secret {ns}/{name} has no {BROKER_KEY_DATA!r} key")
+            self._tokens = BrokerTokens(key)
+        return self._tokens
 
     @classmethod
     def connect(
@@ -234,7 +294,11 @@ class OperatorCanopy:
     def serve(self) -> None:
         """The broker and the callbacks: every instance, leader or not."""
         self._server = serve(
-            self.broker, self.settings.broker_host, self.settings.broker_port, self.callbacks
+            self.broker,
+            self.settings.broker_host,
+            self.settings.broker_port,
+            self.callbacks,
+            tokens=self.tokens,
         )
         log.info(
             "canopy broker on [%s]:%d; sidecars use %s",
@@ -428,8 +492,62 @@ class OperatorCanopy:
         fetch = broker_source(self.broker, source.group, source.type)
         return lambda: listing_access(repo, fetch, s3_endpoint=self.settings.s3_endpoint)
 
-    def job_settings(self) -> CanopyJobSettings:
+    def job_settings(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> CanopyJobSettings:
+        """What the restore Job's sidecar needs; first writes the restore's
+        `<restore>-canopy-proxy` Secret (its broker token and kopia's key pair), which
+        only that Job's containers reference, owned by the restore."""
+        self.ensure_proxy_secret(replica, restore)
         base = self.settings.sidecar_base_url
         return CanopyJobSettings(
             broker_url=base, callback_base_url=base, s3_endpoint=self.settings.s3_endpoint
         )
+
+    def ensure_proxy_secret(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        source = replica.spec.canopy_source
+        assert source is not None
+        self.api.create_if_missing(
+            proxy_secret(self.tokens, replica, restore, owner=restore.owner_reference())
+        )
+
+
+def proxy_secret(
+    tokens: BrokerTokens,
+    replica: PostgresPhysicalReplica,
+    restore: PostgresPhysicalRestore,
+    *,
+    owner: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The `<restore>-canopy-proxy` Secret: the restore's broker token (bound to its
+    group, type, run id and callback key) and a fresh key pair for its kopia."""
+    source = replica.spec.canopy_source
+    assert source is not None
+    binding = TokenBinding(
+        group=source.group,
+        type=source.type,
+        run_id=valid_run_id(restore.status.run_id),
+        job=f"{restore.namespace}/{restore_job_name(restore.name)}",
+    )
+    client = new_client_credentials()
+    metadata: dict[str, Any] = {
+        "name": canopy_proxy_secret_name(restore.name),
+        "namespace": restore.namespace,
+        "labels": {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE},
+    }
+    if owner is not None:
+        metadata["ownerReferences"] = [dict(owner)]
+    token_key, key_id_key, secret_key = PROXY_SECRET_KEYS
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": metadata,
+        "stringData": {
+            token_key: tokens.issue(binding),
+            key_id_key: client.access_key_id,
+            secret_key: client.secret_access_key,
+        },
+    }

@@ -1018,12 +1018,13 @@ class Operator:
         if replica.spec.canopy_source is not None:
             if self.canopy is None:
                 raise StepFailed("canopy replicas need the operator's CANOPY_BASE_URL")
-            canopy = self.canopy.job_settings()
             if run_id and restore.status.run_id != run_id:
                 # This pass persisted the run id; the object in hand predates it.
                 restore = restore.model_copy(
                     update={"status": restore.status.model_copy(update={"run_id": run_id})}
                 )
+            # Also writes the restore's broker token Secret, bound to this run id.
+            canopy = self.canopy.job_settings(replica, restore)
         job = workloads.restore_job(replica, restore, self.config, canopy=canopy)
         if self.api.create_if_missing(job):
             log.info(

@@ -95,7 +95,7 @@ KOPIA_SECRET_ENV: Final = (
 
 # The canopy variant (reference canopy-protocol §5.3/§5.4): a native sidecar running
 # `pgro canopy-proxy`, which re-signs kopia's S3 requests with credentials from the
-# operator's broker, so kopia only ever holds the dummy keys of the canopy-creds Secret.
+# operator's broker, so kopia only ever holds the restore's own proxy keys.
 CANOPY_PROXY_CONTAINER: Final = "canopy-proxy"
 CANOPY_PROXY_COMMAND: Final = ("pgro", "canopy-proxy")
 CANOPY_PROXY_RESOURCES: Final = {
@@ -116,8 +116,25 @@ PROXY_LISTEN_HOST: Final = "127.0.0.1"
 CANOPY_STATS_PATH: Final = "/api/v1/canopy-stats"
 CANOPY_PROGRESS_PATH: Final = "/api/v1/canopy-progress"
 # Secret keys the restore container must not take from the canopy-creds Secret: kopia's
-# endpoint is the proxy, whatever the Secret says.
-CANOPY_IGNORED_SECRET_KEYS: Final = frozenset({"endpoint", "disableTls", "filesystemPath"})
+# endpoint is the proxy, whatever the Secret says, and its S3 keys are the restore's own
+# (from the `<restore>-canopy-proxy` Secret: the sidecar refuses any other signature).
+CANOPY_IGNORED_SECRET_KEYS: Final = frozenset(
+    {"endpoint", "disableTls", "filesystemPath", "accessKeyId", "secretAccessKey"}
+)
+# The `<restore>-canopy-proxy` Secret the operator writes for each canopy restore: the
+# restore's broker token (sidecar only) and the key pair kopia signs with (both).
+PROXY_SECRET_TOKEN: Final = "brokerToken"  # noqa: S105 - a key name
+PROXY_SECRET_ACCESS_KEY_ID: Final = "accessKeyId"  # noqa: S105 - a key name
+PROXY_SECRET_SECRET_ACCESS_KEY: Final = "secretAccessKey"  # noqa: S105 - a key name
+PROXY_SECRET_KEYS: Final = (
+    PROXY_SECRET_TOKEN,
+    PROXY_SECRET_ACCESS_KEY_ID,
+    PROXY_SECRET_SECRET_ACCESS_KEY,
+)
+
+
+def canopy_proxy_secret_name(restore_name: str) -> str:
+    return f"{restore_name}-canopy-proxy"
 
 
 @dataclass(frozen=True)
@@ -417,7 +434,10 @@ def _restore_env(
     )
     if canopy:
         # `pgro restore-job` waits for the sidecar's port file, then points kopia at it.
+        proxy_secret = canopy_proxy_secret_name(restore.name)
         env += [
+            _secret_env("AWS_ACCESS_KEY_ID", proxy_secret, PROXY_SECRET_ACCESS_KEY_ID),
+            _secret_env("AWS_SECRET_ACCESS_KEY", proxy_secret, PROXY_SECRET_SECRET_ACCESS_KEY),
             _env("PGRO_CANOPY_PROXY_PORT_FILE", PROXY_PORT_FILE),
             _env("PGRO_CANOPY_PROXY_HOST", PROXY_LISTEN_HOST),
         ]
@@ -464,6 +484,13 @@ def _canopy_proxy_container(
         ),
         _env("PGRO_PROXY_PORT_FILE", PROXY_PORT_FILE),
         _env("PGRO_PROXY_LISTEN_HOST", PROXY_LISTEN_HOST),
+    ]
+    # Out of the pod spec (anyone who may read Jobs would see it): from the restore's Secret.
+    proxy_secret = canopy_proxy_secret_name(restore.name)
+    env += [
+        _secret_env("PGRO_BROKER_TOKEN", proxy_secret, PROXY_SECRET_TOKEN),
+        _secret_env("PGRO_PROXY_ACCESS_KEY_ID", proxy_secret, PROXY_SECRET_ACCESS_KEY_ID),
+        _secret_env("PGRO_PROXY_SECRET_ACCESS_KEY", proxy_secret, PROXY_SECRET_SECRET_ACCESS_KEY),
     ]
     return {
         "name": CANOPY_PROXY_CONTAINER,
