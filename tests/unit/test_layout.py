@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pgro.postgres.layout import NotPostgres, locate_data_directory
+from pgro.postgres.account import RunAccount
+from pgro.postgres.image import OfficialImage
+from pgro.postgres.layout import NotPostgres, UnsafeSnapshot, locate_data_directory
+from pgro.postgres.repair import prepare_data_directory
 
 
 def cluster(path: Path, major: str = "15", databases: int = 2) -> Path:
@@ -100,3 +103,70 @@ def test_garbage_pg_version(tmp_path: Path) -> None:
     (tmp_path / "PG_VERSION").write_text("hello world\n")
     with pytest.raises(NotPostgres, match="not a PostgreSQL major version"):
         locate_data_directory(tmp_path)
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> tuple[Path, Path]:
+    """(restore root, a live-looking cluster outside it that a snapshot must not reach)."""
+    root = tmp_path / "work" / "restore" / "data"
+    root.mkdir(parents=True)
+    outside = cluster(tmp_path / "victimcluster")
+    (outside / "postmaster.pid").write_text("4242\n")
+    return root, outside
+
+
+def test_relative_current_symlink_cannot_leave_the_restore(victim: tuple[Path, Path]) -> None:
+    root, _ = victim
+    wanted = cluster(root / "15" / "main")
+    os.symlink("../../../victimcluster", root / "current")
+    assert (root / "current" / "PG_VERSION").exists()  # the kernel would follow it out
+    found = locate_data_directory(root)
+    assert found.path == wanted
+    assert found.found_via == "search"
+
+
+def test_absolute_current_symlink_with_dotdot_cannot_leave_the_restore(
+    victim: tuple[Path, Path],
+) -> None:
+    root, outside = victim
+    # `..` after the last numeric component: re-rooted, it climbs out of the restore.
+    os.symlink("/15/" + "../" * 40 + str(outside).lstrip("/"), root / "current")
+    with pytest.raises(NotPostgres):  # the only cluster in reach is outside: none found
+        locate_data_directory(root)
+    wanted = cluster(root / "15" / "main")
+    assert locate_data_directory(root).path == wanted
+
+
+def test_current_symlink_through_an_inner_link_stays_inside(tmp_path: Path) -> None:
+    wanted = cluster(tmp_path / "15" / "main")
+    os.symlink("15", tmp_path / "latest")
+    os.symlink("latest/main", tmp_path / "current")
+    found = locate_data_directory(tmp_path)
+    assert found.path == wanted
+    assert found.found_via == "current-symlink"
+
+
+def test_pg_version_link_out_of_the_tree_is_not_read(victim: tuple[Path, Path]) -> None:
+    root, outside = victim
+    (root / "global").mkdir()
+    os.symlink(str(outside / "PG_VERSION"), root / "PG_VERSION")
+    with pytest.raises(NotPostgres, match="not a PostgreSQL version file"):
+        locate_data_directory(root)
+
+
+def test_prepare_refuses_a_data_directory_outside_the_restore(victim: tuple[Path, Path]) -> None:
+    root, outside = victim
+    account = RunAccount("nobody-here", os.geteuid(), os.getegid())
+    for pgdata in (outside, root / ".." / ".." / ".." / "victimcluster"):
+        with pytest.raises(UnsafeSnapshot, match="outside"):
+            prepare_data_directory(root, pgdata, OfficialImage("15"), account)
+    os.symlink(str(outside), root / "escape")
+    with pytest.raises(UnsafeSnapshot):
+        prepare_data_directory(root, root / "escape", OfficialImage("15"), account)
+    assert (outside / "postmaster.pid").read_text() == "4242\n"
+    assert sorted(p.name for p in outside.iterdir()) == [
+        "PG_VERSION",
+        "base",
+        "global",
+        "postmaster.pid",
+    ]

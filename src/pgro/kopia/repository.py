@@ -299,14 +299,19 @@ class KopiaRepository:
         """Restore `snapshot_id` into `target` (created if missing, must be empty).
 
         Owners are not restored: the tree belongs to whoever will run PostgreSQL on it,
-        which the caller arranges.
+        which the caller arranges. Nor are permissions: a snapshot is untrusted, and kopia
+        would restore its set-uid, set-gid and world-write bits on files the restoring user
+        (often root) owns. kopia then creates directories 0700 and files 0600, and `target`
+        is made 0700, so nothing restored is reachable by another user, even if the
+        restore fails half-way.
         """
         self._require_connected()
         if not re.fullmatch(r"[0-9a-zA-Z]{6,}", snapshot_id):
             raise SnapshotNotFound(f"{snapshot_id!r} is not a kopia snapshot ID")
-        target.mkdir(parents=True, exist_ok=True)
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
         if any(target.iterdir()):
             raise KopiaError(f"restore target {target} is not empty")
+        os.chmod(target, 0o700)
         workers = parallel or max(1, min(os.cpu_count() or 1, 8))
         cmd = [
             self._kopia,
@@ -315,6 +320,7 @@ class KopiaRepository:
             "restore",
             f"--parallel={workers}",
             "--skip-owners",
+            "--skip-permissions",
             "--no-ignore-permission-errors",
             "--progress-update-interval=1s",
             snapshot_id,

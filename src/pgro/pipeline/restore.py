@@ -7,6 +7,7 @@ inside the restore pod.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.events import Observer
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries, find_binaries
+from pgro.postgres.confine import sanitise_tree
 from pgro.postgres.layout import DataDirectory, locate_data_directory
 from pgro.postgres.repair import Repairs, prepare_data_directory
 
@@ -46,9 +48,22 @@ def restore_snapshot(
         "restore", f"restoring snapshot {snapshot.id} ({snapshot.size_bytes} bytes) from kopia"
     )
     started = time.monotonic()
-    repo.restore(
-        snapshot.id, target, parallel=parallel, on_progress=observer.restore_progress, cancel=cancel
-    )
+    try:
+        repo.restore(
+            snapshot.id,
+            target,
+            parallel=parallel,
+            on_progress=observer.restore_progress,
+            cancel=cancel,
+        )
+    except BaseException:
+        # A partial download may be kept for inspection: it must be as inert as a full one
+        # (kopia restores no permission bits, so this is the second line of defence).
+        with contextlib.suppress(OSError):
+            sanitise_tree(target)
+        raise
+    # Before anything looks inside: the snapshot is untrusted.
+    sanitised = sanitise_tree(target)
     downloaded = time.monotonic()
     observer.step("locate", "locating the PostgreSQL data directory")
     data = locate_data_directory(target)
@@ -58,7 +73,14 @@ def restore_snapshot(
     )
     binaries = find_binaries(data.major)
     observer.step("repair", "preparing the data directory to start on this machine")
-    repairs = prepare_data_directory(target, data.path, binaries, account, settings=settings)
+    repairs = prepare_data_directory(
+        target,
+        data.path,
+        binaries,
+        account,
+        settings=settings,
+        removed_links=sanitised.removed_links,
+    )
     for note in repairs.notes:
         observer.note(note)
     timings = {"download": downloaded - started, "prepare": time.monotonic() - downloaded}

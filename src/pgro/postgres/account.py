@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,19 +67,31 @@ def resolve_run_account() -> RunAccount:
 def hand_over(tree: Path, account: RunAccount) -> int:
     """Make `tree` and everything under it owned by `account`. Returns entries changed.
 
-    A no-op for the invoking user (it cannot chown and already owns what it restored).
+    Links are changed themselves, never followed. Set-uid, set-gid, sticky and
+    world-write bits are cleared on the way (the restore step has already stripped them
+    from restored entries; this covers anything created since). A no-op for the invoking
+    user (it cannot chown and already owns what it restored).
     """
     if os.geteuid() != 0:
         return 0
     changed = 0
-    st = os.lstat(tree)
-    if st.st_uid != account.uid or st.st_gid != account.gid:
-        os.lchown(tree, account.uid, account.gid)
-        changed += 1
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in (os.path.join(dirpath, n) for n in (*dirnames, *filenames)):
-            st = os.lstat(name)
-            if st.st_uid != account.uid or st.st_gid != account.gid:
-                os.lchown(name, account.uid, account.gid)
-                changed += 1
+    for name in _entries(tree):
+        st = os.lstat(name)
+        if st.st_uid != account.uid or st.st_gid != account.gid:
+            os.lchown(name, account.uid, account.gid)
+            changed += 1
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & _UNSAFE_BITS:
+            # lstat said no link; the tree is private to root until this hand-over.
+            os.chmod(name, stat.S_IMODE(st.st_mode) & ~_UNSAFE_BITS)
     return changed
+
+
+# Never on a file handed to the run account: see postgres/confine.py (UNSAFE_BITS).
+_UNSAFE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH
+
+
+def _entries(tree: Path) -> Iterator[str]:
+    yield str(tree)
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for n in (*dirnames, *filenames):
+            yield os.path.join(dirpath, n)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from pgro.postgres.confine import (
+    CURRENT_LINK,
+    ConfinedTree,
+    EscapesRoot,
+    NotARegularFile,
+    reroot_source_path,
+    resolve_beneath,
+)
 
 # A cluster root holds PG_VERSION *and* global/; every base/<oid>/ also holds a PG_VERSION.
 _MAJOR = re.compile(r"^(\d+)(?:\.(\d+))?$")
@@ -17,6 +26,16 @@ class NotPostgres(Exception):
     """The restored tree holds no PostgreSQL data directory."""
 
     reason = "NotPostgres"
+
+
+class UnsafeSnapshot(NotPostgres):
+    """The restored tree would make pgro act outside it (a link or path that leaves it).
+
+    A kind of NotPostgres so every caller that refuses a snapshot refuses this one too,
+    with its own reason.
+    """
+
+    reason = "UnsafeSnapshot"
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,18 @@ def _major_key(major: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2) or 0)
 
 
+def _read_version(root: Path, cluster: Path) -> str:
+    """PG_VERSION's major, read without following a link out of the restored tree."""
+    where = cluster / "PG_VERSION"
+    try:
+        text = ConfinedTree(root).read_text(where, limit=64)
+    except (EscapesRoot, NotARegularFile) as exc:
+        raise NotPostgres(f"{where} is not a PostgreSQL version file ({exc})") from None
+    if text is None:
+        raise NotPostgres(f"{where} is missing")
+    return parse_major(text, where)
+
+
 def _is_cluster_root(path: Path) -> bool:
     return (path / "PG_VERSION").is_file() and (path / "global").is_dir()
 
@@ -50,20 +81,22 @@ def _from_current_symlink(root: Path) -> Path | None:
 
     The target (e.g. `/var/lib/postgresql/16/main`) names a path on the machine the
     snapshot came from; keep it from the last `/<digits>/` component on and re-root it
-    under the restore (`<root>/16/main`).
+    under the restore (`<root>/16/main`). A relative target is taken from the root. Either
+    way the candidate must resolve inside the restored tree (links followed only while
+    they stay in it); a link that leads anywhere else is ignored and the search decides.
     """
-    link = root / "current"
+    link = root / CURRENT_LINK
     if not link.is_symlink():
         return None
     target = os.readlink(link)
-    if not target.startswith("/"):
-        candidate = root / target
-    else:
-        parts = target.strip("/").split("/")
-        numeric = [i for i, part in enumerate(parts) if part.isdigit()]
-        if not numeric:
-            return None
-        candidate = root.joinpath(*parts[numeric[-1] :])
+    relative = reroot_source_path(target) if target.startswith("/") else PurePosixPath(target)
+    if relative is None:
+        return None
+    try:
+        real = resolve_beneath(root, relative)
+    except EscapesRoot:
+        return None
+    candidate = root / real.relative_to(os.path.realpath(root))
     return candidate if _is_cluster_root(candidate) else None
 
 
@@ -88,12 +121,12 @@ def locate_data_directory(root: Path) -> DataDirectory:
     """
     via_link = _from_current_symlink(root)
     if via_link is not None:
-        major = parse_major((via_link / "PG_VERSION").read_text(), via_link / "PG_VERSION")
+        major = _read_version(root, via_link)
         return DataDirectory(path=via_link, major=major, found_via="current-symlink")
 
     candidates: list[tuple[tuple[int, int], int, str, Path, str]] = []
     for cluster in find_cluster_roots(root):
-        major = parse_major((cluster / "PG_VERSION").read_text(), cluster / "PG_VERSION")
+        major = _read_version(root, cluster)
         depth = len(cluster.relative_to(root).parts)
         candidates.append((_major_key(major), -depth, str(cluster), cluster, major))
     if not candidates:

@@ -6,14 +6,24 @@ verification report says exactly what had to be changed to bring the backup up.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
+import re
+import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pgro.postgres.account import RunAccount, hand_over
 from pgro.postgres.binaries import ServerInstall
 from pgro.postgres.config import MINIMAL_CONFIG, meaningful_lines, rewrite_config
+from pgro.postgres.confine import (
+    ConfinedTree,
+    EscapesRoot,
+    NotARegularFile,
+    resolve_beneath,
+    tame,
+    tame_list,
+)
+from pgro.postgres.layout import UnsafeSnapshot
 
 # The reference's four keys first; pgro's additional repairs after.
 FIX_NAMES = (
@@ -27,6 +37,7 @@ FIX_NAMES = (
     "synthesized_config",
     "cleared_auto_conf",
     "neutralised_settings",
+    "removed_unsafe_links",
 )
 
 # Directories PostgreSQL expects that can legitimately be empty, so backup tools and
@@ -57,6 +68,8 @@ host    all  all  127.0.0.1/32   scram-sha-256
 host    all  all  ::1/128        scram-sha-256
 """
 
+AUTO_CONF_CLEARED = "# Cleared by pgro: the source's ALTER SYSTEM settings do not apply.\n"
+
 
 @dataclass
 class Repairs:
@@ -86,14 +99,46 @@ def default_settings(shared_buffers_mb: int = 128) -> dict[str, str]:
     }
 
 
+# A setting name as postgresql.conf's lexer accepts it (ASCII; one optional qualifier).
+_SETTING_NAME = re.compile(
+    r"^\s*([A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*)?)\s*(?:=|\s|$)"
+)
+# Configuration files are small; a huge one is an attack on the restore, not a config.
+_CONFIG_LIMIT = 16 * 2**20
+
+
 def _include_allowed(pgdata: Path, target: str) -> bool:
     """Keep an include only if it resolves inside the data directory and exists.
 
     An absolute include names the source host's /etc; on this machine that path is either
-    missing (startup fails) or someone else's configuration.
+    missing (startup fails) or someone else's configuration. Links are followed only while
+    they stay inside the data directory.
     """
-    path = (pgdata / target).resolve()
-    return path.is_relative_to(pgdata.resolve()) and path.exists()
+    try:
+        path = resolve_beneath(pgdata, target)
+    except EscapesRoot:
+        return False
+    return path.exists()
+
+
+def _setting_names(lines: list[str]) -> tuple[list[str], int]:
+    """The setting names in `lines` (never their values), and how many lines had none."""
+    names: set[str] = set()
+    other = 0
+    for line in lines:
+        m = _SETTING_NAME.match(line)
+        if m and len(m.group(1)) <= 63:
+            names.add(m.group(1))
+        else:
+            other += 1
+    return sorted(names), other
+
+
+def _unsafe(message: str) -> UnsafeSnapshot:
+    return UnsafeSnapshot(
+        f"{message}. pgro changes nothing outside the restored tree; check the snapshot was "
+        "taken from a PostgreSQL data directory and not tampered with."
+    )
 
 
 def prepare_data_directory(
@@ -104,92 +149,126 @@ def prepare_data_directory(
     *,
     settings: Mapping[str, str] | None = None,
     hba: str = DEFAULT_HBA,
+    removed_links: Sequence[str] = (),
 ) -> Repairs:
     """Make `pgdata` (inside `restore_root`) startable by `account`. Idempotent.
 
     `binaries` is the PostgreSQL that will serve the data: the local install, or the
     server image a Kubernetes Deployment will run (which this process cannot execute).
+    `removed_links` are the links `confine.sanitise_tree` took out of the tree (recorded
+    here so the report says so).
+
+    Every file is read and written beneath `restore_root` through directory descriptors
+    without following links out of it (`ConfinedTree`); a data directory outside the
+    restored tree is refused with `UnsafeSnapshot`.
     """
     repairs = Repairs()
-
-    pid = pgdata / "postmaster.pid"
-    if pid.exists():
-        pid.unlink()
-        repairs.record("removed_stale_pid", "removed postmaster.pid copied from the running source")
-    for signal_file, name in (
-        ("standby.signal", "removed_standby_signal"),
-        ("recovery.signal", "removed_recovery_signal"),
-    ):
-        if (pgdata / signal_file).exists():
-            (pgdata / signal_file).unlink()
-            repairs.record(
-                name, f"removed {signal_file} so the restore starts as a primary, not a standby"
-            )
-
-    wal_dir = "pg_xlog" if binaries.major.startswith("9.") else "pg_wal"
-    wal = pgdata / wal_dir
-    if wal.is_symlink() and not wal.exists():
-        wal.unlink()  # WAL lived on another volume of the source host
-    if not wal.exists():
-        (wal / "archive_status").mkdir(parents=True)
-        repairs.record("recreated_pg_wal", f"created the missing {wal_dir} directory")
-    else:
-        (wal / "archive_status").mkdir(exist_ok=True)
-    missing = [d for d in EMPTY_DIRS if not (pgdata / d).exists()]
-    for d in missing:
-        (pgdata / d).mkdir(parents=True)
-    if missing:
-        repairs.notes.append(f"created empty directories the snapshot lacked: {', '.join(missing)}")
-
-    conf = pgdata / "postgresql.conf"
-    synthesized = []
-    if not conf.exists():
-        conf.write_text(MINIMAL_CONFIG)
-        synthesized.append("postgresql.conf")
-    if not (pgdata / "pg_ident.conf").exists():
-        (pgdata / "pg_ident.conf").write_text("")
-        synthesized.append("pg_ident.conf")
-    if not (pgdata / "pg_hba.conf").exists():
-        synthesized.append("pg_hba.conf")
-    (pgdata / "pg_hba.conf").write_text(hba)
-    if synthesized:
+    if removed_links:
         repairs.record(
-            "synthesized_config",
-            f"wrote {', '.join(synthesized)}, missing from the snapshot (Debian-style layout)",
+            "removed_unsafe_links",
+            f"removed {len(removed_links)} symlink(s) that led outside the restored tree: "
+            f"{tame_list(list(removed_links))}",
         )
-
-    rewrite = rewrite_config(
-        conf.read_text(errors="replace"),
-        dict(settings if settings is not None else default_settings()),
-        library_exists=binaries.has_library,
-        include_allowed=lambda target: _include_allowed(pgdata, target),
-    )
-    conf.write_text(rewrite.text)
-    if rewrite.disabled:
-        repairs.record(
-            "neutralised_settings",
-            "disabled source-host settings in postgresql.conf: " + ", ".join(rewrite.disabled),
-        )
-
-    auto = pgdata / "postgresql.auto.conf"
-    if auto.exists():
-        kept = meaningful_lines(auto.read_text(errors="replace"))
-        if kept:
-            keys = sorted({ln.split("=")[0].strip() for ln in kept})
-            repairs.record(
-                "cleared_auto_conf",
-                f"cleared the source's ALTER SYSTEM settings ({', '.join(keys)})",
-            )
-        auto.write_text("# Cleared by pgro: the source's ALTER SYSTEM settings do not apply.\n")
+    tree = ConfinedTree(restore_root)
+    try:
+        pg = tree.relative(pgdata)
+    except EscapesRoot:
+        raise _unsafe(f"the data directory {tame(str(pgdata))} is outside {restore_root}") from None
+    try:
+        _repair(tree, pg, binaries, settings, hba, repairs)
+    except (EscapesRoot, NotARegularFile) as exc:
+        raise _unsafe(f"the restored tree is unsafe to repair: {tame(str(exc))}") from None
 
     changed = hand_over(restore_root, account)
-    mode = pgdata.stat().st_mode & 0o777
-    if mode != 0o700:
-        os.chmod(pgdata, 0o700)
-    if changed or mode != 0o700:
+    mode_changed = tree.chmod_directory(pg, 0o700)
+    if changed or mode_changed:
         # Not a "fix": a restored tree never has this machine's owners.
         repairs.notes.append(
             f"gave the restored files to {account.name} ({changed} entries) and set the data "
             "directory to mode 0700",
         )
     return repairs
+
+
+def _repair(
+    tree: ConfinedTree,
+    pg: PurePosixPath,
+    binaries: ServerInstall,
+    settings: Mapping[str, str] | None,
+    hba: str,
+    repairs: Repairs,
+) -> None:
+    if tree.unlink(pg / "postmaster.pid"):
+        repairs.record("removed_stale_pid", "removed postmaster.pid copied from the running source")
+    for signal_file, name in (
+        ("standby.signal", "removed_standby_signal"),
+        ("recovery.signal", "removed_recovery_signal"),
+    ):
+        if tree.unlink(pg / signal_file):
+            repairs.record(
+                name, f"removed {signal_file} so the restore starts as a primary, not a standby"
+            )
+
+    wal_dir = "pg_xlog" if binaries.major.startswith("9.") else "pg_wal"
+    wal = pg / wal_dir
+    wal_entry = tree.lstat(wal)
+    if wal_entry is not None and stat.S_ISLNK(wal_entry.st_mode) and not tree.exists(wal):
+        tree.unlink(wal)  # WAL lived on another volume of the source host
+    if not tree.exists(wal):
+        tree.makedirs(wal / "archive_status")
+        repairs.record("recreated_pg_wal", f"created the missing {wal_dir} directory")
+    else:
+        tree.makedirs(wal / "archive_status")
+    missing = [d for d in EMPTY_DIRS if not tree.exists(pg / d)]
+    for d in missing:
+        tree.makedirs(pg / d)
+    if missing:
+        repairs.notes.append(f"created empty directories the snapshot lacked: {', '.join(missing)}")
+
+    conf = pg / "postgresql.conf"
+    synthesized = []
+    text = tree.read_text(conf, _CONFIG_LIMIT)
+    if text is None:
+        text = MINIMAL_CONFIG
+        synthesized.append("postgresql.conf")
+    if not tree.exists(pg / "pg_ident.conf"):
+        tree.write_text(pg / "pg_ident.conf", "")
+        synthesized.append("pg_ident.conf")
+    if not tree.exists(pg / "pg_hba.conf"):
+        synthesized.append("pg_hba.conf")
+    tree.write_text(pg / "pg_hba.conf", hba)
+    if synthesized:
+        repairs.record(
+            "synthesized_config",
+            f"wrote {', '.join(synthesized)}, missing from the snapshot (Debian-style layout)",
+        )
+
+    pgdata_real = tree.resolve(pg)
+    rewrite = rewrite_config(
+        text,
+        dict(settings if settings is not None else default_settings()),
+        library_exists=binaries.has_library,
+        include_allowed=lambda target: _include_allowed(pgdata_real, target),
+    )
+    tree.write_text(conf, rewrite.text)
+    if rewrite.disabled:
+        repairs.record(
+            "neutralised_settings",
+            "disabled source-host settings in postgresql.conf: "
+            + ", ".join(tame(d) for d in rewrite.disabled),
+        )
+
+    auto = pg / "postgresql.auto.conf"
+    auto_text = tree.read_text(auto, _CONFIG_LIMIT)
+    if auto_text is not None:
+        kept = meaningful_lines(auto_text)
+        if kept:
+            names, other = _setting_names(kept)
+            what = tame_list(names) if names else "none named"
+            if other:
+                what += f"; {other} line(s) that are not settings"
+            repairs.record(
+                "cleared_auto_conf",
+                f"cleared the source's ALTER SYSTEM settings ({what})",
+            )
+        tree.write_text(auto, AUTO_CONF_CLEARED)

@@ -41,6 +41,7 @@ from pgro.kopia.errors import EndpointUnreachable, KopiaError, RestoreFailed
 from pgro.kopia.repository import KopiaRepository, RestoreProgress
 from pgro.pipeline.events import Observer
 from pgro.postgres.account import RunAccount, resolve_run_account
+from pgro.postgres.confine import ConfinedTree, sanitise_tree
 from pgro.postgres.image import OfficialImage
 from pgro.postgres.layout import NotPostgres, locate_data_directory
 from pgro.postgres.repair import default_settings, prepare_data_directory
@@ -191,6 +192,8 @@ def run(env: Mapping[str, str]) -> Outcome:
                 parallel=int(parallel) if parallel.isdigit() else None,
                 on_progress=observer.restore_progress,
             )
+        # Before anything looks inside: the snapshot is untrusted (as in pipeline/restore.py).
+        sanitised = sanitise_tree(target)
         observer.step("locate", "locating the PostgreSQL data directory")
         data_dir = locate_data_directory(target)
         observer.note(f"PGDATA is {data_dir.path.relative_to(root)} (PostgreSQL {data_dir.major})")
@@ -210,11 +213,13 @@ def run(env: Mapping[str, str]) -> Outcome:
             _account(),
             settings=settings,
             hba=KUBERNETES_HBA,
+            removed_links=sanitised.removed_links,
         )
         for note in repairs.notes:
             observer.note(note)
         link = root / "pgdata"
-        link.symlink_to(data_dir.path.relative_to(root))
+        # prepare_data_directory refused a PGDATA outside `target`; this link stays inside.
+        link.symlink_to(ConfinedTree(root).relative(data_dir.path))
         (root / ".postgres-version").write_text(data_dir.major + "\n")
         fixes = sorted(name for name, done in repairs.fixes.items() if done)
         (root / ".pgro-restore.json").write_text(
