@@ -503,9 +503,9 @@ def test_deployment_postgres_container() -> None:
     assert postgres["name"] == "postgres"
     assert postgres["image"] == "postgres:15"
     assert postgres["command"] == ["postgres"]
-    assert postgres["args"] == [
-        "-D",
-        "/pgdata/pgdata",
+    args = postgres["args"]
+    assert args[:2] == ["-D", "/pgdata/pgdata"]
+    assert args[-6:] == [
         "-c",
         "listen_addresses=*",
         "-c",
@@ -513,6 +513,15 @@ def test_deployment_postgres_container() -> None:
         "-c",
         "shared_buffers=258MB",
     ]
+    # Between them, the settings no snapshot config may override (issue 18 item 3).
+    forced = dict(a.split("=", 1) for a in args[3:-6:2])
+    assert args[2:-6:2] == ["-c"] * len(forced)
+    assert forced["shared_preload_libraries"] == ""
+    assert forced["session_preload_libraries"] == ""
+    assert forced["jit_provider"] == "llvmjit"
+    assert forced["dynamic_library_path"] == "$libdir"
+    assert forced["hba_file"] == "/pgdata/pgdata/pg_hba.conf"
+    assert forced["archive_library"] == ""
     assert env_map(postgres) == {"PGDATA": "/pgdata/pgdata"}
     assert postgres["ports"] == [{"name": "postgres", "containerPort": 5432, "protocol": "TCP"}]
     assert postgres["volumeMounts"] == [

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
+
+from pgro.postgres.catalog_guard import library_is_trusted
 from pgro.postgres.config import (
     BLOCK_BEGIN,
     DISABLED_MARK,
+    bare_library,
+    configured_value,
+    forced_arguments,
+    forced_settings,
     meaningful_lines,
     rewrite_config,
+    safe_preload_libraries,
 )
 
 SETTINGS = {"logging_collector": "off", "shared_buffers": "128MB", "lc_messages": "C"}
@@ -75,18 +83,115 @@ def test_preload_libraries_keep_only_installed_ones() -> None:
     assert "shared_preload_libraries = pg_stat_statements" in active(text) or (
         "shared_preload_libraries = 'pg_stat_statements'" in active(text)
     )
-    assert disabled == ["shared_preload_libraries (timescaledb not installed)"]
+    assert disabled == ["shared_preload_libraries (timescaledb not installed here)"]
     text, disabled = rewrite("shared_preload_libraries = 'pg_stat_statements'\n")
     assert disabled == []
     assert "shared_preload_libraries = 'pg_stat_statements'" in active(text)
 
 
-def test_includes_outside_or_missing_are_disabled() -> None:
+def test_every_include_is_disabled() -> None:
     text, disabled = rewrite("include_dir = 'conf.d'\ninclude '/etc/postgresql/15/main/x.conf'\n")
     assert disabled == ["include_dir conf.d", "include /etc/postgresql/15/main/x.conf"]
     assert not [ln for ln in active(text) if ln.startswith("include")]
-    text, disabled = rewrite("include_dir = 'conf.d'\n", includes=True)
-    assert disabled == []
+    # Even one inside PGDATA: its settings are snapshot content nobody checked (issue 18).
+    text, disabled = rewrite("include 'evil.conf'\ninclude_if_exists = 'x.conf'\n", includes=True)
+    assert disabled == ["include evil.conf", "include_if_exists x.conf"]
+    assert not [ln for ln in active(text) if ln.startswith("include")]
+
+
+def test_code_loading_settings_are_disabled() -> None:
+    text, disabled = rewrite(
+        "jit_provider = '../../../../../proc/self/cwd/lib/evil'\n"
+        "dynamic_library_path = '$libdir:/var/lib/postgresql/15/main/lib'\n"
+        "plperl.on_init = 'system(1)'\n"
+    )
+    assert not [ln for ln in active(text) if ln.startswith(("jit_provider", "dynamic", "plperl"))]
+    assert disabled == ["jit_provider", "dynamic_library_path", "plperl.on_init"]
+
+
+def test_preload_paths_are_refused_even_if_the_file_exists() -> None:
+    # A path into the restored tree is not a library installed here, whatever exists.
+    text, disabled = rewrite(
+        "shared_preload_libraries = 'pg_stat_statements,lib/evil.so'\n"
+        "session_preload_libraries = '$libdir/../../../proc/self/cwd/lib/evil'\n",
+        libs=("pg_stat_statements", "lib/evil.so", "../../../proc/self/cwd/lib/evil"),
+    )
+    assert "shared_preload_libraries = 'pg_stat_statements'" in active(text)
+    assert not [ln for ln in active(text) if ln.startswith("session_preload")]
+    assert disabled == [
+        "shared_preload_libraries (lib/evil.so not installed here)",
+        "session_preload_libraries ($libdir/../../../proc/self/cwd/lib/evil not installed here)",
+    ]
+
+
+def test_snapshot_names_in_notes_are_printable() -> None:
+    _, disabled = rewrite("shared_preload_libraries = 'ev[/]il\x1b[31m'\n")
+    assert disabled == ["shared_preload_libraries (ev?/?il??31m not installed here)"]
+
+
+def test_bare_library_names() -> None:
+    assert bare_library("pg_stat_statements") == "pg_stat_statements"
+    assert bare_library("$libdir/auto_explain") == "auto_explain"
+    assert bare_library("uuid-ossp") == "uuid-ossp"
+    for path in ("lib/evil", "/tmp/evil", "../evil", "$libdir/../evil", "..", ""):
+        assert bare_library(path) is None, path
+
+
+def test_configured_value_is_the_last_active_line() -> None:
+    text = "shared_preload_libraries = 'a'\n#shared_preload_libraries = 'b'\nx = 1\n"
+    assert configured_value(text, "shared_preload_libraries") == "a"
+    assert (
+        configured_value(text + "shared_preload_libraries 'c'\n", "shared_preload_libraries") == "c"
+    )
+    assert configured_value("x = 1\n", "shared_preload_libraries") is None
+    installed = {"pg_stat_statements"}.__contains__
+    assert safe_preload_libraries("'pg_stat_statements, lib/evil, x'", installed) == [
+        "pg_stat_statements"
+    ]
+
+
+def test_forced_settings_cover_every_code_loading_setting() -> None:
+    forced = forced_settings("15", "/r/data/15/main", ["pg_stat_statements"])
+    assert forced["shared_preload_libraries"] == "pg_stat_statements"
+    for empty in (
+        "session_preload_libraries",
+        "local_preload_libraries",
+        "archive_command",
+        "archive_library",
+        "restore_command",
+        "archive_cleanup_command",
+        "recovery_end_command",
+        "ssl_passphrase_command",
+        "external_pid_file",
+    ):
+        assert forced[empty] == "", empty
+    assert forced["jit_provider"] == "llvmjit"
+    assert forced["dynamic_library_path"] == "$libdir"
+    assert forced["hba_file"] == "/r/data/15/main/pg_hba.conf"
+    assert forced["ident_file"] == "/r/data/15/main/pg_ident.conf"
+    assert forced["data_directory"] == "/r/data/15/main"
+    assert forced["archive_mode"] == "off"
+    assert forced["ssl"] == "off"
+    assert "event_triggers" not in forced  # 17+ only: an unknown -c stops the server
+    assert forced_settings("17", "/d")["event_triggers"] == "off"
+    old = forced_settings("10", "/d")
+    assert not {"archive_library", "restore_command", "jit_provider"} & set(old)
+    assert forced_arguments({"a": "", "b": "x y"}) == ["-c", "a=", "-c", "b=x y"]
+    with pytest.raises(ValueError, match="bare library"):
+        forced_settings("15", "/d", ["lib/evil"])
+
+
+def test_trusted_c_function_libraries() -> None:
+    for ok in ("$libdir/plpgsql", "pg_stat_statements", "$libdir/plugins/x"):
+        assert library_is_trusted(ok), ok
+    for bad in (
+        "lib/evil",
+        "/var/lib/postgresql/15/main/lib/evil",
+        "$libdir/../../../proc/self/cwd/lib/evil",
+        "$libdir//x",
+        "./evil",
+    ):
+        assert not library_is_trusted(bad), bad
 
 
 def test_comments_and_quoted_hashes_are_left_alone() -> None:

@@ -35,6 +35,7 @@ from pgro.pipeline.report import (
 from pgro.pipeline.restore import RestoredDataDirectory, restore_snapshot
 from pgro.postgres.account import AccountMissing, RunAccount, resolve_run_account
 from pgro.postgres.binaries import BinariesMissing
+from pgro.postgres.catalog_guard import CatalogGuardFailed, neutralise_catalog
 from pgro.postgres.health import check_health
 from pgro.postgres.layout import NotPostgres
 from pgro.postgres.server import (
@@ -155,10 +156,12 @@ def _superuser(server: PostgresServer, restored: RestoredDataDirectory, timeout:
     """`postgres` unless the source cluster was initialised by another OS user."""
     import psycopg
 
+    from pgro.postgres.session import connect
+
     try:
-        psycopg.connect(
+        connect(
             server.endpoint.conninfo("template1", DEFAULT_SUPERUSER),
-            connect_timeout=10,
+            application_name="pgro-verify",
         ).close()
         return DEFAULT_SUPERUSER
     except psycopg.OperationalError as exc:
@@ -263,6 +266,14 @@ def verify_snapshot(
         _start(server, restored, timeout, obs)
         user = _superuser(server, restored, timeout.total_seconds())
         lap("start")
+        # Before any other query: the catalog's stored settings, event triggers and C
+        # functions with a library inside the snapshot must not run on the checks' sessions.
+        endpoint = server.endpoint
+        guard = neutralise_catalog(lambda dbname: endpoint.conninfo(dbname, user))
+        for note in guard.notes():
+            restored.repairs.notes.append(note)
+            obs.note(note)
+        lap("guard")
         obs.step("check", "checking health: connect, list databases, SELECT 1 in each")
         health = check_health(server.endpoint, user)
         report.checks = health.checks
@@ -292,6 +303,8 @@ def verify_snapshot(
     except StartupFailed as exc:
         detail = f"{exc}. Server log:\n{exc.log_tail}" if exc.log_tail else str(exc)
         _fail(report, exc.reason, detail, EXIT_FAILED_VERIFICATION)
+    except CatalogGuardFailed as exc:
+        _fail(report, exc.reason, str(exc), EXIT_FAILED_VERIFICATION)
     except Exception as exc:
         # A bug or an environment problem nobody classified yet: still one verdict, still a
         # full cleanup, and a message worth pasting into an issue.

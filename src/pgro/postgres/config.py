@@ -6,12 +6,17 @@ commented out with a `#pgro-disabled:` marker rather than deleted, so a reader c
 what the snapshot had. pgro's own settings go in one marked block at the end that is
 replaced, never appended twice (the reference re-appends on every start and accumulates
 duplicates).
+
+The snapshot is untrusted: nothing it names may be loaded or run. The rewrite is the first
+line of defence; the second is `forced_settings`, which the server's command line carries
+(`-c` beats postgresql.conf, its includes and postgresql.auto.conf), so a setting the rewrite
+missed still cannot load a library or run a program.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 DISABLED_MARK = "#pgro-disabled: "
@@ -56,6 +61,21 @@ NEUTRALISED_KEYS = frozenset(
         "default_transaction_read_only",
         "password_encryption",
         "krb_server_keyfile",
+        # Load code: a JIT provider or library search path can name a library the snapshot
+        # ships inside PGDATA (`'../../../proc/self/cwd/lib/evil'` needs no path knowledge).
+        "jit_provider",
+        "dynamic_library_path",
+    }
+)
+# Procedural-language settings that run snapshot-supplied code when the language loads.
+CODE_RUNNING_PL_KEYS = frozenset(
+    {
+        "plperl.on_init",
+        "plperl.on_plperl_init",
+        "plperl.on_plperlu_init",
+        "pltcl.start_proc",
+        "pltclu.start_proc",
+        "plv8.start_proc",
     }
 )
 NEUTRALISED_PREFIXES = ("lc_", "ssl", "recovery_target")
@@ -108,7 +128,38 @@ def _unquote(value: str) -> str:
 
 
 def _is_neutralised(key: str) -> bool:
-    return key in NEUTRALISED_KEYS or key.startswith(NEUTRALISED_PREFIXES)
+    return (
+        key in NEUTRALISED_KEYS
+        or key in CODE_RUNNING_PL_KEYS
+        or key.startswith(NEUTRALISED_PREFIXES)
+    )
+
+
+# A library name PostgreSQL looks up in `$libdir` (dynamic_library_path is forced to it):
+# no directory separator, so no path into the restored tree or anywhere else on the host.
+_BARE_LIBRARY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def bare_library(name: str) -> str | None:
+    """`name` as a bare library name (`$libdir/x` -> `x`), or None if it is a path."""
+    bare = name.strip().strip('"').removeprefix("$libdir/")
+    if _BARE_LIBRARY.fullmatch(bare) and ".." not in bare:
+        return bare
+    return None
+
+
+def printable_name(text: str, limit: int = 60) -> str:
+    """A snapshot-supplied name made safe to show: visible ASCII only, no markup, bounded."""
+    cleaned = "".join(
+        ch if ch.isascii() and ch.isprintable() and ch not in "[]" else "?" for ch in text
+    )
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
+def safe_preload_libraries(value: str, library_exists: Callable[[str], bool]) -> list[str]:
+    """The libraries of a preload list that are bare names installed in the host's $libdir."""
+    keep, _ = _preload_keep(value, library_exists)
+    return keep
 
 
 def _preload_keep(value: str, library_exists: Callable[[str], bool]) -> tuple[list[str], list[str]]:
@@ -118,8 +169,82 @@ def _preload_keep(value: str, library_exists: Callable[[str], bool]) -> tuple[li
         lib = raw.strip().strip('"')
         if not lib:
             continue
-        (keep if library_exists(lib.removeprefix("$libdir/")) else drop).append(lib)
+        bare = bare_library(lib)
+        if bare is not None and library_exists(bare):
+            keep.append(bare)
+        else:
+            drop.append(lib)
     return keep, drop
+
+
+def configured_value(text: str, key: str) -> str | None:
+    """The value the last active `key` line of a postgresql.conf sets (None if none does)."""
+    found: str | None = None
+    for line in text.splitlines():
+        m = _SETTING.match(line)
+        if m and not line.lstrip().startswith("#") and m["key"].lower() == key:
+            found = _unquote(m["value"])
+    return found
+
+
+def _major_number(major: str) -> int:
+    head = major.split(".")[0]
+    return int(head) if head.isdigit() else 0
+
+
+def forced_settings(
+    major: str, pgdata: str, shared_preload_libraries: Sequence[str] = ()
+) -> dict[str, str]:
+    """Settings the restored server's command line forces, whatever its files say.
+
+    `-c` on the command line (source "argv") overrides postgresql.conf, every include and
+    postgresql.auto.conf, so these hold even if a file the rewrite did not see sets them.
+    Per-role and per-database settings rank above argv; `catalog_guard` resets those that
+    load code and pgro's sessions override them in their startup packet (`session`).
+    `shared_preload_libraries` must be bare names already checked against the install.
+    """
+    for lib in shared_preload_libraries:
+        if bare_library(lib) != lib:
+            raise ValueError(f"shared_preload_libraries entry {lib!r} is not a bare library name")
+    version = _major_number(major)
+    forced = {
+        # The files that decide who may connect, and where the data is, are pgro's.
+        "data_directory": pgdata,
+        "hba_file": f"{pgdata}/pg_hba.conf",
+        "ident_file": f"{pgdata}/pg_ident.conf",
+        "external_pid_file": "",
+        # Libraries: only what the host installed, looked up only in the host's $libdir.
+        "shared_preload_libraries": ",".join(shared_preload_libraries),
+        "session_preload_libraries": "",
+        "local_preload_libraries": "",
+        "dynamic_library_path": "$libdir",
+        # Programs: no archiving, no SSL passphrase helper, no log collector writing files.
+        "archive_mode": "off",
+        "archive_command": "",
+        "ssl": "off",
+        "logging_collector": "off",
+    }
+    if version >= 11:
+        forced["jit_provider"] = "llvmjit"
+        forced["ssl_passphrase_command"] = ""
+    if version >= 12:
+        # Recovery commands became ordinary settings in 12 (recovery.conf before).
+        forced["restore_command"] = ""
+        forced["archive_cleanup_command"] = ""
+        forced["recovery_end_command"] = ""
+    if version >= 15:
+        forced["archive_library"] = ""
+    if version >= 17:
+        forced["event_triggers"] = "off"
+    return forced
+
+
+def forced_arguments(settings: Mapping[str, str]) -> list[str]:
+    """`settings` as `postgres` argv entries (`-c key=value` each; no shell involved)."""
+    args: list[str] = []
+    for key, value in settings.items():
+        args += ["-c", f"{key}={value}"]
+    return args
 
 
 def remove_pgro_block(text: str) -> str:
@@ -150,12 +275,19 @@ def rewrite_config(
     settings: Mapping[str, str],
     *,
     library_exists: Callable[[str], bool],
-    include_allowed: Callable[[str], bool],
+    include_allowed: Callable[[str], bool] | None = None,
 ) -> ConfigRewrite:
     """Neutralise source-host settings in `text` and append pgro's `settings` block.
 
+    Every `include`, `include_dir` and `include_if_exists` is disabled: an included file is
+    snapshot content the rewrite would otherwise have to inline and check line by line, and
+    one that sets `shared_preload_libraries` or `hba_file` must not take effect. The source's
+    tuning in them is lost, which never stops a restore from starting. `include_allowed` is
+    no longer consulted (kept so existing callers need not change).
+
     Idempotent: running it on its own output changes nothing but the block's contents.
     """
+    del include_allowed
     result = ConfigRewrite(text="")
     out: list[str] = []
     for line in remove_pgro_block(text).splitlines():
@@ -165,12 +297,8 @@ def rewrite_config(
             continue
         key = m["key"].lower()
         if key in INCLUDE_KEYS:
-            target = _unquote(m["value"])
-            if include_allowed(target):
-                out.append(line)
-            else:
-                out.append(DISABLED_MARK + line)
-                result.disabled.append(f"{key} {target}")
+            out.append(DISABLED_MARK + line)
+            result.disabled.append(f"{key} {printable_name(_unquote(m['value']))}")
             continue
         if key in PRELOAD_KEYS:
             keep, drop = _preload_keep(m["value"], library_exists)
@@ -178,7 +306,8 @@ def rewrite_config(
                 out.append(DISABLED_MARK + line)
                 if keep:
                     out.append(f"{key} = {render_value(','.join(keep))}")
-                result.disabled.append(f"{key} ({', '.join(drop)} not installed)")
+                shown = ", ".join(printable_name(lib) for lib in drop)
+                result.disabled.append(f"{key} ({shown} not installed here)")
             else:
                 out.append(line)
             continue

@@ -55,13 +55,14 @@ class HealthReport:
 
 
 def _connect(endpoint: Endpoint, dbname: str, user: str) -> psycopg.Connection[tuple[object, ...]]:
-    import psycopg
+    # Startup options beat the restored catalog's per-role and per-database settings, so
+    # nothing the snapshot names is preloaded into pgro's (superuser) session.
+    from pgro.postgres.session import connect
 
-    return psycopg.connect(
+    return connect(
         endpoint.conninfo(dbname, user),
-        connect_timeout=CONNECT_TIMEOUT_S,
-        autocommit=True,
         application_name="pgro-verify",
+        connect_timeout=CONNECT_TIMEOUT_S,
     )
 
 
@@ -82,11 +83,27 @@ def _maintenance_connection(
     raise last
 
 
+def _server_message(exc: Exception) -> str:
+    """The server's own words for a failed query (psycopg's text, one line per part)."""
+    return str(exc).strip() or type(exc).__name__
+
+
+_USER_TABLES = (
+    "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relkind IN ('r', 'p', 'm') "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+    "AND n.nspname NOT LIKE 'pg_toast%'"
+)
+
+
 def check_health(endpoint: Endpoint, user: str) -> HealthReport:
     """Connect, list databases with sizes, run `SELECT 1` in each.
 
-    Fails with `NoApplicationDatabase` when only system databases exist: a backup of an
-    empty cluster restores fine but proves nothing about the application's data.
+    Every query's failure is that check's failure (`QueryFailed`, with the server's
+    message): a restored server that errors on a query is an unhealthy backup, never a
+    pgro bug. Fails with `NoApplicationDatabase` when only system databases exist: a
+    backup of an empty cluster restores fine but proves nothing about the application's
+    data.
     """
     import psycopg
 
@@ -97,13 +114,20 @@ def check_health(endpoint: Endpoint, user: str) -> HealthReport:
         report.failed("connect", f"cannot connect as {user}: {exc}".strip(), "ConnectionFailed")
         return report
     with conn:
-        row = conn.execute(
-            "SELECT current_setting('server_version'), pg_is_in_recovery()"
-        ).fetchone()
-        assert row is not None
-        report.server_version = str(row[0])
-        report.passed("connect", f"connected to {maint} as {user}; PostgreSQL {row[0]}")
-        if row[1]:
+        # Reported by the server at connection start: no query, no function call.
+        version = conn.info.parameter_status("server_version") or "(unknown version)"
+        report.server_version = version
+        report.passed("connect", f"connected to {maint} as {user}; PostgreSQL {version}")
+        try:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        except psycopg.Error as exc:
+            report.failed(
+                "primary", f"pg_is_in_recovery() failed: {_server_message(exc)}", "QueryFailed"
+            )
+            return report
+        if row is None:
+            report.failed("primary", "pg_is_in_recovery() returned no row", "QueryFailed")
+        elif row[0]:
             report.failed(
                 "primary",
                 "the server is still in recovery (a standby): it would never accept writes",
@@ -111,11 +135,20 @@ def check_health(endpoint: Endpoint, user: str) -> HealthReport:
             )
         else:
             report.passed("primary", "not in recovery: the restore runs as a primary")
-        rows = conn.execute(
-            "SELECT datname, pg_database_size(oid) FROM pg_database "
-            "WHERE datallowconn AND NOT datistemplate ORDER BY datname"
-        ).fetchall()
-    report.sizes = {str(name): int(size) for name, size in rows}  # type: ignore[call-overload]
+        try:
+            rows = conn.execute(
+                "SELECT datname, pg_database_size(oid) FROM pg_database "
+                "WHERE datallowconn AND NOT datistemplate ORDER BY datname"
+            ).fetchall()
+            sizes = {str(name): int(str(size)) for name, size in rows}
+        except (psycopg.Error, ValueError) as exc:
+            report.failed(
+                "list_databases",
+                f"listing the databases failed: {_server_message(exc)}",
+                "QueryFailed",
+            )
+            return report
+    report.sizes = sizes
     listing = ", ".join(f"{n} ({s} bytes)" for n, s in report.sizes.items())
     report.passed("list_databases", f"{len(report.sizes)} databases: {listing}")
 
@@ -123,19 +156,14 @@ def check_health(endpoint: Endpoint, user: str) -> HealthReport:
         try:
             with _connect(endpoint, dbname, user) as db:
                 one = db.execute("SELECT 1").fetchone()
-                tables = db.execute(
-                    "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE c.relkind IN ('r', 'p', 'm') "
-                    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                    "AND n.nspname NOT LIKE 'pg_toast%'"
-                ).fetchone()
+                tables = db.execute(_USER_TABLES).fetchone()
             if one != (1,):
                 report.failed(f"select_1:{dbname}", f"SELECT 1 returned {one!r}", "QueryFailed")
             else:
                 count = tables[0] if tables else 0
                 report.passed(f"select_1:{dbname}", f"SELECT 1 ok; {count} user tables")
         except psycopg.Error as exc:
-            report.failed(f"select_1:{dbname}", f"{dbname}: {exc}".strip(), "QueryFailed")
+            report.failed(f"select_1:{dbname}", f"{dbname}: {_server_message(exc)}", "QueryFailed")
 
     apps = sorted(set(report.sizes) - SYSTEM_DATABASES)
     if apps:

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -23,6 +24,12 @@ from typing import IO
 from pgro.interrupts import deferred_interrupts
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.config import (
+    configured_value,
+    forced_arguments,
+    forced_settings,
+    safe_preload_libraries,
+)
 from pgro.processes import service_death_signal, spawn
 
 # Startup failures that mean the WAL needed for crash recovery is missing or torn (an
@@ -96,6 +103,30 @@ class Endpoint:
         )
 
 
+def _read_own_config(pgdata: Path) -> str:
+    """postgresql.conf as repaired, never through a link (a link may point anywhere)."""
+    try:
+        fd = os.open(pgdata / "postgresql.conf", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return ""
+        return f.read(4 * 2**20).decode(errors="replace")
+
+
+def server_forced_settings(pgdata: Path, binaries: PostgresBinaries) -> dict[str, str]:
+    """The settings a server on `pgdata` is started with, overriding every config file.
+
+    `shared_preload_libraries` keeps only the bare names postgresql.conf lists that are
+    installed in this host's $libdir (what the repair left there); everything else that can
+    load a library or run a program is forced off (`config.forced_settings`).
+    """
+    value = configured_value(_read_own_config(pgdata), "shared_preload_libraries") or ""
+    libraries = safe_preload_libraries(value, binaries.has_library)
+    return forced_settings(binaries.major, str(pgdata.absolute()), libraries)
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -157,6 +188,8 @@ class PostgresServer:
         ]
         for key, value in self.options.items():
             cmd += ["-c", f"{key}={value}"]
+        # Last, so no caller option can undo them (the last -c for a key wins).
+        cmd += forced_arguments(server_forced_settings(self.pgdata, self.binaries))
         return cmd
 
     def spawn(self) -> None:
@@ -279,8 +312,11 @@ def bootstrap_superuser(binaries: PostgresBinaries, pgdata: Path, account: RunAc
     Needed when the source cluster was initialised by an OS user other than `postgres`:
     local `trust` authentication still needs an existing role name.
     """
+    # Single-user mode loads shared_preload_libraries too, so it gets the same forced
+    # settings (pg_db_role_setting and event triggers are not applied in this mode).
+    forced = forced_arguments(server_forced_settings(pgdata, binaries))
     proc = subprocess.run(  # type: ignore[call-overload]
-        [binaries.tool("postgres"), "--single", "-D", str(pgdata), "template1"],
+        [binaries.tool("postgres"), "--single", "-D", str(pgdata), *forced, "template1"],
         input="SELECT rolname FROM pg_authid WHERE oid = 10;\n",
         capture_output=True,
         text=True,

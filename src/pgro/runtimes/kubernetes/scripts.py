@@ -8,13 +8,19 @@ only, so the same script runs unchanged against a local data directory in the te
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Final
 
+from pgro.postgres.config import forced_settings
 from pgro.postgres.server import WAL_FAILURE_SIGNATURES
 
 ADMIN_ROLE: Final = "postgres"
 FIX_RESET_WAL_FLAG: Final = "fix-reset-wal"
+# The script is the same for every major, and an unknown `-c` stops the server, so it forces
+# only what every major has: the library settings that single-user mode loads from. The
+# newer ones (JIT, recovery commands) do nothing in a single-user session with no signal file.
+_SINGLE_USER_MAJOR: Final = "10"
 
 _SETUP_TEMPLATE: Final = r"""set -eu
 # Never `set -x`: PGRO_ADMIN_PASSWORD would be echoed into the pod log.
@@ -42,7 +48,7 @@ sql="$sql ELSE CREATE ROLE __ROLE__ WITH $attributes; END IF; END\$pgro\$;"
 # a read-only replica's postgresql.conf makes every transaction read-only unless overridden.
 set_password() {
   printf '%s\n' "$sql" \
-    | postgres --single -D "$PGDATA" -c log_min_error_statement=panic \
+    | postgres --single -D "$PGDATA" __FORCED__ -c log_min_error_statement=panic \
         -c default_transaction_read_only=off __DATABASE__ 2>&1
 }
 
@@ -94,12 +100,24 @@ exit 1
 """
 
 
+def _forced_single_user_args() -> str:
+    """Single-user mode loads shared_preload_libraries too: the same forced settings as the
+    server's container (`config.forced_settings`), with `$PGDATA` expanded by the shell."""
+    placeholder = "/__PGRO_PGDATA__"
+    words = []
+    for key, value in forced_settings(_SINGLE_USER_MAJOR, placeholder).items():
+        escaped = re.sub(r'([$`"\\])', r"\\\1", f"{key}={value}")
+        words.append("-c " + f'"{escaped}"'.replace(placeholder, "$PGDATA"))
+    return " ".join(words)
+
+
 def setup_script() -> str:
     """The `setup` init container's script (POSIX sh). Needs `$PGDATA`, `$PGRO_DATA_ROOT`
     and `$PGRO_ADMIN_PASSWORD`; `postgres` and `pg_resetwal` on `$PATH`."""
     signatures = " ".join(f"-e {shlex.quote(s)}" for s in WAL_FAILURE_SIGNATURES)
     return (
-        _SETUP_TEMPLATE.replace("__SIGNATURES__", signatures)
+        _SETUP_TEMPLATE.replace("__FORCED__", _forced_single_user_args())
+        .replace("__SIGNATURES__", signatures)
         .replace("__ROLE__", ADMIN_ROLE)
         .replace("__DATABASE__", "postgres")
         .replace("__FLAG__", FIX_RESET_WAL_FLAG)

@@ -34,6 +34,7 @@ from pgro.api.quantity import format_quantity, parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.access import effective_read_only
+from pgro.postgres.config import forced_arguments, forced_settings
 from pgro.runtimes.kubernetes.config import OperatorConfig, Placement, with_placement
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE, setup_script
 from pgro.runtimes.kubernetes.sizing import (
@@ -636,6 +637,10 @@ def postgres_deployment(
         "args": [
             "-D",
             PGDATA,
+            # Command-line settings beat every config file: nothing the snapshot's files say
+            # can load a library or run a program. No shared_preload_libraries at all (the
+            # value is not known when the Deployment is built; the image ships only contrib).
+            *forced_arguments(forced_settings(postgres_version, PGDATA)),
             "-c",
             "listen_addresses=*",
             "-c",
