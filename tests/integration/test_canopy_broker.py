@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 
@@ -238,9 +238,9 @@ def test_the_default_listen_address_serves_ipv6_and_ipv4() -> None:
 
 
 def _creds(
-    url: str, body: dict[str, object], headers: dict[str, str] | None = None
+    url: str, body: Mapping[str, object], headers: dict[str, str] | None = None
 ) -> httpx.Response:
-    return httpx.post(f"{url}/internal/restore-creds", json=body, headers=headers or {})
+    return httpx.post(f"{url}/internal/restore-creds", json=dict(body), headers=headers or {})
 
 
 def test_a_caller_without_a_valid_token_gets_401_and_nothing_secret(

@@ -756,7 +756,28 @@ def test_canopy_role_grants_exactly_the_syncers_use() -> None:
 
 def test_canopy_overlay_builds_on_the_base_and_opens_the_broker_port() -> None:
     [kustomization] = load_docs(DEPLOY / "canopy" / "kustomization.yaml")
-    assert kustomization["resources"] == ["../", "rbac.yaml"]
+    assert kustomization["resources"] == ["../", "rbac.yaml", "networkpolicy.yaml"]
     patches = "\n".join(p["patch"] for p in kustomization["patches"])
     assert "CANOPY_BASE_URL" in patches and "containerPort: 9091" in patches
     assert "port: 9091" in patches
+
+
+def test_canopy_network_policy_admits_the_broker_port_only_from_proxy_sidecars() -> None:
+    """Issue 18 item 9: without it any pod in the cluster could call the broker."""
+    from pgro.api.names import LABEL_PROXY_SIDECAR
+    from pgro.runtimes.kubernetes.canopy import DEFAULT_BROKER_PORT
+
+    [policy] = load_docs(DEPLOY / "canopy" / "networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy"
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    operator_pods = find("Deployment", "postgres-restore-operator")["spec"]["template"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= operator_pods["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    by_port = {p["port"]: rule for rule in rules for p in rule["ports"]}
+    assert set(by_port) == {8080, DEFAULT_BROKER_PORT}
+    assert "from" not in by_port[8080]  # metrics and probes, as without canopy
+    assert by_port[DEFAULT_BROKER_PORT]["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {LABEL_PROXY_SIDECAR: "true"}}}
+    ]

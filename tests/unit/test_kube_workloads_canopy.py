@@ -179,7 +179,28 @@ def test_canopy_proxy_env_with_a_run_id() -> None:
         ),
         "PGRO_PROXY_PORT_FILE": "/var/run/pgro/proxy-port",
         "PGRO_PROXY_LISTEN_HOST": "127.0.0.1",
+        # The restore's own Secret, never a literal in the Job (issue 18 item 9).
+        "PGRO_BROKER_TOKEN": proxy_ref("brokerToken"),
+        "PGRO_PROXY_ACCESS_KEY_ID": proxy_ref("accessKeyId"),
+        "PGRO_PROXY_SECRET_ACCESS_KEY": proxy_ref("secretAccessKey"),
     }
+
+
+def proxy_ref(key: str) -> dict[str, Any]:
+    return {"secretKeyRef": {"name": f"{RESTORE}-canopy-proxy", "key": key}}
+
+
+def test_only_the_sidecar_gets_the_broker_token() -> None:
+    spec = pod(canopy_job())
+    [container] = spec["containers"]
+    assert "PGRO_BROKER_TOKEN" not in env_map(container)
+    refs = [
+        e["valueFrom"]["secretKeyRef"]
+        for c in spec["containers"] + spec["initContainers"]
+        for e in c["env"]
+        if "valueFrom" in e and e["valueFrom"]["secretKeyRef"]["key"] == "brokerToken"
+    ]
+    assert refs == [{"name": f"{RESTORE}-canopy-proxy", "key": "brokerToken"}]
 
 
 def test_canopy_proxy_env_without_a_run_id_has_no_progress_sampling() -> None:
@@ -212,11 +233,12 @@ def test_canopy_restore_container() -> None:
     env = env_map(container)
     assert env["PGRO_CANOPY_PROXY_PORT_FILE"] == "/var/run/pgro/proxy-port"
     assert env["PGRO_CANOPY_PROXY_HOST"] == "127.0.0.1"
-    # The canopy-creds Secret: bucket, region, the dummy keys and the real password.
+    # The canopy-creds Secret: bucket, region and the real password; kopia's S3 keys are
+    # the restore's own, which its sidecar checks every request against.
     assert env["KOPIA_BUCKET"] == secret_ref("bucket", optional=True)
     assert env["KOPIA_REGION"] == secret_ref("region", optional=True)
-    assert env["AWS_ACCESS_KEY_ID"] == secret_ref("accessKeyId", optional=True)
-    assert env["AWS_SECRET_ACCESS_KEY"] == secret_ref("secretAccessKey", optional=True)
+    assert env["AWS_ACCESS_KEY_ID"] == proxy_ref("accessKeyId")
+    assert env["AWS_SECRET_ACCESS_KEY"] == proxy_ref("secretAccessKey")
     assert env["KOPIA_PASSWORD"] == secret_ref("repositoryPassword")
     # kopia's endpoint is the proxy, whatever the Secret holds.
     for name in ("KOPIA_ENDPOINT", "KOPIA_DISABLE_TLS", "KOPIA_FILESYSTEM_PATH"):
