@@ -2,11 +2,12 @@
 
 The Job is the one `workloads.restore_job(..., canopy=...)` builds: its `canopy-proxy`
 native sidecar (`pgro canopy-proxy`) gets credentials from a `CredentialBroker` in front
-of the stub canopy, and `pgro restore-job` restores through it with the dummy keys of the
-canopy-creds Secret. The S3 side is a moto of this module's own with IAM authentication
-on: it refuses the dummy keys and accepts only the STS credentials the stub hands out, so
-the restore succeeds only if the sidecar re-signed every request. The test plays the
-operator's other part: the stats and progress callbacks.
+of the stub canopy (with the restore's token from its `<restore>-canopy-proxy` Secret),
+and `pgro restore-job` restores through it with the key pair of that Secret. The S3 side
+is a moto of this module's own with IAM authentication on: it refuses kopia's keys and
+accepts only the STS credentials the stub hands out, so the restore succeeds only if the
+sidecar re-signed every request. The test plays the operator's other part: the stats
+and progress callbacks.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ from pgro.canopy.materialise import (
     PROXY_DUMMY_SECRET_KEY,
     canopy_creds_secret_data,
 )
+from pgro.canopy.tokens import BrokerTokens, new_key
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.server import free_port
 from pgro.runtimes.kubernetes import workloads
+from pgro.runtimes.kubernetes.canopy import proxy_secret
 from pgro.runtimes.kubernetes.config import OperatorConfig
 from tests.fixtures.authed_moto import authed_moto
 from tests.fixtures.canopy_stub import (
@@ -161,6 +164,7 @@ class Operator:
     s3: CanopyS3
     broker_url: str
     callbacks: Callbacks
+    tokens: BrokerTokens
 
     def settings(self) -> workloads.CanopyJobSettings:
         return workloads.CanopyJobSettings(
@@ -186,10 +190,11 @@ def operator_side(canopy_stub: CanopyStub, canopy_s3: CanopyS3) -> Iterator[Oper
     )
     broker = CredentialBroker(CanopyClient(stub.url))
     port = free_port()
-    server = serve(broker, "127.0.0.1", port)
+    tokens = BrokerTokens(new_key())
+    server = serve(broker, "127.0.0.1", port, tokens=tokens)
     callbacks = Callbacks()
     try:
-        yield Operator(stub, canopy_s3, f"http://127.0.0.1:{port}", callbacks)
+        yield Operator(stub, canopy_s3, f"http://127.0.0.1:{port}", callbacks, tokens)
     finally:
         server.shutdown()
         server.server_close()
@@ -270,6 +275,8 @@ def _start_restore(
         workloads.kopia_cache_pvc(replica, restore.spec.snapshot_size),
     ):
         client.create(codecs.from_dict(_unowned(pvc)))
+    # What OperatorCanopy.job_settings writes first: the restore's token and kopia's keys.
+    client.create(codecs.from_dict(proxy_secret(op.tokens, replica, restore, owner=None)))
     job = _unowned(workloads.restore_job(replica, restore, CONFIG, canopy=op.settings()))
     if refused:
         job["spec"]["backoffLimit"] = 0
@@ -344,11 +351,12 @@ def test_canopy_restore_job_restores_through_the_sidecar(
     # kopia reads, not in any container's output.
     [restore_spec] = pod["spec"]["containers"]
     env = {e["name"]: e for e in restore_spec["env"]}
+    # kopia signs with the restore's own key pair, which the sidecar checks.
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": canopy_creds_secret_name(REPLICA),
+        "name": workloads.canopy_proxy_secret_name(RESTORE),
         "key": "secretAccessKey",
-        "optional": True,
     }
+    assert "PGRO_BROKER_TOKEN" not in env
     secret = kube_client.get(Secret, canopy_creds_secret_name(REPLICA), namespace=ns)
     keys = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
     assert keys["accessKeyId"] == PROXY_DUMMY_ACCESS_KEY
