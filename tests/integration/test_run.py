@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -97,8 +100,10 @@ class Running:
             [PGRO, "status", "--state-dir", str(self.state), "--json", "--show-credentials"],
             capture_output=True,
             text=True,
-            check=True,
         )
+        if out.returncode != 0:
+            print(f"pgro status exited {out.returncode}: {out.stderr[-2000:]}")
+            out.check_returncode()
         doc: list[dict[str, Any]] = json.loads(out.stdout)
         return doc
 
@@ -539,6 +544,19 @@ def test_manifest_changes_are_picked_up_and_bad_edits_do_not_disturb(
     manifest.write_text("kind: [unclosed\n")
     run.wait_for("the error in the log", lambda: "manifest not reloaded" in run.log.read_text())
     assert marker(run.replica("one")) == "m"
+    # Reported once per change, not every pass (before: every pass, as the file's time was
+    # recorded only by a load that worked).
+    time.sleep(3)
+    assert run.log.read_text().count("manifest not reloaded") == 1
+    # Bytes that are not UTF-8 (before: a traceback that ended pgro run, orphaning workers).
+    manifest.write_bytes(b"kind: Secret\nmetadata: {name: \xff\xfe}\n")
+    run.wait_for(
+        "the second error", lambda: run.log.read_text().count("manifest not reloaded") == 2
+    )
+    time.sleep(2)
+    assert run.proc.poll() is None
+    assert run.log.read_text().count("manifest not reloaded") == 2
+    assert marker(run.replica("one")) == "m"
 
     # A second replica added; SIGHUP forces the re-read even without a new mtime.
     write_manifest(
@@ -581,3 +599,196 @@ def test_a_restore_that_does_not_fit_on_the_disk_fails_clearly(
             run.stop()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+# -- issue 18: the state directory, untrusted files, failing steps -------------------------
+
+
+def test_an_unusable_manifest_or_state_dir_at_start_exits_2(scratch: Path) -> None:
+    """Before: an invalid manifest left a process that logged the error every second, a
+    non-UTF-8 one a traceback (exit 1), and any --state-dir was chmodded to 0711."""
+
+    def start(manifest: Path, state: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PGRO, "run", "-f", str(manifest), "--state-dir", str(state), "--tick", "0.3"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    invalid = scratch / "invalid.yaml"
+    invalid.write_text("kind: [unclosed\n")
+    done = start(invalid, scratch / "s1")
+    assert done.returncode == 2, done.stderr
+    assert "invalid YAML" in done.stderr and "Traceback" not in done.stderr
+    assert not (scratch / "s1" / "state.db").exists()
+
+    binary = scratch / "nonutf8.yaml"
+    binary.write_bytes(b"apiVersion: v1\nkind: Secret\nmetadata: {name: k\xff\xfe}\n")
+    done = start(binary, scratch / "s2")
+    assert done.returncode == 2, done.stderr
+    assert "UTF-8" in done.stderr and "Traceback" not in done.stderr
+
+    # Someone's home (or /tmp): refused, its mode untouched, nothing added.
+    home = scratch / "home"
+    home.mkdir()
+    (home / ".profile").write_text("")
+    os.chmod(home, 0o750)
+    good = write_manifest(scratch / "good.yaml", replica_doc("r", secret=None))
+    done = start(good, home)
+    assert done.returncode == 2, done.stderr
+    assert str(home) in done.stderr and "--state-dir" in done.stderr
+    assert stat.S_IMODE(home.stat().st_mode) == 0o750
+    assert sorted(p.name for p in home.iterdir()) == [".profile"]
+
+
+def _readable_by_others(root: Path, skip: Path) -> list[str]:
+    """Entries under `root` that users other than the owner can read or list."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if here == skip or skip in here.parents:
+            dirnames[:] = []
+            continue
+        for name in [*dirnames, *filenames]:
+            path = here / name
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode) or path == skip:
+                continue
+            if st.st_mode & 0o044:
+                found.append(f"{stat.filemode(st.st_mode)} {path.relative_to(root)}")
+    return found
+
+
+def test_state_files_are_private_and_a_forged_postmaster_pid_is_not_trusted(
+    backups: Backups, scratch: Path, start_run: StartRun
+) -> None:
+    backups.snapshot("private")
+    manifest = manifest_for(scratch / "m.yaml", backups, extraUsers=["reporter"])
+    run = start_run(manifest, "--keep-serving")
+    run.wait_for("serving", lambda: run.replica("orders")["status"].get("phase") == "Ready")
+    entry = run.replica("orders")
+    serving = entry["status"]["currentRestore"]
+    rdir = run.state / "restores" / "default" / serving
+    assert (rdir / "result.json").exists() and (rdir / "postgres.log").exists()
+
+    # Item 11: nothing in the state directory is readable or listable by other users (the
+    # restored tree itself is the snapshot's, below a 0711 directory; not pgro's files).
+    assert _readable_by_others(run.state, skip=rdir / "data") == []
+    assert stat.S_IMODE(run.state.stat().st_mode) == 0o711
+    for private in ("credentials", "kopia"):
+        assert stat.S_IMODE((run.state / private).stat().st_mode) == 0o700
+    if os.geteuid() == 0:
+        for path, verb in (
+            (run.state / "state.db", "cat"),
+            (run.state / "state.db-wal", "cat"),
+            (rdir / "postgres.log", "cat"),
+            (rdir / "work.log", "cat"),
+            (rdir / "result.json", "cat"),
+            (run.state / "restores", "ls"),
+            (run.state / "endpoints", "ls"),
+        ):
+            other = subprocess.run(
+                ["runuser", "-u", "nobody", "--", verb, str(path)], capture_output=True
+            )
+            assert other.returncode != 0, f"nobody could {verb} {path}"
+    assert run.stop() == 0
+
+    # Item 13: the server is gone; its postmaster.pid (the run account's file) now names an
+    # unrelated process and a directory elsewhere. The next run deletes the restore (the
+    # replica left the manifest) and must neither signal that process nor remove that path.
+    pgdata = Path(json.loads((rdir / "result.json").read_text())["pgdata"])
+    (server_pid,) = postmasters_under(run.state)
+    os.kill(server_pid, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while postmasters_under(run.state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    victim = subprocess.Popen(["sleep", "300"])
+    victim_dir = Path(tempfile.mkdtemp(prefix="pgro-sock-", dir="/tmp"))
+    (victim_dir / "keep").write_text("not pgro's")
+    try:
+        (pgdata / "postmaster.pid").write_text(
+            f"{victim.pid}\n{pgdata}\n1700000000\n5432\n{victim_dir}\n\n  1  2\nready   \n"
+        )
+        write_manifest(
+            manifest,
+            secret_doc(
+                "kopia", {"filesystemPath": str(backups.path), "repositoryPassword": PASSWORD}
+            ),
+        )
+        again = start_run(manifest)
+        again.wait_for("the replica's removal", lambda: again.status() == [])
+        assert not rdir.exists()
+        time.sleep(1)
+        assert victim.poll() is None, "root signalled a pid read from postmaster.pid"
+        assert (victim_dir / "keep").exists(), "root removed a path read from postmaster.pid"
+        assert again.stop() == 0
+    finally:
+        victim.kill()
+        victim.wait()
+        shutil.rmtree(victim_dir, ignore_errors=True)
+
+
+def test_a_failing_step_backs_off_and_is_logged_once(scratch: Path, start_run: StartRun) -> None:
+    """Item 20: PgBouncer cannot start. Before: an ERROR line every pass (every 0.3 s here)
+    and nothing in `pgro status`."""
+    manifest = write_manifest(
+        scratch / "m.yaml",
+        secret_doc(
+            "kopia", {"filesystemPath": str(scratch / "no-repo"), "repositoryPassword": "x"}
+        ),
+        replica_doc("orders", ephemeral=False),
+    )
+    run = start_run(manifest, env={"PGRO_PGBOUNCER": "/bin/false"})
+
+    def failures() -> list[str]:
+        return [
+            line
+            for line in run.log.read_text().splitlines()
+            if "EnsureReplicaResources" in line and '"level": "error"' in line
+        ]
+
+    run.wait_for("the failure", lambda: len(failures()) > 0)
+    time.sleep(8)  # about 26 passes; the retries come after 1, 2 and 4 s
+    assert run.proc.poll() is None
+    assert len(failures()) == 1, failures()
+    conds = run.replica("orders")["status"]["conditions"]
+    steps = next(c for c in conds if c["type"] == "StepsSucceeding")
+    assert steps["status"] == "False" and steps["reason"] == "StepFailing"
+    assert "EnsureReplicaResources" in steps["message"]
+    text = subprocess.run(
+        [PGRO, "status", "--state-dir", str(run.state)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "StepsSucceeding=False StepFailing" in text
+    events = [e["reason"] for e in run.replica("orders")["events"]]
+    assert events.count("StepFailed") == 1
+    assert run.stop() == 0
+
+
+def test_a_state_dir_under_a_private_parent_works(
+    backups: Backups, scratch: Path, start_run: StartRun
+) -> None:
+    """Item 19: `--state-dir /root/pgro` as root. Before: PostgreSQL and PgBouncer (run as
+    postgres) could not reach their files, and the error repeated every second."""
+    if os.geteuid() != 0:
+        pytest.skip("the run account differs from this user only as root")
+    from pgro.runtimes.embedded.state_dir import fallback_run_root
+
+    backups.snapshot("pp")
+    private = scratch / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    state = private / "state"
+    fallback = fallback_run_root(state)
+    try:
+        run = start_run(manifest_for(scratch / "m.yaml", backups), state=state)
+        run.wait_for("serving", lambda: run.replica("orders")["status"].get("phase") == "Ready")
+        assert marker(run.replica("orders")) == "pp"
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700  # not opened up
+        assert (fallback / "restores" / "default").is_dir()
+        assert not (state / "restores").exists()
+        assert stat.S_IMODE(fallback.stat().st_mode) == 0o711
+        assert run.stop() == 0
+        assert postmasters_under(fallback) == []
+    finally:
+        shutil.rmtree(fallback, ignore_errors=True)
