@@ -3,8 +3,17 @@
 One cluster per module stands in for a restored snapshot: it carries a superuser role named
 `analytics` with memberships and settings, a source login role `app_rw`, a source role named
 like an extra user with grants of its own, and an application database whose `CONNECT` was
-revoked from PUBLIC. Every test provisions the state it needs itself (provisioning converges),
-so the tests do not depend on their order.
+revoked from PUBLIC. It also carries the write paths a hostile or careless source leaves
+behind: a table PUBLIC may write, a SECURITY DEFINER function owned by a superuser that writes,
+CREATE on `public` for PUBLIC (as on PostgreSQL ≤ 14), a view over `pg_authid`, a restricted
+built-in (`pg_read_file`) re-granted to PUBLIC, and a role named like the analytics user that
+owns a table, holds a table grant and is a member of `pg_execute_server_program`. Every test
+provisions the state it needs itself (provisioning converges), so the tests do not depend on
+their order.
+
+The read-only and least-privilege tests run on the newest installed PostgreSQL and on
+PostgreSQL 13 (no `pg_read_all_data`), from `scripts/install-postgres-major.sh 13` when the
+system has no PostgreSQL 13.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +34,7 @@ from psycopg import errors
 
 from pgro.api.users import ExtraUser
 from pgro.postgres.account import RunAccount
-from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.binaries import BinariesMissing, PostgresBinaries, find_binaries
 from pgro.postgres.initdb import init_cluster
 from pgro.postgres.repair import DEFAULT_HBA
 from pgro.postgres.server import PostgresServer, make_conninfo, socket_dir_for
@@ -50,6 +60,7 @@ CREATE ROLE analytics LOGIN SUPERUSER CREATEDB CREATEROLE REPLICATION BYPASSRLS 
     IN ROLE legacy_group;
 ALTER ROLE analytics SET work_mem = '64MB';
 ALTER ROLE analytics SET default_transaction_read_only = off;
+GRANT pg_execute_server_program TO analytics;
 CREATE ROLE reporter LOGIN CREATEDB PASSWORD '{OLD_REPORTER_PASSWORD}' IN ROLE legacy_group;
 ALTER ROLE postgres PASSWORD '{BOOTSTRAP_PASSWORD}';
 CREATE DATABASE myapp OWNER app_owner;
@@ -74,8 +85,24 @@ INSERT INTO private.secrets VALUES (1, 'classified');
 GRANT USAGE ON SCHEMA private TO reporter;
 GRANT SELECT ON private.secrets TO reporter;
 ALTER DEFAULT PRIVILEGES IN SCHEMA private GRANT SELECT ON TABLES TO reporter;
+CREATE SCHEMA dbt;
+CREATE TABLE dbt.model AS SELECT 1 AS n;
 RESET ROLE;
+CREATE TABLE public.open_t (id int);
+GRANT INSERT, UPDATE, DELETE, TRUNCATE ON public.open_t TO PUBLIC;
+CREATE TABLE public.audit (id int);
+CREATE FUNCTION public.write_t(i int) RETURNS int LANGUAGE sql SECURITY DEFINER
+    AS 'INSERT INTO public.audit VALUES (i) RETURNING i';
+CREATE VIEW public.roles_v AS SELECT rolname, rolsuper FROM pg_catalog.pg_authid;
+GRANT SELECT ON public.roles_v TO PUBLIC;
+GRANT CREATE ON SCHEMA public TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_file(text) TO PUBLIC;
+GRANT INSERT, UPDATE ON public.items TO analytics;
+CREATE TABLE public.analytics_owned (id int);
+ALTER TABLE public.analytics_owned OWNER TO analytics;
 """
+# Only from PostgreSQL 15: a parameter a role could load a library with.
+SNAPSHOT_PARAMETER_GRANT = "GRANT SET ON PARAMETER session_preload_libraries TO PUBLIC"
 
 
 @dataclass
@@ -127,6 +154,7 @@ class Cluster:
         read_only: bool = True,
         extra: list[tuple[ExtraUser, RoleCredentials]] | None = None,
         other_managed_roles: tuple[str, ...] = (),
+        persistent_schemas: tuple[str, ...] = (),
     ) -> ProvisionReport:
         if extra is None:
             extra = [
@@ -142,6 +170,7 @@ class Cluster:
             extra_users=extra,
             read_only=read_only,
             other_managed_roles=other_managed_roles,
+            persistent_schemas=persistent_schemas,
         )
 
     def set_server_read_only(self, on: bool) -> None:
@@ -163,14 +192,36 @@ class Cluster:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def cluster(
+def _initdb(binaries: PostgresBinaries, pgdata: Path, account: RunAccount) -> None:
+    """`initdb` for any major (init_cluster passes --no-instructions, new in 14)."""
+    if binaries.major not in ("13", "12", "11", "10"):
+        init_cluster(binaries, pgdata, account)
+        return
+    pgdata.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(pgdata, account.uid, account.gid)
+    os.chmod(pgdata, 0o700)
+    subprocess.run(  # type: ignore[call-overload]
+        [
+            binaries.tool("initdb"),
+            *("-D", str(pgdata), "--no-locale", "--encoding=UTF8"),
+            *("--auth=trust", "--username=postgres"),
+        ],
+        capture_output=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", **account.env()},
+        cwd="/",
+        **account.popen_kwargs(),
+    )
+
+
+def _cluster(
     scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
 ) -> Iterator[Cluster]:
-    base = Path(tempfile.mkdtemp(prefix="users-", dir=scratch_root))
+    base = Path(tempfile.mkdtemp(prefix=f"users{binaries.major}-", dir=scratch_root))
     os.chmod(base, 0o711)
     pgdata = base / "data"
-    init_cluster(binaries, pgdata, account)
+    _initdb(binaries, pgdata, account)
     hba = pgdata / "pg_hba.conf"
     hba.write_text(DEFAULT_HBA)
     if os.geteuid() == 0:
@@ -191,6 +242,8 @@ def cluster(
             for statement in SNAPSHOT_ROLES.split(";\n"):
                 if statement.strip():
                     conn.execute(statement.encode())
+            if int(binaries.major) >= 15:
+                conn.execute(SNAPSHOT_PARAMETER_GRANT)
         with c.superuser("myapp") as conn:
             conn.execute(SNAPSHOT_DATA.encode())
         # The snapshot is served read-only: provisioning must write regardless (§9 item 14).
@@ -202,6 +255,51 @@ def cluster(
         if sockets != base / "run":
             shutil.rmtree(sockets, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
+) -> Iterator[Cluster]:
+    yield from _cluster(scratch_root, account, binaries)
+
+
+PG13_CACHE = (
+    Path(os.environ.get("PGRO_POSTGRES_CACHE", Path.home() / ".cache/pgro/postgres")) / "13"
+)
+
+
+def _binaries_13(scratch_root: Path) -> PostgresBinaries | None:
+    try:
+        return find_binaries("13")
+    except BinariesMissing:
+        pass
+    if not os.access(PG13_CACHE / "bin" / "postgres", os.X_OK):
+        return None
+    # The cache is under root's home, which the server's account cannot enter: a copy.
+    copy = scratch_root / "postgresql-13"
+    if not copy.exists():
+        shutil.copytree(PG13_CACHE, copy, symlinks=True)
+    return PostgresBinaries(major="13", bindir=copy / "bin")
+
+
+@pytest.fixture(scope="module")
+def cluster13(scratch_root: Path, account: RunAccount) -> Iterator[Cluster]:
+    binaries = _binaries_13(scratch_root)
+    if binaries is None:
+        pytest.skip(
+            "PostgreSQL 13 server binaries are not installed: run "
+            "`scripts/install-postgres-major.sh 13` (or install postgresql-13)"
+        )
+    yield from _cluster(scratch_root, account, binaries)
+
+
+@pytest.fixture(params=["newest", "13"])
+def any_cluster(request: pytest.FixtureRequest) -> Cluster:
+    """The same snapshot on the newest installed PostgreSQL and on 13 (no pg_read_all_data)."""
+    name = "cluster" if request.param == "newest" else "cluster13"
+    c: Cluster = request.getfixturevalue(name)
+    return c
 
 
 def one(conn: psycopg.Connection[tuple[object, ...]], query: str, *params: object) -> object:
@@ -269,7 +367,7 @@ def test_first_run_reports_what_it_did(cluster: Cluster) -> None:
     assert report.analytics.action == "reset"  # the snapshot had a role of that name
     assert report.analytics.privilege == "pg_read_all_data"
     assert report.analytics.read_only_sessions is True
-    assert report.analytics.memberships_revoked == ["legacy_group"]
+    assert report.analytics.memberships_revoked == ["legacy_group", "pg_execute_server_program"]
     # Managed roles get new passwords; every other login role, the bootstrap superuser
     # included (unlike the reference), loses its restored one.
     assert report.passwords_neutralised == ["app_owner", "app_rw", "postgres"]
@@ -329,15 +427,14 @@ def test_analytics_read_only_is_reset_and_cannot_write(cluster: Cluster) -> None
         cluster.set_server_read_only(True)
 
 
-def test_analytics_read_write_is_superuser_and_writes(cluster: Cluster) -> None:
+def test_analytics_read_write_is_no_superuser_and_writes(cluster: Cluster) -> None:
     cluster.set_server_read_only(False)
     try:
         report = cluster.provision(read_only=False)
-        assert report.analytics.privilege == "superuser"
+        assert report.analytics.privilege == "read_write"
         assert report.analytics.read_only_sessions is False
         assert role_state(cluster, "analytics") == {
             **RESET_ATTRIBUTES,
-            "super": True,
             "member_of": [],  # pg_read_all_data from a read-only run is gone too
             "settings": [],
         }
@@ -541,3 +638,189 @@ def test_passwords_stay_out_of_reports_and_errors(cluster: Cluster) -> None:
     with pytest.raises(ProvisioningFailed) as failed:
         cluster.provision(extra=[(ExtraUser(name="postgres"), RoleCredentials("postgres", "x1"))])
     assert failed.value.reason == "InvalidUsers"
+
+
+# -- least privilege and read-only at the server (issue 18 items 7 and 8) ----------------
+
+# Every way to write that a read-only login must not have, whatever its session default.
+WRITE_PATHS = {
+    "INSERT": "INSERT INTO public.items VALUES (3, 'three')",
+    "UPDATE": "UPDATE public.items SET name = 'changed'",
+    "DELETE": "DELETE FROM public.items",
+    "TRUNCATE": "TRUNCATE public.items",
+    "INSERT granted to PUBLIC": "INSERT INTO public.open_t VALUES (1)",
+    "TRUNCATE granted to PUBLIC": "TRUNCATE public.open_t",
+    "SECURITY DEFINER function that writes": "SELECT public.write_t(1)",
+    "lo_create": "SELECT lo_create(0)",
+    "lo_creat": "SELECT lo_creat(-1)",
+    "lo_from_bytea": "SELECT lo_from_bytea(0, 'x')",
+    "lo_import": "SELECT lo_import('/etc/hostname')",
+    "CREATE TEMP TABLE": "CREATE TEMP TABLE scratch (id int)",
+    "CREATE in public": "CREATE TABLE public.nope (id int)",
+    "CREATE SCHEMA": "CREATE SCHEMA nope",
+    "nextval": "SELECT nextval('reporting.counter')",
+    "SELECT FOR UPDATE": "SELECT * FROM public.items FOR UPDATE",
+    "a table the snapshot let the role own": "INSERT INTO public.analytics_owned VALUES (1)",
+}
+# What no role pgro hands out may do, read-only or not.
+SERVER_ESCAPES = {
+    "COPY TO PROGRAM": "COPY (SELECT 1) TO PROGRAM 'true'",
+    "pg_read_file re-granted to PUBLIC": "SELECT pg_read_file('/etc/hostname')",
+    "lo_import": "SELECT lo_import('/etc/hostname')",
+    "SECURITY DEFINER function owned by a superuser": "SELECT public.write_t(2)",
+    "write through a view owned by a superuser": "UPDATE public.roles_v SET rolsuper = true",
+    "SET ROLE to the bootstrap superuser": "SET ROLE postgres",
+    "a trigger on a table it does not own": (
+        "CREATE TRIGGER t BEFORE INSERT ON public.items FOR EACH ROW "
+        "EXECUTE FUNCTION suppress_redundant_updates_trigger()"
+    ),
+}
+
+
+def assert_denied(conn: psycopg.Connection[tuple[object, ...]], paths: dict[str, str]) -> None:
+    """Each statement fails for lack of a privilege (each in its own transaction)."""
+    allowed = []
+    for what, statement in paths.items():
+        try:
+            conn.execute(statement.encode())
+        except errors.InsufficientPrivilege:
+            continue
+        allowed.append(what)
+    assert allowed == [], f"{conn.info.user} could: {allowed}"
+
+
+def assert_nothing_written(cluster: Cluster) -> None:
+    with cluster.superuser() as su:
+        assert one(su, "SELECT count(*) FROM public.items") == 2
+        assert one(su, "SELECT count(*) FROM public.open_t") == 0
+        assert one(su, "SELECT count(*) FROM public.audit") == 0
+        assert one(su, "SELECT count(*) FROM pg_largeobject_metadata") == 0
+        assert one(su, "SELECT last_value FROM reporting.counter") == 1
+        assert one(su, "SELECT to_regclass('public.nope')") is None
+        assert one(su, "SELECT count(*) FROM pg_roles WHERE rolsuper") == 1
+
+
+def assert_least_privilege(cluster: Cluster, name: str) -> None:
+    """No superuser, no dangerous attribute, no membership, no parameter it could load a
+    library with."""
+    state = role_state(cluster, name)
+    assert {k: state[k] for k in ("super", "createrole", "replication", "bypassrls")} == {
+        "super": False,
+        "createrole": False,
+        "replication": False,
+        "bypassrls": False,
+    }
+    assert set(state["member_of"]) <= {"pg_read_all_data"}  # type: ignore[call-overload]
+    with cluster.superuser("postgres") as su:
+        if su.info.server_version >= 150000:
+            assert (
+                one(
+                    su,
+                    "SELECT has_parameter_privilege(%s, 'session_preload_libraries', 'SET')",
+                    name,
+                )
+                is False
+            )
+
+
+def logins(cluster: Cluster) -> list[tuple[str, str]]:
+    return [
+        ("analytics", cluster.analytics.password),
+        ("reporter", cluster.reporter.password),
+        ("viewer", cluster.viewer.password),
+    ]
+
+
+@pytest.mark.parametrize("persistent", [(), ("dbt",)], ids=["plain", "persistentSchemas"])
+def test_read_only_holds_at_the_server_for_every_role(
+    any_cluster: Cluster, persistent: tuple[str, ...]
+) -> None:
+    """SET default_transaction_read_only = off, then every write path: all denied."""
+    cluster = any_cluster
+    cluster.set_server_read_only(False)  # the session default is not what holds
+    try:
+        report = cluster.provision(read_only=True, persistent_schemas=persistent)
+        version = report.server_version_num
+        assert report.analytics.privilege == (
+            "pg_read_all_data" if version >= 140000 else "select_grants"
+        )
+        for name, password in logins(cluster):
+            assert_least_privilege(cluster, name)
+            with cluster.login(name, password) as conn:
+                assert one(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is (
+                    False
+                )
+                conn.execute("SET default_transaction_read_only = off")
+                assert_denied(conn, {**WRITE_PATHS, **SERVER_ESCAPES})
+        with cluster.login("analytics", cluster.analytics.password) as conn:
+            # Still reads everything, views and sequences included, on every version.
+            assert one(conn, "SELECT count(*) FROM public.items") == 2
+            assert one(conn, "SELECT count(*) FROM private.secrets") == 1
+            assert one(conn, "SELECT last_value FROM reporting.counter") == 1
+            assert one(conn, "SELECT count(*) FROM dbt.model") == 1
+            assert one(conn, "SELECT public.add_one(41)") == 42
+            # Read-only: no schema changes hands, persistent or not.
+            assert (
+                one(conn, "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'dbt'")
+                == "app_owner"
+            )
+        with cluster.login("reporter", cluster.reporter.password) as conn:
+            assert one(conn, "SELECT count(*) FROM reporting.sales") == 3
+        assert_nothing_written(cluster)
+    finally:
+        cluster.set_server_read_only(True)
+        cluster.provision(read_only=True)
+
+
+def test_write_capable_analytics_writes_what_it_needs_and_no_more(any_cluster: Cluster) -> None:
+    """readOnly: false, or persistentSchemas/redaction/migrateTo: DML, CREATE, TEMP, large
+    objects and its persistent schemas, but never a superuser's powers; the extra users
+    stay read-only on the same replica."""
+    cluster = any_cluster
+    cluster.set_server_read_only(False)
+    try:
+        report = cluster.provision(read_only=False, persistent_schemas=("dbt", "absent"))
+        assert report.analytics.privilege == "read_write"
+        for name, _ in logins(cluster):
+            assert_least_privilege(cluster, name)
+        assert role_state(cluster, "analytics")["member_of"] == []
+        with cluster.login("analytics", cluster.analytics.password) as conn:
+            assert one(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is False
+            assert_denied(conn, SERVER_ESCAPES)
+            with conn.transaction(force_rollback=True):
+                conn.execute("INSERT INTO public.items VALUES (3, 'three')")
+                conn.execute("UPDATE public.items SET name = 'changed' WHERE id = 3")
+                conn.execute("DELETE FROM public.items WHERE id = 3")
+                conn.execute("TRUNCATE public.open_t")
+                assert one(conn, "SELECT nextval('reporting.counter')") == 2
+                assert one(conn, "SELECT id FROM public.items ORDER BY id LIMIT 1 FOR UPDATE") == 1
+                conn.execute("CREATE TEMP TABLE scratch (id int)")
+                conn.execute("CREATE TABLE public.made (id int)")
+                conn.execute("CREATE SCHEMA made")
+                assert one(conn, "SELECT lo_create(0) > 0") is True
+                assert one(conn, "SELECT lo_from_bytea(0, 'x') > 0") is True
+            # Its persistent schema is its own: what the migration does (drop, re-create).
+            assert (
+                one(conn, "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname='dbt'")
+                == "analytics"
+            )
+            conn.execute("DROP SCHEMA dbt CASCADE")
+            conn.execute("CREATE SCHEMA dbt")
+            conn.execute("CREATE TABLE dbt.model AS SELECT 2 AS n")
+            assert one(conn, "SELECT n FROM dbt.model") == 2
+        for name, password in logins(cluster)[1:]:
+            with cluster.login(name, password) as conn:
+                conn.execute("SET default_transaction_read_only = off")
+                assert_denied(conn, {**WRITE_PATHS, **SERVER_ESCAPES})
+        with cluster.superuser() as su:
+            assert one(su, "SELECT count(*) FROM public.items") == 2
+            assert one(su, "SELECT count(*) FROM public.audit") == 0
+            assert one(su, "SELECT count(*) FROM pg_roles WHERE rolsuper") == 1
+    finally:
+        cluster.set_server_read_only(True)
+        with cluster.superuser() as su:
+            su.execute("DROP SCHEMA IF EXISTS dbt CASCADE")
+            su.execute("CREATE SCHEMA dbt AUTHORIZATION app_owner")
+            su.execute("CREATE TABLE dbt.model AS SELECT 1 AS n")
+            su.execute("ALTER TABLE dbt.model OWNER TO app_owner")
+        cluster.provision(read_only=True)

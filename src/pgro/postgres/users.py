@@ -2,25 +2,39 @@
 
 Run against every restore once its server is up, connected as the bootstrap superuser over
 the private socket (reference restore-pipeline.md §4.3 steps 14 and 18-19, §4.6, §4.8, §9
-items 14 and 17):
+items 14 and 17). What each role may do is documented in docs/roles.md.
 
 1. **Restored passwords are neutralised**: every login role from the source cluster except
    the bootstrap superuser and the roles pgro manages loses its password, so source-cluster
    accounts cannot log in over TCP.
-2. **The analytics user is reset to a fixed state** even when the snapshot had a role of
-   that name: attributes, memberships, per-role settings and password; then
-   `pg_read_all_data` (read-only, PostgreSQL ≥ 14) or `SUPERUSER` (read-write, or older
-   servers), with read-only sessions when the replica is read-only.
-3. **extraUsers** get the reference's current semantics: non-superuser LOGIN roles with no
+2. **Every managed role is reset to a fixed state** even when the snapshot had a role of
+   that name: attributes (never SUPERUSER, CREATEROLE, REPLICATION or BYPASSRLS),
+   memberships, per-role settings, password, and in every connectable database the objects
+   it owned (reassigned to the bootstrap superuser) and every privilege granted to it.
+3. **The analytics user** then gets, when read-only, `pg_read_all_data` (PostgreSQL ≥ 14)
+   or USAGE and SELECT on every application schema, table and sequence (≤ 13); when the
+   replica must write (`readOnly: false`, persistent schemas, redaction, migrations), DML on
+   every application table and sequence, CREATE and TEMP on each database, CREATE on each
+   application schema and ownership of the persistent schemas. In both cases EXECUTE on the
+   application functions that run as their caller. Never SUPERUSER.
+4. **extraUsers** get the reference's current semantics: non-superuser LOGIN roles with no
    memberships, read-only sessions, and in every connectable database `CONNECT` plus
    `USAGE`/`SELECT` (and default privileges) on the schemas they list, after `PUBLIC` has
    lost access to every non-system schema.
+5. **Read-only holds at the server, not per session**: `PUBLIC` loses every write path a
+   session could use after `SET default_transaction_read_only = off` (CREATE and TEMP on
+   each database, CREATE on schemas, write grants on tables and sequences, EXECUTE on
+   SECURITY DEFINER functions, on large-object writers and on restricted built-ins a
+   snapshot re-granted, SET on parameters). The role setting `default_transaction_read_only
+   = on` stays as a convenience only.
 
 Every write runs after `SET default_transaction_read_only = off`: the restored server may be
-read-only by default. Identifiers are quoted with `psycopg.sql.Identifier`; passwords are hashed
-to a SCRAM verifier on the client (so the plain text never reaches the server, its logs or
-`pg_stat_statements`) and sent with `psycopg.sql.Literal`. Reports and exceptions name roles and
-databases, never passwords. Running it again on the same cluster converges to the same state.
+read-only by default. pgro's sessions start with the safe settings of pgro.postgres.session,
+so nothing the restore names is loaded into them. Identifiers are quoted with
+`psycopg.sql.Identifier`; passwords are hashed to a SCRAM verifier on the client (so the plain
+text never reaches the server, its logs or `pg_stat_statements`) and sent with
+`psycopg.sql.Literal`. Reports and exceptions name roles and databases, never passwords.
+Running it again on the same cluster converges to the same state.
 """
 
 from __future__ import annotations
@@ -60,8 +74,61 @@ _DEFAULT_ACL_KINDS = {
     "n": "SCHEMAS",
 }
 
+# Large-object functions that create or change data. PUBLIC may execute them by default;
+# lo_import/lo_export (server files) are restricted by default and never granted.
+LARGE_OBJECT_WRITERS = (
+    "lo_creat",
+    "lo_create",
+    "lo_from_bytea",
+    "lo_put",
+    "lowrite",
+    "lo_truncate",
+    "lo_truncate64",
+    "lo_unlink",
+)
+LARGE_OBJECT_SERVER_FILES = ("lo_import", "lo_export")
+# Relation privileges that change data or definitions (`MAINTAIN` from 17). SELECT and,
+# on sequences, nothing else is a read.
+_WRITE_PRIVILEGES = frozenset(
+    {"INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN", "USAGE"}
+)
+# What the write-capable analytics user may do to application tables and sequences. Not
+# TRIGGER (a trigger would run as whoever writes next, pgro's superuser included) and not
+# REFERENCES; not on views or foreign tables (a write through a view is checked as the
+# view's owner, possibly a superuser).
+_TABLE_WRITE = "SELECT, INSERT, UPDATE, DELETE, TRUNCATE"
+_SEQUENCE_WRITE = "USAGE, SELECT, UPDATE"
+# C symbols that reach server files, programs or other sessions whatever name a function
+# was given. A snapshot can bind them to a function in an application schema; such a
+# function is never handed out.
+_RESTRICTED_SYMBOLS = (
+    r"^(pg_read_|pg_ls_|pg_stat_file|be_lo_|lo_import|lo_export|pg_file_|pg_logdir_ls"
+    r"|pg_logfile_rotate|pg_rotate_logfile|pg_reload_conf|pg_promote|pg_signal_backend"
+    r"|pg_terminate_backend|pg_cancel_backend|pg_create_restore_point|pg_switch_wal"
+    r"|pg_switch_xlog|pg_(start|stop)_backup|pg_backup_|pg_replication_|pg_drop_replication"
+    r"|pg_create_(logical|physical)_replication|pg_import_system_collations)"
+)
+# Functions that run as their caller in a language that cannot reach outside the database:
+# trusted languages, and C from the server's own library directory (extensions such as
+# PostGIS) except the restricted symbols. `internal` and untrusted languages (plpython3u,
+# C from any other path) run whatever the snapshot wrote, so they are not handed out.
+_CALLER_ROUTINE = (
+    "NOT p.prosecdef AND (l.lanpltrusted OR (l.lanname = 'c' "
+    r"AND p.probin ~ '^\$libdir/[^/]+$' "
+    f"AND p.prosrc !~ '{_RESTRICTED_SYMBOLS}'))"
+)
+
 RoleAction = Literal["created", "reset"]
-AnalyticsPrivilege = Literal["pg_read_all_data", "superuser"]
+# pg_read_all_data: read-only, PostgreSQL ≥ 14. select_grants: read-only on ≤ 13 (USAGE and
+# SELECT on application schemas). read_write: DML, CREATE and the persistent schemas.
+AnalyticsPrivilege = Literal["pg_read_all_data", "select_grants", "read_write"]
+
+
+def analytics_privilege(read_only: bool, server_version_num: int) -> AnalyticsPrivilege:
+    """How the analytics user reads or writes; never a superuser."""
+    if not read_only:
+        return "read_write"
+    return "pg_read_all_data" if server_version_num >= 140000 else "select_grants"
 
 
 def generate_password() -> str:
@@ -303,15 +370,15 @@ def _plan_users(
 def _connect(
     conninfo_for: Callable[[str], str], dbname: str, scrub: _Scrubber
 ) -> psycopg.Connection[tuple[object, ...]]:
-    """A superuser session in `dbname` that may write whatever the server's default."""
-    import psycopg
+    """A superuser session in `dbname` that may write whatever the server's default, with
+    pgro.postgres.session's safe settings in force from its start."""
+    from pgro.postgres.session import connect
 
     with _step(scrub, "ConnectionFailed", f"cannot connect to database {dbname}", database=dbname):
-        conn = psycopg.connect(
+        conn = connect(
             conninfo_for(dbname),
-            connect_timeout=CONNECT_TIMEOUT_S,
-            autocommit=True,
             application_name=APPLICATION_NAME,
+            connect_timeout=CONNECT_TIMEOUT_S,
         )
     try:
         with _step(scrub, "ConnectionFailed", f"cannot prepare a session in {dbname}"):
@@ -395,7 +462,6 @@ def _reset_role(
     conn: psycopg.Connection[tuple[object, ...]],
     creds: RoleCredentials,
     *,
-    superuser: bool,
     read_only_sessions: bool,
     grant_roles: Sequence[str],
     server_version_num: int,
@@ -420,10 +486,12 @@ def _reset_role(
             creds.password.encode(), name.encode(), algorithm
         ).decode()
     scrub.add(verifier)
+    # Never a superuser, whatever the replica: a superuser has COPY … TO PROGRAM, a shell as
+    # the account every restore runs as.
     attributes = sql.SQL(
-        "LOGIN {} NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "
+        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "
         "CONNECTION LIMIT -1 VALID UNTIL 'infinity' PASSWORD {}"
-    ).format(sql.SQL("SUPERUSER" if superuser else "NOSUPERUSER"), sql.Literal(verifier))
+    ).format(sql.Literal(verifier))
     verb = "ALTER" if exists else "CREATE"
     with step("cannot create" if not exists else "cannot reset the attributes of"):
         conn.execute(sql.SQL(verb + " ROLE {} WITH {}").format(role, attributes))
@@ -501,21 +569,65 @@ def _connectable_databases(
         ]
 
 
-def _apply_database_grants(
-    conn: psycopg.Connection[tuple[object, ...]],
-    dbname: str,
-    *,
-    analytics: str,
-    analytics_superuser: bool,
-    users: Sequence[_ManagedUser],
-    server_version_num: int,
-) -> dict[str, SchemaGrants]:
-    """One database's privileges, in the caller's transaction. Returns grants per user."""
+def _revoke_public_parameter_privileges(
+    conn: psycopg.Connection[tuple[object, ...]], server_version_num: int
+) -> list[str]:
+    """PostgreSQL ≥ 15 stores `GRANT SET ON PARAMETER`: a snapshot granting PUBLIC SET on
+    `session_preload_libraries` would let any role load a library. Nothing is granted on
+    parameters by default, so PUBLIC loses every such grant."""
     from psycopg import sql
 
-    routines = sql.SQL("ROUTINES" if server_version_num >= 110000 else "FUNCTIONS")
-    routine = sql.SQL("ROUTINE" if server_version_num >= 110000 else "FUNCTION")
-    database = sql.Identifier(dbname)
+    if server_version_num < 150000:
+        return []
+    names = [
+        r[0]
+        for r in _rows(
+            conn,
+            "SELECT p.parname FROM pg_parameter_acl p WHERE EXISTS (SELECT 1 FROM "
+            "aclexplode(p.paracl) a WHERE a.grantee = 0) ORDER BY 1",
+        )
+    ]
+    for name in names:
+        conn.execute(sql.SQL("REVOKE ALL ON PARAMETER {} FROM PUBLIC").format(sql.Identifier(name)))
+    return names
+
+
+def reset_statements(roles: Sequence[str]) -> list[sql.Composed]:
+    """In one database: the roles own nothing (their objects go to the bootstrap superuser,
+    who runs this) and hold no privilege granted to them by name, here or on shared objects
+    (databases, parameters). Memberships are handled by _reset_role."""
+    from psycopg import sql
+
+    statements: list[sql.Composed] = []
+    for name in roles:
+        role = sql.Identifier(name)
+        statements.append(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(role))
+        statements.append(sql.SQL("DROP OWNED BY {}").format(role))
+    return statements
+
+
+@dataclass(frozen=True)
+class DatabaseCatalog:
+    """What one database holds that its grants depend on (read from its catalogs)."""
+
+    name: str
+    schema_owner: dict[str, str]  # application schema -> who creates tables there
+    writable_tables: tuple[str, ...] = ()  # application tables (relkind r, p), regclass text
+    caller_routines: tuple[str, ...] = ()  # application routines that run as their caller
+    # Relations anywhere with write privileges granted to PUBLIC: (regclass, is sequence,
+    # privileges).
+    public_relation_writes: tuple[tuple[str, bool, tuple[str, ...]], ...] = ()
+    # Routines anywhere PUBLIC must not execute: SECURITY DEFINER, large-object writers,
+    # built-ins whose restricted default a snapshot re-granted to PUBLIC.
+    public_routine_revokes: tuple[str, ...] = ()
+    large_object_writers: tuple[str, ...] = ()  # pg_catalog signatures present here
+
+    @property
+    def schemas(self) -> list[str]:
+        return list(self.schema_owner)
+
+
+def _read_catalog(conn: psycopg.Connection[tuple[object, ...]], dbname: str) -> DatabaseCatalog:
     # The schema owner is who creates tables there later; for a schema owned by the
     # pg_database_owner pseudo-role (public, from 15) that is the database's owner.
     schema_owner = {
@@ -529,48 +641,217 @@ def _apply_database_grants(
             f"WHERE {_USER_SCHEMA} ORDER BY n.nspname",
         )
     }
-    schemas = sql.SQL(", ").join([sql.Identifier(s) for s in schema_owner])
-    user_names = [u.name for u in users]
-    grantees = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(sql.Identifier(n) for n in user_names)])
+    tables = tuple(
+        r[0]
+        for r in _rows(
+            conn,
+            "SELECT c.oid::regclass::text FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE {_USER_SCHEMA} AND c.relkind IN ('r', 'p') ORDER BY 1",
+        )
+    )
+    routines = tuple(
+        r[0]
+        for r in _rows(
+            conn,
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "JOIN pg_language l ON l.oid = p.prolang "
+            f"WHERE {_USER_SCHEMA} AND {_CALLER_ROUTINE} ORDER BY 1",
+        )
+    )
+    relation_writes: list[tuple[str, bool, tuple[str, ...]]] = []
+    for relation, kind, privileges in _rows(
+        conn,
+        # Table-level and column-level grants; revoking at table level removes both.
+        # pg_settings' UPDATE for PUBLIC is set_config(), a session setting.
+        "SELECT c.oid::regclass::text, c.relkind::text, "
+        "string_agg(DISTINCT a.privilege_type, ',' ORDER BY a.privilege_type) "
+        "FROM pg_class c CROSS JOIN LATERAL (SELECT privilege_type FROM "
+        "aclexplode(c.relacl) WHERE grantee = 0 UNION ALL SELECT x.privilege_type FROM "
+        "pg_attribute t, aclexplode(t.attacl) x WHERE t.attrelid = c.oid AND x.grantee = 0) a "
+        "WHERE a.privilege_type <> 'SELECT' AND c.oid <> 'pg_catalog.pg_settings'::regclass "
+        "GROUP BY c.oid, c.relkind ORDER BY 1",
+    ):
+        kept = tuple(p for p in privileges.split(",") if p in _WRITE_PRIVILEGES)
+        if kept:
+            relation_writes.append((relation, kind == "S", kept))
+    revokes = tuple(
+        r[0]
+        for r in _rows(
+            conn,
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "WHERE EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, "
+            "acldefault('f', p.proowner))) a WHERE a.grantee = 0 "
+            "AND a.privilege_type = 'EXECUTE') AND (p.prosecdef "
+            "OR (p.pronamespace = 'pg_catalog'::regnamespace AND (p.proname = ANY(%s) "
+            # A built-in with an explicit ACL is one initdb restricted (none of them lists
+            # PUBLIC on a fresh cluster): PUBLIC in it is the snapshot's doing.
+            "OR p.proacl IS NOT NULL))) ORDER BY 1",
+            [[*LARGE_OBJECT_WRITERS, *LARGE_OBJECT_SERVER_FILES]],
+        )
+    )
+    writers = tuple(
+        r[0]
+        for r in _rows(
+            conn,
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname = ANY(%s) "
+            "ORDER BY 1",
+            [list(LARGE_OBJECT_WRITERS)],
+        )
+    )
+    return DatabaseCatalog(
+        name=dbname,
+        schema_owner=schema_owner,
+        writable_tables=tables,
+        caller_routines=routines,
+        public_relation_writes=tuple(relation_writes),
+        public_routine_revokes=revokes,
+        large_object_writers=writers,
+    )
 
-    if not analytics_superuser:
-        # Revoking EXECUTE from PUBLIC would take application and extension functions
-        # (PostGIS, pgcrypto, …) away from the analytics user, which pg_read_all_data does not
-        # cover: hand it exactly what PUBLIC could execute.
-        signatures = [
-            r[0]
-            for r in _rows(
-                conn,
-                "SELECT p.oid::regprocedure::text FROM pg_proc p "
-                "JOIN pg_namespace n ON n.oid = p.pronamespace "
-                f"WHERE {_USER_SCHEMA} AND EXISTS (SELECT 1 FROM "
-                "aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a "
-                "WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') ORDER BY 1",
-            )
-        ]
-        for start in range(0, len(signatures), _GRANT_BATCH):
-            batch = signatures[start : start + _GRANT_BATCH]
-            # regprocedure output is produced and quoted by the server, schema-qualified
-            # because the session's search_path is pg_catalog only.
-            conn.execute(
-                sql.SQL("GRANT EXECUTE ON {} {} TO {}").format(
-                    routine,
-                    sql.SQL(", ").join([sql.SQL(s) for s in batch]),
-                    sql.Identifier(analytics),
-                )
-            )
 
-    if schema_owner:
-        # §4.8: PUBLIC loses every non-system schema and what is in it; the extra users lose
-        # whatever the snapshot granted them there, before getting exactly their schemas.
-        conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(schemas, grantees))
+def _batches(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _GRANT_BATCH):
+        yield items[start : start + _GRANT_BATCH]
+
+
+def public_lockdown_statements(
+    catalog: DatabaseCatalog, *, extra_users: Sequence[str], server_version_num: int
+) -> list[sql.Composed]:
+    """Close every write path PUBLIC has in one database, so that a session that turns
+    `default_transaction_read_only` off still cannot write; and take the application
+    schemas away from PUBLIC and the extra users (§4.8)."""
+    from psycopg import sql
+
+    routine = sql.SQL("ROUTINE" if server_version_num >= 110000 else "FUNCTION")
+    routines = sql.SQL("ROUTINES" if server_version_num >= 110000 else "FUNCTIONS")
+    statements: list[sql.Composed] = [
+        # No new schemas, extensions or temporary tables (CONNECT stays as it was).
+        sql.SQL("REVOKE CREATE, TEMPORARY ON DATABASE {} FROM PUBLIC").format(
+            sql.Identifier(catalog.name)
+        )
+    ]
+    if catalog.schema_owner:
+        schemas = sql.SQL(", ").join([sql.Identifier(s) for s in catalog.schemas])
+        grantees = sql.SQL(", ").join(
+            [sql.SQL("PUBLIC"), *(sql.Identifier(n) for n in extra_users)]
+        )
+        # CREATE in `public` (PUBLIC's by default up to 14) goes with the rest.
+        statements.append(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(schemas, grantees))
         for kind in (sql.SQL("TABLES"), sql.SQL("SEQUENCES"), routines):
-            conn.execute(
+            statements.append(
                 sql.SQL("REVOKE ALL ON ALL {} IN SCHEMA {} FROM {}").format(kind, schemas, grantees)
             )
+    for relation, is_sequence, privileges in catalog.public_relation_writes:
+        statements.append(
+            sql.SQL("REVOKE {} ON {} {} FROM PUBLIC").format(
+                sql.SQL(", ").join([sql.SQL(p) for p in privileges if p in _WRITE_PRIVILEGES]),
+                sql.SQL("SEQUENCE" if is_sequence else "TABLE"),
+                # regclass output is produced and quoted by the server.
+                sql.SQL(relation),
+            )
+        )
+    for batch in _batches(catalog.public_routine_revokes):
+        statements.append(
+            sql.SQL("REVOKE EXECUTE ON {} {} FROM PUBLIC").format(
+                routine, sql.SQL(", ").join([sql.SQL(s) for s in batch])
+            )
+        )
+    return statements
+
+
+def analytics_grant_statements(
+    catalog: DatabaseCatalog,
+    *,
+    analytics: str,
+    privilege: AnalyticsPrivilege,
+    persistent_schemas: Sequence[str],
+    server_version_num: int,
+) -> list[sql.Composed]:
+    """The analytics user's privileges in one database, after reset_statements."""
+    from psycopg import sql
+
+    who = sql.Identifier(analytics)
+    routine = sql.SQL("ROUTINE" if server_version_num >= 110000 else "FUNCTION")
+    database = sql.Identifier(catalog.name)
+    schemas = sql.SQL(", ").join([sql.Identifier(s) for s in catalog.schemas])
+    statements: list[sql.Composed] = []
+    if privilege == "read_write":
+        statements.append(
+            sql.SQL("GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {} TO {}").format(database, who)
+        )
+    else:
+        statements.append(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(database, who))
+    if catalog.schema_owner and privilege != "pg_read_all_data":
+        statements.append(
+            sql.SQL("GRANT USAGE{} ON SCHEMA {} TO {}").format(
+                sql.SQL(", CREATE" if privilege == "read_write" else ""), schemas, who
+            )
+        )
+        # Views, materialized views and foreign tables are read; only tables are written.
+        statements.append(
+            sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(schemas, who)
+        )
+        statements.append(
+            sql.SQL("GRANT {} ON ALL SEQUENCES IN SCHEMA {} TO {}").format(
+                sql.SQL(_SEQUENCE_WRITE if privilege == "read_write" else "SELECT"),
+                schemas,
+                who,
+            )
+        )
+    if privilege == "read_write":
+        for batch in _batches(catalog.writable_tables):
+            statements.append(
+                sql.SQL("GRANT {} ON TABLE {} TO {}").format(
+                    sql.SQL(_TABLE_WRITE), sql.SQL(", ").join([sql.SQL(t) for t in batch]), who
+                )
+            )
+        for batch in _batches(catalog.large_object_writers):
+            statements.append(
+                sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+                    sql.SQL(", ").join([sql.SQL(s) for s in batch]), who
+                )
+            )
+        for name in persistent_schemas:
+            if name in catalog.schema_owner:
+                # Dropping and re-creating it (the persistent-schema migration) needs
+                # ownership; dropping a schema drops what is in it whoever owns that.
+                statements.append(
+                    sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(name), who)
+                )
+    # Application and extension functions (PostGIS, pgcrypto, …) that run as the caller:
+    # they can do nothing the caller could not. SECURITY DEFINER ones are never handed out.
+    for batch in _batches(catalog.caller_routines):
+        statements.append(
+            sql.SQL("GRANT EXECUTE ON {} {} TO {}").format(
+                routine, sql.SQL(", ").join([sql.SQL(s) for s in batch]), who
+            )
+        )
+    return statements
+
+
+def _apply_database_grants(
+    conn: psycopg.Connection[tuple[object, ...]],
+    catalog: DatabaseCatalog,
+    *,
+    analytics: str,
+    privilege: AnalyticsPrivilege,
+    persistent_schemas: Sequence[str],
+    users: Sequence[_ManagedUser],
+    server_version_num: int,
+) -> dict[str, SchemaGrants]:
+    """One database's privileges, in the caller's transaction. Returns grants per user."""
+    from psycopg import sql
+
+    user_names = [u.name for u in users]
+    for statement in public_lockdown_statements(
+        catalog, extra_users=user_names, server_version_num=server_version_num
+    ):
+        conn.execute(statement)
     if users:
         extra = sql.SQL(", ").join([sql.Identifier(n) for n in user_names])
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(database, extra))
         for owner, nspname, objtype in _rows(
             conn,
             "SELECT r.rolname, coalesce(n.nspname, ''), d.defaclobjtype::text "
@@ -595,17 +876,27 @@ def _apply_database_grants(
                     extra,
                 )
             )
-
-    connectors = sql.SQL(", ").join([sql.Identifier(n) for n in [analytics, *user_names]])
-    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(database, connectors))
+        conn.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                sql.Identifier(catalog.name), extra
+            )
+        )
+    for statement in analytics_grant_statements(
+        catalog,
+        analytics=analytics,
+        privilege=privilege,
+        persistent_schemas=persistent_schemas,
+        server_version_num=server_version_num,
+    ):
+        conn.execute(statement)
 
     result: dict[str, SchemaGrants] = {}
     for user in users:
         who = sql.Identifier(user.name)
-        granted = [s for s in user.schemas if s in schema_owner]
+        granted = [s for s in user.schemas if s in catalog.schema_owner]
         for name in granted:
             schema = sql.Identifier(name)
-            owner_id = sql.Identifier(schema_owner[name])
+            owner_id = sql.Identifier(catalog.schema_owner[name])
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, who))
             for kind in (sql.SQL("TABLES"), sql.SQL("SEQUENCES")):
                 conn.execute(
@@ -617,9 +908,9 @@ def _apply_database_grants(
                     ).format(owner_id, schema, kind, who)
                 )
         result[user.name] = SchemaGrants(
-            database=dbname,
+            database=catalog.name,
             granted=tuple(granted),
-            skipped=tuple(s for s in user.schemas if s not in schema_owner),
+            skipped=tuple(s for s in user.schemas if s not in catalog.schema_owner),
         )
     return result
 
@@ -632,14 +923,17 @@ def provision_users(
     read_only: bool,
     bootstrap_superuser: str = "postgres",
     other_managed_roles: Sequence[str] = (),
+    persistent_schemas: Sequence[str] = (),
 ) -> ProvisionReport:
     """Provision the login roles of a running restore; idempotent.
 
     `conninfo_for(dbname)` is a libpq conninfo for the bootstrap superuser in that database
     (normally the private socket, `trust`). `read_only` is the replica's effective read-only
-    grant (reference §4.6 `readOnlyAnalyticsGrant`). `other_managed_roles` are login roles pgro
-    provisions elsewhere (persistentUsers) whose passwords must survive a re-run, e.g. when
-    the grants are re-applied after the persistent-schema migration. Raises ProvisioningFailed.
+    (pgro.core.access.effective_read_only). `persistent_schemas` (spec.persistentSchemas) are
+    handed to a write-capable analytics user to own. `other_managed_roles` are login roles
+    pgro provisions elsewhere (persistentUsers) whose passwords must survive a re-run, e.g.
+    when the grants are re-applied after the persistent-schema migration. Raises
+    ProvisioningFailed.
     """
     scrub = _Scrubber([analytics.password, *(c.password for _, c in extra_users)])
     users, ignored = _plan_users(analytics, extra_users, bootstrap_superuser)
@@ -647,7 +941,7 @@ def provision_users(
 
     with _maintenance_connection(conninfo_for, scrub) as conn:
         version = conn.info.server_version
-        read_all = read_only and version >= 140000
+        privilege = analytics_privilege(read_only, version)
         with (
             _step(scrub, "RoleProvisioningFailed", "cannot provision the login roles"),
             conn.transaction(),
@@ -659,16 +953,15 @@ def provision_users(
             action, revoked = _reset_role(
                 conn,
                 analytics,
-                superuser=not read_all,
                 read_only_sessions=read_only,
-                grant_roles=[READ_ALL_DATA_ROLE] if read_all else [],
+                grant_roles=[READ_ALL_DATA_ROLE] if privilege == "pg_read_all_data" else [],
                 server_version_num=version,
                 scrub=scrub,
             )
             outcome = AnalyticsOutcome(
                 name=analytics.username,
                 action=action,
-                privilege="pg_read_all_data" if read_all else "superuser",
+                privilege=privilege,
                 read_only_sessions=read_only,
                 memberships_revoked=revoked,
             )
@@ -677,7 +970,6 @@ def provision_users(
                 action, revoked = _reset_role(
                     conn,
                     user.credentials,
-                    superuser=False,
                     read_only_sessions=True,
                     grant_roles=[],
                     server_version_num=version,
@@ -686,7 +978,24 @@ def provision_users(
                 outcomes.append(
                     ExtraUserOutcome(user.name, action, user.schemas, memberships_revoked=revoked)
                 )
+            _revoke_public_parameter_privileges(conn, version)
         databases = _connectable_databases(conn, scrub)
+
+    # Every database is reset before any is granted: DROP OWNED also revokes privileges on
+    # shared objects (CONNECT on the other databases).
+    for dbname in databases:
+        with (
+            _connect(conninfo_for, dbname, scrub) as db,
+            _step(
+                scrub,
+                "GrantProvisioningFailed",
+                f"cannot reset the objects and privileges of the login roles in database {dbname}",
+                database=dbname,
+            ),
+            db.transaction(),
+        ):
+            for statement in reset_statements(managed):
+                db.execute(statement)
 
     for dbname in databases:
         with (
@@ -701,9 +1010,10 @@ def provision_users(
         ):
             grants = _apply_database_grants(
                 db,
-                dbname,
+                _read_catalog(db, dbname),
                 analytics=analytics.username,
-                analytics_superuser=not read_all,
+                privilege=privilege,
+                persistent_schemas=persistent_schemas,
                 users=users,
                 server_version_num=version,
             )
