@@ -492,6 +492,10 @@ def default_endpoint(region: str) -> str:
 
 
 class _Server(ListenerServer):
+    # kopia opens one connection per parallel download and keeps idle ones; far more
+    # than any restore uses, still a bound.
+    max_connections = 256
+
     def __init__(self, address: tuple[str, int], proxy: CanopyProxy) -> None:
         self.proxy = proxy
         super().__init__(address, _Handler)
