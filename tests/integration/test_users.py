@@ -100,6 +100,8 @@ GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_file(text) TO PUBLIC;
 GRANT INSERT, UPDATE ON public.items TO analytics;
 CREATE TABLE public.analytics_owned (id int);
 ALTER TABLE public.analytics_owned OWNER TO analytics;
+CREATE FUNCTION public.rf(text) RETURNS text LANGUAGE internal STRICT AS 'pg_read_file_all';
+CREATE FUNCTION public.shout(text) RETURNS text LANGUAGE internal IMMUTABLE STRICT AS 'upper';
 """
 # Only from PostgreSQL 15: a parameter a role could load a library with.
 SNAPSHOT_PARAMETER_GRANT = "GRANT SET ON PARAMETER session_preload_libraries TO PUBLIC"
@@ -670,6 +672,7 @@ SERVER_ESCAPES = {
     "SECURITY DEFINER function owned by a superuser": "SELECT public.write_t(2)",
     "write through a view owned by a superuser": "UPDATE public.roles_v SET rolsuper = true",
     "SET ROLE to the bootstrap superuser": "SET ROLE postgres",
+    "an internal alias of pg_read_file": "SELECT public.rf('/etc/hostname')",
     "a trigger on a table it does not own": (
         "CREATE TRIGGER t BEFORE INSERT ON public.items FOR EACH ROW "
         "EXECUTE FUNCTION suppress_redundant_updates_trigger()"
@@ -759,6 +762,7 @@ def test_read_only_holds_at_the_server_for_every_role(
             assert one(conn, "SELECT last_value FROM reporting.counter") == 1
             assert one(conn, "SELECT count(*) FROM dbt.model") == 1
             assert one(conn, "SELECT public.add_one(41)") == 42
+            assert one(conn, "SELECT public.shout('quiet')") == "QUIET"  # a built-in's alias
             # Read-only: no schema changes hands, persistent or not.
             assert (
                 one(conn, "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'dbt'")

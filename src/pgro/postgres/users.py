@@ -98,24 +98,32 @@ _WRITE_PRIVILEGES = frozenset(
 # view's owner, possibly a superuser).
 _TABLE_WRITE = "SELECT, INSERT, UPDATE, DELETE, TRUNCATE"
 _SEQUENCE_WRITE = "USAGE, SELECT, UPDATE"
-# C symbols that reach server files, programs or other sessions whatever name a function
-# was given. A snapshot can bind them to a function in an application schema; such a
-# function is never handed out.
+# C symbols that reach server files, programs, other sessions or pages on disk whatever name
+# a function was given: the restricted built-ins and the contrib functions their extensions
+# revoke from PUBLIC. A snapshot can bind them to a function in an application schema; such
+# a function is never handed out.
 _RESTRICTED_SYMBOLS = (
     r"^(pg_read_|pg_ls_|pg_stat_file|be_lo_|lo_import|lo_export|pg_file_|pg_logdir_ls"
     r"|pg_logfile_rotate|pg_rotate_logfile|pg_reload_conf|pg_promote|pg_signal_backend"
     r"|pg_terminate_backend|pg_cancel_backend|pg_create_restore_point|pg_switch_wal"
     r"|pg_switch_xlog|pg_(start|stop)_backup|pg_backup_|pg_replication_|pg_drop_replication"
-    r"|pg_create_(logical|physical)_replication|pg_import_system_collations)"
+    r"|pg_create_(logical|physical)_replication|pg_import_system_collations|pg_stat_reset"
+    r"|pg_stat_statements_reset|pg_truncate_visibility_map|heap_force_|pg_wal_replay_"
+    r"|pg_log_backend_memory_contexts)"
 )
 # Functions that run as their caller in a language that cannot reach outside the database:
-# trusted languages, and C from the server's own library directory (extensions such as
-# PostGIS) except the restricted symbols. `internal` and untrusted languages (plpython3u,
-# C from any other path) run whatever the snapshot wrote, so they are not handed out.
+# trusted languages (sql, plpgsql, …); C from the server's own library directory (extensions
+# such as PostGIS, pgcrypto) and `internal` aliases of built-ins PUBLIC may call, both except
+# the restricted symbols. Untrusted languages (plpython3u; C from any other path, such as a
+# module shipped inside the restored data directory) run whatever the snapshot wrote, so
+# they are never handed out.
 _CALLER_ROUTINE = (
-    "NOT p.prosecdef AND (l.lanpltrusted OR (l.lanname = 'c' "
-    r"AND p.probin ~ '^\$libdir/[^/]+$' "
-    f"AND p.prosrc !~ '{_RESTRICTED_SYMBOLS}'))"
+    "NOT p.prosecdef AND (l.lanpltrusted "
+    r"OR (l.lanname = 'c' AND p.probin ~ '^\$libdir/[^/]+$' "
+    f"AND p.prosrc !~ '{_RESTRICTED_SYMBOLS}') "
+    f"OR (l.lanname = 'internal' AND p.prosrc !~ '{_RESTRICTED_SYMBOLS}' "
+    "AND EXISTS (SELECT 1 FROM pg_proc b WHERE b.pronamespace = 'pg_catalog'::regnamespace "
+    "AND b.prolang = p.prolang AND b.prosrc = p.prosrc AND b.proacl IS NULL)))"
 )
 
 RoleAction = Literal["created", "reset"]
