@@ -8,7 +8,7 @@ import pytest
 
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
-from pgro.core.access import effective_read_only
+from pgro.core.access import analytics_owned_schemas, effective_read_only
 
 
 def _replica(**spec: Any) -> PostgresPhysicalReplica:
@@ -54,3 +54,24 @@ def test_read_only_unless_a_later_step_must_write(
     replica_spec: dict[str, Any], restore_spec: dict[str, Any], expected: bool
 ) -> None:
     assert effective_read_only(_replica(**replica_spec), _restore(**restore_spec)) is expected
+
+
+@pytest.mark.parametrize(
+    ("replica_spec", "restore_spec", "expected"),
+    [
+        ({}, {}, ()),
+        ({"readOnly": False}, {}, ()),
+        ({"persistentSchemas": ["dbt", "reporting", "dbt"]}, {}, ("dbt", "reporting")),
+        ({"persistentSchemas": []}, {}, ()),
+        (
+            {"persistentSchemas": ["dbt"], "readOnly": False},
+            {"migrateTo": {"version": "2.1", "versionId": "v"}},
+            ("dbt",),
+        ),
+        ({"redaction": {"manifestUrl": "https://x/{version}", "version": "1"}}, {}, ()),
+    ],
+)
+def test_the_analytics_user_owns_only_the_persistent_schemas_of_a_writable_restore(
+    replica_spec: dict[str, Any], restore_spec: dict[str, Any], expected: tuple[str, ...]
+) -> None:
+    assert analytics_owned_schemas(_replica(**replica_spec), _restore(**restore_spec)) == expected

@@ -1,4 +1,5 @@
-"""Whether a restore is served read-only (reference restore-pipeline §4.6)."""
+"""Whether a restore is served read-only (reference restore-pipeline §4.6), and what a
+write-capable analytics user owns. What each role may do: docs/roles.md."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ def effective_read_only(replica: PostgresPhysicalReplica, restore: PostgresPhysi
     """`readOnly` unless a step after the restore must write: persistent schemas carried
     over, redaction, or a migration. Both the data directory's default
     (`default_transaction_read_only`) and the analytics user's grant follow it, in both
-    runtimes."""
+    runtimes. Write-capable never means superuser: the analytics user then gets DML, CREATE
+    and its persistent schemas (pgro.postgres.users), nothing that reaches the host."""
     spec = replica.spec
     return (
         spec.read_only
@@ -18,3 +20,15 @@ def effective_read_only(replica: PostgresPhysicalReplica, restore: PostgresPhysi
         and spec.redaction is None
         and restore.spec.migrate_to is None
     )
+
+
+def analytics_owned_schemas(
+    replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+) -> tuple[str, ...]:
+    """The schemas the analytics user is made owner of (`persistent_schemas` of
+    pgro.postgres.users.provision_users): the persistent schemas, which the persistent-schema
+    migration drops and re-creates as that user. None on a read-only restore: a read-only
+    role owns nothing, since an owner can write whatever its grants say."""
+    if effective_read_only(replica, restore):
+        return ()
+    return tuple(dict.fromkeys(s for s in replica.spec.persistent_schemas or () if s))
