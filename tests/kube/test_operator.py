@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from lightkube import Client
 from lightkube.resources.core_v1 import Event as CoreEvent
 
 from pgro.api.names import LABEL_READY_FOR_TRAFFIC, LABEL_REPLICA, LABEL_RESTORE
+from pgro.api.notifications import LABEL_NOTIFICATION_SECRET, target_name
 from pgro.api.secret import KopiaCredentials, S3Location
 from pgro.runtimes.kubernetes.crds import crd_documents
 from pgro.runtimes.kubernetes.kube import KubeApi
@@ -162,17 +165,69 @@ def _diagnostics(op: OperatorProcess, node: Any) -> str:
     return f"--- operator log ---\n{op.log_tail(60)}\n{extra}"
 
 
+@pytest.fixture
+def webhook() -> Iterator[tuple[int, list[dict[str, str]]]]:
+    """A local HTTP listener the operator process posts notifications to."""
+    received: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            received.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], received
+    server.shutdown()
+    server.server_close()
+
+
+HOOK_PATH = "/hooks/T0000/B0000/URL-PATH-TOKEN-555"
+URL_SECRETS = ("hookuser", "USERINFO-PASS-999", "T0000", "URL-PATH-TOKEN-555")
+OTHER_TEAMS_PASSWORD = "OTHER-TEAM-DB-PASSWORD-4242"
+HOOK_TOKEN = "hook-token-7a6b5c4d3e2f"
+
+
 def test_first_restore_becomes_active_behind_the_stable_service(
     admin: KubeApi,
     operator: OperatorProcess,
     fake_node: Any,
     kube_namespace: str,
     s3_repo: tuple[KopiaCredentials, str],
+    webhook: tuple[int, list[dict[str, str]]],
 ) -> None:
     ns = kube_namespace
     creds, snapshot = s3_repo
     admin.create(_s3_secret(ns, "kopia", creds))
-    admin.create(_replica(ns, "orders", "kopia", extraUsers=["report_reader"]))
+    # Notifications: a secret URL (user information and a path token), a header from a
+    # Secret labelled for notifications, and a header naming some other Secret of the
+    # namespace, which the operator must not read for the replica's author.
+    hook_port, received = webhook
+    secret_url = f"http://hookuser:USERINFO-PASS-999@127.0.0.1:{hook_port}"
+    hook_secret = _secret(ns, "hook", {"token": HOOK_TOKEN})
+    hook_secret["metadata"]["labels"] = {LABEL_NOTIFICATION_SECRET: "true"}
+    admin.create(hook_secret)
+    admin.create(_secret(ns, "db-creds", {"password": OTHER_TEAMS_PASSWORD}))
+    notifications: list[dict[str, Any]] = [
+        {
+            "target": "webhook",
+            "url": f"{secret_url}{HOOK_PATH}",
+            "headers": {"X-Token": {"secretKeyRef": {"name": "hook", "key": "token"}}},
+        },
+        {
+            "target": "webhook",
+            "url": f"http://127.0.0.1:{hook_port}/exfiltrate",
+            "headers": {"X-Stolen": {"secretKeyRef": {"name": "db-creds", "key": "password"}}},
+        },
+    ]
+    admin.create(
+        _replica(ns, "orders", "kopia", extraUsers=["report_reader"], notifications=notifications)
+    )
 
     replica = wait_for(
         "the first restore to become Active",
@@ -266,6 +321,42 @@ def test_first_restore_becomes_active_behind_the_stable_service(
     secret_value = creds.secret_access_key or "unset"
     assert secret_value not in str(replica) + str(events) + operator.log_tail(10_000)
     assert password not in operator.log_tail(10_000)
+
+    # Restored pods get no ServiceAccount token: they run what the snapshot holds.
+    deployment = admin.get("Deployment", ns, restore_name)
+    assert deployment is not None
+    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+    # Notifications: the labelled Secret's header arrives at the full URL; the target whose
+    # header names an unlabelled Secret is not sent, and both say why.
+    statuses = wait_for(
+        "the notification round",
+        lambda: (
+            (admin.get("PostgresPhysicalReplica", ns, "orders") or {})
+            .get("status", {})
+            .get("notifications")
+        ),
+        60,
+        context=lambda: _diagnostics(operator, fake_node),
+    )
+    assert [(r["path"], r["x-token"]) for r in received] == [(HOOK_PATH, HOOK_TOKEN)]
+    assert [s["name"] for s in statuses] == [
+        target_name("POST", notifications[0]["url"]),
+        target_name("POST", notifications[1]["url"]),
+    ]
+    assert [s["success"] for s in statuses] == [True, False]
+    assert "kubectl label secret -n " + ns + " db-creds" in statuses[1]["lastError"]
+    refused = [
+        e
+        for e in admin.client.list(CoreEvent, namespace=ns)
+        if e.reason == "NotificationSecretRefused"
+    ]
+    assert refused and f"{ns}/db-creds" in (refused[0].message or "")
+    _, metrics_body = operator.http("/metrics")
+    everything = str(statuses) + str(refused) + metrics_body + operator.log_tail(10_000)
+    assert OTHER_TEAMS_PASSWORD not in everything and HOOK_TOKEN not in everything
+    for part in URL_SECRETS:
+        assert part not in everything, part
 
 
 def test_switchover_moves_the_service_and_sweeps_after_the_grace_period(
