@@ -84,8 +84,11 @@ def _maintenance_connection(
 
 
 def _server_message(exc: Exception) -> str:
-    """The server's own words for a failed query (psycopg's text, one line per part)."""
-    return str(exc).strip() or type(exc).__name__
+    """The server's own words for a failed query: its primary message (one line, without
+    the statement echo), or the client library's text when the server sent none."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    return str(primary or exc).strip() or type(exc).__name__
 
 
 _USER_TABLES = (
