@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
-from pgro.processes import is_alive, process_args, read_pid, stop_postmaster_pid, wait_gone
+import pytest
+
+from pgro.postgres.account import resolve_run_account
+from pgro.processes import (
+    is_alive,
+    process_args,
+    read_pid,
+    spawn,
+    stop_postmaster_pid,
+    wait_gone,
+)
 
 
 def test_read_pid(tmp_path: Path) -> None:
@@ -30,3 +46,131 @@ def test_liveness_and_stop_of_a_process_that_is_not_waited_on() -> None:
     assert wait_gone(pid, 0)
     assert not is_alive(os.getpid() + 10_000_000)
     assert proc.wait(5) != 0
+
+
+# -- children die with pgro (issue 18, item 21) ------------------------------------------------
+
+# A stand-in for a pgro process: it starts children the ways pgro does, reports their pids,
+# then waits to be killed. Children: from the main thread, from a thread that has already
+# ended when the pids are printed (pool and per-restore threads end; their children must not),
+# as the unprivileged run account (Popen's user= switches the uid before the death signal is
+# set, which the kernel would otherwise clear), and one plain Popen child as the control.
+HARNESS = r"""
+import json, subprocess, sys, threading
+from pgro.postgres.account import resolve_run_account
+from pgro.processes import spawn
+
+sleep = ["sleep", "300"]
+main = spawn(sleep, start_new_session=True)
+from_thread = []
+t = threading.Thread(target=lambda: from_thread.append(spawn(sleep, start_new_session=True)))
+t.start()
+t.join()
+account = resolve_run_account()
+as_account = spawn(sleep, start_new_session=True, **account.popen_kwargs())
+plain = subprocess.Popen(sleep, start_new_session=True)
+print(json.dumps({"tied": [main.pid, from_thread[0].pid, as_account.pid], "plain": plain.pid}))
+sys.stdout.flush()
+threading.Event().wait()
+"""
+
+
+def _start_harness(code: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path.cwd()
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, "the harness printed no pids"
+    return proc, json.loads(line)
+
+
+def _owner(pid: int) -> int:
+    return os.stat(f"/proc/{pid}").st_uid
+
+
+def test_children_die_when_the_parent_is_killed_9() -> None:
+    harness, pids = _start_harness(HARNESS)
+    tied, plain = pids["tied"], pids["plain"]
+    try:
+        time.sleep(0.5)  # the spawning thread has ended: its child must still run
+        assert all(is_alive(pid) for pid in [*tied, plain])
+        if os.geteuid() == 0:
+            assert _owner(tied[2]) == resolve_run_account().uid != 0
+        harness.kill()  # kill -9: no cleanup runs in the parent
+        harness.wait()
+        assert all(wait_gone(pid, 5) for pid in tied), [p for p in tied if is_alive(p)]
+        # The control: an ordinary child is orphaned, as every pgro child was before.
+        assert is_alive(plain)
+    finally:
+        for pid in [*tied, plain]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _reap_orphans([*tied, plain])
+
+
+def _reap_orphans(pids: list[int]) -> None:
+    # Orphans reparent to the test process when it is a child subreaper (tests/conftest.py).
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def test_the_death_signal_follows_the_spawning_thread_which_spawn_keeps_alive() -> None:
+    # Why spawn() forks from a long-lived thread: the kernel's "parent" is the thread.
+    from pgro.processes import death_signal_preexec
+
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start_naively() -> None:
+        preexec = death_signal_preexec(signal.SIGKILL)
+        children.append(subprocess.Popen(["sleep", "300"], preexec_fn=preexec))
+
+    thread = threading.Thread(target=start_naively)
+    thread.start()
+    thread.join()
+    naive = children[0]
+    assert naive.wait(5) == -signal.SIGKILL  # killed when its thread ended
+
+    from_thread: list[subprocess.Popen[Any]] = []
+    thread = threading.Thread(target=lambda: from_thread.append(spawn(["sleep", "300"])))
+    thread.start()
+    thread.join()
+    kept = from_thread[0]
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            kept.wait(1)
+    finally:
+        kept.kill()
+        kept.wait()
+
+
+def test_spawn_reports_start_failures_from_any_thread(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        spawn([str(tmp_path / "missing")])
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            spawn([str(tmp_path / "missing")])
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    assert isinstance(failure[0], FileNotFoundError)
+
+
+def test_services_are_tied_only_where_declared_throwaway() -> None:
+    code = (
+        "import signal\n"
+        "from pgro import processes\n"
+        "print(repr(processes.service_death_signal(signal.SIGQUIT)))\n"
+        "processes.tie_services()\n"
+        "print(repr(processes.service_death_signal(signal.SIGQUIT)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["None", "<Signals.SIGQUIT: 3>"]
