@@ -755,6 +755,9 @@ def test_read_only_holds_at_the_server_for_every_role(
                 )
                 conn.execute("SET default_transaction_read_only = off")
                 assert_denied(conn, {**WRITE_PATHS, **SERVER_ESCAPES})
+            # template1 is no database a client reads, and PUBLIC could write there.
+            with pytest.raises(psycopg.OperationalError, match="permission denied"):
+                cluster.login(name, password, "template1").close()
         with cluster.login("analytics", cluster.analytics.password) as conn:
             # Still reads everything, views and sequences included, on every version.
             assert one(conn, "SELECT count(*) FROM public.items") == 2

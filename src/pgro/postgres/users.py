@@ -600,6 +600,28 @@ def _revoke_public_parameter_privileges(
     return names
 
 
+def _close_template_databases(conn: psycopg.Connection[tuple[object, ...]]) -> list[str]:
+    """PUBLIC may connect to `template1` by default, where it could create temporary
+    tables, large objects and (up to 14) tables in `public`. Provisioning grants in the
+    databases clients use, not in templates, so clients lose CONNECT on the templates."""
+    from psycopg import sql
+
+    names = [
+        r[0]
+        for r in _rows(
+            conn,
+            "SELECT d.datname FROM pg_database d WHERE d.datistemplate AND EXISTS (SELECT 1 "
+            "FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a "
+            "WHERE a.grantee = 0 AND a.privilege_type = 'CONNECT') ORDER BY 1",
+        )
+    ]
+    for name in names:
+        conn.execute(
+            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name))
+        )
+    return names
+
+
 def reset_statements(roles: Sequence[str]) -> list[sql.Composed]:
     """In one database: the roles own nothing (their objects go to the bootstrap superuser,
     who runs this) and hold no privilege granted to them by name, here or on shared objects
@@ -987,6 +1009,7 @@ def provision_users(
                     ExtraUserOutcome(user.name, action, user.schemas, memberships_revoked=revoked)
                 )
             _revoke_public_parameter_privileges(conn, version)
+            _close_template_databases(conn)
         databases = _connectable_databases(conn, scrub)
 
     # Every database is reset before any is granted: DROP OWNED also revokes privileges on
