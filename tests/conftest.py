@@ -24,6 +24,17 @@ from pgro.postgres.initdb import newest_binaries
 from pgro.postgres.server import free_port
 from tests.fixtures.clusters import build_debian_cluster, crash_consistent_copy
 
+# The process-leak check (a test that leaves a process behind fails): hooks and an autouse
+# fixture, see tests/fixtures/leaks.py.
+from tests.fixtures.leaks import (  # noqa: F401
+    _no_process_left_behind,
+    pytest_configure,
+    pytest_fixture_post_finalizer,
+    pytest_fixture_setup,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
+
 REPO_PASSWORD = "test-repo-password"
 
 
