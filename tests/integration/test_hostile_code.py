@@ -115,16 +115,18 @@ def hostile(
         (pgdata / "lib").mkdir()
         shutil.copy(evil.plain, pgdata / "lib" / "plain.so")
         shutil.copy(evil.magic, pgdata / "lib" / "magic.so")
+        hand_over(tree, account)
+        if sql:
+            # Before the hostile config: the fixture must not depend on the code under test.
+            with _server(pgdata, binaries, account, root / f"{name}-build") as server:
+                for dbname, statements in sql.items():
+                    _sql(server, dbname, *statements)
         if conf:
             with (pgdata / "postgresql.conf").open("a") as f:
                 f.write("\n" + conf + "\n")
         for rel, text in (files or {}).items():
             (pgdata / rel).write_text(text)
         hand_over(tree, account)
-        if sql:
-            with _server(pgdata, binaries, account, root / f"{name}-build") as server:
-                for dbname, statements in sql.items():
-                    _sql(server, dbname, *statements)
         assert evil.ran() == "", f"building {name} loaded the library"
         found.snapshots[name] = kopia.snapshot_create(
             tree,
