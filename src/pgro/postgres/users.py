@@ -87,8 +87,8 @@ LARGE_OBJECT_WRITERS = (
     "lo_unlink",
 )
 LARGE_OBJECT_SERVER_FILES = ("lo_import", "lo_export")
-# Relation privileges that change data or definitions (`MAINTAIN` from 17). SELECT and,
-# on sequences, nothing else is a read.
+# Relation privileges that change data or definitions (`MAINTAIN` from 17): all but SELECT.
+# On a sequence USAGE and UPDATE both allow nextval.
 _WRITE_PRIVILEGES = frozenset(
     {"INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN", "USAGE"}
 )
