@@ -841,3 +841,15 @@ def test_write_capable_analytics_writes_what_it_needs_and_no_more(
             su.execute("CREATE TABLE dbt.model AS SELECT 1 AS n")
             su.execute("ALTER TABLE dbt.model OWNER TO app_owner")
         cluster.provision(read_only=True)
+
+
+def test_write_capable_provisioning_twice_gives_identical_state(cluster: Cluster) -> None:
+    cluster.set_server_read_only(False)
+    try:
+        cluster.provision(read_only=False, persistent_schemas=("dbt",))
+        before = catalog_state(cluster)
+        cluster.provision(read_only=False, persistent_schemas=("dbt",))
+        assert catalog_state(cluster) == before
+    finally:
+        cluster.set_server_read_only(True)
+        cluster.provision(read_only=True)
