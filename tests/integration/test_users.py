@@ -667,6 +667,9 @@ WRITE_PATHS = {
 # What no role pgro hands out may do, read-only or not.
 SERVER_ESCAPES = {
     "COPY TO PROGRAM": "COPY (SELECT 1) TO PROGRAM 'true'",
+    "COPY FROM PROGRAM": "COPY public.open_t FROM PROGRAM 'echo 1'",
+    "COPY TO a server file": "COPY (SELECT 1) TO '/tmp/pgro-users-copy-test'",
+    "COPY FROM a server file": "COPY public.open_t FROM '/etc/hostname'",
     "pg_read_file re-granted to PUBLIC": "SELECT pg_read_file('/etc/hostname')",
     "lo_import": "SELECT lo_import('/etc/hostname')",
     "SECURITY DEFINER function owned by a superuser": "SELECT public.write_t(2)",
