@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from lightkube import Client
 
@@ -100,6 +101,7 @@ def operator(
     wait_for(
         "the operator to be ready", lambda: op.http("/readyz")[0] == 200, 60, context=op.log_tail
     )
+    op.broker_url = f"http://127.0.0.1:{broker}"  # type: ignore[attr-defined]
     yield op
     op.stop()
 
@@ -177,6 +179,14 @@ def test_verify_entry_is_materialised_restored_reported_and_removed(
     # run id the report carries, and its final traffic totals made it into the report.
     assert stub.issuance_count(GROUP_ID, BACKUP_TYPE, run_id=body["run_id"]) >= 1
     assert body.get("s3_received_payload_bytes", 0) > 0
+    # Anyone else who reaches the broker gets nothing (issue 18 item 9): no token, no answer.
+    broker = operator.broker_url  # type: ignore[attr-defined]
+    denied = httpx.post(
+        f"{broker}/internal/restore-creds",
+        json={"group": GROUP_ID, "type": BACKUP_TYPE, "run_id": body["run_id"]},
+        timeout=10,
+    )
+    assert denied.status_code == 401 and "repo_password" not in denied.text
 
     # `once`: canopy stops listing the entry; after the grace the Namespace goes.
     assert stub.worklist() == []
