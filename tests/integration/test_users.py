@@ -97,6 +97,8 @@ CREATE VIEW public.roles_v AS SELECT rolname, rolsuper FROM pg_catalog.pg_authid
 GRANT SELECT ON public.roles_v TO PUBLIC;
 GRANT CREATE ON SCHEMA public TO PUBLIC;
 GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_file(text) TO PUBLIC;
+UPDATE pg_catalog.pg_proc SET proacl = NULL
+    WHERE oid = 'pg_catalog.pg_read_binary_file(text)'::regprocedure;
 GRANT INSERT, UPDATE ON public.items TO analytics;
 CREATE TABLE public.analytics_owned (id int);
 ALTER TABLE public.analytics_owned OWNER TO analytics;
@@ -670,12 +672,15 @@ SERVER_ESCAPES = {
     "COPY FROM PROGRAM": "COPY public.open_t FROM PROGRAM 'echo 1'",
     "COPY TO a server file": "COPY (SELECT 1) TO '/tmp/pgro-users-copy-test'",
     "COPY FROM a server file": "COPY public.open_t FROM '/etc/hostname'",
-    "pg_read_file re-granted to PUBLIC": "SELECT pg_read_file('/etc/hostname')",
+    "pg_read_file re-granted to PUBLIC": "SELECT pg_read_file('PG_VERSION')",
+    "pg_read_binary_file with its ACL cleared in pg_proc": (
+        "SELECT pg_read_binary_file('PG_VERSION')"
+    ),
     "lo_import": "SELECT lo_import('/etc/hostname')",
     "SECURITY DEFINER function owned by a superuser": "SELECT public.write_t(2)",
     "write through a view owned by a superuser": "UPDATE public.roles_v SET rolsuper = true",
     "SET ROLE to the bootstrap superuser": "SET ROLE postgres",
-    "an internal alias of pg_read_file": "SELECT public.rf('/etc/hostname')",
+    "an internal alias of pg_read_file": "SELECT public.rf('PG_VERSION')",
     "a trigger on a table it does not own": (
         "CREATE TRIGGER t BEFORE INSERT ON public.items FOR EACH ROW "
         "EXECUTE FUNCTION suppress_redundant_updates_trigger()"

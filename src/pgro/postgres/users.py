@@ -111,6 +111,19 @@ _RESTRICTED_SYMBOLS = (
     r"|pg_stat_statements_reset|pg_truncate_visibility_map|heap_force_|pg_wal_replay_"
     r"|pg_log_backend_memory_contexts)"
 )
+# The built-ins (their `internal` symbols) initdb restricts by ACL alone: server files,
+# backups, configuration, WAL replay, replication origins. PUBLIC never executes them on a
+# fresh cluster (PostgreSQL 13's replication-origin functions check for a superuser
+# themselves), so PUBLIC loses them even when a snapshot cleared their ACL in pg_proc.
+_RESTRICTED_BUILTINS = (
+    r"^(be_lo_import|be_lo_export|pg_read_file_v2|pg_read_file_all|pg_read_file_off_len"
+    r"|pg_read_binary_file|pg_ls_|pg_stat_file|pg_reload_conf$|pg_rotate_logfile_v2"
+    r"|pg_promote|pg_backup_start$|pg_backup_stop|pg_start_backup|pg_stop_backup"
+    r"|pg_create_restore_point|pg_switch_wal|pg_wal_replay_|pg_stat_reset"
+    r"|show_all_file_settings|pg_hba_file_rules|pg_ident_file_mappings|pg_current_logfile"
+    r"|pg_log_backend_memory_contexts|pg_replication_origin_|pg_config$"
+    r"|pg_get_shmem_allocations|pg_get_backend_memory_contexts)"
+)
 # Functions that run as their caller in a language that cannot reach outside the database:
 # trusted languages (sql, plpgsql, …); C from the server's own library directory (extensions
 # such as PostGIS, pgcrypto) and `internal` aliases of built-ins PUBLIC may call, both except
@@ -717,7 +730,9 @@ def _read_catalog(conn: psycopg.Connection[tuple[object, ...]], dbname: str) -> 
             "OR (p.pronamespace = 'pg_catalog'::regnamespace AND (p.proname = ANY(%s) "
             # A built-in with an explicit ACL is one initdb restricted (none of them lists
             # PUBLIC on a fresh cluster): PUBLIC in it is the snapshot's doing.
-            "OR p.proacl IS NOT NULL))) ORDER BY 1",
+            "OR p.proacl IS NOT NULL OR (p.prolang = "
+            "(SELECT oid FROM pg_language WHERE lanname = 'internal') "
+            f"AND p.prosrc ~ '{_RESTRICTED_BUILTINS}')))) ORDER BY 1",
             [[*LARGE_OBJECT_WRITERS, *LARGE_OBJECT_SERVER_FILES]],
         )
     )
