@@ -165,7 +165,11 @@ def _superuser(server: PostgresServer, restored: RestoredDataDirectory, timeout:
         ).close()
         return DEFAULT_SUPERUSER
     except psycopg.OperationalError as exc:
-        if f'role "{DEFAULT_SUPERUSER}" does not exist' not in str(exc):
+        missing = f'role "{DEFAULT_SUPERUSER}" does not exist' in str(exc)
+        # pgro's safe startup options need a superuser: a `postgres` role that is not one
+        # is refused them, and the bootstrap superuser is the role to use instead.
+        not_superuser = "permission denied to set parameter" in str(exc)
+        if not (missing or not_superuser):
             return DEFAULT_SUPERUSER  # the health check reports the real problem
     server.stop()
     name = bootstrap_superuser(restored.binaries, restored.data.path, server.account)
