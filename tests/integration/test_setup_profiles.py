@@ -1,8 +1,9 @@
 """`scripts/setup.sh demo` installs what pgro needs and nothing only the tests need.
 
-The script runs for real from a copy of the repository's scripts whose `build-kube.sh` only
-records that it was called; everything else it checks (Debian packages, kopia, the
-virtualenv stamp) is already in place on a machine that runs the tests, so no network is used.
+The script runs for real from a copy of the repository's scripts whose `build-kube.sh` and
+`install-postgres-major.sh` only record that they were called; everything else it checks
+(Debian packages, kopia, the virtualenv stamp) is already in place on a machine that runs the
+tests, so no network is used.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ def _copy(tmp: Path, stamp_extras: str) -> Path:
     root = tmp / "clone"
     (root / "scripts").mkdir(parents=True)
     shutil.copy2(ROOT / "scripts" / "setup.sh", root / "scripts" / "setup.sh")
-    marker = tmp / "build-kube-called"
-    stub = root / "scripts" / "build-kube.sh"
-    stub.write_text(f'#!/usr/bin/env bash\necho "$@" >> {marker}\n')
-    stub.chmod(0o755)
+    for name in ("build-kube", "install-postgres-major"):
+        stub = root / "scripts" / f"{name}.sh"
+        stub.write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp / (name + "-called")}\n')
+        stub.chmod(0o755)
     shutil.copy2(ROOT / "pyproject.toml", root / "pyproject.toml")
     venv_bin = root / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
@@ -50,6 +51,7 @@ def test_demo_profile_skips_the_kubernetes_control_plane(tmp_path: Path) -> None
     done = _setup(root, "demo")
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "build-kube-called").exists(), "demo built the control plane"
+    assert not (tmp_path / "install-postgres-major-called").exists()
     # A venv installed with the development extras serves the demo as it is.
     assert "installing" not in done.stderr
     assert (root / ".venv" / ".pgro-installed").read_text().endswith(" dev\n")
@@ -60,6 +62,7 @@ def test_test_profile_builds_the_control_plane(tmp_path: Path) -> None:
     done = _setup(root, "test")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "build-kube-called").read_text().split() == ["--quiet"]
+    assert (tmp_path / "install-postgres-major-called").read_text().split() == ["13"]
     assert "installing" not in done.stderr
 
 
