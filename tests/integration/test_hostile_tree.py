@@ -27,6 +27,7 @@ from pgro.pipeline.restore import restore_snapshot
 from pgro.postgres.account import RunAccount, hand_over
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.layout import NotPostgres
+from pgro.runtimes.kubernetes.restore_job import parse_fixes
 from tests.conftest import REPO_PASSWORD, Repo
 from tests.fixtures.manifests import fs_manifest
 
@@ -311,3 +312,40 @@ def test_pgro_run_keeps_a_failed_restore_inert(
     assert _special_entries(target) == []
     st = os.lstat(target)
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+
+
+@pytest.mark.parametrize("kind", ["links", "setuid"])
+def test_the_kubernetes_restore_job_is_confined_too(
+    hostile: Hostile, scratch: Path, kind: str
+) -> None:
+    """`pgro restore-job` (the restore pod's entry point) runs the same shared steps."""
+    volume = scratch / "pgdata-volume"
+    volume.mkdir()
+    before = outside_state(hostile)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgro.cli.main", "restore-job"],
+        env={
+            "PATH": os.environ["PATH"],
+            # The same pgro as this test process (which PYTHONPATH may point elsewhere).
+            **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
+            "PGRO_DATA_ROOT": str(volume),
+            "PGRO_KOPIA_DIR": str(scratch / "kopia-cache"),
+            "PGRO_TERMINATION_LOG": str(scratch / "termination-log"),
+            "SNAPSHOT_ID": hostile.repo.snapshots[kind],
+            "KOPIA_FILESYSTEM_PATH": str(hostile.repo.path),
+            "KOPIA_PASSWORD": hostile.repo.password,
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert outside_state(hostile) == before
+    assert SECRET not in output
+    assert _special_entries(volume / "postgres") == []
+    assert os.readlink(volume / "pgdata") == "postgres/15/main"
+    fixes = parse_fixes((scratch / "termination-log").read_text())
+    assert fixes is not None
+    assert fixes["removed_unsafe_links"] is (kind == "links")
