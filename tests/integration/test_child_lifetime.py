@@ -3,6 +3,7 @@ cleanup at all (issue 18, item 21): kopia and PostgreSQL get a death signal from
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,13 +38,13 @@ def _processes() -> dict[int, tuple[str, int, int]]:
     return found
 
 
-def _wait_for(what: str, found: Callable[[], list[int]], proc: subprocess.Popen[str]) -> list[int]:
+def _wait_for(what: str, found: Callable[[], list[int]], proc: subprocess.Popen[Any]) -> list[int]:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if pids := found():
             return pids
         if proc.poll() is not None:
-            pytest.fail(f"pgro verify ended before {what} ran")
+            pytest.fail(f"{proc.args!r} ended before {what} ran")
         time.sleep(0.01)
     pytest.fail(f"{what} never ran")
 
@@ -112,3 +114,121 @@ def test_kill_9_of_pgro_verify_takes_its_children_with_it(
             proc.wait()
         for pid in set(tree) & set(_processes()):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_restore_worker_stopped_while_its_proxy_starts_leaves_no_proxy(
+    scratch: Path, how: signal.Signals
+) -> None:
+    """The review's 34-minute canopy-proxy: `pgro run` stops a worker (SIGTERM) while the
+    worker still waits for its proxy to listen; the worker unwound without the proxy's
+    handle, and the proxy ran on, reparented to init. kill -9 of the worker did the same."""
+    from pgro.runtimes.embedded import restore_worker as worker
+    from tests.conftest import s3_credentials
+
+    # Stands in for `python -m pgro canopy-proxy`: it never writes its port file.
+    stand_in = scratch / "proxy-stand-in"
+    stand_in.write_text("#!/bin/sh\nexec sleep 300\n")
+    stand_in.chmod(0o755)
+    restore_dir = scratch / "restore"
+    restore_dir.mkdir()
+    job = {
+        "restoreDir": str(restore_dir),
+        "snapshot": "k0123456789abcdef",
+        "credentials": worker.credentials_to_json(s3_credentials("127.0.0.1:9", "bucket")),
+        "canopyProxy": {
+            "python": str(stand_in),
+            "brokerUrl": "http://127.0.0.1:9",
+            "group": "11111111-1111-1111-1111-111111111111",
+            "type": "postgres",
+            "region": "us-east-1",
+        },
+    }
+    with (scratch / "work.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pgro.runtimes.embedded.restore_worker"],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(job).encode())
+    proc.stdin.close()
+    proxies: list[int] = []
+    try:
+
+        def proxy() -> list[int]:
+            return [
+                pid
+                for pid, (cmd, _, ppid) in _processes().items()
+                if ppid == proc.pid and cmd.startswith("sleep 300")
+            ]
+
+        proxies = _wait_for("the proxy", proxy, proc)
+        proc.send_signal(how)
+        proc.wait(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and set(proxies) & set(_processes()):
+            time.sleep(0.05)
+        left = set(proxies) & set(_processes())
+        assert not left, f"the proxy (pid {left}) outlived its restore worker"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in set(proxies) & set(_processes()):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_kill_9_of_pgro_run_stops_its_restore_work(fs_repo: Repo, scratch: Path) -> None:
+    """A restore worker (and the kopia under it) goes when `pgro run` is killed with -9."""
+    manifest = fs_manifest(
+        scratch / "m.yaml",
+        fs_repo.path,
+        fs_repo.password,
+        snapshotFilter={"hostPattern": "db-clean"},
+        scheduleJitter="0s",
+    )
+    state = scratch / "state"
+    with (scratch / "run.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [PGRO, "run", "-f", str(manifest), "--state-dir", str(state), "--tick", "0.3"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    tree: list[int] = []
+    try:
+
+        def worker() -> list[int]:
+            return [
+                pid
+                for pid, (cmd, _, ppid) in _processes().items()
+                if ppid == proc.pid and "pgro.runtimes.embedded.restore_worker" in cmd
+            ]
+
+        workers = _wait_for("a restore worker", worker, proc)
+        # Its stdout is `<restore dir>/work.log`; result.json would appear beside it.
+        restore_dir = Path(os.readlink(f"/proc/{workers[0]}/fd/1")).parent
+        table = _processes()
+        tree = [*workers, *(pid for pid, (_, _, ppid) in table.items() if ppid in workers)]
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and set(tree) & set(_processes()):
+            time.sleep(0.05)
+        left = {pid: _processes()[pid][0] for pid in set(tree) & set(_processes())}
+        assert left == {}, f"still running after pgro run was killed: {left}"
+        # Stopped, not merely finished: an orphaned worker carried on and wrote its result.
+        assert not (restore_dir / "result.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in set(tree) & set(_processes()):
+            os.kill(pid, signal.SIGKILL)
+        # The run's PostgreSQL and PgBouncer (if it got that far) are adopted by design; none
+        # should exist this early, but never leave one behind.
+        for pid, (cmd, _, _) in _processes().items():
+            if str(state) in cmd:
+                os.kill(pid, signal.SIGKILL)
