@@ -415,3 +415,11 @@ def test_removals_wait_for_the_grace_and_for_waiting_reports() -> None:
     assert later.remove == ("gone-a",) and later.held == ("gone-b",)
     # Without a grace the reference's behaviour: removed on the first tick.
     assert plan_removals(plan, {}, t0, timedelta(0), lambda ns: False).remove == plan.delete
+
+
+@pytest.mark.parametrize("name", ["../../../../outside/evil", "a/b", "x" * 64, "nul\x00"])
+def test_an_extra_user_that_is_no_role_name_is_an_invalid_entry(name: str) -> None:
+    # Canopy's extra_users are remote input and become role names and credential files.
+    with pytest.raises(InvalidEntry) as error:
+        materialise(analytics(extra_users=f"alice,{name}"))
+    assert "'Nauru Prod Analytics'" in str(error.value)

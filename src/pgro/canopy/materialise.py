@@ -383,7 +383,12 @@ def materialise(entry: WorklistEntry) -> DesiredReplica:
         )
     except ValueError as error:
         raise InvalidEntry(f"{entry.describe()}: {error}") from None
-    spec = PostgresPhysicalReplicaSpec(**build(entry))
+    try:
+        spec = PostgresPhysicalReplicaSpec(**build(entry))
+    except ValueError as error:
+        # Canopy's parameters are remote input (e.g. extra user names): one bad entry is a
+        # problem on that entry, never a failed tick for every other replica.
+        raise InvalidEntry(f"{entry.describe()}: {error}") from None
     return DesiredReplica(
         namespace=namespace_name(entry.name, entry.replica_id, entry.server_id),
         labels=labels,
