@@ -36,7 +36,7 @@ from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.canopy.client import CanopyClient
 from pgro.core import reasons
-from pgro.core.access import effective_read_only
+from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import (
     Endpoint as ConnectionEndpoint,
 )
@@ -792,6 +792,7 @@ class Runtime:
             analytics = users[replica.spec.analytics_username]
             extras = [(u, users[u.name]) for u in replica.spec.extra_users if u.name in users]
             read_only = effective_read_only(replica, restore)
+            owned_schemas = analytics_owned_schemas(replica, restore)
 
             def provision(endpoint: Endpoint) -> None:
                 provision_users(
@@ -799,6 +800,7 @@ class Runtime:
                     analytics=analytics,
                     extra_users=extras,
                     read_only=read_only,
+                    persistent_schemas=owned_schemas,
                 )
 
             handle = ServerHandle(

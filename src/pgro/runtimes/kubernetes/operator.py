@@ -55,7 +55,7 @@ from pgro.api.secret import (
 from pgro.api.verification import PendingVerificationReport
 from pgro.core import reasons
 from pgro.core import verification_reports as vr
-from pgro.core.access import effective_read_only
+from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import (
     MigrationOutcome,
     ReplicaObservation,
@@ -1126,6 +1126,7 @@ class Operator:
                 extra_users=extras,
                 read_only=effective_read_only(replica, restore),
                 other_managed_roles=[ADMIN_ROLE],
+                persistent_schemas=analytics_owned_schemas(replica, restore),
             )
             with self._provision_lock:
                 self._provisioned[uid] = pod_uid
