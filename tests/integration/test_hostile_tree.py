@@ -227,6 +227,7 @@ def test_relative_current_link_to_another_cluster_is_ignored(
     assert (hostile.cluster / "postmaster.pid").read_text().startswith("4242\n")
     assert code == 1, json.dumps(report, indent=1) + stderr
     assert report["reason"] == "NotPostgres"  # the snapshot holds nothing else
+    assert "removed symlinks that led outside the restored tree: current" in report["error"]
     assert SECRET not in json.dumps(report) + stderr
 
 

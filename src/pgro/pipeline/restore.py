@@ -66,7 +66,7 @@ def restore_snapshot(
     sanitised = sanitise_tree(target)
     downloaded = time.monotonic()
     observer.step("locate", "locating the PostgreSQL data directory")
-    data = locate_data_directory(target)
+    data = locate_data_directory(target, sanitised.removed_links)
     observer.note(
         f"PGDATA is {data.path.relative_to(target) or '.'} (PostgreSQL {data.major}, "
         f"found via {data.found_via})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -14,6 +15,7 @@ from pgro.postgres.confine import (
     NotARegularFile,
     reroot_source_path,
     resolve_beneath,
+    tame_list,
 )
 
 # A cluster root holds PG_VERSION *and* global/; every base/<oid>/ also holds a PG_VERSION.
@@ -113,11 +115,12 @@ def find_cluster_roots(root: Path) -> list[Path]:
     return found
 
 
-def locate_data_directory(root: Path) -> DataDirectory:
+def locate_data_directory(root: Path, removed_links: Sequence[str] = ()) -> DataDirectory:
     """Find PGDATA in a restored tree (see restore-pipeline.md §3.2 step 7).
 
     With several clusters (e.g. `13/main` and `15/main` left over from an upgrade) the
     highest major wins; equal majors prefer the shallowest path, then the name.
+    `removed_links` (what `confine.sanitise_tree` took out) are named when nothing is found.
     """
     via_link = _from_current_symlink(root)
     if via_link is not None:
@@ -135,6 +138,12 @@ def locate_data_directory(root: Path) -> DataDirectory:
             "the snapshot holds no PostgreSQL data directory: no PG_VERSION file next to a "
             f"global/ directory anywhere under the restored tree (top level: {top or 'empty'}). "
             "Check the snapshot filter selects a backup of a PGDATA tree."
+            + (
+                f" pgro removed symlinks that led outside the restored tree: "
+                f"{tame_list(list(removed_links))}."
+                if removed_links
+                else ""
+            )
         )
     # Highest major first; then shallowest (largest -depth); then by name, reversed so the
     # lexically smallest wins after the descending sort.

@@ -195,7 +195,7 @@ def run(env: Mapping[str, str]) -> Outcome:
         # Before anything looks inside: the snapshot is untrusted (as in pipeline/restore.py).
         sanitised = sanitise_tree(target)
         observer.step("locate", "locating the PostgreSQL data directory")
-        data_dir = locate_data_directory(target)
+        data_dir = locate_data_directory(target, sanitised.removed_links)
         observer.note(f"PGDATA is {data_dir.path.relative_to(root)} (PostgreSQL {data_dir.major})")
         settings = default_settings()
         if env.get("PGRO_READ_ONLY") == "true":
