@@ -32,7 +32,7 @@ from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.catalog_guard import REFUSED_LIBRARY, neutralise_catalog
 from pgro.postgres.health import check_health
 from pgro.postgres.initdb import init_cluster
-from pgro.postgres.server import PostgresServer
+from pgro.postgres.server import PostgresServer, bootstrap_superuser
 from tests.conftest import REPO_PASSWORD, Repo
 from tests.fixtures.clusters import app_database_sql
 from tests.fixtures.evil_library import EvilLibraries, build_evil_libraries
@@ -55,6 +55,7 @@ CREATE EVENT TRIGGER pgro_test_pwn ON ddl_command_start EXECUTE FUNCTION public.
 class Hostile:
     repo: Repo
     libraries: EvilLibraries
+    base: Path  # the cluster every variant was copied from (cleanly stopped)
     snapshots: dict[str, str] = field(default_factory=dict)
 
 
@@ -94,8 +95,8 @@ def hostile(
     root.mkdir()
     os.chmod(root, 0o711)
     repo = Repo(path=root / "repository", password=REPO_PASSWORD)
-    found = Hostile(repo=repo, libraries=evil)
     base = root / "base"
+    found = Hostile(repo=repo, libraries=evil, base=base)
     base_pgdata = base / binaries.major / "main"
     init_cluster(binaries, base_pgdata, account)
     with _server(base_pgdata, binaries, account, root) as server:
@@ -390,3 +391,67 @@ def test_health_reports_each_query_failure(
         ("primary", "pass"),
         ("list_databases", "fail"),
     ]
+
+
+def test_command_line_alone_overrides_every_config_file(
+    hostile: Hostile, scratch: Path, account: RunAccount, binaries: PostgresBinaries
+) -> None:
+    """Without any repair, the server's forced settings beat postgresql.conf, an include and
+    postgresql.auto.conf: no preload, JIT provider, library path, archive command or HBA
+    file from the data directory takes effect, in multi-user and in single-user mode."""
+    tree = scratch / "cluster"
+    shutil.copytree(hostile.base, tree, symlinks=True)
+    pgdata = tree / binaries.major / "main"
+    (pgdata / "lib").mkdir()
+    shutil.copy(hostile.libraries.plain, pgdata / "lib" / "plain.so")
+    shutil.copy(hostile.libraries.magic, pgdata / "lib" / "magic.so")
+    marker = hostile.libraries.marker
+    (pgdata / "trust-all.conf").write_text("local all all trust\nhost all all 0.0.0.0/0 trust\n")
+    (pgdata / "evil.conf").write_text("shared_preload_libraries = 'lib/magic.so'\n")
+    with (pgdata / "postgresql.conf").open("a") as f:
+        f.write(
+            "\ninclude 'evil.conf'\n"
+            f"jit_provider = '{JIT_ESCAPE}'\njit_above_cost = 0\n"
+            "dynamic_library_path = '/proc/self/cwd/lib:$libdir'\n"
+            "session_preload_libraries = 'magic'\n"
+            "local_preload_libraries = 'lib/plain'\n"
+            "archive_mode = on\n"
+            f"archive_command = 'echo archive command ran >> {marker}'\n"
+            f"hba_file = '{pgdata}/trust-all.conf'\n"
+        )
+    (pgdata / "postgresql.auto.conf").write_text("shared_preload_libraries = 'lib/plain'\n")
+    hand_over(tree, account)
+    hostile.libraries.reset()
+
+    assert bootstrap_superuser(binaries, pgdata, account) == "postgres"
+    with (
+        _server(pgdata, binaries, account, scratch / "srv") as server,
+        psycopg.connect(server.endpoint.conninfo("myapp", "postgres"), autocommit=True) as c,
+    ):
+        c.execute("SET jit = on")
+        assert c.execute("SELECT count(*) FROM test_data").fetchone() == (1000,)
+        shown = {
+            name: c.execute(f"SHOW {name}".encode()).fetchone()
+            for name in (
+                "shared_preload_libraries",
+                "session_preload_libraries",
+                "local_preload_libraries",
+                "dynamic_library_path",
+                "jit_provider",
+                "archive_mode",
+                "hba_file",
+            )
+        }
+        c.execute("CREATE TABLE wal_filler AS SELECT generate_series(1, 1000) AS n")
+        c.execute("SELECT pg_switch_wal()")
+        c.execute("CHECKPOINT")
+    assert shown == {
+        "shared_preload_libraries": ("",),
+        "session_preload_libraries": ("",),
+        "local_preload_libraries": ("",),
+        "dynamic_library_path": ("$libdir",),
+        "jit_provider": ("llvmjit",),
+        "archive_mode": ("off",),
+        "hba_file": (f"{pgdata.absolute()}/pg_hba.conf",),
+    }
+    assert hostile.libraries.ran() == ""
