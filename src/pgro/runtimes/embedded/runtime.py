@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import stat
@@ -82,6 +81,17 @@ from pgro.core.replica_decision import decide_replica
 from pgro.core.restore_machine import decide_restore
 from pgro.core.restore_set import is_in_progress
 from pgro.core.secrets import scrub
+from pgro.core.step_failures import (
+    EVENT_STEP_FAILED,
+    RECOVERED,
+    RETRY_NOTE,
+    STEP_FAILING,
+    STEPS_CONDITION,
+    StepFailure,
+    StepFailures,
+    error_shape,
+)
+from pgro.core.step_failures import step_retry_delay as step_retry_delay  # re-exported
 from pgro.interrupts import deferred_interrupts
 from pgro.kopia.repository import KopiaRepository
 from pgro.notifications import Notifier
@@ -118,11 +128,6 @@ log = logging.getLogger("pgro.run")
 # the reference's PVC sizing, which leaves room for WAL and temp files).
 DISK_HEADROOM = 1.0
 QUEUE_RECONCILE_EVERY = timedelta(seconds=60)
-# A failing step is retried after 1 s, then 2, 4, … up to 5 minutes (per object and step).
-STEP_RETRY_FIRST = 1.0
-STEP_RETRY_MAX = 300.0
-# The replica condition that shows a step failing (False) and its recovery (True).
-STEPS_CONDITION = "StepsSucceeding"
 RUN_ROOT_SETTING = "run-root"
 
 
@@ -177,26 +182,6 @@ class _BackingOff(Exception):
     """The step failed recently; its retry time has not come (not a new failure)."""
 
 
-@dataclass
-class _StepFailure:
-    replica_key: str
-    failures: int
-    retry_at: float  # time.monotonic()
-    shape: str  # the error with its numbers masked: a new shape is logged again
-    message: str
-
-
-def _error_shape(exc: Exception) -> str:
-    # Pids, ports and timestamps change from one attempt to the next; the error does not.
-    return re.sub(r"\d+", "#", f"{type(exc).__name__}: {exc}")
-
-
-def step_retry_delay(failures: int) -> float:
-    """1 s after the first failure, doubling, at most 5 minutes."""
-    exponent = min(max(failures - 1, 0), 20)
-    return min(STEP_RETRY_MAX, STEP_RETRY_FIRST * float(1 << exponent))
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -243,7 +228,9 @@ class Runtime:
         self.workers: dict[str, _Worker] = {}
         self.servers: dict[str, ServerHandle] = {}
         self.endpoints: dict[str, _EndpointState] = {}
-        self._step_failures: dict[tuple[str, str], _StepFailure] = {}
+        # A failing step is retried after 1 s, then 2, 4, … up to 5 minutes (per object
+        # and step), and reported once per change of its error.
+        self._step_failures = StepFailures()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="listing")
         self.random = random.Random()  # noqa: S311 - schedule jitter, not secrets
         self.queue = self._rebuild_queue()
@@ -290,7 +277,7 @@ class Runtime:
 
     def _remove_replica(self, key: str) -> None:
         log.info("replica %s is no longer in the manifests: removing it and its restores", key)
-        self._forget_failures(lambda f: f.replica_key == key)
+        self._step_failures.forget(lambda _, f: f.replica_key == key)
         for restore in self.store.restores(key):
             self._delete_restore(restore)
         state = self.endpoints.pop(key, None)
@@ -466,9 +453,9 @@ class Runtime:
 
         def apply(step: Step) -> None:
             key = (owner, type(step).__name__)
-            failure = self._step_failures.get(key)
-            if failure is not None and time.monotonic() < failure.retry_at:
+            if self._step_failures.backing_off(key, time.monotonic()):
                 raise _BackingOff
+            failure = self._step_failures.get(key)
             self._apply_step(step, replica, restore)
             if failure is not None:
                 self._step_recovered(key, failure)
@@ -486,32 +473,29 @@ class Runtime:
         self, key: tuple[str, str], replica: PostgresPhysicalReplica, step: Step, exc: Exception
     ) -> None:
         """Back the step off; log, record an event and set the condition once per change."""
-        previous = self._step_failures.get(key)
-        failures = previous.failures + 1 if previous is not None else 1
-        delay = step_retry_delay(failures)
-        shape = _error_shape(exc)
         message = f"{key[1]} for {key[0]} failed: {exc}"
-        self._step_failures[key] = _StepFailure(
-            replica.key, failures, time.monotonic() + delay, shape, message
+        outcome = self._step_failures.failed(
+            key, replica.key, error_shape(exc), message, time.monotonic()
         )
-        if previous is not None and previous.shape == shape:
-            log.debug("%s (again, %d times; next try in %.0fs)", message, failures, delay)
+        if not outcome.report:
+            log.debug(
+                "%s (again, %d times; next try in %.0fs)",
+                message,
+                outcome.record.failures,
+                outcome.delay,
+            )
             return
         level = logging.WARNING if step.best_effort else logging.ERROR
-        log.log(
-            level,
-            "%s; retried with backoff (1 s doubling to 5 min), logged again when the error changes",
-            message,
-        )
-        self.store.add_event(replica.key, "Warning", "StepFailed", message)
-        self._set_steps_condition(replica.key, "False", "StepFailing", message)
+        log.log(level, "%s; %s", message, RETRY_NOTE)
+        self.store.add_event(replica.key, "Warning", EVENT_STEP_FAILED, message)
+        self._set_steps_condition(replica.key, "False", STEP_FAILING, message)
 
-    def _step_recovered(self, key: tuple[str, str], failure: _StepFailure) -> None:
-        self._step_failures.pop(key, None)
+    def _step_recovered(self, key: tuple[str, str], failure: StepFailure) -> None:
+        self._step_failures.succeeded(key)
         log.info("%s for %s succeeded after %d failures", key[1], key[0], failure.failures)
-        if not any(f.replica_key == failure.replica_key for f in self._step_failures.values()):
+        if not self._step_failures.failing(failure.replica_key):
             self._set_steps_condition(
-                failure.replica_key, "True", "Recovered", f"{key[1]} for {key[0]} succeeded"
+                failure.replica_key, "True", RECOVERED, f"{key[1]} for {key[0]} succeeded"
             )
 
     def _set_steps_condition(self, replica_key: str, status: Any, reason: str, msg: str) -> None:
@@ -523,10 +507,6 @@ class Runtime:
             current, STEPS_CONDITION, status, reason, msg, self.clock(), replica.metadata.generation
         )
         self.store.patch_replica_status(replica_key, {"conditions": [c.to_wire() for c in updated]})
-
-    def _forget_failures(self, which: Callable[[_StepFailure], bool]) -> None:
-        for key in [k for k, f in self._step_failures.items() if which(f)]:
-            del self._step_failures[key]
 
     def _apply_step(
         self,
@@ -831,8 +811,7 @@ class Runtime:
 
     def _delete_restore(self, restore: PostgresPhysicalRestore) -> None:
         rkey = self._restore_key(restore)
-        for key in [k for k in self._step_failures if k[0] == rkey]:
-            del self._step_failures[key]
+        self._step_failures.forget(lambda k, _: k[0] == rkey)
         w = self.workers.pop(rkey, None)
         if w is not None and w.process.poll() is None:
             w.process.terminate()
