@@ -199,6 +199,20 @@ def hostile(
                 ]
             },
         )
+        # A built-in deleted and re-created in PL/pgSQL: any session calling it runs a program.
+        variant(
+            "hijacked-builtin",
+            sql={
+                "postgres": [
+                    "DELETE FROM pg_catalog.pg_proc "
+                    "WHERE oid = 'pg_catalog.pg_is_in_recovery()'::regprocedure",
+                    "CREATE FUNCTION pg_catalog.pg_is_in_recovery() RETURNS boolean "
+                    "LANGUAGE plpgsql AS $body$ BEGIN "
+                    f"COPY (SELECT 'hijacked built-in ran') TO PROGRAM 'cat >> {marker}'; "
+                    "RETURN false; END $body$",
+                ]
+            },
+        )
         variant(
             "broken-function",
             sql={
@@ -455,3 +469,12 @@ def test_command_line_alone_overrides_every_config_file(
         "hba_file": (f"{pgdata.absolute()}/pg_hba.conf",),
     }
     assert hostile.libraries.ran() == ""
+
+
+def test_functions_added_to_pg_catalog_are_refused(hostile: Hostile, scratch: Path) -> None:
+    report = _verify(hostile, "hijacked-builtin", scratch / "work")
+    assert hostile.libraries.ran() == "", "the hijacked built-in ran"
+    assert report.outcome == "failure"
+    assert report.reason == "UnsafeSnapshot", (report.reason, report.error)
+    assert report.exit_code == 1
+    assert "function pg_is_in_recovery" in (report.error or "")

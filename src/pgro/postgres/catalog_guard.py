@@ -13,8 +13,10 @@ may do, but the catalog travels with the data and ranks above the command line:
 
 `neutralise_catalog` removes the first, disables the second and points the third at a
 library name that does not exist, so a call fails with "could not access file" instead of
-loading anything. It must run before anything but pgro's own guarded sessions
-(`session.connect`) reaches the server. What it changed is returned as names only.
+loading anything. A database with functions or operators added to `pg_catalog` (which every
+session searches first, so they stand in for built-ins) is refused outright. It must run
+before anything but pgro's own guarded sessions (`session.connect`) reaches the server.
+What it changed is returned as names only.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ REFUSED_LIBRARY = "$libdir/pgro-refused-snapshot-library"
 # tampered catalog could redefine.
 C_LANGUAGE_OID = 13
 PG_PROC_OID = 1255
+PG_OPERATOR_OID = 2617
+PG_CATALOG_NAMESPACE_OID = 11
+# initdb gives every object it creates an OID below this; later objects get one above.
+FIRST_NORMAL_OBJECT_ID = 16384
 
 APPLICATION_NAME = "pgro-catalog-guard"
 
@@ -218,6 +224,52 @@ def _refuse_foreign_libraries(
         )
 
 
+def _refuse_added_system_objects(conn: psycopg.Connection[tuple[object, ...]], dbname: str) -> None:
+    """Refuse functions and operators added to pg_catalog after initdb (outside extensions).
+
+    pg_catalog is searched first by every session, so a function put there (or a built-in
+    deleted and re-created, say `pg_is_in_recovery()` in PL/pgSQL running `COPY … TO
+    PROGRAM`) runs in any session that calls that name, pgro's superuser sessions included.
+    A C function there is left to the probin rule (old-style language handlers live there).
+    The queries use no operator or function: those are what is being checked; rows are
+    filtered here instead.
+    """
+    members = {
+        (int(str(classid)), int(str(objid)))
+        for classid, objid, deptype in conn.execute(
+            "SELECT classid, objid, deptype FROM pg_catalog.pg_depend"
+        ).fetchall()
+        if deptype == "e"
+    }
+    added = [
+        f"function {name}"
+        for oid, name, namespace, lang in conn.execute(
+            "SELECT oid, proname, pronamespace, prolang FROM pg_catalog.pg_proc"
+        ).fetchall()
+        if int(str(namespace)) == PG_CATALOG_NAMESPACE_OID
+        and int(str(oid)) >= FIRST_NORMAL_OBJECT_ID
+        and int(str(lang)) != C_LANGUAGE_OID
+        and (PG_PROC_OID, int(str(oid))) not in members
+    ]
+    added += [
+        f"operator {name}"
+        for oid, name, namespace in conn.execute(
+            "SELECT oid, oprname, oprnamespace FROM pg_catalog.pg_operator"
+        ).fetchall()
+        if int(str(namespace)) == PG_CATALOG_NAMESPACE_OID
+        and int(str(oid)) >= FIRST_NORMAL_OBJECT_ID
+        and (PG_OPERATOR_OID, int(str(oid))) not in members
+    ]
+    if added:
+        shown = ", ".join(printable_name(str(a)) for a in sorted(added)[:10])
+        raise CatalogGuardFailed(
+            f"database {printable_name(dbname)} has {len(added)} functions or operators added "
+            f"to the system schema pg_catalog ({shown}): they would run in place of built-ins "
+            "in every session, pgro's included, so the snapshot is not served. If they are "
+            "yours, move them to another schema on the source"
+        )
+
+
 def neutralise_catalog(conninfo_for: Callable[[str], str]) -> CatalogGuardResult:
     """Remove stored settings that load code, disable event triggers and make C functions
     with a library outside $libdir unloadable, in every database that accepts connections.
@@ -240,16 +292,20 @@ def neutralise_catalog(conninfo_for: Callable[[str], str]) -> CatalogGuardResult
             current = "template1"
             conn = _connect(conninfo_for("template1"))
         with conn:
+            # First, before any query that resolves an operator or function by name.
+            _refuse_added_system_objects(conn, current)
             _reset_stored_settings(conn, result)
-            databases = [
-                str(row[0])
-                for row in conn.execute(
-                    "SELECT datname FROM pg_catalog.pg_database WHERE datallowconn ORDER BY datname"
+            databases = sorted(
+                str(name)
+                for name, allowed in conn.execute(
+                    "SELECT datname, datallowconn FROM pg_catalog.pg_database"
                 ).fetchall()
-            ]
+                if allowed is True
+            )
         for dbname in databases:
             current = dbname
             with _connect(conninfo_for(dbname)) as db:
+                _refuse_added_system_objects(db, dbname)
                 _disable_event_triggers(db, dbname, result)
                 _refuse_foreign_libraries(db, dbname, result)
     except psycopg.Error as exc:
