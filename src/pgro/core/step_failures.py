@@ -117,12 +117,12 @@ class StepFailures:
         """The step worked: its record (if it had been failing) is dropped and returned."""
         return self._records.pop(key, None)
 
-    def settle(self, owner: str, planned: Iterable[str]) -> list[StepFailure]:
+    def settle(self, owner: str, planned: Iterable[str]) -> list[tuple[StepKey, StepFailure]]:
         """A plan for `owner` ran to its end: steps it no longer holds are no longer
         failing (the situation they were for has passed). Drops and returns them."""
         wanted = set(planned)
         gone = [k for k in self._records if k[0] == owner and k[1] not in wanted]
-        return [self._records.pop(k) for k in gone]
+        return [(k, self._records.pop(k)) for k in gone]
 
     def retry_in(self, owner: str, now: float) -> float | None:
         """Seconds until the earliest retry of `owner`'s failing steps (None: none)."""

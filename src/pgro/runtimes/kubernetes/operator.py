@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
+from pgro.api.conditions import ConditionStatus, set_condition
 from pgro.api.names import (
     LABEL_READY_FOR_TRAFFIC,
     LABEL_REPLICA,
@@ -98,6 +99,16 @@ from pgro.core.restore_machine import decide_restore
 from pgro.core.restore_set import is_in_progress
 from pgro.core.secrets import scrub
 from pgro.core.settings import ReconcilerSettings
+from pgro.core.step_failures import (
+    EVENT_STEP_FAILED,
+    RECOVERED,
+    RETRY_NOTE,
+    STEP_FAILING,
+    STEPS_CONDITION,
+    StepFailures,
+    StepKey,
+    error_shape,
+)
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
 from pgro.postgres.health import check_health
@@ -130,6 +141,10 @@ WorkKey = tuple[str, str, str]
 
 class StepFailed(Exception):
     pass
+
+
+class _BackingOff(Exception):
+    """The step failed recently; its retry time has not come (not a new failure)."""
 
 
 NOTIFICATION_SECRET_REFUSED: Final = "NotificationSecretRefused"  # noqa: S105 - an event reason
@@ -221,6 +236,11 @@ def _true_conditions(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {c["type"]: c for c in conditions if c.get("status") == "True"}
 
 
+def _restore_owner(ns: str, name: str) -> str:
+    """The object a restore plan's failing steps are recorded under."""
+    return f"restore {ns}/{name}"
+
+
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
     labels: Mapping[str, str] = obj.get("metadata", {}).get("labels") or {}
     return labels
@@ -293,6 +313,11 @@ class Operator:
         self._provision_lock = threading.Lock()
         self._bad_spec_seen: set[tuple[str, str]] = set()
         self._completed_seen: set[str] = set()
+        # Steps failing in a row, per (object, step): retried 1 s, 2 s, … up to 5 minutes
+        # apart and reported once per change (pgro.core.step_failures). Workers for a
+        # replica and for its restores run at once and share it.
+        self._step_failures = StepFailures()
+        self._step_failures_lock = threading.Lock()
         self._stop = threading.Event()
         self.replicas = Informer(api, REPLICA_KIND, self._on_replica)
         self.restores = Informer(api, RESTORE_KIND, self._on_restore)
@@ -593,6 +618,8 @@ class Operator:
             # after the queue's grace period.
             self.notifier.cancel(f"{ns}/{name}")
             self._release(f"{ns}/{name}", None)
+            with self._step_failures_lock:
+                self._step_failures.forget(lambda _, f: f.replica_key == f"{ns}/{name}")
             return
         replica = self._parse_replica(raw)
         if replica is None:
@@ -621,8 +648,11 @@ class Operator:
                 obs, self.admission, self.clock(), self.random.random, self.options.settings
             )
             self.admission = plan.queue
-        self._apply(plan.steps, replica, None, creds)
-        self._requeue(("replica", ns, name), plan.requeue_after, plan.wake)
+        retry = self._apply(plan.steps, replica, None, creds)
+        # Stopped at a failing step: the next pass is its retry, not the plan's wake-up
+        # time (which may have passed already, and was retried every second before).
+        after = plan.requeue_after if retry is None else retry
+        self._requeue(("replica", ns, name), after, plan.wake)
         if self.canopy is not None and replica.spec.canopy_source is not None:
             self._deliver_reports(ns, name)
 
@@ -689,6 +719,8 @@ class Operator:
             held = self.admission.key_bound_to(ns, name)
             if held is not None:
                 self._release(held, name)
+            with self._step_failures_lock:
+                self._step_failures.forget(lambda k, _: k[0] == _restore_owner(ns, name))
             return
         models = self._restore_models([raw])
         if not models:
@@ -730,9 +762,9 @@ class Operator:
                 self.options.settings,
             )
             self.admission = plan.queue
-        if replica is not None:
-            self._apply(plan.steps, replica, restore, None)
-        self._requeue(("restore", ns, name), plan.requeue_after, plan.wake)
+        retry = self._apply(plan.steps, replica, restore, None) if replica is not None else None
+        after = plan.requeue_after if retry is None else retry
+        self._requeue(("restore", ns, name), after, plan.wake)
 
     def _release(self, replica_key: str, restore: str | None) -> None:
         with self._decide_lock:
@@ -762,23 +794,145 @@ class Operator:
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore | None,
         creds: KopiaCredentials | None,
-    ) -> None:
+    ) -> timedelta | None:
+        """Apply a plan. A step that failed recently is not tried again before its backoff
+        ends, and the rest of the plan waits with it. Returns when to look again if the
+        plan stopped at a failing step (None: it ran to its end)."""
+        owner = (
+            _restore_owner(restore.namespace, restore.name)
+            if restore is not None
+            else f"replica {replica.key}"
+        )
+        # The conditions as this plan leaves them (None: as observed).
+        conditions: list[Mapping[str, Any]] | None = None
+        recovered: list[str] = []
+
+        def apply(step: Step) -> None:
+            nonlocal conditions
+            key: StepKey = (owner, type(step).__name__)
+            with self._step_failures_lock:
+                if self._step_failures.backing_off(key, self._seconds()):
+                    raise _BackingOff
+            self._apply_step(step, replica, restore, creds)
+            if isinstance(step, PatchReplicaStatus) and "conditions" in step.patch:
+                conditions = list(step.patch["conditions"] or [])
+            with self._step_failures_lock:
+                gone = self._step_failures.succeeded(key)
+            if gone is not None:
+                log.info("%s for %s succeeded after %d failures", key[1], owner, gone.failures)
+                recovered.append(f"{key[1]} for {owner} succeeded")
+
         def failed(step: Step, exc: Exception) -> None:
+            if isinstance(exc, _BackingOff):
+                return  # the rest of the plan waits, as after the failure itself
+            if not step.best_effort:
+                self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
             detail = scrub(str(exc), creds.secret_values() if creds else [])
-            if step.best_effort:
-                log.warning(
-                    "%s for %s failed (best effort): %s", type(step).__name__, replica.key, detail
+            message = f"{type(step).__name__} for {owner} failed: {detail}"
+            with self._step_failures_lock:
+                outcome = self._step_failures.failed(
+                    (owner, type(step).__name__),
+                    replica.key,
+                    error_shape(exc),
+                    message,
+                    self._seconds(),
+                )
+            if not outcome.report:
+                log.debug(
+                    "%s (again, %d times; next try in %.0fs)",
+                    message,
+                    outcome.record.failures,
+                    outcome.delay,
                 )
                 return
-            self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
-            log.error(
-                "%s for %s failed; the rest of the plan waits for the next pass: %s",
-                type(step).__name__,
-                replica.key,
-                detail,
+            level = logging.WARNING if step.best_effort else logging.ERROR
+            log.log(level, "%s; %s", message, RETRY_NOTE)
+            self._event(
+                replica,
+                "Warning",
+                EVENT_STEP_FAILED,
+                message,
+                restore.name if restore is not None else None,
             )
 
-        apply_in_order(steps, lambda step: self._apply_step(step, replica, restore, creds), failed)
+        complete = apply_in_order(steps, apply, failed)
+        with self._step_failures_lock:
+            if complete:
+                for (_, step_name), _ in self._step_failures.settle(
+                    owner, (type(s).__name__ for s in steps)
+                ):
+                    recovered.append(f"{step_name} for {owner} is no longer needed")
+            retry = None if complete else self._step_failures.retry_in(owner, self._seconds())
+        self._show_step_failures(replica, conditions, complete, recovered)
+        return None if retry is None else timedelta(seconds=retry)
+
+    def _seconds(self) -> float:
+        return self.clock().timestamp()
+
+    def _show_step_failures(
+        self,
+        replica: PostgresPhysicalReplica,
+        conditions: Sequence[Mapping[str, Any]] | None,
+        complete: bool,
+        recovered: Sequence[str],
+    ) -> None:
+        """Keep the replica's `StepsSucceeding` condition level with the failure record:
+        False (StepFailing) while one of its steps fails, True (Recovered) once a plan ran
+        to its end with none failing. Written only when it differs, so once per change."""
+        with self._step_failures_lock:
+            failing = self._step_failures.failing(replica.key)
+        if conditions is None:
+            conditions = [
+                c.to_wire() for c in (replica.status.conditions if replica.status else [])
+            ]
+        have = next((c for c in conditions if c.get("type") == STEPS_CONDITION), None)
+        want: tuple[ConditionStatus, str, str]
+        if failing:
+            want = ("False", STEP_FAILING, failing[0].message)
+        elif complete and have is not None and have.get("status") == "False":
+            want = ("True", RECOVERED, recovered[-1] if recovered else "every step succeeds again")
+        else:
+            return
+        if (
+            have is not None
+            and (have.get("status"), have.get("reason"), have.get("message")) == want
+        ):
+            return
+        self._set_steps_condition(replica, *want)
+
+    def _set_steps_condition(
+        self, replica: PostgresPhysicalReplica, status: ConditionStatus, reason: str, message: str
+    ) -> None:
+        # Read afresh: the informer's copy may not hold the plan's own status patch yet,
+        # and the whole list is written back.
+        try:
+            raw = self.api.get(REPLICA_KIND, replica.namespace, replica.name)
+            if raw is None:
+                return
+            fresh = PostgresPhysicalReplica.model_validate(raw)
+            current = fresh.status.conditions if fresh.status else []
+            have = next((c for c in current if c.type == STEPS_CONDITION), None)
+            if have is not None and (have.status, have.reason, have.message) == (
+                status,
+                reason,
+                message,
+            ):
+                return
+            updated = set_condition(
+                current,
+                STEPS_CONDITION,
+                status,
+                reason,
+                message,
+                self.clock(),
+                fresh.metadata.generation,
+            )
+            patch = PatchReplicaStatus({"conditions": [c.to_wire() for c in updated]})
+            self._apply_step(patch, fresh, None, None)
+        except Exception as exc:
+            log.warning(
+                "%s: the %s condition was not written: %s", replica.key, STEPS_CONDITION, exc
+            )
 
     def _apply_step(
         self,

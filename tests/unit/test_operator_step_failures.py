@@ -1,0 +1,233 @@
+"""The operator backs a failing step off and reports it once per change (issue 18, item 20).
+
+Before, `Operator._apply` logged at ERROR on every pass and retried the step on every pass;
+passes come every second when a plan's wake-up time has already passed. A real `Operator`
+runs here against a small in-memory API (no cluster needed): its informer cache is the
+API's own store, so a status patch is seen by the next pass at once, and its clock is
+moved by hand, so the backoff is checked without waiting for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import pytest
+
+from pgro.core.merge_patch import merge_patch
+from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
+from pgro.runtimes.kubernetes.workqueue import WorkQueue
+
+NS = "team-a"
+REPLICA = "analytics"
+KEY = ("replica", NS, REPLICA)
+QUOTA = "exceeded quota: team-a (used {n} of 10 secrets)"
+
+
+class FailingApi:
+    """The KubeApi calls a replica's first pass makes, over dicts; creating what the
+    replica owns fails with `error` (None: it works)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.attempts = 0
+        self.error: str | None = QUOTA
+
+    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind, namespace or "", name))
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        assert obj["kind"] == "Event"
+        self.events.append(dict(obj))
+        return dict(obj)
+
+    def create_if_missing(self, obj: Mapping[str, Any]) -> bool:
+        self.attempts += 1
+        if self.error is not None:
+            raise RuntimeError(self.error.format(n=self.attempts))
+        meta = obj["metadata"]
+        key = (obj["kind"], meta["namespace"], meta["name"])
+        if key in self.objects:
+            return False
+        self.objects[key] = dict(obj)
+        return True
+
+    def merge_patch(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        status: bool = False,
+    ) -> dict[str, Any]:
+        current = self.objects[(kind, namespace or "", name)]
+        # In place: the operator's informer cache holds this very dict.
+        updated = merge_patch(current, dict(patch))
+        current.clear()
+        current.update(updated)
+        return current
+
+    def steps_condition(self) -> dict[str, Any] | None:
+        replica = self.objects[("PostgresPhysicalReplica", NS, REPLICA)]
+        conditions = replica.get("status", {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "StepsSucceeding"), None)
+
+    def step_failed_events(self) -> list[str]:
+        return [e["note"] for e in self.events if e["reason"] == "StepFailed"]
+
+
+def _b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def world() -> Iterator[tuple[Operator, FailingApi, Clock]]:
+    api = FailingApi()
+    replica = {
+        "apiVersion": "pgro.bes.au/v1alpha1",
+        "kind": "PostgresPhysicalReplica",
+        "metadata": {"name": REPLICA, "namespace": NS, "uid": "u-1", "generation": 1},
+        "spec": {"schedule": "0 3 * * *", "kopiaSecretRef": {"name": "kopia"}},
+    }
+    api.objects[("PostgresPhysicalReplica", NS, REPLICA)] = replica
+    api.objects[("Secret", NS, "kopia")] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "kopia", "namespace": NS},
+        "data": {"repositoryPassword": _b64("pw"), "filesystemPath": _b64("/nonexistent")},
+    }
+    clock = Clock()
+    op = Operator(
+        cast(KubeApi, api),
+        OperatorOptions(namespace="pgro-system", identity="t", default_image="img"),
+        clock=clock,
+    )
+    op.replicas._items[(NS, REPLICA)] = replica  # the informer, synced at once
+    try:
+        yield op, api, clock
+    finally:
+        op.notifier.shutdown()
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pgro.operator" and r.levelno >= logging.ERROR
+    ]
+
+
+def reconcile(op: Operator) -> None:
+    """One pass of the replica, as a worker makes it: the key is taken off the queue."""
+    op.queue = WorkQueue()
+    op.reconcile_replica(NS, REPLICA)
+
+
+def requeued_in(op: Operator) -> float:
+    """Seconds until the operator's next pass of the replica."""
+    return op.queue._due[KEY] - time.monotonic()
+
+
+def test_a_step_failing_every_second_is_tried_with_backoff_and_logged_once(
+    world: tuple[Operator, FailingApi, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    op, api, clock = world
+    caplog.set_level(logging.DEBUG, logger="pgro.operator")
+
+    reconcile(op)
+    assert api.attempts == 1
+    # The next pass is the retry, 1 s away (the schedule's wake-up is hours away).
+    assert 0 < requeued_in(op) <= 1.0
+
+    # A pass every second for a minute (watch events, a wake-up time already passed).
+    retried_at = []
+    for second in range(1, 61):
+        clock.advance(1)
+        before = api.attempts
+        reconcile(op)
+        if api.attempts > before:
+            retried_at.append(second)
+            # The object comes back when the doubled backoff ends, not a second later.
+            assert requeued_in(op) > 1.5
+    # Backoff 1, 2, 4, 8, 16, 32 s after each failure (before: tried on all 61 passes).
+    assert retried_at == [1, 3, 7, 15, 31]
+    # The same failure with other numbers in it is logged once (before: 61 ERROR lines).
+    [line] = errors(caplog)
+    assert "EnsureReplicaResources for replica team-a/analytics failed" in line
+    assert "exceeded quota" in line and "backoff" in line
+    # One Warning event, and the condition says which step fails and why.
+    [note] = api.step_failed_events()
+    assert "EnsureReplicaResources for replica team-a/analytics failed" in note
+    condition = api.steps_condition()
+    assert condition is not None
+    assert (condition["status"], condition["reason"]) == ("False", "StepFailing")
+    assert "EnsureReplicaResources for replica team-a/analytics failed" in condition["message"]
+    assert "(used 1 of 10 secrets)" in condition["message"]
+
+
+def test_a_changed_failure_is_reported_again_and_recovery_shows(
+    world: tuple[Operator, FailingApi, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    op, api, clock = world
+    caplog.set_level(logging.INFO, logger="pgro.operator")
+    reconcile(op)
+    assert len(errors(caplog)) == 1
+
+    api.error = 'secrets is forbidden: User "system:serviceaccount:pgro" cannot create'
+    clock.advance(1)
+    reconcile(op)
+    assert len(errors(caplog)) == 2
+    assert "forbidden" in errors(caplog)[-1]
+    assert len(api.step_failed_events()) == 2
+    condition = api.steps_condition()
+    assert condition is not None and "forbidden" in condition["message"]
+
+    api.error = None
+    clock.advance(2)
+    reconcile(op)
+    assert len(errors(caplog)) == 2
+    condition = api.steps_condition()
+    assert condition is not None
+    assert (condition["status"], condition["reason"]) == ("True", "Recovered")
+    assert "EnsureReplicaResources for replica team-a/analytics succeeded" in condition["message"]
+    assert any("succeeded after 2 failures" in r.getMessage() for r in caplog.records)
+    # Working again, it is tried on the next pass, whenever that comes.
+    attempts = api.attempts
+    clock.advance(0.1)
+    op._ensured.clear()
+    reconcile(op)
+    assert api.attempts > attempts
+
+
+def test_a_failing_step_leaves_no_secret_in_log_event_or_condition(
+    world: tuple[Operator, FailingApi, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    op, api, _ = world
+    caplog.set_level(logging.DEBUG, logger="pgro.operator")
+    api.error = "rejected: repository password pw-is-not-this-one and pw"
+    api.objects[("Secret", NS, "kopia")]["data"]["repositoryPassword"] = _b64("pw-is-not-this-one")
+    reconcile(op)
+    [line] = errors(caplog)
+    condition = api.steps_condition()
+    assert condition is not None
+    for text in (line, api.step_failed_events()[0], condition["message"]):
+        assert "rejected" in text
+        assert "pw-is-not-this-one" not in text
