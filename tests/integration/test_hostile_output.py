@@ -21,10 +21,10 @@ from tests.fixtures.manifests import fs_manifest
 PGRO = str(Path(sys.executable).parent / "pgro")
 
 # `[/]` closes a tag that was never opened: Rich raised MarkupError on it.
-MARKUP_SETTING = "evil[/][/]"
+MARKUP = "evil[/][/]"
 MARKUP_DATABASE = "db[/][bold red]x[/]"
 # ESC [ 2 J clears the screen; ESC ] 0 ; … BEL retitles the terminal.
-ANSI_SETTING = "ansi\x1b[2Jcleared"
+ANSI = "ansi\x1b[2Jcleared"
 ANSI_DATABASE = "term\x1b]0;owned\x07title"
 
 
@@ -32,8 +32,13 @@ ANSI_DATABASE = "term\x1b]0;owned\x07title"
 def hostile_repo(
     scratch: Path, account: RunAccount, binaries: PostgresBinaries
 ) -> tuple[Repo, str]:
-    """A repository holding one cluster whose content is full of markup and escapes."""
-    root = scratch / "source"
+    """A repository holding one cluster whose content is full of markup and escapes: in the
+    path to PGDATA (printed as "PGDATA is …"), in postgresql.auto.conf and in database names."""
+    source = scratch / "source"
+    root = source / MARKUP / ANSI
+    root.mkdir(parents=True)
+    os.chmod(source / MARKUP, 0o755)
+    os.chmod(root, 0o755)
     pgdata = build_debian_cluster(root, binaries, account, scratch, keep_config=True)
     server = make_server(pgdata, binaries, account, scratch)
     server.start(60)
@@ -50,13 +55,13 @@ def hostile_repo(
         (pgdata / name).unlink()
     # What ALTER SYSTEM would have left, plus what a hostile source could write there.
     with (pgdata / "postgresql.auto.conf").open("a") as auto:
-        auto.write(f"{MARKUP_SETTING} = 1\n{ANSI_SETTING} = 'x'\nwork_mem = '[red]8MB[/red]'\n")
+        auto.write(f"{MARKUP} = 1\n{ANSI} = 'x'\nwork_mem = '[red]8MB[/red]'\n")
     repo = Repo(path=scratch / "repository", password=REPO_PASSWORD)
     kopia = KopiaRepository(repo.credentials, scratch / "kopia-state")
     kopia.create()
     try:
         snap = kopia.snapshot_create(
-            root,
+            source,
             tags={"kind": "hostile"},
             description="markup and escapes",
             override_source="postgres@db-hostile:/var/lib/postgresql",
@@ -86,9 +91,9 @@ def test_markup_and_escapes_in_the_backup_are_printed_literally(
     assert proc.returncode == 0, output
     assert "Traceback" not in output and "MarkupError" not in output
     assert "VERIFIED" in proc.stdout and snap in proc.stdout
-    # The repair note names the cleared settings as typed, the escape sequence removed.
-    assert MARKUP_SETTING in proc.stderr
-    assert "ansicleared" in proc.stderr
+    # Where PGDATA was found, as named in the snapshot; the escape sequence removed.
+    assert f"PGDATA is {MARKUP}/ansicleared/15/main" in proc.stderr
+    assert "cleared the source's ALTER SYSTEM settings" in proc.stderr
     # Databases are listed under their names: markup shown as text, escapes removed.
     assert MARKUP_DATABASE in proc.stdout
     assert "termtitle" in proc.stdout
