@@ -38,6 +38,8 @@ class FailingApi:
         self.events: list[dict[str, Any]] = []
         self.attempts = 0
         self.error: str | None = QUOTA
+        self.deletes = 0
+        self.delete_error: str | None = None
 
     def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         return self.objects.get((kind, namespace or "", name))
@@ -57,6 +59,13 @@ class FailingApi:
             return False
         self.objects[key] = dict(obj)
         return True
+
+    def delete(self, kind: str, namespace: str | None, name: str) -> bool:
+        if kind == "PostgresPhysicalRestore":
+            self.deletes += 1
+            if self.delete_error is not None:
+                raise RuntimeError(self.delete_error.format(n=self.deletes))
+        return self.objects.pop((kind, namespace or "", name), None) is not None
 
     def merge_patch(
         self,
@@ -231,3 +240,63 @@ def test_a_failing_step_leaves_no_secret_in_log_event_or_condition(
     for text in (line, api.step_failed_events()[0], condition["message"]):
         assert "rejected" in text
         assert "pw-is-not-this-one" not in text
+
+
+def test_a_delete_failing_after_its_wake_up_time_is_not_retried_every_second(
+    world: tuple[Operator, FailingApi, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The review's case: a step failing behind a wake-up time already passed. A Failed
+    restore is due for deletion (its 300 s are over) and the delete keeps failing; before,
+    every pass (every few seconds, and on every watch event) deleted again and logged an
+    ERROR each time."""
+    op, api, clock = world
+    caplog.set_level(logging.DEBUG, logger="pgro.operator")
+    api.error = None
+    api.delete_error = "admission webhook denied the request (attempt {n})"
+    failed = {
+        "apiVersion": "pgro.bes.au/v1alpha1",
+        "kind": "PostgresPhysicalRestore",
+        "metadata": {
+            "name": f"{REPLICA}-1",
+            "namespace": NS,
+            "uid": "r-1",
+            "creationTimestamp": "2026-03-04T04:00:00Z",
+        },
+        "spec": {
+            "replica": {"name": REPLICA},
+            "snapshot": "k1a2b3c4",
+            "snapshotSize": "1Gi",
+            "storageSize": "2Gi",
+        },
+        "status": {"phase": "Failed", "createdAt": "2026-03-04T04:00:00Z"},
+    }
+    api.objects[("PostgresPhysicalRestore", NS, f"{REPLICA}-1")] = failed
+    op.restores._items[(NS, f"{REPLICA}-1")] = failed
+
+    reconcile(op)
+    assert api.deletes == 1
+    assert 0 < requeued_in(op) <= 1.0
+    tried_at = []
+    for second in range(1, 61):
+        clock.advance(1)
+        before = api.deletes
+        reconcile(op)
+        if api.deletes > before:
+            tried_at.append(second)
+    assert tried_at == [1, 3, 7, 15, 31]
+    assert requeued_in(op) > 1.5
+    [line] = errors(caplog)
+    assert "DeleteRestore for replica team-a/analytics failed" in line
+    assert "admission webhook denied" in line
+    condition = api.steps_condition()
+    assert condition is not None and condition["reason"] == "StepFailing"
+    assert "DeleteRestore" in condition["message"]
+
+    api.delete_error = None
+    clock.advance(64)
+    reconcile(op)
+    assert ("PostgresPhysicalRestore", NS, f"{REPLICA}-1") not in api.objects
+    condition = api.steps_condition()
+    assert condition is not None
+    assert (condition["status"], condition["reason"]) == ("True", "Recovered")
+    assert len(errors(caplog)) == 1

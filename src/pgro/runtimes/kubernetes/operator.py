@@ -861,7 +861,7 @@ class Operator:
                 for (_, step_name), _ in self._step_failures.settle(
                     owner, (type(s).__name__ for s in steps)
                 ):
-                    recovered.append(f"{step_name} for {owner} is no longer needed")
+                    recovered.append(f"{step_name} for {owner} is no longer planned")
             retry = None if complete else self._step_failures.retry_in(owner, self._seconds())
         self._show_step_failures(replica, conditions, complete, recovered)
         return None if retry is None else timedelta(seconds=retry)
