@@ -227,6 +227,27 @@ def test_creates_postgres_role_when_the_source_superuser_has_another_name(
 
 
 @pytest.mark.slow
+def test_runs_no_procedural_language_from_the_snapshot(
+    binaries: PostgresBinaries, account: RunAccount, scratch: Path
+) -> None:
+    """The snapshot's catalog names the PL/pgSQL handler library, so the script must not
+    need it: here the language is gone, and with it any DO block."""
+    pgdata, root = new_cluster(binaries, account, scratch)
+    os.chmod(pgdata, 0o700)
+    with started(binaries, account, pgdata, scratch) as server:
+        for db in ("postgres", "template1"):
+            with psycopg.connect(
+                host=str(server.socket_dir), port=server.port, user="postgres", dbname=db
+            ) as conn:
+                conn.execute("DROP EXTENSION plpgsql")
+    os.chmod(pgdata, 0o770)
+    run = run_setup(binaries, account, pgdata, root)
+    assert run.returncode == 0, run.output
+    with started(binaries, account, pgdata, scratch) as server:
+        assert_admin_login(server)
+
+
+@pytest.mark.slow
 def test_missing_wal_is_reset_and_flagged(
     binaries: PostgresBinaries, account: RunAccount, scratch: Path
 ) -> None:

@@ -35,19 +35,18 @@ esac
 
 chmod 0700 "$PGDATA"
 
-# Single-user mode ends a statement at the newline, so the DO block is one line. It makes
-# sure a `__ROLE__` superuser exists even if the source cluster was initialised by
-# another OS user, and sets its password (hashed per password_encryption).
+# Plain statements, no DO block: a DO runs PL/pgSQL through the handler the snapshot's
+# catalog names, and the snapshot is untrusted. The role usually exists; when the source
+# cluster was initialised by another OS user it does not, and is created.
 attributes="SUPERUSER LOGIN PASSWORD '$PGRO_ADMIN_PASSWORD'"
-sql="DO \$pgro\$BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '__ROLE__')"
-sql="$sql THEN ALTER ROLE __ROLE__ WITH $attributes;"
-sql="$sql ELSE CREATE ROLE __ROLE__ WITH $attributes; END IF; END\$pgro\$;"
+alter="ALTER ROLE __ROLE__ WITH $attributes;"
+create="CREATE ROLE __ROLE__ WITH $attributes;"
 
 # Single-user mode exits 0 even when the statement fails, so its output decides.
 # log_min_error_statement=panic keeps the statement (and the password) out of the log;
 # a read-only replica's postgresql.conf makes every transaction read-only unless overridden.
-set_password() {
-  printf '%s\n' "$sql" \
+run_single() {
+  printf '%s\n' "$1" \
     | postgres --single -D "$PGDATA" __FORCED__ -c log_min_error_statement=panic \
         -c default_transaction_read_only=off __DATABASE__ 2>&1
 }
@@ -63,13 +62,11 @@ failed() {
 }
 
 attempt() {
-  if output=$(set_password); then
-    if failed "$output"; then
-      return 1
-    fi
-    return 0
-  fi
-  return 1
+  output=$(run_single "$alter") || return 1
+  failed "$output" || return 0
+  printf '%s\n' "$output" | grep -Fq 'role "__ROLE__" does not exist' || return 1
+  output=$(run_single "$create") || return 1
+  ! failed "$output"
 }
 
 if attempt; then
