@@ -861,3 +861,37 @@ def test_write_capable_provisioning_twice_gives_identical_state(cluster: Cluster
     finally:
         cluster.set_server_read_only(True)
         cluster.provision(read_only=True)
+
+
+def test_provisioning_neutralises_the_catalog_before_its_ddl(cluster: Cluster) -> None:
+    """provision_users runs the catalog guard first: an event trigger the snapshot left
+    would otherwise run (as the superuser) on provisioning's GRANTs, and a stored
+    dynamic_library_path would apply to every user session."""
+    with cluster.superuser() as conn:
+        conn.execute(
+            "CREATE FUNCTION public.snapshot_hook() RETURNS event_trigger LANGUAGE plpgsql "
+            "AS $$BEGIN RAISE EXCEPTION 'snapshot event trigger ran'; END$$"
+        )
+        conn.execute(
+            "CREATE EVENT TRIGGER snapshot_hook ON ddl_command_start "
+            "EXECUTE FUNCTION public.snapshot_hook()"
+        )
+        conn.execute("ALTER DATABASE myapp SET dynamic_library_path = '/nonexistent'")
+    try:
+        report = cluster.provision()
+        assert any("snapshot_hook" in note for note in report.catalog_notes), report
+        assert any("dynamic_library_path" in note for note in report.catalog_notes), report
+        with cluster.superuser() as conn:
+            assert one(conn, "SELECT evtenabled FROM pg_event_trigger") == "D"
+            stored = one(
+                conn,
+                "SELECT count(*) FROM pg_db_role_setting s JOIN pg_database d "
+                "ON d.oid = s.setdatabase WHERE d.datname = 'myapp' "
+                "AND array_to_string(s.setconfig, ',') LIKE '%dynamic_library_path%'",
+            )
+            assert stored == 0
+    finally:
+        with cluster.superuser() as conn:
+            conn.execute("DROP EVENT TRIGGER IF EXISTS snapshot_hook")
+            conn.execute("DROP FUNCTION IF EXISTS public.snapshot_hook()")
+            conn.execute("ALTER DATABASE myapp RESET dynamic_library_path")

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from pgro.api.users import ExtraUser
+from pgro.postgres.catalog_guard import CatalogGuardFailed, neutralise_catalog
 
 if TYPE_CHECKING:
     # Imported where used, as in pgro.postgres.health: psycopg is slow to import.
@@ -251,6 +252,8 @@ class ProvisionReport:
     passwords_neutralised: list[str] = field(default_factory=list)
     ignored_extra_users: list[str] = field(default_factory=list)
     databases: list[str] = field(default_factory=list)
+    # What the catalog guard neutralised first (names only), pgro.postgres.catalog_guard.
+    catalog_notes: list[str] = field(default_factory=list)
 
     def extra_user(self, name: str) -> ExtraUserOutcome:
         return next(u for u in self.extra_users if u.name == name)
@@ -263,6 +266,7 @@ class ProvisionReport:
             "passwords_neutralised": list(self.passwords_neutralised),
             "ignored_extra_users": list(self.ignored_extra_users),
             "databases": list(self.databases),
+            "catalog_notes": list(self.catalog_notes),
         }
 
     def summary(self) -> str:
@@ -281,6 +285,7 @@ class ProvisionReport:
         ]
         if missing:
             parts.append("schemas not found (" + "; ".join(missing) + ")")
+        parts.extend(self.catalog_notes)
         return "; ".join(parts)
 
 
@@ -984,6 +989,13 @@ def provision_users(
     users, ignored = _plan_users(analytics, extra_users, bootstrap_superuser)
     managed = [analytics.username, *(u.name for u in users)]
 
+    # Before any other session: stored settings, event triggers and C functions the
+    # snapshot's catalog names must not run on provisioning's DDL or on the users' sessions.
+    try:
+        guard = neutralise_catalog(conninfo_for)
+    except CatalogGuardFailed as error:
+        raise ProvisioningFailed(error.reason, scrub(str(error))) from None
+
     with _maintenance_connection(conninfo_for, scrub) as conn:
         version = conn.info.server_version
         privilege = analytics_privilege(read_only, version)
@@ -1073,4 +1085,5 @@ def provision_users(
         passwords_neutralised=neutralised,
         ignored_extra_users=ignored,
         databases=databases,
+        catalog_notes=guard.notes(),
     )

@@ -775,13 +775,15 @@ class Runtime:
             owned_schemas = analytics_owned_schemas(replica, restore)
 
             def provision(endpoint: Endpoint) -> None:
-                provision_users(
+                report = provision_users(
                     lambda db: endpoint.conninfo(db, "postgres"),
                     analytics=analytics,
                     extra_users=extras,
                     read_only=read_only,
                     persistent_schemas=owned_schemas,
                 )
+                for note in report.catalog_notes:
+                    log.warning("restore %s: %s", restore.name, note)
 
             handle = ServerHandle(
                 pgdata=Path(result.pgdata),

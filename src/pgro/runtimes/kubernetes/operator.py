@@ -1291,6 +1291,8 @@ class Operator:
                 report.analytics.name,
                 len(report.extra_users),
             )
+            for note in report.catalog_notes:
+                log.warning("restore %s/%s: %s", ns, restore.name, note)
         except Exception as exc:
             # The server may still be recovering; the readiness timeout bounds the retries.
             retry_in = PROVISION_RETRY_S
