@@ -114,3 +114,17 @@ def test_links_inside_the_tree_are_read_and_replaced(tree: tuple[Path, Path, Pat
     assert "max_connections = 42" in conf.read_text()
     assert (shared / "postgresql.conf").read_text() == "max_connections = 42\n"
     assert repairs.fixes["synthesized_config"] is True  # pg_hba.conf and pg_ident.conf
+
+
+def test_recovery_conf_is_removed(tree: tuple[Path, Path, Path]) -> None:
+    """PostgreSQL <= 11 reads restore_command from recovery.conf, which no command-line
+    setting overrides: it would run a program the snapshot names."""
+    root, pgdata, outside = tree
+    (pgdata / "recovery.conf").write_text(
+        f"standby_mode = 'on'\nrestore_command = '{outside}/evil %f %p'\n"
+    )
+    repairs = prepare_data_directory(root, pgdata, OfficialImage("15"), me())
+    assert not (pgdata / "recovery.conf").exists()
+    assert repairs.fixes["removed_recovery_signal"] is True
+    assert any("recovery.conf" in n for n in repairs.notes)
+    assert not any(str(outside) in n for n in repairs.notes)

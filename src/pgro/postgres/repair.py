@@ -208,6 +208,15 @@ def _repair(
             repairs.record(
                 name, f"removed {signal_file} so the restore starts as a primary, not a standby"
             )
+    # PostgreSQL <= 11 keeps recovery settings in recovery.conf, where no command-line
+    # setting reaches: its restore_command would run a program the snapshot names, and its
+    # standby_mode would keep the restore a standby. PostgreSQL 12+ refuses to start with one.
+    if tree.unlink(pg / "recovery.conf"):
+        repairs.record(
+            "removed_recovery_signal",
+            "removed recovery.conf (its restore_command and standby settings come from the "
+            "source host) so the restore starts as a primary and runs no recovery command",
+        )
 
     wal_dir = "pg_xlog" if binaries.major.startswith("9.") else "pg_wal"
     wal = pg / wal_dir
