@@ -5,10 +5,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.plan import CreateRestore, DeleteRestore, EnsureReplicaResources
 from pgro.core.step_failures import (
     STEP_RETRY_MAX,
     StepFailures,
     error_shape,
+    step_name,
     step_retry_delay,
 )
 
@@ -111,3 +114,24 @@ def test_a_plan_that_no_longer_holds_a_failing_step_settles_it() -> None:
     assert [key for key, _ in settled] == [(STEP[0], "DeleteRestore")]
     # Only that object's steps: the restore's plan is its own.
     assert sorted(f.message for f in failures.failing(REPLICA)) == ["ensure", "start"]
+
+
+def test_steps_on_different_restores_are_counted_apart() -> None:
+    assert step_name(DeleteRestore("orders-1")) == "DeleteRestore orders-1"
+    assert step_name(DeleteRestore("orders-1")) != step_name(DeleteRestore("orders-2"))
+    assert step_name(EnsureReplicaResources("analytics", (), None)) == "EnsureReplicaResources"
+    new = PostgresPhysicalRestore.model_validate(
+        {
+            "apiVersion": "pgro.bes.au/v1alpha1",
+            "kind": "PostgresPhysicalRestore",
+            "metadata": {"name": "orders-20260304050607", "namespace": "team-a"},
+            "spec": {
+                "replica": {"name": "orders"},
+                "snapshot": "k1",
+                "snapshotSize": "1Gi",
+                "storageSize": "2Gi",
+            },
+        }
+    )
+    # A restore to create is named anew each pass: its failures count under the type.
+    assert step_name(CreateRestore(new)) == "CreateRestore"

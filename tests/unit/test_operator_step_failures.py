@@ -286,7 +286,7 @@ def test_a_delete_failing_after_its_wake_up_time_is_not_retried_every_second(
     assert tried_at == [1, 3, 7, 15, 31]
     assert requeued_in(op) > 1.5
     [line] = errors(caplog)
-    assert "DeleteRestore for replica team-a/analytics failed" in line
+    assert "DeleteRestore analytics-1 for replica team-a/analytics failed" in line
     assert "admission webhook denied" in line
     condition = api.steps_condition()
     assert condition is not None and condition["reason"] == "StepFailing"

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Final
 
+from pgro.core.plan import Step
+
 STEP_RETRY_FIRST: Final = 1.0
 STEP_RETRY_MAX: Final = 300.0
 # Past this the doubling has long hit the maximum; the cap keeps 2**n small.
@@ -40,7 +42,17 @@ RETRY_NOTE: Final = (
 
 _NUMBERS = re.compile(r"\d+")
 
-StepKey = tuple[str, str]  # (the object the plan is for, the step's type name)
+StepKey = tuple[str, str]  # (the object the plan is for, `step_name` of the step)
+
+
+def step_name(step: Step) -> str:
+    """What a step's failures are counted under: its type, and the restore it acts on when
+    it names one, so that deleting one restore working does not clear the failing delete of
+    another (nor its backoff)."""
+    target = getattr(step, "restore", None)
+    kind = type(step).__name__
+    # CreateRestore carries the new object (its name is new each pass): its type only.
+    return f"{kind} {target}" if isinstance(target, str) and target else kind
 
 
 def step_retry_delay(failures: int) -> float:

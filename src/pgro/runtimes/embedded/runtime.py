@@ -90,6 +90,7 @@ from pgro.core.step_failures import (
     StepFailure,
     StepFailures,
     error_shape,
+    step_name,
 )
 from pgro.core.step_failures import step_retry_delay as step_retry_delay  # re-exported
 from pgro.interrupts import deferred_interrupts
@@ -452,7 +453,7 @@ class Runtime:
         owner = self._restore_key(restore) if restore is not None else replica.key
 
         def apply(step: Step) -> None:
-            key = (owner, type(step).__name__)
+            key = (owner, step_name(step))
             if self._step_failures.backing_off(key, time.monotonic()):
                 raise _BackingOff
             failure = self._step_failures.get(key)
@@ -465,7 +466,7 @@ class Runtime:
                 return  # the rest of the plan waits, as after the failure itself
             if not step.best_effort:
                 self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
-            self._step_failed((owner, type(step).__name__), replica, step, exc)
+            self._step_failed((owner, step_name(step)), replica, step, exc)
 
         apply_in_order(steps, apply, failed)
 

@@ -108,6 +108,7 @@ from pgro.core.step_failures import (
     StepFailures,
     StepKey,
     error_shape,
+    step_name,
 )
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
@@ -809,7 +810,7 @@ class Operator:
 
         def apply(step: Step) -> None:
             nonlocal conditions
-            key: StepKey = (owner, type(step).__name__)
+            key: StepKey = (owner, step_name(step))
             with self._step_failures_lock:
                 if self._step_failures.backing_off(key, self._seconds()):
                     raise _BackingOff
@@ -828,10 +829,10 @@ class Operator:
             if not step.best_effort:
                 self.metrics.reconciliation_errors.labels("restore" if restore else "replica").inc()
             detail = scrub(str(exc), creds.secret_values() if creds else [])
-            message = f"{type(step).__name__} for {owner} failed: {detail}"
+            message = f"{step_name(step)} for {owner} failed: {detail}"
             with self._step_failures_lock:
                 outcome = self._step_failures.failed(
-                    (owner, type(step).__name__),
+                    (owner, step_name(step)),
                     replica.key,
                     error_shape(exc),
                     message,
@@ -858,10 +859,10 @@ class Operator:
         complete = apply_in_order(steps, apply, failed)
         with self._step_failures_lock:
             if complete:
-                for (_, step_name), _ in self._step_failures.settle(
-                    owner, (type(s).__name__ for s in steps)
+                for (_, name), _ in self._step_failures.settle(
+                    owner, (step_name(s) for s in steps)
                 ):
-                    recovered.append(f"{step_name} for {owner} is no longer planned")
+                    recovered.append(f"{name} for {owner} is no longer planned")
             retry = None if complete else self._step_failures.retry_in(owner, self._seconds())
         self._show_step_failures(replica, conditions, complete, recovered)
         return None if retry is None else timedelta(seconds=retry)
