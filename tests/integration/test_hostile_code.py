@@ -91,7 +91,7 @@ def hostile(
     scratch_root: Path, account: RunAccount, binaries: PostgresBinaries, evil: EvilLibraries
 ) -> Iterator[Hostile]:
     """One repository with a hostile variant per route, all copies of one base cluster."""
-    root = scratch_root / "hostile"
+    root = scratch_root / "hostile-code"
     root.mkdir()
     os.chmod(root, 0o711)
     repo = Repo(path=root / "repository", password=REPO_PASSWORD)

@@ -72,7 +72,7 @@ def _root_file(path: Path, text: str) -> None:
 def hostile(
     fs_repo: Repo, scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
 ) -> Iterator[Hostile]:
-    base = scratch_root / "hostile"
+    base = scratch_root / "hostile-tree"
     base.mkdir()
     os.chmod(base, 0o711)
     clean = scratch_root / "fixtures" / "clean"  # built by fs_repo

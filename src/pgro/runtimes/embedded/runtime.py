@@ -281,7 +281,7 @@ class Runtime:
         self._step_failures.forget(lambda _, f: f.replica_key == key)
         for restore in self.store.restores(key):
             self._delete_restore(restore)
-        state = self.endpoints.pop(key, None)
+        state = self.endpoints.pop(key, None) or self._adopted_endpoint(key)
         if state is not None:
             state.endpoint.stop()
         self.notifier.cancel(key)
@@ -636,6 +636,20 @@ class Runtime:
         for extra in replica.spec.extra_users:
             users[extra.name] = self.credentials.ensure(replica.key, extra.name)
         return users
+
+    def _adopted_endpoint(self, key: str) -> _EndpointState | None:
+        """The endpoint of a replica this run never routed (it left the manifest while pgro
+        was stopped, its PgBouncer kept serving): built from its recorded port and run
+        directory, so stopping it finds the PgBouncer through its pidfile."""
+        stored = self.store.setting(f"endpoint-port/{key}")
+        namespace, _, name = key.partition("/")
+        run_dir = self.run_root / "endpoints" / namespace / name
+        if not stored or not name or not run_dir.is_dir():
+            return None
+        endpoint = self.endpoint_factory(
+            key, run_dir, self.account, int(stored), self.options.listen_host
+        )
+        return _EndpointState(endpoint=endpoint, port=int(stored))
 
     def _endpoint(self, replica: PostgresPhysicalReplica) -> _EndpointState:
         state = self.endpoints.get(replica.key)
