@@ -598,6 +598,10 @@ def restore_job(
 # ---------------------------------------------------------------------------- Deployment
 
 
+def _without_preload(settings: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in settings.items() if k != "shared_preload_libraries"}
+
+
 def postgres_deployment(
     replica: PostgresPhysicalReplica,
     restore: PostgresPhysicalRestore,
@@ -638,9 +642,12 @@ def postgres_deployment(
             "-D",
             PGDATA,
             # Command-line settings beat every config file: nothing the snapshot's files say
-            # can load a library or run a program. No shared_preload_libraries at all (the
-            # value is not known when the Deployment is built; the image ships only contrib).
-            *forced_arguments(forced_settings(postgres_version, PGDATA)),
+            # can load a library or run a program. shared_preload_libraries is the one left
+            # to postgresql.conf: the restore Job rewrote it to bare names this image
+            # installs (includes disabled, postgresql.auto.conf cleared), and the forced
+            # dynamic_library_path finds bare names only in the image's $libdir. Forcing it
+            # empty would drop pg_stat_statements and friends the source preloaded.
+            *forced_arguments(_without_preload(forced_settings(postgres_version, PGDATA))),
             "-c",
             "listen_addresses=*",
             "-c",
