@@ -385,9 +385,17 @@ _TRUE_IS_BAD = ("RestoreCreationBlocked", "LastRestoreFailed", "RestoreSchedulin
 
 
 def _print_replica(console: Console, entry: dict[str, Any]) -> None:
+    """One replica's state. Everything but pgro's labels may come from a manifest, canopy, a
+    snapshot or a server message, so it is printed literally (no markup, no escapes)."""
+    from pgro.cli.output import literal
+
+    def say(text: str) -> None:
+        console.print(literal(text), highlight=False)
+
     st = entry["status"]
     phase = st.get("phase", "Pending")
-    console.print(f"[bold]{entry['namespace']}/{entry['name']}[/]  phase {phase}")
+    console.print(literal(f"{entry['namespace']}/{entry['name']}", style="bold"), end="")
+    say(f"  phase {phase}")
     endpoint = entry["endpoint"]
     rows = [
         ("serving", st.get("currentRestore")),
@@ -397,18 +405,16 @@ def _print_replica(console: Console, entry: dict[str, Any]) -> None:
     ]
     for label, value in rows:
         if value:
-            console.print(f"  {label:18} {value}", highlight=False)
+            say(f"  {label:18} {value}")
     for cond in st.get("conditions", []):
         good = (cond.get("status") == "True") != cond["type"].startswith(_TRUE_IS_BAD)
         line = (
             f"{cond['type']}={cond['status']} {cond.get('reason', '')}: {cond.get('message', '')}"
         )
-        console.print(f"  [{'ok' if good else '!!'}] {line}", highlight=False, markup=False)
+        say(f"  [{'ok' if good else '!!'}] {line}")
     for r in entry["restores"]:
         phase = r["status"].get("phase", "Pending")
-        console.print(
-            f"  restore {r['name']}  {phase}  snapshot {r['spec'].get('snapshot')}", highlight=False
-        )
+        say(f"  restore {r['name']}  {phase}  snapshot {r['spec'].get('snapshot')}")
     for c in entry["credentials"]:
         secret = f"password {c['password']}" if "password" in c else f"(password in {c['file']})"
-        console.print(f"  user {c['username']} {secret}", highlight=False)
+        say(f"  user {c['username']} {secret}")
