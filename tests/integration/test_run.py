@@ -621,13 +621,14 @@ def test_an_unusable_manifest_or_state_dir_at_start_exits_2(scratch: Path) -> No
     done = start(invalid, scratch / "s1")
     assert done.returncode == 2, done.stderr
     assert "invalid YAML" in done.stderr and "Traceback" not in done.stderr
-    assert not (scratch / "s1" / "state.db").exists()
+    assert not (scratch / "s1").exists(), "a refused start created its state directory"
 
     binary = scratch / "nonutf8.yaml"
     binary.write_bytes(b"apiVersion: v1\nkind: Secret\nmetadata: {name: k\xff\xfe}\n")
     done = start(binary, scratch / "s2")
     assert done.returncode == 2, done.stderr
     assert "UTF-8" in done.stderr and "Traceback" not in done.stderr
+    assert not (scratch / "s2").exists()
 
     # Someone's home (or /tmp): refused, its mode untouched, nothing added.
     home = scratch / "home"

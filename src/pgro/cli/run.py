@@ -187,10 +187,11 @@ def run(
     # run account needs are opened up explicitly (see runtimes/embedded/state_dir.py).
     os.umask(0o077)
     try:
-        state_dir = prepare_state_dir(state_dir)
-        # Read now so that a manifest that cannot be used stops the start (exit 2) instead
-        # of leaving a process that runs nothing; later edits are reloaded while running.
+        # Read first, so that a manifest that cannot be used stops the start (exit 2) before
+        # anything is created, instead of leaving a process that runs nothing; later edits
+        # are reloaded while running.
         load_manifests(files)
+        state_dir = prepare_state_dir(state_dir)
     except (StateDirError, ManifestError) as exc:
         _refuse_start(exc)
     canopy = (
