@@ -9,16 +9,15 @@ request at INFO) in its log. This runs the real process against a real local lis
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from pgro.api.notifications import target_name
 from tests.fixtures.manifests import replica_doc, secret_doc, write_manifest
+from tests.fixtures.webhook import webhook_receiver
 from tests.integration.test_run import PASSWORD, Backups, StartRun, backups, start_run
 
 __all__ = ["backups", "start_run"]  # fixtures, used by name
@@ -30,23 +29,8 @@ HOOK_PATH = "/hooks/T0000/B0000/URL-PATH-TOKEN-555"
 
 @pytest.fixture
 def hook() -> Iterator[tuple[int, list[dict[str, str]]]]:
-    received: list[dict[str, str]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            received.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1], received
-    server.shutdown()
-    server.server_close()
+    with webhook_receiver() as hook:
+        yield hook
 
 
 def test_pgro_run_names_a_webhook_without_its_secrets(

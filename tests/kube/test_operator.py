@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import base64
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from pgro.api.notifications import LABEL_NOTIFICATION_SECRET, target_name
 from pgro.api.secret import KopiaCredentials, S3Location
 from pgro.runtimes.kubernetes.crds import crd_documents
 from pgro.runtimes.kubernetes.kube import KubeApi
+from tests.fixtures.webhook import webhook_receiver
 from tests.kube.controlplane import ControlPlane
 from tests.kube.operator_proc import (
     OPERATOR_NAMESPACE,
@@ -168,23 +167,8 @@ def _diagnostics(op: OperatorProcess, node: Any) -> str:
 @pytest.fixture
 def webhook() -> Iterator[tuple[int, list[dict[str, str]]]]:
     """A local HTTP listener the operator process posts notifications to."""
-    received: list[dict[str, str]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            received.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1], received
-    server.shutdown()
-    server.server_close()
+    with webhook_receiver() as hook:
+        yield hook
 
 
 HOOK_PATH = "/hooks/T0000/B0000/URL-PATH-TOKEN-555"

@@ -12,11 +12,9 @@ arrives at the webhook is what the operator really sends.
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 import pytest
@@ -31,6 +29,7 @@ from pgro.runtimes.kubernetes.operator import (
     OperatorOptions,
     notification_secrets,
 )
+from tests.fixtures.webhook import webhook_receiver
 
 NS = "team-a"
 REPLICA = "analytics"
@@ -150,23 +149,8 @@ class MemoryApi:
 
 @pytest.fixture
 def hook() -> Iterator[tuple[str, list[dict[str, str]]]]:
-    received: list[dict[str, str]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            received.append({k.lower(): v for k, v in self.headers.items()})
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
-    server.server_close()
+    with webhook_receiver() as (port, received):
+        yield f"http://127.0.0.1:{port}/hook", received
 
 
 @pytest.fixture(autouse=True)
