@@ -35,6 +35,7 @@ def test_the_delay_doubles_from_one_second_to_five_minutes() -> None:
         300,
     ]
     assert step_retry_delay(0) == 1
+    assert step_retry_delay(10_000) == 300
     assert step_retry_delay(10**9) == 300
 
 

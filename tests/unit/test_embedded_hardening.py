@@ -19,7 +19,6 @@ from pgro.api.replica import PostgresPhysicalReplica
 from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.runtimes.embedded.credentials import CredentialStore
 from pgro.runtimes.embedded.manifest import ManifestError, load_manifests
-from pgro.runtimes.embedded.runtime import step_retry_delay
 from pgro.runtimes.embedded.servers import running_postmaster, stop_postmaster
 from pgro.runtimes.embedded.state_dir import StateDirError, blocked_at, prepare_state_dir
 from pgro.runtimes.embedded.store import Store
@@ -208,26 +207,6 @@ def test_a_forged_postmaster_pid_is_neither_adopted_nor_signalled(
     finally:
         fake.kill()
         fake.wait()
-
-
-# -- backoff (item 20) ----------------------------------------------------------------------
-
-
-def test_a_failing_step_backs_off_from_one_second_to_five_minutes() -> None:
-    assert [step_retry_delay(n) for n in range(1, 12)] == [
-        1,
-        2,
-        4,
-        8,
-        16,
-        32,
-        64,
-        128,
-        256,
-        300,
-        300,
-    ]
-    assert step_retry_delay(10_000) == 300
 
 
 def test_the_first_directory_the_run_account_cannot_enter_is_named() -> None:

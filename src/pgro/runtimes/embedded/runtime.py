@@ -92,7 +92,6 @@ from pgro.core.step_failures import (
     error_shape,
     step_name,
 )
-from pgro.core.step_failures import step_retry_delay as step_retry_delay  # re-exported
 from pgro.interrupts import deferred_interrupts
 from pgro.kopia.repository import KopiaRepository
 from pgro.notifications import Notifier
