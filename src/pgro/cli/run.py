@@ -55,7 +55,9 @@ def _parse_addr(ctx: click.Context, param: click.Parameter, value: str | None) -
     "--state-dir",
     required=True,
     type=click.Path(path_type=Path, file_okay=False),
-    help="Where state (SQLite), restores, credentials and endpoints live.",
+    help="Where state (SQLite), restores, credentials and endpoints live. A new or empty "
+    "directory of yours, or one pgro run used before; it is kept private (other users "
+    "cannot read it). A shared or non-empty directory such as /tmp or $HOME is refused.",
 )
 @click.option(
     "--metrics-addr",
