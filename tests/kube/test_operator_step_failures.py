@@ -22,7 +22,7 @@ from lightkube.models.core_v1 import ResourceQuotaSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ResourceQuota
 
-from pgro.runtimes.kubernetes.crds import crd_documents
+from pgro.api.crds import crd_documents
 from pgro.runtimes.kubernetes.kube import KubeApi
 from tests.kube.controlplane import ControlPlane
 from tests.kube.operator_proc import (

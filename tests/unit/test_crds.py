@@ -40,11 +40,11 @@ from pgro.api import (
     parse_quantity,
     set_condition,
 )
+from pgro.api.crds import CRD_NAMES, crd_documents, crds_yaml
 from pgro.api.names import GROUP, VERSION
 from pgro.api.users import ExtraUser
 from pgro.api.verification import PendingVerificationReport
 from pgro.cli.crds import crds_command
-from pgro.runtimes.kubernetes.crds import CRD_NAMES, crd_documents, crds_yaml
 from tests.fixtures.manifests import replica_doc
 
 ROOT = Path(__file__).resolve().parents[2]

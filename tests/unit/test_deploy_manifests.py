@@ -427,7 +427,7 @@ def test_crd_rule_names_the_crds_in_crds_yaml_when_present() -> None:
 def test_crds_yaml_is_what_pgro_crds_prints() -> None:
     if not CRDS.exists():
         pytest.skip("deploy/crds.yaml is not generated yet")
-    from pgro.runtimes.kubernetes.crds import crds_yaml
+    from pgro.api.crds import crds_yaml
 
     assert CRDS.read_text() == crds_yaml(), "regenerate: pgro crds -o deploy/crds.yaml"
 

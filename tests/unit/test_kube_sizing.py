@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from pgro.api.replica import PostgresPhysicalReplicaSpec
-from pgro.runtimes.kubernetes.sizing import (
+from pgro.core.pod_sizing import (
     KopiaCacheCaps,
     kopia_cache_caps,
     kopia_cache_size,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pgro.runtimes.kubernetes.crds import crds_yaml
+from pgro.api.crds import crds_yaml
 
 
 @click.command("crds")

@@ -25,6 +25,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from pgro.api.conditions import ConditionStatus, set_condition
+from pgro.api.crds import crd_documents
 from pgro.api.names import (
     LABEL_READY_FOR_TRAFFIC,
     LABEL_REPLICA,
@@ -118,7 +119,6 @@ from pgro.postgres.users import RoleCredentials, generate_password, provision_us
 from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.canopy import CanopySettings, OperatorCanopy
 from pgro.runtimes.kubernetes.config import parse_operator_config
-from pgro.runtimes.kubernetes.crds import crd_documents
 from pgro.runtimes.kubernetes.informer import Informer
 from pgro.runtimes.kubernetes.kube import KubeApi, is_conflict
 from pgro.runtimes.kubernetes.leader import LeaderElector

@@ -34,16 +34,16 @@ from pgro.api.quantity import format_quantity, parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.access import effective_read_only
-from pgro.postgres.config import forced_arguments, forced_settings
-from pgro.runtimes.kubernetes.config import OperatorConfig, Placement, with_placement
-from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE, setup_script
-from pgro.runtimes.kubernetes.sizing import (
+from pgro.core.pod_sizing import (
     kopia_cache_caps,
     kopia_cache_size,
     postgres_resources,
     restore_job_resources,
     shm_size_mib,
 )
+from pgro.postgres.config import forced_arguments, forced_settings
+from pgro.runtimes.kubernetes.config import OperatorConfig, Placement, with_placement
+from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE, setup_script
 
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "pgro"
