@@ -244,6 +244,32 @@ class RunMigration(Step):
     restore: str
 
 
+# Every step a decision can plan. Plans hold only these, and the shell's dispatch matches
+# each (ending in `assert_never`): a step type added here without a handler, or planned
+# without being added here, is a type error.
+PlanStep = (
+    PatchReplicaStatus
+    | EnsureReplicaResources
+    | ListSnapshots
+    | CreateRestore
+    | DeleteRestore
+    | RunSwitchoverStep
+    | PointServiceAt
+    | MarkOutgoing
+    | SendNotifications
+    | ReportVerification
+    | EmitEvent
+    | PatchRestoreStatus
+    | PrepareRestoreStorage
+    | StartRestoreWork
+    | CleanupRestoreWork
+    | DetectPostgresVersion
+    | EnsureServer
+    | MarkReadyForTraffic
+    | RunMigration
+)
+
+
 def apply_in_order(
     steps: Sequence[Step],
     apply: Callable[[Step], None],

@@ -51,12 +51,12 @@ from pgro.core.plan import (
     MarkOutgoing,
     PatchReplicaStatus,
     PatchRestoreStatus,
+    PlanStep,
     PointServiceAt,
     ReportVerification,
     RunSwitchoverStep,
     SendNotifications,
     StatusDraft,
-    Step,
     SwitchoverStep,
     VerificationOutcome,
 )
@@ -102,7 +102,7 @@ class ReplicaPlan:
     is observed to change.
     """
 
-    steps: tuple[Step, ...]
+    steps: tuple[PlanStep, ...]
     queue: AdmissionQueue
     requeue_after: timedelta | None
     wake: tuple[str, ...] = ()
@@ -121,8 +121,8 @@ class _Pass:
     random: RandomSource
     settings: ReconcilerSettings
     draft: StatusDraft[PostgresPhysicalReplicaStatus]
-    steps: list[Step] = field(default_factory=list)
-    trailing: list[Step] = field(default_factory=list)
+    steps: list[PlanStep] = field(default_factory=list)
+    trailing: list[PlanStep] = field(default_factory=list)
     wakeups: list[datetime] = field(default_factory=list)
     triggers: Triggers | None = None
 

@@ -32,12 +32,12 @@ from pgro.core.plan import (
     MarkReadyForTraffic,
     PatchReplicaStatus,
     PatchRestoreStatus,
+    PlanStep,
     PrepareRestoreStorage,
     ReportVerification,
     RunMigration,
     StartRestoreWork,
     StatusDraft,
-    Step,
     VerificationOutcome,
 )
 from pgro.core.queue import AdmissionQueue, promoted_keys
@@ -59,13 +59,13 @@ FAILED_CONDITION: Final = "Failed"
 
 @dataclass(frozen=True)
 class RestorePlan:
-    steps: tuple[Step, ...]
+    steps: tuple[PlanStep, ...]
     queue: AdmissionQueue
     requeue_after: timedelta | None
     wake: tuple[str, ...] = ()
 
     @property
-    def status_patches(self) -> tuple[Step, ...]:
+    def status_patches(self) -> tuple[PlanStep, ...]:
         return tuple(
             s for s in self.steps if isinstance(s, PatchRestoreStatus | PatchReplicaStatus)
         )
@@ -79,7 +79,7 @@ class _Pass:
     new_run_id: RunIdSource
     settings: ReconcilerSettings
     draft: StatusDraft[PostgresPhysicalRestoreStatus]
-    steps: list[Step] = field(default_factory=list)
+    steps: list[PlanStep] = field(default_factory=list)
 
     @property
     def restore(self) -> PostgresPhysicalRestore:
