@@ -83,7 +83,14 @@ class EnsureReplicaResources(Step):
 @dataclass(frozen=True)
 class ListSnapshots(Step):
     """List the repository's snapshots; the runtime records the outcome with
-    `record_listing_success` / `record_listing_failure` and runs the decision again."""
+    `record_listing_success(snapshots, listed_at, previous=…, wanted=step.wanted)` /
+    `record_listing_failure` and runs the decision again.
+
+    `wanted`: the canopy desired snapshot this listing is taken to find (None for other
+    replicas). Passing it on is what lets the decision tell a listing taken after canopy's
+    offer from an older one, and back off while the snapshot is still missing."""
+
+    wanted: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,10 +277,13 @@ PlanStep = (
 )
 
 
+_S = TypeVar("_S", bound=Step)
+
+
 def apply_in_order(
-    steps: Sequence[Step],
-    apply: Callable[[Step], None],
-    failed: Callable[[Step, Exception], None],
+    steps: Sequence[_S],
+    apply: Callable[[_S], None],
+    failed: Callable[[_S, Exception], None],
 ) -> bool:
     """Apply a plan with the contract above: in order, stopping at the first failing step
     that is not best effort. `failed` hears of every failure (best effort or not) and

@@ -1,0 +1,1 @@
+"""The reconciler shell and the effects interface every runtime implements."""
