@@ -70,6 +70,7 @@ from pgro.api.notifications import (
 from pgro.api.replica import ConnectionInfo, PostgresPhysicalReplica
 from pgro.api.secret import SecretInvalid, decode_secret_data
 from pgro.api.timestamp import format_rfc3339
+from pgro.core.secrets import scrub
 from pgro.observability import Metrics
 
 log = logging.getLogger("pgro.notifications")
@@ -337,19 +338,7 @@ def url_secrets(url: str) -> list[str]:
         parts += [str(parsed), parsed.userinfo.decode("ascii", "replace"), parsed.raw_path.decode()]
     except (ValueError, TypeError, httpx.InvalidURL, UnicodeDecodeError):
         pass
-    # The longest first, so a whole URL is replaced before its parts.
-    return sorted({p for p in parts if p and p != "/"}, key=len, reverse=True)
-
-
-def _scrub(text: str, sensitive: Iterable[str | None]) -> str:
-    """Belt and braces for messages of exceptions we do not build ourselves."""
-    for value in sensitive:
-        if not value or len(value) < 3:
-            continue
-        for form in {value, value.strip(), repr(value)[1:-1], repr(value.encode())[2:-1]}:
-            if len(form) >= 3:
-                text = text.replace(form, "***")
-    return text
+    return [p for p in dict.fromkeys(parts) if p and p != "/"]
 
 
 def send(client: httpx.Client, request: PreparedRequest, password: str | None) -> None:
@@ -364,10 +353,10 @@ def send(client: httpx.Client, request: PreparedRequest, password: str | None) -
     except httpx.TimeoutException:
         raise NotificationError(f"timed out sending {request.method} to {where}") from None
     except httpx.ConnectError as exc:
-        detail = _scrub(str(exc), [*request.sensitive_values(), password]) or "no detail"
+        detail = scrub(str(exc), [*request.sensitive_values(), password]) or "no detail"
         raise NotificationError(f"connection to {where} failed: {detail}") from None
     except httpx.HTTPError as exc:
-        detail = _scrub(str(exc), [*request.sensitive_values(), password]) or "no detail"
+        detail = scrub(str(exc), [*request.sensitive_values(), password]) or "no detail"
         raise NotificationError(
             f"{request.method} to {where} failed ({type(exc).__name__}): {detail}"
         ) from None

@@ -6,9 +6,9 @@ import pytest
 from psycopg import errors, sql
 
 from pgro.api.users import ExtraUser
+from pgro.core.secrets import MASK, Scrubber
 from pgro.postgres.users import (
     PASSWORD_ALPHABET,
-    REDACTED,
     AnalyticsOutcome,
     DatabaseCatalog,
     ExtraUserOutcome,
@@ -17,7 +17,6 @@ from pgro.postgres.users import (
     RoleCredentials,
     SchemaGrants,
     _plan_users,
-    _Scrubber,
     _step,
     analytics_grant_statements,
     analytics_privilege,
@@ -97,7 +96,7 @@ def test_plan_refuses_inconsistent_input(
 
 
 def test_database_errors_are_wrapped_with_secrets_scrubbed() -> None:
-    scrub = _Scrubber(["TopSecretPassword1"])
+    scrub = Scrubber(["TopSecretPassword1"])
     scrub.add("SCRAM-SHA-256$4096:salt$key:server")
     with (
         pytest.raises(ProvisioningFailed) as failed,
@@ -108,9 +107,7 @@ def test_database_errors_are_wrapped_with_secrets_scrubbed() -> None:
         )
     exc = failed.value
     assert exc.reason == "RoleProvisioningFailed" and exc.role == "x"
-    assert str(exc) == (
-        f"cannot reset role x: bad value {REDACTED} near {REDACTED} (SQLSTATE 22023)"
-    )
+    assert str(exc) == f"cannot reset role x: bad value {MASK} near {MASK} (SQLSTATE 22023)"
     assert "TopSecretPassword1" not in repr(exc.args)
     assert exc.__cause__ is None and exc.__suppress_context__
 

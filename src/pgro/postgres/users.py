@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from pgro.api.users import ExtraUser
+from pgro.core.secrets import Scrubber
 from pgro.postgres.catalog_guard import CatalogGuardFailed, neutralise_catalog
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ CONNECT_TIMEOUT_S = 10
 APPLICATION_NAME = "pgro-users"
 MAINTENANCE_DATABASES = ("postgres", "template1")
 READ_ALL_DATA_ROLE = "pg_read_all_data"
-REDACTED = "[redacted]"
 
 # Schemas that are the server's own: catalogs, TOAST and temporary schemas.
 _USER_SCHEMA = "n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'"
@@ -289,24 +289,7 @@ class ProvisionReport:
         return "; ".join(parts)
 
 
-class _Scrubber:
-    """Removes every secret this run handles from text bound for an exception."""
-
-    def __init__(self, secrets_: Sequence[str]) -> None:
-        self._secrets = sorted({s for s in secrets_ if s}, key=len, reverse=True)
-
-    def add(self, secret: str) -> None:
-        if secret and secret not in self._secrets:
-            self._secrets.append(secret)
-            self._secrets.sort(key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
-        return text
-
-
-def _describe(exc: Exception, scrub: _Scrubber) -> str:
+def _describe(exc: Exception, scrub: Scrubber) -> str:
     sqlstate = getattr(exc, "sqlstate", None)
     text = " ".join(str(exc).split()) or type(exc).__name__
     return scrub(f"{text} (SQLSTATE {sqlstate})" if sqlstate else text)
@@ -314,7 +297,7 @@ def _describe(exc: Exception, scrub: _Scrubber) -> str:
 
 @contextmanager
 def _step(
-    scrub: _Scrubber,
+    scrub: Scrubber,
     reason: str,
     what: str,
     *,
@@ -394,7 +377,7 @@ def _plan_users(
 
 
 def _connect(
-    conninfo_for: Callable[[str], str], dbname: str, scrub: _Scrubber
+    conninfo_for: Callable[[str], str], dbname: str, scrub: Scrubber
 ) -> psycopg.Connection[tuple[object, ...]]:
     """A superuser session in `dbname` that may write whatever the server's default, with
     pgro.postgres.session's safe settings in force from its start."""
@@ -430,7 +413,7 @@ def _connect(
 
 
 def _maintenance_connection(
-    conninfo_for: Callable[[str], str], scrub: _Scrubber
+    conninfo_for: Callable[[str], str], scrub: Scrubber
 ) -> psycopg.Connection[tuple[object, ...]]:
     last: ProvisioningFailed | None = None
     for dbname in MAINTENANCE_DATABASES:
@@ -456,7 +439,7 @@ def _rows(
 
 
 def _neutralise_passwords(
-    conn: psycopg.Connection[tuple[object, ...]], keep: Sequence[str], scrub: _Scrubber
+    conn: psycopg.Connection[tuple[object, ...]], keep: Sequence[str], scrub: Scrubber
 ) -> list[str]:
     """`PASSWORD NULL` for every other login role that has one (§4.3 step 14, §9 item 17).
     Unlike the reference, a failure here fails provisioning: a source account left able to
@@ -491,7 +474,7 @@ def _reset_role(
     read_only_sessions: bool,
     grant_roles: Sequence[str],
     server_version_num: int,
-    scrub: _Scrubber,
+    scrub: Scrubber,
 ) -> tuple[RoleAction, list[str]]:
     """Create or reset a managed login role to exactly the given state.
 
@@ -581,7 +564,7 @@ def _reset_role(
 
 
 def _connectable_databases(
-    conn: psycopg.Connection[tuple[object, ...]], scrub: _Scrubber
+    conn: psycopg.Connection[tuple[object, ...]], scrub: Scrubber
 ) -> list[str]:
     with _step(scrub, "GrantProvisioningFailed", "cannot list the databases"):
         return [
@@ -985,7 +968,7 @@ def provision_users(
     when the grants are re-applied after the persistent-schema migration. Raises
     ProvisioningFailed.
     """
-    scrub = _Scrubber([analytics.password, *(c.password for _, c in extra_users)])
+    scrub = Scrubber([analytics.password, *(c.password for _, c in extra_users)])
     users, ignored = _plan_users(analytics, extra_users, bootstrap_superuser)
     managed = [analytics.username, *(u.name for u in users)]
 
