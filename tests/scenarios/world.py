@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import heapq
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -37,26 +37,33 @@ from pgro.core.observations import (
     record_listing_success,
 )
 from pgro.core.plan import (
+    CleanupRestoreWork,
     CreateRestore,
     DeleteRestore,
+    DetectPostgresVersion,
     EmitEvent,
+    EnsureReplicaResources,
     EnsureServer,
     ListSnapshots,
     MarkOutgoing,
+    MarkReadyForTraffic,
     PatchReplicaStatus,
     PatchRestoreStatus,
     PointServiceAt,
+    PrepareRestoreStorage,
     ReportVerification,
+    RunMigration,
     RunSwitchoverStep,
     StartRestoreWork,
     Step,
+    SwitchoverStep,
 )
 from pgro.core.queue import AdmissionQueue
-from pgro.core.replica_decision import ReplicaPlan, decide_replica
-from pgro.core.restore_machine import RestorePlan, decide_restore
 from pgro.core.restore_set import is_in_progress, is_live
 from pgro.core.settings import DEFAULT_SETTINGS, ReconcilerSettings
 from pgro.core.snapshot import Snapshot, SnapshotSource
+from pgro.reconciler.effects import GONE, Gone, NotificationInput, ReplicaView
+from pgro.reconciler.shell import Shell
 
 T0 = datetime(2026, 3, 1, 0, 0, 0, tzinfo=UTC)
 GIB = 1024**3
@@ -136,7 +143,6 @@ class World:
     snapshots: list[Snapshot] = field(default_factory=list)
     secrets: dict[str, SecretCheck | None] = field(default_factory=dict)
     listings: dict[str, SnapshotListing] = field(default_factory=dict)
-    queue: AdmissionQueue = field(init=False)
     work: dict[str, Run] = field(default_factory=dict)
     servers: dict[str, datetime] = field(default_factory=dict)
     deleting: dict[str, datetime] = field(default_factory=dict)
@@ -169,9 +175,24 @@ class World:
     _tick: int = 0
 
     def __post_init__(self) -> None:
-        self.queue = AdmissionQueue(limit=self.limit)
         self.rng = random.Random(self.seed)
         self._run_ids = 0
+        self.shell = self._new_shell()
+
+    def _new_shell(self) -> Shell:
+        return Shell(
+            self,
+            schedule=self._schedule,
+            clock=lambda: self.now,
+            limit=self.limit,
+            random=self.rng.random,
+            new_run_id=self._run_id,
+            settings=self.settings,
+        )
+
+    @property
+    def queue(self) -> AdmissionQueue:
+        return self.shell.admission
 
     # Setup --------------------------------------------------------------------------
 
@@ -224,13 +245,8 @@ class World:
 
     def restart(self) -> None:
         """A controller restart: memory is lost, the queue is rebuilt from observation."""
-        in_progress = {
-            self._restore_key(r): r.name
-            for r in self.all_restores()
-            if is_in_progress(r) and not r.metadata.is_deleting
-        }
-        positions = {key: self.replica(key).status.queue_position or 0 for key in self.replicas}
-        self.queue = AdmissionQueue.rebuild(self.limit, in_progress, positions, self.now)
+        self.shell = self._new_shell()
+        self.shell.rebuild_admission()
         self.listings.clear()
         for key in self.replicas:
             self.wake(f"replica:{key}")
@@ -310,45 +326,14 @@ class World:
         kind, _, ident = obj.partition(":")
         self.passes += 1
         if kind == "replica":
-            if ident in self.replicas:
-                self._reconcile_replica(ident)
+            self.shell.reconcile("replica", ident)
         elif ident in self.restores:
-            self._reconcile_restore(ident)
+            self.shell.reconcile("restore", f"{self.restore(ident).namespace}/{ident}")
+        # A restore deleted since: the shell forgets it through observe_restore (GONE).
 
-    def _reconcile_replica(self, key: str) -> None:
-        replica = self.replica(key)
-        obs = ReplicaObservation(
-            replica=replica,
-            restores=self.restores_of(key),
-            secret=None if replica.spec.canopy_source is not None else self.secrets.get(key),
-            listing=self.listings.get(key),
-        )
-        plan = decide_replica(obs, self.queue, self.now, self.rng.random, self.settings)
-        self._adopt(plan)
-        self._apply(plan.steps, key)
-        if plan.requeue_after is not None:
-            self.wake(f"replica:{key}", self.now + plan.requeue_after)
-
-    def _reconcile_restore(self, name: str) -> None:
-        restore = self.restore(name)
-        key = self._restore_key(restore)
-        replica = self.replica(key) if key in self.replicas else None
-        obs = RestoreObservation(
-            restore=restore,
-            replica=replica,
-            work=self._work(restore),
-            server=self._server(name),
-        )
-        plan = decide_restore(obs, self.queue, self.now, self._run_id, self.settings)
-        self._adopt(plan)
-        self._apply(plan.steps, key, restore=name)
-        if plan.requeue_after is not None:
-            self.wake(f"restore:{name}", self.now + plan.requeue_after)
-
-    def _adopt(self, plan: ReplicaPlan | RestorePlan) -> None:
-        self.queue = plan.queue
-        for key in plan.wake:
-            self.wake(f"replica:{key}")
+    def _schedule(self, kind: str, key: str, delay: float) -> None:
+        ident = key.partition("/")[2] if kind == "restore" else key
+        self.wake(f"{kind}:{ident}", self.now + timedelta(seconds=delay))
 
     def _run_id(self) -> str:
         self._run_ids += 1
@@ -372,80 +357,207 @@ class World:
             return Server(ServerState.NOT_READY)
         return Server(ServerState.READY)
 
-    # Applying -----------------------------------------------------------------------
+    # Effects: what the shell asks of the world -----------------------------------------
 
-    def _apply(self, steps: Iterable[Step], key: str, restore: str | None = None) -> None:
-        for step in steps:
-            if not step.best_effort and self.fail_step(step):
-                # As a runtime does on an error: stop here and decide again a bit later.
-                obj = f"restore:{restore}" if restore is not None else f"replica:{key}"
-                self.wake(obj, self.now + timedelta(seconds=30))
-                return
-            self._apply_step(step, key)
+    runtime_name = "the scenario world"
+    # Recorded, not run: the scenarios check that they are planned in order.
+    supported_switchover_steps = frozenset(SwitchoverStep)
 
-    def _apply_step(self, step: Step, key: str) -> None:
-        match step:
-            case PatchReplicaStatus(patch):
-                doc = self.replicas[key]
-                before = doc.get("status", {})
-                doc["status"] = merge_patch(before, dict(patch))
-                # The patch must leave a status the model accepts.
-                PostgresPhysicalReplica.model_validate(doc)
-                self.replica_patches.append((self.now, key, dict(patch)))
-                self.wake(f"replica:{key}")
-            case PatchRestoreStatus(name, patch):
-                if name not in self.restores:
-                    raise AssertionError(f"patching missing restore {name}")
-                doc = self.restores[name]
-                doc["status"] = merge_patch(doc.get("status", {}), dict(patch))
-                PostgresPhysicalRestore.model_validate(doc)
-                self.restore_patches += 1
-                self._touch_restore(name)
-            case CreateRestore(restore):
-                self._check_creation(key, restore)
-                if restore.name in self.restores:
-                    return
-                doc = restore.to_wire()
-                doc["metadata"]["creationTimestamp"] = self.now.strftime("%Y-%m-%dT%H:%M:%SZ")
-                self.restores[restore.name] = doc
-                self.created.append((self.now, key, restore.name))
-                self._touch_restore(restore.name)
-            case DeleteRestore(name):
-                self._check_deletion(key, name)
-                if name in self.restores:
-                    self._delete(name)
-            case ListSnapshots():
-                self.listing_calls.append((self.now, key))
-                if self.listing_error is not None:
-                    self.listings[key] = record_listing_failure(
-                        self.listings.get(key), self.listing_error, self.now
-                    )
-                else:
-                    self.listings[key] = record_listing_success(self.snapshots, self.now)
-                self.wake(f"replica:{key}")
-            case PointServiceAt(name):
-                self.service[key] = name
-            case StartRestoreWork(name):
-                if name not in self.work:
-                    self.work[name] = Run(self.now, self.work_duration)
-                    self.wake(f"restore:{name}", self.now + self.work_duration)
-            case EnsureServer(name):
-                if name not in self.servers:
-                    self.servers[name] = self.now
-                    if self.ready_after is not None:
-                        self.wake(f"restore:{name}", self.now + self.ready_after)
-            case EmitEvent():
-                self.events.append((self.now, key, step))
-                if step.reason == "RestoreFailed":
-                    self.failures.append((self.now, key))
-            case ReportVerification():
-                self.reports.append(step)
-            case MarkOutgoing(name):
-                self.outgoing.append(name)
-            case RunSwitchoverStep():
-                self.switchover_steps.append(step)
-            case _:
-                pass
+    def _fault(self, step: Step) -> None:
+        if self.fail_step(step):
+            raise StepFailed(f"injected failure of {type(step).__name__}")
+
+    def observe_replica(self, key: str) -> ReplicaView | Gone | None:
+        if key not in self.replicas:
+            return GONE
+        replica = self.replica(key)
+        return ReplicaView(
+            ReplicaObservation(
+                replica=replica,
+                restores=self.restores_of(key),
+                secret=None if replica.spec.canopy_source is not None else self.secrets.get(key),
+                listing=self.listings.get(key),
+            )
+        )
+
+    def observe_restore(self, key: str) -> RestoreObservation | Gone | None:
+        name = key.partition("/")[2]
+        if name not in self.restores:
+            return GONE
+        restore = self.restore(name)
+        replica_key = self._restore_key(restore)
+        return RestoreObservation(
+            restore=restore,
+            replica=self.replica(replica_key) if replica_key in self.replicas else None,
+            work=self._work(restore),
+            server=self._server(name),
+        )
+
+    def read_replica(self, key: str) -> PostgresPhysicalReplica | None:
+        return self.replica(key) if key in self.replicas else None
+
+    def restores_in_progress(self) -> dict[str, str]:
+        return {
+            self._restore_key(r): r.name
+            for r in self.all_restores()
+            if is_in_progress(r) and not r.metadata.is_deleting
+        }
+
+    def queue_positions(self) -> dict[str, int]:
+        return {key: self.replica(key).status.queue_position or 0 for key in self.replicas}
+
+    def patch_replica_status(
+        self, replica: PostgresPhysicalReplica, patch: Mapping[str, Any]
+    ) -> None:
+        self._fault(PatchReplicaStatus(patch))
+        key = replica.key
+        doc = self.replicas[key]
+        doc["status"] = merge_patch(doc.get("status", {}), dict(patch))
+        # The patch must leave a status the model accepts.
+        PostgresPhysicalReplica.model_validate(doc)
+        self.replica_patches.append((self.now, key, dict(patch)))
+        self.wake(f"replica:{key}")
+
+    def patch_restore_status(
+        self, replica: PostgresPhysicalReplica, name: str, patch: Mapping[str, Any]
+    ) -> None:
+        self._fault(PatchRestoreStatus(name, patch))
+        if name not in self.restores:
+            raise AssertionError(f"patching missing restore {name}")
+        doc = self.restores[name]
+        doc["status"] = merge_patch(doc.get("status", {}), dict(patch))
+        PostgresPhysicalRestore.model_validate(doc)
+        self.restore_patches += 1
+        self._touch_restore(name)
+
+    def emit_event(self, replica: PostgresPhysicalReplica, event: EmitEvent) -> None:
+        self.events.append((self.now, replica.key, event))
+        if event.reason == "RestoreFailed":
+            self.failures.append((self.now, replica.key))
+
+    def ensure_replica_resources(
+        self, replica: PostgresPhysicalReplica, step: EnsureReplicaResources
+    ) -> None:
+        self._fault(step)
+
+    def list_snapshots(self, replica: PostgresPhysicalReplica, step: ListSnapshots) -> None:
+        self._fault(step)
+        key = replica.key
+        self.listing_calls.append((self.now, key))
+        if self.listing_error is not None:
+            self.listings[key] = record_listing_failure(
+                self.listings.get(key), self.listing_error, self.now
+            )
+        else:
+            self.listings[key] = record_listing_success(self.snapshots, self.now)
+        self.wake(f"replica:{key}")
+
+    def create_restore(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        self._fault(CreateRestore(restore))
+        key = replica.key
+        self._check_creation(key, restore)
+        if restore.name in self.restores:
+            raise StepFailed(f"restore {restore.name} already exists")
+        doc = restore.to_wire()
+        doc["metadata"]["creationTimestamp"] = self.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.restores[restore.name] = doc
+        self.created.append((self.now, key, restore.name))
+        self._touch_restore(restore.name)
+
+    def delete_restore(self, replica: PostgresPhysicalReplica, step: DeleteRestore) -> None:
+        self._fault(step)
+        self._check_deletion(replica.key, step.restore)
+        if step.restore in self.restores:
+            self._delete(step.restore)
+
+    def point_service_at(self, replica: PostgresPhysicalReplica, step: PointServiceAt) -> None:
+        self._fault(step)
+        self.service[replica.key] = step.restore
+
+    def mark_outgoing(self, replica: PostgresPhysicalReplica, step: MarkOutgoing) -> None:
+        self.outgoing.append(step.restore)
+
+    def notification_input(
+        self, replica: PostgresPhysicalReplica, restore_name: str
+    ) -> NotificationInput | None:
+        return None  # the world has no notification targets
+
+    def report_verification(
+        self, replica: PostgresPhysicalReplica, step: ReportVerification
+    ) -> None:
+        self.reports.append(step)
+
+    def run_switchover_step(
+        self, replica: PostgresPhysicalReplica, step: RunSwitchoverStep
+    ) -> None:
+        self._fault(step)
+        self.switchover_steps.append(step)
+
+    def prepare_restore_storage(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: PrepareRestoreStorage,
+    ) -> None:
+        self._fault(step)
+
+    def start_restore_work(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: StartRestoreWork,
+    ) -> None:
+        self._fault(step)
+        if step.restore not in self.work:
+            self.work[step.restore] = Run(self.now, self.work_duration)
+            self.wake(f"restore:{step.restore}", self.now + self.work_duration)
+
+    def cleanup_restore_work(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: CleanupRestoreWork,
+    ) -> None:
+        self._fault(step)
+
+    def detect_postgres_version(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: DetectPostgresVersion,
+    ) -> None:
+        self._fault(step)
+
+    def ensure_server(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: EnsureServer,
+    ) -> None:
+        self._fault(step)
+        if step.restore not in self.servers:
+            self.servers[step.restore] = self.now
+            if self.ready_after is not None:
+                self.wake(f"restore:{step.restore}", self.now + self.ready_after)
+
+    def mark_ready_for_traffic(
+        self, replica: PostgresPhysicalReplica, step: MarkReadyForTraffic
+    ) -> None:
+        pass
+
+    def run_migration(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: RunMigration,
+    ) -> None:
+        self._fault(step)
+        raise StepFailed("the scenario world runs no migrations")
+
+    def replica_plan_applied(self, replica: PostgresPhysicalReplica) -> None:
+        pass
 
     def _touch_restore(self, name: str) -> None:
         self.wake(f"restore:{name}")

@@ -87,7 +87,7 @@ def dispatch(
         case ReportVerification():
             effects.report_verification(replica, step)
         case RunSwitchoverStep(kind=kind):
-            if kind in effects.switchover_steps:
+            if kind in effects.supported_switchover_steps:
                 effects.run_switchover_step(replica, step)
             else:
                 switchover_unsupported(replica, step)

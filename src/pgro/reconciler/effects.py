@@ -82,7 +82,7 @@ class Effects(Protocol):
     # How messages name the runtime ("pgro run", "the pgro operator").
     runtime_name: str
     # The pre-switchover steps this runtime can run; others are reported as unsupported.
-    switchover_steps: frozenset[SwitchoverStep]
+    supported_switchover_steps: frozenset[SwitchoverStep]
 
     # -- observing ------------------------------------------------------------------------
     def observe_replica(self, key: str) -> ReplicaView | Gone | None:
