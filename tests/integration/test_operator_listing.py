@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pgro.runtimes.kubernetes.listing import ListingCache, credentials_digest
+from pgro.reconciler.listing import ListingCache, credentials_digest
 from tests.conftest import Repo
 
 
@@ -25,7 +25,7 @@ def _cache(scratch: Path) -> tuple[ListingCache, list[tuple[str, str]], threadin
 def test_replicas_reading_one_repository_share_one_listing(fs_repo: Repo, scratch: Path) -> None:
     cache, done, _ = _cache(scratch)
     creds = fs_repo.credentials
-    a, b = ("ns", "a"), ("ns", "b")
+    a, b = "ns/a", "ns/b"
     assert cache.listing_for(a, creds) is None
     cache.request(a, creds)
     cache.request(b, creds)  # joins the listing already running
@@ -48,9 +48,9 @@ def test_a_failed_listing_is_secret_free_and_counts_the_streak(
     wrong = replace(fs_repo.credentials, repository_password="wrong-password-31337")
     for attempt in (1, 2):
         event.clear()
-        cache.request(("ns", "a"), wrong)
+        cache.request("ns/a", wrong)
         assert event.wait(60)
-        listing = cache.listing_for(("ns", "a"), wrong)
+        listing = cache.listing_for("ns/a", wrong)
         assert listing is not None and listing.failed
         assert listing.consecutive_failures == attempt
         assert "wrong-password-31337" not in (listing.error or "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from pgro.runtimes.kubernetes.workqueue import WorkQueue
+from pgro.reconciler.workqueue import WorkQueue
 
 
 def test_a_queued_key_is_queued_once() -> None:

@@ -19,9 +19,9 @@ from typing import Any, cast
 import pytest
 
 from pgro.core.merge_patch import merge_patch
+from pgro.reconciler.workqueue import WorkQueue
 from pgro.runtimes.kubernetes.kube import KubeApi
 from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
-from pgro.runtimes.kubernetes.workqueue import WorkQueue
 
 NS = "team-a"
 REPLICA = "analytics"

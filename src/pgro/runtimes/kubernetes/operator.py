@@ -116,16 +116,16 @@ from pgro.observability import Health, Metrics
 from pgro.postgres.health import check_health
 from pgro.postgres.server import make_conninfo
 from pgro.postgres.users import RoleCredentials, generate_password, provision_users
+from pgro.reconciler.listing import ListingCache
+from pgro.reconciler.workqueue import WorkQueue
 from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.canopy import CanopySettings, OperatorCanopy
 from pgro.runtimes.kubernetes.config import parse_operator_config
 from pgro.runtimes.kubernetes.informer import Informer
 from pgro.runtimes.kubernetes.kube import KubeApi, is_conflict
 from pgro.runtimes.kubernetes.leader import LeaderElector
-from pgro.runtimes.kubernetes.listing import ListingCache
 from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
-from pgro.runtimes.kubernetes.workqueue import WorkQueue
 
 log = logging.getLogger("pgro.operator")
 
@@ -301,7 +301,7 @@ class Operator:
         self.admission = AdmissionQueue(limit=self.config.max_concurrent_restores)
         self._decide_lock = threading.Lock()
         self.listing = ListingCache(
-            lambda key: self.queue.add(("replica", *key)),
+            lambda key: self.queue.add(("replica", *key.partition("/")[::2])),
             clock,
             state_dir=options.state_dir,
         )
@@ -612,7 +612,6 @@ class Operator:
 
     def reconcile_replica(self, ns: str, name: str) -> None:
         raw = self.replicas.get(ns, name)
-        key = (ns, name)
         if raw is None:
             # Gone without a pass seeing it deleting (no finalizers: a namespace deletion
             # removes it at once): its slot or place in line is given back here, not
@@ -642,7 +641,7 @@ class Operator:
             and (r.get("spec", {}).get("replica") or {}).get("name") == name
         )
         secret, creds = self._secret_check(replica)
-        listing = self.listing.listing_for(key, creds) if creds is not None else None
+        listing = self.listing.listing_for(f"{ns}/{name}", creds) if creds is not None else None
         obs = ReplicaObservation(replica=replica, restores=restores, secret=secret, listing=listing)
         with self._decide_lock:
             plan = decide_replica(
@@ -972,7 +971,7 @@ class Operator:
                 access = None
                 if replica.spec.canopy_source is not None and self.canopy is not None:
                     access = self.canopy.listing_access(replica, creds)
-                self.listing.request((ns, replica.name), creds, access)
+                self.listing.request(replica.key, creds, access)
             case CreateRestore(restore=new):
                 self.api.create(new.to_wire())
                 self.metrics.started.inc()

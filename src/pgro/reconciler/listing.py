@@ -1,11 +1,11 @@
-"""Snapshot discovery inside the operator process, with the kopia CLI.
+"""Snapshot discovery for every runtime, with the kopia CLI, off the reconciling thread.
 
 The reference runs a snapshot-list Job per trigger and waits for an HTTP callback: a pod
 start (seconds to minutes) on every trigger, and in-memory callback state. pgro lists from
-the operator itself. Listings are shared by every replica that reads the same repository
-with the same credentials (keyed by a digest of the Secret's values, never the values),
-and at most one listing per repository runs at a time; replicas asking meanwhile get the
-running one's result.
+its own process (the operator, `pgro run`). Listings are shared by every replica that
+reads the same repository with the same credentials (keyed by a digest of the Secret's
+values, never the values), and at most one listing per repository runs at a time;
+replicas asking meanwhile get the running one's result.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pgro.core.observations import (
 from pgro.core.secrets import scrub
 from pgro.kopia.repository import KopiaRepository
 
-log = logging.getLogger("pgro.operator.listing")
+log = logging.getLogger("pgro.listing")
 
-ReplicaKey = tuple[str, str]
+ReplicaKey = str  # namespace/name
 Access = Callable[[], AbstractContextManager[KopiaCredentials]]
 
 
