@@ -20,8 +20,8 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,22 +30,15 @@ from pgro.api.names import CANOPY_MANAGED_BY_VALUE, LABEL_CANOPY_MANAGED_BY
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
-from pgro.canopy.access import CanopyRepository, broker_source, listing_access
-from pgro.canopy.broker import Callbacks, CredentialBroker, serve
+from pgro.canopy.access import CanopyRepository
+from pgro.canopy.broker import serve
 from pgro.canopy.client import CanopyClient
-from pgro.canopy.courier import ReportCourier
-from pgro.canopy.materialise import ExistingReplica, plan_removals, plan_sync
+from pgro.canopy.materialise import ExistingReplica, ReplicaChange
 from pgro.canopy.naming import REPLICA_NAME
-from pgro.canopy.proxy import DEFAULT_PROGRESS_INTERVAL, valid_run_id
-from pgro.canopy.syncer import (
-    DEFAULT_INTERVAL,
-    DEFAULT_REMOVAL_GRACE,
-    SyncTick,
-    capability_retry_delay,
-    fetch_tick,
-    jittered,
-)
-from pgro.canopy.tokens import BrokerTokens, TokenBinding, load_or_create_key
+from pgro.canopy.proxy import DEFAULT_PROGRESS_INTERVAL
+from pgro.canopy.session import CanopySession, restore_token
+from pgro.canopy.syncer import DEFAULT_INTERVAL, DEFAULT_REMOVAL_GRACE, SyncTick
+from pgro.canopy.tokens import BrokerTokens, load_or_create_key
 from pgro.core import reasons
 from pgro.core import verification_reports as vr
 from pgro.core.observations import SecretCheck
@@ -67,21 +60,12 @@ class CanopyOptions:
     removal_grace: timedelta = DEFAULT_REMOVAL_GRACE
 
 
-@dataclass
-class _State:
-    repositories: dict[str, CanopyRepository] = field(default_factory=dict)
-    refusals: dict[str, str] = field(default_factory=dict)
-    # Namespace → when a fetched worklist first did not list it.
-    absent_since: dict[str, datetime] = field(default_factory=dict)
-    ticks: int = 0
-
-
 def is_canopy_managed(replica: PostgresPhysicalReplica) -> bool:
     labels = replica.metadata.labels or {}
     return labels.get(LABEL_CANOPY_MANAGED_BY) == CANOPY_MANAGED_BY_VALUE
 
 
-class EmbeddedCanopy:
+class EmbeddedCanopy(CanopySession):
     def __init__(
         self,
         client: CanopyClient,
@@ -91,13 +75,9 @@ class EmbeddedCanopy:
         clock: Callable[[], datetime],
         rnd: Callable[[], float] = random.random,
     ) -> None:
-        self.client = client
+        super().__init__(client, options, clock=clock, rnd=rnd)
         self.options = options
         self.store = store
-        self.clock = clock
-        self.rnd = rnd
-        self.broker = CredentialBroker(client, clock=clock)
-        self.callbacks = Callbacks(client)
         self.tokens = BrokerTokens(load_or_create_key(store.path.parent / BROKER_KEY_FILE))
         stored = store.setting(BROKER_PORT_SETTING)
         port = int(stored) if stored else free_port(BROKER_HOST)
@@ -113,16 +93,9 @@ class EmbeddedCanopy:
         if not stored:
             store.set_setting(BROKER_PORT_SETTING, str(port))
         self.base_url = f"http://{BROKER_HOST}:{port}"
-        self.pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="canopy")
-        self.state = _State()
-        self._capabilities: Future[None] | None = self.pool.submit(client.register_capabilities)
-        self._capability_attempts = 0
-        self._capabilities_at: float | None = None
+        self._capabilities: Future[None] | None = None
         self._tick: Future[SyncTick] | None = None
         self._next_tick = 0.0
-        self.courier = ReportCourier(
-            client.report_verification, self.pool, clock, callbacks=self.callbacks
-        )
         log.info("canopy: %r; broker on %s", client, self.base_url)
 
     # -- the loop thread's entry point ---------------------------------------------------
@@ -134,40 +107,23 @@ class EmbeddedCanopy:
     def _poll_capabilities(self) -> None:
         now = time.monotonic()
         if self._capabilities is None:
-            if self._capabilities_at is not None and now >= self._capabilities_at:
+            if self.capabilities.due(now):
                 self._capabilities = self.pool.submit(self.client.register_capabilities)
-                self._capabilities_at = None
-            return
-        if not self._capabilities.done():
-            return
-        error = self._capabilities.exception()
-        self._capabilities = None
-        if error is None:
-            log.info("canopy: intents advertised (verify, upgrade, analytics)")
-            return
-        self._capability_attempts += 1
-        delay = capability_retry_delay(self._capability_attempts)
-        log.warning(
-            "canopy: advertising intents failed (attempt %d), again in %ds: %s",
-            self._capability_attempts,
-            delay.total_seconds(),
-            error,
-        )
-        self._capabilities_at = now + delay.total_seconds()
+        elif self._capabilities.done():
+            future, self._capabilities = self._capabilities, None
+            self.capabilities.settle(now, future.exception())
 
     def _poll_tick(self, remove_replica: Callable[[str], None]) -> None:
         if self._tick is None:
             # The first tick waits for the first capabilities attempt: canopy lists only
             # intents it knows this device handles.
-            first_pending = self.state.ticks == 0 and self._capabilities is not None
-            if time.monotonic() >= self._next_tick and not first_pending:
-                self._tick = self.pool.submit(fetch_tick, self.client, self.broker)
+            if time.monotonic() >= self._next_tick and self.capabilities.tried:
+                self._tick = self.pool.submit(self.fetch_tick)
             return
         if not self._tick.done():
             return
         future, self._tick = self._tick, None
-        self.state.ticks += 1
-        self._next_tick = time.monotonic() + jittered(self.options.interval, self.rnd)
+        self._next_tick = time.monotonic() + self.next_tick_in()
         try:
             tick = future.result()
         except Exception:
@@ -175,89 +131,52 @@ class EmbeddedCanopy:
             # that must not stop the syncer for good.
             log.exception("canopy sync tick failed")
             return
-        self._apply(tick, remove_replica)
-
-    # -- applying a tick -----------------------------------------------------------------
-    def _apply(self, tick: SyncTick, remove_replica: Callable[[str], None]) -> None:
-        existing = {
-            r.namespace: ExistingReplica(r.namespace, r.status.canopy_desired_snapshot_id)
-            for r in self.store.replicas()
-            if is_canopy_managed(r)
-        }
-        plan = plan_sync(tick.worklist, existing)
-        if not plan.fetched:
-            return
-        for problem in plan.problems:
-            log.warning("canopy worklist: %s", problem)
-        if plan.deletions_withheld:
-            log.warning("canopy worklist: %s", plan.deletions_withheld)
-        for change in plan.apply:
-            desired = change.desired
-            replica = desired.replica()
-            key = replica.key
-            if self.store.apply_replica(replica):
-                log.info("canopy: replica %s applied (%s)", key, desired.entry.describe())
-            if change.desired_snapshot_patch is not None:
-                self.store.patch_replica_status(
-                    key, {"canopyDesiredSnapshotId": change.desired_snapshot_patch}
-                )
-                log.info(
-                    "canopy: %s should restore snapshot %s", key, change.desired_snapshot_patch
-                )
-            entry = desired.entry
-            group_type = (str(entry.group_id), entry.type)
-            password = tick.passwords.get(group_type)
-            if password is not None:
-                self.state.repositories[key] = CanopyRepository(
-                    entry.bucket, entry.region, entry.prefix, password
-                )
-            refusal = tick.refusals.get(group_type)
-            if refusal is not None:
-                self.state.refusals[key] = refusal
-            elif password is not None:
-                self.state.refusals.pop(key, None)
-
-        def holds(namespace: str) -> bool:
-            held = self.store.replica(f"{namespace}/{REPLICA_NAME}")
-            return held is not None and vr.holds_removal(held.status.pending_verification_reports)
-
-        removals = plan_removals(
-            plan, self.state.absent_since, self.clock(), self.options.removal_grace, holds
+        self.book.apply(
+            tick,
+            self.clock(),
+            existing={
+                r.namespace: ExistingReplica(r.namespace, r.status.canopy_desired_snapshot_id)
+                for r in self.store.replicas()
+                if is_canopy_managed(r)
+            },
+            replica=lambda namespace: self.store.replica(f"{namespace}/{REPLICA_NAME}"),
+            put=self._put,
+            remove=lambda namespace: remove_replica(f"{namespace}/{REPLICA_NAME}"),
         )
-        self.state.absent_since = removals.absent_since
-        for namespace in removals.held:
-            log.info("canopy no longer lists %s; kept until its reports are delivered", namespace)
-        for namespace in removals.remove:
-            key = f"{namespace}/{REPLICA_NAME}"
-            log.info("canopy no longer lists %s: removing it", key)
-            remove_replica(key)
-            self.state.repositories.pop(key, None)
-            self.state.refusals.pop(key, None)
+
+    def _put(self, change: ReplicaChange, password: str | None) -> None:
+        # The password stays in the book: the store holds no secrets.
+        replica = change.desired.replica()
+        if self.store.apply_replica(replica):
+            log.info(
+                "canopy: replica %s applied (%s)", replica.key, change.desired.entry.describe()
+            )
+        if change.desired_snapshot_patch is not None:
+            self.store.patch_replica_status(
+                replica.key, {"canopyDesiredSnapshotId": change.desired_snapshot_patch}
+            )
+            log.info(
+                "canopy: %s should restore snapshot %s", replica.key, change.desired_snapshot_patch
+            )
 
     # -- what the runtime asks ------------------------------------------------------------
     def secret_check(self, replica: PostgresPhysicalReplica) -> SecretCheck:
-        refusal = self.state.refusals.get(replica.key)
-        if refusal is not None:
-            return SecretCheck.invalid(refusal)
-        if replica.key in self.state.repositories:
+        refused = self.book.refusal(replica.key)
+        if refused is not None:
+            return refused
+        if self.book.repository(replica.key) is not None:
             return SecretCheck.valid()
         return SecretCheck.not_found("waiting for the repository password from canopy")
 
     def repository(self, replica: PostgresPhysicalReplica) -> CanopyRepository:
-        repo = self.state.repositories.get(replica.key)
+        repo = self.book.repository(replica.key)
         if repo is None:
             raise RuntimeError(f"{replica.key}: canopy has not issued its repository password yet")
         return repo
 
     def listing(self, replica: PostgresPhysicalReplica) -> Any:
         """A context manager giving kopia credentials through an in-process proxy."""
-        source = replica.spec.canopy_source
-        assert source is not None
-        return listing_access(
-            self.repository(replica),
-            broker_source(self.broker, source.group, source.type),
-            s3_endpoint=self.options.s3_endpoint,
-        )
+        return self.listing_through(replica, self.repository(replica))
 
     def restore_job(
         self,
@@ -284,11 +203,7 @@ class EmbeddedCanopy:
             "statsUrl": f"{self.base_url}/api/v1/canopy-stats/{job}",
             "progressUrl": f"{self.base_url}/api/v1/canopy-progress/{job}" if run_id else None,
             "progressInterval": self.options.progress_interval,
-            "brokerToken": self.tokens.issue(
-                TokenBinding(
-                    group=source.group, type=source.type, run_id=valid_run_id(run_id), job=job
-                )
-            ),
+            "brokerToken": restore_token(self.tokens, replica, run_id, job),
         }
         return repo.through(""), proxy
 
@@ -333,10 +248,7 @@ class EmbeddedCanopy:
 
     # -- shutdown -----------------------------------------------------------------------
     def shutdown(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
+        self.close(self.server)
 
 
 def state_dir_for_device(state_dir: Path) -> Path:

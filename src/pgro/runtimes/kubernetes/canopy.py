@@ -22,10 +22,10 @@ import base64
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -41,8 +41,8 @@ from pgro.api.names import (
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials, SecretInvalid, decode_secret_data
-from pgro.canopy.access import CanopyRepository, broker_source, listing_access
-from pgro.canopy.broker import Callbacks, CredentialBroker, serve
+from pgro.canopy.access import CanopyRepository
+from pgro.canopy.broker import serve
 from pgro.canopy.client import (
     DEFAULT_SOCKS5_PROXY,
     TAILNET_URL,
@@ -50,27 +50,14 @@ from pgro.canopy.client import (
     connect,
     plain_http_problem,
 )
-from pgro.canopy.courier import ReportCourier
 from pgro.canopy.device_cert import DeviceIdentity
-from pgro.canopy.materialise import (
-    ExistingReplica,
-    canopy_creds_secret_data,
-    plan_removals,
-    plan_sync,
-)
+from pgro.canopy.materialise import ExistingReplica, ReplicaChange, canopy_creds_secret_data
 from pgro.canopy.naming import REPLICA_NAME
-from pgro.canopy.proxy import new_client_credentials, valid_run_id
-from pgro.canopy.syncer import (
-    DEFAULT_INTERVAL,
-    DEFAULT_REMOVAL_GRACE,
-    SyncTick,
-    capability_retry_delay,
-    fetch_tick,
-    jittered,
-)
-from pgro.canopy.tokens import BrokerTokens, TokenBinding, new_key
+from pgro.canopy.proxy import new_client_credentials
+from pgro.canopy.session import CanopySession, restore_token
+from pgro.canopy.syncer import DEFAULT_INTERVAL, DEFAULT_REMOVAL_GRACE, SyncTick
+from pgro.canopy.tokens import BrokerTokens, new_key
 from pgro.core import reasons
-from pgro.core import verification_reports as vr
 from pgro.core.observations import SecretCheck
 from pgro.runtimes.kubernetes.kube import KubeApi
 from pgro.runtimes.kubernetes.workloads import (
@@ -176,13 +163,7 @@ def settings_from_env(
     return settings, warnings
 
 
-@dataclass
-class _SyncState:
-    refusals: dict[str, str] = field(default_factory=dict)
-    absent_since: dict[str, datetime] = field(default_factory=dict)
-
-
-class OperatorCanopy:
+class OperatorCanopy(CanopySession):
     def __init__(
         self,
         api: KubeApi,
@@ -193,24 +174,16 @@ class OperatorCanopy:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rnd: Callable[[], float] = random.random,
     ) -> None:
-        self.api = api
-        self.settings = settings
-        self.client = client
-        self.clock = clock
-        self.rnd = rnd
-        self._replicas = replicas
-        self.broker = CredentialBroker(client, clock=clock)
-        self.callbacks = Callbacks(client)
-        self.pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="canopy")
-        self.courier = ReportCourier(
-            client.report_verification,
-            self.pool,
-            clock,
-            callbacks=self.callbacks,
+        super().__init__(
+            client,
+            settings,
+            clock=clock,
+            rnd=rnd,
             stats_key=lambda ns, restore: f"{ns}/{restore_job_name(restore)}",
         )
-        self.state = _SyncState()
-        self._lock = threading.Lock()
+        self.api = api
+        self.settings = settings
+        self._replicas = replicas
         self._server: ThreadingHTTPServer | None = None
         self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
@@ -316,38 +289,16 @@ class OperatorCanopy:
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join(10)
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
+        self.close(self._server)
 
     def _sync_loop(self) -> None:
-        attempt = 0
-        next_capabilities = 0.0
-        advertised = False
         while not self._stop.is_set():
-            now = datetime.now(UTC).timestamp()
-            if not advertised and now >= next_capabilities:
-                try:
-                    self.client.register_capabilities()
-                    advertised = True
-                    log.info("canopy: intents advertised (verify, upgrade, analytics)")
-                except Exception as exc:
-                    attempt += 1
-                    delay = capability_retry_delay(attempt).total_seconds()
-                    next_capabilities = now + delay
-                    log.warning(
-                        "canopy: advertising intents failed (attempt %d), again in %ds: %s",
-                        attempt,
-                        delay,
-                        exc,
-                    )
+            self.capabilities.run(time.monotonic(), self.client.register_capabilities)
             try:
-                self.apply(fetch_tick(self.client, self.broker))
+                self.apply(self.fetch_tick())
             except Exception:
                 log.exception("canopy sync tick failed")
-            self._stop.wait(jittered(self.settings.interval, self.rnd))
+            self._stop.wait(self.next_tick_in())
 
     # -- one tick --------------------------------------------------------------------------
     def apply(self, tick: SyncTick) -> None:
@@ -359,51 +310,29 @@ class OperatorCanopy:
             for r in self._replicas()
             if r.get("metadata", {}).get("name") == REPLICA_NAME
         }
-        existing = {
-            ns["metadata"]["name"]: ExistingReplica(
-                ns["metadata"]["name"],
-                (replicas.get(ns["metadata"]["name"]) or {})
-                .get("status", {})
-                .get("canopyDesiredSnapshotId"),
-            )
-            for ns in listed
-        }
-        plan = plan_sync(tick.worklist, existing)
-        if not plan.fetched:
-            return
-        for problem in plan.problems:
-            log.warning("canopy worklist: %s", problem)
-        if plan.deletions_withheld:
-            log.warning("canopy worklist: %s", plan.deletions_withheld)
-        for change in plan.apply:
-            try:
-                self._apply_change(change, tick)
-            except Exception as exc:
-                log.warning("canopy: %s not applied: %s", change.desired.namespace, exc)
 
-        def holds(namespace: str) -> bool:
-            replica = replicas.get(namespace)
-            return replica is not None and vr.holds_removal(
-                PostgresPhysicalReplica.model_validate(replica).status.pending_verification_reports
-            )
+        def replica(namespace: str) -> PostgresPhysicalReplica | None:
+            held = replicas.get(namespace)
+            return None if held is None else PostgresPhysicalReplica.model_validate(held)
 
-        removals = plan_removals(
-            plan, self.state.absent_since, self.clock(), self.settings.removal_grace, holds
+        self.book.apply(
+            tick,
+            self.clock(),
+            existing={
+                ns["metadata"]["name"]: ExistingReplica(
+                    ns["metadata"]["name"],
+                    (replicas.get(ns["metadata"]["name"]) or {})
+                    .get("status", {})
+                    .get("canopyDesiredSnapshotId"),
+                )
+                for ns in listed
+            },
+            replica=replica,
+            put=self._apply_change,
+            remove=lambda namespace: self.api.delete("Namespace", None, namespace),
         )
-        self.state.absent_since = removals.absent_since
-        for namespace in removals.held:
-            log.info("canopy no longer lists %s; kept until its reports are delivered", namespace)
-        for namespace in removals.remove:
-            log.info("canopy no longer lists %s: deleting the Namespace", namespace)
-            try:
-                self.api.delete("Namespace", None, namespace)
-            except Exception as exc:
-                log.warning("canopy: Namespace %s not deleted: %s", namespace, exc)
-                continue
-            with self._lock:
-                self.state.refusals.pop(f"{namespace}/{REPLICA_NAME}", None)
 
-    def _apply_change(self, change: Any, tick: SyncTick) -> None:
+    def _apply_change(self, change: ReplicaChange, password: str | None) -> None:
         desired = change.desired
         ns = desired.namespace
         key = f"{ns}/{desired.name}"
@@ -416,9 +345,6 @@ class OperatorCanopy:
                 }
             )
             log.info("canopy: Namespace %s created (%s)", ns, desired.entry.describe())
-        entry = desired.entry
-        group_type = (str(entry.group_id), entry.type)
-        password = tick.passwords.get(group_type)
         if password is not None:
             self.api.apply(
                 {
@@ -430,15 +356,9 @@ class OperatorCanopy:
                         "namespace": ns,
                         "labels": {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE},
                     },
-                    "stringData": canopy_creds_secret_data(entry, password),
+                    "stringData": canopy_creds_secret_data(desired.entry, password),
                 }
             )
-        with self._lock:
-            refusal = tick.refusals.get(group_type)
-            if refusal is not None:
-                self.state.refusals[key] = refusal
-            elif password is not None:
-                self.state.refusals.pop(key, None)
         self.api.apply(desired.manifest())
         if change.desired_snapshot_patch is not None:
             self.api.merge_patch(
@@ -462,10 +382,9 @@ class OperatorCanopy:
     ) -> tuple[SecretCheck, KopiaCredentials | None]:
         """The condition, and kopia's credentials for the in-process listing proxy (their
         endpoint is a placeholder: the proxy's port is known only once it listens)."""
-        with self._lock:
-            refusal = self.state.refusals.get(replica.key)
-        if refusal is not None:
-            return SecretCheck.invalid(refusal), None
+        refused = self.book.refusal(replica.key)
+        if refused is not None:
+            return refused, None
         data = self._creds_secret(replica)
         if data is None:
             return SecretCheck.not_found("waiting for the canopy syncer to write its Secret"), None
@@ -480,8 +399,6 @@ class OperatorCanopy:
     def listing_access(
         self, replica: PostgresPhysicalReplica, creds: KopiaCredentials
     ) -> Callable[[], AbstractContextManager[KopiaCredentials]]:
-        source = replica.spec.canopy_source
-        assert source is not None
         loc = creds.location
         repo = CanopyRepository(
             bucket=getattr(loc, "bucket", ""),
@@ -489,8 +406,7 @@ class OperatorCanopy:
             prefix=getattr(loc, "prefix", ""),
             repository_password=creds.repository_password,
         )
-        fetch = broker_source(self.broker, source.group, source.type)
-        return lambda: listing_access(repo, fetch, s3_endpoint=self.settings.s3_endpoint)
+        return lambda: self.listing_through(replica, repo)
 
     def job_settings(
         self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
@@ -507,8 +423,6 @@ class OperatorCanopy:
     def ensure_proxy_secret(
         self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
     ) -> None:
-        source = replica.spec.canopy_source
-        assert source is not None
         self.api.create_if_missing(
             proxy_secret(self.tokens, replica, restore, owner=restore.owner_reference())
         )
@@ -523,14 +437,7 @@ def proxy_secret(
 ) -> dict[str, Any]:
     """The `<restore>-canopy-proxy` Secret: the restore's broker token (bound to its
     group, type, run id and callback key) and a fresh key pair for its kopia."""
-    source = replica.spec.canopy_source
-    assert source is not None
-    binding = TokenBinding(
-        group=source.group,
-        type=source.type,
-        run_id=valid_run_id(restore.status.run_id),
-        job=f"{restore.namespace}/{restore_job_name(restore.name)}",
-    )
+    job = f"{restore.namespace}/{restore_job_name(restore.name)}"
     client = new_client_credentials()
     metadata: dict[str, Any] = {
         "name": canopy_proxy_secret_name(restore.name),
@@ -546,7 +453,7 @@ def proxy_secret(
         "type": "Opaque",
         "metadata": metadata,
         "stringData": {
-            token_key: tokens.issue(binding),
+            token_key: restore_token(tokens, replica, restore.status.run_id, job),
             key_id_key: client.access_key_id,
             secret_key: client.secret_access_key,
         },
