@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import math
 import os
 import queue
 import signal
@@ -54,13 +55,68 @@ def wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
-def stop_postmaster_pid(pid: int, timeout: float = 60.0) -> None:
-    """Fast shutdown (SIGINT), then immediate (SIGQUIT), of a postmaster we cannot wait() on."""
-    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 10.0)):
+# -- Stopping -----------------------------------------------------------------------------
+#
+# Every child is stopped the same way: a polite signal, a grace period, then harder signals,
+# each with its own wait. Only the signals differ: SIGTERM for most tools, SIGINT (fast
+# shutdown) then SIGQUIT (immediate) for a postmaster, SIGINT (drain) for PgBouncer.
+
+Ladder = Sequence[tuple[signal.Signals, float | None]]
+"""Signals sent in turn after the first, each with how long to wait for the exit that
+follows it (None: as long as it takes)."""
+
+KILL: Ladder = ((signal.SIGKILL, None),)
+
+
+def stop(
+    proc: subprocess.Popen[Any],
+    grace: float,
+    *,
+    first: signal.Signals = signal.SIGTERM,
+    then: Ladder = KILL,
+) -> int | None:
+    """Stop our child `proc`: send `first` and wait up to `grace` seconds for it to exit, then
+    each signal of `then` with its wait. `grace` <= 0 skips `first` (SIGKILL at once, with the
+    default `then`). Only `proc` itself is signalled, never its process group. Returns the exit
+    code, or None if `proc` outlived every step."""
+    rc = proc.poll()
+    for sig, wait in ((first, grace), *then) if grace > 0 else then:
+        if rc is not None:
+            break
+        proc.send_signal(sig)  # a no-op once the child has been reaped
+        try:
+            rc = proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            rc = None
+    return rc
+
+
+def stop_pid(
+    pid: int,
+    grace: float,
+    *,
+    first: signal.Signals = signal.SIGTERM,
+    then: Ladder = KILL,
+) -> bool:
+    """`stop` for a process we cannot wait() on (adopted from an earlier run, or not our
+    child): the same ladder, watching /proc. False if `pid` outlived every step."""
+    for sig, wait in ((first, grace), *then) if grace > 0 else then:
+        if not is_alive(pid):
+            return True
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        if wait_gone(pid, wait):
-            return
+        if wait_gone(pid, math.inf if wait is None else wait):
+            return True
+    return not is_alive(pid)
+
+
+POSTMASTER_THEN: Ladder = ((signal.SIGQUIT, 10.0),)
+"""After fast shutdown (SIGINT), immediate shutdown (SIGQUIT) of a postmaster."""
+
+
+def stop_postmaster_pid(pid: int, timeout: float = 60.0) -> None:
+    """Fast shutdown (SIGINT), then immediate (SIGQUIT), of a postmaster we cannot wait() on."""
+    stop_pid(pid, timeout, first=signal.SIGINT, then=POSTMASTER_THEN)
 
 
 # -- Starting children that cannot outlive pgro ----------------------------------------------

@@ -21,6 +21,8 @@ from pgro.processes import (
     process_args,
     read_pid,
     spawn,
+    stop,
+    stop_pid,
     stop_postmaster_pid,
     wait_gone,
 )
@@ -174,3 +176,84 @@ def test_services_are_tied_only_where_declared_throwaway() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert out == ["None", "<Signals.SIGQUIT: 3>"]
+
+
+# -- stopping: one ladder for every child ------------------------------------------------------
+
+# A child that ignores the given signals, and says so once it does (so no signal can arrive
+# before the handler is in place).
+STUBBORN = (
+    "import signal, sys, time\n"
+    "for name in sys.argv[1:]:\n"
+    "    signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(300)\n"
+)
+
+
+def _stubborn(*ignored: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN, *ignored], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def test_stop_sends_the_first_signal_and_stops_there_if_it_works() -> None:
+    proc = _stubborn()
+    assert stop(proc, 30) == -signal.SIGTERM
+    proc = _stubborn("SIGTERM")
+    assert stop(proc, 30, first=signal.SIGINT) == -signal.SIGINT
+
+
+def test_stop_climbs_the_ladder_when_the_child_ignores_a_signal() -> None:
+    proc = _stubborn("SIGTERM")
+    assert stop(proc, 0.2) == -signal.SIGKILL
+    proc = _stubborn("SIGINT", "SIGQUIT")
+    then = ((signal.SIGQUIT, 0.2), (signal.SIGKILL, None))
+    assert stop(proc, 0.2, first=signal.SIGINT, then=then) == -signal.SIGKILL
+
+
+def test_stop_without_grace_kills_at_once() -> None:
+    proc = _stubborn()  # SIGTERM would have ended it: SIGKILL did
+    assert stop(proc, 0) == -signal.SIGKILL
+
+
+def test_stop_reports_a_child_that_outlives_every_step() -> None:
+    proc = _stubborn("SIGTERM")
+    try:
+        assert stop(proc, 0.2, then=()) is None
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_stop_of_an_exited_child_returns_its_code_and_signals_nothing() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    assert stop(proc, 30) == 3
+
+
+def test_stop_pid_stops_a_process_it_cannot_wait_on() -> None:
+    proc = _stubborn("SIGINT")
+    try:
+        # The zombie left behind counts as gone: stop_pid never reaps.
+        assert stop_pid(proc.pid, 0.2, first=signal.SIGINT, then=((signal.SIGTERM, None),))
+        assert not is_alive(proc.pid)
+        assert proc.wait(5) == -signal.SIGTERM
+        assert stop_pid(proc.pid, 30)  # long gone: nothing to do
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+def test_stop_pid_reports_a_process_that_outlives_every_step() -> None:
+    proc = _stubborn("SIGTERM")
+    try:
+        assert stop_pid(proc.pid, 0.2, then=()) is False
+        assert is_alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -33,7 +33,7 @@ from pgro.kopia.errors import (
     classify_restore_failure,
     last_lines,
 )
-from pgro.processes import spawn
+from pgro.processes import spawn, stop
 
 # Rotate CLI logs as the reference does, so a long-lived cache directory cannot fill up.
 # Content logs (one line per content read, for kopia's own debugging) only cost I/O during a
@@ -41,6 +41,7 @@ from pgro.processes import spawn
 GLOBAL_FLAGS = ("--log-dir-max-files=20", "--log-dir-max-age=24h", "--disable-content-log")
 DEFAULT_CONNECT_TIMEOUT = 120.0
 DEFAULT_LIST_TIMEOUT = 300.0
+KOPIA_STOP_GRACE_S = 10.0  # a cancelled restore's SIGTERM, before SIGKILL
 
 _PROGRESS = re.compile(
     r"Processed (?P<done_n>\d+) \((?P<done>[\d.]+ ?[KMGTPE]?i?B)\) of (?P<total_n>\d+) "
@@ -180,9 +181,8 @@ class KopiaRepository:
             stdout, stderr = child.communicate(timeout=timeout)
             proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
         except BaseException as exc:
-            if child is not None and child.poll() is None:
-                child.kill()
-                child.wait()
+            if child is not None:
+                stop(child, 0)  # SIGKILL at once: kopia holds nothing worth a clean exit
             if not isinstance(exc, subprocess.TimeoutExpired):
                 raise
             raise EndpointUnreachable(
@@ -360,7 +360,7 @@ class KopiaRepository:
             rc = proc.wait()
         except BaseException:
             if proc is not None:
-                _terminate(proc)
+                stop(proc, KOPIA_STOP_GRACE_S)
             raise
         finally:
             if proc is not None and proc.stderr is not None:
@@ -380,18 +380,8 @@ class KopiaRepository:
         return self._scrub(last_lines(logs[-1].read_text(errors="replace"), 20))
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _kill_on_cancel(proc: subprocess.Popen[bytes], cancel: threading.Event) -> None:
     while proc.poll() is None:
         if cancel.wait(0.2):
-            _terminate(proc)
+            stop(proc, KOPIA_STOP_GRACE_S)
             return

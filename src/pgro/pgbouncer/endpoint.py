@@ -53,7 +53,7 @@ from pgro.pgbouncer.errors import (
 )
 from pgro.postgres.account import RunAccount
 from pgro.postgres.server import MAX_SOCKET_PATH, Endpoint, make_conninfo
-from pgro.processes import process_args, read_pid
+from pgro.processes import Ladder, process_args, read_pid, spawn, stop_pid
 
 log = logging.getLogger(__name__)
 
@@ -260,15 +260,13 @@ class StableEndpoint:
             pid = self.pid
             rc: int | None = None
             if pid is not None:
-                steps = [(signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)]
+                then: Ladder = ((signal.SIGKILL, 5.0),)
                 if drain > 0:
-                    steps.insert(0, (signal.SIGINT, drain))
-                for sig, wait in steps:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                    if self._wait_gone(pid, wait):
-                        break
+                    then = ((signal.SIGTERM, timeout), *then)
+                    gone = stop_pid(pid, drain, first=signal.SIGINT, then=then)
                 else:
+                    gone = stop_pid(pid, timeout, then=then)
+                if not gone:
                     raise EndpointError(
                         f"PgBouncer (pid {pid}) for {self.name} survived SIGKILL: it is stuck "
                         "in the kernel; check the machine",
@@ -282,18 +280,6 @@ class StableEndpoint:
             return rc
 
     # --- internals -------------------------------------------------------------------------
-
-    def _wait_gone(self, pid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc is not None and self._proc.pid == pid:
-                if self._proc.poll() is not None:
-                    return True
-            elif process_args(pid) is None:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
 
     def _clear_stale_pidfile(self) -> None:
         """A pidfile naming no PgBouncer on our configuration (it died, or the pid now belongs
@@ -442,8 +428,9 @@ class StableEndpoint:
     def _popen(self, binary: str, logf: IO[bytes]) -> subprocess.Popen[bytes]:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
         env.update(self.account.env())
-        return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        return spawn(
             [binary, str(self.files.ini)],
+            death_signal=None,
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,

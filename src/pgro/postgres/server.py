@@ -7,7 +7,6 @@ directory; readiness is read from `postmaster.pid`, the same signal `pg_ctl -w` 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -30,7 +29,7 @@ from pgro.postgres.config import (
     forced_settings,
     safe_preload_libraries,
 )
-from pgro.processes import service_death_signal, spawn
+from pgro.processes import POSTMASTER_THEN, service_death_signal, spawn, stop
 
 # Startup failures that mean the WAL needed for crash recovery is missing or torn (an
 # online-backup snapshot taken without its trailing WAL). `pg_resetwal -f` brings such a
@@ -264,16 +263,8 @@ class PostgresServer:
         proc = self._proc
         if proc is None:
             return None
-        rc = proc.poll()
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 10.0), (signal.SIGKILL, 10.0)):
-            if rc is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                rc = proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                rc = None
+        then = (*POSTMASTER_THEN, (signal.SIGKILL, 10.0))
+        rc = stop(proc, timeout, first=signal.SIGINT, then=then)
         self._close_log()
         self._proc = None
         return rc
