@@ -46,6 +46,17 @@ class CanopyRepository:
             repository_password=data["repositoryPassword"],
         )
 
+    @classmethod
+    def behind(cls, creds: KopiaCredentials) -> CanopyRepository:
+        """The repository `through` gave `creds` for (its location is S3)."""
+        loc = creds.location
+        return cls(
+            bucket=getattr(loc, "bucket", ""),
+            region=getattr(loc, "region", ""),
+            prefix=getattr(loc, "prefix", ""),
+            repository_password=creds.repository_password,
+        )
+
     def through(self, endpoint: str, client: SigningCredentials | None = None) -> KopiaCredentials:
         """Kopia's credentials for a proxy listening on `endpoint` (`host:port`) that
         accepts requests signed with `client` (the placeholder keys when not known yet)."""
