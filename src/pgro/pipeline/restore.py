@@ -1,8 +1,8 @@
 """The restore step: download a snapshot, find PGDATA in it, make it startable.
 
 This is the work the reference does in its restore Job and `setup-auth` init container.
-The embedded runtime runs it as a local process; the Kubernetes runtime runs the same code
-inside the restore pod.
+The embedded runtime runs it in a local worker process, the Kubernetes runtime inside the
+restore pod (`pgro.pipeline.job` describes the job both hand out), verification in-process.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,19 +18,26 @@ from pgro.core.snapshot import Snapshot
 from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.events import Observer
 from pgro.postgres.account import RunAccount
-from pgro.postgres.binaries import PostgresBinaries, find_binaries
+from pgro.postgres.binaries import PostgresBinaries, ServerInstall, find_binaries
 from pgro.postgres.confine import sanitise_tree
 from pgro.postgres.layout import DataDirectory, locate_data_directory
-from pgro.postgres.repair import Repairs, prepare_data_directory
+from pgro.postgres.repair import DEFAULT_HBA, Repairs, prepare_data_directory
 
 
 @dataclass
 class RestoredDataDirectory:
     root: Path
     data: DataDirectory
-    binaries: PostgresBinaries
+    # What will serve it: this machine's install, or the image a Kubernetes pod runs.
+    server: ServerInstall
     repairs: Repairs
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def binaries(self) -> PostgresBinaries:
+        """This machine's install, to start the server here (verification, `pgro run`)."""
+        assert isinstance(self.server, PostgresBinaries), "prepared for a server image"
+        return self.server
 
 
 def restore_snapshot(
@@ -43,9 +50,15 @@ def restore_snapshot(
     parallel: int | None = None,
     cancel: threading.Event | None = None,
     settings: Mapping[str, str] | None = None,
+    install: Callable[[str], ServerInstall] = find_binaries,
+    hba: str = DEFAULT_HBA,
 ) -> RestoredDataDirectory:
+    """Restore `snapshot` into `target` and prepare its PGDATA for `account` and the
+    server `install` returns for its major version."""
     observer.step(
-        "restore", f"restoring snapshot {snapshot.id} ({snapshot.size_bytes} bytes) from kopia"
+        "restore",
+        f"restoring snapshot {snapshot.id} ({snapshot.size_bytes} bytes) "
+        f"from the {repo.description}",
     )
     started = time.monotonic()
     try:
@@ -71,19 +84,20 @@ def restore_snapshot(
         f"PGDATA is {data.path.relative_to(target) or '.'} (PostgreSQL {data.major}, "
         f"found via {data.found_via})"
     )
-    binaries = find_binaries(data.major)
-    observer.step("repair", "preparing the data directory to start on this machine")
+    server = install(data.major)
+    observer.step("repair", f"preparing the data directory for PostgreSQL {data.major}")
     repairs = prepare_data_directory(
         target,
         data.path,
-        binaries,
+        server,
         account,
         settings=settings,
+        hba=hba,
         removed_links=sanitised.removed_links,
     )
     for note in repairs.notes:
         observer.note(note)
     timings = {"download": downloaded - started, "prepare": time.monotonic() - downloaded}
     return RestoredDataDirectory(
-        root=target, data=data, binaries=binaries, repairs=repairs, timings=timings
+        root=target, data=data, server=server, repairs=repairs, timings=timings
     )

@@ -19,22 +19,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pgro.api.replica import PostgresPhysicalReplica
-from pgro.api.secret import KopiaCredentials, SecretInvalid
+from pgro.api.secret import KopiaCredentials
 from pgro.core.secrets import scrub
 from pgro.core.selection import select_snapshot
 from pgro.core.snapshot import Snapshot
 from pgro.core.timeouts import readiness_timeout
-from pgro.kopia.errors import DiskFull, KopiaError, RestoreFailed, SnapshotNotFound
+from pgro.kopia.errors import RestoreFailed
 from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.events import Observer, SilentObserver
+from pgro.pipeline.job import classify
 from pgro.pipeline.report import (
     EXIT_FAILED_VERIFICATION,
     EXIT_USAGE,
     VerificationReport,
 )
 from pgro.pipeline.restore import RestoredDataDirectory, restore_snapshot
-from pgro.postgres.account import AccountMissing, RunAccount, resolve_run_account
-from pgro.postgres.binaries import BinariesMissing
+from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.postgres.catalog_guard import CatalogGuardFailed, neutralise_catalog
 from pgro.postgres.health import check_health
 from pgro.postgres.layout import NotPostgres
@@ -48,6 +48,9 @@ from pgro.postgres.server import (
 )
 
 DEFAULT_SUPERUSER = "postgres"
+# Failures that judge the snapshot (exit 1); any other failure leaves it unjudged (exit 2):
+# configuration, a repository that could not be opened or read, a bug.
+SNAPSHOT_FAULTS = (RestoreFailed, NotPostgres, StartupFailed, CatalogGuardFailed)
 
 
 class ConfigurationError(Exception):
@@ -291,34 +294,11 @@ def verify_snapshot(
             report.reason = health.failure_reason
             report.error = health.failure_message
             report.exit_code = EXIT_FAILED_VERIFICATION
-    except ConfigurationError as exc:
-        _fail(report, exc.reason, str(exc), EXIT_USAGE)
-    except (SecretInvalid, AccountMissing, BinariesMissing) as exc:
-        _fail(report, exc.reason, str(exc), EXIT_USAGE)
-    except (SnapshotNotFound, DiskFull) as exc:
-        _fail(report, exc.reason, str(exc), EXIT_USAGE)
-    except RestoreFailed as exc:
-        _fail(report, exc.reason, str(exc), EXIT_FAILED_VERIFICATION)
-    except KopiaError as exc:
-        # Connecting failed: the repository was never read, so the snapshot is not judged.
-        _fail(report, exc.reason, str(exc), EXIT_USAGE)
-    except NotPostgres as exc:
-        _fail(report, exc.reason, str(exc), EXIT_FAILED_VERIFICATION)
-    except StartupFailed as exc:
-        detail = f"{exc}. Server log:\n{exc.log_tail}" if exc.log_tail else str(exc)
-        _fail(report, exc.reason, detail, EXIT_FAILED_VERIFICATION)
-    except CatalogGuardFailed as exc:
-        _fail(report, exc.reason, str(exc), EXIT_FAILED_VERIFICATION)
     except Exception as exc:
-        # A bug or an environment problem nobody classified yet: still one verdict, still a
-        # full cleanup, and a message worth pasting into an issue.
-        _fail(
-            report,
-            "UnexpectedError",
-            f"{type(exc).__name__}: {exc} (this is a pgro bug or an unclassified environment "
-            "problem; please report it with this message)",
-            EXIT_USAGE,
-        )
+        # One verdict whatever failed, even a bug (UnexpectedError), and a full cleanup.
+        reason, message = classify(exc)
+        code = EXIT_FAILED_VERIFICATION if isinstance(exc, SNAPSHOT_FAULTS) else EXIT_USAGE
+        _fail(report, reason, message, code)
     finally:
         obs.step("cleanup", "stopping PostgreSQL and removing the restored files")
         if server is not None:
