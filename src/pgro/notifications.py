@@ -52,7 +52,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -70,6 +70,7 @@ from pgro.api.notifications import (
 from pgro.api.replica import ConnectionInfo, PostgresPhysicalReplica
 from pgro.api.secret import SecretInvalid, decode_secret_data
 from pgro.api.timestamp import format_rfc3339
+from pgro.clock import utcnow
 from pgro.core.secrets import scrub
 from pgro.observability import Metrics
 
@@ -81,10 +82,6 @@ DEFAULT_HTTP_TIMEOUT: Final = 10.0
 USER_AGENT: Final = f"pgro/{__version__}"
 
 Target = WebhookNotification | GraphQLNotification
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -413,7 +410,7 @@ class Notifier:
         self,
         metrics: Metrics,
         *,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
         delays: Sequence[float] = DEFAULT_DELAYS,
         http_timeout: float = DEFAULT_HTTP_TIMEOUT,
         transport: httpx.BaseTransport | None = None,

@@ -20,7 +20,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from http.server import ThreadingHTTPServer
 from typing import Any, Final, Protocol
 from uuid import UUID
@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from pgro.canopy.client import CanopyError
 from pgro.canopy.tokens import BrokerTokens, TokenBinding, bearer
 from pgro.canopy.wire import ProgressArgs, RestoreCredentials, describe_validation_error
+from pgro.clock import utcnow
 from pgro.http_listener import BodyRefused, ListenerHandler, ListenerServer
 
 log = logging.getLogger("pgro.canopy.broker")
@@ -64,7 +65,7 @@ class CredentialBroker:
         self,
         issuer: CredentialIssuer | None,
         *,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utcnow,
         margin: timedelta = REFRESH_MARGIN,
     ) -> None:
         self.issuer = issuer

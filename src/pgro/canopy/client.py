@@ -56,6 +56,7 @@ from pgro.canopy.wire import (
     parse_problem,
     parse_worklist,
 )
+from pgro.clock import utcnow
 
 log = logging.getLogger("pgro.canopy")
 
@@ -290,7 +291,7 @@ def _error_for(method: str, path: str, response: httpx.Response) -> CanopyError:
             **kwargs,
         )
     if status == 429:
-        retry_after = _retry_after(response.headers.get("retry-after"), datetime.now(UTC))
+        retry_after = _retry_after(response.headers.get("retry-after"), utcnow())
         wait = f"retry after {retry_after:g} s" if retry_after is not None else "back off"
         return CanopyRateLimited(
             f"{message}; canopy is rate-limiting this device: {wait}",

@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pgro.clock import utcnow
+
 COMMON_NAME: Final = "device.local"
 CERT_BACKDATE: Final = timedelta(minutes=1)
 CERT_VALIDITY: Final = timedelta(days=6)
@@ -48,10 +50,6 @@ DIRECTORY_MODE: Final = 0o700
 
 class DeviceCertificateError(Exception):
     """The device key cannot be used; the message says which key and what to do."""
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def load_device_key(pem: bytes, source: str) -> ec.EllipticCurvePrivateKey:
@@ -237,7 +235,7 @@ class DeviceIdentity:
         directory: Path,
         *,
         key_pem: bytes | None = None,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.directory = directory
         self._key_pem = key_pem

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +48,7 @@ from pgro.canopy.sigv4 import (
     sign,
     verify,
 )
+from pgro.clock import utcnow
 from pgro.http_listener import BodyRefused, ListenerServer, content_length
 
 log = logging.getLogger(__name__)
@@ -210,10 +211,6 @@ def _error_text(reply: httpx.Response) -> str:
     return "(no message)"
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class CredentialCache:
     """Serve one set of credentials until `refresh_margin` before it expires.
 
@@ -227,7 +224,7 @@ class CredentialCache:
         source: CredentialSource,
         *,
         refresh_margin: timedelta = DEFAULT_REFRESH_MARGIN,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._source = source
         self._margin = refresh_margin
@@ -549,7 +546,7 @@ class CanopyProxy:
         host: str = "::1",
         port: int = 0,
         stats: TrafficStats | None = None,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
         transport: httpx.BaseTransport | None = None,
         upstream_timeout: float = 300.0,
         client_credentials: SigningCredentials | None = None,
