@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -73,6 +73,10 @@ def _create_private(path: Path) -> None:
             os.chmod(f"{path}{suffix}", 0o600, follow_symlinks=False)
 
 
+# Told of each committed change of a replica (restore key None) or of one of its restores:
+# `pgro run` reconciles what changed, as a controller watches the API server.
+OnChange = Callable[[str, str | None], None]
+
 # Events are a recent history, not an archive.
 EVENTS_KEPT_PER_REPLICA = 200
 
@@ -111,6 +115,15 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._on_change: OnChange = lambda replica, restore: None
+
+    def watch(self, on_change: OnChange) -> None:
+        self._on_change = on_change
+
+    @property
+    def writes(self) -> int:
+        """Rows this connection changed so far (what a test of the steady state reads)."""
+        return self._db.total_changes
 
     def close(self) -> None:
         self._db.close()
@@ -145,17 +158,18 @@ class Store:
                 db.execute(
                     "INSERT INTO replicas (key, body) VALUES (?, ?)", (key, json.dumps(body))
                 )
-                return True
-            old = json.loads(row[0])
-            old_meta = old.get("metadata", {})
-            meta["uid"] = old_meta.get("uid")
-            meta["creationTimestamp"] = old_meta.get("creationTimestamp")
-            generation = int(old_meta.get("generation") or 1)
-            meta["generation"] = generation + (old.get("spec") != body.get("spec"))
-            if old == body:
-                return False
-            db.execute("UPDATE replicas SET body = ? WHERE key = ?", (json.dumps(body), key))
-            return True
+            else:
+                old = json.loads(row[0])
+                old_meta = old.get("metadata", {})
+                meta["uid"] = old_meta.get("uid")
+                meta["creationTimestamp"] = old_meta.get("creationTimestamp")
+                generation = int(old_meta.get("generation") or 1)
+                meta["generation"] = generation + (old.get("spec") != body.get("spec"))
+                if old == body:
+                    return False
+                db.execute("UPDATE replicas SET body = ? WHERE key = ?", (json.dumps(body), key))
+        self._on_change(key, None)
+        return True
 
     def replica_keys(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT key FROM replicas ORDER BY key")]
@@ -170,15 +184,22 @@ class Store:
 
     def delete_replica(self, key: str) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM replicas WHERE key = ?", (key,))
+            gone = db.execute("DELETE FROM replicas WHERE key = ?", (key,)).rowcount > 0
+        if gone:
+            self._on_change(key, None)
 
     def patch_replica_status(self, key: str, patch: Mapping[str, Any]) -> None:
+        """Merge `patch` into the status; a patch that changes nothing writes nothing."""
         with self._tx() as db:
             row = db.execute("SELECT status FROM replicas WHERE key = ?", (key,)).fetchone()
             if row is None:
                 raise KeyError(f"replica {key} does not exist")
-            status = merge_patch(json.loads(row[0]), patch)
+            old = json.loads(row[0])
+            status = merge_patch(old, patch)
+            if status == old:
+                return
             db.execute("UPDATE replicas SET status = ? WHERE key = ?", (json.dumps(status), key))
+        self._on_change(key, None)
 
     # -- restores -------------------------------------------------------------------------
     def create_restore(self, restore: PostgresPhysicalRestore) -> bool:
@@ -197,6 +218,7 @@ class Store:
                 "INSERT INTO restores (key, replica_key, body, status) VALUES (?, ?, ?, ?)",
                 (key, replica_key, json.dumps(body), json.dumps(status)),
             )
+        self._on_change(replica_key, key)
         return True
 
     def restores(self, replica_key: str | None = None) -> list[PostgresPhysicalRestore]:
@@ -214,16 +236,28 @@ class Store:
         return None if row is None else _load(PostgresPhysicalRestore, *row)
 
     def patch_restore_status(self, key: str, patch: Mapping[str, Any]) -> None:
+        """Merge `patch` into the status; a patch that changes nothing writes nothing."""
         with self._tx() as db:
-            row = db.execute("SELECT status FROM restores WHERE key = ?", (key,)).fetchone()
+            row = db.execute(
+                "SELECT status, replica_key FROM restores WHERE key = ?", (key,)
+            ).fetchone()
             if row is None:
                 raise KeyError(f"restore {key} does not exist")
-            status = merge_patch(json.loads(row[0]), patch)
+            old = json.loads(row[0])
+            status = merge_patch(old, patch)
+            if status == old:
+                return
             db.execute("UPDATE restores SET status = ? WHERE key = ?", (json.dumps(status), key))
+        self._on_change(str(row[1]), key)
 
     def delete_restore(self, key: str) -> bool:
         with self._tx() as db:
-            return db.execute("DELETE FROM restores WHERE key = ?", (key,)).rowcount > 0
+            row = db.execute("SELECT replica_key FROM restores WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return False
+            db.execute("DELETE FROM restores WHERE key = ?", (key,))
+        self._on_change(str(row[0]), key)
+        return True
 
     # -- events ---------------------------------------------------------------------------
     def add_event(

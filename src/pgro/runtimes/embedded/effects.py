@@ -1,0 +1,341 @@
+"""What the reconciler shell asks of `pgro run`: observing the store and the local
+processes, and applying one step at a time (`pgro.reconciler.effects.Effects`).
+
+Objects are in the store (SQLite, store.py); a restore's directory, worker and server in
+work.py; a replica's PgBouncer and users in endpoints.py; listings in listings.py. Each
+method raises to say its step failed; the shell logs, backs off and reports it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.secret import KopiaCredentials
+from pgro.core import reasons
+from pgro.core.observations import Endpoint as ConnectionEndpoint
+from pgro.core.observations import (
+    MigrationOutcome,
+    ReplicaObservation,
+    RestoreObservation,
+    SecretCheck,
+    VersionDetection,
+    WorkState,
+)
+from pgro.core.plan import (
+    CleanupRestoreWork,
+    DeleteRestore,
+    DetectPostgresVersion,
+    EmitEvent,
+    EnsureReplicaResources,
+    EnsureServer,
+    ListSnapshots,
+    MarkOutgoing,
+    MarkReadyForTraffic,
+    PointServiceAt,
+    PrepareRestoreStorage,
+    ReportVerification,
+    RunMigration,
+    RunSwitchoverStep,
+    StartRestoreWork,
+    SwitchoverStep,
+    VerificationOutcome,
+)
+from pgro.core.restore_set import is_in_progress
+from pgro.core.step_failures import EVENT_STEP_FAILED
+from pgro.postgres.health import check_health
+from pgro.reconciler.effects import GONE, Gone, NotificationInput, ReplicaView, StepUnavailable
+from pgro.reconciler.shell import Schedule
+from pgro.runtimes.embedded.canopy import EmbeddedCanopy
+from pgro.runtimes.embedded.endpoints import Endpoints
+from pgro.runtimes.embedded.listings import ReplicaListings
+from pgro.runtimes.embedded.manifest import Manifest, ManifestError, kopia_credentials
+from pgro.runtimes.embedded.store import Store
+from pgro.runtimes.embedded.work import Restores
+
+log = logging.getLogger("pgro.run")
+
+RUNTIME_NAME = "pgro run"
+
+
+class EmbeddedEffects:
+    runtime_name = RUNTIME_NAME
+    # Redaction, schema carry-over and the like do not run in pgro run yet.
+    supported_switchover_steps: frozenset[SwitchoverStep] = frozenset()
+
+    def __init__(
+        self,
+        store: Store,
+        restores: Restores,
+        endpoints: Endpoints,
+        listings: ReplicaListings,
+        canopy: EmbeddedCanopy | None,
+        schedule: Schedule,
+        listen_host: str,
+    ) -> None:
+        self.store = store
+        self.restores = restores
+        self.endpoints = endpoints
+        self.listings = listings
+        self.canopy = canopy
+        self.schedule = schedule
+        self.listen_host = listen_host
+        # The manifests as last loaded (their Secrets); the runtime replaces it on reload.
+        self.manifest = Manifest()
+
+    # -- credentials ----------------------------------------------------------------------
+    def _secret_check(self, replica: PostgresPhysicalReplica) -> SecretCheck | None:
+        if replica.spec.canopy_source is not None:
+            if self.canopy is None:
+                return SecretCheck.invalid(
+                    "the replica's credentials come from canopy, but this pgro run has no "
+                    "--canopy-url",
+                    reasons.CANOPY_NOT_CONFIGURED,
+                )
+            return self.canopy.secret_check(replica)
+        try:
+            kopia_credentials(self.manifest, replica)
+        except ManifestError as exc:
+            if exc.reason == "SecretNotFound":
+                return SecretCheck.not_found(str(exc))
+            if exc.reason == "SecretInvalid":
+                return SecretCheck.invalid(str(exc))
+            return None
+        return SecretCheck.valid()
+
+    def _canopy(self) -> EmbeddedCanopy:
+        if self.canopy is None:
+            raise RuntimeError("canopy replicas need pgro run --canopy-url")
+        return self.canopy
+
+    def _secrets(self, replica: PostgresPhysicalReplica) -> tuple[str, ...]:
+        """What no step error may show: the repository's password and keys."""
+        try:
+            if replica.spec.canopy_source is not None:
+                repo = self.canopy.book.repository(replica.key) if self.canopy else None
+                return (repo.repository_password,) if repo is not None else ()
+            return tuple(kopia_credentials(self.manifest, replica).secret_values())
+        except ManifestError:
+            return ()
+
+    # -- observing ------------------------------------------------------------------------
+    def observe_replica(self, key: str) -> ReplicaView | Gone | None:
+        replica = self.store.replica(key)
+        if replica is None:
+            return GONE
+        port = self.endpoints.port(key)
+        return ReplicaView(
+            ReplicaObservation(
+                replica=replica,
+                restores=self.store.restores(key),
+                secret=self._secret_check(replica),
+                listing=self.listings.get(key),
+                endpoint=ConnectionEndpoint(self.listen_host, port) if port else None,
+            ),
+            secrets=self._secrets(replica),
+        )
+
+    def observe_restore(self, key: str) -> RestoreObservation | Gone | None:
+        restore = self.store.restore(key)
+        if restore is None:
+            return GONE
+        work = self.restores.observe(restore)
+        return RestoreObservation(
+            restore=restore,
+            replica=self.store.replica(f"{restore.namespace}/{restore.replica_name}"),
+            work=work,
+            server=self.restores.server(restore),
+            # The worker's outcome carries the version: no detection step of its own.
+            version_detection=VersionDetection(WorkState.SUCCEEDED, work.postgres_version)
+            if work.state is WorkState.SUCCEEDED
+            else None,
+            migration=MigrationOutcome.unsupported(RUNTIME_NAME)
+            if restore.spec.migrate_to
+            else None,
+        )
+
+    def read_replica(self, key: str) -> PostgresPhysicalReplica | None:
+        return self.store.replica(key)
+
+    def restores_in_progress(self) -> dict[str, str]:
+        return {
+            f"{r.namespace}/{r.replica_name}": r.name
+            for r in self.store.restores()
+            if is_in_progress(r)
+        }
+
+    def queue_positions(self) -> dict[str, int]:
+        return {r.key: r.status.queue_position or 0 for r in self.store.replicas()}
+
+    # -- status and events ----------------------------------------------------------------
+    def patch_replica_status(
+        self, replica: PostgresPhysicalReplica, patch: Mapping[str, Any]
+    ) -> None:
+        self.store.patch_replica_status(replica.key, patch)
+
+    def patch_restore_status(
+        self, replica: PostgresPhysicalReplica, name: str, patch: Mapping[str, Any]
+    ) -> None:
+        self.store.patch_restore_status(f"{replica.namespace}/{name}", patch)
+
+    def emit_event(self, replica: PostgresPhysicalReplica, event: EmitEvent) -> None:
+        self.store.add_event(replica.key, str(event.type), event.reason, event.note, event.related)
+        if event.reason != EVENT_STEP_FAILED:  # the shell logged that one already
+            level = logging.WARNING if str(event.type) == "Warning" else logging.INFO
+            log.log(level, "%s %s: %s", replica.key, event.reason, event.note)
+
+    # -- the replica's resources ----------------------------------------------------------
+    def ensure_replica_resources(
+        self, replica: PostgresPhysicalReplica, step: EnsureReplicaResources
+    ) -> None:
+        self._route(replica, replica.status.current_restore)
+
+    def _route(self, replica: PostgresPhysicalReplica, restore: str | None) -> None:
+        if restore is None:
+            self.endpoints.route(replica, None)
+            return
+        backend = self.restores.server_endpoint(f"{replica.namespace}/{restore}")
+        if backend is None:
+            # Not adopted yet (the replica's pass after a restart may come before its
+            # restore's): leave the endpoint serving the running server as it does, instead
+            # of refusing logins; taking the server on schedules this replica again.
+            self.endpoints.hold(replica)
+            return
+        self.endpoints.route(replica, backend)
+
+    def list_snapshots(self, replica: PostgresPhysicalReplica, step: ListSnapshots) -> None:
+        if replica.spec.canopy_source is None:
+            creds = kopia_credentials(self.manifest, replica)
+            self.listings.request(replica.key, creds, step.wanted)
+            return
+        canopy = self._canopy()
+        # Which repository, for sharing listings; kopia reaches it through a proxy that
+        # lives only while the listing runs.
+        key = canopy.repository(replica).through("")
+        self.listings.request(replica.key, key, step.wanted, lambda: canopy.listing(replica))
+
+    def create_restore(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        if not self.store.create_restore(restore):
+            raise RuntimeError(f"restore {restore.name} already exists")
+
+    def delete_restore(self, replica: PostgresPhysicalReplica, step: DeleteRestore) -> None:
+        target = self.store.restore(f"{replica.namespace}/{step.restore}")
+        if target is not None:
+            self.restores.delete(target)
+
+    def point_service_at(self, replica: PostgresPhysicalReplica, step: PointServiceAt) -> None:
+        if self.restores.server_endpoint(f"{replica.namespace}/{step.restore}") is None:
+            raise RuntimeError(f"restore {step.restore} has no running server to switch to")
+        self._route(replica, step.restore)
+
+    def mark_outgoing(self, replica: PostgresPhysicalReplica, step: MarkOutgoing) -> None:
+        # The `_pgro.restore_info` stage table comes with a later issue: nothing to mark.
+        log.debug("%s: outgoing mark of %s not kept by pgro run yet", replica.key, step.restore)
+
+    def notification_input(
+        self, replica: PostgresPhysicalReplica, restore_name: str
+    ) -> NotificationInput | None:
+        # Re-read: connectionInfo was written by the status patch just before this step.
+        fresh = self.store.replica(replica.key)
+        restore = self.store.restore(f"{replica.namespace}/{restore_name}")
+        if fresh is None or restore is None:
+            return None
+        analytics = self.endpoints.credentials.ensure(replica.key, fresh.spec.analytics_username)
+        return NotificationInput(fresh, restore, analytics.password, self.manifest.secrets, {})
+
+    def report_verification(
+        self, replica: PostgresPhysicalReplica, step: ReportVerification
+    ) -> None:
+        """Add what only the running server can tell to the report the decision persisted:
+        database sizes and the checks run on it (the repairs come from the restore's
+        status). Delivery happens in `EmbeddedCanopy`, with retries."""
+        if self.canopy is None:
+            return
+        fresh = self.store.replica(replica.key)
+        if fresh is None:
+            return
+        details: dict[str, Any] = {}
+        backend = self.restores.server_endpoint(f"{replica.namespace}/{step.restore}")
+        if step.outcome is VerificationOutcome.SUCCESS and backend is not None:
+            health = check_health(backend, "postgres")
+            details["checks"] = [c.as_dict() for c in health.checks]
+            if health.sizes:
+                details["sizes"] = dict(health.sizes)
+        self.canopy.add_details(fresh, step.restore, details or None)
+
+    def run_switchover_step(
+        self, replica: PostgresPhysicalReplica, step: RunSwitchoverStep
+    ) -> None:
+        # Never called: no switchover step is supported, the shell reports them.
+        raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
+
+    # -- a restore's work -----------------------------------------------------------------
+    def prepare_restore_storage(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: PrepareRestoreStorage,
+    ) -> None:
+        self.restores.prepare_storage(restore)
+
+    def start_restore_work(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: StartRestoreWork,
+    ) -> None:
+        proxy: dict[str, Any] | None = None
+        creds: KopiaCredentials
+        if replica.spec.canopy_source is not None:
+            # The run id from the step: this pass persisted it, `restore` predates that.
+            creds, proxy = self._canopy().restore_job(replica, restore, step.run_id)
+        else:
+            creds = kopia_credentials(self.manifest, replica)
+        self.restores.start(replica, restore, creds, proxy)
+
+    def cleanup_restore_work(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: CleanupRestoreWork,
+    ) -> None:
+        self.restores.cleanup(restore)
+
+    def detect_postgres_version(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: DetectPostgresVersion,
+    ) -> None:
+        pass  # the worker's outcome carries the version (see observe_restore)
+
+    def ensure_server(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: EnsureServer,
+    ) -> None:
+        if self.restores.ensure_server(replica, restore, self.endpoints.users(replica)):
+            # The endpoint may have waited for this server (see _route).
+            self.schedule("replica", replica.key, 0.0)
+
+    def mark_ready_for_traffic(
+        self, replica: PostgresPhysicalReplica, step: MarkReadyForTraffic
+    ) -> None:
+        pass  # the endpoint routes by restore: there is no label to put back
+
+    def run_migration(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: RunMigration,
+    ) -> None:
+        raise StepUnavailable(f"migrateTo is not supported by {RUNTIME_NAME} yet")
+
+    def replica_plan_applied(self, replica: PostgresPhysicalReplica) -> None:
+        pass  # canopy reports are delivered by EmbeddedCanopy.poll, every pass

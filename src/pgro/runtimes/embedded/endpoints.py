@@ -1,0 +1,120 @@
+"""Each replica's stable endpoint in `pgro run`: PgBouncer on a port fixed per replica
+(kept in the state database), routed to the serving restore's server, and its users."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.postgres.account import RunAccount
+from pgro.postgres.server import Endpoint, free_port
+from pgro.postgres.users import RoleCredentials
+from pgro.runtimes.embedded.credentials import CredentialStore
+from pgro.runtimes.embedded.state_dir import TRAVERSE, ensure_dirs
+from pgro.runtimes.embedded.store import Store
+
+
+class StableEndpoint(Protocol):
+    """The replica's fixed address (PgBouncer in production; see pgro.pgbouncer)."""
+
+    def route(self, backend: Endpoint | None, users: Mapping[str, str]) -> None: ...
+
+    def stop(self) -> object: ...
+
+
+EndpointFactory = Callable[[str, Path, RunAccount, int, str], StableEndpoint]
+
+
+def _port_setting(key: str) -> str:
+    return f"endpoint-port/{key}"
+
+
+@dataclass
+class _Routed:
+    endpoint: StableEndpoint
+    port: int
+    routed: tuple[Any, ...] | None = None
+
+
+class Endpoints:
+    def __init__(
+        self,
+        store: Store,
+        credentials: CredentialStore,
+        run_root: Path,
+        account: RunAccount,
+        listen_host: str,
+        factory: EndpointFactory,
+    ) -> None:
+        self.store = store
+        self.credentials = credentials
+        self.run_root = run_root
+        self.account = account
+        self.listen_host = listen_host
+        self.factory = factory
+        self._held: dict[str, _Routed] = {}
+
+    def port(self, key: str) -> int | None:
+        """The replica's port, once this run holds its endpoint."""
+        held = self._held.get(key)
+        return held.port if held is not None else None
+
+    def users(self, replica: PostgresPhysicalReplica) -> dict[str, RoleCredentials]:
+        """The analytics user and the extra users, with their passwords (made once)."""
+        names = [replica.spec.analytics_username, *(u.name for u in replica.spec.extra_users)]
+        return {name: self.credentials.ensure(replica.key, name) for name in names}
+
+    def hold(self, replica: PostgresPhysicalReplica) -> None:
+        """Take the endpoint on (its port is chosen once and kept), without routing it."""
+        self._endpoint(replica)
+
+    def route(self, replica: PostgresPhysicalReplica, backend: Endpoint | None) -> None:
+        """New connections go to `backend` (None: refused), as the replica's users."""
+        held = self._endpoint(replica)
+        users = {name: c.password for name, c in self.users(replica).items()}
+        wanted = (backend, tuple(sorted(users.items())))
+        if held.routed == wanted:
+            return
+        held.endpoint.route(backend, users)
+        held.routed = wanted
+
+    def stop(self, key: str) -> None:
+        """Stop the replica's PgBouncer: this run's, or one an earlier run left serving."""
+        held = self._held.pop(key, None) or self._adopted(key)
+        if held is not None:
+            held.endpoint.stop()
+
+    def stop_all(self) -> None:
+        for held in self._held.values():
+            held.endpoint.stop()
+
+    def _endpoint(self, replica: PostgresPhysicalReplica) -> _Routed:
+        held = self._held.get(replica.key)
+        if held is not None:
+            return held
+        setting = _port_setting(replica.key)
+        stored = self.store.setting(setting)
+        port = int(stored) if stored else free_port(self.listen_host)
+        if not stored:
+            self.store.set_setting(setting, str(port))
+        ensure_dirs(self.run_root, ("endpoints", replica.namespace), TRAVERSE)
+        run_dir = self.run_root / "endpoints" / replica.namespace / replica.name
+        endpoint = self.factory(replica.key, run_dir, self.account, port, self.listen_host)
+        held = _Routed(endpoint=endpoint, port=port)
+        self._held[replica.key] = held
+        return held
+
+    def _adopted(self, key: str) -> _Routed | None:
+        """The endpoint of a replica this run never routed (it left the manifest while pgro
+        was stopped, its PgBouncer kept serving): built from its recorded port and run
+        directory, so stopping it finds the PgBouncer through its pidfile."""
+        stored = self.store.setting(_port_setting(key))
+        namespace, _, name = key.partition("/")
+        run_dir = self.run_root / "endpoints" / namespace / name
+        if not stored or not name or not run_dir.is_dir():
+            return None
+        endpoint = self.factory(key, run_dir, self.account, int(stored), self.listen_host)
+        return _Routed(endpoint=endpoint, port=int(stored))

@@ -1,0 +1,355 @@
+"""Each restore's local machinery in `pgro run`: its directory, its restore worker process
+and its PostgreSQL server.
+
+A restore lives in `RUN/restores/<namespace>/<name>/`: the worker's job goes to
+`python -m pgro.runtimes.embedded.restore_worker` on stdin and its outcome comes back as
+`result.json` there (see restore_worker). The server is a `ServerHandle` (servers.py) on the
+restored data, started or adopted. Deleting a restore stops whatever of this runs, even
+what an earlier `pgro run` left running, and removes its files and settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from pgro.api.quantity import parse_quantity
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.secret import KopiaCredentials
+from pgro.core.access import analytics_owned_schemas, effective_read_only
+from pgro.core.observations import RestoreWork, Server, WorkState
+from pgro.interrupts import deferred_interrupts
+from pgro.pipeline.job import CanopyProxy, RestoreJob, RestoreOutcome
+from pgro.postgres.account import RunAccount
+from pgro.postgres.binaries import find_binaries
+from pgro.postgres.server import Endpoint, free_port, socket_dir_for
+from pgro.postgres.users import RoleCredentials, provision_users
+from pgro.processes import process_args, read_pid, spawn, stop, stop_pid
+from pgro.runtimes.embedded import restore_worker as worker
+from pgro.runtimes.embedded.servers import ServerHandle, running_postmaster, stop_postmaster
+from pgro.runtimes.embedded.state_dir import TRAVERSE, ensure_dirs
+from pgro.runtimes.embedded.store import Store
+
+log = logging.getLogger("pgro.run")
+
+# A restore needs its `storageSize` free (the core already sizes it at 1.1x the snapshot,
+# the reference's PVC sizing, which leaves room for WAL and temp files).
+DISK_HEADROOM: Final = 1.0
+WORKER_STOP_S: Final = 30.0
+# A server pgro started is checked for an exit every pass (a wait() on our child); one
+# adopted from an earlier run only through /proc, so less often.
+ADOPTED_CHECK_S: Final = 10.0
+
+
+def restore_key(restore: PostgresPhysicalRestore) -> str:
+    return f"{restore.namespace}/{restore.name}"
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    exit_seen: bool = False
+
+
+class Restores:
+    """The directories, worker processes and servers of every restore of this run."""
+
+    def __init__(self, store: Store, run_root: Path, account: RunAccount) -> None:
+        self.store = store
+        self.run_root = run_root
+        self.account = account
+        self.workers: dict[str, _Worker] = {}
+        self.servers: dict[str, ServerHandle] = {}
+        self._adopted_checked = 0.0
+
+    # -- directories ----------------------------------------------------------------------
+    def directory(self, restore: PostgresPhysicalRestore) -> Path:
+        return self.run_root / "restores" / restore.namespace / restore.name
+
+    def _make_directory(self, restore: PostgresPhysicalRestore) -> Path:
+        # The server's account must traverse into it but not list or alter the rest.
+        return ensure_dirs(self.run_root, ("restores", restore.namespace, restore.name), TRAVERSE)
+
+    # -- observing ------------------------------------------------------------------------
+    def observe(self, restore: PostgresPhysicalRestore) -> RestoreWork:
+        rdir = self.directory(restore)
+        result = worker.read_result(rdir)
+        if result is not None:
+            if result.ok:
+                return RestoreWork.succeeded(result.postgres_version, fixes=result.fixes)
+            return RestoreWork.failed(result.failure)
+        w = self.workers.get(restore_key(restore))
+        if w is not None:
+            rc = w.process.poll()
+            if rc is None:
+                return RestoreWork.running()
+            tail = _tail(rdir / worker.LOG)
+            return RestoreWork.failed(f"the restore process exited with code {rc}: {tail}")
+        pid = read_pid(rdir / worker.PIDFILE)
+        if pid is not None and _is_worker(pid):
+            return RestoreWork.running()  # started by a pgro run that was killed
+        return RestoreWork.not_started()
+
+    def server(self, restore: PostgresPhysicalRestore) -> Server:
+        handle = self.servers.get(restore_key(restore))
+        return handle.observe() if handle is not None else Server()
+
+    def server_endpoint(self, key: str) -> Endpoint | None:
+        """Where the restore `namespace/name`'s server listens, once this run holds it."""
+        handle = self.servers.get(key)
+        return handle.endpoint if handle is not None else None
+
+    def exited(self) -> list[str]:
+        """Restores whose worker exited, or whose server stopped, since the last call: what
+        their next pass must see now, not at its requeue time."""
+        found = []
+        for key, w in self.workers.items():
+            if not w.exit_seen and w.process.poll() is not None:
+                w.exit_seen = True
+                found.append(key)
+        now = time.monotonic()
+        adopted = now - self._adopted_checked >= ADOPTED_CHECK_S
+        if adopted:
+            self._adopted_checked = now
+        for key, handle in self.servers.items():
+            if handle.child is not None:
+                stopped = not handle.child.running()
+            else:
+                stopped = adopted and handle.adopted_pid is not None and not handle.alive()
+            if stopped and not handle.failure:
+                found.append(key)
+        return found
+
+    # -- the steps ------------------------------------------------------------------------
+    def prepare_storage(self, restore: PostgresPhysicalRestore) -> None:
+        rdir = self._make_directory(restore)
+        if worker.read_result(rdir) is not None:
+            return
+        needed = int(parse_quantity(str(restore.spec.storage_size)) * DISK_HEADROOM)
+        free = shutil.disk_usage(rdir).free
+        if needed > free:
+            refused = RestoreOutcome(
+                ok=False,
+                reason="InsufficientDisk",
+                error=f"the restore needs {needed // 2**20} MiB (storageSize) but "
+                f"{rdir.parent} has {free // 2**20} MiB free",
+            )
+            _write_private(rdir / worker.RESULT, refused.to_json())
+
+    def start(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        creds: KopiaCredentials,
+        proxy: Mapping[str, Any] | None,
+    ) -> None:
+        """Start the restore's worker, unless it runs or has finished."""
+        if self.observe(restore).state is not WorkState.NOT_STARTED:
+            return
+        rdir = self._make_directory(restore)
+        job = RestoreJob(
+            snapshot_id=restore.spec.snapshot,
+            credentials=creds,
+            target=rdir / "data",
+            kopia_dir=rdir / "kopia",
+            snapshot_size=parse_quantity(restore.spec.snapshot_size),
+            snapshot_time=restore.spec.snapshot_time or "",
+            read_only=effective_read_only(replica, restore),
+            proxy=CanopyProxy(rdir / "proxy-port", launch=proxy) if proxy is not None else None,
+        )
+        fd = os.open(
+            rdir / worker.LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+        )
+        with os.fdopen(fd, "ab") as logf, deferred_interrupts():
+            proc = spawn(
+                [sys.executable, "-m", "pgro.runtimes.embedded.restore_worker"],
+                # pgro run gone (even kill -9): the worker unwinds, and its kopia and
+                # canopy-proxy go with it; the next run restarts the restore from scratch.
+                death_signal=signal.SIGTERM,
+                stdin=subprocess.PIPE,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (rdir / worker.PIDFILE).write_text(str(proc.pid))
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(job.to_json()).encode())
+        proc.stdin.close()
+        self.workers[restore_key(restore)] = _Worker(proc)
+        log.info("restore %s: downloading snapshot %s", restore.name, restore.spec.snapshot)
+
+    def cleanup(self, restore: PostgresPhysicalRestore) -> None:
+        shutil.rmtree(self.directory(restore) / "kopia", ignore_errors=True)
+        self.workers.pop(restore_key(restore), None)
+
+    def ensure_server(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        users: Mapping[str, RoleCredentials],
+    ) -> bool:
+        """Run (or adopt) the restore's PostgreSQL. True when this run took it on just now."""
+        rkey = restore_key(restore)
+        handle = self.servers.get(rkey)
+        new = handle is None
+        if handle is None:
+            rdir = self.directory(restore)
+            result = worker.read_result(rdir)
+            if result is None or not result.ok or not result.pgdata:
+                raise RuntimeError(f"restore {restore.name} has no restored data yet")
+            handle = ServerHandle(
+                pgdata=Path(result.pgdata),
+                socket_dir=self._socket_dir(rkey, rdir),
+                port=self._port(rkey),
+                log_path=rdir / "postgres.log",
+                binaries=find_binaries(result.postgres_version or ""),
+                account=self.account,
+                provision=_provisioner(replica, restore, users),
+            )
+            self.servers[rkey] = handle
+        handle.ensure()
+        return new
+
+    def _port(self, rkey: str) -> int:
+        setting = f"server-port/{rkey}"
+        stored = self.store.setting(setting)
+        if stored:
+            return int(stored)
+        port = free_port()
+        self.store.set_setting(setting, str(port))
+        return port
+
+    def _socket_dir(self, rkey: str, rdir: Path) -> Path:
+        """The server's socket directory: chosen once by pgro and remembered, so an adopted
+        server is reached (and its directory removed) by pgro's record, never by what
+        `postmaster.pid` (written by the run account) says."""
+        setting = f"server-socket/{rkey}"
+        stored = self.store.setting(setting)
+        if stored:
+            path = Path(stored)
+            if path == rdir / "run" or _our_tmp_socket_dir(path, self.account.uid):
+                return path
+        path = socket_dir_for(rdir / "run")
+        self.store.set_setting(setting, str(path))
+        return path
+
+    # -- deleting -------------------------------------------------------------------------
+    def delete(self, restore: PostgresPhysicalRestore) -> None:
+        """Stop the restore's worker and server, remove its files, settings and object."""
+        rkey = restore_key(restore)
+        rdir = self.directory(restore)
+        w = self.workers.pop(rkey, None)
+        if w is not None:
+            stop(w.process, WORKER_STOP_S)
+        pid = read_pid(rdir / worker.PIDFILE)
+        if pid is not None and _is_worker(pid):
+            stop_pid(pid, WORKER_STOP_S)
+        handle = self.servers.pop(rkey, None)
+        remembered = self.store.setting(f"server-socket/{rkey}")
+        if handle is None:
+            # Possibly left running by an earlier pgro run: adopt it only to stop it (if
+            # /proc shows it is that server, whatever postmaster.pid claims).
+            result = worker.read_result(rdir)
+            if result is not None and result.pgdata:
+                pgdata = Path(result.pgdata)
+                found = running_postmaster(pgdata, self.account)
+                if found is not None:
+                    stop_postmaster(found.pid, pgdata, self.account)
+        else:
+            handle.stop()
+        if remembered:
+            _remove_outside(Path(remembered), rdir)
+        shutil.rmtree(rdir, ignore_errors=True)
+        self.store.delete_setting(f"server-port/{rkey}")
+        self.store.delete_setting(f"server-socket/{rkey}")
+        self.store.delete_restore(rkey)
+        log.info("restore %s deleted", rkey)
+
+    def shutdown(self, keep_serving: bool) -> None:
+        """Workers always stop (a restore restarts on the next run); servers unless kept."""
+        for key, w in self.workers.items():
+            if w.process.poll() is None:
+                log.info("stopping restore work %s (it restarts on the next run)", key)
+                w.process.terminate()  # all at once; each is waited for below
+        for w in self.workers.values():
+            stop(w.process, WORKER_STOP_S)
+        if keep_serving:
+            return
+        for key, handle in self.servers.items():
+            log.info("stopping PostgreSQL of %s", key)
+            handle.stop()
+            _remove_outside(handle.socket_dir, self.run_root)
+
+
+def _provisioner(
+    replica: PostgresPhysicalReplica,
+    restore: PostgresPhysicalRestore,
+    users: Mapping[str, RoleCredentials],
+) -> Callable[[Endpoint], None]:
+    analytics = users[replica.spec.analytics_username]
+    extras = [(u, users[u.name]) for u in replica.spec.extra_users if u.name in users]
+    read_only = effective_read_only(replica, restore)
+    owned_schemas = analytics_owned_schemas(replica, restore)
+
+    def provision(endpoint: Endpoint) -> None:
+        report = provision_users(
+            lambda db: endpoint.conninfo(db, "postgres"),
+            analytics=analytics,
+            extra_users=extras,
+            read_only=read_only,
+            persistent_schemas=owned_schemas,
+        )
+        for note in report.catalog_notes:
+            log.warning("restore %s: %s", restore.name, note)
+
+    return provision
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _is_worker(pid: int) -> bool:
+    args = process_args(pid)
+    return args is not None and "pgro.runtimes.embedded.restore_worker" in args
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _our_tmp_socket_dir(path: Path, run_uid: int) -> bool:
+    """A remembered /tmp socket directory that is still the one pgro made (not replaced by
+    a link or someone else's directory; /tmp is everybody's)."""
+    if path.parent != Path("/tmp") or not path.name.startswith("pgro-sock-"):  # noqa: S108
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid in (os.geteuid(), run_uid)
+
+
+def _remove_outside(socket_dir: Path, restore_dir: Path) -> None:
+    """Remove a socket directory pgro made in /tmp for a too-long path (see socket_dir_for).
+
+    Only ever called with a path pgro chose and remembered, never one read from a file."""
+    if not socket_dir.is_relative_to(restore_dir) and socket_dir.name.startswith("pgro-sock-"):
+        shutil.rmtree(socket_dir, ignore_errors=True)
