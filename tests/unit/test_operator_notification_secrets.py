@@ -4,9 +4,10 @@ Without the opt-in, anyone who may edit a PostgresPhysicalReplica could name any
 of its namespace in a header `secretKeyRef` and have the operator (which may read every
 Secret) send its value to a URL of their choice: a confused deputy (issue 18, item 10).
 
-`notification_secrets` is tested directly; `Operator._send_notifications` runs against a
-small in-memory API (no cluster needed) and a real HTTP listener on 127.0.0.1, so what
-arrives at the webhook is what the operator really sends.
+`notification_secrets` is tested directly; a notification round runs through the
+operator's shell and effects against a small in-memory API (no cluster needed) and a
+real HTTP listener on 127.0.0.1, so what arrives at the webhook is what the operator
+really sends.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from pgro.api.names import replica_creds_secret_name
 from pgro.api.notifications import LABEL_NOTIFICATION_SECRET
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.runtimes.kubernetes.kube import KubeApi
-from pgro.runtimes.kubernetes.operator import (
+from pgro.runtimes.kubernetes.notification_secrets import (
     NOTIFICATION_SECRET_REFUSED,
-    Operator,
-    OperatorOptions,
     notification_secrets,
 )
+from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
 from tests.fixtures.webhook import webhook_receiver
 
 NS = "team-a"
@@ -191,7 +191,7 @@ def run_notifications(url: str, header_secret: dict[str, Any]) -> tuple[MemoryAp
         model = PostgresPhysicalReplica.model_validate(
             objects[("PostgresPhysicalReplica", NS, REPLICA)]
         )
-        op._send_notifications(model, RESTORE)
+        op.shell._notify(model, RESTORE)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             statuses = op.notifier.take_status(model.key)

@@ -21,11 +21,11 @@ import pytest
 from pgro.core.merge_patch import merge_patch
 from pgro.reconciler.workqueue import WorkQueue
 from pgro.runtimes.kubernetes.kube import KubeApi
-from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
+from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions, WorkKey
 
 NS = "team-a"
 REPLICA = "analytics"
-KEY = ("replica", NS, REPLICA)
+KEY: WorkKey = ("replica", f"{NS}/{REPLICA}")
 QUOTA = "exceeded quota: team-a (used {n} of 10 secrets)"
 
 
@@ -140,14 +140,14 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "pgro.operator" and r.levelno >= logging.ERROR
+        if r.name == "pgro.reconciler" and r.levelno >= logging.ERROR
     ]
 
 
 def reconcile(op: Operator) -> None:
     """One pass of the replica, as a worker makes it: the key is taken off the queue."""
     op.queue = WorkQueue()
-    op.reconcile_replica(NS, REPLICA)
+    op.shell.reconcile_replica(f"{NS}/{REPLICA}")
 
 
 def requeued_in(op: Operator) -> float:
@@ -159,7 +159,7 @@ def test_a_step_failing_every_second_is_tried_with_backoff_and_logged_once(
     world: tuple[Operator, FailingApi, Clock], caplog: pytest.LogCaptureFixture
 ) -> None:
     op, api, clock = world
-    caplog.set_level(logging.DEBUG, logger="pgro.operator")
+    caplog.set_level(logging.DEBUG, logger="pgro.reconciler")
 
     reconcile(op)
     assert api.attempts == 1
@@ -196,7 +196,7 @@ def test_a_changed_failure_is_reported_again_and_recovery_shows(
     world: tuple[Operator, FailingApi, Clock], caplog: pytest.LogCaptureFixture
 ) -> None:
     op, api, clock = world
-    caplog.set_level(logging.INFO, logger="pgro.operator")
+    caplog.set_level(logging.INFO, logger="pgro.reconciler")
     reconcile(op)
     assert len(errors(caplog)) == 1
 
@@ -221,7 +221,7 @@ def test_a_changed_failure_is_reported_again_and_recovery_shows(
     # Working again, it is tried on the next pass, whenever that comes.
     attempts = api.attempts
     clock.advance(0.1)
-    op._ensured.clear()
+    op.effects._ensured.clear()
     reconcile(op)
     assert api.attempts > attempts
 
@@ -230,7 +230,7 @@ def test_a_failing_step_leaves_no_secret_in_log_event_or_condition(
     world: tuple[Operator, FailingApi, Clock], caplog: pytest.LogCaptureFixture
 ) -> None:
     op, api, _ = world
-    caplog.set_level(logging.DEBUG, logger="pgro.operator")
+    caplog.set_level(logging.DEBUG, logger="pgro.reconciler")
     api.error = "rejected: repository password pw-is-not-this-one and pw"
     api.objects[("Secret", NS, "kopia")]["data"]["repositoryPassword"] = _b64("pw-is-not-this-one")
     reconcile(op)
@@ -250,7 +250,7 @@ def test_a_delete_failing_after_its_wake_up_time_is_not_retried_every_second(
     every pass (every few seconds, and on every watch event) deleted again and logged an
     ERROR each time."""
     op, api, clock = world
-    caplog.set_level(logging.DEBUG, logger="pgro.operator")
+    caplog.set_level(logging.DEBUG, logger="pgro.reconciler")
     api.error = None
     api.delete_error = "admission webhook denied the request (attempt {n})"
     failed = {

@@ -1,0 +1,472 @@
+"""The reconciler shell's effects on a Kubernetes cluster: each step as API calls.
+
+Objects are built by `workloads` and created, applied or patched here; what exists is
+read from the informer caches (`observe`). Two memos keep a steady replica from writing:
+
+- `_ensured`: replica key -> what its credentials Secrets and stable Service were last
+  ensured for (uid, users, annotations). They are created once; without list/watch on
+  Secrets (deploy/rbac.yaml) a Secret or Service deleted by hand is not seen, and is
+  recreated when the operator restarts or the replica's users or annotations change.
+- `_applied`: restore key -> (uid, digest of the Deployment and Service built, the
+  Deployment's generation after the apply). The Deployment is watched: it is applied
+  again when it is missing from the cache or its generation moved past ours (edited by
+  hand), or when what would be built changes (the ConfigMap's placement or image).
+
+Every method raises on failure with a message naming the problem; the shell reports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from pgro.api.names import (
+    LABEL_READY_FOR_TRAFFIC,
+    REPLICA_KIND,
+    RESTORE_KIND,
+    admin_creds_secret_name,
+    kopia_cache_pvc_name,
+    replica_creds_secret_name,
+    restore_job_name,
+)
+from pgro.api.phases import RestorePhase
+from pgro.api.quantity import parse_quantity
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.observations import RestoreObservation
+from pgro.core.plan import (
+    CleanupRestoreWork,
+    DeleteRestore,
+    DetectPostgresVersion,
+    EmitEvent,
+    EnsureReplicaResources,
+    EnsureServer,
+    EventType,
+    ListSnapshots,
+    MarkOutgoing,
+    MarkReadyForTraffic,
+    PointServiceAt,
+    PrepareRestoreStorage,
+    ReportVerification,
+    RunMigration,
+    RunSwitchoverStep,
+    StartRestoreWork,
+    SwitchoverStep,
+    VerificationOutcome,
+)
+from pgro.postgres.health import check_health
+from pgro.postgres.users import generate_password
+from pgro.reconciler.effects import Gone, NotificationInput, ReplicaView, StepUnavailable
+from pgro.reconciler.listing import ListingCache
+from pgro.runtimes.kubernetes import workloads
+from pgro.runtimes.kubernetes.canopy import OperatorCanopy
+from pgro.runtimes.kubernetes.config import OperatorConfig
+from pgro.runtimes.kubernetes.events import event_document
+from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.runtimes.kubernetes.notification_secrets import (
+    NOTIFICATION_SECRET_REFUSED,
+    notification_secrets,
+)
+from pgro.runtimes.kubernetes.observe import Meta, Observer, secret_value, split_key
+from pgro.runtimes.kubernetes.provisioning import Provisioner, pod_conninfo
+from pgro.runtimes.kubernetes.reports import ReportDelivery
+from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
+
+log = logging.getLogger("pgro.operator")
+
+RUNTIME_NAME: Final = "the pgro operator"
+
+
+class StepFailedError(Exception):
+    """A step cannot be done now; the message says why and what fixes it."""
+
+
+@dataclass(frozen=True)
+class _PodEndpoint:
+    """A restore's PostgreSQL over TCP, for the health checks."""
+
+    host: str
+    password: str
+
+    def conninfo(self, dbname: str, user: str) -> str:
+        return pod_conninfo(self.host, self.password, dbname, user)
+
+
+@dataclass(frozen=True)
+class _Applied:
+    uid: str
+    digest: str
+    generation: int | None
+
+
+class KubeEffects:
+    runtime_name = RUNTIME_NAME
+    supported_switchover_steps: frozenset[SwitchoverStep] = frozenset()
+
+    def __init__(
+        self,
+        api: KubeApi,
+        observer: Observer,
+        *,
+        config: Callable[[], OperatorConfig],
+        listing: ListingCache,
+        canopy: OperatorCanopy | None,
+        provisioner: Provisioner,
+        reports: ReportDelivery,
+        clock: Callable[[], datetime],
+        identity: str,
+    ) -> None:
+        self.api = api
+        self.observer = observer
+        self.caches = observer.caches
+        self.config = config
+        self.listing = listing
+        self.canopy = canopy
+        self.provisioner = provisioner
+        self.reports = reports
+        self.clock = clock
+        self.identity = identity
+        self._lock = threading.Lock()
+        self._ensured: dict[str, tuple[Any, ...]] = {}
+        self._applied: dict[str, _Applied] = {}
+
+    # -- observing ------------------------------------------------------------------------
+    def observe_replica(self, key: str) -> ReplicaView | Gone | None:
+        view = self.observer.observe_replica(key)
+        if isinstance(view, Gone):
+            with self._lock:
+                self._ensured.pop(key, None)
+        return view
+
+    def observe_restore(self, key: str) -> RestoreObservation | Gone | None:
+        obs = self.observer.observe_restore(key)
+        if isinstance(obs, Gone):
+            with self._lock:
+                self._applied.pop(key, None)
+            self.provisioner.forget(key)
+        return obs
+
+    def read_replica(self, key: str) -> PostgresPhysicalReplica | None:
+        # From the API, not the cache: it must hold this pass's own status patches. Read
+        # only when a condition changes or a notification round starts, never per pass.
+        raw = self.api.get(REPLICA_KIND, *split_key(key))
+        return None if raw is None else PostgresPhysicalReplica.model_validate(raw)
+
+    def restores_in_progress(self) -> Mapping[str, str]:
+        return self.observer.restores_in_progress()
+
+    def queue_positions(self) -> Mapping[str, int]:
+        return self.observer.queue_positions()
+
+    # -- status and events ----------------------------------------------------------------
+    def patch_replica_status(
+        self, replica: PostgresPhysicalReplica, patch: Mapping[str, Any]
+    ) -> None:
+        self.api.merge_patch(
+            REPLICA_KIND, replica.namespace, replica.name, {"status": dict(patch)}, status=True
+        )
+
+    def patch_restore_status(
+        self, replica: PostgresPhysicalReplica, name: str, patch: Mapping[str, Any]
+    ) -> None:
+        self.api.merge_patch(
+            RESTORE_KIND, replica.namespace, name, {"status": dict(patch)}, status=True
+        )
+
+    def emit_event(self, replica: PostgresPhysicalReplica, event: EmitEvent) -> None:
+        self.api.create(
+            event_document(replica.to_wire(), event, instance=self.identity, now=self.clock())
+        )
+
+    def emit_quietly(self, regarding: Mapping[str, Any], event: EmitEvent) -> None:
+        """An event outside any plan (an invalid spec, a refused Secret): not recording
+        it is logged, never a failure of what the pass was doing."""
+        try:
+            self.api.create(
+                event_document(regarding, event, instance=self.identity, now=self.clock())
+            )
+        except Exception as exc:
+            meta = Meta.of(regarding)
+            log.warning(
+                "event %s for %s/%s not recorded: %s", event.reason, meta.namespace, meta.name, exc
+            )
+
+    # -- the replica's resources ----------------------------------------------------------
+    def ensure_replica_resources(
+        self, replica: PostgresPhysicalReplica, step: EnsureReplicaResources
+    ) -> None:
+        annotations = step.service_annotations
+        wanted = (
+            replica.metadata.uid,
+            step.analytics_username,
+            tuple(step.extra_usernames),
+            tuple(sorted((annotations or {}).items())),
+            annotations is None,
+        )
+        with self._lock:
+            if self._ensured.get(replica.key) == wanted:
+                return
+        ns = replica.namespace
+        if self.api.create_if_missing(workloads.credentials_secret(replica, generate_password())):
+            log.info("%s: created Secret %s", replica.key, replica_creds_secret_name(replica.name))
+        self.api.create_if_missing(workloads.admin_secret(replica, generate_password()))
+        for username in step.extra_usernames:
+            self.api.create_if_missing(
+                workloads.extra_user_secret(replica, username, generate_password())
+            )
+        if not self.api.create_if_missing(workloads.stable_service(replica)) and annotations:
+            current = self.api.get("Service", ns, replica.name) or {}
+            have = current.get("metadata", {}).get("annotations") or {}
+            missing = {k: v for k, v in annotations.items() if have.get(k) != v}
+            if missing:
+                self.api.merge_patch(
+                    "Service", ns, replica.name, {"metadata": {"annotations": missing}}
+                )
+        with self._lock:
+            self._ensured[replica.key] = wanted
+
+    def list_snapshots(self, replica: PostgresPhysicalReplica, step: ListSnapshots) -> None:
+        creds = self.observer.kopia_credentials(replica.key)
+        if creds is None:
+            raise StepFailedError("no usable kopia Secret to list snapshots with")
+        access = None
+        if replica.spec.canopy_source is not None and self.canopy is not None:
+            access = self.canopy.listing_access(replica, creds)
+        # TODO(lead): pass `wanted=step.wanted` (and the previous listing) once
+        # ListingCache.request takes them, so record_listing_success can count the streak.
+        self.listing.request(replica.key, creds, access)
+
+    def create_restore(
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+    ) -> None:
+        self.api.create(restore.to_wire())
+        log.info(
+            "restore %s/%s created (snapshot %s)",
+            restore.namespace,
+            restore.name,
+            restore.spec.snapshot,
+        )
+
+    def delete_restore(self, replica: PostgresPhysicalReplica, step: DeleteRestore) -> None:
+        ns = replica.namespace
+        if step.pods_first:
+            for pod in self.observer.pods_of(ns, step.restore):
+                self.api.delete("Pod", ns, pod.meta.name)
+        if self.api.delete(RESTORE_KIND, ns, step.restore):
+            log.info("restore %s/%s deleted", ns, step.restore)
+
+    def point_service_at(self, replica: PostgresPhysicalReplica, step: PointServiceAt) -> None:
+        if self._label_ready(replica.namespace, step.restore) == 0:
+            raise StepFailedError(
+                f"restore {step.restore} has no running PostgreSQL pod to switch to"
+            )
+        self.api.merge_patch(
+            "Service",
+            replica.namespace,
+            replica.name,
+            {"spec": {"selector": workloads.stable_service_selector(step.restore)}},
+        )
+        log.info("%s: Service %s now selects restore %s", replica.key, replica.name, step.restore)
+
+    def mark_outgoing(self, replica: PostgresPhysicalReplica, step: MarkOutgoing) -> None:
+        # The `_pgro.restore_info` stage table that records it is a later issue.
+        log.debug("%s: marking restore %s outgoing is not done yet", replica.key, step.restore)
+
+    def notification_input(
+        self, replica: PostgresPhysicalReplica, restore_name: str
+    ) -> NotificationInput | None:
+        ns = replica.namespace
+        fresh = self.read_replica(replica.key)
+        restore = self.observer.restore(ns, restore_name)
+        if restore is None:
+            raw = self.api.get(RESTORE_KIND, ns, restore_name)
+            restore = None if raw is None else PostgresPhysicalRestore.model_validate(raw)
+        if fresh is None or restore is None:
+            return None
+        secrets = notification_secrets(
+            ns, fresh.spec.notifications, lambda n, name: self.api.get("Secret", n, name)
+        )
+        for reason in secrets.refused.values():
+            log.warning("%s: notification header %s", replica.key, reason)
+            self.emit_quietly(
+                fresh.to_wire(), EmitEvent(EventType.WARNING, NOTIFICATION_SECRET_REFUSED, reason)
+            )
+        password = secret_value(self.api, ns, replica_creds_secret_name(replica.name), "password")
+        return NotificationInput(
+            replica=fresh,
+            restore=restore,
+            password=password,
+            secrets=secrets.found,
+            unavailable=secrets.unavailable(),
+        )
+
+    def report_verification(
+        self, replica: PostgresPhysicalReplica, step: ReportVerification
+    ) -> None:
+        """Sizes and checks from the restored server, added to its waiting report while
+        the server still runs (an ephemeral replica tears it down on the next pass)."""
+        if step.outcome is not VerificationOutcome.SUCCESS:
+            return
+        restore = self.observer.restore(replica.namespace, step.restore)
+        pod = self.observer.ready_pod(restore) if restore is not None else None
+        if pod is None or pod.ip is None:
+            return
+        password = secret_value(
+            self.api, replica.namespace, admin_creds_secret_name(replica.name), "password"
+        )
+        health = check_health(_PodEndpoint(pod.ip, password), ADMIN_ROLE)
+        details: dict[str, Any] = {"checks": [c.as_dict() for c in health.checks]}
+        if health.sizes:
+            details["sizes"] = dict(health.sizes)
+        self.reports.add_health(replica.namespace, replica.name, step.restore, details)
+
+    def run_switchover_step(
+        self, replica: PostgresPhysicalReplica, step: RunSwitchoverStep
+    ) -> None:
+        # Never called: supported_switchover_steps is empty, so the shell reports them.
+        raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
+
+    # -- a restore's work -----------------------------------------------------------------
+    def prepare_restore_storage(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: PrepareRestoreStorage,
+    ) -> None:
+        self.api.create_if_missing(workloads.data_pvc(replica, restore))
+        cache = workloads.kopia_cache_pvc(replica, restore.spec.snapshot_size)
+        if self.api.create_if_missing(cache):
+            return
+        name = kopia_cache_pvc_name(replica.name)
+        current = self.api.get("PersistentVolumeClaim", replica.namespace, name) or {}
+        requests = current.get("spec", {}).get("resources", {}).get("requests", {})
+        want = cache["spec"]["resources"]["requests"]["storage"]
+        try:
+            grow = parse_quantity(str(want)) > parse_quantity(str(requests.get("storage", "0")))
+        except ValueError:
+            grow = False
+        if grow:
+            try:
+                self.api.merge_patch(
+                    "PersistentVolumeClaim",
+                    replica.namespace,
+                    name,
+                    {"spec": {"resources": {"requests": {"storage": want}}}},
+                )
+            except Exception as exc:
+                # Not every storage class can expand: the restore goes on with the smaller
+                # cache (kopia evicts), so this is no failure of the step.
+                log.warning("%s: the kopia cache volume cannot grow: %s", replica.key, exc)
+
+    def start_restore_work(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: StartRestoreWork,
+    ) -> None:
+        canopy = None
+        if replica.spec.canopy_source is not None:
+            if self.canopy is None:
+                raise StepFailedError(
+                    "canopy replicas need the operator's CANOPY_BASE_URL; set it in the "
+                    "operator's environment"
+                )
+            if step.run_id and restore.status.run_id != step.run_id:
+                # This pass persisted the run id; the object in hand predates it.
+                restore = restore.model_copy(
+                    update={"status": restore.status.model_copy(update={"run_id": step.run_id})}
+                )
+            # Also writes the restore's broker token Secret, bound to this run id.
+            canopy = self.canopy.job_settings(replica, restore)
+        job = workloads.restore_job(replica, restore, self.config(), canopy=canopy)
+        if self.api.create_if_missing(job):
+            log.info(
+                "restore %s/%s: Job %s started",
+                restore.namespace,
+                restore.name,
+                job["metadata"]["name"],
+            )
+
+    def cleanup_restore_work(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: CleanupRestoreWork,
+    ) -> None:
+        self.api.delete("Job", restore.namespace, restore_job_name(restore.name))
+
+    def detect_postgres_version(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: DetectPostgresVersion,
+    ) -> None:
+        # Nothing to run: the restore Job's termination message carries the version
+        # (observed in `Observer.work`).
+        return
+
+    def ensure_server(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: EnsureServer,
+    ) -> None:
+        version = restore.status.postgres_version
+        if not version:
+            raise StepFailedError(f"restore {restore.name} has no PostgreSQL version yet")
+        key = f"{restore.namespace}/{restore.name}"
+        deployment = workloads.postgres_deployment(replica, restore, self.config(), None, version)
+        service = workloads.restore_service(restore)
+        digest = repr((deployment, service))
+        uid = restore.metadata.uid or ""
+        cached = self.caches.deployments.get(restore.namespace, restore.name)
+        live = Meta.of(cached).generation if cached is not None else None
+        with self._lock:
+            held = self._applied.get(key)
+        current = (
+            held is not None
+            and (held.uid, held.digest) == (uid, digest)
+            and live is not None
+            and (held.generation is None or live <= held.generation)
+        )
+        if not current:
+            applied = self.api.apply(deployment)
+            self.api.create_if_missing(service)
+            with self._lock:
+                self._applied[key] = _Applied(uid, digest, Meta.of(applied).generation)
+        if restore.effective_phase is RestorePhase.READY:
+            pod = self.observer.ready_pod(restore)
+            if pod is not None and pod.ip is not None:
+                self.provisioner.start(replica, restore, pod.ip, pod.meta.uid)
+
+    def mark_ready_for_traffic(
+        self, replica: PostgresPhysicalReplica, step: MarkReadyForTraffic
+    ) -> None:
+        self._label_ready(replica.namespace, step.restore)
+
+    def _label_ready(self, ns: str, restore: str) -> int:
+        """Stamp the ready-for-traffic label on the restore's running PostgreSQL pods
+        (those lacking it); returns how many run."""
+        running = [p for p in self.observer.server_pods(ns, restore) if p.running]
+        for pod in running:
+            if pod.meta.labels.get(LABEL_READY_FOR_TRAFFIC) != "true":
+                self.api.merge_patch(
+                    "Pod", ns, pod.meta.name, workloads.pod_ready_for_traffic_patch()
+                )
+        return len(running)
+
+    def run_migration(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: RunMigration,
+    ) -> None:
+        raise StepUnavailable(f"migrateTo is not supported by {RUNTIME_NAME} yet")
+
+    # -- after a replica's plan -----------------------------------------------------------
+    def replica_plan_applied(self, replica: PostgresPhysicalReplica) -> None:
+        self.reports.deliver(replica)

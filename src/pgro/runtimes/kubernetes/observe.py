@@ -1,0 +1,454 @@
+"""What the operator sees: typed views over the informer caches, and the observations
+the core decides on.
+
+Every read here comes from a watch-fed cache except the replica's kopia Secret, which
+the operator may only `get` (deploy/rbac.yaml grants no list/watch on Secrets). That
+Secret is read when the replica's pass first needs it and again only when the replica
+changed since (its `resourceVersion`: any edit, or any status write, such as a failing
+listing's), or while it is not usable, so a fixed Secret is picked up by the next pass.
+A steady replica makes no API request at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from pgro.api.names import LABEL_RESTORE, restore_job_name
+from pgro.api.phases import RestorePhase
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.secret import (
+    KopiaCredentials,
+    SecretInvalid,
+    decode_secret_data,
+    parse_kopia_secret,
+)
+from pgro.core import reasons
+from pgro.core.observations import (
+    MigrationOutcome,
+    ReplicaObservation,
+    RestoreObservation,
+    RestoreWork,
+    SecretCheck,
+    SecretState,
+    Server,
+    ServerState,
+    VersionDetection,
+    WorkState,
+)
+from pgro.core.plan import EmitEvent, EventType
+from pgro.core.restore_set import is_in_progress
+from pgro.reconciler.effects import GONE, Gone, ReplicaView
+from pgro.reconciler.listing import ListingCache
+from pgro.runtimes.kubernetes.canopy import OperatorCanopy
+from pgro.runtimes.kubernetes.informer import Informer
+from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
+
+log = logging.getLogger("pgro.operator")
+
+# Record an event about an object in wire form (it may not validate).
+EmitRaw = Callable[[Mapping[str, Any], EmitEvent], None]
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def split_key(key: str) -> tuple[str, str]:
+    namespace, _, name = key.partition("/")
+    return namespace, name
+
+
+# -- typed views of cached objects ----------------------------------------------------------
+@dataclass(frozen=True)
+class Meta:
+    namespace: str
+    name: str
+    uid: str
+    labels: Mapping[str, str]
+    generation: int | None
+    resource_version: str
+    created: str  # RFC 3339: sorts as time does
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any]) -> Meta:
+        meta = obj.get("metadata") or {}
+        return cls(
+            namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            labels=meta.get("labels") or {},
+            generation=meta.get("generation"),
+            resource_version=meta.get("resourceVersion", ""),
+            created=meta.get("creationTimestamp") or "",
+        )
+
+
+def _true_conditions(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return {c["type"]: c for c in conditions if c.get("status") == "True"}
+
+
+@dataclass(frozen=True)
+class PodView:
+    meta: Meta
+    phase: str
+    ready: bool
+    ip: str | None
+    termination_message: str
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any]) -> PodView:
+        status = obj.get("status") or {}
+        message = ""
+        for container in status.get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated")
+            if terminated and terminated.get("message"):
+                message = str(terminated["message"])
+                break
+        return cls(
+            meta=Meta.of(obj),
+            phase=status.get("phase") or "",
+            ready="Ready" in _true_conditions(obj),
+            ip=status.get("podIP") or None,
+            termination_message=message,
+        )
+
+    @property
+    def of_job(self) -> bool:
+        """A restore Job's pod, not a PostgreSQL server's."""
+        return "job-name" in self.meta.labels
+
+    @property
+    def running(self) -> bool:
+        return self.phase == "Running"
+
+
+@dataclass(frozen=True)
+class JobView:
+    meta: Meta
+    complete: bool
+    failed: Mapping[str, Any] | None  # the Failed condition
+    completed_at: datetime | None
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any]) -> JobView:
+        conditions = _true_conditions(obj)
+        return cls(
+            meta=Meta.of(obj),
+            complete="Complete" in conditions,
+            failed=conditions.get("Failed"),
+            completed_at=_parse_time((obj.get("status") or {}).get("completionTime")),
+        )
+
+
+@dataclass(frozen=True)
+class Caches:
+    """The operator's watches: replicas and restores in every namespace, and the Jobs,
+    Deployments and Pods that carry a restore label."""
+
+    replicas: Informer
+    restores: Informer
+    jobs: Informer
+    deployments: Informer
+    pods: Informer
+
+
+@dataclass(frozen=True)
+class _KopiaRead:
+    replica_version: str
+    check: SecretCheck
+    creds: KopiaCredentials | None
+
+
+def secret_value(api: KubeApi, namespace: str, name: str, key: str) -> str:
+    """One value of a Secret the operator created (credentials), by name."""
+    secret = api.get("Secret", namespace, name)
+    if secret is None:
+        raise LookupError(
+            f"Secret {namespace}/{name} not found; it is created with the replica's first "
+            "pass (check the operator may create Secrets in the namespace)"
+        )
+    data = decode_secret_data(secret)
+    if key not in data:
+        raise LookupError(f"Secret {namespace}/{name} has no key {key}; delete it to recreate")
+    return data[key].decode()
+
+
+class Observer:
+    def __init__(
+        self,
+        api: KubeApi,
+        caches: Caches,
+        *,
+        listing: ListingCache,
+        canopy: OperatorCanopy | None,
+        provisioned: Callable[[PostgresPhysicalRestore, str], bool],
+        emit_raw: EmitRaw,
+    ) -> None:
+        self.api = api
+        self.caches = caches
+        self.listing = listing
+        self.canopy = canopy
+        self.provisioned = provisioned
+        self.emit_raw = emit_raw
+        self._lock = threading.Lock()
+        # replica key -> (uid, generation) of the invalid spec last reported: InvalidSpec
+        # is logged and recorded once per generation, not on every pass.
+        self._invalid: dict[str, tuple[str, int | None]] = {}
+        # replica key -> its kopia Secret as last read (see the module docstring).
+        self._kopia: dict[str, _KopiaRead] = {}
+
+    def forget_replica(self, key: str) -> None:
+        with self._lock:
+            self._invalid.pop(key, None)
+            self._kopia.pop(key, None)
+
+    # -- replicas -------------------------------------------------------------------------
+    def replica(self, key: str) -> PostgresPhysicalReplica | Gone | None:
+        """None: it exists but its spec is invalid (reported once per generation)."""
+        raw = self.caches.replicas.get(*split_key(key))
+        if raw is None:
+            return GONE
+        return self._parse_replica(key, raw)
+
+    def _parse_replica(self, key: str, raw: Mapping[str, Any]) -> PostgresPhysicalReplica | None:
+        try:
+            replica = PostgresPhysicalReplica.model_validate(raw)
+        except ValidationError as exc:
+            meta = Meta.of(raw)
+            problem = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3]
+            )
+            seen = (meta.uid, meta.generation)
+            with self._lock:
+                new = self._invalid.get(key) != seen
+                self._invalid[key] = seen
+            if new:
+                log.error("replica %s is invalid: %s", key, problem)
+                note = f"The replica is invalid: {problem}"
+                self.emit_raw(raw, EmitEvent(EventType.WARNING, "InvalidSpec", note))
+            return None
+        with self._lock:
+            self._invalid.pop(key, None)
+        return replica
+
+    def restore(self, namespace: str, name: str) -> PostgresPhysicalRestore | None:
+        raw = self.caches.restores.get(namespace, name)
+        return None if raw is None else _restore_model(raw)
+
+    def restores_of(self, replica: PostgresPhysicalReplica) -> list[PostgresPhysicalRestore]:
+        out = []
+        for raw in self.caches.restores.items():
+            if (raw.get("metadata") or {}).get("namespace") != replica.namespace:
+                continue
+            if ((raw.get("spec") or {}).get("replica") or {}).get("name") != replica.name:
+                continue
+            model = _restore_model(raw)
+            if model is not None:
+                out.append(model)
+        return out
+
+    def observe_replica(self, key: str) -> ReplicaView | Gone | None:
+        replica = self.replica(key)
+        if isinstance(replica, Gone):
+            self.forget_replica(key)
+            return GONE
+        if replica is None:
+            return None
+        secret, creds = self.secret_check(replica)
+        listing = self.listing.listing_for(key, creds) if creds is not None else None
+        obs = ReplicaObservation(
+            replica=replica, restores=self.restores_of(replica), secret=secret, listing=listing
+        )
+        return ReplicaView(obs, secrets=tuple(creds.secret_values()) if creds else ())
+
+    def secret_check(
+        self, replica: PostgresPhysicalReplica
+    ) -> tuple[SecretCheck | None, KopiaCredentials | None]:
+        if replica.spec.canopy_source is not None:
+            canopy = self.canopy
+            if canopy is None:
+                return SecretCheck.invalid(
+                    "the replica's credentials come from canopy, but the operator has no "
+                    "CANOPY_BASE_URL",
+                    reasons.CANOPY_NOT_CONFIGURED,
+                ), None
+            check, creds = canopy.secret_check(replica)
+            with self._lock:  # read on every pass: kept only for the listing step
+                self._kopia[replica.key] = _KopiaRead("", check, creds)
+            return check, creds
+        if replica.spec.kopia_secret_ref is None:
+            return None, None
+        version = replica.metadata.resource_version or ""
+        with self._lock:
+            held = self._kopia.get(replica.key)
+        if (
+            held is not None
+            and held.replica_version == version
+            and held.check.state is SecretState.VALID
+        ):
+            return held.check, held.creds
+        check, creds = self._read_kopia_secret(replica)
+        with self._lock:
+            self._kopia[replica.key] = _KopiaRead(version, check, creds)
+        return check, creds
+
+    def kopia_credentials(self, key: str) -> KopiaCredentials | None:
+        """The replica's credentials as its last pass found them (None: none usable)."""
+        with self._lock:
+            held = self._kopia.get(key)
+        return held.creds if held is not None else None
+
+    def _read_kopia_secret(
+        self, replica: PostgresPhysicalReplica
+    ) -> tuple[SecretCheck, KopiaCredentials | None]:
+        ref = replica.spec.kopia_secret_ref
+        assert ref is not None
+        secret = self.api.get("Secret", replica.namespace, ref.name)
+        if secret is None:
+            return SecretCheck.not_found(
+                f"no Secret {ref.name!r} in namespace {replica.namespace}; create it or fix "
+                "spec.kopiaSecretRef.name"
+            ), None
+        try:
+            creds = parse_kopia_secret(decode_secret_data(secret))
+        except SecretInvalid as exc:
+            return SecretCheck.invalid(str(exc)), None
+        return SecretCheck.valid(), creds
+
+    # -- restores -------------------------------------------------------------------------
+    def observe_restore(self, key: str) -> RestoreObservation | Gone | None:
+        namespace, name = split_key(key)
+        raw = self.caches.restores.get(namespace, name)
+        if raw is None:
+            return GONE
+        restore = _restore_model(raw)
+        if restore is None:
+            return None
+        replica_key = f"{namespace}/{restore.replica_name}"
+        replica = self.replica(replica_key)
+        work = self.work(restore)
+        detection = None
+        if work.state is WorkState.SUCCEEDED:
+            detection = VersionDetection(WorkState.SUCCEEDED, work.postgres_version)
+        elif restore.effective_phase is RestorePhase.READY and not restore.status.postgres_version:
+            detection = VersionDetection(
+                WorkState.FAILED,
+                reason="the restore Job finished without reporting the PostgreSQL version",
+            )
+        return RestoreObservation(
+            restore=restore,
+            replica=replica if isinstance(replica, PostgresPhysicalReplica) else None,
+            work=work,
+            server=self.server(restore),
+            version_detection=detection,
+            migration=MigrationOutcome.unsupported("the operator")
+            if restore.spec.migrate_to
+            else None,
+        )
+
+    def work(self, restore: PostgresPhysicalRestore) -> RestoreWork:
+        """The restore Job, as its conditions and its pods' termination messages say."""
+        job_name = restore_job_name(restore.name)
+        raw = self.caches.jobs.get(restore.namespace, job_name)
+        if raw is None:
+            return RestoreWork.not_started()
+        job = JobView.of(raw)
+        pods = sorted(
+            (
+                PodView.of(p)
+                for p in self.caches.pods.select(restore.namespace, **{"job-name": job_name})
+            ),
+            key=lambda p: p.meta.created,
+        )
+        if job.complete:
+            message = next(
+                (p.termination_message for p in reversed(pods) if p.phase == "Succeeded"), ""
+            )
+            version, _ = parse_message(message)
+            return RestoreWork(
+                WorkState.SUCCEEDED,
+                name=job_name,
+                postgres_version=version,
+                completed_at=job.completed_at,
+                fixes=parse_fixes(message),
+            )
+        if job.failed is not None:
+            messages = [p.termination_message for p in pods]
+            reason = next((parse_message(m)[1] for m in reversed(messages) if m), "")
+            if not reason:
+                cond = job.failed
+                reason = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
+            return RestoreWork(WorkState.FAILED, name=job_name, reason=reason)
+        return RestoreWork(WorkState.RUNNING, name=job_name)
+
+    def pods_of(self, namespace: str, restore: str) -> list[PodView]:
+        """Every pod labelled for the restore: its Job's and its PostgreSQL server's."""
+        return [
+            PodView.of(p) for p in self.caches.pods.select(namespace, **{LABEL_RESTORE: restore})
+        ]
+
+    def server_pods(self, namespace: str, restore: str) -> list[PodView]:
+        """The restore's PostgreSQL pods (not its Job's)."""
+        return [pod for pod in self.pods_of(namespace, restore) if not pod.of_job]
+
+    def ready_pod(self, restore: PostgresPhysicalRestore) -> PodView | None:
+        return next(
+            (
+                p
+                for p in self.server_pods(restore.namespace, restore.name)
+                if p.running and p.ready and p.ip
+            ),
+            None,
+        )
+
+    def server(self, restore: PostgresPhysicalRestore) -> Server:
+        raw = self.caches.deployments.get(restore.namespace, restore.name)
+        if raw is None or ((raw.get("status") or {}).get("readyReplicas") or 0) < 1:
+            return Server(ServerState.NOT_READY)
+        pod = self.ready_pod(restore)
+        if pod is None:
+            return Server(ServerState.NOT_READY)
+        if self.provisioned(restore, pod.meta.uid):
+            return Server(ServerState.READY)
+        return Server(ServerState.NOT_READY, "provisioning users")
+
+    # -- the admission queue --------------------------------------------------------------
+    def restores_in_progress(self) -> dict[str, str]:
+        out = {}
+        for raw in self.caches.restores.items():
+            restore = _restore_model(raw)
+            if restore is not None and is_in_progress(restore):
+                out[f"{restore.namespace}/{restore.replica_name}"] = restore.name
+        return out
+
+    def queue_positions(self) -> dict[str, int]:
+        out = {}
+        for raw in self.caches.replicas.items():
+            meta = Meta.of(raw)
+            position = (raw.get("status") or {}).get("queuePosition") or 0
+            out[f"{meta.namespace}/{meta.name}"] = int(position)
+        return out
+
+
+def _restore_model(raw: Mapping[str, Any]) -> PostgresPhysicalRestore | None:
+    try:
+        return PostgresPhysicalRestore.model_validate(raw)
+    except ValidationError as exc:
+        meta = Meta.of(raw)
+        log.warning(
+            "restore %s/%s does not validate: %s",
+            meta.namespace,
+            meta.name,
+            exc.errors()[0].get("msg"),
+        )
+        return None

@@ -1,0 +1,158 @@
+"""The restored server's roles and passwords, set once per PostgreSQL pod.
+
+A restore is Ready for traffic only once its users are provisioned on the pod serving
+it: the analytics role, the extra users, read-only grants, with the passwords from the
+replica's credentials Secrets. That takes SQL over the network, so it runs on its own
+thread per restore and the restore is reconciled again when it is done (or in 10 s,
+after a failure: the server may still be recovering; the readiness timeout bounds it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Final
+
+from pgro.api.names import (
+    admin_creds_secret_name,
+    extra_user_secret_name,
+    replica_creds_secret_name,
+)
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.access import analytics_owned_schemas, effective_read_only
+from pgro.core.secrets import scrub
+from pgro.postgres.server import make_conninfo
+from pgro.postgres.users import RoleCredentials, provision_users
+from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
+
+log = logging.getLogger("pgro.operator")
+
+# How long a restore's pod may take to answer SQL once its Deployment is Ready.
+PROVISION_CONNECT_TIMEOUT_S: Final = 10
+PROVISION_RETRY_S: Final = 10.0
+
+# (namespace, Secret name, key) -> the value.
+SecretValue = Callable[[str, str, str], str]
+# Reconcile this restore ("namespace/name") again after this many seconds.
+Requeue = Callable[[str, float], None]
+
+
+def pod_conninfo(host: str, password: str, dbname: str, user: str = ADMIN_ROLE) -> str:
+    """A restore's PostgreSQL over TCP (as the operator's admin role)."""
+    return make_conninfo(
+        host=host,
+        port="5432",
+        user=user,
+        password=password,
+        dbname=dbname,
+        connect_timeout=str(PROVISION_CONNECT_TIMEOUT_S),
+        sslmode="prefer",
+    )
+
+
+class Provisioner:
+    def __init__(self, secret_value: SecretValue, requeue: Requeue) -> None:
+        self.secret_value = secret_value
+        self.requeue = requeue
+        self._lock = threading.Lock()
+        # restore key -> (restore uid, pod uid) provisioned: users are set once per pod
+        # (a new pod of the Deployment serves a fresh copy of the restored data).
+        self._done: dict[str, tuple[str, str]] = {}
+        # restore keys with a provisioning thread running.
+        self._running: set[str] = set()
+
+    def provisioned(self, restore: PostgresPhysicalRestore, pod_uid: str) -> bool:
+        with self._lock:
+            return self._done.get(_key(restore)) == (restore.metadata.uid or "", pod_uid)
+
+    def forget(self, restore_key: str) -> None:
+        with self._lock:
+            self._done.pop(restore_key, None)
+
+    def start(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        host: str,
+        pod_uid: str,
+    ) -> None:
+        """Provision the pod's users on a thread, unless done or running already."""
+        key = _key(restore)
+        if self.provisioned(restore, pod_uid):
+            return
+        with self._lock:
+            if key in self._running:
+                return
+            self._running.add(key)
+        threading.Thread(
+            target=self._provision,
+            args=(replica, restore, host, pod_uid),
+            name=f"provision-{restore.name}",
+            daemon=True,
+        ).start()
+
+    def _provision(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        host: str,
+        pod_uid: str,
+    ) -> None:
+        key = _key(restore)
+        ns = replica.namespace
+        passwords: list[str] = []
+        try:
+            admin_password = self.secret_value(
+                ns, admin_creds_secret_name(replica.name), "password"
+            )
+            passwords.append(admin_password)
+            analytics = RoleCredentials(
+                replica.spec.analytics_username,
+                self.secret_value(ns, replica_creds_secret_name(replica.name), "password"),
+            )
+            passwords.append(analytics.password)
+            extras = []
+            for user in replica.spec.extra_users:
+                password = self.secret_value(
+                    ns, extra_user_secret_name(replica.name, user.name), "password"
+                )
+                passwords.append(password)
+                extras.append((user, RoleCredentials(user.name, password)))
+            report = provision_users(
+                lambda dbname: pod_conninfo(host, admin_password, dbname),
+                analytics=analytics,
+                extra_users=extras,
+                read_only=effective_read_only(replica, restore),
+                other_managed_roles=[ADMIN_ROLE],
+                persistent_schemas=analytics_owned_schemas(replica, restore),
+            )
+            with self._lock:
+                self._done[key] = (restore.metadata.uid or "", pod_uid)
+            log.info(
+                "restore %s: users provisioned (%s, %d extra)",
+                key,
+                report.analytics.name,
+                len(report.extra_users),
+            )
+            for note in report.catalog_notes:
+                log.warning("restore %s: %s", key, note)
+        except Exception as exc:
+            retry_in = PROVISION_RETRY_S
+            log.warning(
+                "restore %s: provisioning users failed, retrying in %.0fs: %s",
+                key,
+                retry_in,
+                scrub(str(exc), passwords),
+            )
+        else:
+            retry_in = 0.0
+        finally:
+            with self._lock:
+                self._running.discard(key)
+        self.requeue(key, retry_in)
+
+
+def _key(restore: PostgresPhysicalRestore) -> str:
+    return f"{restore.namespace}/{restore.name}"

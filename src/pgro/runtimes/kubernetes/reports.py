@@ -1,0 +1,121 @@
+"""Verification reports to canopy: the waiting list in the replica's status, delivered
+by the canopy session's courier after each pass of a canopy replica.
+
+The list is written with the replica's `resourceVersion` as a precondition: a decision
+on another worker may have just added a report, so a conflict means "look again", never
+"overwrite". The replica is read afresh only when there is something to deliver (the
+cached copy may lag behind this pass's own status patch; a stale copy that shows
+nothing waiting is followed by the watch event of that patch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from pgro.api.names import REPLICA_KIND
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.verification import PendingVerificationReport
+from pgro.core import reasons
+from pgro.core import verification_reports as vr
+from pgro.core.plan import EmitEvent, EventType
+from pgro.runtimes.kubernetes.canopy import OperatorCanopy
+from pgro.runtimes.kubernetes.kube import KubeApi, is_conflict
+
+# Reconcile this replica ("namespace/name") again after this many seconds.
+Requeue = Callable[[str, float], None]
+# Record an event about a replica in wire form.
+Emit = Callable[[Mapping[str, Any], EmitEvent], None]
+
+
+class ReportDelivery:
+    def __init__(
+        self,
+        api: KubeApi,
+        canopy: OperatorCanopy | None,
+        *,
+        clock: Callable[[], datetime],
+        requeue: Requeue,
+        emit: Emit,
+    ) -> None:
+        self.api = api
+        self.canopy = canopy
+        self.clock = clock
+        self.requeue = requeue
+        self.emit = emit
+
+    def patch(self, raw: Mapping[str, Any], reports: Sequence[PendingVerificationReport]) -> bool:
+        """Write the report list only if the replica did not change since `raw` was read:
+        False on a conflict, and the next pass recomputes."""
+        meta = raw["metadata"]
+        try:
+            self.api.merge_patch(
+                REPLICA_KIND,
+                meta["namespace"],
+                meta["name"],
+                {
+                    "metadata": {"resourceVersion": meta["resourceVersion"]},
+                    "status": vr.status_patch(reports),
+                },
+                status=True,
+            )
+        except Exception as exc:
+            if is_conflict(exc):
+                self.requeue(f"{meta['namespace']}/{meta['name']}", 1.0)
+                return False
+            raise
+        return True
+
+    def deliver(self, cached: PostgresPhysicalReplica) -> None:
+        """One courier round for a canopy replica, after its pass."""
+        if self.canopy is None or cached.spec.canopy_source is None:
+            return
+        courier = self.canopy.courier
+        if not cached.status.pending_verification_reports and not courier.busy():
+            return
+        raw = self.api.get(REPLICA_KIND, cached.namespace, cached.name)
+        if raw is None:
+            return
+        replica = PostgresPhysicalReplica.model_validate(raw)
+        step = courier.step(replica)
+        if step.reports is not None and not self.patch(raw, step.reports):
+            return
+        for dropped in step.dropped:
+            note = (
+                f"The {dropped.report.outcome} report on restore {dropped.report.restore} "
+                f"was dropped: {dropped.why}"
+            )
+            self.emit(
+                raw,
+                EmitEvent(
+                    EventType.WARNING,
+                    reasons.EVENT_VERIFICATION_REPORT_REJECTED,
+                    note,
+                    dropped.report.restore,
+                ),
+            )
+        courier.settled(step)
+        waiting = (
+            step.reports
+            if step.reports is not None
+            else replica.status.pending_verification_reports
+        )
+        if courier.busy():
+            self.requeue(replica.key, 1.0)
+        retries = [r.next_attempt_at for r in waiting if r.next_attempt_at is not None]
+        if retries:
+            delay = (min(retries) - self.clock()).total_seconds()
+            self.requeue(replica.key, max(1.0, delay))
+
+    def add_health(
+        self, namespace: str, name: str, restore: str, details: Mapping[str, Any]
+    ) -> None:
+        """Sizes and checks from the restored server, added to its waiting report."""
+        raw = self.api.get(REPLICA_KIND, namespace, name)
+        if raw is None:
+            return
+        pending = PostgresPhysicalReplica.model_validate(raw).status.pending_verification_reports
+        target = next((r for r in pending if r.restore == restore), None)
+        if target is not None:
+            self.patch(raw, vr.with_details(pending, target.key, health_details=dict(details)))

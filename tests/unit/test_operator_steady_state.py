@@ -1,0 +1,254 @@
+"""A steady operator sends the API server nothing: the resync re-reads its caches only.
+
+Before, every resync (60 s) forgot what had been ensured and applied, so each replica
+re-created its Secrets and Service (409s), GETs its Service, re-applied every restore's
+Deployment and GOT its kopia Secret on every pass: at 1,000 replicas, thousands of
+requests a minute doing nothing. A real `Operator` runs here against an in-memory API
+whose store is the informers' caches (as the watches would leave them), with a real
+kopia repository to list, and every request it makes is recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from pgro.api.secret import FilesystemLocation, KopiaCredentials
+from pgro.core.merge_patch import merge_patch
+from pgro.kopia.repository import KopiaRepository
+from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
+
+NS = "team-a"
+REPLICA = "analytics"
+KEY = f"{NS}/{REPLICA}"
+PASSWORD = "steady-repo-pw"
+
+Key = tuple[str, str, str]
+
+
+class RecordingApi:
+    """The KubeApi calls the operator makes, over dicts, each recorded. Every write bumps
+    the object's resourceVersion, as the API server does."""
+
+    def __init__(self) -> None:
+        self.objects: dict[Key, dict[str, Any]] = {}
+        self.calls: list[str] = []
+        self._version = 100
+
+    def _bump(self, obj: dict[str, Any]) -> None:
+        self._version += 1
+        obj.setdefault("metadata", {})["resourceVersion"] = str(self._version)
+
+    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        self.calls.append(f"GET {kind} {name}")
+        return self.objects.get((kind, namespace or "", name))
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        self.calls.append(f"POST {obj['kind']} {obj['metadata']['name']}")
+        stored = copy.deepcopy(dict(obj))
+        meta = stored["metadata"]
+        self._bump(stored)
+        self.objects[(stored["kind"], meta["namespace"], meta["name"])] = stored
+        return stored
+
+    def create_if_missing(self, obj: Mapping[str, Any]) -> bool:
+        meta = obj["metadata"]
+        if (obj["kind"], meta["namespace"], meta["name"]) in self.objects:
+            self.calls.append(f"POST {obj['kind']} {meta['name']} (exists)")
+            return False
+        self.create(obj)
+        return True
+
+    def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
+        self.calls.append(f"APPLY {obj['kind']} {obj['metadata']['name']}")
+        meta = obj["metadata"]
+        key = (obj["kind"], meta["namespace"], meta["name"])
+        held = self.objects.get(key)
+        stored = copy.deepcopy(dict(obj))
+        # Every apply here changes the spec (a no-op apply is never made in these tests).
+        stored["metadata"]["generation"] = (held or {}).get("metadata", {}).get("generation", 0) + 1
+        self._bump(stored)
+        self.objects[key] = stored
+        return stored
+
+    def merge_patch(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        status: bool = False,
+    ) -> dict[str, Any]:
+        self.calls.append(f"PATCH {kind} {name}")
+        current = self.objects[(kind, namespace or "", name)]
+        updated = merge_patch(current, dict(patch))
+        current.clear()  # in place: the informer cache holds this very dict
+        current.update(updated)
+        self._bump(current)
+        return current
+
+    def delete(self, kind: str, namespace: str | None, name: str) -> bool:
+        self.calls.append(f"DELETE {kind} {name}")
+        return self.objects.pop((kind, namespace or "", name), None) is not None
+
+
+def _b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def steady(tmp_path: Path) -> Iterator[tuple[Operator, RecordingApi, Clock]]:
+    repo = tmp_path / "repo"
+    creds = KopiaCredentials(FilesystemLocation(str(repo)), PASSWORD)
+    KopiaRepository(creds, tmp_path / "kopia-state").create()  # empty: nothing to restore
+    api = RecordingApi()
+    replica = {
+        "apiVersion": "pgro.bes.au/v1alpha1",
+        "kind": "PostgresPhysicalReplica",
+        "metadata": {"name": REPLICA, "namespace": NS, "uid": "u-1", "generation": 1},
+        "spec": {"schedule": "0 3 * * *", "kopiaSecretRef": {"name": "kopia"}},
+    }
+    api.objects[("PostgresPhysicalReplica", NS, REPLICA)] = replica
+    api._bump(replica)
+    api.objects[("Secret", NS, "kopia")] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "kopia", "namespace": NS},
+        "data": {"repositoryPassword": _b64(PASSWORD), "filesystemPath": _b64(str(repo))},
+    }
+    clock = Clock()
+    op = Operator(
+        cast(KubeApi, api),
+        OperatorOptions(
+            namespace="pgro-system", identity="t", default_image="img", state_dir=tmp_path
+        ),
+        clock=clock,
+    )
+    op.replicas._items[(NS, REPLICA)] = replica  # the informer, synced at once
+    try:
+        yield op, api, clock
+    finally:
+        op.notifier.shutdown()
+        op.listing.shutdown()
+
+
+def settle(op: Operator, api: RecordingApi) -> None:
+    """Passes until the replica is reconciled, its repository listed and the listing's
+    outcome written (the listing runs on its own thread)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        before = len(api.calls)
+        op.shell.reconcile_replica(KEY)
+        creds = op.observer.kopia_credentials(KEY)
+        listed = creds is not None and op.listing.listing_for(KEY, creds) is not None
+        if listed and len(api.calls) == before:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the replica did not settle; requests: {api.calls[-10:]}")
+
+
+def test_a_resync_of_a_steady_replica_sends_no_request(
+    steady: tuple[Operator, RecordingApi, Clock],
+) -> None:
+    op, api, clock = steady
+    settle(op, api)
+    # The first passes did the work: the Secrets and the Service exist, the listing's
+    # outcome is in status.
+    assert ("Service", NS, REPLICA) in api.objects
+    assert ("Secret", NS, f"{REPLICA}-creds") in api.objects
+    assert "GET Secret kopia" in api.calls
+    api.calls.clear()
+
+    # Ten resyncs a minute apart (well within the relist interval).
+    for _ in range(10):
+        clock.now += timedelta(seconds=20)
+        op._enqueue_all()
+        while (item := op.queue.get(timeout=0.01)) is not None:
+            op.shell.reconcile(*item)
+            op.queue.done(item)
+    assert api.calls == []
+
+
+def test_a_changed_replica_reads_its_kopia_secret_again(
+    steady: tuple[Operator, RecordingApi, Clock],
+) -> None:
+    op, api, _ = steady
+    settle(op, api)
+    api.calls.clear()
+    op.shell.reconcile_replica(KEY)
+    assert api.calls == []
+
+    # Someone annotates the replica (its resourceVersion moves): the Secret is read again,
+    # so a rotated Secret is used without restarting the operator.
+    api.merge_patch(
+        "PostgresPhysicalReplica", NS, REPLICA, {"metadata": {"annotations": {"a": "b"}}}
+    )
+    api.calls.clear()
+    op.shell.reconcile_replica(KEY)
+    assert api.calls == ["GET Secret kopia"]
+
+
+def test_an_active_restores_deployment_is_applied_again_only_when_it_changed(
+    steady: tuple[Operator, RecordingApi, Clock],
+) -> None:
+    op, api, _ = steady
+    name = f"{REPLICA}-20260304050607"
+    restore = {
+        "apiVersion": "pgro.bes.au/v1alpha1",
+        "kind": "PostgresPhysicalRestore",
+        "metadata": {"name": name, "namespace": NS, "uid": "r-1"},
+        "spec": {
+            "replica": {"name": REPLICA},
+            "snapshot": "k1a2b3c4",
+            "snapshotSize": "1Gi",
+            "storageSize": "2Gi",
+        },
+        "status": {"phase": "Active", "postgresVersion": "16", "deployment": name},
+    }
+    api.objects[("PostgresPhysicalRestore", NS, name)] = restore
+    op.restores._items[(NS, name)] = restore
+    key = f"{NS}/{name}"
+
+    def watched() -> None:
+        """The Deployment as the watch would show it now."""
+        op.deployments._items[(NS, name)] = copy.deepcopy(api.objects[("Deployment", NS, name)])
+
+    op.shell.reconcile_restore(key)
+    assert f"APPLY Deployment {name}" in api.calls
+    watched()
+    api.calls.clear()
+    for _ in range(5):
+        op.shell.reconcile_restore(key)
+    assert api.calls == []
+
+    # Edited by hand: its generation moves past pgro's apply, and pgro's fields come back.
+    api.objects[("Deployment", NS, name)]["metadata"]["generation"] = 2
+    watched()
+    op.shell.reconcile_restore(key)
+    assert api.calls[0] == f"APPLY Deployment {name}"
+    watched()
+    api.calls.clear()
+    op.shell.reconcile_restore(key)
+    assert api.calls == []
+
+    # Deleted by hand: the watch drops it from the cache, and it is applied again.
+    del op.deployments._items[(NS, name)]
+    op.shell.reconcile_restore(key)
+    assert api.calls[0] == f"APPLY Deployment {name}"
