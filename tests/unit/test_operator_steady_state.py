@@ -186,23 +186,32 @@ def test_a_resync_of_a_steady_replica_sends_no_request(
     assert api.calls == []
 
 
-def test_a_changed_replica_reads_its_kopia_secret_again(
+def test_a_changed_replica_reads_its_kopia_secret_and_recreates_a_deleted_secret(
     steady: tuple[Operator, RecordingApi, Clock],
 ) -> None:
     op, api, _ = steady
     settle(op, api)
+    creds = ("Secret", NS, f"{REPLICA}-creds")
+    del api.objects[creds]  # by hand: no watch on Secrets tells the operator
     api.calls.clear()
     op.shell.reconcile_replica(KEY)
     assert api.calls == []
+    assert creds not in api.objects
 
-    # Someone annotates the replica (its resourceVersion moves): the Secret is read again,
-    # so a rotated Secret is used without restarting the operator.
+    # Someone annotates the replica (its resourceVersion moves): the kopia Secret is read
+    # again, so a rotated one is used without a restart, and what pgro creates is
+    # ensured again.
     api.merge_patch(
         "PostgresPhysicalReplica", NS, REPLICA, {"metadata": {"annotations": {"a": "b"}}}
     )
     api.calls.clear()
     op.shell.reconcile_replica(KEY)
-    assert api.calls == ["GET Secret kopia"]
+    assert "GET Secret kopia" in api.calls
+    assert f"POST Secret {REPLICA}-creds" in api.calls
+    assert creds in api.objects
+    api.calls.clear()
+    op.shell.reconcile_replica(KEY)
+    assert api.calls == []
 
 
 def test_an_active_restores_deployment_is_applied_again_only_when_it_changed(

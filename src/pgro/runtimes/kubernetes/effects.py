@@ -3,10 +3,10 @@
 Objects are built by `workloads` and created, applied or patched here; what exists is
 read from the informer caches (`observe`). Two memos keep a steady replica from writing:
 
-- `_ensured`: replica key -> what its credentials Secrets and stable Service were last
-  ensured for (uid, users, annotations). They are created once; without list/watch on
-  Secrets (deploy/rbac.yaml) a Secret or Service deleted by hand is not seen, and is
-  recreated when the operator restarts or the replica's users or annotations change.
+- `_ensured`: replica key -> the replica version (uid, resourceVersion) and users and
+  annotations its credentials Secrets and stable Service were last ensured for. Without
+  list/watch on Secrets (deploy/rbac.yaml) one deleted by hand is not seen; it is
+  recreated at the next change to the replica (`kubectl annotate` makes one) or restart.
 - `_applied`: restore key -> (uid, digest of the Deployment and Service built, the
   Deployment's generation after the apply). The Deployment is watched: it is applied
   again when it is missing from the cache or its generation moved past ours (edited by
@@ -37,27 +37,9 @@ from pgro.api.phases import RestorePhase
 from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core import plan
 from pgro.core.observations import RestoreObservation
-from pgro.core.plan import (
-    CleanupRestoreWork,
-    DeleteRestore,
-    DetectPostgresVersion,
-    EmitEvent,
-    EnsureReplicaResources,
-    EnsureServer,
-    EventType,
-    ListSnapshots,
-    MarkOutgoing,
-    MarkReadyForTraffic,
-    PointServiceAt,
-    PrepareRestoreStorage,
-    ReportVerification,
-    RunMigration,
-    RunSwitchoverStep,
-    StartRestoreWork,
-    SwitchoverStep,
-    VerificationOutcome,
-)
+from pgro.core.plan import EmitEvent, EventType, SwitchoverStep, VerificationOutcome
 from pgro.postgres.health import check_health
 from pgro.postgres.users import generate_password
 from pgro.reconciler.effects import Gone, NotificationInput, ReplicaView, StepUnavailable
@@ -72,7 +54,7 @@ from pgro.runtimes.kubernetes.notification_secrets import (
     notification_secrets,
 )
 from pgro.runtimes.kubernetes.observe import Meta, Observer, secret_value, split_key
-from pgro.runtimes.kubernetes.provisioning import Provisioner, pod_conninfo
+from pgro.runtimes.kubernetes.provisioning import PodEndpoint, Provisioner
 from pgro.runtimes.kubernetes.reports import ReportDelivery
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
 
@@ -83,17 +65,6 @@ RUNTIME_NAME: Final = "the pgro operator"
 
 class StepFailedError(Exception):
     """A step cannot be done now; the message says why and what fixes it."""
-
-
-@dataclass(frozen=True)
-class _PodEndpoint:
-    """A restore's PostgreSQL over TCP, for the health checks."""
-
-    host: str
-    password: str
-
-    def conninfo(self, dbname: str, user: str) -> str:
-        return pod_conninfo(self.host, self.password, dbname, user)
 
 
 @dataclass(frozen=True)
@@ -197,11 +168,12 @@ class KubeEffects:
 
     # -- the replica's resources ----------------------------------------------------------
     def ensure_replica_resources(
-        self, replica: PostgresPhysicalReplica, step: EnsureReplicaResources
+        self, replica: PostgresPhysicalReplica, step: plan.EnsureReplicaResources
     ) -> None:
         annotations = step.service_annotations
         wanted = (
             replica.metadata.uid,
+            replica.metadata.resource_version,
             step.analytics_username,
             tuple(step.extra_usernames),
             tuple(sorted((annotations or {}).items())),
@@ -229,7 +201,7 @@ class KubeEffects:
         with self._lock:
             self._ensured[replica.key] = wanted
 
-    def list_snapshots(self, replica: PostgresPhysicalReplica, step: ListSnapshots) -> None:
+    def list_snapshots(self, replica: PostgresPhysicalReplica, step: plan.ListSnapshots) -> None:
         creds = self.observer.kopia_credentials(replica.key)
         if creds is None:
             raise StepFailedError("no usable kopia Secret to list snapshots with")
@@ -251,7 +223,7 @@ class KubeEffects:
             restore.spec.snapshot,
         )
 
-    def delete_restore(self, replica: PostgresPhysicalReplica, step: DeleteRestore) -> None:
+    def delete_restore(self, replica: PostgresPhysicalReplica, step: plan.DeleteRestore) -> None:
         ns = replica.namespace
         if step.pods_first:
             for pod in self.observer.pods_of(ns, step.restore):
@@ -259,7 +231,7 @@ class KubeEffects:
         if self.api.delete(RESTORE_KIND, ns, step.restore):
             log.info("restore %s/%s deleted", ns, step.restore)
 
-    def point_service_at(self, replica: PostgresPhysicalReplica, step: PointServiceAt) -> None:
+    def point_service_at(self, replica: PostgresPhysicalReplica, step: plan.PointServiceAt) -> None:
         if self._label_ready(replica.namespace, step.restore) == 0:
             raise StepFailedError(
                 f"restore {step.restore} has no running PostgreSQL pod to switch to"
@@ -272,7 +244,7 @@ class KubeEffects:
         )
         log.info("%s: Service %s now selects restore %s", replica.key, replica.name, step.restore)
 
-    def mark_outgoing(self, replica: PostgresPhysicalReplica, step: MarkOutgoing) -> None:
+    def mark_outgoing(self, replica: PostgresPhysicalReplica, step: plan.MarkOutgoing) -> None:
         # The `_pgro.restore_info` stage table that records it is a later issue.
         log.debug("%s: marking restore %s outgoing is not done yet", replica.key, step.restore)
 
@@ -305,7 +277,7 @@ class KubeEffects:
         )
 
     def report_verification(
-        self, replica: PostgresPhysicalReplica, step: ReportVerification
+        self, replica: PostgresPhysicalReplica, step: plan.ReportVerification
     ) -> None:
         """Sizes and checks from the restored server, added to its waiting report while
         the server still runs (an ephemeral replica tears it down on the next pass)."""
@@ -318,14 +290,14 @@ class KubeEffects:
         password = secret_value(
             self.api, replica.namespace, admin_creds_secret_name(replica.name), "password"
         )
-        health = check_health(_PodEndpoint(pod.ip, password), ADMIN_ROLE)
+        health = check_health(PodEndpoint(pod.ip, password), ADMIN_ROLE)
         details: dict[str, Any] = {"checks": [c.as_dict() for c in health.checks]}
         if health.sizes:
             details["sizes"] = dict(health.sizes)
         self.reports.add_health(replica.namespace, replica.name, step.restore, details)
 
     def run_switchover_step(
-        self, replica: PostgresPhysicalReplica, step: RunSwitchoverStep
+        self, replica: PostgresPhysicalReplica, step: plan.RunSwitchoverStep
     ) -> None:
         # Never called: supported_switchover_steps is empty, so the shell reports them.
         raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
@@ -335,7 +307,7 @@ class KubeEffects:
         self,
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore,
-        step: PrepareRestoreStorage,
+        step: plan.PrepareRestoreStorage,
     ) -> None:
         self.api.create_if_missing(workloads.data_pvc(replica, restore))
         cache = workloads.kopia_cache_pvc(replica, restore.spec.snapshot_size)
@@ -366,7 +338,7 @@ class KubeEffects:
         self,
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore,
-        step: StartRestoreWork,
+        step: plan.StartRestoreWork,
     ) -> None:
         canopy = None
         if replica.spec.canopy_source is not None:
@@ -395,7 +367,7 @@ class KubeEffects:
         self,
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore,
-        step: CleanupRestoreWork,
+        step: plan.CleanupRestoreWork,
     ) -> None:
         self.api.delete("Job", restore.namespace, restore_job_name(restore.name))
 
@@ -403,7 +375,7 @@ class KubeEffects:
         self,
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore,
-        step: DetectPostgresVersion,
+        step: plan.DetectPostgresVersion,
     ) -> None:
         # Nothing to run: the restore Job's termination message carries the version
         # (observed in `Observer.work`).
@@ -413,7 +385,7 @@ class KubeEffects:
         self,
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore,
-        step: EnsureServer,
+        step: plan.EnsureServer,
     ) -> None:
         version = restore.status.postgres_version
         if not version:
@@ -444,7 +416,7 @@ class KubeEffects:
                 self.provisioner.start(replica, restore, pod.ip, pod.meta.uid)
 
     def mark_ready_for_traffic(
-        self, replica: PostgresPhysicalReplica, step: MarkReadyForTraffic
+        self, replica: PostgresPhysicalReplica, step: plan.MarkReadyForTraffic
     ) -> None:
         self._label_ready(replica.namespace, step.restore)
 
@@ -463,7 +435,7 @@ class KubeEffects:
         self,
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore,
-        step: RunMigration,
+        step: plan.RunMigration,
     ) -> None:
         raise StepUnavailable(f"migrateTo is not supported by {RUNTIME_NAME} yet")
 

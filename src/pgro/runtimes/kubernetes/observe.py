@@ -174,12 +174,15 @@ def secret_value(api: KubeApi, namespace: str, name: str, key: str) -> str:
     secret = api.get("Secret", namespace, name)
     if secret is None:
         raise LookupError(
-            f"Secret {namespace}/{name} not found; it is created with the replica's first "
-            "pass (check the operator may create Secrets in the namespace)"
+            f"Secret {namespace}/{name} not found; the operator creates it on the replica's "
+            "next change (run `kubectl annotate` on the replica to make one)"
         )
     data = decode_secret_data(secret)
     if key not in data:
-        raise LookupError(f"Secret {namespace}/{name} has no key {key}; delete it to recreate")
+        raise LookupError(
+            f"Secret {namespace}/{name} has no key {key}; delete it and annotate the replica "
+            "to have it recreated"
+        )
     return data[key].decode()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from pgro.api.names import (
@@ -39,17 +40,23 @@ SecretValue = Callable[[str, str, str], str]
 Requeue = Callable[[str, float], None]
 
 
-def pod_conninfo(host: str, password: str, dbname: str, user: str = ADMIN_ROLE) -> str:
+@dataclass(frozen=True)
+class PodEndpoint:
     """A restore's PostgreSQL over TCP (as the operator's admin role)."""
-    return make_conninfo(
-        host=host,
-        port="5432",
-        user=user,
-        password=password,
-        dbname=dbname,
-        connect_timeout=str(PROVISION_CONNECT_TIMEOUT_S),
-        sslmode="prefer",
-    )
+
+    host: str
+    password: str
+
+    def conninfo(self, dbname: str, user: str = ADMIN_ROLE) -> str:
+        return make_conninfo(
+            host=self.host,
+            port="5432",
+            user=user,
+            password=self.password,
+            dbname=dbname,
+            connect_timeout=str(PROVISION_CONNECT_TIMEOUT_S),
+            sslmode="prefer",
+        )
 
 
 class Provisioner:
@@ -121,7 +128,7 @@ class Provisioner:
                 passwords.append(password)
                 extras.append((user, RoleCredentials(user.name, password)))
             report = provision_users(
-                lambda dbname: pod_conninfo(host, admin_password, dbname),
+                PodEndpoint(host, admin_password).conninfo,
                 analytics=analytics,
                 extra_users=extras,
                 read_only=effective_read_only(replica, restore),
