@@ -43,7 +43,7 @@ from pgro.core.plan import EmitEvent, EventType, SwitchoverStep, VerificationOut
 from pgro.postgres.health import check_health
 from pgro.postgres.users import generate_password
 from pgro.reconciler.effects import Gone, NotificationInput, ReplicaView, StepUnavailable
-from pgro.reconciler.listing import ListingCache
+from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.config import OperatorConfig
@@ -84,7 +84,7 @@ class KubeEffects:
         observer: Observer,
         *,
         config: Callable[[], OperatorConfig],
-        listing: ListingCache,
+        listing: ReplicaListings,
         canopy: OperatorCanopy | None,
         provisioner: Provisioner,
         reports: ReportDelivery,
@@ -208,9 +208,7 @@ class KubeEffects:
         access = None
         if replica.spec.canopy_source is not None and self.canopy is not None:
             access = self.canopy.listing_access(replica, creds)
-        # TODO(lead): pass `wanted=step.wanted` (and the previous listing) once
-        # ListingCache.request takes them, so record_listing_success can count the streak.
-        self.listing.request(replica.key, creds, access)
+        self.listing.request(replica.key, creds, step.wanted, access)
 
     def create_restore(
         self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore

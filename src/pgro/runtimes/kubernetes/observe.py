@@ -46,7 +46,7 @@ from pgro.core.observations import (
 from pgro.core.plan import EmitEvent, EventType
 from pgro.core.restore_set import is_in_progress
 from pgro.reconciler.effects import GONE, Gone, ReplicaView
-from pgro.reconciler.listing import ListingCache
+from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.informer import Informer
 from pgro.runtimes.kubernetes.kube import KubeApi
@@ -192,7 +192,7 @@ class Observer:
         api: KubeApi,
         caches: Caches,
         *,
-        listing: ListingCache,
+        listing: ReplicaListings,
         canopy: OperatorCanopy | None,
         provisioned: Callable[[PostgresPhysicalRestore, str], bool],
         emit_raw: EmitRaw,
@@ -214,6 +214,7 @@ class Observer:
         with self._lock:
             self._invalid.pop(key, None)
             self._kopia.pop(key, None)
+        self.listing.forget(key)
 
     # -- replicas -------------------------------------------------------------------------
     def replica(self, key: str) -> PostgresPhysicalReplica | Gone | None:
@@ -268,7 +269,7 @@ class Observer:
         if replica is None:
             return None
         secret, creds = self.secret_check(replica)
-        listing = self.listing.listing_for(key, creds) if creds is not None else None
+        listing = self.listing.get(key) if creds is not None else None
         obs = ReplicaObservation(
             replica=replica, restores=self.restores_of(replica), secret=secret, listing=listing
         )

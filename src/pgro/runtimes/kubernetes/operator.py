@@ -31,9 +31,11 @@ from pgro.api.names import LABEL_REPLICA, LABEL_RESTORE, REPLICA_KIND, RESTORE_K
 from pgro.core.settings import ReconcilerSettings
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
-from pgro.reconciler.listing import ListingCache
 from pgro.reconciler.shell import Shell, WorkKind
 from pgro.reconciler.workqueue import WorkQueue
+
+# TODO(lead): ReplicaListings belongs in pgro.reconciler.listing (both runtimes use it).
+from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.kubernetes.canopy import CanopySettings, OperatorCanopy
 from pgro.runtimes.kubernetes.config import parse_operator_config
 from pgro.runtimes.kubernetes.effects import KubeEffects
@@ -92,8 +94,10 @@ class Operator:
         self.config, _ = parse_operator_config(None, default_image=options.default_image)
         self.queue: WorkQueue[WorkKey] = WorkQueue()
         self.random = random.Random()  # noqa: S311 - schedule jitter, not secrets
-        self.listing = ListingCache(
-            lambda key: self.queue.add(("replica", key)), clock, state_dir=options.state_dir
+        self.listing = ReplicaListings(
+            lambda key: self.queue.add(("replica", key)),
+            clock,
+            options.state_dir or Path(tempfile.gettempdir()) / "pgro-operator-kopia",
         )
         self.notifier = Notifier(self.metrics, clock=clock)
         self._stop = threading.Event()
