@@ -47,10 +47,6 @@ SECRET_ENV: Final = MappingProxyType(
 # The Secret keys a canopy restore ignores: kopia's endpoint is the proxy.
 CANOPY_IGNORED_KEYS: Final = frozenset({"endpoint", "disableTls", "filesystemPath"})
 DEFAULT_PROXY_HOST: Final = "127.0.0.1"
-# Where each runtime restores, beneath the directory the restore owns: a Job's data volume
-# (whose root also gets the `pgdata` link) or a worker's restore directory.
-JOB_TREE: Final = "postgres"
-WORKER_TREE: Final = "data"
 
 EXIT_RETRY: Final = 1
 EXIT_PERMANENT: Final = 2
@@ -132,7 +128,9 @@ class CanopyProxy:
 @dataclass(frozen=True)
 class RestoreJob:
     """One restore: which snapshot, from where, into `target` (kopia's state in
-    `kopia_dir`), and how the restored server is to be configured."""
+    `kopia_dir`), and how the restored server is to be configured. `target` is
+    `postgres` on a Job's data volume (whose root gets the `pgdata` link), `data` in a
+    worker's restore directory."""
 
     snapshot_id: str
     credentials: KopiaCredentials
@@ -189,7 +187,7 @@ class RestoreJob:
         return cls(
             snapshot_id=env["SNAPSHOT_ID"],
             credentials=creds,
-            target=root / JOB_TREE,
+            target=root / "postgres",
             kopia_dir=Path(env.get("PGRO_KOPIA_DIR", "/tmp/kopia")) / "restore",  # noqa: S108 - the cache volume
             snapshot_size=_size(env.get("SNAPSHOT_SIZE")),
             snapshot_time=env.get("SNAPSHOT_TIME", ""),
@@ -227,7 +225,7 @@ class RestoreJob:
         return cls(
             snapshot_id=doc["snapshot"],
             credentials=credentials_from_json(doc["credentials"]),
-            target=restore_dir / WORKER_TREE,
+            target=restore_dir / "data",
             kopia_dir=restore_dir / "kopia",
             snapshot_size=_size(doc.get("snapshotSize")),
             snapshot_time=doc.get("snapshotTime") or "",

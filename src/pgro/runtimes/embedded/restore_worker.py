@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from pgro.pipeline.job import (
 )
 from pgro.pipeline.restore import restore_snapshot
 from pgro.postgres.account import resolve_run_account
-from pgro.processes import spawn
+from pgro.processes import spawn, stop
 
 RESULT = "result.json"
 PIDFILE = "work.pid"
@@ -57,6 +58,7 @@ def _write_result(restore_dir: Path, result: RestoreOutcome) -> None:
 
 
 PROXY_START_TIMEOUT_S = 30.0
+# SIGTERM: the proxy posts its final traffic totals, then exits.
 PROXY_STOP_TIMEOUT_S = 15.0
 
 
@@ -122,22 +124,11 @@ def _start_proxy(
         if proc.poll() is not None:
             raise ProxyNotReady(f"canopy-proxy exited with code {proc.returncode} before listening")
         if time.monotonic() > deadline:
-            _stop_proxy(proc)
+            stop(proc, PROXY_STOP_TIMEOUT_S)
             raise ProxyNotReady(
                 f"canopy-proxy did not write its port file within {PROXY_START_TIMEOUT_S:.0f}s"
             )
         time.sleep(0.05)
-
-
-def _stop_proxy(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM: the proxy posts its final traffic totals, then exits."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(PROXY_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run(doc: Mapping[str, Any]) -> RestoreOutcome:
@@ -171,7 +162,7 @@ def run(doc: Mapping[str, Any]) -> RestoreOutcome:
         return RestoreOutcome.failed(exc, secrets)
     finally:
         if proxy is not None:
-            _stop_proxy(proxy)
+            stop(proxy, PROXY_STOP_TIMEOUT_S)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -184,7 +175,7 @@ def main() -> None:
     doc = json.loads(sys.stdin.read())
     result = run(doc)
     _write_result(Path(doc["restoreDir"]), result)
-    print(json.dumps({k: v for k, v in json.loads(result.to_json()).items() if k != "notes"}))
+    print(json.dumps({k: v for k, v in asdict(result).items() if k != "notes"}))
     sys.exit(result.exit_code)
 
 
