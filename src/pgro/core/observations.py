@@ -8,7 +8,7 @@ decisions only ever see these abstractions.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -53,30 +53,59 @@ class SnapshotListing:
     """The latest listing of a replica's repository, or of its failure.
 
     The runtime keeps the latest one per replica and builds it with `record_listing_*`,
-    which carry the failure streak the retry backoff needs. Losing it (a restart) is
-    harmless: the next decision that needs a listing asks for one.
+    which carry the streaks the backoffs need (failed listings; listings that lacked the
+    wanted snapshot). Losing it (a restart) is harmless: the next decision that needs a
+    listing asks for one.
     """
 
     listed_at: datetime
     snapshots: tuple[Snapshot, ...] | None = None
     error: str | None = None
     consecutive_failures: int = 0
+    # The snapshot this listing was taken to find (`ListSnapshots.wanted`, canopy's desired
+    # snapshot), and how many listings in a row taken for it did not hold it: a listing
+    # taken for it is newer than canopy's offer, and the streak sets the re-list backoff.
+    wanted: str | None = None
+    missing_streak: int = 0
 
     @property
     def failed(self) -> bool:
         return self.snapshots is None
 
+    def holds(self, snapshot_id: str) -> bool:
+        return self.snapshots is not None and any(s.id == snapshot_id for s in self.snapshots)
 
-def record_listing_success(snapshots: Sequence[Snapshot], listed_at: datetime) -> SnapshotListing:
-    return SnapshotListing(listed_at=listed_at, snapshots=tuple(snapshots))
+
+def record_listing_success(
+    snapshots: Sequence[Snapshot],
+    listed_at: datetime,
+    previous: SnapshotListing | None = None,
+    wanted: str | None = None,
+) -> SnapshotListing:
+    """`previous`: the replica's listing before this one; `wanted`: the step's `wanted`."""
+    listing = SnapshotListing(listed_at=listed_at, snapshots=tuple(snapshots), wanted=wanted)
+    if wanted is None or listing.holds(wanted):
+        return listing
+    streak = previous.missing_streak if previous is not None and previous.wanted == wanted else 0
+    return replace(listing, missing_streak=streak + 1)
 
 
 def record_listing_failure(
     previous: SnapshotListing | None, error: str, listed_at: datetime
 ) -> SnapshotListing:
-    """`error` must be secret-free: it is shown in a condition message."""
-    streak = previous.consecutive_failures if previous is not None and previous.failed else 0
-    return SnapshotListing(listed_at=listed_at, error=error, consecutive_failures=streak + 1)
+    """`error` must be secret-free: it is shown in a condition message. What the previous
+    listing was taken for, and its missing streak, carry over: a failed listing neither
+    found the wanted snapshot nor showed it missing."""
+    if previous is None:
+        return SnapshotListing(listed_at=listed_at, error=error, consecutive_failures=1)
+    streak = previous.consecutive_failures if previous.failed else 0
+    return SnapshotListing(
+        listed_at=listed_at,
+        error=error,
+        consecutive_failures=streak + 1,
+        wanted=previous.wanted,
+        missing_streak=previous.missing_streak,
+    )
 
 
 @dataclass(frozen=True)

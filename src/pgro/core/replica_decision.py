@@ -13,10 +13,10 @@ listing folded into the trigger step):
 7. the schedule: `ScheduleValid`, `nextScheduledRestore` when missing or when the
    (schedule, jitter) hash changed;
 8. a restore in progress → phase `Restoring` (returns);
-9. **triggers**; when one fires: a listing (`ListSnapshots`, unless a fresh enough one
-   is at hand), then pick → covered → guardrail → sizing → admission (the queue) →
-   `CreateRestore`; the schedule advances once the listing has been used (not while the
-   replica waits in the admission line);
+9. **triggers**; when one fires: a listing (`ListSnapshots`, unless one that serves the
+   trigger is at hand: see `_needs_listing`), then pick → covered → guardrail → sizing →
+   admission (the queue) → `CreateRestore`; the schedule advances once the listing has
+   been used (not while the replica waits in the admission line);
 10. phase `Ready` / `Pending`, `queuePosition` 0.
 """
 
@@ -86,6 +86,12 @@ REQUEUE_TEARDOWN: Final = timedelta(seconds=30)
 REQUEUE_IN_PROGRESS: Final = timedelta(seconds=30)
 REQUEUE_QUEUED: Final = timedelta(seconds=30)
 REQUEUE_LISTING: Final = timedelta(seconds=5)
+# A canopy desired snapshot missing from a listing taken for it is looked for again after
+# 5 s, doubling up to `relist_interval`: canopy may offer a snapshot seconds before the
+# repository's index shows it. It is also the least time between two listings of a replica
+# whatever they were taken for, so a runtime that does not pass `wanted` on (or two replicas
+# sharing a listing) cannot list in a tight loop.
+RELIST_MISSING_FIRST: Final = timedelta(seconds=5)
 # Deadlines compare strictly ("more than 300 s"); waking a second late makes them hold.
 _STRICT: Final = timedelta(seconds=1)
 
@@ -586,8 +592,11 @@ def _triggers(p: _Pass, restores: RestoreSet, schedule: CronSchedule | None) -> 
         return None
 
     listing = p.obs.listing
-    if _needs_listing(p, listing, triggers, next_at):
-        p.steps.append(ListSnapshots())
+    desired: str | None = (
+        draft.get("canopy_desired_snapshot_id") if spec.canopy_source is not None else None
+    )
+    if _needs_listing(p, listing, triggers, next_at, desired):
+        p.steps.append(ListSnapshots(wanted=desired))
         draft.set(phase=phase)
         return REQUEUE_LISTING
     assert listing is not None
@@ -596,7 +605,12 @@ def _triggers(p: _Pass, restores: RestoreSet, schedule: CronSchedule | None) -> 
         draft.set(phase=phase, queue_position=0)
         return None
 
-    outcome = _use_listing(p, restores, listing.snapshots)
+    relist_at = (
+        _relist_missing_at(p, listing, desired)
+        if desired is not None and triggers.by_state and not listing.holds(desired)
+        else None
+    )
+    outcome = _use_listing(p, restores, listing.snapshots, relist_at)
     if isinstance(outcome, Queued):
         # Waits with its trigger intact: the schedule advances only once it has run.
         draft.set(phase=phase, queue_position=outcome.position)
@@ -607,9 +621,9 @@ def _triggers(p: _Pass, restores: RestoreSet, schedule: CronSchedule | None) -> 
     if outcome is None:
         p.queue = p.queue.withdraw(p.key)
         draft.set(phase=phase)
-        if triggers.names != ("schedule",):
+        if triggers.by_state:
             # A state trigger still holds (e.g. the snapshot is not there yet): look again.
-            p.wake_at(listing.listed_at + p.settings.relist_interval)
+            p.wake_at(relist_at or listing.listed_at + p.settings.relist_interval)
         return None
     p.queue = p.queue.bind(p.key, outcome, p.now)
     draft.set(phase=ReplicaPhase.RESTORING)
@@ -617,24 +631,57 @@ def _triggers(p: _Pass, restores: RestoreSet, schedule: CronSchedule | None) -> 
 
 
 def _needs_listing(
-    p: _Pass, listing: SnapshotListing | None, triggers: Triggers, next_at: datetime | None
+    p: _Pass,
+    listing: SnapshotListing | None,
+    triggers: Triggers,
+    next_at: datetime | None,
+    desired: str | None,
 ) -> bool:
-    """A listing serves a trigger when it was taken after the trigger could fire: after the
-    scheduled time for the schedule, within `relist_interval` for the state triggers. A
-    failed listing is retried on its own backoff."""
+    """Whether the listing at hand serves the triggers that fired.
+
+    - The schedule: a listing taken after the scheduled time.
+    - A canopy replica's state triggers (`desired`: canopy's desired snapshot): a listing
+      that holds the desired snapshot, whatever its age. One that lacks it and was not
+      taken for it predates the offer: list again at once. One taken for it that still
+      lacks it: again after 5 s, 10 s, … up to `relist_interval`.
+    - The other state triggers: a listing younger than `relist_interval`.
+
+    A failed listing is retried on its own backoff.
+    """
     if listing is None:
         return True
     if listing.failed:
         return p.now >= listing.listed_at + listing_retry_delay(listing.consecutive_failures)
-    stale_for_schedule = (
+    if (
         triggers.schedule is ScheduleDecision.TRIGGER
         and next_at is not None
         and listing.listed_at < next_at
-    )
-    stale_for_state = bool(set(triggers.names) - {"schedule"}) and (
-        listing.listed_at + p.settings.relist_interval <= p.now
-    )
-    return stale_for_schedule or stale_for_state
+    ):
+        return True
+    if not triggers.by_state:
+        return False
+    if desired is not None:
+        return not listing.holds(desired) and p.now >= _relist_missing_at(p, listing, desired)
+    return listing.listed_at + p.settings.relist_interval <= p.now
+
+
+def missing_relist_delay(missing_streak: int, cap: timedelta) -> timedelta:
+    """5 s, 10 s, 20 s, … up to `cap`, after `missing_streak` listings in a row lacked the
+    wanted snapshot (at least the first step, whatever the streak)."""
+    steps = min(max(missing_streak, 1) - 1, 16)  # past 16 doublings the cap holds anyway
+    delay: timedelta = RELIST_MISSING_FIRST * 2**steps
+    return min(cap, delay)
+
+
+def _relist_missing_at(p: _Pass, listing: SnapshotListing, desired: str) -> datetime:
+    """When a listing that lacks canopy's desired snapshot is taken again."""
+    if listing.wanted == desired:
+        delay = missing_relist_delay(listing.missing_streak, p.settings.relist_interval)
+    else:
+        # Taken before canopy's offer (or for another snapshot): at once, unless it is
+        # only seconds old (the shortest step, so that no loop lists without a pause).
+        delay = RELIST_MISSING_FIRST
+    return listing.listed_at + delay
 
 
 def _listing_failed(p: _Pass, listing: SnapshotListing) -> None:
@@ -650,19 +697,20 @@ def _listing_failed(p: _Pass, listing: SnapshotListing) -> None:
     p.wake_at(retry_at)
 
 
-def _pick(p: _Pass, snapshots: tuple[Snapshot, ...]) -> Snapshot | None:
+def _pick(p: _Pass, snapshots: tuple[Snapshot, ...], relist_at: datetime | None) -> Snapshot | None:
     spec = p.replica.spec
     if spec.canopy_source is not None:
         desired = p.draft.get("canopy_desired_snapshot_id")
         found = find_snapshot(snapshots, desired) if desired is not None else None
         if found is None:
+            again = f"; listing again at {relist_at:%Y-%m-%dT%H:%M:%SZ}" if relist_at else ""
             p.draft.condition(
                 reasons.SNAPSHOT_AVAILABLE,
                 "False",
                 reasons.CANOPY_DESIRED_SNAPSHOT_MISSING,
                 f"canopyDesiredSnapshotId {desired or '<none>'} was not found in the kopia "
                 "snapshot list — canopy may be pointing at a snapshot that hasn't been "
-                "indexed yet",
+                f"indexed yet{again}",
             )
         return found
     picked = select_snapshot(snapshots, spec.snapshot_filter)
@@ -677,13 +725,14 @@ def _pick(p: _Pass, snapshots: tuple[Snapshot, ...]) -> Snapshot | None:
 
 
 def _use_listing(
-    p: _Pass, restores: RestoreSet, snapshots: tuple[Snapshot, ...]
+    p: _Pass, restores: RestoreSet, snapshots: tuple[Snapshot, ...], relist_at: datetime | None
 ) -> str | Queued | None:
     """Pick, check, size, admit and create: the new restore's name, its place in the
-    admission line, or None when there is nothing to create."""
+    admission line, or None when there is nothing to create. `relist_at`: when a missing
+    canopy desired snapshot is looked for again (for the condition's message)."""
     replica = p.replica
     spec = replica.spec
-    picked = _pick(p, snapshots)
+    picked = _pick(p, snapshots, relist_at)
     if picked is None:
         return None
     p.draft.set(latest_available_snapshot=picked.id)

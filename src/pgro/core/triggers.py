@@ -25,6 +25,12 @@ class Triggers:
         )
 
     @property
+    def by_state(self) -> bool:
+        """A trigger other than the schedule fired: the replica's state, not the clock,
+        asks for a restore (the listing rules differ, see `replica_decision`)."""
+        return self.never_restored or self.active_restore_deleted or self.canopy_desired_changed
+
+    @property
     def names(self) -> tuple[str, ...]:
         fired = (
             ("never-restored", self.never_restored),
