@@ -12,6 +12,7 @@ import pytest
 
 from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location, SecretInvalid
 from pgro.canopy.sigv4 import SigningCredentials
+from pgro.core.observations import RestoreWork, WorkState
 from pgro.kopia.errors import EndpointUnreachable, KopiaError, WrongPassword
 from pgro.pipeline.job import (
     CanopyProxy,
@@ -135,6 +136,9 @@ def test_a_success_message_is_the_major_then_the_fixes() -> None:
     assert (outcome.exit_code, parse_message(outcome.message)) == (0, ("15", ""))
     assert parse_fixes(outcome.message) == {"removed_stale_pid": True}
     assert RestoreOutcome.from_message(outcome.message) == outcome
+    assert RestoreOutcome.from_message(outcome.message).work("r-restore") == RestoreWork(
+        WorkState.SUCCEEDED, "r-restore", "15", fixes={"removed_stale_pid": True}
+    )
 
 
 def test_failure_and_foreign_messages_parse_as_before() -> None:
@@ -156,7 +160,7 @@ def test_the_result_file_round_trips_and_reads_what_the_runtime_writes(tmp_path:
     refused = restore_worker.WorkResult(ok=False, reason="InsufficientDisk", error="no room")
     (tmp_path / restore_worker.RESULT).write_text(json.dumps(refused.__dict__))
     assert restore_worker.read_result(tmp_path) == refused
-    assert refused.failure == "InsufficientDisk: no room"
+    assert refused.work() == RestoreWork(WorkState.FAILED, reason="InsufficientDisk: no room")
     assert restore_worker.read_result(tmp_path / "missing") is None
 
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -22,6 +23,7 @@ from typing import Any, Final
 from pgro.api.quantity import parse_quantity
 from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location, parse_kopia_secret
 from pgro.canopy.sigv4 import SigningCredentials
+from pgro.core.observations import RestoreWork, WorkState
 from pgro.core.secrets import scrub
 from pgro.core.snapshot import Snapshot, SnapshotSource
 from pgro.kopia.errors import KopiaError
@@ -302,6 +304,14 @@ class RestoreOutcome:
     def failure(self) -> str:
         """`<reason>: <error>`, what a restore's status says."""
         return ": ".join(part for part in (self.reason, self.error) if part)
+
+    def work(self, name: str | None = None, completed_at: datetime | None = None) -> RestoreWork:
+        """The finished work as the restore's state machine observes it."""
+        if not self.ok:
+            return RestoreWork(WorkState.FAILED, name, reason=self.failure)
+        return RestoreWork(
+            WorkState.SUCCEEDED, name, self.postgres_version, "", completed_at, self.fixes
+        )
 
     @property
     def exit_code(self) -> int:

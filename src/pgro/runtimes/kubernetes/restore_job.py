@@ -1,16 +1,13 @@
 """`pgro restore-job`: the restore step inside the Kubernetes restore Job's pod.
 
-It runs `pgro.pipeline.restore.restore_snapshot`, as `pgro run`'s restore worker does, on
-the `RestoreJob` the operator's Job puts in the environment
-(`pgro.runtimes.kubernetes.workloads.restore_job`; Secret values by `secretKeyRef`, so they
-never appear in the pod spec): kopia restores the snapshot onto the data volume, PGDATA is
-located and prepared for the official `postgres:<major>` image, and the `RestoreOutcome` is
-the container's termination message, which the operator reads from the pod. The volume's
-root gets `pgdata`, a relative symlink to PGDATA (the path every later pod uses), and
-`.postgres-version`, as in the reference. The exit code tells the Job controller whether a
-retry can help: 2 for a failure that will repeat (wrong password, no such snapshot, not a
-PostgreSQL snapshot), which the Job's pod failure policy turns into an immediate failure,
-and 1 for anything else.
+It runs `pipeline.restore.restore_snapshot`, as `pgro run`'s restore worker does, on the
+`RestoreJob` in its environment (set by `workloads.restore_job`; Secret values by
+`secretKeyRef`, so none is in the pod spec), preparing PGDATA for the official
+`postgres:<major>` image. The `RestoreOutcome` is the termination message the operator
+reads. The volume's root gets `pgdata`, a relative symlink to PGDATA (the path every later
+pod uses), and `.postgres-version`, as in the reference. Exit code 2 is a failure a retry
+cannot fix (wrong password, no such snapshot, not PostgreSQL), which the Job's pod failure
+policy fails at once; 1 is anything else.
 
 On a canopy replica (`PGRO_CANOPY_PROXY_PORT_FILE` set) kopia goes through the pod's
 `canopy-proxy` sidecar (reference canopy-protocol §5.4): the restore waits up to 30 s for
