@@ -103,6 +103,21 @@ def test_a_password_is_cached_and_a_refusal_is_the_secret_condition_until_it_is_
     assert "hunter2" not in repr(book)
 
 
+def test_changes_name_the_replicas_whose_secret_check_changed() -> None:
+    book, held = SyncBook(GRACE), Held()
+    assert book.take_changes() == set()
+    held.apply(book, tick(entry(), passwords={(GROUP, TYPE): "pw"}), T0)
+    assert book.take_changes() == {KEY}
+    # The same password again is no change; a refusal is.
+    held.apply(book, tick(entry(), passwords={(GROUP, TYPE): "pw"}), T0)
+    assert book.take_changes() == set()
+    held.apply(book, tick(entry(), refusals={(GROUP, TYPE): "canopy refused: 403"}), T0)
+    assert book.take_changes() == {KEY}
+    held.apply(book, tick(), T0 - GRACE)
+    held.apply(book, tick(), T0)
+    assert held.removed == [NAMESPACE] and book.take_changes() == {KEY}
+
+
 def test_a_failed_fetch_changes_nothing() -> None:
     book, held = SyncBook(GRACE), Held()
     held.apply(book, tick(entry(), passwords={(GROUP, TYPE): "pw"}), T0)

@@ -45,6 +45,8 @@ class SyncBook:
     refusals: dict[str, str] = field(default_factory=dict)
     # Namespace → when a fetched worklist first did not list it.
     absent_since: dict[str, datetime] = field(default_factory=dict)
+    # Replica keys whose password or refusal changed since `take_changes` last looked.
+    _changed: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def apply(
@@ -90,9 +92,11 @@ class SyncBook:
             except Exception as exc:
                 log.warning("canopy: %s not removed: %s", namespace, exc)
                 continue
+            key = f"{namespace}/{REPLICA_NAME}"
             with self._lock:
-                self.repositories.pop(f"{namespace}/{REPLICA_NAME}", None)
-                self.refusals.pop(f"{namespace}/{REPLICA_NAME}", None)
+                self.repositories.pop(key, None)
+                self.refusals.pop(key, None)
+                self._changed.add(key)
 
     def _record(self, desired: DesiredReplica, tick: SyncTick) -> str | None:
         entry = desired.entry
@@ -101,6 +105,7 @@ class SyncBook:
         refusal = tick.refusals.get(group_type)
         key = f"{desired.namespace}/{desired.name}"
         with self._lock:
+            before = (self.repositories.get(key), self.refusals.get(key))
             if password is not None:
                 self.repositories[key] = CanopyRepository(
                     entry.bucket, entry.region, entry.prefix, password
@@ -110,7 +115,16 @@ class SyncBook:
             elif password is not None:
                 # Canopy issued credentials again: the refusal is over.
                 self.refusals.pop(key, None)
+            if (self.repositories.get(key), self.refusals.get(key)) != before:
+                self._changed.add(key)
         return password
+
+    def take_changes(self) -> set[str]:
+        """The replica keys whose password or refusal changed (issued, refused, lifted,
+        forgotten) since the last call: the replicas whose secret check changed."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+        return changed
 
     def refusal(self, key: str) -> SecretCheck | None:
         """The replica's condition when canopy refused its credentials, else None."""
