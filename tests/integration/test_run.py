@@ -820,5 +820,11 @@ def test_an_idle_replica_writes_nothing_and_is_not_reconciled_every_tick(
     time.sleep(6)  # 20 ticks
     assert files() == written, "pgro run wrote to its database in the steady state"
     assert passes() - before < 5
+    # A reload makes every replica due: its pass finds nothing to change, and writes nothing.
+    before = passes()
+    run.proc.send_signal(signal.SIGHUP)
+    run.wait_for("a pass after the reload", lambda: passes() > before)
+    time.sleep(1)
+    assert files() == written, "a pass over an idle replica wrote to the database"
     assert marker(run.replica("orders")) == "idle"
     assert run.stop() == 0

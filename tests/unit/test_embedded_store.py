@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
 
-from pgro.api.replica import PostgresPhysicalReplica
-from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.names import LABEL_REPLICA
 from pgro.core.merge_patch import merge_patch
 from pgro.runtimes.embedded.store import EVENTS_KEPT_PER_REPLICA, Store
+from tests.fixtures.manifests import replica, restore
 
-
-def replica(schedule: str = "H 3 * * *", **spec: Any) -> PostgresPhysicalReplica:
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalReplica",
-            "metadata": {"name": "orders", "namespace": "shop"},
-            "spec": {"schedule": schedule, "kopiaSecretRef": {"name": "kopia"}, **spec},
-        }
-    )
-
-
-def restore(name: str = "orders-20260101-000000") -> PostgresPhysicalRestore:
-    return PostgresPhysicalRestore.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalRestore",
-            "metadata": {
-                "name": name,
-                "namespace": "shop",
-                "labels": {"pgro.bes.au/replica": "orders"},
-            },
-            "spec": {
-                "replica": {"name": "orders"},
-                "snapshot": "abc123",
-                "snapshotSize": 1000,
-                "storageSize": 1100,
-            },
-        }
-    )
+# The one replica of these tests, and its restores.
+orders = functools.partial(replica, "orders", namespace="shop")
+orders_restore = functools.partial(
+    restore, replica="orders", namespace="shop", metadata={"labels": {LABEL_REPLICA: "orders"}}
+)
+FIRST = "orders-20260101-000000"
 
 
 def test_merge_patch_rfc7386() -> None:
@@ -51,13 +27,13 @@ def test_merge_patch_rfc7386() -> None:
 
 def test_replica_identity_and_generation(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
-    assert store.apply_replica(replica()) is True
+    assert store.apply_replica(orders()) is True
     first = store.replica("shop/orders")
     assert first is not None
     assert first.metadata.uid
     assert first.metadata.generation == 1
-    assert store.apply_replica(replica()) is False  # unchanged manifest: no write
-    assert store.apply_replica(replica("0 * * * *")) is True
+    assert store.apply_replica(orders()) is False  # unchanged manifest: no write
+    assert store.apply_replica(orders(schedule="0 * * * *")) is True
     second = store.replica("shop/orders")
     assert second is not None
     assert second.metadata.uid == first.metadata.uid
@@ -67,9 +43,9 @@ def test_replica_identity_and_generation(tmp_path: Path) -> None:
 
 def test_status_survives_manifest_updates_and_reopen(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
-    store.apply_replica(replica())
+    store.apply_replica(orders())
     store.patch_replica_status("shop/orders", {"phase": "Ready", "verifiedSnapshotId": "abc"})
-    store.apply_replica(replica("0 * * * *"))
+    store.apply_replica(orders(schedule="0 * * * *"))
     store.patch_replica_status("shop/orders", {"phase": "Restoring"})
     store.close()
     reopened = Store(tmp_path / "state.db")
@@ -81,9 +57,9 @@ def test_status_survives_manifest_updates_and_reopen(tmp_path: Path) -> None:
 
 def test_restores_conflict_patch_delete(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
-    assert store.create_restore(restore()) is True
-    assert store.create_restore(restore()) is False  # same name: a conflict
-    store.create_restore(restore("orders-20260101-000001"))
+    assert store.create_restore(orders_restore(FIRST)) is True
+    assert store.create_restore(orders_restore(FIRST)) is False  # same name: a conflict
+    store.create_restore(orders_restore("orders-20260101-000001"))
     store.patch_restore_status("shop/orders-20260101-000000", {"phase": "Restoring"})
     listed = store.restores("shop/orders")
     assert [r.metadata.name for r in listed] == ["orders-20260101-000000", "orders-20260101-000001"]
@@ -109,3 +85,37 @@ def test_settings(tmp_path: Path) -> None:
     store.set_setting("port/shop/orders", "6500")
     store.set_setting("port/shop/orders", "6501")
     assert store.setting("port/shop/orders") == "6501"
+
+
+def test_changes_are_told_once_and_a_patch_that_changes_nothing_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """`pgro run` reconciles what changed (the store is its watch); the steady state writes
+    nothing, so a status patch equal to what is stored must not count as a change."""
+    store = Store(tmp_path / "state.db")
+    told: list[tuple[str, str | None]] = []
+    store.watch(lambda replica_key, restore_key: told.append((replica_key, restore_key)))
+    store.apply_replica(orders())
+    store.apply_replica(orders())  # unchanged
+    store.patch_replica_status("shop/orders", {"phase": "Ready"})
+    writes = store.writes
+    store.patch_replica_status("shop/orders", {"phase": "Ready"})
+    store.patch_replica_status("shop/orders", {"queuePosition": None})  # absent already
+    assert store.writes == writes
+    store.create_restore(orders_restore(FIRST))
+    store.patch_restore_status("shop/orders-20260101-000000", {"phase": "Restoring"})
+    writes = store.writes
+    store.patch_restore_status("shop/orders-20260101-000000", {"phase": "Restoring"})
+    assert store.writes == writes
+    store.delete_restore("shop/orders-20260101-000000")
+    store.delete_restore("shop/orders-20260101-000000")  # gone already
+    store.delete_replica("shop/orders")
+    restore_change = ("shop/orders", "shop/orders-20260101-000000")
+    assert told == [
+        ("shop/orders", None),
+        ("shop/orders", None),
+        restore_change,
+        restore_change,
+        restore_change,
+        ("shop/orders", None),
+    ]

@@ -7,11 +7,12 @@ it asks of the machine is `effects.py`.
 One loop thread runs every pass. An object is reconciled when it is due: at the time its
 last plan asked for (`requeue_after`, a failing step's retry), or at once when something it
 depends on changed: its row in the store (a pass's own write, the canopy syncer's, a
-manifest load), its restore worker exiting or its server stopping, a listing of its
-repository finishing, a notification round ending. An idle replica costs nothing between
-its wake-ups. Slow work never runs on the loop: listings run in the shared listing service,
-restores as child processes (`restore_worker`), servers as supervised children. Every pass
-is level-triggered, so a restart at any point converges.
+manifest load), canopy's credentials for it, its restore worker exiting, its server
+stopping or becoming ready, a listing of its repository finishing, a notification round
+ending. An idle replica costs nothing between its wake-ups. Slow work never runs on the
+loop: listings run in the shared listing service, restores as child processes
+(`restore_worker`), servers as supervised children. Every pass is level-triggered, so a
+restart at any point converges.
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ class Runtime:
             self.canopy.poll(self.remove_replica)
             for key in self._canopy_changes():
                 self.schedule("replica", key, 0.0)
-        for key in self.restores.exited():
+        for key in self.restores.changed():
             self.schedule("restore", key, 0.0)
         self.shell.tick()
         for _ in range(ROUNDS_PER_TICK):

@@ -111,9 +111,9 @@ class Restores:
         handle = self.servers.get(key)
         return handle.endpoint if handle is not None else None
 
-    def exited(self) -> list[str]:
-        """Restores whose worker exited, or whose server stopped, since the last call: what
-        their next pass must see now, not at its requeue time."""
+    def changed(self) -> list[str]:
+        """Restores whose worker exited, or whose server stopped or became ready, since
+        the last look: what their next pass must see now, not at its requeue time."""
         found = []
         for key, w in self.workers.items():
             if not w.exit_seen and w.process.poll() is not None:
@@ -124,11 +124,16 @@ class Restores:
         if adopted:
             self._adopted_checked = now
         for key, handle in self.servers.items():
+            if handle.failure:
+                continue
             if handle.child is not None:
                 stopped = not handle.child.running()
             else:
                 stopped = adopted and handle.adopted_pid is not None and not handle.alive()
-            if stopped and not handle.failure:
+            # Until its first pass as ready (which provisions its roles), a starting
+            # server's postmaster.pid is read for the "ready" line.
+            ready = not handle.provisioned and _ready(handle, self.account)
+            if stopped or ready:
                 found.append(key)
         return found
 
@@ -315,6 +320,11 @@ def _provisioner(
             log.warning("restore %s: %s", restore.name, note)
 
     return provision
+
+
+def _ready(handle: ServerHandle, account: RunAccount) -> bool:
+    found = running_postmaster(handle.pgdata, account)
+    return found is not None and found.status == "ready"
 
 
 def _tail(path: Path, lines: int = 5) -> str:
