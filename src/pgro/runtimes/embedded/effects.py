@@ -87,39 +87,35 @@ class EmbeddedEffects:
         self.manifest = Manifest()
 
     # -- credentials ----------------------------------------------------------------------
-    def _secret_check(self, replica: PostgresPhysicalReplica) -> SecretCheck | None:
+    def _credentials(
+        self, replica: PostgresPhysicalReplica
+    ) -> tuple[SecretCheck | None, tuple[str, ...]]:
+        """The replica's kopia Secret as the decision sees it, and the values no step error
+        may show (the repository's password and keys)."""
         if replica.spec.canopy_source is not None:
             if self.canopy is None:
                 return SecretCheck.invalid(
                     "the replica's credentials come from canopy, but this pgro run has no "
                     "--canopy-url",
                     reasons.CANOPY_NOT_CONFIGURED,
-                )
-            return self.canopy.secret_check(replica)
+                ), ()
+            repo = self.canopy.book.repository(replica.key)
+            secrets = (repo.repository_password,) if repo is not None else ()
+            return self.canopy.secret_check(replica), secrets
         try:
-            kopia_credentials(self.manifest, replica)
+            creds = kopia_credentials(self.manifest, replica)
         except ManifestError as exc:
             if exc.reason == "SecretNotFound":
-                return SecretCheck.not_found(str(exc))
+                return SecretCheck.not_found(str(exc)), ()
             if exc.reason == "SecretInvalid":
-                return SecretCheck.invalid(str(exc))
-            return None
-        return SecretCheck.valid()
+                return SecretCheck.invalid(str(exc)), ()
+            return None, ()
+        return SecretCheck.valid(), tuple(creds.secret_values())
 
     def _canopy(self) -> EmbeddedCanopy:
         if self.canopy is None:
             raise RuntimeError("canopy replicas need pgro run --canopy-url")
         return self.canopy
-
-    def _secrets(self, replica: PostgresPhysicalReplica) -> tuple[str, ...]:
-        """What no step error may show: the repository's password and keys."""
-        try:
-            if replica.spec.canopy_source is not None:
-                repo = self.canopy.book.repository(replica.key) if self.canopy else None
-                return (repo.repository_password,) if repo is not None else ()
-            return tuple(kopia_credentials(self.manifest, replica).secret_values())
-        except ManifestError:
-            return ()
 
     # -- observing ------------------------------------------------------------------------
     def observe_replica(self, key: str) -> ReplicaView | Gone | None:
@@ -127,15 +123,16 @@ class EmbeddedEffects:
         if replica is None:
             return GONE
         port = self.endpoints.port(key)
+        secret, secrets = self._credentials(replica)
         return ReplicaView(
             ReplicaObservation(
                 replica=replica,
                 restores=self.store.restores(key),
-                secret=self._secret_check(replica),
+                secret=secret,
                 listing=self.listings.get(key),
                 endpoint=ConnectionEndpoint(self.listen_host, port) if port else None,
             ),
-            secrets=self._secrets(replica),
+            secrets=secrets,
         )
 
     def observe_restore(self, key: str) -> RestoreObservation | Gone | None:
