@@ -23,8 +23,9 @@ Reported:
   /proc/<pid>/stat, all its threads), the CPU of its child processes (the replicas' stable
   PgBouncer endpoints) likewise, RSS;
 - SQLite commits per minute: a separate read-only connection polls `PRAGMA data_version`
-  every 0.1 s (it changes whenever another connection commits), so commits less than 0.1 s
-  apart count once (a lower bound; 0 is exact). Also what changed over the window: rows of
+  every 0.1 s from the start (it changes whenever another connection commits), so commits
+  less than 0.1 s apart count once (a lower bound; 0 is exact); the count before the window
+  shows the detector seeing the start-up's writes. Also what changed over the window: rows of
   `replicas`/`restores`/`settings` whose content differs, and new `events` rows; and the
   size and mtime of `state.db` and `state.db-wal` (a WAL that does not grow saw no commit).
 """
@@ -219,6 +220,42 @@ def _marker(db: Path, repo: FleetRepo, seeded: datetime) -> Callable[[], int]:
     return count
 
 
+class CommitWatch:
+    """Polls `PRAGMA data_version` on its own read-only connection every 0.1 s, from start-up
+    on, so the same detector that reads 0 in the steady state is seen counting the start-up's
+    status writes."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="commit-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        version = None
+        while not self._stop.wait(0.1):
+            try:
+                if conn is None:
+                    conn = _reader(self.db)
+                now = conn.execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error:
+                continue
+            if version is not None and now != version:
+                self.times.append(time.monotonic())
+            version = now
+        if conn is not None:
+            conn.close()
+
+    def between(self, start: float, end: float) -> list[float]:
+        return [t for t in self.times if start <= t < end]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _file(path: Path) -> dict[str, Any]:
     try:
         st = path.stat()
@@ -277,6 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 3. The run measured.
     pgro_run = PgroRun(state, manifest, work / "pgro-run.log")
+    watch = CommitWatch(db)
     try:
         count = _marker(db, repo, seeded)
 
@@ -299,20 +337,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reader = _reader(db)
         before_rows = {t: _rows(reader, t) for t in _tables(reader)}
         files_before = {n: _file(state / n) for n in ("state.db", "state.db-wal")}
-        version = reader.execute("PRAGMA data_version").fetchone()[0]
         r_before: ProcReading = read_proc(pgro_run.proc.pid)
         kids_before, _ = _descendants_cpu(pgro_run.proc.pid)
-        commits = 0
-        commit_times: list[float] = []
-        end_at = time.monotonic() + args.steady
-        while time.monotonic() < end_at:
-            time.sleep(0.1)
-            now_version = reader.execute("PRAGMA data_version").fetchone()[0]
-            if now_version != version:
-                commits += 1
-                commit_times.append(round(time.monotonic() - (end_at - args.steady), 1))
-                version = now_version
+        time.sleep(args.steady)
         r_after = read_proc(pgro_run.proc.pid)
+        steady_commits = watch.between(r_before.at, r_after.at)
+        startup_commits = watch.between(pgro_run.started, r_before.at)
+        commits = len(steady_commits)
+        commit_times = [round(t - r_before.at, 1) for t in steady_commits]
         kids_after, kids = _descendants_cpu(pgro_run.proc.pid)
         files_after = {n: _file(state / n) for n in ("state.db", "state.db-wal")}
         after_rows = {t: _rows(reader, t) for t in _tables(reader)}
@@ -334,6 +366,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "descendants_cpu_s_per_min": round((kids_after - kids_before) / minutes, 3),
             "rss_mb": round(r_after.rss_kb / 1024, 1),
             "hwm_mb": round(r_after.hwm_kb / 1024, 1),
+            "sqlite_commits_seen_before_window": len(startup_commits),
             "sqlite_commits_seen": commits,
             "sqlite_commits_per_min": round(commits / minutes, 1),
             "first_commit_times_s": commit_times[:10],
@@ -342,6 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "files_after": files_after,
         }
     finally:
+        watch.stop()
         pgro_run.stop()
     return result
 
