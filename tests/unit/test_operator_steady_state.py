@@ -259,3 +259,60 @@ def test_an_active_restores_deployment_is_applied_again_only_when_it_changed(
     del op.deployments._items[(NS, name)]
     op.shell.reconcile_restore(key)
     assert api.calls[0] == f"APPLY Deployment {name}"
+
+
+def test_a_restore_the_cache_shows_before_the_operators_write_is_not_restored_twice(
+    steady: tuple[Operator, RecordingApi, Clock],
+) -> None:
+    """The race that ran a second restore Job over a starting server: the Job's deletion
+    reached the Job watch before the restore's new phase reached the restore watch, so a
+    pass saw the restore Restoring with no Job, and started the Job again."""
+    op, api, _ = steady
+    name = f"{REPLICA}-20260304050607"
+    job = f"{name}-restore"
+    restore = {
+        "apiVersion": "pgro.bes.au/v1alpha1",
+        "kind": "PostgresPhysicalRestore",
+        "metadata": {"name": name, "namespace": NS, "uid": "r-1"},
+        "spec": {
+            "replica": {"name": REPLICA},
+            "snapshot": "k1a2b3c4",
+            "snapshotSize": "1Gi",
+            "storageSize": "2Gi",
+        },
+        "status": {"phase": "Restoring", "createdAt": "2026-03-04T05:06:07Z"},
+    }
+    api.objects[("PostgresPhysicalRestore", NS, name)] = restore
+    api._bump(restore)
+    op.restores._items[(NS, name)] = copy.deepcopy(restore)  # the watch's copy: it lags
+    op.jobs._items[(NS, job)] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job, "namespace": NS},
+        "status": {"conditions": [{"type": "Complete", "status": "True"}]},
+    }
+    op.pods._items[(NS, f"{job}-x1")] = {
+        "metadata": {"name": f"{job}-x1", "namespace": NS, "labels": {"job-name": job}},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [{"state": {"terminated": {"message": "15"}}}],
+        },
+    }
+    key = f"{NS}/{name}"
+    op.shell.reconcile_restore(key)
+    assert api.objects[("PostgresPhysicalRestore", NS, name)]["status"]["phase"] == "Ready"
+    assert f"DELETE Job {job}" in api.calls
+
+    # The Job watch shows the deletion; the restore watch still shows Restoring.
+    del op.jobs._items[(NS, job)], op.pods._items[(NS, f"{job}-x1")]
+    api.calls.clear()
+    op.shell.reconcile_restore(key)
+    assert api.calls == []  # put off: no second Job
+    assert op.queue._due[("restore", key)] > time.monotonic()
+
+    # The restore watch catches up: the restore goes on from Ready.
+    op.restores._items[(NS, name)] = copy.deepcopy(
+        api.objects[("PostgresPhysicalRestore", NS, name)]
+    )
+    op.shell.reconcile_restore(key)
+    assert not [c for c in api.calls if c.startswith("POST Job")]

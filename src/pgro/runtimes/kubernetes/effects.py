@@ -137,16 +137,18 @@ class KubeEffects:
     def patch_replica_status(
         self, replica: PostgresPhysicalReplica, patch: Mapping[str, Any]
     ) -> None:
-        self.api.merge_patch(
+        written = self.api.merge_patch(
             REPLICA_KIND, replica.namespace, replica.name, {"status": dict(patch)}, status=True
         )
+        self.observer.wrote("replica", replica.key, replica.key, written)
 
     def patch_restore_status(
         self, replica: PostgresPhysicalReplica, name: str, patch: Mapping[str, Any]
     ) -> None:
-        self.api.merge_patch(
+        written = self.api.merge_patch(
             RESTORE_KIND, replica.namespace, name, {"status": dict(patch)}, status=True
         )
+        self.observer.wrote("restore", f"{replica.namespace}/{name}", replica.key, written)
 
     def emit_event(self, replica: PostgresPhysicalReplica, event: EmitEvent) -> None:
         self.api.create(
@@ -213,7 +215,8 @@ class KubeEffects:
     def create_restore(
         self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
     ) -> None:
-        self.api.create(restore.to_wire())
+        created = self.api.create(restore.to_wire())
+        self.observer.wrote("restore", f"{restore.namespace}/{restore.name}", replica.key, created)
         log.info(
             "restore %s/%s created (snapshot %s)",
             restore.namespace,

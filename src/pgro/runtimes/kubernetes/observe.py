@@ -7,16 +7,24 @@ Secret is read when the replica's pass first needs it and again only when the re
 changed since (its `resourceVersion`: any edit, or any status write, such as a failing
 listing's), or while it is not usable, so a fixed Secret is picked up by the next pass.
 A steady replica makes no API request at all.
+
+The caches lag behind the operator's own writes, each watch by its own delay. A pass that
+decided on a copy older than what the previous pass wrote would act again on an outdated
+state: a restore still shown Restoring after its Job was deleted would start the Job
+again, restoring over the server starting on the data. So the versions the operator
+writes (status patches, created restores) are remembered until the cache shows them
+(or for AWAIT_S at most), and a pass finding its object older is put off for a second.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
 
@@ -46,6 +54,7 @@ from pgro.core.observations import (
 from pgro.core.plan import EmitEvent, EventType
 from pgro.core.restore_set import is_in_progress
 from pgro.reconciler.effects import GONE, Gone, ReplicaView
+from pgro.reconciler.shell import WorkKind
 from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.informer import Informer
@@ -53,6 +62,9 @@ from pgro.runtimes.kubernetes.kube import KubeApi
 from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
 
 log = logging.getLogger("pgro.operator")
+
+# The longest a pass waits for the cache to show the operator's own write.
+AWAIT_S: Final = 10.0
 
 # Record an event about an object in wire form (it may not validate).
 EmitRaw = Callable[[Mapping[str, Any], EmitEvent], None]
@@ -196,6 +208,7 @@ class Observer:
         canopy: OperatorCanopy | None,
         provisioned: Callable[[PostgresPhysicalRestore, str], bool],
         emit_raw: EmitRaw,
+        requeue: Callable[[WorkKind, str, float], None],
     ) -> None:
         self.api = api
         self.caches = caches
@@ -203,18 +216,48 @@ class Observer:
         self.canopy = canopy
         self.provisioned = provisioned
         self.emit_raw = emit_raw
+        self.requeue = requeue
         self._lock = threading.Lock()
         # replica key -> (uid, generation) of the invalid spec last reported: InvalidSpec
         # is logged and recorded once per generation, not on every pass.
         self._invalid: dict[str, tuple[str, int | None]] = {}
         # replica key -> its kopia Secret as last read (see the module docstring).
         self._kopia: dict[str, _KopiaRead] = {}
+        # (kind, key) -> (resourceVersion written, its replica's key, until when to wait).
+        self._awaiting: dict[tuple[WorkKind, str], tuple[str, str, float]] = {}
 
     def forget_replica(self, key: str) -> None:
         with self._lock:
             self._invalid.pop(key, None)
             self._kopia.pop(key, None)
         self.listing.forget(key)
+
+    # -- the operator's own writes --------------------------------------------------------
+    def wrote(self, kind: WorkKind, key: str, replica_key: str, written: Mapping[str, Any]) -> None:
+        """The operator wrote this version of the object: passes wait for the cache to
+        show it."""
+        version = Meta.of(written).resource_version
+        if version:
+            with self._lock:
+                self._awaiting[(kind, key)] = (version, replica_key, time.monotonic() + AWAIT_S)
+
+    def _lagging(self, kind: WorkKind, key: str, cached: Mapping[str, Any] | None) -> bool:
+        with self._lock:
+            held = self._awaiting.get((kind, key))
+            if held is None:
+                return False
+            version, _, until = held
+            have = Meta.of(cached).resource_version if cached is not None else ""
+            if time.monotonic() < until and not _not_older(have, version):
+                return True
+            del self._awaiting[(kind, key)]
+            return False
+
+    def _put_off(self, kind: WorkKind, key: str) -> None:
+        log.debug(
+            "%s %s: the cache does not show the last write yet; looking again soon", kind, key
+        )
+        self.requeue(kind, key, 1.0)
 
     # -- replicas -------------------------------------------------------------------------
     def replica(self, key: str) -> PostgresPhysicalReplica | Gone | None:
@@ -267,6 +310,15 @@ class Observer:
             self.forget_replica(key)
             return GONE
         if replica is None:
+            return None
+        with self._lock:
+            restores = [
+                k for (kind, k), v in self._awaiting.items() if kind == "restore" and v[1] == key
+            ]
+        if self._lagging("replica", key, self.caches.replicas.get(*split_key(key))) or any(
+            self._lagging("restore", k, self.caches.restores.get(*split_key(k))) for k in restores
+        ):
+            self._put_off("replica", key)
             return None
         secret, creds = self.secret_check(replica)
         listing = self.listing.get(key) if creds is not None else None
@@ -335,6 +387,9 @@ class Observer:
         raw = self.caches.restores.get(namespace, name)
         if raw is None:
             return GONE
+        if self._lagging("restore", key, raw):
+            self._put_off("restore", key)
+            return None
         restore = _restore_model(raw)
         if restore is None:
             return None
@@ -442,6 +497,17 @@ class Observer:
             position = (raw.get("status") or {}).get("queuePosition") or 0
             out[f"{meta.namespace}/{meta.name}"] = int(position)
         return out
+
+
+def _not_older(have: str, want: str) -> bool:
+    """Whether resourceVersion `have` is `want` or later. Versions are opaque to clients
+    but etcd's are increasing integers; anything else is taken as caught up."""
+    if have == want:
+        return True
+    try:
+        return int(have) >= int(want)
+    except ValueError:
+        return True
 
 
 def _restore_model(raw: Mapping[str, Any]) -> PostgresPhysicalRestore | None:

@@ -132,6 +132,7 @@ class Operator:
             canopy=self.canopy,
             provisioned=self.provisioner.provisioned,
             emit_raw=lambda raw, event: self.effects.emit_quietly(raw, event),
+            requeue=self._schedule,
         )
         self.effects = KubeEffects(
             api,
