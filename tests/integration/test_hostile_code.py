@@ -21,7 +21,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgro.api.replica import PostgresPhysicalReplica
 from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.events import SilentObserver
 from pgro.pipeline.report import VerificationReport
@@ -36,6 +35,7 @@ from pgro.postgres.server import PostgresServer, bootstrap_superuser
 from tests.conftest import REPO_PASSWORD, Repo
 from tests.fixtures.clusters import app_database_sql
 from tests.fixtures.evil_library import EvilLibraries, build_evil_libraries
+from tests.fixtures.manifests import replica
 
 # Relative to $libdir (/usr/lib/postgresql/15/lib): climbs to / and enters the server's
 # working directory, which is PGDATA. No knowledge of where the restore lives is needed.
@@ -227,28 +227,12 @@ def hostile(
     yield found
 
 
-def _replica(host: str) -> PostgresPhysicalReplica:
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalReplica",
-            "metadata": {"name": f"hostile-{host}", "namespace": "default"},
-            "spec": {
-                "schedule": "H 3 * * *",
-                "ephemeral": True,
-                "kopiaSecretRef": {"name": "kopia"},
-                "snapshotFilter": {"hostPattern": host},
-            },
-        }
-    )
-
-
 def _verify(hostile: Hostile, name: str, work: Path) -> VerificationReport:
     hostile.libraries.reset()
     work.mkdir(exist_ok=True)
     os.chmod(work, 0o711)
     return verify_snapshot(
-        _replica(name),
+        replica(f"hostile-{name}", namespace="default", snapshotFilter={"hostPattern": name}),
         hostile.repo.credentials,
         VerifyOptions(snapshot_id=hostile.snapshots[name], work_root=work),
     )

@@ -7,6 +7,7 @@ Delays are shortened to (0, 0.2, 0.4) so retries and exhaustion run in about a s
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import socket
@@ -22,9 +23,9 @@ from typing import Any
 import pytest
 
 from pgro.api.notifications import NotificationStatus, target_name
-from pgro.api.replica import PostgresPhysicalReplica
 from pgro.notifications import EVENT, Notifier
 from pgro.observability import Health, Metrics, serve
+from tests.fixtures.manifests import replica
 
 DELAYS = (0.0, 0.2, 0.4)
 KEY = "team-a/analytics"
@@ -138,25 +139,14 @@ def notifier(metrics: Metrics) -> Iterator[Notifier]:
     n.shutdown()
 
 
-def make_replica(*targets: dict[str, Any]) -> PostgresPhysicalReplica:
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalReplica",
-            "metadata": {"name": "analytics", "namespace": NAMESPACE},
-            "spec": {
-                "schedule": "0 3 * * *",
-                "kopiaSecretRef": {"name": "kopia"},
-                "notifications": list(targets),
-            },
-        }
-    )
+# The replica of these tests, with the notification targets given.
+analytics = functools.partial(replica, "analytics", namespace=NAMESPACE)
 
 
 def notify(notifier: Notifier, *targets: dict[str, Any]) -> None:
     notifier.notify(
         KEY,
-        make_replica(*targets),
+        analytics(notifications=list(targets)),
         "analytics-20260304050607",
         "k1a2b3c4",
         "16",

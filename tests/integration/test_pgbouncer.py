@@ -31,6 +31,7 @@ from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.initdb import init_cluster
 from pgro.postgres.server import PostgresServer, free_port, make_conninfo, socket_dir_for
 from tests.fixtures.clusters import run_sql
+from tests.fixtures.waiting import wait_for
 
 PASSWORD = "Analytics-pw-0123456789abcdefXYZ"
 USERS = {"analytics": PASSWORD}
@@ -183,14 +184,6 @@ def analytics_sessions(server: PostgresServer) -> int:
     return int(row[0])
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.05)
-
-
 def test_switchover_sends_new_connections_to_new_restore_and_keeps_open_sessions(
     restores: dict[str, PostgresServer], make_endpoint: EndpointFactory
 ) -> None:
@@ -221,7 +214,7 @@ def test_switchover_sends_new_connections_to_new_restore_and_keeps_open_sessions
     # A session that ends releases its old server connection, which PgBouncer then closes
     # (idle ones from before the switchover too): only `held` is left on the old restore.
     leaving.close()
-    wait_for(lambda: analytics_sessions(old) == 1)
+    wait_for("the open session on the old restore", lambda: analytics_sessions(old) == 1, 10)
     assert read_marker(tcp(endpoint)) == "new"
 
     # The grace period ends: the runtime stops the old restore.
@@ -395,7 +388,7 @@ def test_stale_pidfile_does_not_block_a_start(
     pid = crashed.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # the whole machine went down, say
-    wait_for(lambda: not crashed.running())
+    wait_for("PgBouncer to be seen gone", lambda: not crashed.running(), 10)
     assert crashed.files.pidfile.exists()
     assert (crashed.address.socket_dir / f".s.PGSQL.{port}").exists()
 

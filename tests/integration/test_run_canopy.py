@@ -36,6 +36,7 @@ from tests.fixtures.canopy_stub import (
     S3Target,
     start_canopy_stub,
 )
+from tests.fixtures.waiting import wait_for
 
 PGRO = str(Path(sys.executable).parent / "pgro")
 BUCKET = "pgro-run-canopy"
@@ -107,18 +108,19 @@ class Running:
         return next((r for r in self.status() if f"{r['namespace']}/{r['name']}" == key), None)
 
     def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 180) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def running_check() -> Any:
             if self.proc.poll() is not None:
                 raise AssertionError(f"pgro run exited: {self.log.read_text()[-3000:]}")
-            try:
-                value = check()
-            except (StopIteration, KeyError, IndexError, TypeError, subprocess.CalledProcessError):
-                value = None
-            if value:
-                return value
-            time.sleep(0.3)
-        raise AssertionError(f"timed out waiting for {what}; log:\n{self.log.read_text()[-4000:]}")
+            return check()
+
+        return wait_for(
+            what,
+            running_check,
+            timeout,
+            lambda: "log:\n" + self.log.read_text()[-4000:],
+            interval=0.3,
+            ignore=(StopIteration, KeyError, IndexError, TypeError, subprocess.CalledProcessError),
+        )
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

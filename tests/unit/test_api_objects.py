@@ -1,39 +1,15 @@
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from pydantic import ValidationError
 
 from pgro.api import PostgresPhysicalReplica, PostgresPhysicalRestore, load_object, names
-
-
-def _replica() -> dict[str, Any]:
-    return {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalReplica",
-        "metadata": {"name": "r"},
-        "spec": {"schedule": "0 0 * * *", "kopiaSecretRef": {"name": "s"}},
-    }
-
-
-def _restore() -> dict[str, Any]:
-    return {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalRestore",
-        "metadata": {"name": "r-20260101-000000"},
-        "spec": {
-            "replica": {"name": "r"},
-            "snapshot": "abc",
-            "snapshotSize": 10,
-            "storageSize": "1Gi",
-        },
-    }
+from tests.fixtures.manifests import replica_doc, restore_doc
 
 
 def test_dispatches_on_kind() -> None:
-    assert isinstance(load_object(_replica()), PostgresPhysicalReplica)
-    assert isinstance(load_object(_restore()), PostgresPhysicalRestore)
+    assert isinstance(load_object(replica_doc()), PostgresPhysicalReplica)
+    assert isinstance(load_object(restore_doc()), PostgresPhysicalRestore)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +30,7 @@ def test_dispatches_on_kind() -> None:
 def test_wrong_group_version_or_kind_is_a_clear_error(
     api_version: str | None, kind: str | None, fragment: str
 ) -> None:
-    document = _replica()
+    document = replica_doc()
     document["apiVersion"] = api_version
     document["kind"] = kind
     with pytest.raises(ValueError, match="unsupported") as caught:
@@ -64,7 +40,7 @@ def test_wrong_group_version_or_kind_is_a_clear_error(
 
 
 def test_unknown_kind_lists_the_known_ones() -> None:
-    document = _replica()
+    document = replica_doc()
     document["kind"] = "Other"
     with pytest.raises(ValueError, match="'PostgresPhysicalReplica' or 'PostgresPhysicalRestore'"):
         load_object(document)
@@ -76,7 +52,7 @@ def test_not_a_mapping() -> None:
 
 
 def test_invalid_body_raises_validation_error_which_is_a_value_error() -> None:
-    document = _restore()
+    document = restore_doc()
     del document["spec"]["snapshot"]
     with pytest.raises(ValidationError):
         load_object(document)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -7,30 +8,19 @@ import pytest
 from pydantic import ValidationError
 
 from pgro.api import JobPhase, PostgresPhysicalRestore, RestorePhase
+from tests.fixtures.manifests import restore_doc
 
-
-def _restore(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
-    document: dict[str, Any] = {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalRestore",
-        "metadata": {
-            "name": "fiji-analytics-20260101-000000",
-            "namespace": "analytics",
-            "uid": "u-1",
-            "labels": {"pgro.bes.au/replica": "fiji-analytics"},
-        },
-        "spec": {
-            "replica": {"name": "fiji-analytics"},
-            "snapshot": "c6e9863aea1eb231ea6b4ba001936a97",
-            "snapshotSize": "3221225472",
-            "snapshotTime": "2026-11-27T11:02:44.458139381Z",
-            "storageSize": "4Gi",
-            **spec,
-        },
-    }
-    if status is not None:
-        document["status"] = status
-    return document
+_restore = functools.partial(
+    restore_doc,
+    "fiji-analytics-20260101-000000",
+    "fiji-analytics",
+    namespace="analytics",
+    metadata={"uid": "u-1", "labels": {"pgro.bes.au/replica": "fiji-analytics"}},
+    snapshot="c6e9863aea1eb231ea6b4ba001936a97",
+    snapshotSize="3221225472",
+    snapshotTime="2026-11-27T11:02:44.458139381Z",
+    storageSize="4Gi",
+)
 
 
 def test_spec_fields() -> None:
@@ -86,7 +76,7 @@ def test_integer_sizes_stay_integers() -> None:
 def test_absent_phase_means_pending(
     status: dict[str, Any] | None, phase: RestorePhase | None, effective: RestorePhase
 ) -> None:
-    restore = PostgresPhysicalRestore.model_validate(_restore(status))
+    restore = PostgresPhysicalRestore.model_validate(_restore(status=status))
     assert restore.status.phase is phase
     assert restore.effective_phase is effective
 
@@ -130,7 +120,7 @@ def test_full_status_round_trip() -> None:
             }
         ],
     }
-    restore = PostgresPhysicalRestore.model_validate(_restore(status))
+    restore = PostgresPhysicalRestore.model_validate(_restore(status=status))
     parsed = restore.status
     assert parsed.restore_job is not None
     assert parsed.restore_job.phase is JobPhase.SUCCEEDED
@@ -146,7 +136,7 @@ def test_full_status_round_trip() -> None:
 def test_migration_result_without_failure_passes_and_defaults_timings() -> None:
     restore = PostgresPhysicalRestore.model_validate(
         _restore(
-            {
+            status={
                 "migrationResult": {
                     "totalElapsedSeconds": 0,
                     "dataBytesBefore": 1,
@@ -172,11 +162,11 @@ def test_migration_result_without_failure_passes_and_defaults_timings() -> None:
 )
 def test_invalid_status_is_rejected(status: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
-        PostgresPhysicalRestore.model_validate(_restore(status))
+        PostgresPhysicalRestore.model_validate(_restore(status=status))
 
 
 def test_status_without_conditions_omits_them() -> None:
-    wire = PostgresPhysicalRestore.model_validate(_restore({"phase": "Pending"})).to_wire()
+    wire = PostgresPhysicalRestore.model_validate(_restore(status={"phase": "Pending"})).to_wire()
     assert wire["status"] == {"phase": "Pending"}
 
 

@@ -14,6 +14,7 @@ from pgro.canopy.client import CanopyError, CanopyTransient
 from pgro.canopy.courier import ReportCourier
 from pgro.canopy.naming import canopy_labels
 from pgro.canopy.wire import VerificationArgs
+from tests.fixtures.manifests import replica
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 RUN = "0b0e7f7e-0d1a-4b7e-8f3e-5f8b1c2d3e4f"
@@ -39,23 +40,21 @@ class Manual(Executor):
         self.pending.clear()
 
 
-def _replica(reports: list[PendingVerificationReport]) -> PostgresPhysicalReplica:
-    labels = canopy_labels(
-        replica_id=UUID(int=1),
-        group_id=UUID(int=2),
-        server_id=UUID(int=3),
-        type="t",
-        intent="verify",
-    )
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "metadata": {"name": "canopy-replica", "namespace": "ns", "labels": labels},
-            "spec": {
-                "schedule": "H * * * *",
-                "canopySource": {"group": str(UUID(int=2)), "type": "t"},
-            },
-            "status": {"pendingVerificationReports": [r.to_wire() for r in reports]},
-        }
+LABELS = canopy_labels(
+    replica_id=UUID(int=1), group_id=UUID(int=2), server_id=UUID(int=3), type="t", intent="verify"
+)
+
+
+def _pending(reports: list[PendingVerificationReport]) -> PostgresPhysicalReplica:
+    """The canopy replica, holding `reports` to deliver."""
+    return replica(
+        "canopy-replica",
+        None,
+        namespace="ns",
+        metadata={"labels": LABELS},
+        status={"pendingVerificationReports": [r.to_wire() for r in reports]},
+        schedule="H * * * *",
+        canopySource={"group": str(UUID(int=2)), "type": "t"},
     )
 
 
@@ -88,7 +87,7 @@ def _courier(
 
 def test_delivered_once_and_removed_only_when_written() -> None:
     courier, pool, sent = _courier([None])
-    replica = _replica([_report()])
+    replica = _pending([_report()])
     first = courier.step(replica)
     assert first.reports is None and courier.busy()  # sending, nothing to write yet
     assert courier.step(replica).reports is None  # not sent twice while in flight
@@ -99,7 +98,7 @@ def test_delivered_once_and_removed_only_when_written() -> None:
     again = courier.step(replica)
     assert again.reports == [] and pool.pending == []
     courier.settled(again)
-    assert courier.step(_replica([])).reports is None and len(sent) == 1
+    assert courier.step(_pending([])).reports is None and len(sent) == 1
 
 
 def test_a_transient_failure_backs_off_and_a_refusal_drops() -> None:
@@ -107,7 +106,7 @@ def test_a_transient_failure_backs_off_and_a_refusal_drops() -> None:
         "canopy answered 503", method="POST", path="/restore-verification", status=503
     )
     courier, pool, _ = _courier([error])
-    replica = _replica([_report()])
+    replica = _pending([_report()])
     courier.step(replica)
     pool.run_all()
     failed = courier.step(replica)
@@ -117,7 +116,7 @@ def test_a_transient_failure_backs_off_and_a_refusal_drops() -> None:
     assert waiting.last_error is not None and "503" in waiting.last_error
     courier.settled(failed)
     # Not due yet: nothing is sent.
-    assert courier.step(_replica(failed.reports)).reports is None and pool.pending == []
+    assert courier.step(_pending(failed.reports)).reports is None and pool.pending == []
 
     gone = CanopyError(
         "unknown replica_id", method="POST", path="/restore-verification", status=404
@@ -134,7 +133,7 @@ def test_the_proxys_traffic_totals_go_with_the_report() -> None:
     callbacks = Callbacks(None)
     callbacks.final_stats("ns/r-1", {"received_payload_bytes": 42, "sent_payload_bytes": 7})
     courier, pool, sent = _courier([None], callbacks)
-    step = courier.step(_replica([_report()]))
+    step = courier.step(_pending([_report()]))
     assert step.reports is not None and step.reports[0].traffic == {
         "s3_received_payload_bytes": 42,
         "s3_sent_payload_bytes": 7,

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import pytest
 
-from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.verification import PendingVerificationReport
 from pgro.canopy import reports
 from pgro.canopy.naming import canopy_labels
 from pgro.canopy.syncer import capability_retry_delay, jittered
+from tests.fixtures.manifests import replica
 
 REPLICA_ID = UUID("11111111-1111-1111-1111-111111111111")
 GROUP = UUID("22222222-2222-2222-2222-222222222222")
@@ -21,28 +22,22 @@ RUN = "0b0e7f7e-0d1a-4b7e-8f3e-5f8b1c2d3e4f"
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
-def _replica(labels: dict[str, str] | None = None) -> PostgresPhysicalReplica:
-    if labels is None:
-        labels = canopy_labels(
-            replica_id=REPLICA_ID,
-            group_id=GROUP,
-            server_id=MACHINE,
-            type="tamanu-postgres",
-            intent="verify",
-        )
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "metadata": {
-                "name": "canopy-replica",
-                "namespace": "int-test-15de9039",
-                "labels": labels,
-            },
-            "spec": {
-                "schedule": "H * * * *",
-                "canopySource": {"group": str(GROUP), "type": "tamanu-postgres"},
-            },
-        }
-    )
+LABELS = canopy_labels(
+    replica_id=REPLICA_ID,
+    group_id=GROUP,
+    server_id=MACHINE,
+    type="tamanu-postgres",
+    intent="verify",
+)
+canopy_replica = functools.partial(
+    replica,
+    "canopy-replica",
+    None,
+    namespace="int-test-15de9039",
+    metadata={"labels": LABELS},
+    schedule="H * * * *",
+    canopySource={"group": str(GROUP), "type": "tamanu-postgres"},
+)
 
 
 def _report(**fields: Any) -> PendingVerificationReport:
@@ -67,7 +62,7 @@ def test_success_report_from_labels_and_details() -> None:
         },
         traffic={"s3_received_payload_bytes": 123, "s3_sent_raw_bytes": 7},
     )
-    wire = reports.verification_args(_replica(), report).to_wire()
+    wire = reports.verification_args(canopy_replica(), report).to_wire()
     assert wire["replica_id"] == str(REPLICA_ID) and wire["group"] == str(GROUP)
     assert wire["server_id"] == str(MACHINE) and "machine_id" not in wire
     assert (wire["type"], wire["intent"]) == ("tamanu-postgres", "verify")
@@ -82,7 +77,7 @@ def test_success_report_from_labels_and_details() -> None:
 
 def test_failure_report_carries_the_reason_and_a_bad_run_id_is_absent() -> None:
     wire = reports.verification_args(
-        _replica(), _report(outcome="failure", error="NotPostgres: no PG_VERSION", runId="x")
+        canopy_replica(), _report(outcome="failure", error="NotPostgres: no PG_VERSION", runId="x")
     ).to_wire()
     assert (wire["outcome"], wire["replica_healthy"]) == ("failure", False)
     assert wire["error"] == "NotPostgres: no PG_VERSION"
@@ -90,7 +85,9 @@ def test_failure_report_carries_the_reason_and_a_bad_run_id_is_absent() -> None:
 
 
 def test_unknown_detail_keys_never_hold_back_the_verdict() -> None:
-    wire = reports.verification_args(_replica(), _report(healthDetails={"surprise": 1})).to_wire()
+    wire = reports.verification_args(
+        canopy_replica(), _report(healthDetails={"surprise": 1})
+    ).to_wire()
     assert "health_details" not in wire and wire["outcome"] == "success"
 
 
@@ -105,7 +102,7 @@ def test_missing_identity_cannot_be_sent(missing: str) -> None:
     )
     del labels[missing]
     with pytest.raises(reports.ReportUnsendable, match=missing):
-        reports.verification_args(_replica(labels), _report())
+        reports.verification_args(canopy_replica(metadata={"labels": labels}), _report())
 
 
 def test_traffic_from_the_proxys_final_stats() -> None:
@@ -132,7 +129,7 @@ def test_a_failed_health_check_makes_a_successful_restore_unhealthy() -> None:
         {"name": "application_database", "status": "fail", "detail": "only system databases"},
     ]
     wire = reports.verification_args(
-        _replica(), _report(healthDetails={"checks": checks})
+        canopy_replica(), _report(healthDetails={"checks": checks})
     ).to_wire()
     assert (wire["outcome"], wire["replica_healthy"]) == ("success", False)
     assert wire["error"] == "health check application_database failed: only system databases"

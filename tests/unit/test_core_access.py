@@ -6,37 +6,8 @@ from typing import Any
 
 import pytest
 
-from pgro.api.replica import PostgresPhysicalReplica
-from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.access import analytics_owned_schemas, effective_read_only
-
-
-def _replica(**spec: Any) -> PostgresPhysicalReplica:
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalReplica",
-            "metadata": {"name": "r"},
-            "spec": {"schedule": "0 3 * * *", "kopiaSecretRef": {"name": "k"}, **spec},
-        }
-    )
-
-
-def _restore(**spec: Any) -> PostgresPhysicalRestore:
-    return PostgresPhysicalRestore.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalRestore",
-            "metadata": {"name": "r-1"},
-            "spec": {
-                "replica": {"name": "r"},
-                "snapshot": "k0123456789",
-                "snapshotSize": "1Gi",
-                "storageSize": "2Gi",
-                **spec,
-            },
-        }
-    )
+from tests.fixtures.manifests import replica, restore
 
 
 @pytest.mark.parametrize(
@@ -53,7 +24,7 @@ def _restore(**spec: Any) -> PostgresPhysicalRestore:
 def test_read_only_unless_a_later_step_must_write(
     replica_spec: dict[str, Any], restore_spec: dict[str, Any], expected: bool
 ) -> None:
-    assert effective_read_only(_replica(**replica_spec), _restore(**restore_spec)) is expected
+    assert effective_read_only(replica(**replica_spec), restore(**restore_spec)) is expected
 
 
 @pytest.mark.parametrize(
@@ -74,4 +45,4 @@ def test_read_only_unless_a_later_step_must_write(
 def test_the_analytics_user_owns_only_the_persistent_schemas_of_a_writable_restore(
     replica_spec: dict[str, Any], restore_spec: dict[str, Any], expected: tuple[str, ...]
 ) -> None:
-    assert analytics_owned_schemas(_replica(**replica_spec), _restore(**restore_spec)) == expected
+    assert analytics_owned_schemas(replica(**replica_spec), restore(**restore_spec)) == expected

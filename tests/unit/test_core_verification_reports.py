@@ -2,38 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
-from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core import verification_reports as vr
+from tests.fixtures.manifests import restore
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 RUN = "0b0e7f7e-0d1a-4b7e-8f3e-5f8b1c2d3e4f"
 
 
-def _restore(name: str = "r-1", run_id: str | None = RUN) -> PostgresPhysicalRestore:
-    return PostgresPhysicalRestore.model_validate(
-        {
-            "metadata": {
-                "name": name,
-                "namespace": "ns",
-                "creationTimestamp": "2026-11-27T11:58:00Z",
-            },
-            "spec": {
-                "replica": {"name": "canopy-replica"},
-                "snapshot": "kA",
-                "snapshotSize": "1Gi",
-                "storageSize": "2Gi",
-            },
-            "status": {"runId": run_id, "postgresVersion": "15", "fixes": {"reset_wal": True}}
-            if run_id
-            else {},
-        }
-    )
+verified = functools.partial(
+    restore,
+    name="r-1",
+    replica="canopy-replica",
+    namespace="ns",
+    metadata={"creationTimestamp": "2026-11-27T11:58:00Z"},
+    status={"runId": RUN, "postgresVersion": "15", "fixes": {"reset_wal": True}},
+    snapshot="kA",
+)
 
 
 def test_new_report_carries_the_run_and_the_duration() -> None:
-    report = vr.new_report(_restore(), "success", NOW)
+    report = vr.new_report(verified(), "success", NOW)
     assert (report.restore, report.run_id, report.snapshot_id) == ("r-1", RUN, "kA")
     assert report.postgres_version == "15" and report.outcome == "success"
     assert report.health_details == {"restore_duration_sec": 120, "fixes": {"reset_wal": True}}
@@ -41,18 +32,18 @@ def test_new_report_carries_the_run_and_the_duration() -> None:
 
 
 def test_a_run_is_reported_once() -> None:
-    first = vr.new_report(_restore(), "success", NOW)
-    again = vr.new_report(_restore(), "failure", NOW, "late failure")
+    first = vr.new_report(verified(), "success", NOW)
+    again = vr.new_report(verified(), "failure", NOW, "late failure")
     reports = vr.with_report(vr.with_report([], first), again)
     assert reports == [first]
-    other = vr.new_report(_restore("r-2", run_id=None), "failure", NOW, "x" * 2000)
+    other = vr.new_report(verified(name="r-2", status={}), "failure", NOW, "x" * 2000)
     reports = vr.with_report(reports, other)
     assert [r.key for r in reports] == [RUN, "r-2"]
     assert other.error is not None and len(other.error) == vr.ERROR_LIMIT
 
 
 def test_failed_deliveries_back_off_and_delivery_removes() -> None:
-    reports = [vr.new_report(_restore(), "success", NOW)]
+    reports = [vr.new_report(verified(), "success", NOW)]
     assert vr.due(reports, NOW) == reports
     delays = []
     for _ in range(10):
@@ -67,14 +58,14 @@ def test_failed_deliveries_back_off_and_delivery_removes() -> None:
     assert reports[0].attempts == 10 and reports[0].last_error == "canopy answered 503"
     assert not vr.holds_removal(reports)
     assert vr.holds_removal(
-        vr.attempt_failed([vr.new_report(_restore(), "success", NOW)], RUN, NOW, "e")
+        vr.attempt_failed([vr.new_report(verified(), "success", NOW)], RUN, NOW, "e")
     )
     assert vr.delivered(reports, RUN) == []
     assert vr.status_patch([]) == {"pendingVerificationReports": None}
 
 
 def test_details_are_merged_not_replacing_the_verdict() -> None:
-    reports = [vr.new_report(_restore(), "success", NOW)]
+    reports = [vr.new_report(verified(), "success", NOW)]
     reports = vr.with_details(
         reports,
         RUN,

@@ -11,32 +11,24 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydantic
 import pytest
 
-from pgro.api.replica import PostgresPhysicalReplica
 from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.runtimes.embedded.credentials import CredentialStore
 from pgro.runtimes.embedded.manifest import ManifestError, load_manifests
 from pgro.runtimes.embedded.servers import running_postmaster, stop_postmaster
 from pgro.runtimes.embedded.state_dir import StateDirError, blocked_at, prepare_state_dir
 from pgro.runtimes.embedded.store import Store
+from tests.fixtures.manifests import replica
 
 EVIL = "../../../../outside/evil"
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
-
-
-def replica_doc(**spec: object) -> dict[str, object]:
-    return {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalReplica",
-        "metadata": {"name": "r", "namespace": "default"},
-        "spec": {"schedule": "H 3 * * *", "kopiaSecretRef": {"name": "k"}, **spec},
-    }
 
 
 # -- role names (item 12) -------------------------------------------------------------------
@@ -55,16 +47,16 @@ def replica_doc(**spec: object) -> dict[str, object]:
         {"persistentUsers": [{"name": "a/b"}]},
     ],
 )
-def test_role_names_that_are_not_postgresql_role_names_are_refused(spec: dict[str, object]) -> None:
+def test_role_names_that_are_not_postgresql_role_names_are_refused(spec: dict[str, Any]) -> None:
     with pytest.raises(pydantic.ValidationError, match=r"role name|valid"):
-        PostgresPhysicalReplica.model_validate(replica_doc(**spec))
+        replica(**spec)
 
 
 def test_usual_role_names_are_accepted() -> None:
-    replica = PostgresPhysicalReplica.model_validate(
-        replica_doc(analyticsUsername="Analytics Team", extraUsers=["report_writer", "é" * 31, ""])
+    accepted = replica(
+        analyticsUsername="Analytics Team", extraUsers=["report_writer", "é" * 31, ""]
     )
-    assert [u.name for u in replica.spec.extra_users] == ["report_writer", "é" * 31]
+    assert [u.name for u in accepted.spec.extra_users] == ["report_writer", "é" * 31]
 
 
 def test_a_manifest_with_a_path_as_user_name_is_refused_with_the_name(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ loaded into lightkube's typed Kubernetes models to catch misspelled fields."""
 from __future__ import annotations
 
 import base64
+import functools
 import shutil
 import subprocess
 from typing import Any
@@ -12,11 +13,10 @@ from typing import Any
 import pytest
 from lightkube import codecs
 
-from pgro.api.replica import PostgresPhysicalReplica
-from pgro.api.restore import PostgresPhysicalRestore
 from pgro.runtimes.kubernetes import workloads as wl
 from pgro.runtimes.kubernetes.config import OperatorConfig, Placement, Toleration
 from pgro.runtimes.kubernetes.scripts import setup_script
+from tests.fixtures import manifests
 
 NS = "analytics"
 IMAGE = "ghcr.io/beyondessential/pgro:1.2.3"
@@ -44,34 +44,24 @@ REPLICA_LABELS = {"pgro.bes.au/replica": "fiji", "app.kubernetes.io/managed-by":
 RESTORE_LABELS = {**REPLICA_LABELS, "pgro.bes.au/restore": RESTORE}
 
 
-def replica(**spec: Any) -> PostgresPhysicalReplica:
-    body: dict[str, Any] = {"kopiaSecretRef": {"name": "kopia"}, "schedule": "0 3 * * *", **spec}
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalReplica",
-            "metadata": {"name": "fiji", "namespace": NS, "uid": "replica-uid"},
-            "spec": {k: v for k, v in body.items() if v is not None},
-        }
-    )
-
-
-def restore(**spec: Any) -> PostgresPhysicalRestore:
-    return PostgresPhysicalRestore.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalRestore",
-            "metadata": {"name": RESTORE, "namespace": NS, "uid": "restore-uid"},
-            "spec": {
-                "replica": {"name": "fiji"},
-                "snapshot": "k0123abcd",
-                "snapshotSize": "100Gi",
-                "snapshotTime": "2026-03-01T03:00:00.123456Z",
-                "storageSize": "110Gi",
-                **spec,
-            },
-        }
-    )
+replica = functools.partial(
+    manifests.replica,
+    "fiji",
+    namespace=NS,
+    metadata={"uid": "replica-uid"},
+    schedule="0 3 * * *",
+    ephemeral=None,
+)
+restore = functools.partial(
+    manifests.restore,
+    RESTORE,
+    "fiji",
+    namespace=NS,
+    metadata={"uid": "restore-uid"},
+    snapshotSize="100Gi",
+    snapshotTime="2026-03-01T03:00:00.123456Z",
+    storageSize="110Gi",
+)
 
 
 def assert_kubernetes_valid(obj: dict[str, Any]) -> None:

@@ -6,17 +6,17 @@ the pod label and the longer deadline."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from typing import Any
 
 import pytest
 from lightkube import codecs
 
-from pgro.api.replica import PostgresPhysicalReplica
-from pgro.api.restore import PostgresPhysicalRestore
 from pgro.runtimes.kubernetes import workloads as wl
 from pgro.runtimes.kubernetes.config import OperatorConfig, Placement
 from pgro.runtimes.kubernetes.restore_job import SECRET_ENV
+from tests.fixtures import manifests
 
 NS = "canopy-fiji-verify"
 IMAGE = "ghcr.io/beyondessential/pgro:1.2.3"
@@ -37,43 +37,35 @@ RESTORE_LABELS = {
 }
 
 
-def replica(*, canopy: bool = True) -> PostgresPhysicalReplica:
-    source: dict[str, Any] = (
-        {"canopySource": {"group": GROUP, "type": TYPE}}
-        if canopy
-        else {"kopiaSecretRef": {"name": "kopia"}}
-    )
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalReplica",
-            "metadata": {"name": "canopy-replica", "namespace": NS, "uid": "replica-uid"},
-            "spec": {"schedule": "H * * * *", **source},
-        }
-    )
-
-
-def restore(run_id: str | None = RUN_ID) -> PostgresPhysicalRestore:
-    body: dict[str, Any] = {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalRestore",
-        "metadata": {"name": RESTORE, "namespace": NS, "uid": "restore-uid"},
-        "spec": {
-            "replica": {"name": "canopy-replica"},
-            "snapshot": "k000000000000000000000000000000f",
-            "snapshotSize": "10Gi",
-            "storageSize": "20Gi",
-        },
-    }
-    if run_id is not None:
-        body["status"] = {"phase": "Restoring", "runId": run_id}
-    return PostgresPhysicalRestore.model_validate(body)
+replica = functools.partial(
+    manifests.replica,
+    "canopy-replica",
+    None,
+    namespace=NS,
+    metadata={"uid": "replica-uid"},
+    schedule="H * * * *",
+    ephemeral=None,
+    canopySource={"group": GROUP, "type": TYPE},
+)
+NOT_CANOPY: dict[str, Any] = {"canopySource": None, "kopiaSecretRef": {"name": "kopia"}}
+restore = functools.partial(
+    manifests.restore,
+    RESTORE,
+    "canopy-replica",
+    namespace=NS,
+    metadata={"uid": "restore-uid"},
+    snapshot="k000000000000000000000000000000f",
+    snapshotSize="10Gi",
+    storageSize="20Gi",
+    status={"phase": "Restoring", "runId": RUN_ID},
+)
 
 
 def canopy_job(
     run_id: str | None = RUN_ID, settings: wl.CanopyJobSettings = SETTINGS
 ) -> dict[str, Any]:
-    return wl.restore_job(replica(), restore(run_id), CONFIG, canopy=settings)
+    status = {"phase": "Restoring", "runId": run_id} if run_id is not None else None
+    return wl.restore_job(replica(), restore(status=status), CONFIG, canopy=settings)
 
 
 def assert_kubernetes_valid(obj: dict[str, Any]) -> None:
@@ -281,8 +273,8 @@ def test_canopy_replica_without_settings_is_a_value_error() -> None:
 
 def test_non_canopy_job_is_unchanged_by_canopy_settings() -> None:
     """A kopiaSecretRef replica gets the plain Job, settings or not."""
-    plain = wl.restore_job(replica(canopy=False), restore(), CONFIG)
-    with_settings = wl.restore_job(replica(canopy=False), restore(), CONFIG, canopy=SETTINGS)
+    plain = wl.restore_job(replica(**NOT_CANOPY), restore(), CONFIG)
+    with_settings = wl.restore_job(replica(**NOT_CANOPY), restore(), CONFIG, canopy=SETTINGS)
     assert with_settings == plain
     assert "initContainers" not in pod(plain)
     assert plain["spec"]["activeDeadlineSeconds"] == 7200

@@ -7,6 +7,7 @@ server, not blocking the caller) is in tests/integration/test_notifications.py.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import threading
@@ -26,7 +27,7 @@ from pgro.api.notifications import (
     url_fingerprint,
     url_origin,
 )
-from pgro.api.replica import ConnectionInfo, PostgresPhysicalReplica
+from pgro.api.replica import ConnectionInfo
 from pgro.notifications import (
     EVENT,
     NotificationError,
@@ -42,6 +43,7 @@ from pgro.notifications import (
     webhook_payload,
 )
 from pgro.observability import Metrics
+from tests.fixtures.manifests import replica
 
 NAMESPACE = "team-a"
 PASSWORD = "Pw-0123456789abcdefXYZ"
@@ -94,19 +96,8 @@ def graphql(template: str, **fields: Any) -> GraphQLNotification:
     )
 
 
-def make_replica(*targets: dict[str, Any]) -> PostgresPhysicalReplica:
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalReplica",
-            "metadata": {"name": "analytics", "namespace": NAMESPACE},
-            "spec": {
-                "schedule": "0 3 * * *",
-                "kopiaSecretRef": {"name": "kopia"},
-                "notifications": list(targets),
-            },
-        }
-    )
+# The replica of these tests, with the notification targets given.
+analytics = functools.partial(replica, "analytics", namespace=NAMESPACE)
 
 
 # -- webhook payload ----------------------------------------------------------------------
@@ -151,7 +142,7 @@ def test_unknown_snapshot_and_version_are_empty_strings() -> None:
     try:
         notifier.notify(
             "team-a/analytics",
-            make_replica({"target": "webhook", "url": "http://hooks.test/a"}),
+            analytics(notifications=[{"target": "webhook", "url": "http://hooks.test/a"}]),
             "r1",
             None,
             None,
@@ -470,7 +461,7 @@ def test_an_unavailable_secret_is_not_sent(metrics: Metrics) -> None:
     try:
         notifier.notify(
             "team-a/analytics",
-            make_replica({**target, "headers": {"X-Token": secret_header("hook")}}),
+            analytics(notifications=[{**target, "headers": {"X-Token": secret_header("hook")}}]),
             "r",
             None,
             None,
@@ -557,7 +548,7 @@ def run_round(
     try:
         notifier.notify(
             "team-a/analytics",
-            make_replica(*targets),
+            analytics(notifications=list(targets)),
             "analytics-20260304050607",
             "k1a2b3c4",
             "16",
@@ -767,7 +758,7 @@ def test_secrets_stay_out_of_statuses_and_logs(
 def test_no_targets_no_round(metrics: Metrics) -> None:
     notifier = Notifier(metrics, transport=_recorder([]))
     try:
-        notifier.notify("team-a/analytics", make_replica(), "r", None, None, CONNECTION, None, {})
+        notifier.notify("team-a/analytics", analytics(), "r", None, None, CONNECTION, None, {})
         assert not notifier.running("team-a/analytics")
         assert notifier.take_status("team-a/analytics") is None
     finally:
@@ -779,7 +770,7 @@ def test_take_status_hands_the_round_over_once(metrics: Metrics) -> None:
     try:
         notifier.notify(
             "team-a/analytics",
-            make_replica({"target": "webhook", "url": "http://hooks.test/a"}),
+            analytics(notifications=[{"target": "webhook", "url": "http://hooks.test/a"}]),
             "r",
             None,
             None,
@@ -807,7 +798,7 @@ def test_a_newer_round_supersedes_the_one_in_flight(metrics: Metrics) -> None:
 
     seen: list[dict[str, Any]] = []
     notifier = Notifier(metrics, delays=(0, 0), transport=_recorder(seen, respond))
-    replica = make_replica({"target": "webhook", "url": "http://hooks.test/a"})
+    replica = analytics(notifications=[{"target": "webhook", "url": "http://hooks.test/a"}])
     try:
         notifier.notify("team-a/analytics", replica, "old", None, None, CONNECTION, None, {})
         assert first_arrived.wait(10)
@@ -832,7 +823,7 @@ def test_shutdown_interrupts_pending_retries(metrics: Metrics) -> None:
     )
     notifier.notify(
         "team-a/analytics",
-        make_replica({"target": "webhook", "url": "http://hooks.test/a"}),
+        analytics(notifications=[{"target": "webhook", "url": "http://hooks.test/a"}]),
         "r",
         None,
         None,
@@ -848,7 +839,7 @@ def test_shutdown_interrupts_pending_retries(metrics: Metrics) -> None:
     assert time.monotonic() - started < 5
     assert len(seen) == 1
     with pytest.raises(RuntimeError, match="shut down"):
-        notifier.notify("team-a/analytics", make_replica(), "r", None, None, CONNECTION, None, {})
+        notifier.notify("team-a/analytics", analytics(), "r", None, None, CONNECTION, None, {})
 
 
 @pytest.mark.parametrize("delays", [(), (0, -1)])
@@ -863,7 +854,7 @@ def test_incomplete_connection_info_is_refused(metrics: Metrics) -> None:
         with pytest.raises(ValueError, match="connection_info is incomplete"):
             notifier.notify(
                 "team-a/analytics",
-                make_replica({"target": "webhook", "url": "http://hooks.test/a"}),
+                analytics(notifications=[{"target": "webhook", "url": "http://hooks.test/a"}]),
                 "r",
                 None,
                 None,

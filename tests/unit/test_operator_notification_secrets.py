@@ -29,6 +29,7 @@ from pgro.runtimes.kubernetes.notification_secrets import (
     notification_secrets,
 )
 from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
+from tests.fixtures.manifests import replica_doc
 from tests.fixtures.webhook import webhook_receiver
 
 NS = "team-a"
@@ -52,40 +53,33 @@ def secret(
     }
 
 
-def replica(url: str, *secret_names: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalReplica",
-        "metadata": {"name": REPLICA, "namespace": NS, "uid": "u-1"},
-        "spec": {
-            "schedule": "0 3 * * *",
-            "kopiaSecretRef": {"name": "kopia"},
-            "notifications": [
-                {
-                    "target": "webhook",
-                    "url": url,
-                    "headers": {
-                        f"X-H{i}": {"secretKeyRef": {"name": name, "key": "token"}}
-                        for i, name in enumerate(secret_names)
-                    },
-                }
-            ],
-        },
-        "status": {
-            "connectionInfo": {
-                "host": "analytics.team-a.svc",
-                "port": 5432,
-                "database": "postgres",
-                "username": "analytics",
-                "passwordSecret": replica_creds_secret_name(REPLICA),
-            }
-        },
+def hooked_replica(url: str, *secret_names: str) -> dict[str, Any]:
+    """The replica, with one webhook whose headers come from the named Secrets."""
+    headers = {
+        f"X-H{i}": {"secretKeyRef": {"name": name, "key": "token"}}
+        for i, name in enumerate(secret_names)
     }
+    connection = {
+        "host": "analytics.team-a.svc",
+        "port": 5432,
+        "database": "postgres",
+        "username": "analytics",
+        "passwordSecret": replica_creds_secret_name(REPLICA),
+    }
+    return replica_doc(
+        REPLICA,
+        namespace=NS,
+        metadata={"uid": "u-1"},
+        status={"connectionInfo": connection},
+        schedule="0 3 * * *",
+        ephemeral=None,
+        notifications=[{"target": "webhook", "url": url, "headers": headers}],
+    )
 
 
 def targets(*secret_names: str) -> Any:
     return PostgresPhysicalReplica.model_validate(
-        replica("http://hooks.test/x", *secret_names)
+        hooked_replica("http://hooks.test/x", *secret_names)
     ).spec.notifications
 
 
@@ -119,7 +113,7 @@ def test_only_labelled_secrets_are_used() -> None:
 
 
 def test_plain_headers_read_no_secret() -> None:
-    spec = replica("http://hooks.test/x")
+    spec = hooked_replica("http://hooks.test/x")
     spec["spec"]["notifications"][0]["headers"] = {"X-Plain": "v"}
     got = notification_secrets(
         NS,
@@ -163,7 +157,7 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 def run_notifications(url: str, header_secret: dict[str, Any]) -> tuple[MemoryApi, Any]:
     name = header_secret["metadata"]["name"]
     objects = {
-        ("PostgresPhysicalReplica", NS, REPLICA): replica(url, name),
+        ("PostgresPhysicalReplica", NS, REPLICA): hooked_replica(url, name),
         ("PostgresPhysicalRestore", NS, RESTORE): {
             "apiVersion": "pgro.bes.au/v1alpha1",
             "kind": "PostgresPhysicalRestore",
