@@ -25,6 +25,7 @@ from pgro.core.merge_patch import merge_patch
 from pgro.kopia.repository import KopiaRepository
 from pgro.runtimes.kubernetes.kube import KubeApi
 from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
+from tests.fixtures.manifests import replica_doc, restore_doc
 
 NS = "team-a"
 REPLICA = "analytics"
@@ -119,12 +120,13 @@ def steady(tmp_path: Path) -> Iterator[tuple[Operator, RecordingApi, Clock]]:
     creds = KopiaCredentials(FilesystemLocation(str(repo)), PASSWORD)
     KopiaRepository(creds, tmp_path / "kopia-state").create()  # empty: nothing to restore
     api = RecordingApi()
-    replica = {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalReplica",
-        "metadata": {"name": REPLICA, "namespace": NS, "uid": "u-1", "generation": 1},
-        "spec": {"schedule": "0 3 * * *", "kopiaSecretRef": {"name": "kopia"}},
-    }
+    replica = replica_doc(
+        REPLICA,
+        namespace=NS,
+        metadata={"uid": "u-1", "generation": 1},
+        schedule="0 3 * * *",
+        ephemeral=None,
+    )
     api.objects[("PostgresPhysicalReplica", NS, REPLICA)] = replica
     api._bump(replica)
     api.objects[("Secret", NS, "kopia")] = {
@@ -217,18 +219,13 @@ def test_an_active_restores_deployment_is_applied_again_only_when_it_changed(
 ) -> None:
     op, api, _ = steady
     name = f"{REPLICA}-20260304050607"
-    restore = {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalRestore",
-        "metadata": {"name": name, "namespace": NS, "uid": "r-1"},
-        "spec": {
-            "replica": {"name": REPLICA},
-            "snapshot": "k1a2b3c4",
-            "snapshotSize": "1Gi",
-            "storageSize": "2Gi",
-        },
-        "status": {"phase": "Active", "postgresVersion": "16", "deployment": name},
-    }
+    restore = restore_doc(
+        name,
+        REPLICA,
+        namespace=NS,
+        metadata={"uid": "r-1"},
+        status={"phase": "Active", "postgresVersion": "16", "deployment": name},
+    )
     api.objects[("PostgresPhysicalRestore", NS, name)] = restore
     op.restores._items[(NS, name)] = restore
     key = f"{NS}/{name}"
@@ -270,18 +267,13 @@ def test_a_restore_the_cache_shows_before_the_operators_write_is_not_restored_tw
     op, api, _ = steady
     name = f"{REPLICA}-20260304050607"
     job = f"{name}-restore"
-    restore = {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalRestore",
-        "metadata": {"name": name, "namespace": NS, "uid": "r-1"},
-        "spec": {
-            "replica": {"name": REPLICA},
-            "snapshot": "k1a2b3c4",
-            "snapshotSize": "1Gi",
-            "storageSize": "2Gi",
-        },
-        "status": {"phase": "Restoring", "createdAt": "2026-03-04T05:06:07Z"},
-    }
+    restore = restore_doc(
+        name,
+        REPLICA,
+        namespace=NS,
+        metadata={"uid": "r-1"},
+        status={"phase": "Restoring", "createdAt": "2026-03-04T05:06:07Z"},
+    )
     api.objects[("PostgresPhysicalRestore", NS, name)] = restore
     api._bump(restore)
     op.restores._items[(NS, name)] = copy.deepcopy(restore)  # the watch's copy: it lags
