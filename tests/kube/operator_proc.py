@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import yaml
 from lightkube import ApiError, Client, codecs
 
 from pgro.kopia.repository import find_kopia
 from pgro.postgres.server import free_port
+from tests.fixtures import waiting
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NAMESPACE = "pgro-system"
@@ -125,23 +124,6 @@ class OperatorProcess:
             return ""
 
 
-def wait_for(
-    what: str,
-    check: Callable[[], Any],
-    timeout: float = 120,
-    interval: float = 0.5,
-    context: Callable[[], str] = lambda: "",
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except ApiError as exc:
-            last = f"ApiError {exc.status.code}: {exc.status.message}"
-        if last and not isinstance(last, str):
-            return last
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})\n{context()}"
-    )
+# An API error (a resource type not served yet, say) means "not yet" while the control plane
+# and the operator settle.
+wait_for = functools.partial(waiting.wait_for, interval=0.5, ignore=(ApiError,))

@@ -15,15 +15,14 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import boto3
 import pytest
@@ -33,8 +32,6 @@ from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Pod, Secret
 
 from pgro.api.names import canopy_creds_secret_name, restore_job_name
-from pgro.api.replica import PostgresPhysicalReplica
-from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials, S3Location
 from pgro.canopy.broker import CredentialBroker, serve
 from pgro.canopy.client import CanopyClient
@@ -49,6 +46,7 @@ from pgro.postgres.server import free_port
 from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.canopy import proxy_secret
 from pgro.runtimes.kubernetes.config import OperatorConfig
+from tests.fixtures import manifests
 from tests.fixtures.authed_moto import authed_moto
 from tests.fixtures.canopy_stub import (
     BACKUP_TYPE,
@@ -58,29 +56,16 @@ from tests.fixtures.canopy_stub import (
     CanopyStub,
     StubCredentials,
 )
+from tests.fixtures.waiting import wait_for
 from tests.kube.node import FakeNode
 
 pytestmark = pytest.mark.timeout(300)
 
-T = TypeVar("T")
 REPLICA = "canopy-replica"
 RESTORE = "canopy-replica-20260701-000000"
 JOB = restore_job_name(RESTORE)
 FAR = datetime(2099, 12, 31, 23, 59, 59, tzinfo=UTC)
 CONFIG = OperatorConfig(max_concurrent_restores=1, restore_image="example.org/pgro:dev")
-
-
-def wait_for(
-    what: str, check: Callable[[], T | None], timeout: float, context: Callable[[], str]
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n{context()}")
-        time.sleep(0.3)
 
 
 # -- S3: moto that checks signatures ---------------------------------------------------------
@@ -204,37 +189,6 @@ def operator_side(canopy_stub: CanopyStub, canopy_s3: CanopyS3) -> Iterator[Oper
 # -- the Job --------------------------------------------------------------------------------
 
 
-def _replica(ns: str) -> PostgresPhysicalReplica:
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalReplica",
-            "metadata": {"name": REPLICA, "namespace": ns},
-            "spec": {
-                "schedule": "H * * * *",
-                "canopySource": {"group": GROUP_ID, "type": BACKUP_TYPE},
-            },
-        }
-    )
-
-
-def _restore(ns: str, snapshot: str, run_id: str) -> PostgresPhysicalRestore:
-    return PostgresPhysicalRestore.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalRestore",
-            "metadata": {"name": RESTORE, "namespace": ns},
-            "spec": {
-                "replica": {"name": REPLICA},
-                "snapshot": snapshot,
-                "snapshotSize": "64Mi",
-                "storageSize": "1Gi",
-            },
-            "status": {"phase": "Restoring", "runId": run_id},
-        }
-    )
-
-
 def _unowned(obj: dict[str, Any]) -> dict[str, Any]:
     """No restore object exists here: an owner reference to one would have the garbage
     collector delete the object at once."""
@@ -268,8 +222,24 @@ def _start_restore(
     if refused:
         op.stub.fail("restore-credentials", 403)
     run_id = str(uuid.uuid4())
-    replica = _replica(ns)
-    restore = _restore(ns, op.s3.snapshot_id, run_id)
+    canopy_source = {"group": GROUP_ID, "type": BACKUP_TYPE}
+    replica = manifests.replica(
+        REPLICA,
+        None,
+        namespace=ns,
+        ephemeral=None,
+        schedule="H * * * *",
+        canopySource=canopy_source,
+    )
+    restore = manifests.restore(
+        RESTORE,
+        REPLICA,
+        namespace=ns,
+        snapshot=op.s3.snapshot_id,
+        snapshotSize="64Mi",
+        storageSize="1Gi",
+        status={"phase": "Restoring", "runId": run_id},
+    )
     for pvc in (
         workloads.data_pvc(replica, restore),
         workloads.kopia_cache_pvc(replica, restore.spec.snapshot_size),

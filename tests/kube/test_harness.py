@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import os
 import ssl
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -30,35 +28,18 @@ from lightkube.resources.core_v1 import (
     ServiceAccount,
 )
 
+from tests.fixtures.waiting import wait_for
 from tests.kube.controlplane import ControlPlane
 from tests.kube.node import FakeNode, PathMap, expand
 
 pytestmark = pytest.mark.timeout(300)
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 
 def obj(cls: type[R], data: dict[str, Any]) -> R:
     """A typed resource from a plain manifest (lightkube's from_dict is typed loosely)."""
     return cast(R, cls.from_dict(data))  # type: ignore[attr-defined]
-
-
-def wait_for(
-    what: str,
-    check: Callable[[], T | None],
-    timeout: float = 60,
-    context: Callable[[], str] | None = None,
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            extra = f"\n{context()}" if context else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
-        time.sleep(0.2)
 
 
 def _secret(ns: str, name: str, data: dict[str, str]) -> Secret:
