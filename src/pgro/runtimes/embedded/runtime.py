@@ -24,12 +24,13 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Final
 
 from pgro.canopy.access import CanopyRepository
 from pgro.canopy.client import CanopyClient
+from pgro.clock import utcnow
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
 from pgro.postgres.account import resolve_run_account
@@ -70,17 +71,13 @@ class RunOptions:
     canopy: tuple[CanopyClient, CanopyOptions] | None = None
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class Runtime:
     def __init__(
         self,
         options: RunOptions,
         endpoint_factory: EndpointFactory,
         *,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.options = options
         # Raises StateDirError (the CLI exits 2 with its message) before anything is made.
