@@ -20,9 +20,12 @@ from typing import Any, cast
 
 import pytest
 
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import FilesystemLocation, KopiaCredentials
 from pgro.core.merge_patch import merge_patch
 from pgro.kopia.repository import KopiaRepository
+from pgro.reconciler.effects import ReplicaView
 from pgro.runtimes.kubernetes.kube import KubeApi
 from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
 from tests.fixtures.manifests import replica_doc, restore_doc
@@ -308,3 +311,25 @@ def test_a_restore_the_cache_shows_before_the_operators_write_is_not_restored_tw
     )
     op.shell.reconcile_restore(key)
     assert not [c for c in api.calls if c.startswith("POST Job")]
+
+
+def test_a_replica_waits_for_the_watch_to_show_the_restore_it_created(
+    steady: tuple[Operator, RecordingApi, Clock],
+) -> None:
+    """A pass deciding before the restore watch shows the restore the last pass created
+    would find no restore and could create a second one."""
+    op, api, _ = steady
+    settle(op, api)
+    name = f"{REPLICA}-20260304050607"
+    replica = PostgresPhysicalReplica.model_validate(op.replicas.get(NS, REPLICA))
+    created = PostgresPhysicalRestore.model_validate(
+        restore_doc(name, REPLICA, namespace=NS, metadata={"uid": "r-1"})
+    )
+    op.effects.create_restore(replica, created)  # as the CreateRestore step does
+    assert op.effects.observe_replica(KEY) is None  # put off: the watch lags
+    assert op.queue._due[("replica", KEY)] > time.monotonic()
+
+    op.restores._items[(NS, name)] = api.objects[("PostgresPhysicalRestore", NS, name)]
+    view = op.effects.observe_replica(KEY)
+    assert isinstance(view, ReplicaView)
+    assert [r.name for r in view.observation.restores] == [name]

@@ -229,6 +229,7 @@ class KubeEffects:
         if step.pods_first:
             for pod in self.observer.pods_of(ns, step.restore):
                 self.api.delete("Pod", ns, pod.meta.name)
+        self.observer.deleted("restore", f"{ns}/{step.restore}")
         if self.api.delete(RESTORE_KIND, ns, step.restore):
             log.info("restore %s/%s deleted", ns, step.restore)
 

@@ -247,11 +247,17 @@ class Observer:
             if held is None:
                 return False
             version, _, until = held
-            have = Meta.of(cached).resource_version if cached is not None else ""
-            if time.monotonic() < until and not _not_older(have, version):
+            # Not cached at all: a restore created here that the watch has not shown yet.
+            have = Meta.of(cached).resource_version if cached is not None else None
+            if time.monotonic() < until and (have is None or not _not_older(have, version)):
                 return True
             del self._awaiting[(kind, key)]
             return False
+
+    def deleted(self, kind: WorkKind, key: str) -> None:
+        """The operator deleted the object: nothing of it is to be waited for."""
+        with self._lock:
+            self._awaiting.pop((kind, key), None)
 
     def _put_off(self, kind: WorkKind, key: str) -> None:
         log.debug(
@@ -386,6 +392,7 @@ class Observer:
         namespace, name = split_key(key)
         raw = self.caches.restores.get(namespace, name)
         if raw is None:
+            self.deleted("restore", key)
             return GONE
         if self._lagging("restore", key, raw):
             self._put_off("restore", key)
