@@ -28,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from pgro.canopy.access import CanopyRepository
 from pgro.canopy.client import CanopyClient
 from pgro.clock import utcnow
 from pgro.notifications import Notifier
@@ -54,9 +53,6 @@ from pgro.runtimes.embedded.work import Restores
 log = logging.getLogger("pgro.run")
 
 RUN_ROOT_SETTING: Final = "run-root"
-# Passes for what came due, then for what those passes made due (their own writes), within
-# one tick; anything still due waits for the next tick.
-ROUNDS_PER_TICK: Final = 5
 
 
 @dataclass
@@ -117,8 +113,6 @@ class Runtime:
             self.canopy = EmbeddedCanopy(
                 client, canopy_options, self.store, clock=self.clock, rnd=self.random.random
             )
-        # What canopy's book held for each replica at the last look (see _canopy_changes).
-        self._canopy_seen: dict[str, tuple[CanopyRepository | None, str | None]] = {}
         self.restores = Restores(self.store, self.run_root, self.account)
         self.endpoints = Endpoints(
             self.store,
@@ -249,30 +243,16 @@ class Runtime:
             self.load()
         if self.canopy is not None:
             self.canopy.poll(self.remove_replica)
-            for key in self._canopy_changes():
+            # Canopy's credentials live in its book, not in the store.
+            for key in self.canopy.book.take_changes():
                 self.schedule("replica", key, 0.0)
         for key in self.restores.changed():
             self.schedule("restore", key, 0.0)
         self.shell.tick()
-        for _ in range(ROUNDS_PER_TICK):
-            due = self._take_due()
-            if not due:
-                break
-            for kind, key in due:
-                self.shell.reconcile(kind, key)
-
-    def _canopy_changes(self) -> list[str]:
-        """Replicas whose canopy credentials (issued or refused) changed since the last
-        look: the syncer keeps them in its book, not in the store."""
-        assert self.canopy is not None
-        book = self.canopy.book
-        now = {
-            key: (book.repository(key), book.refusals.get(key))
-            for key in {*book.repositories, *book.refusals}
-        }
-        changed = [k for k in {*now, *self._canopy_seen} if now.get(k) != self._canopy_seen.get(k)]
-        self._canopy_seen = now
-        return changed
+        # What these passes make due (their own writes too) waits for the next tick, after
+        # canopy's next poll, as each pass did when every object was reconciled every tick.
+        for kind, key in self._take_due():
+            self.shell.reconcile(kind, key)
 
     # -- shutdown -----------------------------------------------------------------------
     def shutdown(self) -> None:
