@@ -5,12 +5,12 @@ canopy, shutting down. Deciding and applying is the shell's (`pgro.reconciler.sh
 it asks of the machine is `effects.py`.
 
 One loop thread runs every pass. An object is reconciled when it is due: at the time its
-last plan asked for (`requeue_after`, a failing step's retry), or at once when something it
-depends on changed: its row in the store (a pass's own write, the canopy syncer's, a
-manifest load), canopy's credentials for it, its restore worker exiting, its server
-stopping or becoming ready, a listing of its repository finishing, a notification round
-ending. An idle replica costs nothing between its wake-ups. Slow work never runs on the
-loop: listings run in the shared listing service, restores as child processes
+last plan asked for (`requeue_after`, a failing step's retry), or on the next tick when
+something it depends on changed: its row in the store (a pass's own write, the canopy
+syncer's, a manifest load), canopy's credentials for it, its restore worker exiting, its
+server stopping or becoming ready, a listing of its repository finishing, a notification
+round ending. An idle replica costs nothing between its wake-ups. Slow work never runs on
+the loop: listings run in the shared listing service, restores as child processes
 (`restore_worker`), servers as supervised children. Every pass is level-triggered, so a
 restart at any point converges.
 """
