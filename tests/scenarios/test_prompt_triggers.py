@@ -6,21 +6,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-import pytest
-
 from pgro.api.conditions import get_condition
 from tests.scenarios.world import T0, World, replica_doc, snapshot
 
 CANOPY = {"group": "6f1c0a4e-0000-4000-8000-000000000001", "type": "tamanu-postgres"}
-
-# The World records listings with the step's `wanted` and the replica's previous listing
-# (`record_listing_success(snapshots, now, previous=…, wanted=step.wanted)`), as every
-# runtime must; until it does, the backoff cannot count listings taken for the offer.
-needs_wanted_in_world = pytest.mark.xfail(
-    strict=True,
-    reason="tests/scenarios/world.py list_snapshots must pass previous= and wanted=step.wanted "
-    "to record_listing_success",
-)
 
 
 def _verified_on_a(world: World) -> str:
@@ -93,7 +82,6 @@ def test_an_offer_the_repository_does_not_show_yet_is_found_within_seconds() -> 
     assert at - offered <= timedelta(seconds=20)
 
 
-@needs_wanted_in_world
 def test_a_missing_offer_is_looked_for_on_a_doubling_backoff() -> None:
     world = World()
     key = _verified_on_a(world)

@@ -449,7 +449,9 @@ class World:
                 self.listings.get(key), self.listing_error, self.now
             )
         else:
-            self.listings[key] = record_listing_success(self.snapshots, self.now)
+            self.listings[key] = record_listing_success(
+                self.snapshots, self.now, previous=self.listings.get(key), wanted=step.wanted
+            )
         self.wake(f"replica:{key}")
 
     def create_restore(

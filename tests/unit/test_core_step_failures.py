@@ -71,6 +71,18 @@ def test_the_same_failure_is_reported_once_and_backs_off() -> None:
     assert failures.retry_in(OTHER[0], 101.5) is None
 
 
+def test_a_retry_time_already_past_does_not_requeue_at_once() -> None:
+    """A step the plan did not reach this pass (another one stopped it earlier) keeps an
+    old record; its passed time must not make the object due again at once, in a loop."""
+    failures = StepFailures()
+    listing = (STEP[0], "ListSnapshots")
+    failures.failed(listing, REPLICA, "E", "listing", now=100.0)  # retry at 101
+    failures.failed(STEP, REPLICA, "E", "step", now=102.0)  # retry at 103
+    assert failures.retry_in(STEP[0], 102.0) == 1.0
+    failures.succeeded(STEP)
+    assert failures.retry_in(STEP[0], 102.0) is None
+
+
 def test_a_changed_failure_is_reported_again_with_the_backoff_kept() -> None:
     failures = StepFailures()
     failures.failed(STEP, REPLICA, "E: used #", "used 1", now=0.0)

@@ -137,9 +137,11 @@ class StepFailures:
         return [(k, self._records.pop(k)) for k in gone]
 
     def retry_in(self, owner: str, now: float) -> float | None:
-        """Seconds until the earliest retry of `owner`'s failing steps (None: none)."""
-        times = [r.retry_at for k, r in self._records.items() if k[0] == owner]
-        return max(0.0, min(times) - now) if times else None
+        """Seconds until the earliest retry still to come of `owner`'s failing steps (None:
+        none). A record whose time has passed belongs to a step the plan did not reach
+        this pass; counting it would requeue the object at once, and again, in a loop."""
+        times = [r.retry_at for k, r in self._records.items() if k[0] == owner and r.retry_at > now]
+        return min(times) - now if times else None
 
     def failing(self, replica_key: str) -> list[StepFailure]:
         """The failures a replica's condition shows, the latest reported first."""
