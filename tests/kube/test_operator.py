@@ -24,7 +24,7 @@ from pgro.api.crds import crd_documents
 from pgro.api.names import LABEL_READY_FOR_TRAFFIC, LABEL_REPLICA, LABEL_RESTORE
 from pgro.api.notifications import LABEL_NOTIFICATION_SECRET, target_name
 from pgro.api.secret import KopiaCredentials, S3Location
-from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.kube.client import KubeApi
 from tests.fixtures.webhook import webhook_receiver
 from tests.kube.controlplane import ControlPlane
 from tests.kube.operator_proc import (

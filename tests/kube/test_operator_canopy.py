@@ -21,8 +21,8 @@ from lightkube import Client
 
 from pgro.api.crds import crd_documents
 from pgro.api.secret import KopiaCredentials, S3Location
+from pgro.kube.client import KubeApi
 from pgro.postgres.server import free_port
-from pgro.runtimes.kubernetes.kube import KubeApi
 from tests.fixtures.canopy_stub import (
     BACKUP_TYPE,
     GROUP_ID,

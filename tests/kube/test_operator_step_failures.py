@@ -23,7 +23,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ResourceQuota
 
 from pgro.api.crds import crd_documents
-from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.kube.client import KubeApi
 from tests.kube.controlplane import ControlPlane
 from tests.kube.operator_proc import (
     OPERATOR_NAMESPACE,

@@ -23,7 +23,7 @@ import pytest
 from pgro.api.names import replica_creds_secret_name
 from pgro.api.notifications import LABEL_NOTIFICATION_SECRET
 from pgro.api.replica import PostgresPhysicalReplica
-from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.kube.client import KubeApi
 from pgro.runtimes.kubernetes.notification_secrets import (
     NOTIFICATION_SECRET_REFUSED,
     notification_secrets,

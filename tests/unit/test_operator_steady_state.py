@@ -25,8 +25,8 @@ from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import FilesystemLocation, KopiaCredentials
 from pgro.core.merge_patch import merge_patch
 from pgro.kopia.repository import KopiaRepository
+from pgro.kube.client import KubeApi
 from pgro.reconciler.effects import ReplicaView
-from pgro.runtimes.kubernetes.kube import KubeApi
 from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
 from tests.fixtures.manifests import replica_doc, restore_doc
 
@@ -146,7 +146,7 @@ def steady(tmp_path: Path) -> Iterator[tuple[Operator, RecordingApi, Clock]]:
         ),
         clock=clock,
     )
-    op.replicas._items[(NS, REPLICA)] = replica  # the informer, synced at once
+    op.replicas._put((NS, REPLICA), replica)  # the informer, synced at once
     try:
         yield op, api, clock
     finally:
@@ -230,12 +230,12 @@ def test_an_active_restores_deployment_is_applied_again_only_when_it_changed(
         status={"phase": "Active", "postgresVersion": "16", "deployment": name},
     )
     api.objects[("PostgresPhysicalRestore", NS, name)] = restore
-    op.restores._items[(NS, name)] = restore
+    op.restores._put((NS, name), restore)
     key = f"{NS}/{name}"
 
     def watched() -> None:
         """The Deployment as the watch would show it now."""
-        op.deployments._items[(NS, name)] = copy.deepcopy(api.objects[("Deployment", NS, name)])
+        op.deployments._put((NS, name), copy.deepcopy(api.objects[("Deployment", NS, name)]))
 
     op.shell.reconcile_restore(key)
     assert f"APPLY Deployment {name}" in api.calls
@@ -256,7 +256,7 @@ def test_an_active_restores_deployment_is_applied_again_only_when_it_changed(
     assert api.calls == []
 
     # Deleted by hand: the watch drops it from the cache, and it is applied again.
-    del op.deployments._items[(NS, name)]
+    op.deployments._put((NS, name), None)
     op.shell.reconcile_restore(key)
     assert api.calls[0] == f"APPLY Deployment {name}"
 
@@ -279,36 +279,41 @@ def test_a_restore_the_cache_shows_before_the_operators_write_is_not_restored_tw
     )
     api.objects[("PostgresPhysicalRestore", NS, name)] = restore
     api._bump(restore)
-    op.restores._items[(NS, name)] = copy.deepcopy(restore)  # the watch's copy: it lags
-    op.jobs._items[(NS, job)] = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": job, "namespace": NS},
-        "status": {"conditions": [{"type": "Complete", "status": "True"}]},
-    }
-    op.pods._items[(NS, f"{job}-x1")] = {
-        "metadata": {"name": f"{job}-x1", "namespace": NS, "labels": {"job-name": job}},
-        "status": {
-            "phase": "Succeeded",
-            "containerStatuses": [{"state": {"terminated": {"message": "15"}}}],
+    op.restores._put((NS, name), copy.deepcopy(restore))  # the watch's copy: it lags
+    op.jobs._put(
+        (NS, job),
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": job, "namespace": NS},
+            "status": {"conditions": [{"type": "Complete", "status": "True"}]},
         },
-    }
+    )
+    op.pods._put(
+        (NS, f"{job}-x1"),
+        {
+            "metadata": {"name": f"{job}-x1", "namespace": NS, "labels": {"job-name": job}},
+            "status": {
+                "phase": "Succeeded",
+                "containerStatuses": [{"state": {"terminated": {"message": "15"}}}],
+            },
+        },
+    )
     key = f"{NS}/{name}"
     op.shell.reconcile_restore(key)
     assert api.objects[("PostgresPhysicalRestore", NS, name)]["status"]["phase"] == "Ready"
     assert f"DELETE Job {job}" in api.calls
 
     # The Job watch shows the deletion; the restore watch still shows Restoring.
-    del op.jobs._items[(NS, job)], op.pods._items[(NS, f"{job}-x1")]
+    op.jobs._put((NS, job), None)
+    op.pods._put((NS, f"{job}-x1"), None)
     api.calls.clear()
     op.shell.reconcile_restore(key)
     assert api.calls == []  # put off: no second Job
     assert op.queue._due[("restore", key)] > time.monotonic()
 
     # The restore watch catches up: the restore goes on from Ready.
-    op.restores._items[(NS, name)] = copy.deepcopy(
-        api.objects[("PostgresPhysicalRestore", NS, name)]
-    )
+    op.restores._put((NS, name), copy.deepcopy(api.objects[("PostgresPhysicalRestore", NS, name)]))
     op.shell.reconcile_restore(key)
     assert not [c for c in api.calls if c.startswith("POST Job")]
 
@@ -329,7 +334,7 @@ def test_a_replica_waits_for_the_watch_to_show_the_restore_it_created(
     assert op.effects.observe_replica(KEY) is None  # put off: the watch lags
     assert op.queue._due[("replica", KEY)] > time.monotonic()
 
-    op.restores._items[(NS, name)] = api.objects[("PostgresPhysicalRestore", NS, name)]
+    op.restores._put((NS, name), api.objects[("PostgresPhysicalRestore", NS, name)])
     view = op.effects.observe_replica(KEY)
     assert isinstance(view, ReplicaView)
     assert [r.name for r in view.observation.restores] == [name]

@@ -19,8 +19,8 @@ from typing import Any, cast
 import pytest
 
 from pgro.core.merge_patch import merge_patch
+from pgro.kube.client import KubeApi
 from pgro.reconciler.workqueue import WorkQueue
-from pgro.runtimes.kubernetes.kube import KubeApi
 from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions, WorkKey
 
 NS = "team-a"
@@ -129,7 +129,7 @@ def world() -> Iterator[tuple[Operator, FailingApi, Clock]]:
         OperatorOptions(namespace="pgro-system", identity="t", default_image="img"),
         clock=clock,
     )
-    op.replicas._items[(NS, REPLICA)] = replica  # the informer, synced at once
+    op.replicas._put((NS, REPLICA), replica)  # the informer, synced at once
     try:
         yield op, api, clock
     finally:
@@ -271,7 +271,7 @@ def test_a_delete_failing_after_its_wake_up_time_is_not_retried_every_second(
         "status": {"phase": "Failed", "createdAt": "2026-03-04T04:00:00Z"},
     }
     api.objects[("PostgresPhysicalRestore", NS, f"{REPLICA}-1")] = failed
-    op.restores._items[(NS, f"{REPLICA}-1")] = failed
+    op.restores._put((NS, f"{REPLICA}-1"), failed)
 
     reconcile(op)
     assert api.deletes == 1

@@ -104,10 +104,10 @@ def operator(
     docs/operator.md.
     """
     from pgro.core.settings import ReconcilerSettings
+    from pgro.kube.client import KubeApi
     from pgro.observability import serve
     from pgro.runtimes.kubernetes.canopy import settings_from_env as canopy_settings_from_env
     from pgro.runtimes.kubernetes.config import parse_operator_settings
-    from pgro.runtimes.kubernetes.kube import KubeApi
     from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
 
     handler = logging.StreamHandler(sys.stderr)

@@ -23,6 +23,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -55,7 +56,7 @@ from pgro.canopy.syncer import SyncTick
 from pgro.canopy.tokens import BrokerTokens, new_key
 from pgro.core import reasons
 from pgro.core.observations import SecretCheck
-from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.kube.client import KubeApi
 from pgro.runtimes.kubernetes.workloads import (
     PROXY_SECRET_KEYS,
     CanopyJobSettings,
@@ -92,6 +93,9 @@ class OperatorCanopy(CanopySession):
         self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
         self._tokens: BrokerTokens | None = None
+        # replica key -> how often canopy issued, refused or withdrew its credentials: a
+        # pass re-reads the creds Secret when this moves (`Observer.secret_check`).
+        self.creds_written: Counter[str] = Counter()
 
     @property
     def tokens(self) -> BrokerTokens:
@@ -235,6 +239,8 @@ class OperatorCanopy(CanopySession):
             put=self._apply_change,
             remove=lambda namespace: self.api.delete("Namespace", None, namespace),
         )
+        for key in self.book.take_changes():
+            self.creds_written[key] += 1
 
     def _apply_change(self, change: ReplicaChange, password: str | None) -> None:
         desired = change.desired
@@ -275,29 +281,20 @@ class OperatorCanopy(CanopySession):
             log.info("canopy: %s should restore snapshot %s", key, change.desired_snapshot_patch)
 
     # -- what reconciles ask ---------------------------------------------------------------
-    def _creds_secret(self, replica: PostgresPhysicalReplica) -> dict[str, str] | None:
-        secret = self.api.get("Secret", replica.namespace, canopy_creds_secret_name(replica.name))
-        if secret is None:
-            return None
-        return {k: v.decode() for k, v in decode_secret_data(secret).items()}
-
-    def secret_check(
+    def read_creds(
         self, replica: PostgresPhysicalReplica
     ) -> tuple[SecretCheck, KopiaCredentials | None]:
         """The condition, and kopia's credentials for the in-process listing proxy (their
         endpoint is a placeholder: the proxy's port is known only once it listens)."""
-        refused = self.book.refusal(replica.key)
-        if refused is not None:
-            return refused, None
-        data = self._creds_secret(replica)
-        if data is None:
+        name = canopy_creds_secret_name(replica.name)
+        secret = self.api.get("Secret", replica.namespace, name)
+        if secret is None:
             return SecretCheck.not_found("waiting for the canopy syncer to write its Secret"), None
+        data = {k: v.decode() for k, v in decode_secret_data(secret).items()}
         try:
             repo = CanopyRepository.from_secret_data(data)
         except SecretInvalid as exc:
-            return SecretCheck.invalid(
-                f"{canopy_creds_secret_name(replica.name)}: {exc}", reasons.SECRET_INVALID
-            ), None
+            return SecretCheck.invalid(f"{name}: {exc}", reasons.SECRET_INVALID), None
         return SecretCheck.valid(), repo.through("canopy-proxy")
 
     def listing_access(

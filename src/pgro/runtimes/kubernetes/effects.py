@@ -40,6 +40,7 @@ from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core import plan
 from pgro.core.observations import RestoreObservation
 from pgro.core.plan import EmitEvent, EventType, SwitchoverStep, VerificationOutcome
+from pgro.kube.client import KubeApi
 from pgro.postgres.health import check_health
 from pgro.postgres.users import generate_password
 from pgro.reconciler.effects import Gone, NotificationInput, ReplicaView, StepUnavailable
@@ -48,7 +49,6 @@ from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.config import OperatorConfig
 from pgro.runtimes.kubernetes.events import event_document
-from pgro.runtimes.kubernetes.kube import KubeApi
 from pgro.runtimes.kubernetes.notification_secrets import (
     NOTIFICATION_SECRET_REFUSED,
     notification_secrets,

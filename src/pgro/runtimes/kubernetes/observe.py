@@ -53,12 +53,12 @@ from pgro.core.observations import (
 )
 from pgro.core.plan import EmitEvent, EventType
 from pgro.core.restore_set import is_in_progress
+from pgro.kube.client import KubeApi
+from pgro.kube.informer import Informer
 from pgro.reconciler.effects import GONE, Gone, ReplicaView
 from pgro.reconciler.shell import WorkKind
 from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
-from pgro.runtimes.kubernetes.informer import Informer
-from pgro.runtimes.kubernetes.kube import KubeApi
 from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
 
 log = logging.getLogger("pgro.operator")
@@ -72,6 +72,16 @@ EmitRaw = Callable[[Mapping[str, Any], EmitEvent], None]
 
 def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+# The restores informer's index of spec.replica.name; the pods informer's of their Job.
+BY_REPLICA: Final = "replica"
+JOB_NAME: Final = "job-name"
+
+
+def replica_of(restore: Mapping[str, Any]) -> str | None:
+    """The replica a restore in wire form belongs to (spec.replica.name)."""
+    return ((restore.get("spec") or {}).get("replica") or {}).get("name") or None
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -137,7 +147,7 @@ class PodView:
     @property
     def of_job(self) -> bool:
         """A restore Job's pod, not a PostgreSQL server's."""
-        return "job-name" in self.meta.labels
+        return JOB_NAME in self.meta.labels
 
     @property
     def running(self) -> bool:
@@ -299,16 +309,8 @@ class Observer:
         return None if raw is None else _restore_model(raw)
 
     def restores_of(self, replica: PostgresPhysicalReplica) -> list[PostgresPhysicalRestore]:
-        out = []
-        for raw in self.caches.restores.items():
-            if (raw.get("metadata") or {}).get("namespace") != replica.namespace:
-                continue
-            if ((raw.get("spec") or {}).get("replica") or {}).get("name") != replica.name:
-                continue
-            model = _restore_model(raw)
-            if model is not None:
-                out.append(model)
-        return out
+        raws = self.caches.restores.select(replica.namespace, BY_REPLICA, replica.name)
+        return [m for m in map(_restore_model, raws) if m is not None]
 
     def observe_replica(self, key: str) -> ReplicaView | Gone | None:
         replica = self.replica(key)
@@ -336,21 +338,24 @@ class Observer:
     def secret_check(
         self, replica: PostgresPhysicalReplica
     ) -> tuple[SecretCheck | None, KopiaCredentials | None]:
+        version = replica.metadata.resource_version or ""
         if replica.spec.canopy_source is not None:
-            canopy = self.canopy
-            if canopy is None:
+            if self.canopy is None:
                 return SecretCheck.invalid(
                     "the replica's credentials come from canopy, but the operator has no "
                     "CANOPY_BASE_URL",
                     reasons.CANOPY_NOT_CONFIGURED,
                 ), None
-            check, creds = canopy.secret_check(replica)
-            with self._lock:  # read on every pass: kept only for the listing step
-                self._kopia[replica.key] = _KopiaRead("", check, creds)
-            return check, creds
-        if replica.spec.kopia_secret_ref is None:
+            refused = self.canopy.book.refusal(replica.key)
+            if refused is not None:
+                return refused, None
+            # The syncer rewrites the Secret without touching the replica.
+            version += f"+{self.canopy.creds_written[replica.key]}"
+            read = self.canopy.read_creds
+        elif replica.spec.kopia_secret_ref is None:
             return None, None
-        version = replica.metadata.resource_version or ""
+        else:
+            read = self._read_kopia_secret
         with self._lock:
             held = self._kopia.get(replica.key)
         if (
@@ -359,7 +364,7 @@ class Observer:
             and held.check.state is SecretState.VALID
         ):
             return held.check, held.creds
-        check, creds = self._read_kopia_secret(replica)
+        check, creds = read(replica)
         with self._lock:
             self._kopia[replica.key] = _KopiaRead(version, check, creds)
         return check, creds
@@ -430,10 +435,7 @@ class Observer:
             return RestoreWork.not_started()
         job = JobView.of(raw)
         pods = sorted(
-            (
-                PodView.of(p)
-                for p in self.caches.pods.select(restore.namespace, **{"job-name": job_name})
-            ),
+            (PodView.of(p) for p in self.caches.pods.select(restore.namespace, JOB_NAME, job_name)),
             key=lambda p: p.meta.created,
         )
         if job.complete:
@@ -459,9 +461,7 @@ class Observer:
 
     def pods_of(self, namespace: str, restore: str) -> list[PodView]:
         """Every pod labelled for the restore: its Job's and its PostgreSQL server's."""
-        return [
-            PodView.of(p) for p in self.caches.pods.select(namespace, **{LABEL_RESTORE: restore})
-        ]
+        return [PodView.of(p) for p in self.caches.pods.select(namespace, LABEL_RESTORE, restore)]
 
     def server_pods(self, namespace: str, restore: str) -> list[PodView]:
         """The restore's PostgreSQL pods (not its Job's)."""

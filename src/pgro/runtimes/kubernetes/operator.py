@@ -29,6 +29,9 @@ from typing import Any, Final
 from pgro.api.crds import crd_documents
 from pgro.api.names import LABEL_REPLICA, LABEL_RESTORE, REPLICA_KIND, RESTORE_KIND
 from pgro.core.settings import ReconcilerSettings
+from pgro.kube.client import KubeApi
+from pgro.kube.informer import Informer, by_label
+from pgro.kube.leader import LeaderElector
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
 from pgro.reconciler.shell import Shell, WorkKind
@@ -39,10 +42,15 @@ from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.kubernetes.canopy import CanopySettings, OperatorCanopy
 from pgro.runtimes.kubernetes.config import parse_operator_config
 from pgro.runtimes.kubernetes.effects import KubeEffects
-from pgro.runtimes.kubernetes.informer import Informer
-from pgro.runtimes.kubernetes.kube import KubeApi
-from pgro.runtimes.kubernetes.leader import LeaderElector
-from pgro.runtimes.kubernetes.observe import Caches, Meta, Observer, secret_value
+from pgro.runtimes.kubernetes.observe import (
+    BY_REPLICA,
+    JOB_NAME,
+    Caches,
+    Meta,
+    Observer,
+    replica_of,
+    secret_value,
+)
 from pgro.runtimes.kubernetes.provisioning import Provisioner
 from pgro.runtimes.kubernetes.reports import ReportDelivery
 
@@ -102,10 +110,18 @@ class Operator:
         self.notifier = Notifier(self.metrics, clock=clock)
         self._stop = threading.Event()
         self.replicas = Informer(api, REPLICA_KIND, self._on_replica)
-        self.restores = Informer(api, RESTORE_KIND, self._on_restore)
+        self.restores = Informer(
+            api, RESTORE_KIND, self._on_restore, indexers={BY_REPLICA: replica_of}
+        )
         self.jobs = Informer(api, "Job", self._on_owned, labels={LABEL_RESTORE: None})
         self.deployments = Informer(api, "Deployment", self._on_owned, labels={LABEL_RESTORE: None})
-        self.pods = Informer(api, "Pod", self._on_owned, labels={LABEL_RESTORE: None})
+        self.pods = Informer(
+            api,
+            "Pod",
+            self._on_owned,
+            labels={LABEL_RESTORE: None},
+            indexers={JOB_NAME: by_label(JOB_NAME)},
+        )
         self.configmap = Informer(
             api,
             "ConfigMap",
@@ -279,7 +295,7 @@ class Operator:
     def _on_restore(self, obj: dict[str, Any]) -> None:
         meta = Meta.of(obj)
         self.queue.add(("restore", f"{meta.namespace}/{meta.name}"))
-        replica = ((obj.get("spec") or {}).get("replica") or {}).get("name")
+        replica = replica_of(obj)
         if replica:
             self.queue.add(("replica", f"{meta.namespace}/{replica}"))
 

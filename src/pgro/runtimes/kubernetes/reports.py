@@ -20,8 +20,8 @@ from pgro.api.verification import PendingVerificationReport
 from pgro.core import reasons
 from pgro.core import verification_reports as vr
 from pgro.core.plan import EmitEvent, EventType
+from pgro.kube.client import KubeApi, is_conflict
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
-from pgro.runtimes.kubernetes.kube import KubeApi, is_conflict
 
 # Reconcile this replica ("namespace/name") again after this many seconds.
 Requeue = Callable[[str, float], None]

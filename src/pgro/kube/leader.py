@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.kube.client import KubeApi
 
 log = logging.getLogger("pgro.operator.leader")
 

@@ -4,6 +4,11 @@ The reflector pattern of client-go, in a thread per watched kind. Decisions read
 caches instead of calling the API server, and every change calls `on_change` so the
 objects it concerns are reconciled (level-triggered: the handler only says *which* key
 to look at again, never what changed).
+
+Lookups by label (or by any other string an `indexers` function extracts) go through an
+index maintained on every change, so a pass reads only its own objects, never the whole
+cache. `metadata.managedFields` is dropped on arrival: nothing reads it, and it is the
+largest part of most objects.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pgro.runtimes.kubernetes.kube import KubeApi
+from pgro.kube.client import KubeApi
 
 log = logging.getLogger("pgro.operator.informer")
 
 Key = tuple[str, str]
 ChangeHandler = Callable[[dict[str, Any]], None]
+# An index's value for an object (None: not indexed), e.g. one of its labels.
+Indexer = Callable[[Mapping[str, Any]], str | None]
 
 RELIST_BACKOFF_S = 2.0
 
@@ -38,6 +45,7 @@ class Informer:
         labels: Mapping[str, Any] | None = None,
         namespace: str | None = None,
         fields: Mapping[str, str] | None = None,
+        indexers: Mapping[str, Indexer] | None = None,
     ) -> None:
         self.api = api
         self.kind = kind
@@ -46,6 +54,13 @@ class Informer:
         self.fields = fields
         self.on_change = on_change
         self._items: dict[Key, dict[str, Any]] = {}
+        # A label key is indexed by the label's value unless `indexers` says otherwise.
+        self.indexers: dict[str, Indexer] = {
+            **{k: by_label(k) for k in labels or {}},
+            **(indexers or {}),
+        }
+        # (index, namespace, value) -> keys of the objects with that value.
+        self._index: dict[tuple[str, str, str], set[Key]] = {}
         self._lock = threading.Lock()
         self.synced = threading.Event()
         self._stop = threading.Event()
@@ -68,17 +83,30 @@ class Informer:
         with self._lock:
             return list(self._items.values())
 
-    def select(self, namespace: str, **labels: str) -> list[dict[str, Any]]:
-        """Objects in `namespace` carrying all of `labels`."""
+    def select(self, namespace: str, index: str, value: str) -> list[dict[str, Any]]:
+        """Objects in `namespace` whose `index` (a label key or a named indexer) is `value`."""
         with self._lock:
-            return [
-                o
-                for (ns, _), o in self._items.items()
-                if ns == namespace
-                and all(
-                    o.get("metadata", {}).get("labels", {}).get(k) == v for k, v in labels.items()
-                )
-            ]
+            keys = self._index.get((index, namespace, value), ())
+            return [self._items[k] for k in keys]
+
+    def _put(self, key: Key, obj: dict[str, Any] | None) -> None:
+        """Store (None: remove) one object and keep the index in step; under the lock."""
+        old = self._items.pop(key, None) if obj is None else self._items.get(key)
+        for name, indexer in self.indexers.items():
+            before = indexer(old) if old is not None else None
+            after = indexer(obj) if obj is not None else None
+            if before == after:
+                continue
+            if before is not None:
+                held = self._index.get((name, key[0], before))
+                if held is not None:
+                    held.discard(key)
+                    if not held:
+                        del self._index[(name, key[0], before)]
+            if after is not None:
+                self._index.setdefault((name, key[0], after), set()).add(key)
+        if obj is not None:
+            self._items[key] = obj
 
     # -- the loop ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -106,7 +134,7 @@ class Informer:
         listed = self.api.list(
             self.kind, namespace=self.namespace, labels=self.labels, fields=self.fields
         )
-        fresh = {object_key(o): o for o in listed.items}
+        fresh = {object_key(o): _slim(o) for o in listed.items}
         with self._lock:
             gone = [o for k, o in self._items.items() if k not in fresh]
             changed = [
@@ -115,7 +143,9 @@ class Informer:
                 if self._items.get(k, {}).get("metadata", {}).get("resourceVersion")
                 != o.get("metadata", {}).get("resourceVersion")
             ]
-            self._items = fresh
+            self._items, self._index = {}, {}
+            for key, obj in fresh.items():
+                self._put(key, obj)
         for obj in (*gone, *changed):
             self.on_change(obj)
         return listed.resource_version
@@ -123,8 +153,14 @@ class Informer:
     def _apply(self, event: str, obj: dict[str, Any]) -> None:
         key = object_key(obj)
         with self._lock:
-            if event == "DELETED":
-                self._items.pop(key, None)
-            else:
-                self._items[key] = obj
+            self._put(key, None if event == "DELETED" else _slim(obj))
         self.on_change(obj)
+
+
+def by_label(key: str) -> Indexer:
+    return lambda obj: ((obj.get("metadata") or {}).get("labels") or {}).get(key)
+
+
+def _slim(obj: dict[str, Any]) -> dict[str, Any]:
+    (obj.get("metadata") or {}).pop("managedFields", None)
+    return obj
