@@ -1,19 +1,5 @@
-"""Canopy in the operator: the worklist syncer, the broker, and what reconciles ask of it.
-
-Enabled by `CANOPY_BASE_URL`, as in the reference. The syncer runs on the leader only:
-each tick it materialises every worklist entry as a Namespace `<slug>-<hash>` holding the
-`<replica>-canopy-creds` Secret and the `canopy-replica` PostgresPhysicalReplica (both
-server-side applied, so hand edits are reverted), writes `status.canopyDesiredSnapshotId`,
-and deletes the Namespaces canopy no longer lists, after a grace period and never while
-a verification report still waits in their replica's status. Every instance serves the
-credential broker and the canopy proxies' callbacks on one listener (`:9091`), so a
-restore's sidecar keeps working across a change of leader.
-
-The broker answers only bearer tokens it issued (`pgro.canopy.tokens`): each restore Job
-gets one, bound to its group, type, run id and callbacks, in a `<restore>-canopy-proxy`
-Secret that only its sidecar reads (with the random key pair its kopia signs S3 requests
-with, which the sidecar checks). Every instance checks tokens with one key, kept in the
-`<service>-broker-key` Secret of the operator's namespace.
+"""Canopy in the operator: the worklist syncer (leader only), the credential broker and
+the proxies' callbacks (every instance), and what passes ask of it (docs/canopy.md).
 """
 
 from __future__ import annotations
@@ -57,11 +43,7 @@ from pgro.canopy.tokens import BrokerTokens, new_key
 from pgro.core import reasons
 from pgro.core.observations import SecretCheck
 from pgro.kube.client import KubeApi
-from pgro.runtimes.kubernetes.workloads import (
-    PROXY_SECRET_KEYS,
-    CanopyJobSettings,
-    canopy_proxy_secret_name,
-)
+from pgro.runtimes.kubernetes import workloads
 
 log = logging.getLogger("pgro.operator.canopy")
 
@@ -305,13 +287,13 @@ class OperatorCanopy(CanopySession):
 
     def job_settings(
         self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
-    ) -> CanopyJobSettings:
+    ) -> workloads.CanopyJobSettings:
         """What the restore Job's sidecar needs; first writes the restore's
         `<restore>-canopy-proxy` Secret (its broker token and kopia's key pair), which
         only that Job's containers reference, owned by the restore."""
         self.ensure_proxy_secret(replica, restore)
         base = self.settings.sidecar_base_url
-        return CanopyJobSettings(
+        return workloads.CanopyJobSettings(
             broker_url=base, callback_base_url=base, s3_endpoint=self.settings.s3_endpoint
         )
 
@@ -335,13 +317,13 @@ def proxy_secret(
     job = f"{restore.namespace}/{restore_job_name(restore.name)}"
     client = new_client_credentials()
     metadata: dict[str, Any] = {
-        "name": canopy_proxy_secret_name(restore.name),
+        "name": workloads.canopy_proxy_secret_name(restore.name),
         "namespace": restore.namespace,
         "labels": {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE},
     }
     if owner is not None:
         metadata["ownerReferences"] = [dict(owner)]
-    token_key, key_id_key, secret_key = PROXY_SECRET_KEYS
+    token_key, key_id_key, secret_key = workloads.PROXY_SECRET_KEYS
     return {
         "apiVersion": "v1",
         "kind": "Secret",

@@ -1,9 +1,5 @@
-"""Operator-wide configuration: the `postgres-restore-operator-config` ConfigMap, the
-operator's environment, and the placement defaults stamped onto every pod it builds.
-
-Parsing is forgiving like the reference's (replica-lifecycle.md §4.1-4.2): a bad value
-falls back to its default and yields a warning naming it, never an error, so a typo in the
-ConfigMap cannot stop the operator.
+"""Operator-wide configuration: the ConfigMap, the environment, the placement defaults.
+Forgiving like the reference's: a bad value falls back to its default with a warning.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
-"""The reconciler shell's effects on a Kubernetes cluster: each step as API calls.
-
-Objects are built by `workloads` and created, applied or patched here; what exists is
-read from the informer caches (`observe`). Two memos keep a steady replica from writing:
-
-- `_ensured`: replica key -> the replica version (uid, resourceVersion) and users and
-  annotations its credentials Secrets and stable Service were last ensured for. Without
-  list/watch on Secrets (deploy/rbac.yaml) one deleted by hand is not seen; it is
-  recreated at the next change to the replica (`kubectl annotate` makes one) or restart.
-- `_applied`: restore key -> (uid, digest of the Deployment and Service built, the
-  Deployment's generation after the apply). The Deployment is watched: it is applied
-  again when it is missing from the cache or its generation moved past ours (edited by
-  hand), or when what would be built changes (the ConfigMap's placement or image).
-
-Every method raises on failure with a message naming the problem; the shell reports it.
+"""The reconciler shell's effects on a Kubernetes cluster: each step as API calls on the
+`workloads` builders. Two memos keep a steady replica from writing (`_ensured`, `_applied`;
+docs/kubernetes.md "Steady state"). Every method raises on failure; the shell reports it.
 """
 
 from __future__ import annotations
@@ -20,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -74,36 +62,23 @@ class _Applied:
     generation: int | None
 
 
+@dataclass(eq=False)
 class KubeEffects:
-    runtime_name = RUNTIME_NAME
-    supported_switchover_steps: frozenset[SwitchoverStep] = frozenset()
-
-    def __init__(
-        self,
-        api: KubeApi,
-        observer: Observer,
-        *,
-        config: Callable[[], OperatorConfig],
-        listing: ReplicaListings,
-        canopy: OperatorCanopy | None,
-        provisioner: Provisioner,
-        reports: ReportDelivery,
-        clock: Callable[[], datetime],
-        identity: str,
-    ) -> None:
-        self.api = api
-        self.observer = observer
-        self.caches = observer.caches
-        self.config = config
-        self.listing = listing
-        self.canopy = canopy
-        self.provisioner = provisioner
-        self.reports = reports
-        self.clock = clock
-        self.identity = identity
-        self._lock = threading.Lock()
-        self._ensured: dict[str, tuple[Any, ...]] = {}
-        self._applied: dict[str, _Applied] = {}
+    api: KubeApi
+    observer: Observer
+    _: KW_ONLY
+    config: Callable[[], OperatorConfig]
+    listing: ReplicaListings
+    canopy: OperatorCanopy | None
+    provisioner: Provisioner
+    reports: ReportDelivery
+    clock: Callable[[], datetime]
+    identity: str
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _ensured: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    _applied: dict[str, _Applied] = field(default_factory=dict)
+    runtime_name: str = field(default=RUNTIME_NAME, init=False)
+    supported_switchover_steps: frozenset[SwitchoverStep] = field(default=frozenset(), init=False)
 
     # -- observing ------------------------------------------------------------------------
     def observe_replica(self, key: str) -> ReplicaView | Gone | None:
@@ -250,6 +225,12 @@ class KubeEffects:
         # The `_pgro.restore_info` stage table that records it is a later issue.
         log.debug("%s: marking restore %s outgoing is not done yet", replica.key, step.restore)
 
+    def run_switchover_step(
+        self, replica: PostgresPhysicalReplica, step: plan.RunSwitchoverStep
+    ) -> None:
+        # Never called: supported_switchover_steps is empty, so the shell reports them.
+        raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
+
     def notification_input(
         self, replica: PostgresPhysicalReplica, restore_name: str
     ) -> NotificationInput | None:
@@ -297,12 +278,6 @@ class KubeEffects:
         if health.sizes:
             details["sizes"] = dict(health.sizes)
         self.reports.add_health(replica.namespace, replica.name, step.restore, details)
-
-    def run_switchover_step(
-        self, replica: PostgresPhysicalReplica, step: plan.RunSwitchoverStep
-    ) -> None:
-        # Never called: supported_switchover_steps is empty, so the shell reports them.
-        raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
 
     # -- a restore's work -----------------------------------------------------------------
     def prepare_restore_storage(
@@ -397,7 +372,7 @@ class KubeEffects:
         service = workloads.restore_service(restore)
         digest = repr((deployment, service))
         uid = restore.metadata.uid or ""
-        cached = self.caches.deployments.get(restore.namespace, restore.name)
+        cached = self.observer.caches.deployments.get(restore.namespace, restore.name)
         live = Meta.of(cached).generation if cached is not None else None
         with self._lock:
             held = self._applied.get(key)
@@ -414,8 +389,8 @@ class KubeEffects:
                 self._applied[key] = _Applied(uid, digest, Meta.of(applied).generation)
         if restore.effective_phase is RestorePhase.READY:
             pod = self.observer.ready_pod(restore)
-            if pod is not None and pod.ip is not None:
-                self.provisioner.start(replica, restore, pod.ip, pod.meta.uid)
+            if pod is not None:
+                self.provisioner.start(replica, restore, pod)
 
     def mark_ready_for_traffic(
         self, replica: PostgresPhysicalReplica, step: plan.MarkReadyForTraffic

@@ -1,19 +1,7 @@
 """What the operator sees: typed views over the informer caches, and the observations
-the core decides on.
-
-Every read here comes from a watch-fed cache except the replica's kopia Secret, which
-the operator may only `get` (deploy/rbac.yaml grants no list/watch on Secrets). That
-Secret is read when the replica's pass first needs it and again only when the replica
-changed since (its `resourceVersion`: any edit, or any status write, such as a failing
-listing's), or while it is not usable, so a fixed Secret is picked up by the next pass.
-A steady replica makes no API request at all.
-
-The caches lag behind the operator's own writes, each watch by its own delay. A pass that
-decided on a copy older than what the previous pass wrote would act again on an outdated
-state: a restore still shown Restoring after its Job was deleted would start the Job
-again, restoring over the server starting on the data. So the versions the operator
-writes (status patches, created restores) are remembered until the cache shows them
-(or for AWAIT_S at most), and a pass finding its object older is put off for a second.
+the core decides on. Only the kopia Secret is read from the API (cached per replica
+version) and passes wait for the cache to show the operator's own writes: docs/kubernetes.md
+("Steady state", "Own writes first").
 """
 
 from __future__ import annotations
@@ -22,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -65,6 +53,11 @@ log = logging.getLogger("pgro.operator")
 
 # The longest a pass waits for the cache to show the operator's own write.
 AWAIT_S: Final = 10.0
+
+NO_CANOPY: Final = SecretCheck.invalid(
+    "the replica's credentials come from canopy, but the operator has no CANOPY_BASE_URL",
+    reasons.CANOPY_NOT_CONFIGURED,
+)
 
 # Record an event about an object in wire form (it may not validate).
 EmitRaw = Callable[[Mapping[str, Any], EmitEvent], None]
@@ -208,33 +201,24 @@ def secret_value(api: KubeApi, namespace: str, name: str, key: str) -> str:
     return data[key].decode()
 
 
+@dataclass(eq=False)
 class Observer:
-    def __init__(
-        self,
-        api: KubeApi,
-        caches: Caches,
-        *,
-        listing: ReplicaListings,
-        canopy: OperatorCanopy | None,
-        provisioned: Callable[[PostgresPhysicalRestore, str], bool],
-        emit_raw: EmitRaw,
-        requeue: Callable[[WorkKind, str, float], None],
-    ) -> None:
-        self.api = api
-        self.caches = caches
-        self.listing = listing
-        self.canopy = canopy
-        self.provisioned = provisioned
-        self.emit_raw = emit_raw
-        self.requeue = requeue
-        self._lock = threading.Lock()
-        # replica key -> (uid, generation) of the invalid spec last reported: InvalidSpec
-        # is logged and recorded once per generation, not on every pass.
-        self._invalid: dict[str, tuple[str, int | None]] = {}
-        # replica key -> its kopia Secret as last read (see the module docstring).
-        self._kopia: dict[str, _KopiaRead] = {}
-        # (kind, key) -> (resourceVersion written, its replica's key, until when to wait).
-        self._awaiting: dict[tuple[WorkKind, str], tuple[str, str, float]] = {}
+    api: KubeApi
+    caches: Caches
+    _: KW_ONLY
+    listing: ReplicaListings
+    canopy: OperatorCanopy | None
+    provisioned: Callable[[PostgresPhysicalRestore, str], bool]
+    emit_raw: EmitRaw
+    requeue: Callable[[WorkKind, str, float], None]
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # replica key -> (uid, generation) of the invalid spec last reported: InvalidSpec
+    # is logged and recorded once per generation, not on every pass.
+    _invalid: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    # replica key -> its kopia (or canopy creds) Secret as last read.
+    _kopia: dict[str, _KopiaRead] = field(default_factory=dict)
+    # (kind, key) -> (resourceVersion written, its replica's key, until when to wait).
+    _awaiting: dict[tuple[WorkKind, str], tuple[str, str, float]] = field(default_factory=dict)
 
     def forget_replica(self, key: str) -> None:
         with self._lock:
@@ -341,11 +325,7 @@ class Observer:
         version = replica.metadata.resource_version or ""
         if replica.spec.canopy_source is not None:
             if self.canopy is None:
-                return SecretCheck.invalid(
-                    "the replica's credentials come from canopy, but the operator has no "
-                    "CANOPY_BASE_URL",
-                    reasons.CANOPY_NOT_CONFIGURED,
-                ), None
+                return NO_CANOPY, None
             refused = self.canopy.book.refusal(replica.key)
             if refused is not None:
                 return refused, None

@@ -1,15 +1,6 @@
-"""`pgro operator`: the reconciler shell run on a Kubernetes cluster.
-
-This module holds the lifecycle: leadership on a Lease (a standby watches only its
-ConfigMap and decides nothing), the watches, the work queue and its workers, the live
-ConfigMap. Watches (replicas, restores, and the Jobs, Deployments and Pods they own,
-label-selected) feed caches and a keyed work queue; workers take one key at a time
-(never the same key on two workers) and hand it to `pgro.reconciler.shell`, which
-observes (`observe`), decides with `pgro.core` and applies the plan through `effects`.
-
-A periodic resync queues every object again, from the caches: a missed event only
-delays. It sends no request of its own, and a pass over an object that needs nothing
-sends none either (see `observe` and `effects` for what they remember to make it so).
+"""`pgro operator`: the reconciler shell run on a Kubernetes cluster. This module holds the
+lifecycle: leadership, the watches, the work queue and its workers, the live ConfigMap
+(docs/kubernetes.md "Controller design").
 """
 
 from __future__ import annotations

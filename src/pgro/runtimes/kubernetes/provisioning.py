@@ -1,10 +1,5 @@
-"""The restored server's roles and passwords, set once per PostgreSQL pod.
-
-A restore is Ready for traffic only once its users are provisioned on the pod serving
-it: the analytics role, the extra users, read-only grants, with the passwords from the
-replica's credentials Secrets. That takes SQL over the network, so it runs on its own
-thread per restore and the restore is reconciled again when it is done (or in 10 s,
-after a failure: the server may still be recovering; the readiness timeout bounds it).
+"""The restored server's roles and passwords, set over SQL once per PostgreSQL pod, on a
+thread per restore; the restore is reconciled again when it is done (or in 10 s).
 """
 
 from __future__ import annotations
@@ -12,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from pgro.api.names import (
@@ -26,6 +21,7 @@ from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.secrets import scrub
 from pgro.postgres.server import make_conninfo
 from pgro.postgres.users import RoleCredentials, provision_users
+from pgro.runtimes.kubernetes.observe import PodView
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
 
 log = logging.getLogger("pgro.operator")
@@ -59,16 +55,16 @@ class PodEndpoint:
         )
 
 
+@dataclass(eq=False)
 class Provisioner:
-    def __init__(self, secret_value: SecretValue, requeue: Requeue) -> None:
-        self.secret_value = secret_value
-        self.requeue = requeue
-        self._lock = threading.Lock()
-        # restore key -> (restore uid, pod uid) provisioned: users are set once per pod
-        # (a new pod of the Deployment serves a fresh copy of the restored data).
-        self._done: dict[str, tuple[str, str]] = {}
-        # restore keys with a provisioning thread running.
-        self._running: set[str] = set()
+    secret_value: SecretValue
+    requeue: Requeue
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # restore key -> (restore uid, pod uid) provisioned: users are set once per pod
+    # (a new pod of the Deployment serves a fresh copy of the restored data).
+    _done: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # restore keys with a provisioning thread running.
+    _running: set[str] = field(default_factory=set)
 
     def provisioned(self, restore: PostgresPhysicalRestore, pod_uid: str) -> bool:
         with self._lock:
@@ -79,15 +75,11 @@ class Provisioner:
             self._done.pop(restore_key, None)
 
     def start(
-        self,
-        replica: PostgresPhysicalReplica,
-        restore: PostgresPhysicalRestore,
-        host: str,
-        pod_uid: str,
+        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore, pod: PodView
     ) -> None:
-        """Provision the pod's users on a thread, unless done or running already."""
+        """Provision the ready pod's users on a thread, unless done or running already."""
         key = _key(restore)
-        if self.provisioned(restore, pod_uid):
+        if pod.ip is None or self.provisioned(restore, pod.meta.uid):
             return
         with self._lock:
             if key in self._running:
@@ -95,7 +87,7 @@ class Provisioner:
             self._running.add(key)
         threading.Thread(
             target=self._provision,
-            args=(replica, restore, host, pod_uid),
+            args=(replica, restore, pod.ip, pod.meta.uid),
             name=f"provision-{restore.name}",
             daemon=True,
         ).start()

@@ -1,16 +1,12 @@
-"""Verification reports to canopy: the waiting list in the replica's status, delivered
-by the canopy session's courier after each pass of a canopy replica.
-
-The list is written with the replica's `resourceVersion` as a precondition: a decision
-on another worker may have just added a report, so a conflict means "look again", never
-"overwrite". The replica is read afresh only when there is something to deliver (the
-cached copy may lag behind this pass's own status patch; a stale copy that shows
-nothing waiting is followed by the watch event of that patch).
+"""Verification reports to canopy: the waiting list in the replica's status, written with
+the replica's `resourceVersion` as a precondition (a conflict means "look again"), and
+delivered by the canopy session's courier after each pass of a canopy replica.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -29,21 +25,14 @@ Requeue = Callable[[str, float], None]
 Emit = Callable[[Mapping[str, Any], EmitEvent], None]
 
 
+@dataclass(eq=False)
 class ReportDelivery:
-    def __init__(
-        self,
-        api: KubeApi,
-        canopy: OperatorCanopy | None,
-        *,
-        clock: Callable[[], datetime],
-        requeue: Requeue,
-        emit: Emit,
-    ) -> None:
-        self.api = api
-        self.canopy = canopy
-        self.clock = clock
-        self.requeue = requeue
-        self.emit = emit
+    api: KubeApi
+    canopy: OperatorCanopy | None
+    _: KW_ONLY
+    clock: Callable[[], datetime]
+    requeue: Requeue
+    emit: Emit
 
     def patch(self, raw: Mapping[str, Any], reports: Sequence[PendingVerificationReport]) -> bool:
         """Write the report list only if the replica did not change since `raw` was read:

@@ -1,19 +1,7 @@
-"""`pgro restore-job`: the restore step inside the Kubernetes restore Job's pod.
-
-It runs `pipeline.restore.restore_snapshot`, as `pgro run`'s restore worker does, on the
-`RestoreJob` in its environment (set by `workloads.restore_job`; Secret values by
-`secretKeyRef`, so none is in the pod spec), preparing PGDATA for the official
-`postgres:<major>` image. The `RestoreOutcome` is the termination message the operator
-reads. The volume's root gets `pgdata`, a relative symlink to PGDATA (the path every later
-pod uses), and `.postgres-version`, as in the reference. Exit code 2 is a failure a retry
-cannot fix (wrong password, no such snapshot, not PostgreSQL), which the Job's pod failure
-policy fails at once; 1 is anything else.
-
-On a canopy replica (`PGRO_CANOPY_PROXY_PORT_FILE` set) kopia goes through the pod's
-`canopy-proxy` sidecar (reference canopy-protocol §5.4): the restore waits up to 30 s for
-the port the sidecar writes, then connects to it on loopback without TLS, with the dummy
-keys of the canopy-creds Secret and the real repository password; the sidecar re-signs
-each request with canopy's credentials, which this container never sees.
+"""`pgro restore-job`: `pipeline.restore_snapshot` inside the restore Job's pod, on the
+`RestoreJob` in its environment; the `RestoreOutcome` is the termination message the
+operator reads (exit 2: a failure a retry cannot fix). On a canopy replica kopia goes
+through the pod's `canopy-proxy` sidecar (docs/canopy.md).
 """
 
 from __future__ import annotations

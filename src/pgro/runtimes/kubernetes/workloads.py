@@ -1,8 +1,5 @@
-"""The Kubernetes objects the operator creates for a replica and its restores.
-
-Pure builders: api models in, plain JSON-able dicts (the wire form an API server takes)
-out. Names, labels and owners follow the reference (restore-pipeline.md §2-4 and §7,
-replica-lifecycle.md §1.3), so selectors and dashboards written for it keep working.
+"""The Kubernetes objects the operator creates: pure builders, api models in, wire-form
+dicts out. Names, labels and owners follow the reference's.
 """
 
 from __future__ import annotations
@@ -41,6 +38,7 @@ from pgro.core.pod_sizing import (
     restore_job_resources,
     shm_size_mib,
 )
+from pgro.pipeline.job import CANOPY_IGNORED_KEYS, SECRET_ENV
 from pgro.postgres.config import forced_arguments, forced_settings
 from pgro.runtimes.kubernetes.config import OperatorConfig, Placement, with_placement
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE, setup_script
@@ -77,22 +75,6 @@ SETUP_RESOURCES: Final = {
 PG_ISREADY: Final = ("pg_isready", "-U", "postgres", "-d", "postgres")
 PROGRESS_DEADLINE_S: Final = 3600
 
-# Environment variable → kopia Secret key (reference §2.1, plus pgro's filesystem
-# repositories). Only the repository password is needed by both kinds of repository;
-# the rest are optional here and `pgro restore-job` says which one is missing.
-KOPIA_SECRET_ENV: Final = (
-    ("KOPIA_BUCKET", "bucket", True),
-    ("KOPIA_REGION", "region", True),
-    ("AWS_ACCESS_KEY_ID", "accessKeyId", True),
-    ("AWS_SECRET_ACCESS_KEY", "secretAccessKey", True),
-    ("KOPIA_PASSWORD", "repositoryPassword", False),
-    ("KOPIA_ENDPOINT", "endpoint", True),
-    ("KOPIA_DISABLE_TLS", "disableTls", True),
-    ("KOPIA_FILESYSTEM_PATH", "filesystemPath", True),
-    # The key prefix inside the bucket (canopy's `prefix`; the reference never passed it).
-    ("KOPIA_PREFIX", "prefix", True),
-)
-
 
 # The canopy variant (reference canopy-protocol §5.3/§5.4): a native sidecar running
 # `pgro canopy-proxy`, which re-signs kopia's S3 requests with credentials from the
@@ -116,12 +98,9 @@ PROXY_PORT_FILE: Final = f"{PROXY_SHARED_MOUNT}/proxy-port"
 PROXY_LISTEN_HOST: Final = "127.0.0.1"
 CANOPY_STATS_PATH: Final = "/api/v1/canopy-stats"
 CANOPY_PROGRESS_PATH: Final = "/api/v1/canopy-progress"
-# Secret keys the restore container must not take from the canopy-creds Secret: kopia's
-# endpoint is the proxy, whatever the Secret says, and its S3 keys are the restore's own
-# (from the `<restore>-canopy-proxy` Secret: the sidecar refuses any other signature).
-CANOPY_IGNORED_SECRET_KEYS: Final = frozenset(
-    {"endpoint", "disableTls", "filesystemPath", "accessKeyId", "secretAccessKey"}
-)
+# Also not from the canopy-creds Secret: kopia's S3 keys are the restore's own (from the
+# `<restore>-canopy-proxy` Secret: the sidecar refuses any other signature).
+CANOPY_IGNORED_SECRET_KEYS: Final = CANOPY_IGNORED_KEYS | {"accessKeyId", "secretAccessKey"}
 # The `<restore>-canopy-proxy` Secret the operator writes for each canopy restore: the
 # restore's broker token (sidecar only) and the key pair kopia signs with (both).
 PROXY_SECRET_TOKEN: Final = "brokerToken"  # noqa: S105 - a key name
@@ -209,6 +188,11 @@ def _metadata(
     if annotations:
         meta["annotations"] = dict(annotations)
     return meta
+
+
+def _restore_metadata(restore: PostgresPhysicalRestore, name: str) -> dict[str, Any]:
+    """An object of the restore's, owned by it (deleted with it)."""
+    return _metadata(name, restore.namespace, _restore_labels(restore), restore.owner_reference())
 
 
 def _b64(value: str) -> str:
@@ -361,9 +345,7 @@ def restore_service(restore: PostgresPhysicalRestore) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(
-            restore.name, restore.namespace, _restore_labels(restore), restore.owner_reference()
-        ),
+        "metadata": _restore_metadata(restore, restore.name),
         "spec": {
             "type": "ClusterIP",
             "selector": {LABEL_RESTORE: restore.name},
@@ -378,12 +360,7 @@ def restore_service(restore: PostgresPhysicalRestore) -> dict[str, Any]:
 def data_pvc(replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore) -> dict[str, Any]:
     """`<restore>-data`, sized when the restore was created (`spec.storageSize`)."""
     return _pvc(
-        _metadata(
-            restore_data_pvc_name(restore.name),
-            restore.namespace,
-            _restore_labels(restore),
-            restore.owner_reference(),
-        ),
+        _restore_metadata(restore, restore_data_pvc_name(restore.name)),
         replica.spec.storage_class,
         restore.spec.storage_size,
     )
@@ -428,9 +405,11 @@ def _restore_env(
         env.append(_env("PGRO_EXTRA_CONFIG", replica.spec.postgres_extra_config))
     secret = kopia_secret_name(replica)
     canopy = replica.spec.canopy_source is not None
+    # Only the repository password is needed by every repository; `pgro restore-job` says
+    # which other one is missing.
     env.extend(
-        _secret_env(var, secret, key, optional=optional)
-        for var, key, optional in KOPIA_SECRET_ENV
+        _secret_env(var, secret, key, optional=key != "repositoryPassword")
+        for var, key in SECRET_ENV.items()
         if not (canopy and key in CANOPY_IGNORED_SECRET_KEYS)
     )
     if canopy:
@@ -528,7 +507,6 @@ def restore_job(
             "its restore Job needs CanopyJobSettings (the credential broker and callback URLs "
             "for the canopy-proxy sidecar)"
         )
-    labels = _restore_labels(restore)
     container: dict[str, Any] = {
         "name": RESTORE_CONTAINER,
         "image": config.restore_image,
@@ -543,7 +521,7 @@ def restore_job(
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
     }
-    pod_labels = dict(labels)
+    pod_labels = _restore_labels(restore)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": 30,
@@ -568,9 +546,7 @@ def restore_job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(
-            restore_job_name(restore.name), restore.namespace, labels, restore.owner_reference()
-        ),
+        "metadata": _restore_metadata(restore, restore_job_name(restore.name)),
         "spec": {
             "backoffLimit": RESTORE_BACKOFF_LIMIT,
             "activeDeadlineSeconds": CANOPY_RESTORE_DEADLINE_S if is_canopy else RESTORE_DEADLINE_S,
@@ -695,9 +671,7 @@ def postgres_deployment(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(
-            restore.name, restore.namespace, _restore_labels(restore), restore.owner_reference()
-        ),
+        "metadata": _restore_metadata(restore, restore.name),
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {LABEL_RESTORE: restore.name}},
