@@ -12,15 +12,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from pgro.api.names import (
-    LABEL_READY_FOR_TRAFFIC,
-    REPLICA_KIND,
-    RESTORE_KIND,
-    admin_creds_secret_name,
-    kopia_cache_pvc_name,
-    replica_creds_secret_name,
-    restore_job_name,
-)
+from pgro.api import names
 from pgro.api.phases import RestorePhase
 from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
@@ -99,7 +91,7 @@ class KubeEffects:
     def read_replica(self, key: str) -> PostgresPhysicalReplica | None:
         # From the API, not the cache: it must hold this pass's own status patches. Read
         # only when a condition changes or a notification round starts, never per pass.
-        raw = self.api.get(REPLICA_KIND, *split_key(key))
+        raw = self.api.get(names.REPLICA_KIND, *split_key(key))
         return None if raw is None else PostgresPhysicalReplica.model_validate(raw)
 
     def restores_in_progress(self) -> Mapping[str, str]:
@@ -113,7 +105,11 @@ class KubeEffects:
         self, replica: PostgresPhysicalReplica, patch: Mapping[str, Any]
     ) -> None:
         written = self.api.merge_patch(
-            REPLICA_KIND, replica.namespace, replica.name, {"status": dict(patch)}, status=True
+            names.REPLICA_KIND,
+            replica.namespace,
+            replica.name,
+            {"status": dict(patch)},
+            status=True,
         )
         self.observer.wrote("replica", replica.key, replica.key, written)
 
@@ -121,7 +117,7 @@ class KubeEffects:
         self, replica: PostgresPhysicalReplica, name: str, patch: Mapping[str, Any]
     ) -> None:
         written = self.api.merge_patch(
-            RESTORE_KIND, replica.namespace, name, {"status": dict(patch)}, status=True
+            names.RESTORE_KIND, replica.namespace, name, {"status": dict(patch)}, status=True
         )
         self.observer.wrote("restore", f"{replica.namespace}/{name}", replica.key, written)
 
@@ -161,7 +157,9 @@ class KubeEffects:
                 return
         ns = replica.namespace
         if self.api.create_if_missing(workloads.credentials_secret(replica, generate_password())):
-            log.info("%s: created Secret %s", replica.key, replica_creds_secret_name(replica.name))
+            log.info(
+                "%s: created Secret %s", replica.key, names.replica_creds_secret_name(replica.name)
+            )
         self.api.create_if_missing(workloads.admin_secret(replica, generate_password()))
         for username in step.extra_usernames:
             self.api.create_if_missing(
@@ -205,7 +203,7 @@ class KubeEffects:
             for pod in self.observer.pods_of(ns, step.restore):
                 self.api.delete("Pod", ns, pod.meta.name)
         self.observer.deleted("restore", f"{ns}/{step.restore}")
-        if self.api.delete(RESTORE_KIND, ns, step.restore):
+        if self.api.delete(names.RESTORE_KIND, ns, step.restore):
             log.info("restore %s/%s deleted", ns, step.restore)
 
     def point_service_at(self, replica: PostgresPhysicalReplica, step: plan.PointServiceAt) -> None:
@@ -238,7 +236,7 @@ class KubeEffects:
         fresh = self.read_replica(replica.key)
         restore = self.observer.restore(ns, restore_name)
         if restore is None:
-            raw = self.api.get(RESTORE_KIND, ns, restore_name)
+            raw = self.api.get(names.RESTORE_KIND, ns, restore_name)
             restore = None if raw is None else PostgresPhysicalRestore.model_validate(raw)
         if fresh is None or restore is None:
             return None
@@ -250,7 +248,9 @@ class KubeEffects:
             self.emit_quietly(
                 fresh.to_wire(), EmitEvent(EventType.WARNING, NOTIFICATION_SECRET_REFUSED, reason)
             )
-        password = secret_value(self.api, ns, replica_creds_secret_name(replica.name), "password")
+        password = secret_value(
+            self.api, ns, names.replica_creds_secret_name(replica.name), "password"
+        )
         return NotificationInput(
             replica=fresh,
             restore=restore,
@@ -271,7 +271,7 @@ class KubeEffects:
         if pod is None or pod.ip is None:
             return
         password = secret_value(
-            self.api, replica.namespace, admin_creds_secret_name(replica.name), "password"
+            self.api, replica.namespace, names.admin_creds_secret_name(replica.name), "password"
         )
         health = check_health(PodEndpoint(pod.ip, password), ADMIN_ROLE)
         details: dict[str, Any] = {"checks": [c.as_dict() for c in health.checks]}
@@ -290,7 +290,7 @@ class KubeEffects:
         cache = workloads.kopia_cache_pvc(replica, restore.spec.snapshot_size)
         if self.api.create_if_missing(cache):
             return
-        name = kopia_cache_pvc_name(replica.name)
+        name = names.kopia_cache_pvc_name(replica.name)
         current = self.api.get("PersistentVolumeClaim", replica.namespace, name) or {}
         requests = current.get("spec", {}).get("resources", {}).get("requests", {})
         want = cache["spec"]["resources"]["requests"]["storage"]
@@ -346,7 +346,7 @@ class KubeEffects:
         restore: PostgresPhysicalRestore,
         step: plan.CleanupRestoreWork,
     ) -> None:
-        self.api.delete("Job", restore.namespace, restore_job_name(restore.name))
+        self.api.delete("Job", restore.namespace, names.restore_job_name(restore.name))
 
     def detect_postgres_version(
         self,
@@ -402,7 +402,7 @@ class KubeEffects:
         (those lacking it); returns how many run."""
         running = [p for p in self.observer.server_pods(ns, restore) if p.running]
         for pod in running:
-            if pod.meta.labels.get(LABEL_READY_FOR_TRAFFIC) != "true":
+            if pod.meta.labels.get(names.LABEL_READY_FOR_TRAFFIC) != "true":
                 self.api.merge_patch(
                     "Pod", ns, pod.meta.name, workloads.pod_ready_for_traffic_patch()
                 )

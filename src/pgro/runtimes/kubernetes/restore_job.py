@@ -93,13 +93,14 @@ def _restore(job: RestoreJob) -> RestoredDataDirectory:
         restored = restore_snapshot(
             repo,
             job.snapshot,
-            job.target,
-            _account(),
-            _Progress(),
-            parallel=job.parallel,
-            settings=job.settings(),
+            target=job.target,
+            account=_account(),
+            observer=_Progress(),
+            # The data is served by the official image's `postgres`, over the pod network.
             install=OfficialImage,
             hba=KUBERNETES_HBA,
+            parallel=job.parallel,
+            settings=job.settings(),
         )
     # prepare_data_directory refused a PGDATA outside `target`; this link stays inside.
     (root / "pgdata").symlink_to(ConfinedTree(root).relative(restored.data.path))

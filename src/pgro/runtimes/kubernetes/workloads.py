@@ -190,6 +190,19 @@ def _metadata(
     return meta
 
 
+def _replica_metadata(
+    replica: PostgresPhysicalReplica,
+    name: str,
+    component: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """An object of the replica's, owned by it (it outlives each restore)."""
+    labels = _replica_labels(replica.name)
+    if component:
+        labels[LABEL_COMPONENT] = component
+    return _metadata(name, replica.namespace, labels, replica.owner_reference(), annotations)
+
+
 def _restore_metadata(restore: PostgresPhysicalRestore, name: str) -> dict[str, Any]:
     """An object of the restore's, owned by it (deleted with it)."""
     return _metadata(name, restore.namespace, _restore_labels(restore), restore.owner_reference())
@@ -278,12 +291,7 @@ def _exec_probe(initial_delay: int, period: int, timeout: int, failures: int) ->
 def credentials_secret(replica: PostgresPhysicalReplica, password: str) -> dict[str, Any]:
     """`<replica>-creds`: the analytics user's login, created once and never rotated."""
     return _secret(
-        _metadata(
-            replica_creds_secret_name(replica.name),
-            replica.namespace,
-            _replica_labels(replica.name),
-            replica.owner_reference(),
-        ),
+        _replica_metadata(replica, replica_creds_secret_name(replica.name)),
         replica.spec.analytics_username,
         password,
     )
@@ -294,11 +302,8 @@ def extra_user_secret(
 ) -> dict[str, Any]:
     """`<replica>-user-<slug>-creds`; `username` keeps the unslugged role name."""
     return _secret(
-        _metadata(
-            extra_user_secret_name(replica.name, username),
-            replica.namespace,
-            {**_replica_labels(replica.name), LABEL_COMPONENT: COMPONENT_EXTRA_USER_CREDS},
-            replica.owner_reference(),
+        _replica_metadata(
+            replica, extra_user_secret_name(replica.name, username), COMPONENT_EXTRA_USER_CREDS
         ),
         username,
         password,
@@ -309,12 +314,7 @@ def admin_secret(replica: PostgresPhysicalReplica, password: str) -> dict[str, A
     """`<replica>-admin-creds` (pgro only): the password the `setup` init container gives
     the `postgres` superuser, so the operator can provision users over SQL."""
     return _secret(
-        _metadata(
-            admin_creds_secret_name(replica.name),
-            replica.namespace,
-            {**_replica_labels(replica.name), LABEL_COMPONENT: COMPONENT_ADMIN_CREDS},
-            replica.owner_reference(),
-        ),
+        _replica_metadata(replica, admin_creds_secret_name(replica.name), COMPONENT_ADMIN_CREDS),
         ADMIN_ROLE,
         password,
     )
@@ -329,12 +329,8 @@ def stable_service(replica: PostgresPhysicalReplica) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(
-            replica.name,
-            replica.namespace,
-            _replica_labels(replica.name),
-            replica.owner_reference(),
-            replica.spec.service_annotations,
+        "metadata": _replica_metadata(
+            replica, replica.name, annotations=replica.spec.service_annotations
         ),
         "spec": {"type": "ClusterIP", "ports": _service_ports()},
     }
@@ -369,12 +365,7 @@ def data_pvc(replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore)
 def kopia_cache_pvc(replica: PostgresPhysicalReplica, snapshot_size: str | int) -> dict[str, Any]:
     """`<replica>-kopia-cache`, owned by the replica so it outlives each restore."""
     return _pvc(
-        _metadata(
-            kopia_cache_pvc_name(replica.name),
-            replica.namespace,
-            {**_replica_labels(replica.name), LABEL_COMPONENT: COMPONENT_KOPIA_CACHE},
-            replica.owner_reference(),
-        ),
+        _replica_metadata(replica, kopia_cache_pvc_name(replica.name), COMPONENT_KOPIA_CACHE),
         replica.spec.storage_class,
         format_quantity(kopia_cache_size(snapshot_size)),
     )
