@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-CONFIG_MAP_NAME: Final = "postgres-restore-operator-config"
-
 DEFAULT_MAX_CONCURRENT_RESTORES: Final = 2
 DEFAULT_READY_TIMEOUT_SECS: Final = 1800
 DEFAULT_OPERATOR_NAMESPACE: Final = "postgres-restore-operator"

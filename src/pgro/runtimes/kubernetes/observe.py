@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from datetime import datetime
 from typing import Any, Final
 
 from pydantic import ValidationError
@@ -26,6 +25,7 @@ from pgro.api.secret import (
     decode_secret_data,
     parse_kopia_secret,
 )
+from pgro.api.timestamp import parse_rfc3339
 from pgro.core import reasons
 from pgro.core.observations import (
     MigrationOutcome,
@@ -43,11 +43,11 @@ from pgro.core.plan import EmitEvent, EventType
 from pgro.core.restore_set import is_in_progress
 from pgro.kube.client import KubeApi
 from pgro.kube.informer import Informer
+from pgro.pipeline.job import RestoreOutcome
 from pgro.reconciler.effects import GONE, Gone, ReplicaView
 from pgro.reconciler.shell import WorkKind
 from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
-from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
 
 log = logging.getLogger("pgro.operator")
 
@@ -61,10 +61,6 @@ NO_CANOPY: Final = SecretCheck.invalid(
 
 # Record an event about an object in wire form (it may not validate).
 EmitRaw = Callable[[Mapping[str, Any], EmitEvent], None]
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
 # The restores informer's index of spec.replica.name; the pods informer's of their Job.
@@ -145,24 +141,6 @@ class PodView:
     @property
     def running(self) -> bool:
         return self.phase == "Running"
-
-
-@dataclass(frozen=True)
-class JobView:
-    meta: Meta
-    complete: bool
-    failed: Mapping[str, Any] | None  # the Failed condition
-    completed_at: datetime | None
-
-    @classmethod
-    def of(cls, obj: Mapping[str, Any]) -> JobView:
-        conditions = _true_conditions(obj)
-        return cls(
-            meta=Meta.of(obj),
-            complete="Complete" in conditions,
-            failed=conditions.get("Failed"),
-            completed_at=_parse_time((obj.get("status") or {}).get("completionTime")),
-        )
 
 
 @dataclass(frozen=True)
@@ -413,28 +391,28 @@ class Observer:
         raw = self.caches.jobs.get(restore.namespace, job_name)
         if raw is None:
             return RestoreWork.not_started()
-        job = JobView.of(raw)
+        conditions = _true_conditions(raw)
         pods = sorted(
             (PodView.of(p) for p in self.caches.pods.select(restore.namespace, JOB_NAME, job_name)),
             key=lambda p: p.meta.created,
         )
-        if job.complete:
+        if "Complete" in conditions:
             message = next(
                 (p.termination_message for p in reversed(pods) if p.phase == "Succeeded"), ""
             )
-            version, _ = parse_message(message)
+            outcome = RestoreOutcome.from_message(message)
+            done = (raw.get("status") or {}).get("completionTime")
             return RestoreWork(
                 WorkState.SUCCEEDED,
                 name=job_name,
-                postgres_version=version,
-                completed_at=job.completed_at,
-                fixes=parse_fixes(message),
+                postgres_version=outcome.postgres_version,
+                completed_at=parse_rfc3339(done) if done else None,
+                fixes=outcome.fixes,
             )
-        if job.failed is not None:
-            messages = [p.termination_message for p in pods]
-            reason = next((parse_message(m)[1] for m in reversed(messages) if m), "")
+        if (cond := conditions.get("Failed")) is not None:
+            messages = [p.termination_message for p in reversed(pods) if p.termination_message]
+            reason = next((RestoreOutcome.from_message(m).failure for m in messages), "")
             if not reason:
-                cond = job.failed
                 reason = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
             return RestoreWork(WorkState.FAILED, name=job_name, reason=reason)
         return RestoreWork(WorkState.RUNNING, name=job_name)

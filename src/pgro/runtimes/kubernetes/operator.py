@@ -13,12 +13,13 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 from pgro.api.crds import crd_documents
 from pgro.api.names import LABEL_REPLICA, LABEL_RESTORE, REPLICA_KIND, RESTORE_KIND
+from pgro.clock import utcnow
 from pgro.core.settings import ReconcilerSettings
 from pgro.kube.client import KubeApi
 from pgro.kube.informer import Informer, by_label
@@ -70,17 +71,13 @@ class OperatorOptions:
     renew_every_s: float = 5.0
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class Operator:
     def __init__(
         self,
         api: KubeApi,
         options: OperatorOptions,
         *,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
         metrics: Metrics | None = None,
         health: Health | None = None,
         canopy: CanopySettings | None = None,
