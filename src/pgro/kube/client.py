@@ -62,10 +62,16 @@ KINDS: Final[Mapping[str, Any]] = {
 }
 
 
+# Objects are listed in pages of this many: the response to a whole-cluster list of
+# thousands is never held (as bytes and as decoded objects) at once.
+LIST_CHUNK: Final = 500
+
+
 def _to_dict(obj: Any) -> dict[str, Any]:
-    if isinstance(obj, dict):
-        return obj
-    out: dict[str, Any] = obj.to_dict()
+    """The wire form, without `metadata.managedFields`: nothing reads it, and it is often
+    the larger part of an object (a cache of thousands would hold it for nothing)."""
+    out: dict[str, Any] = obj if isinstance(obj, dict) else obj.to_dict()
+    (out.get("metadata") or {}).pop("managedFields", None)
     return out
 
 
@@ -137,6 +143,7 @@ class KubeApi:
         listing = self.client.list(
             res,
             namespace=namespace if namespace is not None else scope,
+            chunk_size=LIST_CHUNK,
             labels=dict(labels) if labels else None,
             fields=dict(fields) if fields else None,
         )

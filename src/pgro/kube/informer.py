@@ -7,8 +7,7 @@ to look at again, never what changed).
 
 Lookups by label (or by any other string an `indexers` function extracts) go through an
 index maintained on every change, so a pass reads only its own objects, never the whole
-cache. `metadata.managedFields` is dropped on arrival: nothing reads it, and it is the
-largest part of most objects.
+cache.
 """
 
 from __future__ import annotations
@@ -134,7 +133,7 @@ class Informer:
         listed = self.api.list(
             self.kind, namespace=self.namespace, labels=self.labels, fields=self.fields
         )
-        fresh = {object_key(o): _slim(o) for o in listed.items}
+        fresh = {object_key(o): o for o in listed.items}
         with self._lock:
             gone = [o for k, o in self._items.items() if k not in fresh]
             changed = [
@@ -153,14 +152,9 @@ class Informer:
     def _apply(self, event: str, obj: dict[str, Any]) -> None:
         key = object_key(obj)
         with self._lock:
-            self._put(key, None if event == "DELETED" else _slim(obj))
+            self._put(key, None if event == "DELETED" else obj)
         self.on_change(obj)
 
 
 def by_label(key: str) -> Indexer:
     return lambda obj: ((obj.get("metadata") or {}).get("labels") or {}).get(key)
-
-
-def _slim(obj: dict[str, Any]) -> dict[str, Any]:
-    (obj.get("metadata") or {}).pop("managedFields", None)
-    return obj
