@@ -87,19 +87,8 @@ class OperatorCanopy(CanopySession):
             ns, name = self.settings.namespace, self.settings.broker_key_secret
             secret = self.api.get("Secret", ns, name)
             if secret is None:
-                self.api.create_if_missing(
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Secret",
-                        "type": "Opaque",
-                        "metadata": {
-                            "name": name,
-                            "namespace": ns,
-                            "labels": {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE},
-                        },
-                        "data": {BROKER_KEY_DATA: base64.b64encode(new_key()).decode()},
-                    }
-                )
+                fresh = base64.b64encode(new_key()).decode()
+                self.api.create_if_missing(_secret(ns, name, "data", {BROKER_KEY_DATA: fresh}))
                 secret = self.api.get("Secret", ns, name)
             key = decode_secret_data(secret or {}).get(BROKER_KEY_DATA)
             if not key:
@@ -238,19 +227,8 @@ class OperatorCanopy(CanopySession):
             )
             log.info("canopy: Namespace %s created (%s)", ns, desired.entry.describe())
         if password is not None:
-            self.api.apply(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "type": "Opaque",
-                    "metadata": {
-                        "name": canopy_creds_secret_name(desired.name),
-                        "namespace": ns,
-                        "labels": {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE},
-                    },
-                    "stringData": canopy_creds_secret_data(desired.entry, password),
-                }
-            )
+            data = canopy_creds_secret_data(desired.entry, password)
+            self.api.apply(_secret(ns, canopy_creds_secret_name(desired.name), "stringData", data))
         self.api.apply(desired.manifest())
         if change.desired_snapshot_patch is not None:
             self.api.merge_patch(
@@ -291,17 +269,12 @@ class OperatorCanopy(CanopySession):
         """What the restore Job's sidecar needs; first writes the restore's
         `<restore>-canopy-proxy` Secret (its broker token and kopia's key pair), which
         only that Job's containers reference, owned by the restore."""
-        self.ensure_proxy_secret(replica, restore)
+        self.api.create_if_missing(
+            proxy_secret(self.tokens, replica, restore, owner=restore.owner_reference())
+        )
         base = self.settings.sidecar_base_url
         return workloads.CanopyJobSettings(
             broker_url=base, callback_base_url=base, s3_endpoint=self.settings.s3_endpoint
-        )
-
-    def ensure_proxy_secret(
-        self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
-    ) -> None:
-        self.api.create_if_missing(
-            proxy_secret(self.tokens, replica, restore, owner=restore.owner_reference())
         )
 
 
@@ -316,22 +289,35 @@ def proxy_secret(
     group, type, run id and callback key) and a fresh key pair for its kopia."""
     job = f"{restore.namespace}/{restore_job_name(restore.name)}"
     client = new_client_credentials()
+    token_key, key_id_key, secret_key = workloads.PROXY_SECRET_KEYS
+    data = {
+        token_key: restore_token(tokens, replica, restore.status.run_id, job),
+        key_id_key: client.access_key_id,
+        secret_key: client.secret_access_key,
+    }
+    name = workloads.canopy_proxy_secret_name(restore.name)
+    return _secret(restore.namespace, name, "stringData", data, owner)
+
+
+def _secret(
+    namespace: str,
+    name: str,
+    field: str,
+    data: Mapping[str, str],
+    owner: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Secret labelled as canopy's; `field` is "data" (base64) or "stringData"."""
     metadata: dict[str, Any] = {
-        "name": workloads.canopy_proxy_secret_name(restore.name),
-        "namespace": restore.namespace,
+        "name": name,
+        "namespace": namespace,
         "labels": {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE},
     }
     if owner is not None:
         metadata["ownerReferences"] = [dict(owner)]
-    token_key, key_id_key, secret_key = workloads.PROXY_SECRET_KEYS
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": metadata,
-        "stringData": {
-            token_key: restore_token(tokens, replica, restore.status.run_id, job),
-            key_id_key: client.access_key_id,
-            secret_key: client.secret_access_key,
-        },
+        field: dict(data),
     }

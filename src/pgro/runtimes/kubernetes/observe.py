@@ -61,6 +61,8 @@ NO_CANOPY: Final = SecretCheck.invalid(
 
 # Record an event about an object in wire form (it may not validate).
 EmitRaw = Callable[[Mapping[str, Any], EmitEvent], None]
+# Reconcile this object ("namespace/name") again after this many seconds.
+Requeue = Callable[[str, float], None]
 
 
 # The restores informer's index of spec.replica.name; the pods informer's of their Job.

@@ -21,7 +21,7 @@ from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.secrets import scrub
 from pgro.postgres.server import make_conninfo
 from pgro.postgres.users import RoleCredentials, provision_users
-from pgro.runtimes.kubernetes.observe import PodView
+from pgro.runtimes.kubernetes.observe import PodView, Requeue
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
 
 log = logging.getLogger("pgro.operator")
@@ -32,8 +32,6 @@ PROVISION_RETRY_S: Final = 10.0
 
 # (namespace, Secret name, key) -> the value.
 SecretValue = Callable[[str, str, str], str]
-# Reconcile this restore ("namespace/name") again after this many seconds.
-Requeue = Callable[[str, float], None]
 
 
 @dataclass(frozen=True)

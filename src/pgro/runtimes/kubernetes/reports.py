@@ -18,11 +18,7 @@ from pgro.core import verification_reports as vr
 from pgro.core.plan import EmitEvent, EventType
 from pgro.kube.client import KubeApi, is_conflict
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
-
-# Reconcile this replica ("namespace/name") again after this many seconds.
-Requeue = Callable[[str, float], None]
-# Record an event about a replica in wire form.
-Emit = Callable[[Mapping[str, Any], EmitEvent], None]
+from pgro.runtimes.kubernetes.observe import EmitRaw, Requeue
 
 
 @dataclass(eq=False)
@@ -32,7 +28,7 @@ class ReportDelivery:
     _: KW_ONLY
     clock: Callable[[], datetime]
     requeue: Requeue
-    emit: Emit
+    emit: EmitRaw
 
     def patch(self, raw: Mapping[str, Any], reports: Sequence[PendingVerificationReport]) -> bool:
         """Write the report list only if the replica did not change since `raw` was read:
