@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pgro.api.secret import FilesystemLocation, KopiaCredentials
 from pgro.reconciler.listing import ListingCache, credentials_digest
 from tests.conftest import Repo
 
 
-def _cache(scratch: Path) -> tuple[ListingCache, list[tuple[str, str]], threading.Event]:
-    done: list[tuple[str, str]] = []
+def _cache(scratch: Path) -> tuple[ListingCache, list[str], threading.Event]:
+    done: list[str] = []
     event = threading.Event()
 
-    def on_done(key: tuple[str, str]) -> None:
+    def on_done(key: str) -> None:
         done.append(key)
         event.set()
 
@@ -63,3 +66,26 @@ def test_the_digest_tells_credentials_apart_without_holding_them(fs_repo: Repo) 
     assert credentials_digest(creds) == credentials_digest(replace(creds))
     assert credentials_digest(creds) != credentials_digest(other)
     assert creds.repository_password not in credentials_digest(creds)
+
+
+def test_the_keys_an_access_hands_out_are_scrubbed_too(fs_repo: Repo, scratch: Path) -> None:
+    """A canopy listing opens the repository with keys only the proxy knows; an error that
+    quotes them (here kopia naming a path that holds one) must not carry them."""
+    cache, _, event = _cache(scratch)
+    key = "proxy-key-80917"
+    opened = replace(
+        fs_repo.credentials,
+        location=FilesystemLocation(str(scratch / key)),
+        access_key_id=key,
+    )
+
+    @contextmanager
+    def access() -> Iterator[KopiaCredentials]:
+        yield opened
+
+    cache.request("ns/a", fs_repo.credentials, access)
+    assert event.wait(60)
+    listing = cache.listing_for("ns/a", fs_repo.credentials)
+    assert listing is not None and listing.failed
+    assert listing.error and key not in listing.error
+    cache.shutdown()

@@ -104,13 +104,17 @@ class ListingCache:
     ) -> None:
         state = self.state_dir / digest[:16]
         shutil.rmtree(state, ignore_errors=True)
+        # The keys a canopy proxy hands out for this listing are secrets too.
+        secrets = list(creds.secret_values())
         try:
-            with access() as opened, KopiaRepository(opened, state) as kopia:
-                snapshots = kopia.list_snapshots()
+            with access() as opened:
+                secrets += opened.secret_values()
+                with KopiaRepository(opened, state) as kopia:
+                    snapshots = kopia.list_snapshots()
             listing = record_listing_success(snapshots, self.clock())
             log.info("listed %d snapshots in %s", len(snapshots), creds.describe())
         except Exception as exc:
-            error = scrub(str(exc), creds.secret_values())
+            error = scrub(str(exc), secrets)
             listing = record_listing_failure(previous, error, self.clock())
             log.warning("listing %s failed: %s", creds.describe(), error)
         with self._lock:
@@ -123,3 +127,62 @@ class ListingCache:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# What a decision needs is per replica: its failure streak and what the listing was taken
+# to find (`ListSnapshots.wanted`, canopy's desired snapshot). Each finished listing of a
+# repository is recorded for every replica that asked for it, with that replica's own
+# previous listing and wanted snapshot.
+class ReplicaListings:
+    def __init__(
+        self, on_done: Callable[[str], None], clock: Callable[[], datetime], state_dir: Path
+    ) -> None:
+        self.on_done = on_done
+        self._cache = ListingCache(self._listed, clock, state_dir=state_dir)
+        self._lock = threading.Lock()
+        self._listings: dict[str, SnapshotListing] = {}
+        self._asked: dict[str, tuple[KopiaCredentials, str | None]] = {}
+
+    def get(self, key: str) -> SnapshotListing | None:
+        with self._lock:
+            return self._listings.get(key)
+
+    def request(
+        self,
+        key: str,
+        creds: KopiaCredentials,
+        wanted: str | None,
+        access: Access | None = None,
+    ) -> None:
+        """List the replica's repository (joining a listing of it already running)."""
+        with self._lock:
+            self._asked[key] = (creds, wanted)
+        self._cache.request(key, creds, access)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._listings.pop(key, None)
+            self._asked.pop(key, None)
+
+    def shutdown(self) -> None:
+        self._cache.shutdown()
+
+    def _listed(self, key: str) -> None:
+        with self._lock:
+            asked = self._asked.pop(key, None)
+        # None: the replica went meanwhile, or an earlier listing answered it already.
+        shared = self._cache.listing_for(key, asked[0]) if asked is not None else None
+        if asked is not None and shared is not None:
+            with self._lock:
+                self._listings[key] = _for_replica(shared, self._listings.get(key), asked[1])
+        self.on_done(key)
+
+
+def _for_replica(
+    shared: SnapshotListing, previous: SnapshotListing | None, wanted: str | None
+) -> SnapshotListing:
+    if shared.snapshots is None:
+        return record_listing_failure(previous, shared.error or "", shared.listed_at)
+    return record_listing_success(
+        shared.snapshots, shared.listed_at, previous=previous, wanted=wanted
+    )

@@ -48,10 +48,10 @@ from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
 from pgro.postgres.health import check_health
 from pgro.reconciler.effects import GONE, Gone, NotificationInput, ReplicaView, StepUnavailable
+from pgro.reconciler.listing import ReplicaListings
 from pgro.reconciler.shell import Schedule
 from pgro.runtimes.embedded.canopy import EmbeddedCanopy
 from pgro.runtimes.embedded.endpoints import Endpoints
-from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.embedded.manifest import Manifest, ManifestError, kopia_credentials
 from pgro.runtimes.embedded.store import Store
 from pgro.runtimes.embedded.work import Restores

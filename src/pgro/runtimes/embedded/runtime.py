@@ -33,12 +33,12 @@ from pgro.clock import utcnow
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
 from pgro.postgres.account import resolve_run_account
+from pgro.reconciler.listing import ReplicaListings
 from pgro.reconciler.shell import Shell, WorkKind
 from pgro.runtimes.embedded.canopy import CanopyOptions, EmbeddedCanopy, is_canopy_managed
 from pgro.runtimes.embedded.credentials import CredentialStore
 from pgro.runtimes.embedded.effects import EmbeddedEffects
 from pgro.runtimes.embedded.endpoints import EndpointFactory, Endpoints
-from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.embedded.manifest import ManifestError, load_manifests
 from pgro.runtimes.embedded.state_dir import (
     PRIVATE,
