@@ -24,7 +24,7 @@ from pgro.kube.client import KubeApi
 from pgro.postgres.health import check_health
 from pgro.postgres.users import generate_password
 from pgro.reconciler.effects import Gone, NotificationInput, ReplicaView, StepUnavailable
-from pgro.runtimes.embedded.listings import ReplicaListings
+from pgro.reconciler.listing import ReplicaListings
 from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.config import OperatorConfig

@@ -45,8 +45,8 @@ from pgro.kube.client import KubeApi
 from pgro.kube.informer import Informer
 from pgro.pipeline.job import RestoreOutcome
 from pgro.reconciler.effects import GONE, Gone, ReplicaView
+from pgro.reconciler.listing import ReplicaListings
 from pgro.reconciler.shell import WorkKind
-from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 
 log = logging.getLogger("pgro.operator")

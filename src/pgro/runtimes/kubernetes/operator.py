@@ -26,11 +26,9 @@ from pgro.kube.informer import Informer, by_label
 from pgro.kube.leader import LeaderElector
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
+from pgro.reconciler.listing import ReplicaListings
 from pgro.reconciler.shell import Shell, WorkKind
 from pgro.reconciler.workqueue import WorkQueue
-
-# TODO(lead): ReplicaListings belongs in pgro.reconciler.listing (both runtimes use it).
-from pgro.runtimes.embedded.listings import ReplicaListings
 from pgro.runtimes.kubernetes.canopy import CanopySettings, OperatorCanopy
 from pgro.runtimes.kubernetes.config import parse_operator_config
 from pgro.runtimes.kubernetes.effects import KubeEffects

@@ -119,15 +119,8 @@ def canopy_proxy_secret_name(restore_name: str) -> str:
 
 @dataclass(frozen=True)
 class CanopyJobSettings:
-    """What a canopy restore Job's sidecar needs of the operator.
-
-    `broker_url`: the credential broker's base URL (`CANOPY_BROKER_BASE_URL`, else
-    `http://<operator service>.<ns>.svc:<broker port>`); `callback_base_url`: where the
-    operator serves `/api/v1/canopy-stats|progress/...` (the broker's listener, so the
-    same URL; the reference used a separate `:8080` callback server); `s3_endpoint`: an
-    upstream S3 URL other than AWS's regional endpoint (`PGRO_S3_ENDPOINT`: MinIO,
-    tests), None for AWS.
-    """
+    """What a canopy restore Job's sidecar needs of the operator: the broker's and the
+    callbacks' base URLs, and an upstream S3 URL other than AWS's (docs/canopy.md)."""
 
     broker_url: str
     callback_base_url: str
@@ -483,14 +476,9 @@ def restore_job(
     *,
     canopy: CanopyJobSettings | None = None,
 ) -> dict[str, Any]:
-    """`<restore>-restore`: runs `pgro restore-job`, which restores the snapshot onto the
-    data volume, prepares PGDATA and reports the major version as its termination
-    message. `placement` defaults to the config's.
-
-    A replica with `spec.canopySource` gets the canopy variant, which needs `canopy`
-    (ValueError without it): the `canopy-proxy` sidecar, the in-memory `proxy-shared`
-    volume both containers mount, the `proxy-sidecar` pod label and a 4 h deadline.
-    """
+    """`<restore>-restore`: runs `pgro restore-job` onto the data volume. A canopy replica's
+    needs `canopy` (ValueError without it): the `canopy-proxy` sidecar, the in-memory
+    `proxy-shared` volume, the `proxy-sidecar` pod label and a 4 h deadline."""
     is_canopy = replica.spec.canopy_source is not None
     if is_canopy and canopy is None:
         raise ValueError(
