@@ -123,7 +123,7 @@ def test_a_restore_worker_stopped_while_its_proxy_starts_leaves_no_proxy(
     """The review's 34-minute canopy-proxy: `pgro run` stops a worker (SIGTERM) while the
     worker still waits for its proxy to listen; the worker unwound without the proxy's
     handle, and the proxy ran on, reparented to init. kill -9 of the worker did the same."""
-    from pgro.runtimes.embedded import restore_worker as worker
+    from pgro.pipeline import worker
     from tests.conftest import s3_credentials
 
     # Stands in for `python -m pgro canopy-proxy`: it never writes its port file.
@@ -146,7 +146,7 @@ def test_a_restore_worker_stopped_while_its_proxy_starts_leaves_no_proxy(
     }
     with (scratch / "work.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pgro.runtimes.embedded.restore_worker"],
+            [sys.executable, "-m", "pgro.pipeline.worker"],
             stdin=subprocess.PIPE,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -204,7 +204,7 @@ def test_kill_9_of_pgro_run_stops_its_restore_work(fs_repo: Repo, scratch: Path)
             return [
                 pid
                 for pid, (cmd, _, ppid) in _processes().items()
-                if ppid == proc.pid and "pgro.runtimes.embedded.restore_worker" in cmd
+                if ppid == proc.pid and "pgro.pipeline.worker" in cmd
             ]
 
         workers = _wait_for("a restore worker", worker, proc)

@@ -194,7 +194,7 @@ def test_readiness_timeout_stops_the_server(
 
 
 def test_restore_worker_result_never_carries_a_secret(scratch: Path) -> None:
-    from pgro.runtimes.embedded import restore_worker
+    from pgro.pipeline import worker as restore_worker
 
     secret = "hunter2-in-the-path"
     result = restore_worker.run(

@@ -14,6 +14,7 @@ from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location, Se
 from pgro.canopy.sigv4 import SigningCredentials
 from pgro.core.observations import RestoreWork, WorkState
 from pgro.kopia.errors import EndpointUnreachable, KopiaError, WrongPassword
+from pgro.pipeline import worker as restore_worker
 from pgro.pipeline.job import (
     CanopyProxy,
     InvalidJob,
@@ -23,7 +24,6 @@ from pgro.pipeline.job import (
 )
 from pgro.postgres.layout import NotPostgres, UnsafeSnapshot
 from pgro.postgres.server import StartupFailed
-from pgro.runtimes.embedded import restore_worker
 from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
 
 S3 = KopiaCredentials(

@@ -18,11 +18,11 @@ from rich.text import Text
 
 from pgro import __version__
 from pgro.api.duration import parse_duration
+from pgro.cli.demo import DemoPaths, default_demo_dir, prepare_demo
 from pgro.cli.output import TerminalObserver, literal, render_report
 from pgro.pipeline.report import EXIT_USAGE, VerificationReport
 from pgro.pipeline.verify import VerifyOptions, verify_snapshot
 from pgro.processes import tie_services
-from pgro.runtimes.embedded.demo import DemoPaths, default_demo_dir, prepare_demo
 from pgro.runtimes.embedded.manifest import (
     ManifestError,
     check_schedule,

@@ -1,11 +1,8 @@
 """Each restore's local machinery in `pgro run`: its directory, its restore worker process
 and its PostgreSQL server.
 
-A restore lives in `RUN/restores/<namespace>/<name>/`: the worker's job goes to
-`python -m pgro.runtimes.embedded.restore_worker` on stdin and its outcome comes back as
-`result.json` there (see restore_worker). The server is a `ServerHandle` (servers.py) on the
-restored data, started or adopted. Deleting a restore stops whatever of this runs, even
-what an earlier `pgro run` left running, and removes its files and settings.
+A restore lives in `RUN/restores/<namespace>/<name>/` (docs/run.md): the worker is
+`pgro.pipeline.worker`, the server a `ServerHandle` (servers.py) on the restored data.
 """
 
 from __future__ import annotations
@@ -31,13 +28,13 @@ from pgro.api.secret import KopiaCredentials
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import RestoreWork, Server, WorkState
 from pgro.interrupts import deferred_interrupts
+from pgro.pipeline import worker
 from pgro.pipeline.job import CanopyProxy, RestoreJob, RestoreOutcome
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import find_binaries
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
 from pgro.postgres.users import RoleCredentials, provision_users
 from pgro.processes import process_args, read_pid, spawn, stop, stop_pid
-from pgro.runtimes.embedded import restore_worker as worker
 from pgro.runtimes.embedded.servers import ServerHandle, running_postmaster, stop_postmaster
 from pgro.runtimes.embedded.state_dir import TRAVERSE, ensure_dirs
 from pgro.runtimes.embedded.store import Store
@@ -51,6 +48,8 @@ WORKER_STOP_S: Final = 30.0
 # A server pgro started is checked for an exit every pass (a wait() on our child); one
 # adopted from an earlier run only through /proc, so less often.
 ADOPTED_CHECK_S: Final = 10.0
+# The worker module, and its earlier name: a worker an older pgro run left still unwinding.
+WORKER_MODULES: Final = ("pgro.pipeline.worker", "pgro.runtimes.embedded.restore_worker")
 
 
 def restore_key(restore: PostgresPhysicalRestore) -> str:
@@ -179,7 +178,7 @@ class Restores:
         )
         with os.fdopen(fd, "ab") as logf, deferred_interrupts():
             proc = spawn(
-                [sys.executable, "-m", "pgro.runtimes.embedded.restore_worker"],
+                [sys.executable, "-m", WORKER_MODULES[0]],
                 # pgro run gone (even kill -9): the worker unwinds, and its kopia and
                 # canopy-proxy go with it; the next run restarts the restore from scratch.
                 death_signal=signal.SIGTERM,
@@ -336,7 +335,7 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 def _is_worker(pid: int) -> bool:
     args = process_args(pid)
-    return args is not None and "pgro.runtimes.embedded.restore_worker" in args
+    return args is not None and any(name in args for name in WORKER_MODULES)
 
 
 def _write_private(path: Path, text: str) -> None:

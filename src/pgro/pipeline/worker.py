@@ -1,10 +1,9 @@
-"""The restore step as a child process of `pgro run`: one process per restore.
+"""The local job runner: one restore as a child process (`python -m pgro.pipeline.worker`).
 
-The job arrives as JSON on stdin (so credentials never appear on a command line); the
-outcome is written to `result.json` in the restore's directory, atomically, and the exit
-code says the same. A restore directory with a `result.json` is finished, whatever
-happened to the parent meanwhile; one with neither a result nor a live worker is started
-again from scratch (kopia cannot resume a partial restore).
+The `RestoreJob` arrives as JSON on stdin (credentials never on a command line); the worker
+starts the job's canopy proxy if it has one, runs `restore_snapshot`, and writes the
+`RestoreOutcome` to `result.json` in the restore's directory, atomically; the exit code says
+the same. `pgro run` starts it (runtimes/embedded/work.py; docs/run.md).
 """
 
 from __future__ import annotations
