@@ -13,6 +13,7 @@ from pgro.core.queue import AdmissionQueue
 from pgro.core.replica_decision import ReplicaPlan, decide_replica
 from pgro.core.schedule import schedule_input_hash
 from pgro.core.snapshot import Snapshot, SnapshotSource
+from tests.fixtures import manifests
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 GIB = 1024**3
@@ -23,22 +24,17 @@ def stamp(when: datetime) -> str:
 
 
 def replica(status: dict[str, Any] | None = None, **spec: Any) -> PostgresPhysicalReplica:
-    body: dict[str, Any] = {
-        "kopiaSecretRef": {"name": "kopia"},
+    defaults: dict[str, Any] = {
+        "ephemeral": None,
         "schedule": "0 */6 * * *",
         "scheduleJitter": "0s",
-        **spec,
     }
-    for key in [k for k, v in body.items() if v is None]:
-        del body[key]
-    return PostgresPhysicalReplica.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalReplica",
-            "metadata": {"name": "fiji", "namespace": "analytics", "uid": "u-1", "generation": 3},
-            "spec": body,
-            "status": status or {},
-        }
+    return manifests.replica(
+        "fiji",
+        namespace="analytics",
+        metadata={"uid": "u-1", "generation": 3},
+        status=status or {},
+        **{**defaults, **spec},
     )
 
 
@@ -51,29 +47,20 @@ def restore(
     deleting: bool = False,
     **status: Any,
 ) -> PostgresPhysicalRestore:
-    doc_status = dict(status)
     if phase is not None:
-        doc_status["phase"] = phase
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": "analytics",
-        "labels": {"pgro.bes.au/replica": "fiji"},
-    }
+        status["phase"] = phase
+    metadata: dict[str, Any] = {"labels": {"pgro.bes.au/replica": "fiji"}}
     if deleting:
         metadata["deletionTimestamp"] = stamp(NOW)
-    return PostgresPhysicalRestore.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalRestore",
-            "metadata": metadata,
-            "spec": {
-                "replica": {"name": "fiji"},
-                "snapshot": snapshot,
-                "snapshotSize": size,
-                "storageSize": "2Gi",
-            },
-            "status": doc_status,
-        }
+    return manifests.restore(
+        name,
+        "fiji",
+        namespace="analytics",
+        metadata=metadata,
+        status=status,
+        snapshot=snapshot,
+        snapshotSize=size,
+        storageSize="2Gi",
     )
 
 

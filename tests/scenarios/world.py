@@ -64,6 +64,7 @@ from pgro.core.settings import DEFAULT_SETTINGS, ReconcilerSettings
 from pgro.core.snapshot import Snapshot, SnapshotSource
 from pgro.reconciler.effects import GONE, Gone, NotificationInput, ReplicaView
 from pgro.reconciler.shell import Shell
+from tests.fixtures import manifests
 
 T0 = datetime(2026, 3, 1, 0, 0, 0, tzinfo=UTC)
 GIB = 1024**3
@@ -88,21 +89,20 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 def replica_doc(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "kopiaSecretRef": {"name": f"{name}-kopia"},
+    """A replica as the scenarios start from: not ephemeral, every six hours, no jitter."""
+    defaults: dict[str, Any] = {
+        "ephemeral": None,
         "schedule": "0 */6 * * *",
         "scheduleJitter": "0s",
         "switchoverGracePeriod": "10s",
-        **spec,
     }
-    for key in [k for k, v in body.items() if v is None]:
-        del body[key]
-    return {
-        "apiVersion": "pgro.bes.au/v1alpha1",
-        "kind": "PostgresPhysicalReplica",
-        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{namespace}-{name}"},
-        "spec": body,
-    }
+    return manifests.replica_doc(
+        name,
+        f"{name}-kopia",
+        namespace=namespace,
+        metadata={"uid": f"uid-{namespace}-{name}"},
+        **{**defaults, **spec},
+    )
 
 
 class StepFailed(Exception):

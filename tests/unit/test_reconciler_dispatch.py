@@ -23,7 +23,7 @@ from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core import plan
 from pgro.core.plan import EventType, PlanStep, SwitchoverStep, VerificationOutcome
 from pgro.reconciler.dispatch import NotARestorePlan, dispatch
-from tests.fixtures.manifests import replica_doc
+from tests.fixtures.manifests import replica_doc, restore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,19 +33,7 @@ def _replica() -> PostgresPhysicalReplica:
 
 
 def _restore() -> PostgresPhysicalRestore:
-    return PostgresPhysicalRestore.model_validate(
-        {
-            "apiVersion": "pgro.bes.au/v1alpha1",
-            "kind": "PostgresPhysicalRestore",
-            "metadata": {"name": "fiji-1", "namespace": "analytics"},
-            "spec": {
-                "replica": {"name": "fiji"},
-                "snapshot": "k1",
-                "snapshotSize": 1024,
-                "storageSize": "1Gi",
-            },
-        }
-    )
+    return restore("fiji-1", "fiji", namespace="analytics", snapshot="k1")
 
 
 def _example(cls: type[Any]) -> PlanStep:
