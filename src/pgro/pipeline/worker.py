@@ -50,9 +50,13 @@ def read_result(restore_dir: Path) -> RestoreOutcome | None:
         return None
 
 
-def _write_result(restore_dir: Path, result: RestoreOutcome) -> None:
+def write_result(restore_dir: Path, result: RestoreOutcome) -> None:
+    """`result.json`, atomically, 0600 (not through a link)."""
     tmp = restore_dir / (RESULT + ".tmp")
-    tmp.write_text(result.to_json())
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(result.to_json())
     os.replace(tmp, restore_dir / RESULT)
 
 
@@ -173,7 +177,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     doc = json.loads(sys.stdin.read())
     result = run(doc)
-    _write_result(Path(doc["restoreDir"]), result)
+    write_result(Path(doc["restoreDir"]), result)
     print(json.dumps({k: v for k, v in asdict(result).items() if k != "notes"}))
     sys.exit(result.exit_code)
 

@@ -1,16 +1,10 @@
 """Canopy in `pgro run`: the worklist syncer, the broker, and report delivery.
 
-Everything that talks to canopy runs in a small thread pool; the runtime's loop thread
-calls `poll` once per pass and applies what came back (the store is only touched from the
-loop thread). Replicas canopy wants live in the store as `<namespace>/canopy-replica`,
-exactly as the operator materialises them, labelled `pgro.bes.au/managed-by=pgro-canopy`;
-the manifests never remove them, the syncer does.
-
-The credential broker and the proxies' callbacks are served on loopback on a port kept
-in the state database, so a restore's proxy that outlived a `pgro run` restart still
-reaches the broker of the next one. Loopback is every local user's: each restore's proxy
-authenticates with a token issued when the restore starts (`pgro.canopy.tokens`), under
-a key kept 0600 in the state directory (`canopy-broker.key`).
+Canopy's calls run in a thread pool; the loop thread calls `poll` once per tick and applies
+what came back to the store. Canopy's replicas are the syncer's to remove, never the
+manifests'. The broker listens on loopback on a port kept in the state database (a proxy
+that outlived a restart still reaches it); each restore's proxy authenticates with its own
+token (`pgro.canopy.tokens`, key in `canopy-broker.key`, 0600).
 """
 
 from __future__ import annotations
@@ -23,7 +17,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from pgro.api.names import CANOPY_MANAGED_BY_VALUE, LABEL_CANOPY_MANAGED_BY
@@ -174,10 +167,6 @@ class EmbeddedCanopy(CanopySession):
             raise RuntimeError(f"{replica.key}: canopy has not issued its repository password yet")
         return repo
 
-    def listing(self, replica: PostgresPhysicalReplica) -> Any:
-        """A context manager giving kopia credentials through an in-process proxy."""
-        return self.listing_through(replica, self.repository(replica))
-
     def restore_job(
         self,
         replica: PostgresPhysicalReplica,
@@ -249,7 +238,3 @@ class EmbeddedCanopy(CanopySession):
     # -- shutdown -----------------------------------------------------------------------
     def shutdown(self) -> None:
         self.close(self.server)
-
-
-def state_dir_for_device(state_dir: Path) -> Path:
-    return state_dir / "canopy-device"

@@ -14,10 +14,10 @@ import hashlib
 import json
 import os
 import re
-import stat
 from pathlib import Path
 
 from pgro.postgres.users import RoleCredentials, generate_password
+from pgro.runtimes.embedded.state_dir import PRIVATE, ensure_dir
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # Names the files of pgro before 2026-12 had (`<username>.json`); read once, then moved.
@@ -29,22 +29,6 @@ def credential_file_name(username: str) -> str:
     slug = _UNSAFE.sub("_", username)[:40] or "_"
     digest = hashlib.sha256(username.encode()).hexdigest()[:16]
     return f"{slug}-{digest}.json"
-
-
-def _private_dir(path: Path) -> None:
-    """`path` as a directory only its owner can enter: created 0700 by us, or already ours."""
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            raise OSError(
-                f"{path} exists but is not a directory owned by this user: remove it"
-            ) from None
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            os.chmod(path, 0o700)  # a folder pgro made, under an older, laxer pgro
-        return
-    os.chmod(path, 0o700)  # mkdir's mode is cut by the umask, never widened
 
 
 class CredentialStore:
@@ -82,7 +66,7 @@ class CredentialStore:
         folder = path.parent
         # Only the folders pgro makes here are chmodded; never a parent named by input.
         for directory in (self.root, self.root / folder.parent.name, folder):
-            _private_dir(directory)
+            ensure_dir(directory, PRIVATE)
         legacy = None
         if _LEGACY_SAFE.fullmatch(username):
             legacy = self._read(folder / f"{username}.json", username)

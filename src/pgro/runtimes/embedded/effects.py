@@ -212,7 +212,8 @@ class EmbeddedEffects:
         # Which repository, for sharing listings; kopia reaches it through a proxy that
         # lives only while the listing runs.
         key = canopy.repository(replica).through("")
-        self.listings.request(replica.key, key, step.wanted, lambda: canopy.listing(replica))
+        access = lambda: canopy.listing_through(replica, canopy.repository(replica))  # noqa: E731
+        self.listings.request(replica.key, key, step.wanted, access)
 
     def create_restore(
         self, replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore

@@ -36,7 +36,6 @@ class Manifest:
     # (namespace, name) → raw `data`/`stringData` document, decoded lazily so one bad
     # Secret only affects the replicas that use it.
     secrets: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
 
     def replica(self, name: str | None) -> PostgresPhysicalReplica:
         if name is not None:
@@ -142,8 +141,6 @@ def load_manifests(paths: Iterable[Path]) -> Manifest:
                 except ValueError as exc:
                     raise ManifestError(f"{where}: {exc}") from None
                 manifest.replicas.append(replica)
-            else:
-                manifest.ignored.append(f"{kind or '(no kind)'} {name or ''}".strip())
     return manifest
 
 

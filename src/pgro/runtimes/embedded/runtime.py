@@ -1,18 +1,9 @@
 """`pgro run`: the reconciler shell applied to local processes, with state in SQLite.
 
-This module holds the lifecycle: loading (and reloading) the manifests, the loop, polling
-canopy, shutting down. Deciding and applying is the shell's (`pgro.reconciler.shell`), what
-it asks of the machine is `effects.py`.
-
-One loop thread runs every pass. An object is reconciled when it is due: at the time its
-last plan asked for (`requeue_after`, a failing step's retry), or on the next tick when
-something it depends on changed: its row in the store (a pass's own write, the canopy
-syncer's, a manifest load), canopy's credentials for it, its restore worker exiting, its
-server stopping or becoming ready, a listing of its repository finishing, a notification
-round ending. An idle replica costs nothing between its wake-ups. Slow work never runs on
-the loop: listings run in the shared listing service, restores as child processes
-(`restore_worker`), servers as supervised children. Every pass is level-triggered, so a
-restart at any point converges.
+This module holds the lifecycle: the manifests, the loop, polling canopy, shutting down;
+deciding and applying is the shell's, what it asks of the machine `effects.py`. One loop
+thread runs every pass, when an object is due (docs/run.md says when); slow work runs
+elsewhere (the listing service, worker processes, supervised servers).
 """
 
 from __future__ import annotations
@@ -176,11 +167,8 @@ class Runtime:
 
     # -- manifests ----------------------------------------------------------------------
     def load(self) -> None:
-        """Read the manifests; on an error keep running with what was loaded before.
-
-        The files' times are taken first, whether the load works or not: a manifest that
-        does not load is reported once, and read again when it changes (or on SIGHUP).
-        """
+        """Read the manifests; on an error keep running with what was loaded before."""
+        # Times first, whatever the outcome: a bad manifest is reported once per change.
         self._manifest_mtimes = {p: _mtime(p) for p in self.options.manifests}
         try:
             manifest = load_manifests(self.options.manifests)

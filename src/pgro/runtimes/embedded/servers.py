@@ -1,13 +1,8 @@
 """Supervising each restore's PostgreSQL: start, provision users once, restart if it dies.
 
-A server either is our child (`PostgresServer`) or was left running by an earlier `pgro run`
-(a crash, or `--keep-serving`) and is adopted through its `postmaster.pid`, so a restart of
-pgro never starts a second server on the same data directory.
-
-`postmaster.pid` is written by the run account, which runs restored (untrusted) content:
-pgro, often root, takes nothing from it on trust. A pid is adopted or signalled only when
-`/proc` shows a postgres postmaster on this data directory owned by the run account, and
-the socket directory and port are the ones pgro chose and remembered, never the file's.
+A server is our child (`PostgresServer`) or one an earlier `pgro run` left running, adopted
+through its `postmaster.pid`, which pgro takes nothing from on trust (docs/run.md,
+"Robustness"): a pid only when /proc confirms it, never its socket directory or port.
 """
 
 from __future__ import annotations
@@ -34,11 +29,8 @@ class Postmaster:
 
 
 def is_postmaster_of(pid: int, pgdata: Path, account: RunAccount) -> bool:
-    """`pid` is a live postgres postmaster on `pgdata` that runs as the run account.
-
-    Its argv is the one pgro starts it with (`postgres -D <pgdata> …`); a backend or
-    another restore's server has a different one, an unrelated process has neither.
-    """
+    """`pid` is a live postgres postmaster on `pgdata` (its argv is `postgres -D <pgdata> …`,
+    as pgro starts it) that runs as the run account."""
     args = process_args(pid)
     if not args or os.path.basename(args[0]) not in ("postgres", "postmaster"):
         return False
@@ -130,7 +122,8 @@ class ServerHandle:
             self.adopted_pid, self.pgdata, self.account
         )
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
+        """Its postmaster.pid says ready, and names this handle's postmaster."""
         found = running_postmaster(self.pgdata, self.account)
         if found is None or found.status != "ready":
             return False
@@ -151,7 +144,7 @@ class ServerHandle:
             self.child, self.adopted_pid, self.provisioned = None, None, False
             self._spawn()
             return Server(ServerState.NOT_READY)
-        if not self._ready():
+        if not self.ready():
             return Server(ServerState.NOT_READY)
         if not self.provisioned:
             try:

@@ -1,20 +1,6 @@
-"""Where `pgro run` keeps its files, and who may read them.
-
-The state directory holds the SQLite state (replica specs with notification URLs and
-headers), credentials, logs and results: nothing in it is for other users. The run
-account (PostgreSQL and PgBouncer run as `postgres` when pgro is root) needs exactly one
-thing: to traverse to its restores and endpoints. So listable directories are 0700, the
-path to restores and endpoints is 0711 (enter, not list), and files are 0600.
-
-pgro changes the mode only of directories it created. A `--state-dir` that exists is used
-as it is when it is empty or already a state directory; anything else (`/tmp`, `$HOME`)
-is refused rather than chmodded or filled with pgro's files.
-
-When the state directory sits under a directory the run account cannot enter (the first
-thing a root user types, `--state-dir /root/pgro`), the run account's part (restores and
-endpoints, the *run root*) lives in `/var/lib/pgro-run/<name>-<hash>` instead, created
-0711 by pgro; the rest stays private in the state directory.
-"""
+"""Where `pgro run` keeps its files, and who may read them: the state directory (private)
+and the run root, the part the run account traverses to (docs/run.md, "The state
+directory")."""
 
 from __future__ import annotations
 
@@ -45,11 +31,7 @@ class StateDirError(Exception):
 
 
 def prepare_state_dir(path: Path) -> Path:
-    """The absolute state directory, created (mode 0711) if missing, checked if not.
-
-    An existing directory keeps its mode. It must be ours, not writable by others, and
-    empty or already holding a `state.db`.
-    """
+    """The absolute state directory, created (mode 0711) if missing, checked if not."""
     path = Path(os.path.abspath(path))
     if not os.path.lexists(path):
         _make_missing_parents(path.parent)
@@ -112,11 +94,8 @@ def _check_ours(path: Path, st: os.stat_result, what: str) -> None:
 
 
 def ensure_dir(path: Path, mode: int) -> Path:
-    """A directory pgro owns at `path` with exactly `mode`: created, or checked and set.
-
-    Only for paths inside pgro's own directories (never a parent named by input). A
-    symlink or something owned by another user there is refused, not followed.
-    """
+    """A directory pgro owns at `path` with exactly `mode`: created, or checked and set
+    (a symlink or another user's directory is refused). Never for a parent named by input."""
     try:
         path.mkdir(mode=mode)
     except FileExistsError:

@@ -1,9 +1,6 @@
-"""The embedded runtime's state: replicas, restores and events in SQLite.
-
-This plays the API server's part on one machine. Objects are kept in their wire form
-(camelCase JSON, as Kubernetes stores them), status changes are JSON merge patches, and
-every write is a transaction, so a `kill -9` at any point leaves the last committed state.
-"""
+"""`pgro run`'s API server: replicas, restores, events and settings in SQLite, in wire form
+with merge-patched status (docs/run.md); every write is a transaction, so a `kill -9`
+leaves the last committed state."""
 
 from __future__ import annotations
 
@@ -52,23 +49,16 @@ CREATE TABLE IF NOT EXISTS settings (
 );
 """
 
-# The files SQLite keeps next to the database in WAL mode.
-SIDE_FILES = ("-wal", "-shm", "-journal")
-
 
 def _create_private(path: Path) -> None:
-    """The database file exists with mode 0600 before SQLite opens it.
-
-    It holds replica specs (notification URLs and headers), events and settings. SQLite
-    creates its -wal and -shm files with the database file's mode, so they follow; a
-    database left by an older pgro (0644) is tightened here too.
-    """
+    """The database file is 0600 before SQLite opens it (its -wal and -shm files follow its
+    mode); one left by an older pgro (0644) is tightened too."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
-    for suffix in SIDE_FILES:
+    for suffix in ("-wal", "-shm", "-journal"):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(f"{path}{suffix}", 0o600, follow_symlinks=False)
 
@@ -189,17 +179,27 @@ class Store:
             self._on_change(key, None)
 
     def patch_replica_status(self, key: str, patch: Mapping[str, Any]) -> None:
-        """Merge `patch` into the status; a patch that changes nothing writes nothing."""
+        if self._patch_status("replicas", "key", key, patch) is not None:
+            self._on_change(key, None)
+
+    def _patch_status(
+        self, table: str, owner: str, key: str, patch: Mapping[str, Any]
+    ) -> str | None:
+        """Merge `patch` into the status; the row's `owner` column, None when the patch
+        changes nothing (and writes nothing)."""
         with self._tx() as db:
-            row = db.execute("SELECT status FROM replicas WHERE key = ?", (key,)).fetchone()
+            # `table` and `owner` are this module's names, never input.
+            row = db.execute(
+                f"SELECT status, {owner} FROM {table} WHERE key = ?", (key,)
+            ).fetchone()
             if row is None:
-                raise KeyError(f"replica {key} does not exist")
+                raise KeyError(f"{table[:-1]} {key} does not exist")
             old = json.loads(row[0])
             status = merge_patch(old, patch)
             if status == old:
-                return
-            db.execute("UPDATE replicas SET status = ? WHERE key = ?", (json.dumps(status), key))
-        self._on_change(key, None)
+                return None
+            db.execute(f"UPDATE {table} SET status = ? WHERE key = ?", (json.dumps(status), key))
+        return str(row[1])
 
     # -- restores -------------------------------------------------------------------------
     def create_restore(self, restore: PostgresPhysicalRestore) -> bool:
@@ -236,19 +236,9 @@ class Store:
         return None if row is None else _load(PostgresPhysicalRestore, *row)
 
     def patch_restore_status(self, key: str, patch: Mapping[str, Any]) -> None:
-        """Merge `patch` into the status; a patch that changes nothing writes nothing."""
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT status, replica_key FROM restores WHERE key = ?", (key,)
-            ).fetchone()
-            if row is None:
-                raise KeyError(f"restore {key} does not exist")
-            old = json.loads(row[0])
-            status = merge_patch(old, patch)
-            if status == old:
-                return
-            db.execute("UPDATE restores SET status = ? WHERE key = ?", (json.dumps(status), key))
-        self._on_change(str(row[1]), key)
+        replica_key = self._patch_status("restores", "replica_key", key, patch)
+        if replica_key is not None:
+            self._on_change(replica_key, key)
 
     def delete_restore(self, key: str) -> bool:
         with self._tx() as db:

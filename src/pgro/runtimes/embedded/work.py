@@ -131,7 +131,7 @@ class Restores:
                 stopped = adopted and handle.adopted_pid is not None and not handle.alive()
             # Until its first pass as ready (which provisions its roles), a starting
             # server's postmaster.pid is read for the "ready" line.
-            ready = not handle.provisioned and _ready(handle, self.account)
+            ready = not handle.provisioned and handle.ready()
             if stopped or ready:
                 found.append(key)
         return found
@@ -150,7 +150,7 @@ class Restores:
                 error=f"the restore needs {needed // 2**20} MiB (storageSize) but "
                 f"{rdir.parent} has {free // 2**20} MiB free",
             )
-            _write_private(rdir / worker.RESULT, refused.to_json())
+            worker.write_result(rdir, refused)
 
     def start(
         self,
@@ -321,11 +321,6 @@ def _provisioner(
     return provision
 
 
-def _ready(handle: ServerHandle, account: RunAccount) -> bool:
-    found = running_postmaster(handle.pgdata, account)
-    return found is not None and found.status == "ready"
-
-
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -336,12 +331,6 @@ def _tail(path: Path, lines: int = 5) -> str:
 def _is_worker(pid: int) -> bool:
     args = process_args(pid)
     return args is not None and any(name in args for name in WORKER_MODULES)
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 def _our_tmp_socket_dir(path: Path, run_uid: int) -> bool:
