@@ -3,7 +3,8 @@
 The `RestoreJob` arrives as JSON on stdin (credentials never on a command line); the worker
 starts the job's canopy proxy if it has one, runs `restore_snapshot`, and writes the
 `RestoreOutcome` to `result.json` in the restore's directory, atomically; the exit code says
-the same. `pgro run` starts it (runtimes/embedded/work.py; docs/run.md).
+the same. `pgro run` starts it with `launch` (runtimes/embedded/work.py; docs/run.md) and
+finds one an earlier run left with `leftover`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pgro.canopy.proxy import new_client_credentials
 from pgro.canopy.sigv4 import SigningCredentials
+from pgro.interrupts import deferred_interrupts
 from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.events import SilentObserver
 from pgro.pipeline.job import (
@@ -33,14 +35,44 @@ from pgro.pipeline.job import (
 )
 from pgro.pipeline.restore import restore_snapshot
 from pgro.postgres.account import resolve_run_account
-from pgro.processes import spawn, stop
+from pgro.processes import process_args, read_pid, spawn, stop
 
 RESULT = "result.json"
 PIDFILE = "work.pid"
 LOG = "work.log"
+# This module, and its name before issue 11 (a worker an older pgro run left, unwinding).
+MODULES: Final = ("pgro.pipeline.worker", "pgro.runtimes.embedded.restore_worker")
 # The runtime's names for the shared types (`pgro.pipeline.job`).
 WorkResult = RestoreOutcome
 __all__ = ["LOG", "PIDFILE", "RESULT", "WorkResult", "credentials_to_json", "read_result"]
+
+
+def launch(job: RestoreJob, restore_dir: Path) -> subprocess.Popen[bytes]:
+    """Start a worker on `job`; its log, pidfile and result go in `restore_dir`."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+    with os.fdopen(os.open(restore_dir / LOG, flags, 0o600), "ab") as logf, deferred_interrupts():
+        proc = spawn(
+            [sys.executable, "-m", MODULES[0]],
+            # Its parent gone (even kill -9): the worker unwinds, and its kopia and
+            # canopy-proxy go with it; the next run restarts the restore from scratch.
+            death_signal=signal.SIGTERM,
+            stdin=subprocess.PIPE,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    (restore_dir / PIDFILE).write_text(str(proc.pid))
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(job.to_json()).encode())
+    proc.stdin.close()
+    return proc
+
+
+def leftover(restore_dir: Path) -> int | None:
+    """The pid of a worker still running in `restore_dir`, by its pidfile and /proc."""
+    pid = read_pid(restore_dir / PIDFILE)
+    args = process_args(pid) if pid is not None else None
+    return pid if args is not None and any(m in args for m in MODULES) else None
 
 
 def read_result(restore_dir: Path) -> RestoreOutcome | None:

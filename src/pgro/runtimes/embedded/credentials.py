@@ -47,15 +47,18 @@ class CredentialStore:
     def _path(self, replica_key: str, username: str) -> Path:
         return self._folder(replica_key) / credential_file_name(username)
 
-    def _read(self, path: Path, username: str) -> RoleCredentials | None:
+    def _read(self, path: Path, username: str | None = None) -> RoleCredentials | None:
+        """The file's credentials (None: unreadable, or for another user than `username`)."""
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(doc, dict) or doc.get("username") != username:
+        if not isinstance(doc, dict) or username not in (None, doc.get("username")):
             return None
-        password = doc.get("password")
-        return RoleCredentials(username, password) if isinstance(password, str) else None
+        name, password = doc.get("username"), doc.get("password")
+        if isinstance(name, str) and isinstance(password, str):
+            return RoleCredentials(name, password)
+        return None
 
     def ensure(self, replica_key: str, username: str) -> RoleCredentials:
         """The user's credentials, generated and written (mode 0600) on first use."""
@@ -83,17 +86,8 @@ class CredentialStore:
 
     def read(self, replica_key: str) -> dict[str, RoleCredentials]:
         """Every stored user of a replica, by username."""
-        out: dict[str, RoleCredentials] = {}
-        folder = self._folder(replica_key)
-        if not folder.is_dir():
-            return out
-        for path in sorted(folder.glob("*.json")):
-            try:
-                doc = json.loads(path.read_text())
-                out[doc["username"]] = RoleCredentials(doc["username"], doc["password"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-        return out
+        found = (self._read(p) for p in sorted(self._folder(replica_key).glob("*.json")))
+        return {c.username: c for c in found if c is not None}
 
     def path_of(self, replica_key: str, username: str) -> Path:
         return self._path(replica_key, username)

@@ -1,10 +1,6 @@
-"""What the reconciler shell asks of `pgro run`: observing the store and the local
-processes, and applying one step at a time (`pgro.reconciler.effects.Effects`).
-
-Objects are in the store (SQLite, store.py); a restore's directory, worker and server in
-work.py; a replica's PgBouncer and users in endpoints.py; listings in listings.py. Each
-method raises to say its step failed; the shell logs, backs off and reports it.
-"""
+"""`pgro.reconciler.effects.Effects` for `pgro run`: objects in the store (store.py), a
+restore's directory, worker and server (work.py), a replica's PgBouncer and users
+(endpoints.py), listings (`ReplicaListings`). A step that fails raises."""
 
 from __future__ import annotations
 
@@ -83,8 +79,7 @@ class EmbeddedEffects:
         self.canopy = canopy
         self.schedule = schedule
         self.listen_host = listen_host
-        # The manifests as last loaded (their Secrets); the runtime replaces it on reload.
-        self.manifest = Manifest()
+        self.manifest = Manifest()  # as last loaded (its Secrets); replaced on reload
 
     # -- credentials ----------------------------------------------------------------------
     def _credentials(
@@ -196,9 +191,8 @@ class EmbeddedEffects:
             return
         backend = self.restores.server_endpoint(f"{replica.namespace}/{restore}")
         if backend is None:
-            # Not adopted yet (the replica's pass after a restart may come before its
-            # restore's): leave the endpoint serving the running server as it does, instead
-            # of refusing logins; taking the server on schedules this replica again.
+            # Not adopted yet (after a restart): leave PgBouncer routed as it is rather than
+            # refuse logins; taking the server on schedules this replica again.
             self.endpoints.hold(replica)
             return
         self.endpoints.route(replica, backend)
@@ -209,8 +203,7 @@ class EmbeddedEffects:
             self.listings.request(replica.key, creds, step.wanted)
             return
         canopy = self._canopy()
-        # Which repository, for sharing listings; kopia reaches it through a proxy that
-        # lives only while the listing runs.
+        # Shared by repository; kopia reaches it through a proxy living as long as the listing.
         key = canopy.repository(replica).through("")
         access = lambda: canopy.listing_through(replica, canopy.repository(replica))  # noqa: E731
         self.listings.request(replica.key, key, step.wanted, access)
@@ -249,9 +242,7 @@ class EmbeddedEffects:
     def report_verification(
         self, replica: PostgresPhysicalReplica, step: ReportVerification
     ) -> None:
-        """Add what only the running server can tell to the report the decision persisted:
-        database sizes and the checks run on it (the repairs come from the restore's
-        status). Delivery happens in `EmbeddedCanopy`, with retries."""
+        # Adds what only the running server tells (sizes, checks); EmbeddedCanopy delivers.
         if self.canopy is None:
             return
         fresh = self.store.replica(replica.key)

@@ -101,20 +101,19 @@ class Endpoints:
         if not stored:
             self.store.set_setting(setting, str(port))
         ensure_dirs(self.run_root, ("endpoints", replica.namespace), TRAVERSE)
-        run_dir = self.run_root / "endpoints" / replica.namespace / replica.name
-        endpoint = self.factory(replica.key, run_dir, self.account, port, self.listen_host)
-        held = _Routed(endpoint=endpoint, port=port)
-        self._held[replica.key] = held
+        held = self._held[replica.key] = self._make(replica.key, port)
         return held
+
+    def _make(self, key: str, port: int) -> _Routed:
+        run_dir = self.run_root / "endpoints" / key  # namespace/name
+        return _Routed(self.factory(key, run_dir, self.account, port, self.listen_host), port)
 
     def _adopted(self, key: str) -> _Routed | None:
         """The endpoint of a replica this run never routed (it left the manifest while pgro
         was stopped, its PgBouncer kept serving): built from its recorded port and run
         directory, so stopping it finds the PgBouncer through its pidfile."""
         stored = self.store.setting(_port_setting(key))
-        namespace, _, name = key.partition("/")
-        run_dir = self.run_root / "endpoints" / namespace / name
-        if not stored or not name or not run_dir.is_dir():
+        name = key.partition("/")[2]
+        if not stored or not name or not (self.run_root / "endpoints" / key).is_dir():
             return None
-        endpoint = self.factory(key, run_dir, self.account, int(stored), self.listen_host)
-        return _Routed(endpoint=endpoint, port=int(stored))
+        return self._make(key, int(stored))

@@ -7,14 +7,11 @@ A restore lives in `RUN/restores/<namespace>/<name>/` (docs/run.md): the worker 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,14 +24,13 @@ from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import RestoreWork, Server, WorkState
-from pgro.interrupts import deferred_interrupts
 from pgro.pipeline import worker
 from pgro.pipeline.job import CanopyProxy, RestoreJob, RestoreOutcome
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import find_binaries
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
 from pgro.postgres.users import RoleCredentials, provision_users
-from pgro.processes import process_args, read_pid, spawn, stop, stop_pid
+from pgro.processes import stop, stop_pid
 from pgro.runtimes.embedded.servers import ServerHandle, running_postmaster, stop_postmaster
 from pgro.runtimes.embedded.state_dir import TRAVERSE, ensure_dirs
 from pgro.runtimes.embedded.store import Store
@@ -48,8 +44,6 @@ WORKER_STOP_S: Final = 30.0
 # A server pgro started is checked for an exit every pass (a wait() on our child); one
 # adopted from an earlier run only through /proc, so less often.
 ADOPTED_CHECK_S: Final = 10.0
-# The worker module, and its earlier name: a worker an older pgro run left still unwinding.
-WORKER_MODULES: Final = ("pgro.pipeline.worker", "pgro.runtimes.embedded.restore_worker")
 
 
 def restore_key(restore: PostgresPhysicalRestore) -> str:
@@ -96,8 +90,7 @@ class Restores:
                 return RestoreWork.running()
             tail = _tail(rdir / worker.LOG)
             return RestoreWork.failed(f"the restore process exited with code {rc}: {tail}")
-        pid = read_pid(rdir / worker.PIDFILE)
-        if pid is not None and _is_worker(pid):
+        if worker.leftover(rdir) is not None:
             return RestoreWork.running()  # started by a pgro run that was killed
         return RestoreWork.not_started()
 
@@ -106,7 +99,6 @@ class Restores:
         return handle.observe() if handle is not None else Server()
 
     def server_endpoint(self, key: str) -> Endpoint | None:
-        """Where the restore `namespace/name`'s server listens, once this run holds it."""
         handle = self.servers.get(key)
         return handle.endpoint if handle is not None else None
 
@@ -173,25 +165,7 @@ class Restores:
             read_only=effective_read_only(replica, restore),
             proxy=CanopyProxy(rdir / "proxy-port", launch=proxy) if proxy is not None else None,
         )
-        fd = os.open(
-            rdir / worker.LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
-        )
-        with os.fdopen(fd, "ab") as logf, deferred_interrupts():
-            proc = spawn(
-                [sys.executable, "-m", WORKER_MODULES[0]],
-                # pgro run gone (even kill -9): the worker unwinds, and its kopia and
-                # canopy-proxy go with it; the next run restarts the restore from scratch.
-                death_signal=signal.SIGTERM,
-                stdin=subprocess.PIPE,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        (rdir / worker.PIDFILE).write_text(str(proc.pid))
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps(job.to_json()).encode())
-        proc.stdin.close()
-        self.workers[restore_key(restore)] = _Worker(proc)
+        self.workers[restore_key(restore)] = _Worker(worker.launch(job, rdir))
         log.info("restore %s: downloading snapshot %s", restore.name, restore.spec.snapshot)
 
     def cleanup(self, restore: PostgresPhysicalRestore) -> None:
@@ -236,9 +210,8 @@ class Restores:
         return port
 
     def _socket_dir(self, rkey: str, rdir: Path) -> Path:
-        """The server's socket directory: chosen once by pgro and remembered, so an adopted
-        server is reached (and its directory removed) by pgro's record, never by what
-        `postmaster.pid` (written by the run account) says."""
+        """Chosen once and remembered: an adopted server is reached (and its directory
+        removed) by pgro's record, never by its postmaster.pid."""
         setting = f"server-socket/{rkey}"
         stored = self.store.setting(setting)
         if stored:
@@ -257,8 +230,8 @@ class Restores:
         w = self.workers.pop(rkey, None)
         if w is not None:
             stop(w.process, WORKER_STOP_S)
-        pid = read_pid(rdir / worker.PIDFILE)
-        if pid is not None and _is_worker(pid):
+        pid = worker.leftover(rdir)
+        if pid is not None:
             stop_pid(pid, WORKER_STOP_S)
         handle = self.servers.pop(rkey, None)
         remembered = self.store.setting(f"server-socket/{rkey}")
@@ -328,11 +301,6 @@ def _tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
-def _is_worker(pid: int) -> bool:
-    args = process_args(pid)
-    return args is not None and any(name in args for name in WORKER_MODULES)
-
-
 def _our_tmp_socket_dir(path: Path, run_uid: int) -> bool:
     """A remembered /tmp socket directory that is still the one pgro made (not replaced by
     a link or someone else's directory; /tmp is everybody's)."""
@@ -346,8 +314,6 @@ def _our_tmp_socket_dir(path: Path, run_uid: int) -> bool:
 
 
 def _remove_outside(socket_dir: Path, restore_dir: Path) -> None:
-    """Remove a socket directory pgro made in /tmp for a too-long path (see socket_dir_for).
-
-    Only ever called with a path pgro chose and remembered, never one read from a file."""
+    """Remove a socket directory pgro made (and remembered) in /tmp for a too-long path."""
     if not socket_dir.is_relative_to(restore_dir) and socket_dir.name.startswith("pgro-sock-"):
         shutil.rmtree(socket_dir, ignore_errors=True)
