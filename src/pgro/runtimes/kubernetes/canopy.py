@@ -307,13 +307,8 @@ def _secret(
     owner: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A Secret labelled as canopy's; `field` is "data" (base64) or "stringData"."""
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "labels": {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE},
-    }
-    if owner is not None:
-        metadata["ownerReferences"] = [dict(owner)]
+    labels = {LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE}
+    metadata = workloads.object_metadata(name, namespace, labels, owner)
     return {
         "apiVersion": "v1",
         "kind": "Secret",

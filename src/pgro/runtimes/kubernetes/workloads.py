@@ -165,19 +165,17 @@ def _restore_labels(restore: PostgresPhysicalRestore) -> dict[str, str]:
     }
 
 
-def _metadata(
+def object_metadata(
     name: str,
     namespace: str,
     labels: Mapping[str, str],
-    owner: dict[str, Any],
+    owner: Mapping[str, Any] | None,
     annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "labels": dict(labels),
-        "ownerReferences": [owner],
-    }
+    """Metadata of an object the operator creates; `owner`'s deletion deletes it."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
+    if owner is not None:
+        meta["ownerReferences"] = [dict(owner)]
     if annotations:
         meta["annotations"] = dict(annotations)
     return meta
@@ -193,12 +191,14 @@ def _replica_metadata(
     labels = _replica_labels(replica.name)
     if component:
         labels[LABEL_COMPONENT] = component
-    return _metadata(name, replica.namespace, labels, replica.owner_reference(), annotations)
+    return object_metadata(name, replica.namespace, labels, replica.owner_reference(), annotations)
 
 
 def _restore_metadata(restore: PostgresPhysicalRestore, name: str) -> dict[str, Any]:
     """An object of the restore's, owned by it (deleted with it)."""
-    return _metadata(name, restore.namespace, _restore_labels(restore), restore.owner_reference())
+    return object_metadata(
+        name, restore.namespace, _restore_labels(restore), restore.owner_reference()
+    )
 
 
 def _b64(value: str) -> str:
