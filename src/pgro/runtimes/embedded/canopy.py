@@ -173,9 +173,8 @@ class EmbeddedCanopy(CanopySession):
         restore: PostgresPhysicalRestore,
         run_id: str | None,
     ) -> tuple[KopiaCredentials, dict[str, Any]]:
-        """Kopia's credentials (the proxy's endpoint and kopia's keys are filled in by the
-        worker) and how the worker starts its `pgro canopy-proxy`, with the restore's
-        broker token (bound to its group, type, run id and callbacks)."""
+        """Kopia's credentials (the worker routes them through its proxy) and how the worker
+        starts `pgro canopy-proxy`, with the restore's own broker token."""
         source = replica.spec.canopy_source
         assert source is not None
         repo = self.repository(replica)
@@ -203,8 +202,7 @@ class EmbeddedCanopy(CanopySession):
         restore: str,
         health_details: dict[str, Any] | None,
     ) -> None:
-        """Merge what the runtime measured into the restore's waiting report (delivered
-        from the next pass on, so the details always go with it)."""
+        """Merge what the runtime measured into the restore's waiting report."""
         pending = replica.status.pending_verification_reports
         target = next((r for r in pending if r.restore == restore), None)
         if target is None:
@@ -225,13 +223,8 @@ class EmbeddedCanopy(CanopySession):
                     f"The {dropped.report.outcome} report on restore {dropped.report.restore} "
                     f"was dropped: {dropped.why}"
                 )
-                self.store.add_event(
-                    replica.key,
-                    "Warning",
-                    reasons.EVENT_VERIFICATION_REPORT_REJECTED,
-                    note,
-                    dropped.report.restore,
-                )
+                rejected = reasons.EVENT_VERIFICATION_REPORT_REJECTED
+                self.store.add_event(replica.key, "Warning", rejected, note, dropped.report.restore)
                 log.warning("%s: %s", replica.key, note)
             self.courier.settled(step)
 

@@ -1,11 +1,8 @@
 """Login credentials of each replica's users, kept in files only their owner can read.
 
 The embedded counterpart of the `<replica>-creds` and extra-user Secrets: created once,
-never rotated (as the reference does), so clients keep working across restores.
-
-User names come from manifests and from canopy (remote input), so a file is named by a
-slug of the name plus a hash of it, never by the name itself: no name can reach outside
-the replica's folder, and two names that slug alike still get different files.
+never rotated (as the reference does), so clients keep working across restores. Names are
+remote input: a file is named by a slug and hash of the name, never by the name itself.
 """
 
 from __future__ import annotations
@@ -44,7 +41,7 @@ class CredentialStore:
                 raise ValueError(f"{replica_key!r} is not a namespace/name replica key")
         return self.root / namespace / name
 
-    def _path(self, replica_key: str, username: str) -> Path:
+    def path_of(self, replica_key: str, username: str) -> Path:
         return self._folder(replica_key) / credential_file_name(username)
 
     def _read(self, path: Path, username: str | None = None) -> RoleCredentials | None:
@@ -62,7 +59,7 @@ class CredentialStore:
 
     def ensure(self, replica_key: str, username: str) -> RoleCredentials:
         """The user's credentials, generated and written (mode 0600) on first use."""
-        path = self._path(replica_key, username)
+        path = self.path_of(replica_key, username)
         found = self._read(path, username)
         if found is not None:
             return found
@@ -88,6 +85,3 @@ class CredentialStore:
         """Every stored user of a replica, by username."""
         found = (self._read(p) for p in sorted(self._folder(replica_key).glob("*.json")))
         return {c.username: c for c in found if c is not None}
-
-    def path_of(self, replica_key: str, username: str) -> Path:
-        return self._path(replica_key, username)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pgro.api.replica import PostgresPhysicalReplica
@@ -57,29 +58,19 @@ log = logging.getLogger("pgro.run")
 RUNTIME_NAME = "pgro run"
 
 
+@dataclass(eq=False)
 class EmbeddedEffects:
-    runtime_name = RUNTIME_NAME
+    store: Store
+    restores: Restores
+    endpoints: Endpoints
+    listings: ReplicaListings
+    canopy: EmbeddedCanopy | None
+    schedule: Schedule
+    listen_host: str
+    manifest: Manifest = field(default_factory=Manifest)  # as last loaded; replaced on reload
+    runtime_name: str = field(default=RUNTIME_NAME, init=False)
     # Redaction, schema carry-over and the like do not run in pgro run yet.
-    supported_switchover_steps: frozenset[SwitchoverStep] = frozenset()
-
-    def __init__(
-        self,
-        store: Store,
-        restores: Restores,
-        endpoints: Endpoints,
-        listings: ReplicaListings,
-        canopy: EmbeddedCanopy | None,
-        schedule: Schedule,
-        listen_host: str,
-    ) -> None:
-        self.store = store
-        self.restores = restores
-        self.endpoints = endpoints
-        self.listings = listings
-        self.canopy = canopy
-        self.schedule = schedule
-        self.listen_host = listen_host
-        self.manifest = Manifest()  # as last loaded (its Secrets); replaced on reload
+    supported_switchover_steps: frozenset[SwitchoverStep] = field(default=frozenset(), init=False)
 
     # -- credentials ----------------------------------------------------------------------
     def _credentials(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,23 +39,15 @@ class _Routed:
     routed: tuple[Any, ...] | None = None
 
 
+@dataclass(eq=False)
 class Endpoints:
-    def __init__(
-        self,
-        store: Store,
-        credentials: CredentialStore,
-        run_root: Path,
-        account: RunAccount,
-        listen_host: str,
-        factory: EndpointFactory,
-    ) -> None:
-        self.store = store
-        self.credentials = credentials
-        self.run_root = run_root
-        self.account = account
-        self.listen_host = listen_host
-        self.factory = factory
-        self._held: dict[str, _Routed] = {}
+    store: Store
+    credentials: CredentialStore
+    run_root: Path
+    account: RunAccount
+    listen_host: str
+    factory: EndpointFactory
+    _held: dict[str, _Routed] = field(default_factory=dict, init=False)
 
     def port(self, key: str) -> int | None:
         """The replica's port, once this run holds its endpoint."""

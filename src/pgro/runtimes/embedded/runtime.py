@@ -72,22 +72,17 @@ class Runtime:
         self.account = resolve_run_account()
         self.store = Store(self.state_dir / "state.db")
         # Only the path to restores and endpoints is for the run account (see state_dir).
-        self.run_root = choose_run_root(
-            self.state_dir, self.account, self.store.setting(RUN_ROOT_SETTING)
-        )
-        if self.store.setting(RUN_ROOT_SETTING) != str(self.run_root):
+        stored = self.store.setting(RUN_ROOT_SETTING)
+        self.run_root = choose_run_root(self.state_dir, self.account, stored)
+        if stored != str(self.run_root):
             self.store.set_setting(RUN_ROOT_SETTING, str(self.run_root))
         if self.run_root != self.state_dir:
-            log.info(
-                "%s cannot reach %s: restores and endpoints live in %s",
-                self.account.name,
-                self.state_dir,
-                self.run_root,
-            )
+            why = "%s cannot reach %s: restores and endpoints live in %s"
+            log.info(why, self.account.name, self.state_dir, self.run_root)
         for name in ("restores", "endpoints"):
             ensure_dir(self.run_root / name, TRAVERSE)
-        ensure_dir(self.state_dir / "credentials", PRIVATE)
-        ensure_dir(self.state_dir / "kopia", PRIVATE)
+        for name in ("credentials", "kopia"):
+            ensure_dir(self.state_dir / name, PRIVATE)
         self.metrics = Metrics()
         self.health = Health()
         self.clock = clock
@@ -155,8 +150,7 @@ class Runtime:
         now = time.monotonic()
         with self._due_lock:
             due = sorted(k for k, at in self._due.items() if at <= now)
-            for k in due:
-                del self._due[k]
+            self._due = {k: at for k, at in self._due.items() if at > now}
         return due
 
     def _everything_due(self) -> None:

@@ -4,6 +4,7 @@ directory")."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -48,7 +49,7 @@ def prepare_state_dir(path: Path) -> Path:
         raise StateDirError(f"--state-dir {path} cannot be used: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirError(f"--state-dir {path} is not a directory")
-    _check_ours(path, st, "--state-dir")
+    _check_ours(path, st)
     if (path / DB_NAME).exists():
         return path
     # Only what pgro itself puts here (a start that stopped before creating the database,
@@ -65,29 +66,22 @@ def prepare_state_dir(path: Path) -> Path:
 
 def _make_missing_parents(parent: Path) -> None:
     """`mkdir -p` for the parents pgro creates: 0711, so the run account can pass."""
-    missing: list[Path] = []
-    current = parent
-    while not os.path.lexists(current):
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        try:
+    for directory in reversed([d for d in (parent, *parent.parents) if not os.path.lexists(d)]):
+        with contextlib.suppress(FileExistsError):
             directory.mkdir(mode=TRAVERSE)
-        except FileExistsError:
-            continue
-        os.chmod(directory, TRAVERSE)
+            os.chmod(directory, TRAVERSE)  # mkdir's mode is cut by the umask
 
 
-def _check_ours(path: Path, st: os.stat_result, what: str) -> None:
+def _check_ours(path: Path, st: os.stat_result) -> None:
     if st.st_uid != os.geteuid():
         raise StateDirError(
-            f"{what} {path} belongs to uid {st.st_uid}, not to the user running pgro: "
+            f"--state-dir {path} belongs to uid {st.st_uid}, not to the user running pgro: "
             "another user could change what pgro reads and writes there. Use a directory "
             "of your own"
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StateDirError(
-            f"{what} {path} is writable by other users (mode {stat.filemode(st.st_mode)}): "
+            f"--state-dir {path} is writable by other users (mode {stat.filemode(st.st_mode)}): "
             f"they could plant files pgro then trusts. Use a directory of your own, for "
             f"example {path / 'pgro'}"
         )

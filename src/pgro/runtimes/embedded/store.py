@@ -165,12 +165,18 @@ class Store:
         return [r[0] for r in self._db.execute("SELECT key FROM replicas ORDER BY key")]
 
     def replica(self, key: str) -> PostgresPhysicalReplica | None:
-        row = self._db.execute("SELECT body, status FROM replicas WHERE key = ?", (key,)).fetchone()
-        return None if row is None else _load(PostgresPhysicalReplica, *row)
+        found = self._objects(PostgresPhysicalReplica, "replicas", "key", key)
+        return found[0] if found else None
 
     def replicas(self) -> list[PostgresPhysicalReplica]:
-        rows = self._db.execute("SELECT body, status FROM replicas ORDER BY key").fetchall()
-        return [_load(PostgresPhysicalReplica, *row) for row in rows]
+        return self._objects(PostgresPhysicalReplica, "replicas")
+
+    def _objects(self, model: type[_M], table: str, column: str = "", value: str = "") -> list[_M]:
+        """The objects of `table` (where `column` is `value`, if given), by key."""
+        where = f"WHERE {column} = ?" if column else ""  # this module's names, never input
+        sql = f"SELECT body, status FROM {table} {where} ORDER BY key"
+        rows = self._db.execute(sql, (value,) if column else ()).fetchall()
+        return [_load(model, *row) for row in rows]
 
     def delete_replica(self, key: str) -> None:
         with self._tx() as db:
@@ -223,17 +229,12 @@ class Store:
 
     def restores(self, replica_key: str | None = None) -> list[PostgresPhysicalRestore]:
         if replica_key is None:
-            rows = self._db.execute("SELECT body, status FROM restores ORDER BY key").fetchall()
-        else:
-            rows = self._db.execute(
-                "SELECT body, status FROM restores WHERE replica_key = ? ORDER BY key",
-                (replica_key,),
-            ).fetchall()
-        return [_load(PostgresPhysicalRestore, *row) for row in rows]
+            return self._objects(PostgresPhysicalRestore, "restores")
+        return self._objects(PostgresPhysicalRestore, "restores", "replica_key", replica_key)
 
     def restore(self, key: str) -> PostgresPhysicalRestore | None:
-        row = self._db.execute("SELECT body, status FROM restores WHERE key = ?", (key,)).fetchone()
-        return None if row is None else _load(PostgresPhysicalRestore, *row)
+        found = self._objects(PostgresPhysicalRestore, "restores", "key", key)
+        return found[0] if found else None
 
     def patch_restore_status(self, key: str, patch: Mapping[str, Any]) -> None:
         replica_key = self._patch_status("restores", "replica_key", key, patch)

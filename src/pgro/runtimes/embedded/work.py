@@ -1,9 +1,5 @@
-"""Each restore's local machinery in `pgro run`: its directory, its restore worker process
-and its PostgreSQL server.
-
-A restore lives in `RUN/restores/<namespace>/<name>/` (docs/run.md): the worker is
-`pgro.pipeline.worker`, the server a `ServerHandle` (servers.py) on the restored data.
-"""
+"""Each restore's local machinery in `pgro run`: its directory (`RUN/restores/<ns>/<name>/`,
+docs/run.md), its worker (`pgro.pipeline.worker`) and its server (`ServerHandle`)."""
 
 from __future__ import annotations
 
