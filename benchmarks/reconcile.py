@@ -7,10 +7,15 @@ settles them with one pass whose status patches are applied, then times, in the 
 - baseline: reading the objects (`model_validate` of each replica and its restores from
   wire form), which every runtime pays before deciding anything;
 - replica decisions: `decide_replica` for every replica;
-- restore decisions: `decide_restore` for every restore.
+- restore decisions: `decide_restore` for every restore;
+- shell passes: `Shell.reconcile` for every replica and restore, as every runtime runs them
+  (observe, decide under the queue lock, apply the plan through the exhaustive dispatch,
+  backoff bookkeeping, metrics), over effects that serve the same observations from memory
+  and count every step they are asked to apply.
 
-Prints decisions per second, the ratio of a decision to reading its objects, and the
-number of status patches the steady-state passes produced (target: zero).
+Prints decisions per second, the ratio of a decision to reading its objects, the shell's
+cost over the bare decisions, and the number of status patches (and, through the shell,
+steps of any kind that write) the steady-state passes produced (target: zero).
 
     .venv/bin/python -m benchmarks.reconcile [--replicas 1000] [--rounds 5]
 """
@@ -21,6 +26,7 @@ import argparse
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,8 +45,13 @@ from pgro.core.plan import PatchReplicaStatus, PatchRestoreStatus
 from pgro.core.queue import AdmissionQueue
 from pgro.core.replica_decision import decide_replica
 from pgro.core.restore_machine import decide_restore
+from pgro.reconciler.effects import ReplicaView
+from pgro.reconciler.shell import Shell
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+# When the steady-state passes run: settled, before the Failed restore's cleanup (300 s
+# after its creation) and before the schedule is due.
+LATER = NOW + timedelta(minutes=1)
 
 
 def _stamp(when: datetime) -> str:
@@ -124,6 +135,51 @@ def build_fleet(count: int) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]
     return fleet
 
 
+class FleetEffects:
+    """The settled fleet served from memory; every step the shell applies is counted.
+
+    Reading and idempotent steps (ensure resources, ensure the server, mark ready) are what
+    a settled replica's plan holds; anything else here would be a write in a runtime."""
+
+    runtime_name = "the benchmark"
+    supported_switchover_steps: frozenset[Any] = frozenset()
+    IDEMPOTENT = frozenset({"ensure_replica_resources", "ensure_server", "mark_ready_for_traffic"})
+
+    def __init__(
+        self, replicas: dict[str, ReplicaObservation], restores: dict[str, RestoreObservation]
+    ) -> None:
+        self.replicas = replicas
+        self.restores = restores
+        self.calls: Counter[str] = Counter()
+
+    def observe_replica(self, key: str) -> ReplicaView:
+        return ReplicaView(self.replicas[key])
+
+    def observe_restore(self, key: str) -> RestoreObservation:
+        return self.restores[key]
+
+    def read_replica(self, key: str) -> PostgresPhysicalReplica:
+        return self.replicas[key].replica
+
+    def restores_in_progress(self) -> dict[str, str]:
+        return {}
+
+    def queue_positions(self) -> dict[str, int]:
+        return {}
+
+    def replica_plan_applied(self, replica: PostgresPhysicalReplica) -> None:
+        pass
+
+    def writes(self) -> int:
+        return sum(n for name, n in self.calls.items() if name not in self.IDEMPOTENT)
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        def count(*args: Any) -> None:
+            self.calls[name] += 1
+
+        return count
+
+
 def _timed(rounds: int, run: Callable[[], None]) -> float:
     samples = []
     for _ in range(rounds):
@@ -184,25 +240,43 @@ def main() -> None:
 
     def replica_pass() -> None:
         nonlocal steady_replica_patches
-        later = NOW + timedelta(minutes=5)
         for obs in replica_obs:
-            plan = decide_replica(obs, queue, later, rng.random)
+            plan = decide_replica(obs, queue, LATER, rng.random)
             steady_replica_patches += sum(
                 1 for s in plan.steps if isinstance(s, PatchReplicaStatus)
             )
 
     def restore_pass() -> None:
         nonlocal steady_restore_patches
-        later = NOW + timedelta(minutes=5)
         for obs in restore_obs:
-            plan = decide_restore(obs, queue, later, lambda: "run")
+            plan = decide_restore(obs, queue, LATER, lambda: "run")
             steady_restore_patches += sum(
                 1 for s in plan.steps if isinstance(s, PatchRestoreStatus | PatchReplicaStatus)
             )
 
+    effects = FleetEffects(
+        {obs.replica.key: obs for obs in replica_obs},
+        {f"{obs.restore.namespace}/{obs.restore.name}": obs for obs in restore_obs},
+    )
+    shell = Shell(
+        effects,
+        schedule=lambda kind, key, delay: None,
+        clock=lambda: LATER,
+        limit=2,
+        random=rng.random,
+        new_run_id=lambda: "run",
+    )
+
+    def shell_pass() -> None:
+        for key in effects.replicas:
+            shell.reconcile("replica", key)
+        for key in effects.restores:
+            shell.reconcile("restore", key)
+
     baseline = _timed(args.rounds, read_objects)
     replica_time = _timed(args.rounds, replica_pass)
     restore_time = _timed(args.rounds, restore_pass)
+    shell_time = _timed(args.rounds, shell_pass)
     n_replicas = len(replica_obs)
     n_restores = len(restore_obs)
 
@@ -220,6 +294,12 @@ def main() -> None:
     print(
         f"restore decisions: {n_restores / restore_time:,.0f}/s "
         f"({restore_time / n_restores * 1e6:.1f} µs each)"
+    )
+    print(
+        f"shell passes (replicas and restores): {(n_replicas + n_restores) / shell_time:,.0f}/s "
+        f"({shell_time / (replica_time + restore_time):.2f}× the bare decisions); "
+        f"writing steps applied: {effects.writes()} over {args.rounds} passes (target: 0; "
+        f"idempotent steps: {sum(effects.calls.values()) - effects.writes()})"
     )
     print(
         f"steady-state status patches: {steady_replica_patches} replica, "
