@@ -33,7 +33,13 @@ from pgro.runtimes.kubernetes.notification_secrets import (
     NOTIFICATION_SECRET_REFUSED,
     notification_secrets,
 )
-from pgro.runtimes.kubernetes.observe import Meta, Observer, secret_value, split_key
+from pgro.runtimes.kubernetes.observe import (
+    Meta,
+    Observer,
+    authored_version,
+    secret_value,
+    split_key,
+)
 from pgro.runtimes.kubernetes.provisioning import PodEndpoint, Provisioner
 from pgro.runtimes.kubernetes.reports import ReportDelivery
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
@@ -145,8 +151,7 @@ class KubeEffects:
     ) -> None:
         annotations = step.service_annotations
         wanted = (
-            replica.metadata.uid,
-            replica.metadata.resource_version,
+            authored_version(replica),
             step.analytics_username,
             tuple(step.extra_usernames),
             tuple(sorted((annotations or {}).items())),

@@ -302,7 +302,7 @@ class Observer:
     def secret_check(
         self, replica: PostgresPhysicalReplica
     ) -> tuple[SecretCheck | None, KopiaCredentials | None]:
-        version = replica.metadata.resource_version or ""
+        version = authored_version(replica)
         if replica.spec.canopy_source is not None:
             if self.canopy is None:
                 return NO_CANOPY, None
@@ -489,3 +489,16 @@ def _restore_model(raw: Mapping[str, Any]) -> PostgresPhysicalRestore | None:
             exc.errors()[0].get("msg"),
         )
         return None
+
+
+def authored_version(replica: PostgresPhysicalReplica) -> str:
+    """The replica as people change it: its spec (generation), labels and annotations.
+
+    Not its resourceVersion: pgro's own status patches change that, and keying on it made
+    every replica re-read its Secret and re-create what it owns after each of pgro's own
+    writes. `kubectl annotate` still counts as a change (the documented way to make pgro
+    look again at once)."""
+    meta = replica.metadata
+    return repr(
+        (meta.uid, meta.generation, sorted(meta.labels.items()), sorted(meta.annotations.items()))
+    )
