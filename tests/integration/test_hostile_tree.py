@@ -24,10 +24,10 @@ import pytest
 from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.events import SilentObserver
 from pgro.pipeline.restore import restore_snapshot
+from pgro.pipeline.restore_job import parse_fixes
 from pgro.postgres.account import RunAccount, hand_over
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.layout import NotPostgres
-from pgro.runtimes.kubernetes.restore_job import parse_fixes
 from tests.conftest import REPO_PASSWORD, Repo
 from tests.fixtures.manifests import fs_manifest
 

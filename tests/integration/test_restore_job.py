@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from pgro.api.secret import KopiaCredentials, S3Location
+from pgro.pipeline.restore_job import parse_fixes, parse_message
 from pgro.postgres.layout import locate_data_directory
-from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
 from tests.conftest import Repo
 
 

@@ -8,14 +8,13 @@ from typing import Any
 
 import pytest
 
-from pgro.runtimes.kubernetes import config as cfg
+from pgro.cli import operator_settings
+from pgro.cli.operator_settings import parse_listen_addr, parse_operator_settings
 from pgro.runtimes.kubernetes.config import (
     OperatorConfig,
     Placement,
     Toleration,
-    parse_listen_addr,
     parse_operator_config,
-    parse_operator_settings,
     with_placement,
 )
 
@@ -205,7 +204,7 @@ def test_version_falls_back_to_dev(monkeypatch: pytest.MonkeyPatch) -> None:
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
-    assert cfg.default_pgro_image() == "ghcr.io/beyondessential/pgro:dev"
+    assert operator_settings.default_pgro_image() == "ghcr.io/beyondessential/pgro:dev"
 
 
 # ---------------------------------------------------------------------- placement

@@ -329,7 +329,7 @@ def test_restore_job_env() -> None:
 
 def test_restore_job_env_matches_what_restore_job_reads() -> None:
     """Every Secret variable the Job sets is one `pgro restore-job` maps back to a key."""
-    from pgro.runtimes.kubernetes.restore_job import SECRET_ENV
+    from pgro.pipeline.restore_job import SECRET_ENV
 
     job = wl.restore_job(replica(), restore(), CONFIG)
     env = job["spec"]["template"]["spec"]["containers"][0]["env"]

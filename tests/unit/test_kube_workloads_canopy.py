@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from lightkube import codecs
 
+from pgro.pipeline.restore_job import SECRET_ENV
 from pgro.runtimes.kubernetes import workloads as wl
 from pgro.runtimes.kubernetes.config import OperatorConfig, Placement
-from pgro.runtimes.kubernetes.restore_job import SECRET_ENV
 from tests.fixtures import manifests
 
 NS = "canopy-fiji-verify"
@@ -327,7 +327,7 @@ def test_restore_job_connects_kopia_through_the_proxy(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pgro.api.secret import KopiaCredentials, S3Location
-    from pgro.runtimes.kubernetes import restore_job
+    from pgro.pipeline import restore_job
 
     seen: list[KopiaCredentials] = []
 
@@ -361,7 +361,7 @@ def test_restore_job_connects_kopia_through_the_proxy(
 def test_restore_job_without_the_port_file_fails_retryably(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pgro.runtimes.kubernetes import restore_job
+    from pgro.pipeline import restore_job
 
     monkeypatch.setattr(restore_job, "PROXY_PORT_TIMEOUT_S", 0.3)
     outcome = restore_job.run(_restore_job_env(tmp_path, tmp_path / "never-written"))
@@ -375,7 +375,7 @@ def test_restore_job_names_missing_canopy_credentials_and_retries(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pgro.kopia.errors import KopiaError
-    from pgro.runtimes.kubernetes import restore_job
+    from pgro.pipeline import restore_job
 
     class Repository:
         def __init__(self, *args: Any) -> None:
@@ -395,6 +395,6 @@ def test_restore_job_names_missing_canopy_credentials_and_retries(
 
 
 def test_restore_job_default_port_timeout_is_the_references() -> None:
-    from pgro.runtimes.kubernetes import restore_job
+    from pgro.pipeline import restore_job
 
     assert restore_job.PROXY_PORT_TIMEOUT_S == 30

@@ -22,9 +22,9 @@ from pgro.pipeline.job import (
     RestoreOutcome,
     classify,
 )
+from pgro.pipeline.restore_job import parse_fixes, parse_message
 from pgro.postgres.layout import NotPostgres, UnsafeSnapshot
 from pgro.postgres.server import StartupFailed
-from pgro.runtimes.kubernetes.restore_job import parse_fixes, parse_message
 
 S3 = KopiaCredentials(
     location=S3Location(bucket="b", region="eu-west-1", prefix="p/"),

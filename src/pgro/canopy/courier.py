@@ -25,6 +25,8 @@ from pgro.canopy.broker import Callbacks
 from pgro.canopy.client import CanopyError
 from pgro.canopy.wire import VerificationArgs
 from pgro.core import verification_reports as vr
+from pgro.core.plan import EmitEvent, EventType
+from pgro.core.reasons import EVENT_VERIFICATION_REPORT_REJECTED
 
 log = logging.getLogger("pgro.canopy.reports")
 
@@ -39,6 +41,16 @@ _Key = tuple[str, str]  # (replica key, report key)
 class Dropped:
     report: PendingVerificationReport
     why: str
+
+    def event(self) -> EmitEvent:
+        """The Warning every runtime records on the replica for a report dropped for good."""
+        note = f"The {self.report.outcome} report on restore {self.report.restore} was dropped"
+        return EmitEvent(
+            EventType.WARNING,
+            EVENT_VERIFICATION_REPORT_REJECTED,
+            f"{note}: {self.why}",
+            self.report.restore,
+        )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from pgro.canopy.proxy import DEFAULT_PROGRESS_INTERVAL
 from pgro.canopy.session import CanopySession, restore_token
 from pgro.canopy.syncer import DEFAULT_INTERVAL, DEFAULT_REMOVAL_GRACE, SyncTick
 from pgro.canopy.tokens import BrokerTokens, load_or_create_key
-from pgro.core import reasons
 from pgro.core import verification_reports as vr
 from pgro.core.observations import SecretCheck
 from pgro.postgres.server import free_port
@@ -219,13 +218,9 @@ class EmbeddedCanopy(CanopySession):
             if step.reports is not None:
                 self.store.patch_replica_status(replica.key, vr.status_patch(step.reports))
             for dropped in step.dropped:
-                note = (
-                    f"The {dropped.report.outcome} report on restore {dropped.report.restore} "
-                    f"was dropped: {dropped.why}"
-                )
-                rejected = reasons.EVENT_VERIFICATION_REPORT_REJECTED
-                self.store.add_event(replica.key, "Warning", rejected, note, dropped.report.restore)
-                log.warning("%s: %s", replica.key, note)
+                e = dropped.event()
+                self.store.add_event(replica.key, e.type, e.reason, e.note, e.related)
+                log.warning("%s: %s", replica.key, e.note)
             self.courier.settled(step)
 
     # -- shutdown -----------------------------------------------------------------------

@@ -5,7 +5,6 @@ Forgiving like the reference's: a bad value falls back to its default with a war
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,13 +12,8 @@ from typing import Any, Final, Literal
 
 DEFAULT_MAX_CONCURRENT_RESTORES: Final = 2
 DEFAULT_READY_TIMEOUT_SECS: Final = 1800
-DEFAULT_OPERATOR_NAMESPACE: Final = "postgres-restore-operator"
-DEFAULT_METRICS_ADDR: Final = "[::]:8080"
-IMAGE_REPOSITORY: Final = "ghcr.io/beyondessential/pgro"
 
 TOLERATION_EFFECTS: Final = frozenset({"NoSchedule", "PreferNoSchedule", "NoExecute"})
-
-_ADDR: Final = re.compile(r"(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^\[\]:]+)):(?P<port>\d{1,5})")
 
 
 @dataclass(frozen=True)
@@ -58,17 +52,6 @@ class OperatorConfig:
     restore_image: str
     use_port_forward: bool = False
     placement: Placement = field(default_factory=Placement)
-
-
-@dataclass(frozen=True)
-class OperatorSettings:
-    """What the operator reads from its environment once, at startup."""
-
-    ready_timeout_floor_secs: int
-    namespace: str
-    metrics_host: str
-    metrics_port: int
-    pgro_image: str
 
 
 def with_placement(pod_template: Mapping[str, Any], placement: Placement) -> dict[str, Any]:
@@ -217,66 +200,3 @@ def parse_operator_config(
         placement=placement,
     )
     return config, warnings
-
-
-def pgro_version() -> str:
-    try:
-        return importlib.metadata.version("pgro")
-    except importlib.metadata.PackageNotFoundError:
-        return "dev"
-
-
-def default_pgro_image() -> str:
-    return f"{IMAGE_REPOSITORY}:{pgro_version()}"
-
-
-def parse_listen_addr(raw: str) -> tuple[str, int] | None:
-    """`[::]:8080` → ("::", 8080); `0.0.0.0:9090` → ("0.0.0.0", 9090); None if malformed."""
-    match = _ADDR.fullmatch(raw.strip())
-    if match is None:
-        return None
-    port = int(match["port"])
-    if port > 65535:
-        return None
-    return match["v6"] or match["host"], port
-
-
-def parse_operator_settings(
-    env: Mapping[str, str], *, serviceaccount_namespace: str | None = None
-) -> tuple[OperatorSettings, list[str]]:
-    """Settings from the environment (`os.environ`); `serviceaccount_namespace` is the
-    content of the pod's service-account namespace file, if it could be read."""
-    warnings: list[str] = []
-    raw_timeout = env.get("DEPLOYMENT_READY_TIMEOUT_SECS")
-    timeout = DEFAULT_READY_TIMEOUT_SECS
-    if raw_timeout is not None:
-        if raw_timeout.strip().isdigit():
-            timeout = int(raw_timeout.strip())
-        else:
-            warnings.append(
-                f"DEPLOYMENT_READY_TIMEOUT_SECS: invalid value {raw_timeout!r} (expected whole "
-                f"seconds); using {DEFAULT_READY_TIMEOUT_SECS}"
-            )
-    namespace = (
-        (env.get("OPERATOR_NAMESPACE") or "").strip()
-        or (serviceaccount_namespace or "").strip()
-        or DEFAULT_OPERATOR_NAMESPACE
-    )
-    raw_addr = env.get("METRICS_ADDR") or DEFAULT_METRICS_ADDR
-    addr = parse_listen_addr(raw_addr)
-    if addr is None:
-        warnings.append(
-            f"METRICS_ADDR: invalid value {raw_addr!r} (expected host:port, e.g. "
-            f"{DEFAULT_METRICS_ADDR}); using {DEFAULT_METRICS_ADDR}"
-        )
-        addr = parse_listen_addr(DEFAULT_METRICS_ADDR)
-        assert addr is not None
-    image = (env.get("PGRO_IMAGE") or "").strip() or default_pgro_image()
-    settings = OperatorSettings(
-        ready_timeout_floor_secs=timeout,
-        namespace=namespace,
-        metrics_host=addr[0],
-        metrics_port=addr[1],
-        pgro_image=image,
-    )
-    return settings, warnings

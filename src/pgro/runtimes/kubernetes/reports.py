@@ -13,9 +13,7 @@ from typing import Any
 from pgro.api.names import REPLICA_KIND
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.verification import PendingVerificationReport
-from pgro.core import reasons
 from pgro.core import verification_reports as vr
-from pgro.core.plan import EmitEvent, EventType
 from pgro.kube.client import KubeApi, is_conflict
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.observe import EmitRaw, Requeue
@@ -67,19 +65,7 @@ class ReportDelivery:
         if step.reports is not None and not self.patch(raw, step.reports):
             return
         for dropped in step.dropped:
-            note = (
-                f"The {dropped.report.outcome} report on restore {dropped.report.restore} "
-                f"was dropped: {dropped.why}"
-            )
-            self.emit(
-                raw,
-                EmitEvent(
-                    EventType.WARNING,
-                    reasons.EVENT_VERIFICATION_REPORT_REJECTED,
-                    note,
-                    dropped.report.restore,
-                ),
-            )
+            self.emit(raw, dropped.event())
         courier.settled(step)
         waiting = (
             step.reports
