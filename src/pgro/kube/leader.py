@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pgro.clock import utcnow
 from pgro.kube.client import KubeApi
 
 log = logging.getLogger("pgro.operator.leader")
@@ -45,7 +46,7 @@ class LeaderElector:
         name: str = LEASE_NAME,
         lease_duration: float = 15.0,
         renew_every: float = 5.0,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.api = api
         self.namespace = namespace

@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.secret import KopiaCredentials
+from pgro.clock import utcnow
 from pgro.core.secrets import scrub
 from pgro.core.selection import select_snapshot
 from pgro.core.snapshot import Snapshot
@@ -187,7 +188,7 @@ def verify_snapshot(
     observer: Observer | None = None,
     *,
     cancel: threading.Event | None = None,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    now: Callable[[], datetime] = utcnow,
 ) -> VerificationReport:
     """Run the whole verification. Returns a report; never leaves processes or files behind.
 

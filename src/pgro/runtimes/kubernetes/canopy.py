@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
+from datetime import datetime
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Final
@@ -40,6 +40,7 @@ from pgro.canopy.settings import CanopySettings as CanopySettings
 from pgro.canopy.settings import settings_from_env as settings_from_env
 from pgro.canopy.syncer import SyncTick
 from pgro.canopy.tokens import BrokerTokens, new_key
+from pgro.clock import utcnow
 from pgro.core import reasons
 from pgro.core.observations import SecretCheck
 from pgro.kube.client import KubeApi
@@ -58,7 +59,7 @@ class OperatorCanopy(CanopySession):
         client: CanopyClient,
         *,
         replicas: Callable[[], list[dict[str, Any]]],
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utcnow,
         rnd: Callable[[], float] = random.random,
     ) -> None:
         super().__init__(
