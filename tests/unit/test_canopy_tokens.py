@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pgro.canopy.client import plain_http_problem
+from pgro.canopy.settings import settings_from_env
 from pgro.canopy.sigv4 import (
     SignatureRejected,
     SigningCredentials,
@@ -21,7 +22,6 @@ from pgro.canopy.sigv4 import (
     verify,
 )
 from pgro.canopy.tokens import BrokerTokens, TokenBinding, bearer, load_or_create_key, new_key
-from pgro.runtimes.kubernetes.canopy import settings_from_env
 
 BINDING = TokenBinding(
     group="22222222-2222-2222-2222-222222222222",

@@ -765,7 +765,7 @@ def test_canopy_overlay_builds_on_the_base_and_opens_the_broker_port() -> None:
 def test_canopy_network_policy_admits_the_broker_port_only_from_proxy_sidecars() -> None:
     """Issue 18 item 9: without it any pod in the cluster could call the broker."""
     from pgro.api.names import LABEL_PROXY_SIDECAR
-    from pgro.runtimes.kubernetes.canopy import DEFAULT_BROKER_PORT
+    from pgro.canopy.settings import DEFAULT_BROKER_PORT
 
     [policy] = load_docs(DEPLOY / "canopy" / "networkpolicy.yaml")
     assert policy["kind"] == "NetworkPolicy"

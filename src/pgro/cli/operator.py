@@ -103,11 +103,11 @@ def operator(
     verdicts are reported back (see docs/canopy.md). Logs are JSON lines on stderr. See
     docs/operator.md.
     """
+    from pgro.canopy.settings import settings_from_env as canopy_settings_from_env
     from pgro.cli.operator_settings import parse_operator_settings
     from pgro.core.settings import ReconcilerSettings
     from pgro.kube.client import KubeApi
     from pgro.observability import serve
-    from pgro.runtimes.kubernetes.canopy import settings_from_env as canopy_settings_from_env
     from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
 
     handler = logging.StreamHandler(sys.stderr)

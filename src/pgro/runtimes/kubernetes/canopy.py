@@ -35,9 +35,7 @@ from pgro.canopy.materialise import ExistingReplica, ReplicaChange, canopy_creds
 from pgro.canopy.naming import REPLICA_NAME
 from pgro.canopy.proxy import new_client_credentials
 from pgro.canopy.session import CanopySession, restore_token
-from pgro.canopy.settings import DEFAULT_BROKER_PORT as DEFAULT_BROKER_PORT
-from pgro.canopy.settings import CanopySettings as CanopySettings
-from pgro.canopy.settings import settings_from_env as settings_from_env
+from pgro.canopy.settings import CanopySettings
 from pgro.canopy.syncer import SyncTick
 from pgro.canopy.tokens import BrokerTokens, new_key
 from pgro.clock import utcnow

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from pgro.api.crds import crd_documents
 from pgro.api.names import LABEL_REPLICA, LABEL_RESTORE, REPLICA_KIND, RESTORE_KIND
+from pgro.canopy.settings import CanopySettings
 from pgro.clock import utcnow
 from pgro.core.settings import ReconcilerSettings
 from pgro.kube.client import KubeApi
@@ -29,7 +30,7 @@ from pgro.observability import Health, Metrics
 from pgro.reconciler.listing import ReplicaListings
 from pgro.reconciler.shell import Shell, WorkKind
 from pgro.reconciler.workqueue import WorkQueue
-from pgro.runtimes.kubernetes.canopy import CanopySettings, OperatorCanopy
+from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.config import parse_operator_config
 from pgro.runtimes.kubernetes.effects import KubeEffects
 from pgro.runtimes.kubernetes.observe import (
