@@ -9,6 +9,8 @@ the newest, which every replica's serving (or verified) restore already holds.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import tempfile
 import time
@@ -186,3 +188,21 @@ def run_at_commit(module: str, argv: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=f"{dest / 'src'}{os.pathsep}{ROOT}", **{AT_ENV: full})
     print(f"measuring pgro at {full} ({dest / 'src'})", flush=True)
     os.execve(sys.executable, [sys.executable, "-m", module, *rest], env)  # noqa: S606
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, settle: float) -> None:
+    """The options both fleet benchmarks take."""
+    parser.add_argument("--at", metavar="COMMIT", help="measure the pgro of this commit")
+    parser.add_argument("--settle", type=float, default=settle, help="seconds after start-up")
+    parser.add_argument("--steady", type=float, default=180.0, help="steady-state window, seconds")
+    parser.add_argument("--workdir", help="keep everything here (default: a new temp dir)")
+    parser.add_argument("--json", type=Path, help="write the result here too")
+
+
+def report(result: dict[str, Any], json_path: Path | None) -> int:
+    """Print the result as JSON (and write it to `json_path`)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        json_path.write_text(text + "\n")
+    return 0

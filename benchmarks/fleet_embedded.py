@@ -52,11 +52,13 @@ import yaml
 from benchmarks.fleet_common import (
     FleetRepo,
     ProcReading,
+    add_common_arguments,
     build_repository,
     cpu_per_minute,
     git_commit,
     load_average,
     read_proc,
+    report,
     run_at_commit,
     wait_for,
 )
@@ -383,20 +385,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     run_at_commit("benchmarks.fleet_embedded", sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--at", metavar="COMMIT", help="measure the pgro of this commit")
+    add_common_arguments(p, settle=20.0)
     p.add_argument("--replicas", type=int, default=200)
-    p.add_argument("--settle", type=float, default=20.0, help="seconds after start-up")
-    p.add_argument("--steady", type=float, default=180.0, help="steady-state window, seconds")
     p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--workdir", help="keep everything here (default: a new temp dir)")
-    p.add_argument("--json", type=Path, help="write the result here too")
     args = p.parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
+    return report(run(args), args.json)
 
 
 if __name__ == "__main__":

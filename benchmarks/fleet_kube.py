@@ -57,11 +57,13 @@ import httpx
 
 from benchmarks.fleet_common import (
     FleetRepo,
+    add_common_arguments,
     build_repository,
     cpu_per_minute,
     git_commit,
     load_average,
     read_proc,
+    report,
     run_at_commit,
     wait_for,
 )
@@ -631,24 +633,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     run_at_commit("benchmarks.fleet_kube", sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--at", metavar="COMMIT", help="measure the pgro of this commit")
+    add_common_arguments(p, settle=30.0)
     p.add_argument("--replicas", type=int, default=1000)
     p.add_argument("--restores-per-replica", type=int, default=3)
     p.add_argument("--namespaces", type=int, default=10)
     p.add_argument("--jobs", type=int, default=6, help="parallel requests while seeding")
-    p.add_argument("--settle", type=float, default=30.0, help="seconds after start-up")
-    p.add_argument("--steady", type=float, default=180.0, help="steady-state window, seconds")
     p.add_argument("--reconcile-timeout", type=float, default=600.0)
     p.add_argument("--no-failover", action="store_true")
-    p.add_argument("--workdir", help="keep everything here (default: a new temp dir)")
-    p.add_argument("--json", type=Path, help="write the result here too")
     args = p.parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
+    return report(run(args), args.json)
 
 
 if __name__ == "__main__":
