@@ -29,6 +29,7 @@ from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.server import PostgresServer, free_port
 from tests.fixtures.clusters import build_debian_cluster
 from tests.fixtures.manifests import replica_doc, secret_doc, write_manifest
+from tests.fixtures.waiting import wait_for
 
 PGRO = str(Path(sys.executable).parent / "pgro")
 PASSWORD = "run-test-password"
@@ -118,17 +119,19 @@ class Running:
         raise AssertionError(f"no metric {name}")
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def running_check() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"pgro run exited: {self.log.read_text()[-3000:]}")
-            try:
-                if check():
-                    return
-            except (StopIteration, KeyError, IndexError, subprocess.CalledProcessError):
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"timed out waiting for {what}; log:\n{self.log.read_text()[-3000:]}")
+            return check()
+
+        wait_for(
+            what,
+            running_check,
+            timeout,
+            lambda: "log:\n" + self.log.read_text()[-3000:],
+            interval=0.3,
+            ignore=(StopIteration, KeyError, IndexError, subprocess.CalledProcessError),
+        )
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

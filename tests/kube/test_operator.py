@@ -25,6 +25,7 @@ from pgro.api.names import LABEL_READY_FOR_TRAFFIC, LABEL_REPLICA, LABEL_RESTORE
 from pgro.api.notifications import LABEL_NOTIFICATION_SECRET, target_name
 from pgro.api.secret import KopiaCredentials, S3Location
 from pgro.kube.client import KubeApi
+from tests.fixtures.manifests import replica_doc
 from tests.fixtures.webhook import webhook_receiver
 from tests.kube.controlplane import ControlPlane
 from tests.kube.operator_proc import (
@@ -100,20 +101,13 @@ def _s3_secret(ns: str, name: str, creds: KopiaCredentials) -> dict[str, Any]:
 
 
 def _replica(ns: str, name: str, secret: str | None, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
+    defaults: dict[str, Any] = {
+        "ephemeral": None,
         "schedule": "0 0 1 1 *",
         "scheduleJitter": "0s",
         "switchoverGracePeriod": "15s",
-        **spec,
     }
-    if secret:
-        body["kopiaSecretRef"] = {"name": secret}
-    return {
-        "apiVersion": API,
-        "kind": "PostgresPhysicalReplica",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": body,
-    }
+    return replica_doc(name, secret or None, namespace=ns, **{**defaults, **spec})
 
 
 def _restores(api: KubeApi, ns: str, replica: str) -> list[dict[str, Any]]:
