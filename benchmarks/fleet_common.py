@@ -206,3 +206,20 @@ def report(result: dict[str, Any], json_path: Path | None) -> int:
     if json_path:
         json_path.write_text(text + "\n")
     return 0
+
+
+def start(args: argparse.Namespace, prefix: str) -> tuple[Path, dict[str, Any]]:
+    """The benchmark's work directory (traversable by the run account) and the head of
+    its result: which pgro is measured, on what, under what load."""
+    import pgro
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o711)
+    return work, {
+        "commit": git_commit(),
+        "load_average_at_start": load_average(),
+        "pgro_source": str(Path(pgro.__file__).parent),
+        "replicas": args.replicas,
+        "workdir": str(work),
+    }

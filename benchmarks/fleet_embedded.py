@@ -39,7 +39,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -55,11 +54,11 @@ from benchmarks.fleet_common import (
     add_common_arguments,
     build_repository,
     cpu_per_minute,
-    git_commit,
     load_average,
     read_proc,
     report,
     run_at_commit,
+    start,
     wait_for,
 )
 
@@ -267,18 +266,7 @@ def _file(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import pgro
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="pgro-fleet-embedded-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.chmod(work, 0o711)
-    result: dict[str, Any] = {
-        "commit": git_commit(),
-        "load_average_at_start": load_average(),
-        "pgro_source": str(Path(pgro.__file__).parent),
-        "replicas": args.replicas,
-        "workdir": str(work),
-    }
+    work, result = start(args, "pgro-fleet-embedded-")
     repo = build_repository(work / "repo")
     state = work / "state"
     db = state / "state.db"

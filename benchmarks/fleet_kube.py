@@ -43,7 +43,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -60,11 +59,11 @@ from benchmarks.fleet_common import (
     add_common_arguments,
     build_repository,
     cpu_per_minute,
-    git_commit,
     load_average,
     read_proc,
     report,
     run_at_commit,
+    start,
     wait_for,
 )
 
@@ -480,20 +479,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tests.kube.controlplane import ControlPlane
     from tests.kube.operator_proc import OPERATOR_NAMESPACE, SERVICE_ACCOUNT, apply_deploy_rbac
 
-    import pgro
     from pgro.api.crds import crd_documents
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="pgro-fleet-kube-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.chmod(work, 0o711)
-    result: dict[str, Any] = {
-        "commit": git_commit(),
-        "load_average_at_start": load_average(),
-        "pgro_source": str(Path(pgro.__file__).parent),
-        "replicas": args.replicas,
-        "restores": args.replicas * args.restores_per_replica,
-        "workdir": str(work),
-    }
+    work, result = start(args, "pgro-fleet-kube-")
+    result["restores"] = args.replicas * args.restores_per_replica
     t = time.monotonic()
     repo = build_repository(work / "repo")
     result["repository_seconds"] = round(time.monotonic() - t, 1)
