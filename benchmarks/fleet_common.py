@@ -208,7 +208,7 @@ def report(result: dict[str, Any], json_path: Path | None) -> int:
     return 0
 
 
-def start(args: argparse.Namespace, prefix: str) -> tuple[Path, dict[str, Any]]:
+def start_result(args: argparse.Namespace, prefix: str) -> tuple[Path, dict[str, Any]]:
     """The benchmark's work directory (traversable by the run account) and the head of
     its result: which pgro is measured, on what, under what load."""
     import pgro

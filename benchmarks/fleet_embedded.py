@@ -58,7 +58,7 @@ from benchmarks.fleet_common import (
     read_proc,
     report,
     run_at_commit,
-    start,
+    start_result,
     wait_for,
 )
 
@@ -266,7 +266,7 @@ def _file(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    work, result = start(args, "pgro-fleet-embedded-")
+    work, result = start_result(args, "pgro-fleet-embedded-")
     repo = build_repository(work / "repo")
     state = work / "state"
     db = state / "state.db"

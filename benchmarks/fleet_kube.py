@@ -63,7 +63,7 @@ from benchmarks.fleet_common import (
     read_proc,
     report,
     run_at_commit,
-    start,
+    start_result,
     wait_for,
 )
 
@@ -481,7 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from pgro.api.crds import crd_documents
 
-    work, result = start(args, "pgro-fleet-kube-")
+    work, result = start_result(args, "pgro-fleet-kube-")
     result["restores"] = args.replicas * args.restores_per_replica
     t = time.monotonic()
     repo = build_repository(work / "repo")
