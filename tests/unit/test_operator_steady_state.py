@@ -10,24 +10,23 @@ kopia repository to list, and every request it makes is recorded.
 
 from __future__ import annotations
 
-import base64
 import copy
 import time
-from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import FilesystemLocation, KopiaCredentials
-from pgro.core.merge_patch import merge_patch
 from pgro.kopia.repository import KopiaRepository
 from pgro.kube.client import KubeApi
 from pgro.reconciler.effects import ReplicaView
 from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions
+from tests.fixtures.kube_api import Clock, MemoryApi, b64
 from tests.fixtures.manifests import replica_doc, restore_doc
 
 NS = "team-a"
@@ -35,94 +34,13 @@ REPLICA = "analytics"
 KEY = f"{NS}/{REPLICA}"
 PASSWORD = "steady-repo-pw"
 
-Key = tuple[str, str, str]
-
-
-class RecordingApi:
-    """The KubeApi calls the operator makes, over dicts, each recorded. Every write bumps
-    the object's resourceVersion, as the API server does."""
-
-    def __init__(self) -> None:
-        self.objects: dict[Key, dict[str, Any]] = {}
-        self.calls: list[str] = []
-        self._version = 100
-
-    def _bump(self, obj: dict[str, Any]) -> None:
-        self._version += 1
-        obj.setdefault("metadata", {})["resourceVersion"] = str(self._version)
-
-    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-        self.calls.append(f"GET {kind} {name}")
-        return self.objects.get((kind, namespace or "", name))
-
-    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        self.calls.append(f"POST {obj['kind']} {obj['metadata']['name']}")
-        stored = copy.deepcopy(dict(obj))
-        meta = stored["metadata"]
-        self._bump(stored)
-        self.objects[(stored["kind"], meta["namespace"], meta["name"])] = stored
-        return stored
-
-    def create_if_missing(self, obj: Mapping[str, Any]) -> bool:
-        meta = obj["metadata"]
-        if (obj["kind"], meta["namespace"], meta["name"]) in self.objects:
-            self.calls.append(f"POST {obj['kind']} {meta['name']} (exists)")
-            return False
-        self.create(obj)
-        return True
-
-    def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
-        self.calls.append(f"APPLY {obj['kind']} {obj['metadata']['name']}")
-        meta = obj["metadata"]
-        key = (obj["kind"], meta["namespace"], meta["name"])
-        held = self.objects.get(key)
-        stored = copy.deepcopy(dict(obj))
-        # Every apply here changes the spec (a no-op apply is never made in these tests).
-        stored["metadata"]["generation"] = (held or {}).get("metadata", {}).get("generation", 0) + 1
-        self._bump(stored)
-        self.objects[key] = stored
-        return stored
-
-    def merge_patch(
-        self,
-        kind: str,
-        namespace: str | None,
-        name: str,
-        patch: Mapping[str, Any],
-        *,
-        status: bool = False,
-    ) -> dict[str, Any]:
-        self.calls.append(f"PATCH {kind} {name}")
-        current = self.objects[(kind, namespace or "", name)]
-        updated = merge_patch(current, dict(patch))
-        current.clear()  # in place: the informer cache holds this very dict
-        current.update(updated)
-        self._bump(current)
-        return current
-
-    def delete(self, kind: str, namespace: str | None, name: str) -> bool:
-        self.calls.append(f"DELETE {kind} {name}")
-        return self.objects.pop((kind, namespace or "", name), None) is not None
-
-
-def _b64(value: str) -> str:
-    return base64.b64encode(value.encode()).decode()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
 
 @pytest.fixture
-def steady(tmp_path: Path) -> Iterator[tuple[Operator, RecordingApi, Clock]]:
+def steady(tmp_path: Path) -> Iterator[tuple[Operator, MemoryApi, Clock]]:
     repo = tmp_path / "repo"
     creds = KopiaCredentials(FilesystemLocation(str(repo)), PASSWORD)
     KopiaRepository(creds, tmp_path / "kopia-state").create()  # empty: nothing to restore
-    api = RecordingApi()
+    api = MemoryApi()
     replica = replica_doc(
         REPLICA,
         namespace=NS,
@@ -136,7 +54,7 @@ def steady(tmp_path: Path) -> Iterator[tuple[Operator, RecordingApi, Clock]]:
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": "kopia", "namespace": NS},
-        "data": {"repositoryPassword": _b64(PASSWORD), "filesystemPath": _b64(str(repo))},
+        "data": {"repositoryPassword": b64(PASSWORD), "filesystemPath": b64(str(repo))},
     }
     clock = Clock()
     op = Operator(
@@ -154,7 +72,7 @@ def steady(tmp_path: Path) -> Iterator[tuple[Operator, RecordingApi, Clock]]:
         op.listing.shutdown()
 
 
-def settle(op: Operator, api: RecordingApi) -> None:
+def settle(op: Operator, api: MemoryApi) -> None:
     """Passes until the replica is reconciled, its repository listed and the listing's
     outcome written (the listing runs on its own thread)."""
     deadline = time.monotonic() + 60
@@ -168,7 +86,7 @@ def settle(op: Operator, api: RecordingApi) -> None:
 
 
 def test_a_resync_of_a_steady_replica_sends_no_request(
-    steady: tuple[Operator, RecordingApi, Clock],
+    steady: tuple[Operator, MemoryApi, Clock],
 ) -> None:
     op, api, clock = steady
     settle(op, api)
@@ -190,7 +108,7 @@ def test_a_resync_of_a_steady_replica_sends_no_request(
 
 
 def test_a_changed_replica_reads_its_kopia_secret_and_recreates_a_deleted_secret(
-    steady: tuple[Operator, RecordingApi, Clock],
+    steady: tuple[Operator, MemoryApi, Clock],
 ) -> None:
     op, api, _ = steady
     settle(op, api)
@@ -228,7 +146,7 @@ def test_a_changed_replica_reads_its_kopia_secret_and_recreates_a_deleted_secret
 
 
 def test_an_active_restores_deployment_is_applied_again_only_when_it_changed(
-    steady: tuple[Operator, RecordingApi, Clock],
+    steady: tuple[Operator, MemoryApi, Clock],
 ) -> None:
     op, api, _ = steady
     name = f"{REPLICA}-20260304050607"
@@ -272,7 +190,7 @@ def test_an_active_restores_deployment_is_applied_again_only_when_it_changed(
 
 
 def test_a_restore_the_cache_shows_before_the_operators_write_is_not_restored_twice(
-    steady: tuple[Operator, RecordingApi, Clock],
+    steady: tuple[Operator, MemoryApi, Clock],
 ) -> None:
     """The race that ran a second restore Job over a starting server: the Job's deletion
     reached the Job watch before the restore's new phase reached the restore watch, so a
@@ -329,7 +247,7 @@ def test_a_restore_the_cache_shows_before_the_operators_write_is_not_restored_tw
 
 
 def test_a_replica_waits_for_the_watch_to_show_the_restore_it_created(
-    steady: tuple[Operator, RecordingApi, Clock],
+    steady: tuple[Operator, MemoryApi, Clock],
 ) -> None:
     """A pass deciding before the restore watch shows the restore the last pass created
     would find no restore and could create a second one."""

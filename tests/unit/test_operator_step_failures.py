@@ -9,19 +9,17 @@ moved by hand, so the backoff is checked without waiting for it.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
 
-from pgro.core.merge_patch import merge_patch
 from pgro.kube.client import KubeApi
 from pgro.reconciler.workqueue import WorkQueue
 from pgro.runtimes.kubernetes.operator import Operator, OperatorOptions, WorkKey
+from tests.fixtures.kube_api import Clock, MemoryApi, b64
 
 NS = "team-a"
 REPLICA = "analytics"
@@ -29,23 +27,21 @@ KEY: WorkKey = ("replica", f"{NS}/{REPLICA}")
 QUOTA = "exceeded quota: team-a (used {n} of 10 secrets)"
 
 
-class FailingApi:
-    """The KubeApi calls a replica's first pass makes, over dicts; creating what the
-    replica owns fails with `error` (None: it works)."""
+class FailingApi(MemoryApi):
+    """Creating what the replica owns fails with `error` (None: it works); deleting a
+    restore fails with `delete_error`. Events are kept apart."""
 
     def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        super().__init__()
         self.events: list[dict[str, Any]] = []
         self.attempts = 0
         self.error: str | None = QUOTA
         self.deletes = 0
         self.delete_error: str | None = None
 
-    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-        return self.objects.get((kind, namespace or "", name))
-
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        assert obj["kind"] == "Event"
+        if obj["kind"] != "Event":
+            return super().create(obj)
         self.events.append(dict(obj))
         return dict(obj)
 
@@ -53,35 +49,14 @@ class FailingApi:
         self.attempts += 1
         if self.error is not None:
             raise RuntimeError(self.error.format(n=self.attempts))
-        meta = obj["metadata"]
-        key = (obj["kind"], meta["namespace"], meta["name"])
-        if key in self.objects:
-            return False
-        self.objects[key] = dict(obj)
-        return True
+        return super().create_if_missing(obj)
 
     def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         if kind == "PostgresPhysicalRestore":
             self.deletes += 1
             if self.delete_error is not None:
                 raise RuntimeError(self.delete_error.format(n=self.deletes))
-        return self.objects.pop((kind, namespace or "", name), None) is not None
-
-    def merge_patch(
-        self,
-        kind: str,
-        namespace: str | None,
-        name: str,
-        patch: Mapping[str, Any],
-        *,
-        status: bool = False,
-    ) -> dict[str, Any]:
-        current = self.objects[(kind, namespace or "", name)]
-        # In place: the operator's informer cache holds this very dict.
-        updated = merge_patch(current, dict(patch))
-        current.clear()
-        current.update(updated)
-        return current
+        return super().delete(kind, namespace, name)
 
     def steps_condition(self) -> dict[str, Any] | None:
         replica = self.objects[("PostgresPhysicalReplica", NS, REPLICA)]
@@ -90,21 +65,6 @@ class FailingApi:
 
     def step_failed_events(self) -> list[str]:
         return [e["note"] for e in self.events if e["reason"] == "StepFailed"]
-
-
-def _b64(value: str) -> str:
-    return base64.b64encode(value.encode()).decode()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -121,7 +81,7 @@ def world() -> Iterator[tuple[Operator, FailingApi, Clock]]:
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": "kopia", "namespace": NS},
-        "data": {"repositoryPassword": _b64("pw"), "filesystemPath": _b64("/nonexistent")},
+        "data": {"repositoryPassword": b64("pw"), "filesystemPath": b64("/nonexistent")},
     }
     clock = Clock()
     op = Operator(
@@ -232,7 +192,7 @@ def test_a_failing_step_leaves_no_secret_in_log_event_or_condition(
     op, api, _ = world
     caplog.set_level(logging.DEBUG, logger="pgro.reconciler")
     api.error = "rejected: repository password pw-is-not-this-one and pw"
-    api.objects[("Secret", NS, "kopia")]["data"]["repositoryPassword"] = _b64("pw-is-not-this-one")
+    api.objects[("Secret", NS, "kopia")]["data"]["repositoryPassword"] = b64("pw-is-not-this-one")
     reconcile(op)
     [line] = errors(caplog)
     condition = api.steps_condition()
