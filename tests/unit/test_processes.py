@@ -26,6 +26,7 @@ from pgro.processes import (
     stop_postmaster_pid,
     wait_gone,
 )
+from tests.fixtures.waiting import wait_for
 
 
 def test_read_pid(tmp_path: Path) -> None:
@@ -40,14 +41,21 @@ def test_liveness_and_stop_of_a_process_that_is_not_waited_on() -> None:
     # Never wait()ed on until the end: an exited child is a zombie, which counts as gone.
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     pid = proc.pid
-    assert is_alive(pid)
-    args = process_args(pid)
-    assert args is not None and args[0] == sys.executable
-    stop_postmaster_pid(pid, timeout=5)  # SIGINT ends a Python sleep
-    assert not is_alive(pid)
-    assert wait_gone(pid, 0)
-    assert not is_alive(os.getpid() + 10_000_000)
-    assert proc.wait(5) != 0
+    try:
+        assert is_alive(pid)
+        # Popen returns once exec has begun; the kernel fills in the new argv a moment
+        # later, so an empty argv (still alive) is a legitimate first answer.
+        args = wait_for("the child's argv", lambda: process_args(pid), timeout=10, interval=0.01)
+        assert args[0] == sys.executable
+        stop_postmaster_pid(pid, timeout=5)  # SIGINT ends a Python sleep
+        assert not is_alive(pid)
+        assert wait_gone(pid, 0)
+        assert not is_alive(os.getpid() + 10_000_000)
+        assert proc.wait(5) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # -- children die with pgro (issue 18, item 21) ------------------------------------------------
