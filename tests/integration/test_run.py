@@ -8,226 +8,25 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 import pytest
 
-from pgro.api.secret import FilesystemLocation, KopiaCredentials
-from pgro.kopia.repository import KopiaRepository
-from pgro.postgres.account import RunAccount, hand_over
-from pgro.postgres.binaries import PostgresBinaries
-from pgro.postgres.server import PostgresServer, free_port
-from tests.fixtures.clusters import build_debian_cluster
 from tests.fixtures.manifests import replica_doc, secret_doc, write_manifest
-from tests.fixtures.waiting import wait_for
-
-PGRO = str(Path(sys.executable).parent / "pgro")
-PASSWORD = "run-test-password"
-
-
-@dataclass
-class Backups:
-    """A writable repository whose snapshots differ by a `marker` table's value."""
-
-    path: Path
-    kopia: KopiaRepository
-    source: Path
-    binaries: PostgresBinaries
-    account: RunAccount
-    scratch: Path
-
-    def snapshot(self, marker: str) -> str:
-        pgdata = self.source / self.binaries.major / "main"
-        (pgdata / "postgresql.conf").touch()
-        server = PostgresServer(
-            pgdata,
-            self.binaries,
-            self.account,
-            socket_dir=self.scratch / f"src-{marker}",
-            log_path=self.scratch / "src.log",
-        )
-        server.start(60)
-        try:
-            with psycopg.connect(
-                server.endpoint.conninfo("myapp", "postgres"), autocommit=True
-            ) as c:
-                c.execute("CREATE TABLE IF NOT EXISTS marker (v text)")
-                c.execute("DELETE FROM marker")
-                c.execute("INSERT INTO marker VALUES (%s)", (marker,))
-        finally:
-            server.stop()
-        (pgdata / "postgresql.conf").unlink()
-        return self.kopia.snapshot_create(
-            self.source, override_source="postgres@db-run:/var/lib/postgresql"
-        )
-
-
-@pytest.fixture
-def backups(scratch: Path, account: RunAccount, binaries: PostgresBinaries) -> Iterator[Backups]:
-    # A clean Debian-layout cluster (config kept in /etc on Debian, so absent here).
-    source = scratch / "source"
-    pgdata = build_debian_cluster(source, binaries, account, scratch)
-    (pgdata / "pg_hba.conf").write_text("local all all trust\n")
-    (pgdata / "pg_ident.conf").write_text("")
-    hand_over(source, account)
-    creds = KopiaCredentials(FilesystemLocation(str(scratch / "repo")), PASSWORD)
-    kopia = KopiaRepository(creds, scratch / "kopia-author")
-    kopia.create()
-    try:
-        yield Backups(scratch / "repo", kopia, source, binaries, account, scratch)
-    finally:
-        kopia.close()
-
-
-@dataclass
-class Running:
-    proc: subprocess.Popen[bytes]
-    state: Path
-    metrics: int
-    log: Path
-
-    def status(self) -> list[dict[str, Any]]:
-        out = subprocess.run(
-            [PGRO, "status", "--state-dir", str(self.state), "--json", "--show-credentials"],
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode != 0:
-            print(f"pgro status exited {out.returncode}: {out.stderr[-2000:]}")
-            out.check_returncode()
-        doc: list[dict[str, Any]] = json.loads(out.stdout)
-        return doc
-
-    def replica(self, name: str) -> dict[str, Any]:
-        return next(r for r in self.status() if r["name"] == name)
-
-    def metric(self, name: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"no metric {name}")
-
-    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 120) -> None:
-        def running_check() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"pgro run exited: {self.log.read_text()[-3000:]}")
-            return check()
-
-        wait_for(
-            what,
-            running_check,
-            timeout,
-            lambda: "log:\n" + self.log.read_text()[-3000:],
-            interval=0.3,
-            ignore=(StopIteration, KeyError, IndexError, subprocess.CalledProcessError),
-        )
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(120)
-
-
-class StartRun(Protocol):
-    def __call__(
-        self,
-        manifest: Path,
-        *args: str,
-        state: Path | None = None,
-        env: dict[str, str] | None = None,
-    ) -> Running: ...
-
-
-@pytest.fixture
-def start_run(scratch: Path) -> Iterator[StartRun]:
-    started: list[Running] = []
-
-    def start(
-        manifest: Path,
-        *args: str,
-        state: Path | None = None,
-        env: dict[str, str] | None = None,
-    ) -> Running:
-        state = state or scratch / "state"
-        metrics = free_port()
-        log = scratch / f"run-{len(started)}.log"
-        command = [PGRO, "run", "-f", str(manifest), "--state-dir", str(state), "--tick", "0.3"]
-        proc = subprocess.Popen(
-            [*command, "--metrics-addr", f"127.0.0.1:{metrics}", *args],
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        running = Running(proc, state, metrics, log)
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        if running.proc.poll() is None:
-            running.stop()
-
-
-def connect(entry: dict[str, Any], dbname: str = "myapp") -> psycopg.Connection[tuple[Any, ...]]:
-    cred = next(c for c in entry["credentials"] if c["username"] == "analytics")
-    return psycopg.connect(
-        host="127.0.0.1",
-        port=entry["endpoint"]["port"],
-        user="analytics",
-        password=cred["password"],
-        dbname=dbname,
-        connect_timeout=10,
-    )
-
-
-def manifest_for(path: Path, backups: Backups, **spec: Any) -> Path:
-    return write_manifest(
-        path,
-        secret_doc("kopia", {"filesystemPath": str(backups.path), "repositoryPassword": PASSWORD}),
-        replica_doc("orders", ephemeral=False, scheduleJitter="0s", **spec),
-    )
-
-
-def marker(entry: dict[str, Any]) -> str:
-    with connect(entry) as conn:
-        row = conn.execute("SELECT v FROM marker").fetchone()
-    assert row is not None
-    return str(row[0])
-
-
-def phases(entry: dict[str, Any]) -> dict[str, str]:
-    return {r["name"]: r["status"].get("phase", "Pending") for r in entry["restores"]}
-
-
-@pytest.fixture
-def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A local HTTP endpoint recording the JSON bodies posted to it."""
-    received: list[dict[str, Any]] = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            received.append(json.loads(body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
+from tests.fixtures.run_harness import (
+    PASSWORD,
+    PGRO,
+    Backups,
+    StartRun,
+    connect,
+    manifest_for,
+    marker,
+    phases,
+)
 
 
 def test_analytics_replica_switches_over_to_a_newer_snapshot(
