@@ -11,7 +11,7 @@ import itertools
 from datetime import datetime, timedelta
 
 from pgro.api.phases import RestorePhase
-from pgro.core.plan import DeleteRestore, PointServiceAt, Step
+from pgro.core.plan import UNSUPPORTED_SWITCHOVER_EVENT, DeleteRestore, PointServiceAt, Step
 from pgro.core.step_failures import EVENT_STEP_FAILED, STEPS_CONDITION
 from tests.scenarios.world import T0, World, replica_doc, snapshot
 
@@ -93,3 +93,23 @@ def test_the_restore_metrics_count_each_fact_once() -> None:
     assert world.restore("broken-1").status.phase is RestorePhase.FAILED
     assert _value(world, "postgres_restore_failed_total") == 1
     assert _value(world, "postgres_restore_completed_total") == 1
+
+
+def test_an_unsupported_switchover_step_is_reported_once_per_restore() -> None:
+    """Issue 12: before, a `SwitchoverStepUnsupported` warning on every pass of a held restore."""
+    world = World()
+    world.supported_switchover_steps = frozenset()
+    world.add_snapshot(snapshot("k1", T0 - timedelta(hours=1)))
+    key = world.add_replica(
+        replica_doc("analytics", redaction={"manifestUrl": "https://m.test/m.json"})
+    )
+    world.run_for(timedelta(minutes=30))
+    [restore] = world.all_restores()
+    assert (
+        restore.status.phase is RestorePhase.SWITCHING
+    )  # held: an unredacted restore never serves
+    assert world.event_reasons(key).count(UNSUPPORTED_SWITCHOVER_EVENT) == 1
+    phase = world.replica(key).status.redaction_phase
+    assert phase is not None and str(phase).startswith("failed: redaction is not supported")
+    phase_patches = [p for _, k, p in world.replica_patches if k == key and "redactionPhase" in p]
+    assert len(phase_patches) == 1

@@ -51,6 +51,7 @@ from pgro.core.plan import (
     PatchRestoreStatus,
     PointServiceAt,
     PrepareRestoreStorage,
+    ProvisionUsers,
     ReportVerification,
     RunMigration,
     RunSwitchoverStep,
@@ -155,6 +156,7 @@ class World:
     listing_calls: list[tuple[datetime, str]] = field(default_factory=list)
     reports: list[ReportVerification] = field(default_factory=list)
     outgoing: list[str] = field(default_factory=list)
+    provisioned: list[str] = field(default_factory=list)
     switchover_steps: list[RunSwitchoverStep] = field(default_factory=list)
     replica_patches: list[tuple[datetime, str, dict[str, Any]]] = field(default_factory=list)
     restore_patches: int = 0
@@ -480,6 +482,10 @@ class World:
 
     def mark_outgoing(self, replica: PostgresPhysicalReplica, step: MarkOutgoing) -> None:
         self.outgoing.append(step.restore)
+
+    def provision_users(self, replica: PostgresPhysicalReplica, step: ProvisionUsers) -> None:
+        self._fault(step)
+        self.provisioned.append(step.restore)
 
     def notification_input(
         self, replica: PostgresPhysicalReplica, restore_name: str

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from pgro.api.conditions import Condition
+from pgro.api.migration import MigrateTo
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.observations import SecretCheck, SnapshotListing, record_listing_failure
 from pgro.core.plan import (
@@ -20,6 +21,7 @@ from pgro.core.plan import (
     PatchReplicaStatus,
     PatchRestoreStatus,
     PointServiceAt,
+    ProvisionUsers,
     ReportVerification,
     RunSwitchoverStep,
     Step,
@@ -539,6 +541,19 @@ def test_switchover_order_and_status() -> None:
     assert isinstance(plan.steps[-1], ReportVerification)
 
 
+MIGRATED = {"totalElapsedSeconds": 3, "dataBytesBefore": 1, "dataBytesAfter": 2}
+
+
+def _with_builder(switching: PostgresPhysicalRestore) -> PostgresPhysicalRestore:
+    spec = switching.spec.model_copy(
+        update={
+            "builder_image": "builder:1",
+            "migrate_to": MigrateTo(version="2.1", version_id="v"),
+        }
+    )
+    return switching.model_copy(update={"spec": spec})
+
+
 @pytest.mark.parametrize(
     ("spec", "status", "restore_status", "kind"),
     [
@@ -556,7 +571,12 @@ def test_switchover_order_and_status() -> None:
             {},
             SwitchoverStep.SCHEMA_MIGRATION,
         ),
-        ({"builderImage": "builder:1"}, {}, {}, SwitchoverStep.SCHEMA_BUILD),
+        (
+            {"builderImage": "builder:1"},
+            {},
+            {"migrationResult": MIGRATED},
+            SwitchoverStep.SCHEMA_BUILD,
+        ),
     ],
 )
 def test_pre_switchover_steps_hold_the_switchover(
@@ -567,9 +587,7 @@ def test_pre_switchover_steps_hold_the_switchover(
 ) -> None:
     switching = restore("fiji-new", "k2", "Switching", **restore_status)
     if "builderImage" in spec:
-        switching = switching.model_copy(
-            update={"spec": switching.spec.model_copy(update={"builder_image": "builder:1"})}
-        )
+        switching = _with_builder(switching)
     plan = decide(
         replica(settled_status(currentRestore="fiji-old", **status), **spec),
         [restore("fiji-old", "k1", "Active"), switching],
@@ -595,6 +613,50 @@ def test_settled_pre_switchover_steps_let_it_through(
         [restore("fiji-old", "k1", "Active"), restore("fiji-new", "k2", "Switching")],
     )
     assert any(isinstance(s, PointServiceAt) for s in plan.steps)
+
+
+@pytest.mark.parametrize("migrated", [False, True])
+def test_a_builder_image_without_a_migration_result_builds_nothing(migrated: bool) -> None:
+    """Features §2.13: the build runs on the migrated schema. Before, `builderImage` alone held
+    the switchover forever (the reference builds nothing without `migrateTo`)."""
+    switching = restore("fiji-new", "k2", "Switching")
+    spec = switching.spec.model_copy(update={"builder_image": "builder:1"})
+    if migrated:  # migrateTo set, its result not recorded yet: still nothing to build
+        spec = spec.model_copy(update={"migrate_to": MigrateTo(version="2.1", version_id="v")})
+    switching = switching.model_copy(update={"spec": spec})
+    plan = decide(
+        replica(settled_status(currentRestore="fiji-old")),
+        [restore("fiji-old", "k1", "Active"), switching],
+    )
+    assert not [s for s in plan.steps if isinstance(s, RunSwitchoverStep)]
+    assert any(isinstance(s, PointServiceAt) for s in plan.steps)
+
+
+@pytest.mark.parametrize(
+    ("spec", "status", "provisions"),
+    [
+        ({}, {}, False),
+        ({"persistentUsers": [{"name": "reader", "readSchemas": ["public"]}]}, {}, True),
+        ({"persistentSchemas": ["reports"]}, {"schemaMigrationPhase": "complete"}, True),
+        ({"persistentSchemas": ["reports"]}, {"schemaMigrationPhase": "partial"}, True),
+        ({"persistentSchemas": ["reports"]}, {"schemaMigrationPhase": "timeout-skipped"}, False),
+    ],
+)
+def test_users_are_provisioned_again_right_before_the_service_moves(
+    spec: dict[str, Any], status: dict[str, Any], provisions: bool
+) -> None:
+    """Persistent users on every switchover, and grants on what the schema migration carried
+    (its dump has no privileges), before `PointServiceAt` so a failure holds the switchover."""
+    plan = decide(
+        replica(settled_status(currentRestore="fiji-old", **status), **spec),
+        [restore("fiji-old", "k1", "Active"), restore("fiji-new", "k2", "Switching")],
+    )
+    kinds = _kinds(plan)
+    assert ("ProvisionUsers" in kinds) is provisions
+    if provisions:
+        assert kinds.index("ProvisionUsers") == kinds.index("PointServiceAt") - 1
+        step = plan.steps[kinds.index("ProvisionUsers")]
+        assert isinstance(step, ProvisionUsers) and step.restore == "fiji-new"
 
 
 def test_first_restore_needs_no_schema_migration() -> None:

@@ -45,6 +45,7 @@ def _example(cls: type[Any]) -> PlanStep:
         plan.CreateRestore: plan.CreateRestore(_restore()),
         plan.DeleteRestore: plan.DeleteRestore("fiji-1"),
         plan.RunSwitchoverStep: plan.RunSwitchoverStep(SwitchoverStep.REDACTION, "fiji-1"),
+        plan.ProvisionUsers: plan.ProvisionUsers("fiji-1"),
         plan.PointServiceAt: plan.PointServiceAt("fiji-1"),
         plan.MarkOutgoing: plan.MarkOutgoing("fiji-0"),
         plan.SendNotifications: plan.SendNotifications("fiji-1"),

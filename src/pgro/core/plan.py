@@ -126,6 +126,17 @@ class RunSwitchoverStep(Step):
 
 
 @dataclass(frozen=True)
+class ProvisionUsers(Step):
+    """Provision the switching restore's login roles again, right before the endpoint moves
+    to it: the persistent users (`spec.persistentUsers`: roles, grants, `search_path`) and the
+    grants of every managed role on the objects the persistent-schema migration created (its
+    dump carries no privileges). A failure holds the switchover; the serving restore keeps
+    serving and the next pass retries."""
+
+    restore: str
+
+
+@dataclass(frozen=True)
 class PointServiceAt(Step):
     """Switch over: make the stable endpoint serve `restore` (label its running pod
     ready-for-traffic, then set the Service selector to that restore)."""
@@ -261,6 +272,7 @@ PlanStep = (
     | CreateRestore
     | DeleteRestore
     | RunSwitchoverStep
+    | ProvisionUsers
     | PointServiceAt
     | MarkOutgoing
     | SendNotifications

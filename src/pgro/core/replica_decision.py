@@ -53,6 +53,7 @@ from pgro.core.plan import (
     PatchRestoreStatus,
     PlanStep,
     PointServiceAt,
+    ProvisionUsers,
     ReportVerification,
     RunSwitchoverStep,
     SendNotifications,
@@ -96,6 +97,8 @@ RELIST_MISSING_FIRST: Final = timedelta(seconds=5)
 _STRICT: Final = timedelta(seconds=1)
 
 _MIGRATION_DONE: Final = frozenset({"complete", "partial", "timeout-skipped"})
+# Phases after which the switching restore holds objects the migration created.
+_MIGRATION_CARRIED: Final = frozenset({"complete", "partial"})
 
 
 @dataclass(frozen=True)
@@ -342,8 +345,16 @@ def _hold_switchover(
                 )
             )
             return True
-    if switching.spec.builder_image is not None and switching.status.schema_build_result is None:
-        # A failed build still records a result, so it never holds the switchover.
+    if (
+        switching.spec.builder_image is not None
+        and switching.spec.migrate_to is not None
+        and switching.status.migration_result is not None
+        and switching.status.schema_build_result is None
+    ):
+        # The build runs on the migrated schema: without `migrateTo` (or before its result)
+        # there is nothing to build, and the reference builds nothing either. (The rebuild
+        # held the switchover forever whenever `builderImage` was set.) A failed build still
+        # records a result, so it never holds the switchover.
         p.steps.append(RunSwitchoverStep(SwitchoverStep.SCHEMA_BUILD, switching.name))
         return True
     return False
@@ -356,6 +367,11 @@ def _switchover(
     records it: each fact is written only once what it states is true."""
     replica = p.replica
     status = replica.status
+    if replica.spec.persistent_users or (
+        status.schema_migration_phase is not None
+        and status.schema_migration_phase.state in _MIGRATION_CARRIED
+    ):
+        p.steps.append(ProvisionUsers(switching.name))
     p.steps.append(PointServiceAt(switching.name))
     restore_draft = StatusDraft(switching.status, p.now)
     restore_draft.set(phase=RestorePhase.ACTIVE, activated_at=p.now)

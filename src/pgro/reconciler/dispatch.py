@@ -27,6 +27,7 @@ from pgro.core.plan import (
     PlanStep,
     PointServiceAt,
     PrepareRestoreStorage,
+    ProvisionUsers,
     ReportVerification,
     RunMigration,
     RunSwitchoverStep,
@@ -78,6 +79,8 @@ def dispatch(
             effects.create_restore(replica, new)
         case DeleteRestore():
             effects.delete_restore(replica, step)
+        case ProvisionUsers():
+            effects.provision_users(replica, step)
         case PointServiceAt():
             effects.point_service_at(replica, step)
         case MarkOutgoing():

@@ -31,6 +31,7 @@ from pgro.core.plan import (
     MarkReadyForTraffic,
     PointServiceAt,
     PrepareRestoreStorage,
+    ProvisionUsers,
     ReportVerification,
     RunMigration,
     RunSwitchoverStep,
@@ -128,6 +129,10 @@ class Effects(Protocol):
     ) -> None: ...
 
     def delete_restore(self, replica: PostgresPhysicalReplica, step: DeleteRestore) -> None: ...
+
+    def provision_users(self, replica: PostgresPhysicalReplica, step: ProvisionUsers) -> None:
+        """Raise when a role cannot be provisioned: the switchover waits for it."""
+        ...
 
     def point_service_at(self, replica: PostgresPhysicalReplica, step: PointServiceAt) -> None:
         """Raise when the restore has no running server to switch to."""

@@ -44,6 +44,7 @@ from pgro.core.plan import (
     PlanStep,
     PointServiceAt,
     RunSwitchoverStep,
+    SwitchoverStep,
     apply_in_order,
     unsupported_switchover_step,
 )
@@ -121,6 +122,8 @@ class Shell:
         # run at once and share it.
         self._failures = StepFailures()
         self._notifying: set[str] = set()
+        # (replica key, restore, step kind) already reported unsupported: once per restore.
+        self._unsupported: set[tuple[str, str, SwitchoverStep]] = set()
         self._last_admission_reconcile = clock().timestamp()
 
     # -- admission ------------------------------------------------------------------------
@@ -174,6 +177,7 @@ class Shell:
         with self._lock:
             self._notifying.discard(key)
             self._failures.forget(lambda _, f: f.replica_key == key)
+            self._unsupported = {u for u in self._unsupported if u[0] != key}
         self.release(key)
 
     def forget_restore(self, key: str) -> None:
@@ -181,6 +185,9 @@ class Shell:
         with self._lock:
             held = self.admission.key_bound_to(namespace, name)
             self._failures.forget(lambda k, _: k[0] == restore_owner(key))
+            self._unsupported = {
+                u for u in self._unsupported if (u[0].partition("/")[0], u[1]) != (namespace, name)
+            }
         if held is not None:
             self.release(held, name)
 
@@ -446,8 +453,14 @@ class Shell:
         self, replica: PostgresPhysicalReplica, step: RunSwitchoverStep
     ) -> None:
         patch, message = unsupported_switchover_step(step.kind, self.effects.runtime_name)
-        if patch:
+        wire = replica.status.to_wire()
+        if any(wire.get(k) != v for k, v in patch.items()):
             self.effects.patch_replica_status(replica, patch)
+        reported = (replica.key, step.restore, step.kind)
+        with self._lock:
+            if reported in self._unsupported:
+                return
+            self._unsupported.add(reported)
         self._event(replica, EmitEvent(EventType.WARNING, UNSUPPORTED_SWITCHOVER_EVENT, message))
 
     def _notify(self, replica: PostgresPhysicalReplica, restore_name: str) -> None:

@@ -34,6 +34,7 @@ from pgro.core.plan import (
     MarkReadyForTraffic,
     PointServiceAt,
     PrepareRestoreStorage,
+    ProvisionUsers,
     ReportVerification,
     RunMigration,
     RunSwitchoverStep,
@@ -209,6 +210,9 @@ class EmbeddedEffects:
         target = self.store.restore(f"{replica.namespace}/{step.restore}")
         if target is not None:
             self.restores.delete(target)
+
+    def provision_users(self, replica: PostgresPhysicalReplica, step: ProvisionUsers) -> None:
+        raise StepUnavailable(f"persistent users are not provisioned by {RUNTIME_NAME} yet")
 
     def point_service_at(self, replica: PostgresPhysicalReplica, step: PointServiceAt) -> None:
         if self.restores.server_endpoint(f"{replica.namespace}/{step.restore}") is None:

@@ -211,6 +211,9 @@ class KubeEffects:
         if self.api.delete(names.RESTORE_KIND, ns, step.restore):
             log.info("restore %s/%s deleted", ns, step.restore)
 
+    def provision_users(self, replica: PostgresPhysicalReplica, step: plan.ProvisionUsers) -> None:
+        raise StepUnavailable(f"persistent users are not provisioned by {RUNTIME_NAME} yet")
+
     def point_service_at(self, replica: PostgresPhysicalReplica, step: plan.PointServiceAt) -> None:
         if self._label_ready(replica.namespace, step.restore) == 0:
             raise StepFailedError(
