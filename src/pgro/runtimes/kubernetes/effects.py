@@ -362,9 +362,20 @@ class KubeEffects:
         restore: PostgresPhysicalRestore,
         step: plan.DetectPostgresVersion,
     ) -> None:
-        # Nothing to run: the restore Job's termination message carries the version
-        # (observed in `Observer.work`).
-        return
+        # The restore Job's termination message normally carries the version (observed in
+        # `Observer.work`); this Job reads it from the volume (`Observer.version_detection`).
+        # Left to its TTL once done: the restore's status holds the result by then.
+        name = names.version_detect_job_name(restore.name)
+        if self.observer.caches.jobs.get(restore.namespace, name) is not None:
+            return
+        if self.api.create_if_missing(workloads.version_detect_job(restore, self.config())):
+            log.info(
+                "restore %s/%s: no PostgreSQL version reported; Job %s started to read it "
+                "from the data volume",
+                restore.namespace,
+                restore.name,
+                name,
+            )
 
     def ensure_server(
         self,

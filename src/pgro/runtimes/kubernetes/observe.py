@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from pgro.api.names import LABEL_RESTORE, restore_job_name
+from pgro.api.names import LABEL_RESTORE, restore_job_name, version_detect_job_name
 from pgro.api.phases import RestorePhase
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
@@ -53,6 +53,10 @@ log = logging.getLogger("pgro.operator")
 
 # The longest a pass waits for the cache to show the operator's own write.
 AWAIT_S: Final = 10.0
+
+# How a version-detect Job ends without a version (the reference's words).
+DETECT_NO_VERSION: Final = "version detection Job succeeded but did not report a postgres version"
+DETECT_FAILED: Final = "version detection Job failed after backoff exhausted"
 
 NO_CANOPY: Final = SecretCheck.invalid(
     "the replica's credentials come from canopy, but the operator has no CANOPY_BASE_URL",
@@ -369,13 +373,11 @@ class Observer:
         replica = self.replica(replica_key)
         work = self.work(restore)
         detection = None
-        if work.state is WorkState.SUCCEEDED:
+        if work.state is WorkState.SUCCEEDED and work.postgres_version:
             detection = VersionDetection(WorkState.SUCCEEDED, work.postgres_version)
         elif restore.effective_phase is RestorePhase.READY and not restore.status.postgres_version:
-            detection = VersionDetection(
-                WorkState.FAILED,
-                reason="the restore Job finished without reporting the PostgreSQL version",
-            )
+            # The restore Job's message was lost (an evicted pod): the volume says.
+            detection = self.version_detection(restore)
         return RestoreObservation(
             restore=restore,
             replica=replica if isinstance(replica, PostgresPhysicalReplica) else None,
@@ -394,10 +396,7 @@ class Observer:
         if raw is None:
             return RestoreWork.not_started()
         conditions = _true_conditions(raw)
-        pods = sorted(
-            (PodView.of(p) for p in self.caches.pods.select(restore.namespace, JOB_NAME, job_name)),
-            key=lambda p: p.meta.created,
-        )
+        pods = self.job_pods(restore.namespace, job_name)
         if "Complete" in conditions:
             message = next(
                 (p.termination_message for p in reversed(pods) if p.phase == "Succeeded"), ""
@@ -418,6 +417,39 @@ class Observer:
                 reason = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
             return RestoreWork(WorkState.FAILED, name=job_name, reason=reason)
         return RestoreWork(WorkState.RUNNING, name=job_name)
+
+    def version_detection(self, restore: PostgresPhysicalRestore) -> VersionDetection:
+        """The `<restore>-version-detect` Job, as its conditions and its pods' termination
+        messages say (`pgro detect-version` writes the major version)."""
+        job_name = version_detect_job_name(restore.name)
+        raw = self.caches.jobs.get(restore.namespace, job_name)
+        if raw is None:
+            return VersionDetection(WorkState.NOT_STARTED)
+        conditions = _true_conditions(raw)
+        pods = self.job_pods(restore.namespace, job_name)
+        if "Complete" in conditions:
+            done = [p for p in pods if p.phase == "Succeeded"]
+            if not done:
+                # The pods' cache lags the Job's: judged when the pod shows.
+                return VersionDetection(WorkState.RUNNING)
+            version = RestoreOutcome.from_message(done[-1].termination_message).postgres_version
+            if version:
+                return VersionDetection(WorkState.SUCCEEDED, version)
+            return VersionDetection(WorkState.FAILED, reason=DETECT_NO_VERSION)
+        if (cond := conditions.get("Failed")) is not None:
+            messages = [p.termination_message for p in reversed(pods) if p.termination_message]
+            why = next((RestoreOutcome.from_message(m).failure for m in messages), "")
+            if not why:
+                why = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
+            return VersionDetection(WorkState.FAILED, reason=f"{DETECT_FAILED} ({why})")
+        return VersionDetection(WorkState.RUNNING)
+
+    def job_pods(self, namespace: str, job_name: str) -> list[PodView]:
+        """A Job's pods, oldest first."""
+        return sorted(
+            (PodView.of(p) for p in self.caches.pods.select(namespace, JOB_NAME, job_name)),
+            key=lambda p: p.meta.created,
+        )
 
     def pods_of(self, namespace: str, restore: str) -> list[PodView]:
         """Every pod labelled for the restore: its Job's and its PostgreSQL server's."""

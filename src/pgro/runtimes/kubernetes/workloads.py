@@ -12,7 +12,9 @@ from typing import Any, Final
 from pgro.api.names import (
     COMPONENT_EXTRA_USER_CREDS,
     COMPONENT_KOPIA_CACHE,
+    JOB_TYPE_VERSION_DETECT,
     LABEL_COMPONENT,
+    LABEL_JOB_TYPE,
     LABEL_PROXY_SIDECAR,
     LABEL_READY_FOR_TRAFFIC,
     LABEL_REPLICA,
@@ -26,6 +28,7 @@ from pgro.api.names import (
     replica_creds_secret_name,
     restore_data_pvc_name,
     restore_job_name,
+    version_detect_job_name,
 )
 from pgro.api.quantity import format_quantity, parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
@@ -545,6 +548,68 @@ def restore_job(
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
                 ]
             },
+            "template": with_placement(template, placement or config.placement),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- version-detect Job
+
+VERSION_DETECT_CONTAINER: Final = "version-detect"
+VERSION_DETECT_COMMAND: Final = ("pgro", "detect-version")
+VERSION_DETECT_BACKOFF_LIMIT: Final = 2
+VERSION_DETECT_DEADLINE_S: Final = 120
+# The reference's alpine script needed 16Mi; this runs the Python interpreter.
+VERSION_DETECT_RESOURCES: Final = {
+    "requests": {"cpu": "50m", "memory": "64Mi"},
+    "limits": {"cpu": "500m", "memory": "256Mi"},
+}
+
+
+def version_detect_job(
+    restore: PostgresPhysicalRestore, config: OperatorConfig, placement: Placement | None = None
+) -> dict[str, Any]:
+    """`<restore>-version-detect`: runs `pgro detect-version` on the data volume when the
+    restore Job's termination message was lost (reference restore-pipeline §3.6). It reads
+    the volume as the restore Job left it and re-creates its `pgdata` link."""
+    container: dict[str, Any] = {
+        "name": VERSION_DETECT_CONTAINER,
+        "image": config.restore_image,
+        "command": list(VERSION_DETECT_COMMAND),
+        "env": [
+            _env("PGRO_DATA_ROOT", DATA_MOUNT),
+            _env("PGRO_TERMINATION_LOG", TERMINATION_LOG),
+        ],
+        "resources": {k: dict(v) for k, v in VERSION_DETECT_RESOURCES.items()},
+        "volumeMounts": [{"name": "pgdata", "mountPath": DATA_MOUNT}],
+        "securityContext": _container_security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+    }
+    labels = {**_restore_labels(restore), LABEL_JOB_TYPE: JOB_TYPE_VERSION_DETECT}
+    template = {
+        "metadata": {"labels": dict(labels)},
+        "spec": {
+            "restartPolicy": "Never",
+            # It reads a snapshot's content and never calls the API server: no token.
+            "automountServiceAccountToken": False,
+            "securityContext": _pod_security_context(),
+            "containers": [container],
+            "volumes": [_pvc_volume("pgdata", restore_data_pvc_name(restore.name))],
+        },
+    }
+    metadata = _restore_metadata(restore, version_detect_job_name(restore.name))
+    metadata["labels"] = labels
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": VERSION_DETECT_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": VERSION_DETECT_DEADLINE_S,
+            # The operator leaves a finished Job to this (its result is in the restore's
+            # status by then); owned by the restore, it also goes with it.
+            "ttlSecondsAfterFinished": JOB_TTL_S,
             "template": with_placement(template, placement or config.placement),
         },
     }
