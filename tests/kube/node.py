@@ -55,6 +55,10 @@ Mapping the container's view onto the host:
 - Restarts (`Always`/`OnFailure`, native sidecars) happen 1 s after the exit: no CrashLoopBackOff
   growth. Stop signal: SIGINT for the postgres image (its STOPSIGNAL), else SIGTERM; SIGKILL
   after the grace period.
+
+Test hook: `lose_termination_messages(namespace, container)` makes the node report that
+container's exits without a termination message, as when an evicted pod's is lost;
+`lost_messages` lists the (namespace, pod, container) it dropped one of.
 """
 
 from __future__ import annotations
@@ -628,6 +632,10 @@ class _PodRunner(threading.Thread):
         return code
 
     def _termination_message(self, c: _Container, code: int) -> str:
+        with self.node._lock:
+            if (self.namespace, c.name) in self.node._lose_messages:
+                self.node.lost_messages.append((self.namespace, self.pod_name, c.name))
+                return ""
         try:
             data = self._termination_file(c).read_bytes()[:TERMINATION_MESSAGE_MAX]
         except OSError:
@@ -1242,6 +1250,8 @@ class FakeNode:
         self._slots = 0
         self._address_locks: list[IO[str]] = []
         self._node_log: IO[str] | None = None
+        self._lose_messages: set[tuple[str, str]] = set()
+        self.lost_messages: list[tuple[str, str, str]] = []
         self.tools_dir = root / "tools"
         self._setpriv_path = shutil.which("setpriv")
         _warm_model_types()
@@ -1297,6 +1307,12 @@ class FakeNode:
         """Raise if the node hit something it cannot do or crashed (not a pod's failure)."""
         if self.errors:
             raise AssertionError("fake node errors:\n" + "\n".join(self.errors))
+
+    def lose_termination_messages(self, namespace: str, container: str) -> None:
+        """From now on, containers called `container` in `namespace` exit without a
+        termination message (whatever they wrote). Namespaces are per test: no undo."""
+        with self._lock:
+            self._lose_messages.add((namespace, container))
 
     def pvc_path(self, namespace: str, claim: str) -> Path:
         return self.root / "pvc" / namespace / claim
