@@ -116,6 +116,10 @@ def test_settings_add_read_only_and_the_extra_config() -> None:
     assert settings["default_transaction_read_only"] == "on"
     assert settings["work_mem"] == "64MB"
     assert "default_transaction_read_only" not in job(read_only=False).settings()
+    # The extra config cannot undo what pgro sets: read-only stays on, locales stay C.
+    forced = job(extra_config="default_transaction_read_only = off\nlc_messages = 'de_DE'\n")
+    assert forced.settings()["default_transaction_read_only"] == "on"
+    assert forced.settings()["lc_messages"] == "C"
 
 
 def test_the_proxy_route_brackets_ipv6_and_signs_with_the_client_keys() -> None:

@@ -39,6 +39,7 @@ from pgro.api.restore import (
 )
 from pgro.core import reasons, verification_reports
 from pgro.core.backoff import in_backoff, listing_retry_delay
+from pgro.core.extra_config import extra_config_events
 from pgro.core.naming import restore_name
 from pgro.core.observations import ReplicaObservation, SecretState, SnapshotListing
 from pgro.core.plan import (
@@ -842,6 +843,7 @@ def _use_listing(
             related=name,
         )
     )
+    p.steps.extend(extra_config_events(spec.postgres_extra_config, name))
     p.draft.condition(
         reasons.RESTORE_CREATION_BLOCKED,
         "False",

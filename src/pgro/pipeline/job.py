@@ -23,6 +23,7 @@ from typing import Any, Final
 from pgro.api.quantity import parse_quantity
 from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location, parse_kopia_secret
 from pgro.canopy.sigv4 import SigningCredentials
+from pgro.core.extra_config import parse_extra_config
 from pgro.core.observations import RestoreWork, WorkState
 from pgro.core.secrets import scrub
 from pgro.core.snapshot import Snapshot, SnapshotSource
@@ -142,7 +143,8 @@ class RestoreJob:
     snapshot_time: str = ""
     read_only: bool = False
     parallel: int | None = None
-    # postgresql.conf lines (`key = value`) written after pgro's own settings.
+    # The replica's `postgresExtraConfig`: postgresql.conf lines, applied after pgro's
+    # own settings except for the keys pgro keeps (`core.extra_config`).
     extra_config: str = ""
     proxy: CanopyProxy | None = None
 
@@ -161,10 +163,9 @@ class RestoreJob:
         settings = default_settings()
         if self.read_only:
             settings["default_transaction_read_only"] = "on"
-        for line in self.extra_config.splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key.strip() and not key.strip().startswith("#"):
-                settings[key.strip()] = value.strip().strip("'")
+        # Only what `parse_extra_config` accepts; the replica's decision already emitted
+        # `ExtraConfigIgnored` for the rest when it created the restore.
+        settings.update(parse_extra_config(self.extra_config).settings)
         return settings
 
     def secret_values(self) -> list[str]:

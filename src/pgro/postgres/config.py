@@ -19,70 +19,16 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+# Which keys are pgro's is policy shared with `core.extra_config`; the names stay importable
+# from here.
+from pgro.core.setting_policy import CODE_RUNNING_PL_KEYS as CODE_RUNNING_PL_KEYS
+from pgro.core.setting_policy import INCLUDE_KEYS, PRELOAD_KEYS, is_neutralised
+from pgro.core.setting_policy import NEUTRALISED_KEYS as NEUTRALISED_KEYS
+from pgro.core.setting_policy import NEUTRALISED_PREFIXES as NEUTRALISED_PREFIXES
+
 DISABLED_MARK = "#pgro-disabled: "
 BLOCK_BEGIN = "# --- pgro: settings for this restore (rewritten on every start) ---"
 BLOCK_END = "# --- end pgro ---"
-
-# Exact keys that point at the source host or would stop startup here.
-NEUTRALISED_KEYS = frozenset(
-    {
-        "data_directory",
-        "hba_file",
-        "ident_file",
-        "external_pid_file",
-        "config_file",
-        "listen_addresses",
-        "port",
-        "unix_socket_directories",
-        "unix_socket_directory",
-        "unix_socket_group",
-        "unix_socket_permissions",
-        "dynamic_shared_memory_type",
-        "shared_buffers",
-        "huge_pages",
-        "log_destination",
-        "logging_collector",
-        "log_directory",
-        "log_filename",
-        "log_file_mode",
-        "log_rotation_age",
-        "log_rotation_size",
-        "log_truncate_on_rotation",
-        "archive_mode",
-        "archive_command",
-        "archive_library",
-        "restore_command",
-        "archive_cleanup_command",
-        "recovery_end_command",
-        "primary_conninfo",
-        "primary_slot_name",
-        "promote_trigger_file",
-        "stats_temp_directory",
-        "default_transaction_read_only",
-        "password_encryption",
-        "krb_server_keyfile",
-        # Load code: a JIT provider or library search path can name a library the snapshot
-        # ships inside PGDATA (`'../../../proc/self/cwd/lib/evil'` needs no path knowledge).
-        "jit_provider",
-        "dynamic_library_path",
-    }
-)
-# Procedural-language settings that run snapshot-supplied code when the language loads.
-CODE_RUNNING_PL_KEYS = frozenset(
-    {
-        "plperl.on_init",
-        "plperl.on_plperl_init",
-        "plperl.on_plperlu_init",
-        "pltcl.start_proc",
-        "pltclu.start_proc",
-        "plv8.start_proc",
-    }
-)
-NEUTRALISED_PREFIXES = ("lc_", "ssl", "recovery_target")
-PRELOAD_KEYS = frozenset(
-    {"shared_preload_libraries", "session_preload_libraries", "local_preload_libraries"}
-)
-INCLUDE_KEYS = frozenset({"include", "include_dir", "include_if_exists"})
 
 # `key = value`, `key value` and `key=value` are all valid postgresql.conf syntax.
 _SETTING = re.compile(r"^\s*(?P<key>[A-Za-z_][A-Za-z0-9_.]*)\s*(?:=\s*|\s+)(?P<value>.*?)\s*$")
@@ -127,14 +73,6 @@ def _unquote(value: str) -> str:
     return value
 
 
-def _is_neutralised(key: str) -> bool:
-    return (
-        key in NEUTRALISED_KEYS
-        or key in CODE_RUNNING_PL_KEYS
-        or key.startswith(NEUTRALISED_PREFIXES)
-    )
-
-
 # A library name PostgreSQL looks up in `$libdir` (dynamic_library_path is forced to it):
 # no directory separator, so no path into the restored tree or anywhere else on the host.
 _BARE_LIBRARY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
@@ -163,9 +101,16 @@ def safe_preload_libraries(value: str, library_exists: Callable[[str], bool]) ->
 
 
 def _preload_keep(value: str, library_exists: Callable[[str], bool]) -> tuple[list[str], list[str]]:
+    return _keep_installed(_unquote(value), library_exists)
+
+
+def _keep_installed(
+    listed: str, library_exists: Callable[[str], bool]
+) -> tuple[list[str], list[str]]:
+    """(installed bare names, the rest) of a comma-separated library list."""
     keep: list[str] = []
     drop: list[str] = []
-    for raw in _unquote(value).split(","):
+    for raw in listed.split(","):
         lib = raw.strip().strip('"')
         if not lib:
             continue
@@ -264,10 +209,38 @@ def remove_pgro_block(text: str) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
+# Values written bare; anything else is quoted. `1.5GB` is not one token to PostgreSQL.
+_PLAIN_VALUE = re.compile(r"-?[0-9]+[a-zA-Z]*|-?[0-9]+\.[0-9]+|on|off|true|false")
+# A setting name as postgresql.conf's lexer accepts it (one optional qualifier).
+_SETTING_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*)?")
+
+
 def render_value(value: str) -> str:
-    if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?[a-zA-Z]*|on|off|true|false", value):
+    """`value` as one postgresql.conf token that reads back as exactly `value`.
+
+    Values can be user input (`postgresExtraConfig`): quotes are doubled, backslashes (an
+    escape character in postgresql.conf strings) doubled, and control characters written
+    as octal escapes, so nothing in a value can end the string or its line.
+    """
+    if _PLAIN_VALUE.fullmatch(value):
         return value
-    return "'" + value.replace("'", "''") + "'"
+    out = []
+    for ch in value:
+        if ch == "'":
+            out.append("''")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\{ord(ch):03o}")
+        else:
+            out.append(ch)
+    return "'" + "".join(out) + "'"
+
+
+def _block_line(key: str, value: str) -> str:
+    if not _SETTING_KEY.fullmatch(key):
+        raise ValueError(f"{key!r} is not a postgresql.conf setting name")
+    return f"{key} = {render_value(value)}"
 
 
 def rewrite_config(
@@ -300,7 +273,7 @@ def rewrite_config(
             out.append(DISABLED_MARK + line)
             result.disabled.append(f"{key} {printable_name(_unquote(m['value']))}")
             continue
-        if key in PRELOAD_KEYS:
+        if key in PRELOAD_KEYS and key not in settings:
             keep, drop = _preload_keep(m["value"], library_exists)
             if drop:
                 out.append(DISABLED_MARK + line)
@@ -311,16 +284,30 @@ def rewrite_config(
             else:
                 out.append(line)
             continue
-        if _is_neutralised(key) or key in settings:
+        if is_neutralised(key) or key in settings:
             out.append(DISABLED_MARK + line)
-            # Re-stating what pgro sets anyway (initdb writes `lc_messages = 'C'`) is no fix.
-            if key not in settings or _unquote(m["value"]) != settings[key]:
+            # Re-stating what pgro sets anyway (initdb writes `lc_messages = 'C'`) is no fix,
+            # nor is a setting the replica's extra config overrides.
+            overridden = key in settings and (
+                not is_neutralised(key) or _unquote(m["value"]) == settings[key]
+            )
+            if not overridden:
                 result.disabled.append(key)
             continue
         out.append(line)
     # A final line without a newline would swallow the first appended setting.
     body = "\n".join(out).rstrip("\n")
-    block = [BLOCK_BEGIN, *(f"{k} = {render_value(v)}" for k, v in settings.items()), BLOCK_END]
+    block = [BLOCK_BEGIN]
+    for key, value in settings.items():
+        if key in PRELOAD_KEYS:
+            # From the replica's extra config: only libraries installed here, as above.
+            keep, drop = _keep_installed(value, library_exists)
+            value = ",".join(keep)
+            if drop:
+                shown = ", ".join(printable_name(lib) for lib in drop)
+                result.disabled.append(f"{key} ({shown} not installed here)")
+        block.append(_block_line(key, value))
+    block.append(BLOCK_END)
     result.text = (body + "\n\n" if body else "") + "\n".join(block) + "\n"
     return result
 
