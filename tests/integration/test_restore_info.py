@@ -442,3 +442,15 @@ def test_fixes_are_stored_as_json_objects(cluster: Cluster) -> None:
     cluster.fresh()
     cluster.record()
     assert json.loads(str(cluster.value("SELECT fixes::text FROM _pgro.restore_info"))) == FIXES
+
+
+def test_a_restore_without_a_postgres_database_is_noted_not_failed(cluster: Cluster) -> None:
+    with psycopg.connect(cluster.conninfo("template1"), autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = off")
+        conn.execute("ALTER DATABASE postgres RENAME TO postgres_gone")
+        try:
+            assert cluster.record() == [
+                "the restore has no postgres database: _pgro.restore_info not written"
+            ]
+        finally:
+            conn.execute("ALTER DATABASE postgres_gone RENAME TO postgres")

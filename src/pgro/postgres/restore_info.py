@@ -347,8 +347,8 @@ def record_restore(
     read access (and UPDATE when the replica writes). Idempotent.
 
     `conninfo` is a superuser session in the `postgres` database of a provisioned server.
-    Returns notes (names only) about a snapshot `_pgro` that was moved aside. Raises
-    RestoreInfoFailed.
+    Returns notes (names only) about a snapshot `_pgro` that was moved aside, or about a
+    restore without a `postgres` database (nothing written). Raises RestoreInfoFailed.
     """
     import psycopg
 
@@ -387,6 +387,13 @@ def record_restore(
                     },
                 )
                 _reset_privileges(conn, analytics, analytics_may_write)
+    except psycopg.OperationalError as exc:
+        if f'database "{DATABASE}" does not exist' not in str(exc):
+            raise RestoreInfoFailed(
+                f"cannot write {SCHEMA}.{TABLE} in database {DATABASE}: {str(exc).strip()}"
+            ) from exc
+        # The source dropped it: the metadata has nowhere to go, the restore still serves.
+        notes.append(f"the restore has no {DATABASE} database: {SCHEMA}.{TABLE} not written")
     except psycopg.Error as exc:
         raise RestoreInfoFailed(
             f"cannot write {SCHEMA}.{TABLE} in database {DATABASE}: {str(exc).strip()}"

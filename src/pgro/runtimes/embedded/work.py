@@ -22,6 +22,7 @@ from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import RestoreWork, Server, WorkState
 from pgro.pipeline import worker
 from pgro.pipeline.job import CanopyProxy, RestoreJob, RestoreOutcome
+from pgro.postgres import restore_info
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import find_binaries
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
@@ -285,7 +286,14 @@ def _provisioner(
             read_only=read_only,
             persistent_schemas=owned_schemas,
         )
-        for note in report.catalog_notes:
+        # Before the server counts as ready: clients can tell which restore they reach.
+        notes = restore_info.record_restore(
+            endpoint.conninfo(restore_info.DATABASE, "postgres"),
+            restore_info.RestoreInfo.of(restore),
+            analytics=analytics.username,
+            analytics_may_write=not read_only,
+        )
+        for note in [*report.catalog_notes, *notes]:
             log.warning("restore %s: %s", restore.name, note)
 
     return provision

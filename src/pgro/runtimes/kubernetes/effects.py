@@ -20,7 +20,9 @@ from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core import plan
 from pgro.core.observations import RestoreObservation
 from pgro.core.plan import EmitEvent, EventType, SwitchoverStep, VerificationOutcome
+from pgro.core.secrets import scrub
 from pgro.kube.client import KubeApi
+from pgro.postgres import restore_info
 from pgro.postgres.health import check_health
 from pgro.postgres.users import generate_password
 from pgro.reconciler.effects import Gone, NotificationInput, ReplicaView, StepUnavailable
@@ -228,8 +230,20 @@ class KubeEffects:
         log.info("%s: Service %s now selects restore %s", replica.key, replica.name, step.restore)
 
     def mark_outgoing(self, replica: PostgresPhysicalReplica, step: plan.MarkOutgoing) -> None:
-        # The `_pgro.restore_info` stage table that records it is a later issue.
-        log.debug("%s: marking restore %s outgoing is not done yet", replica.key, step.restore)
+        # Best effort, on the superseded restore's pod while it still runs.
+        restore = self.observer.restore(replica.namespace, step.restore)
+        pod = self.observer.ready_pod(restore) if restore is not None else None
+        if pod is None or pod.ip is None:
+            log.info("%s: restore %s has no running pod to mark", replica.key, step.restore)
+            return
+        password = secret_value(
+            self.api, replica.namespace, names.admin_creds_secret_name(replica.name), "password"
+        )
+        restore_info.mark_outgoing(
+            PodEndpoint(pod.ip, password).conninfo(restore_info.DATABASE),
+            label=f"{replica.namespace}/{step.restore}",
+            scrub=lambda text: scrub(text, [password]),
+        )
 
     def run_switchover_step(
         self, replica: PostgresPhysicalReplica, step: plan.RunSwitchoverStep

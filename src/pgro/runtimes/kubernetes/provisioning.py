@@ -19,6 +19,7 @@ from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.secrets import scrub
+from pgro.postgres import restore_info
 from pgro.postgres.server import make_conninfo
 from pgro.postgres.users import RoleCredentials, provision_users
 from pgro.runtimes.kubernetes.observe import PodView, Requeue
@@ -117,13 +118,22 @@ class Provisioner:
                 )
                 passwords.append(password)
                 extras.append((user, RoleCredentials(user.name, password)))
+            read_only = effective_read_only(replica, restore)
+            endpoint = PodEndpoint(host, admin_password)
             report = provision_users(
-                PodEndpoint(host, admin_password).conninfo,
+                endpoint.conninfo,
                 analytics=analytics,
                 extra_users=extras,
-                read_only=effective_read_only(replica, restore),
+                read_only=read_only,
                 other_managed_roles=[ADMIN_ROLE],
                 persistent_schemas=analytics_owned_schemas(replica, restore),
+            )
+            # Before the pod counts as provisioned: clients can tell which restore they reach.
+            notes = restore_info.record_restore(
+                endpoint.conninfo(restore_info.DATABASE),
+                restore_info.RestoreInfo.of(restore),
+                analytics=analytics.username,
+                analytics_may_write=not read_only,
             )
             with self._lock:
                 self._done[key] = (restore.metadata.uid or "", pod_uid)
@@ -133,7 +143,7 @@ class Provisioner:
                 report.analytics.name,
                 len(report.extra_users),
             )
-            for note in report.catalog_notes:
+            for note in [*report.catalog_notes, *notes]:
                 log.warning("restore %s: %s", key, note)
         except Exception as exc:
             retry_in = PROVISION_RETRY_S
