@@ -112,7 +112,7 @@ def test_a_link_out_of_the_volume_is_not_followed(volume: Path, outside: Path, f
     found = detect_version(volume, notes)
     assert found.major == "15"
     assert link_of(volume) == "postgres/15/main"
-    assert any("leads out of the data volume" in n for n in notes)
+    assert any("is not followed, it leads out of the data volume" in n for n in notes)
     # Nothing outside was written.
     assert (outside / "PG_VERSION").read_text() == "99\n"
     assert not (outside.parent / ".postgres-version").exists()
@@ -132,6 +132,15 @@ def test_a_link_out_with_nothing_inside_fails_without_reading_outside(
     assert "99" not in outcome.message
     assert link_of(root) == str(outside)  # left as it was: nothing to point it at
     assert not (root / ".postgres-version").exists()
+
+
+def test_a_link_loop_is_not_followed(volume: Path) -> None:
+    os.symlink("loop", volume / "pgdata")
+    os.symlink("pgdata", volume / "loop")
+    notes: list[str] = []
+    assert detect_version(volume, notes).found_via == "current-symlink"
+    assert link_of(volume) == "postgres/15/main"
+    assert any("too many levels of symbolic links" in n for n in notes)
 
 
 def test_a_pg_version_linking_out_is_not_read(volume: Path, outside: Path) -> None:

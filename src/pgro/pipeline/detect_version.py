@@ -120,8 +120,8 @@ def _linked(root: Path, notes: list[str]) -> DetectedVersion | None:
             notes.append(f"{link} does not lead to a PostgreSQL data directory")
             return None
         text = tree.read_text(real / "PG_VERSION", limit=64)
-    except EscapesRoot:
-        notes.append(f"{link} leads out of the data volume; ignored")
+    except EscapesRoot as exc:
+        notes.append(f"{link} is not followed, it leads out of the data volume: {tame(str(exc))}")
         return None
     except (NotARegularFile, FileNotFoundError, NotADirectoryError) as exc:
         notes.append(f"{link}: {tame(str(exc))}")
