@@ -44,7 +44,7 @@ from pgro.core.plan import (
 )
 from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
-from pgro.postgres import restore_info
+from pgro.pipeline.switchover_users import provision_switchover_users
 from pgro.postgres.health import check_health
 from pgro.reconciler.effects import GONE, Gone, NotificationInput, ReplicaView, StepUnavailable
 from pgro.reconciler.listing import ReplicaListings
@@ -52,6 +52,10 @@ from pgro.reconciler.shell import Schedule
 from pgro.runtimes.embedded.canopy import EmbeddedCanopy
 from pgro.runtimes.embedded.endpoints import Endpoints
 from pgro.runtimes.embedded.manifest import Manifest, ManifestError, kopia_credentials
+from pgro.runtimes.embedded.persistent_credentials import (
+    forget_removed_users,
+    persistent_credentials,
+)
 from pgro.runtimes.embedded.store import Store
 from pgro.runtimes.embedded.work import Restores
 
@@ -176,6 +180,7 @@ class EmbeddedEffects:
     def ensure_replica_resources(
         self, replica: PostgresPhysicalReplica, step: EnsureReplicaResources
     ) -> None:
+        forget_removed_users(self.store, self.endpoints.credentials, replica)
         self._route(replica, replica.status.current_restore)
 
     def _route(self, replica: PostgresPhysicalReplica, restore: str | None) -> None:
@@ -213,7 +218,23 @@ class EmbeddedEffects:
             self.restores.delete(target)
 
     def provision_users(self, replica: PostgresPhysicalReplica, step: ProvisionUsers) -> None:
-        raise StepUnavailable(f"persistent users are not provisioned by {RUNTIME_NAME} yet")
+        key = f"{replica.namespace}/{step.restore}"
+        backend = self.restores.server_endpoint(key)
+        restore = self.store.restore(key)
+        if backend is None or restore is None:
+            raise RuntimeError(f"restore {step.restore} has no running server to provision")
+        users = self.endpoints.users(replica)
+        done = provision_switchover_users(
+            lambda db: backend.conninfo(db, "postgres"),
+            replica,
+            restore,
+            analytics=users[replica.spec.analytics_username],
+            extra_users=[users[u.name] for u in replica.spec.extra_users],
+            persistent_users=persistent_credentials(self.endpoints.credentials, replica),
+        )
+        log.info("%s: login roles of %s provisioned: %s", replica.key, step.restore, done.summary())
+        for event in done.events():
+            self.emit_event(replica, event)
 
     def point_service_at(self, replica: PostgresPhysicalReplica, step: PointServiceAt) -> None:
         if self.restores.server_endpoint(f"{replica.namespace}/{step.restore}") is None:
@@ -221,14 +242,8 @@ class EmbeddedEffects:
         self._route(replica, step.restore)
 
     def mark_outgoing(self, replica: PostgresPhysicalReplica, step: MarkOutgoing) -> None:
-        # Best effort, on the superseded restore's server while it still runs.
-        backend = self.restores.server_endpoint(f"{replica.namespace}/{step.restore}")
-        if backend is None:
-            log.info("%s: restore %s has no running server to mark", replica.key, step.restore)
-            return
-        restore_info.mark_outgoing(
-            backend.conninfo(restore_info.DATABASE, "postgres"), label=step.restore
-        )
+        # The `_pgro.restore_info` stage table comes with a later issue: nothing to mark.
+        log.debug("%s: outgoing mark of %s not kept by pgro run yet", replica.key, step.restore)
 
     def notification_input(
         self, replica: PostgresPhysicalReplica, restore_name: str

@@ -55,8 +55,13 @@ class Endpoints:
         return held.port if held is not None else None
 
     def users(self, replica: PostgresPhysicalReplica) -> dict[str, RoleCredentials]:
-        """The analytics user and the extra users, with their passwords (made once)."""
-        names = [replica.spec.analytics_username, *(u.name for u in replica.spec.extra_users)]
+        """The analytics, extra and persistent users, with their passwords (made once):
+        PgBouncer lets in those it knows."""
+        names = [
+            replica.spec.analytics_username,
+            *(u.name for u in replica.spec.extra_users),
+            *(u.name for u in replica.spec.persistent_users or ()),
+        ]
         return {name: self.credentials.ensure(replica.key, name) for name in names}
 
     def hold(self, replica: PostgresPhysicalReplica) -> None:

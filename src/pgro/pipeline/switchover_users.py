@@ -1,0 +1,99 @@
+"""The ProvisionUsers step both runtimes run on the switching restore, right before the
+stable endpoint moves to it (features.md §2.5 and §2.1 "Then re-apply"): the analytics and
+extra users' grants again (the persistent-schema migration's dump carries no privileges, so
+the objects it created have none), then the persistent users. Each runtime supplies the
+connection and the passwords it keeps (credential files, Secrets)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.users import PersistentUser
+from pgro.core.access import analytics_owned_schemas, effective_read_only
+from pgro.core.plan import EmitEvent, EventType
+from pgro.postgres.persistent_users import (
+    IGNORED_EVENT,
+    SCHEMA_MISSING_EVENT,
+    PersistentUsersReport,
+    provision_persistent_users,
+)
+from pgro.postgres.users import ProvisionReport, RoleCredentials, provision_users
+
+
+@dataclass(frozen=True)
+class SwitchoverUsers:
+    """What the step did; holds no secret."""
+
+    restore: str
+    users: ProvisionReport
+    persistent: PersistentUsersReport
+
+    def events(self) -> list[EmitEvent]:
+        """Warnings for what the spec asks and the restore cannot give."""
+        out = []
+        if self.persistent.missing:
+            out.append(
+                EmitEvent(
+                    EventType.WARNING,
+                    SCHEMA_MISSING_EVENT,
+                    self.persistent.missing_note(),
+                    related=self.restore,
+                )
+            )
+        if self.persistent.ignored:
+            out.append(
+                EmitEvent(
+                    EventType.WARNING,
+                    IGNORED_EVENT,
+                    self.persistent.ignored_note(),
+                    related=self.restore,
+                )
+            )
+        return out
+
+    def summary(self) -> str:
+        return f"{self.users.summary()}; {self.persistent.summary()}"
+
+
+def provision_switchover_users(
+    conninfo_for: Callable[[str], str],
+    replica: PostgresPhysicalReplica,
+    restore: PostgresPhysicalRestore,
+    *,
+    analytics: RoleCredentials,
+    extra_users: Sequence[RoleCredentials],
+    persistent_users: Sequence[tuple[PersistentUser, RoleCredentials]],
+    bootstrap_superuser: str = "postgres",
+    other_managed_roles: Sequence[str] = (),
+) -> SwitchoverUsers:
+    """Provision every login role of `restore` (running, reached by `conninfo_for(dbname)` as
+    `bootstrap_superuser`). `extra_users` are the credentials of `replica.spec.extra_users`,
+    by name; `other_managed_roles` are roles whose password the runtime keeps otherwise (the
+    operator's admin role), as in provision_users. Raises
+    pgro.postgres.users.ProvisioningFailed (its message names no secret)."""
+    by_name = {c.username: c for c in extra_users}
+    extras = [(u, by_name[u.name]) for u in replica.spec.extra_users if u.name in by_name]
+    reserved = [bootstrap_superuser, analytics.username, *(u.name for u, _ in extras)]
+    report = provision_users(
+        conninfo_for,
+        analytics=analytics,
+        extra_users=extras,
+        read_only=effective_read_only(replica, restore),
+        bootstrap_superuser=bootstrap_superuser,
+        # Never a reserved name: a persistent user called like the bootstrap superuser must
+        # not keep that role's restored password.
+        other_managed_roles=[
+            *other_managed_roles,
+            *(u.name for u, _ in persistent_users if u.name not in reserved),
+        ],
+        persistent_schemas=analytics_owned_schemas(replica, restore),
+    )
+    persistent = provision_persistent_users(
+        conninfo_for,
+        persistent_users,
+        reserved=[*reserved, *other_managed_roles],
+    )
+    return SwitchoverUsers(restore.name, report, persistent)
