@@ -45,6 +45,7 @@ from pgro.core.plan import (
 from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
 from pgro.pipeline.switchover_users import provision_switchover_users
+from pgro.postgres import restore_info
 from pgro.postgres.health import check_health
 from pgro.reconciler.effects import GONE, Gone, NotificationInput, ReplicaView, StepUnavailable
 from pgro.reconciler.listing import ReplicaListings
@@ -242,8 +243,14 @@ class EmbeddedEffects:
         self._route(replica, step.restore)
 
     def mark_outgoing(self, replica: PostgresPhysicalReplica, step: MarkOutgoing) -> None:
-        # The `_pgro.restore_info` stage table comes with a later issue: nothing to mark.
-        log.debug("%s: outgoing mark of %s not kept by pgro run yet", replica.key, step.restore)
+        # Best effort, on the superseded restore's server while it still runs.
+        backend = self.restores.server_endpoint(f"{replica.namespace}/{step.restore}")
+        if backend is None:
+            log.info("%s: restore %s has no running server to mark", replica.key, step.restore)
+            return
+        restore_info.mark_outgoing(
+            backend.conninfo(restore_info.DATABASE, "postgres"), label=step.restore
+        )
 
     def notification_input(
         self, replica: PostgresPhysicalReplica, restore_name: str
