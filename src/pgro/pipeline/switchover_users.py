@@ -90,6 +90,8 @@ def provision_switchover_users(
             *(u.name for u, _ in persistent_users if u.name not in reserved),
         ],
         persistent_schemas=analytics_owned_schemas(replica, restore),
+        # Reset when the server was provisioned: keep what the schema copy made as analytics.
+        keep_analytics_ownership=True,
     )
     persistent = provision_persistent_users(
         conninfo_for,

@@ -957,8 +957,15 @@ def provision_users(
     bootstrap_superuser: str = "postgres",
     other_managed_roles: Sequence[str] = (),
     persistent_schemas: Sequence[str] = (),
+    keep_analytics_ownership: bool = False,
 ) -> ProvisionReport:
     """Provision the login roles of a running restore; idempotent.
+
+    `keep_analytics_ownership` is for a second run on the same server (the ProvisionUsers
+    step before its switchover): the analytics user was reset when the server was
+    provisioned, so what it owns since is what pgro's persistent-schema copy created as it
+    (the persistent data), which a reset would hand to the superuser. The other roles are
+    reset as always (one added to the spec since may be a restored role owning objects).
 
     `conninfo_for(dbname)` is a libpq conninfo for the bootstrap superuser in that database
     (normally the private socket, `trust`). `read_only` is the replica's effective read-only
@@ -1024,6 +1031,7 @@ def provision_users(
 
     # Every database is reset before any is granted: DROP OWNED also revokes privileges on
     # shared objects (CONNECT on the other databases).
+    reset = [r for r in managed if not (keep_analytics_ownership and r == analytics.username)]
     for dbname in databases:
         with (
             _connect(conninfo_for, dbname, scrub) as db,
@@ -1035,7 +1043,7 @@ def provision_users(
             ),
             db.transaction(),
         ):
-            for statement in reset_statements(managed):
+            for statement in reset_statements(reset):
                 db.execute(statement)
 
     for dbname in databases:

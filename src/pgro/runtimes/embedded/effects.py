@@ -9,9 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
+from pgro.clock import utcnow
 from pgro.core import reasons
 from pgro.core.observations import Endpoint as ConnectionEndpoint
 from pgro.core.observations import (
@@ -44,6 +46,7 @@ from pgro.core.plan import (
 )
 from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
+from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.pipeline.switchover_users import provision_switchover_users
 from pgro.postgres import restore_info
 from pgro.postgres.health import check_health
@@ -57,12 +60,15 @@ from pgro.runtimes.embedded.persistent_credentials import (
     forget_removed_users,
     persistent_credentials,
 )
+from pgro.runtimes.embedded.schema_copy import EmbeddedCopy
 from pgro.runtimes.embedded.store import Store
 from pgro.runtimes.embedded.work import Restores
 
 log = logging.getLogger("pgro.run")
 
 RUNTIME_NAME = "pgro run"
+# How often a running persistent-schema copy is looked at.
+SCHEMA_COPY_POLL_S = 2.0
 
 
 @dataclass(eq=False)
@@ -76,8 +82,10 @@ class EmbeddedEffects:
     listen_host: str
     manifest: Manifest = field(default_factory=Manifest)  # as last loaded; replaced on reload
     runtime_name: str = field(default=RUNTIME_NAME, init=False)
-    # Redaction, schema carry-over and the like do not run in pgro run yet.
-    supported_switchover_steps: frozenset[SwitchoverStep] = field(default=frozenset(), init=False)
+    # Redaction and the schema build do not run in pgro run yet.
+    supported_switchover_steps: frozenset[SwitchoverStep] = field(
+        default=frozenset({SwitchoverStep.SCHEMA_MIGRATION}), init=False
+    )
 
     # -- credentials ----------------------------------------------------------------------
     def _credentials(
@@ -284,8 +292,26 @@ class EmbeddedEffects:
     def run_switchover_step(
         self, replica: PostgresPhysicalReplica, step: RunSwitchoverStep
     ) -> None:
-        # Never called: no switchover step is supported, the shell reports them.
-        raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
+        if step.kind is not SwitchoverStep.SCHEMA_MIGRATION:
+            # Never called: the shell reports the steps not in supported_switchover_steps.
+            raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
+        source = self.store.restore(f"{replica.namespace}/{step.source_restore}")
+        if source is None:
+            raise RuntimeError(f"the serving restore {step.source_restore} is gone")
+        copy = EmbeddedCopy(
+            self.restores, replica.namespace, replica.name, source.name, step.restore
+        )
+        SchemaMigration(
+            replica,
+            step,
+            copy,
+            patch=lambda patch: self.patch_replica_status(replica, patch),
+            event=lambda event: self.emit_event(replica, event),
+            source_snapshot_bytes=parse_quantity(source.spec.snapshot_size),
+            now=utcnow(),
+        ).run()
+        # The copy is watched from the next pass: soon, not at the idle requeue.
+        self.schedule("replica", replica.key, SCHEMA_COPY_POLL_S)
 
     # -- a restore's work -----------------------------------------------------------------
     def prepare_restore_storage(

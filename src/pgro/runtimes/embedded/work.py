@@ -22,9 +22,10 @@ from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import RestoreWork, Server, WorkState
 from pgro.pipeline import worker
 from pgro.pipeline.job import CanopyProxy, RestoreJob, RestoreOutcome
+from pgro.pipeline.schema_transfer import LocalCopy
 from pgro.postgres import restore_info
 from pgro.postgres.account import RunAccount
-from pgro.postgres.binaries import find_binaries
+from pgro.postgres.binaries import PostgresBinaries, find_binaries
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
 from pgro.postgres.users import RoleCredentials, provision_users
 from pgro.processes import stop, stop_pid
@@ -38,6 +39,8 @@ log = logging.getLogger("pgro.run")
 # the reference's PVC sizing, which leaves room for WAL and temp files).
 DISK_HEADROOM: Final = 1.0
 WORKER_STOP_S: Final = 30.0
+# A restore's persistent-schema copy works in this subdirectory (runtimes/embedded/schema_copy).
+SCHEMA_COPY_DIRECTORY: Final = "schemas"
 # A server pgro started is checked for an exit every pass (a wait() on our child); one
 # adopted from an earlier run only through /proc, so less often.
 ADOPTED_CHECK_S: Final = 10.0
@@ -98,6 +101,12 @@ class Restores:
     def server_endpoint(self, key: str) -> Endpoint | None:
         handle = self.servers.get(key)
         return handle.endpoint if handle is not None else None
+
+    def binaries(self, key: str) -> PostgresBinaries:
+        handle = self.servers.get(key)
+        if handle is None:
+            raise RuntimeError(f"restore {key} has no running server")
+        return handle.binaries
 
     def changed(self) -> list[str]:
         """Restores whose worker exited, or whose server stopped or became ready, since
@@ -231,6 +240,9 @@ class Restores:
         pid = worker.leftover(rdir)
         if pid is not None:
             stop_pid(pid, WORKER_STOP_S)
+        # A persistent-schema copy into this restore stops first (its processes would
+        # outlive the directory).
+        LocalCopy(rdir / SCHEMA_COPY_DIRECTORY, self.account).discard()
         handle = self.servers.pop(rkey, None)
         remembered = self.store.setting(f"server-socket/{rkey}")
         if handle is None:
