@@ -32,6 +32,7 @@ from pgro.postgres.restore_info import (
     RestoreInfoFailed,
     mark_outgoing,
     record_restore,
+    reset_access,
     set_stage,
 )
 from pgro.postgres.server import PostgresServer, make_conninfo, socket_dir_for
@@ -454,3 +455,29 @@ def test_a_restore_without_a_postgres_database_is_noted_not_failed(cluster: Clus
             ]
         finally:
             conn.execute("ALTER DATABASE postgres_gone RENAME TO postgres")
+
+
+def test_access_is_reset_after_the_roles_are_provisioned_again(cluster: Cluster) -> None:
+    cluster.fresh()
+    assert reset_access(cluster.conninfo(), analytics="analytics", analytics_may_write=False) is (
+        False
+    )
+    cluster.record()
+    # What provision_users grants a writing analytics user on every schema and table.
+    with cluster.superuser() as conn:
+        conn.execute("GRANT USAGE, CREATE ON SCHEMA _pgro TO analytics")
+        conn.execute(
+            "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON _pgro.restore_info TO analytics"
+        )
+    assert reset_access(cluster.conninfo(), analytics="analytics", analytics_may_write=True) is (
+        True
+    )
+    assert (
+        cluster.value(
+            "SELECT relacl::text FROM pg_class WHERE oid = '_pgro.restore_info'::regclass"
+        )
+        == "{postgres=arwdDxt/postgres,analytics=rw/postgres}"
+    )
+    assert cluster.value("SELECT nspacl::text FROM pg_namespace WHERE nspname = '_pgro'") == (
+        "{postgres=UC/postgres,analytics=U/postgres}"
+    )

@@ -401,6 +401,28 @@ def record_restore(
     return notes
 
 
+def reset_access(conninfo: str, *, analytics: str, analytics_may_write: bool) -> bool:
+    """Put the privileges on `_pgro` back to record_restore's after the login roles were
+    provisioned again (users.provision_users grants a writing analytics user DML on every
+    table and CREATE on every schema, `_pgro` included; a reset drops its grants).
+
+    False when there is no table of pgro's. Raises RestoreInfoFailed.
+    """
+    import psycopg
+
+    try:
+        with _connect(conninfo) as conn, conn.transaction():
+            found = _inspect(conn)
+            if not found.table or found.problems:
+                return False
+            _reset_privileges(conn, analytics, analytics_may_write)
+            return True
+    except psycopg.Error as exc:
+        raise RestoreInfoFailed(
+            f"cannot reset the privileges on {SCHEMA}.{TABLE}: {str(exc).strip()}"
+        ) from exc
+
+
 def _update_stage(conn: psycopg.Connection[tuple[object, ...]], stage: str) -> bool:
     """Set the stage if the table is pgro's plain table; False when it is not there."""
     with conn.transaction():
