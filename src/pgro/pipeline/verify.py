@@ -43,9 +43,8 @@ from pgro.postgres.server import (
     PostgresServer,
     StartupFailed,
     bootstrap_superuser,
-    needs_wal_reset,
-    reset_wal,
     socket_dir_for,
+    start_resetting_wal_if_needed,
 )
 
 DEFAULT_SUPERUSER = "postgres"
@@ -143,17 +142,9 @@ def _start(
         f"starting PostgreSQL {restored.data.major} on private port {server.port} "
         f"(readiness timeout {int(timeout.total_seconds())}s)",
     )
-    try:
-        server.start(timeout.total_seconds())
-    except StartupFailed as exc:
-        if not needs_wal_reset(exc.log_tail):
-            raise
-        observer.note("crash recovery cannot find its WAL: resetting WAL with pg_resetwal -f")
-        reset_wal(restored.binaries, restored.data.path, server.account)
-        restored.repairs.record(
-            "reset_wal", "reset the WAL with pg_resetwal -f (indexes may need a REINDEX)"
-        )
-        server.start(timeout.total_seconds())
+    reset = start_resetting_wal_if_needed(server, timeout.total_seconds(), observer.note)
+    if reset is not None:
+        restored.repairs.record("reset_wal", reset)
 
 
 def _superuser(server: PostgresServer, restored: RestoredDataDirectory, timeout: float) -> str:

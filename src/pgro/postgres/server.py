@@ -15,8 +15,9 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import IO
 
@@ -41,6 +42,68 @@ WAL_FAILURE_SIGNATURES = (
     "could not locate required checkpoint record",
     "could not locate a valid checkpoint record",
 )
+
+# Startup failures pg_resetwal cannot fix. Resetting would only destroy what a person needs
+# to diagnose them (the WAL and pg_control's state), so these are never reset, not even as
+# the last resort, and they win over the WAL signatures (a permissions error reading pg_wal
+# also ends in "could not locate a valid checkpoint record"):
+# - another major version or build, or no data directory: a reset changes neither;
+# - permissions, ownership, running as root;
+# - configuration: a bad setting or file, a library that is not installed;
+# - the host: memory, disk space, shared memory, sockets, another server holding the lock;
+# - in the pod's single-user session: a database or role that does not exist, a missing
+#   binary (`pgro verify` and `pgro run` never get that far: spawning raises).
+NOT_RESETTABLE_SIGNATURES = (
+    "database files are incompatible with server",
+    "is not a valid data directory",
+    "Permission denied",
+    "has invalid permissions",
+    "has wrong ownership",
+    "has group or world access",
+    '"root" execution of the PostgreSQL server is not permitted',
+    "configuration file",
+    "invalid value for parameter",
+    "unrecognized configuration parameter",
+    "could not access file",
+    "could not load library",
+    "No space left on device",
+    "out of memory",
+    "could not create shared memory segment",
+    "could not map anonymous shared memory",
+    'lock file "',
+    "could not bind",
+    "could not create any TCP/IP sockets",
+    "could not create Unix-domain socket",
+    '" does not exist',
+    ": not found",
+    "command not found",
+)
+
+RESET_WAL_NOTE = "reset the WAL with pg_resetwal -f (indexes may need a REINDEX)"
+LAST_RESORT_NOTE = (
+    "reset the WAL with pg_resetwal -f as a last resort: PostgreSQL failed to start twice "
+    "for a reason pgro does not recognise (indexes may need a REINDEX)"
+)
+
+
+class StartupFailureKind(Enum):
+    WAL_LOST = "wal-lost"  # reset at once
+    NOT_RESETTABLE = "not-resettable"  # never reset
+    UNRECOGNISED = "unrecognised"  # retry once unchanged, then reset as the last resort
+
+
+def classify_startup_failure(log_text: str) -> StartupFailureKind:
+    """What a failed start's log says about resetting the WAL (the pod's setup script
+    applies the same rules, `runtimes/kubernetes/scripts.py`). Without a FATAL or PANIC
+    line nothing says startup itself failed (the server was killed, or in the pod's
+    single-user session a statement failed): that is never reset either."""
+    if any(sig in log_text for sig in NOT_RESETTABLE_SIGNATURES):
+        return StartupFailureKind.NOT_RESETTABLE
+    if "FATAL:" not in log_text and "PANIC:" not in log_text:
+        return StartupFailureKind.NOT_RESETTABLE
+    if any(sig in log_text for sig in WAL_FAILURE_SIGNATURES):
+        return StartupFailureKind.WAL_LOST
+    return StartupFailureKind.UNRECOGNISED
 
 
 class StartupFailed(Exception):
@@ -275,8 +338,45 @@ class PostgresServer:
             self._log = None
 
 
-def needs_wal_reset(log_text: str) -> bool:
-    return any(sig in log_text for sig in WAL_FAILURE_SIGNATURES)
+def start_resetting_wal_if_needed(
+    server: PostgresServer, timeout: float, note: Callable[[str], None] = lambda _: None
+) -> str | None:
+    """Start `server`, resetting its WAL only when that is what may bring it up.
+
+    A known WAL signature resets at once. Any other failure, unless a reset cannot fix it
+    (`NOT_RESETTABLE_SIGNATURES`), is retried once unchanged and then, as the last resort,
+    reset (the reference's two-stage fallback). A timeout is never reset: the server was
+    still recovering, and its log can hold a WAL signature that recovery got past.
+    Returns the repair note when the WAL was reset (fix `reset_wal`), else None;
+    `StartupFailed` when the server did not start.
+    """
+    try:
+        server.start(timeout)
+        return None
+    except StartupTimeout:
+        raise
+    except StartupFailed as exc:
+        kind = classify_startup_failure(exc.log_tail)
+        if kind is StartupFailureKind.NOT_RESETTABLE:
+            raise
+    repair = RESET_WAL_NOTE
+    if kind is StartupFailureKind.UNRECOGNISED:
+        note("PostgreSQL did not start, for a reason pgro does not recognise: retrying once")
+        try:
+            server.start(timeout)
+            return None
+        except StartupTimeout:
+            raise
+        except StartupFailed as again:
+            if classify_startup_failure(again.log_tail) is StartupFailureKind.NOT_RESETTABLE:
+                raise
+        note("PostgreSQL failed to start twice: resetting WAL with pg_resetwal -f as a last resort")
+        repair = LAST_RESORT_NOTE
+    else:
+        note("crash recovery cannot find its WAL: resetting WAL with pg_resetwal -f")
+    reset_wal(server.binaries, server.pgdata, server.account)
+    server.start(timeout)
+    return repair
 
 
 def reset_wal(binaries: PostgresBinaries, pgdata: Path, account: RunAccount) -> str:

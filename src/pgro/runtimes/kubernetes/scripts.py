@@ -13,7 +13,7 @@ import shlex
 from typing import Final
 
 from pgro.postgres.config import forced_settings
-from pgro.postgres.server import WAL_FAILURE_SIGNATURES
+from pgro.postgres.server import NOT_RESETTABLE_SIGNATURES, WAL_FAILURE_SIGNATURES
 
 ADMIN_ROLE: Final = "postgres"
 FIX_RESET_WAL_FLAG: Final = "fix-reset-wal"
@@ -69,25 +69,60 @@ attempt() {
   ! failed "$output"
 }
 
-if attempt; then
-  echo "setup: set the __ROLE__ password"
-  exit 0
-fi
+# The same policy as `postgres.server.start_resetting_wal_if_needed`, from the same lists.
+wal_lost() {
+  printf '%s\n' "$1" | grep -Fq __WAL_SIGNATURES__
+}
 
-if printf '%s\n' "$output" | grep -Fq __SIGNATURES__; then
-  echo "setup: the WAL needed for recovery is missing or torn; running pg_resetwal -f" >&2
-  redacted "$output" >&2
+# A reset cannot fix these and would destroy the evidence (server.NOT_RESETTABLE_SIGNATURES),
+# nor a failure without a FATAL or PANIC: the server started and a statement failed, or it
+# was killed.
+not_resettable() {
+  printf '%s\n' "$1" | grep -Fq __NOT_RESETTABLE__ && return 0
+  ! printf '%s\n' "$1" | grep -Eq '(FATAL|PANIC):'
+}
+
+reset_wal() {
+  echo "setup: $1; running pg_resetwal -f" >&2
   # A PANIC in single-user mode leaves its lock file behind, and pg_resetwal refuses to
-  # run while one exists; nothing else uses this data directory while the pod initialises.
+  # run while one exists; nothing else uses this data directory while the pod initialises
+  # (another server holding it fails with a lock-file error, which is never reset).
   rm -f "$PGDATA/postmaster.pid"
   if ! pg_resetwal -f "$PGDATA" >&2; then
     echo "setup: pg_resetwal failed; the data directory cannot be started" >&2
     exit 1
   fi
   touch "$PGRO_DATA_ROOT/__FLAG__"
+}
+
+if attempt; then
+  echo "setup: set the __ROLE__ password"
+  exit 0
+fi
+
+if not_resettable "$output"; then
+  echo "setup: a WAL reset cannot fix this failure; the data directory is left as it is" >&2
+elif wal_lost "$output"; then
+  redacted "$output" >&2
+  reset_wal "the WAL needed for recovery is missing or torn"
   if attempt; then
     echo "setup: set the __ROLE__ password after pg_resetwal"
     exit 0
+  fi
+else
+  echo "setup: single-user mode failed for a reason pgro does not recognise; retrying once" >&2
+  redacted "$output" >&2
+  if attempt; then
+    echo "setup: set the __ROLE__ password on the second attempt"
+    exit 0
+  fi
+  if ! not_resettable "$output"; then
+    redacted "$output" >&2
+    reset_wal "single-user mode failed twice; as a last resort"
+    if attempt; then
+      echo "setup: set the __ROLE__ password after pg_resetwal (the last resort)"
+      exit 0
+    fi
   fi
 fi
 
@@ -108,13 +143,17 @@ def _forced_single_user_args() -> str:
     return " ".join(words)
 
 
+def _grep_patterns(signatures: tuple[str, ...]) -> str:
+    return " ".join(f"-e {shlex.quote(s)}" for s in signatures)
+
+
 def setup_script() -> str:
     """The `setup` init container's script (POSIX sh). Needs `$PGDATA`, `$PGRO_DATA_ROOT`
     and `$PGRO_ADMIN_PASSWORD`; `postgres` and `pg_resetwal` on `$PATH`."""
-    signatures = " ".join(f"-e {shlex.quote(s)}" for s in WAL_FAILURE_SIGNATURES)
     return (
         _SETUP_TEMPLATE.replace("__FORCED__", _forced_single_user_args())
-        .replace("__SIGNATURES__", signatures)
+        .replace("__WAL_SIGNATURES__", _grep_patterns(WAL_FAILURE_SIGNATURES))
+        .replace("__NOT_RESETTABLE__", _grep_patterns(NOT_RESETTABLE_SIGNATURES))
         .replace("__ROLE__", ADMIN_ROLE)
         .replace("__DATABASE__", "postgres")
         .replace("__FLAG__", FIX_RESET_WAL_FLAG)
