@@ -346,7 +346,8 @@ CLUSTER_RULES: dict[tuple[str, str, tuple[str, ...] | None], set[str]] = {
     (GROUP, "postgresphysicalreplicas/status", None): {"get", "patch"},
     (GROUP, "postgresphysicalrestores", None): {"get", "list", "watch", "create", "delete"},
     (GROUP, "postgresphysicalrestores/status", None): {"get", "patch"},
-    ("", "secrets", None): {"get", "create"},
+    # list/delete: persistent-user Secrets of users removed from a replica (features.md §2.5).
+    ("", "secrets", None): {"get", "create", "list", "delete"},
     ("", "services", None): {"get", "create", "patch"},
     ("", "persistentvolumeclaims", None): {"get", "create", "patch"},
     ("", "pods", None): {"get", "list", "watch", "patch", "delete"},
@@ -410,7 +411,10 @@ def test_a_broadened_rule_fails_the_comparison() -> None:
     role = find("ClusterRole", "pgro-operator")
     broadened = {
         **role,
-        "rules": [*role["rules"], {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}],
+        "rules": [
+            *role["rules"],
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["watch"]},
+        ],
     }
     assert flatten_rules(broadened) != normalise(CLUSTER_RULES)
 

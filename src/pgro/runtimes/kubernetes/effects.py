@@ -42,7 +42,12 @@ from pgro.runtimes.kubernetes.observe import (
     secret_value,
     split_key,
 )
-from pgro.runtimes.kubernetes.provisioning import PodEndpoint, Provisioner
+from pgro.runtimes.kubernetes.provisioning import (
+    PodEndpoint,
+    Provisioner,
+    ensure_persistent_user_secrets,
+    provision_switching_restore,
+)
 from pgro.runtimes.kubernetes.reports import ReportDelivery
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
 
@@ -172,6 +177,7 @@ class KubeEffects:
             self.api.create_if_missing(
                 workloads.extra_user_secret(replica, username, generate_password())
             )
+        ensure_persistent_user_secrets(self.api, replica)
         if not self.api.create_if_missing(workloads.stable_service(replica)) and annotations:
             current = self.api.get("Service", ns, replica.name) or {}
             have = current.get("metadata", {}).get("annotations") or {}
@@ -214,7 +220,16 @@ class KubeEffects:
             log.info("restore %s/%s deleted", ns, step.restore)
 
     def provision_users(self, replica: PostgresPhysicalReplica, step: plan.ProvisionUsers) -> None:
-        raise StepUnavailable(f"persistent users are not provisioned by {RUNTIME_NAME} yet")
+        restore = self.observer.restore(replica.namespace, step.restore)
+        pod = self.observer.ready_pod(restore) if restore is not None else None
+        if restore is None or pod is None or pod.ip is None:
+            raise StepFailedError(
+                f"restore {step.restore} has no ready PostgreSQL pod to provision the users on"
+            )
+        done = provision_switching_restore(self.api, replica, restore, pod.ip)
+        log.info("%s: login roles of %s provisioned: %s", replica.key, step.restore, done.summary())
+        for event in done.events():
+            self.emit_event(replica, event)
 
     def point_service_at(self, replica: PostgresPhysicalReplica, step: plan.PointServiceAt) -> None:
         if self._label_ready(replica.namespace, step.restore) == 0:

@@ -11,18 +11,25 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pgro.api.names import (
+    LABEL_PERSISTENT_USER,
+    LABEL_REPLICA,
     admin_creds_secret_name,
     extra_user_secret_name,
     replica_creds_secret_name,
 )
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.secret import decode_secret_data
+from pgro.api.users import PersistentUser
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.secrets import scrub
+from pgro.kube.client import KubeApi
+from pgro.pipeline.switchover_users import SwitchoverUsers, provision_switchover_users
 from pgro.postgres import restore_info
 from pgro.postgres.server import make_conninfo
-from pgro.postgres.users import RoleCredentials, provision_users
-from pgro.runtimes.kubernetes.observe import PodView, Requeue
+from pgro.postgres.users import RoleCredentials, generate_password, provision_users
+from pgro.runtimes.kubernetes import workloads
+from pgro.runtimes.kubernetes.observe import PodView, Requeue, secret_value
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
 
 log = logging.getLogger("pgro.operator")
@@ -163,3 +170,105 @@ class Provisioner:
 
 def _key(restore: PostgresPhysicalRestore) -> str:
     return f"{restore.namespace}/{restore.name}"
+
+
+# -- the switchover's ProvisionUsers step (features.md §2.5) ------------------------------
+
+
+def ensure_persistent_user_secrets(api: KubeApi, replica: PostgresPhysicalReplica) -> list[str]:
+    """Create each persistent user's Secret if missing (never rewritten: clients keep the
+    password across switchovers), and delete the replica's persistent-user Secrets whose
+    user left the spec. Returns the names of the Secrets deleted."""
+    ns = replica.namespace
+    users = replica.spec.persistent_users or ()
+    for user in users:
+        secret = workloads.persistent_user_secret(replica, user, generate_password())
+        if api.create_if_missing(secret):
+            log.info("%s: created Secret %s", replica.key, secret["metadata"]["name"])
+    wanted = {workloads.persistent_user_label(u.name) for u in users}
+    deleted = []
+    for secret in api.list("Secret", namespace=ns, labels={LABEL_REPLICA: replica.name}).items:
+        meta = secret.get("metadata") or {}
+        label = (meta.get("labels") or {}).get(LABEL_PERSISTENT_USER)
+        owners = {o.get("uid") for o in meta.get("ownerReferences") or []}
+        # Only Secrets this replica owns: a look-alike someone labelled stays.
+        if label is None or label in wanted or replica.metadata.uid not in owners:
+            continue
+        if api.delete("Secret", ns, meta["name"]):
+            deleted.append(meta["name"])
+            log.info("%s: deleted Secret %s (persistent user removed)", replica.key, meta["name"])
+    return deleted
+
+
+def persistent_user_credentials(
+    api: KubeApi, replica: PostgresPhysicalReplica
+) -> list[tuple[PersistentUser, RoleCredentials]]:
+    """Each persistent user with the password of its Secret. A Secret that is not that
+    user's (a `secretName` naming another Secret) is refused, never used."""
+    ns = replica.namespace
+    out = []
+    for user in replica.spec.persistent_users or ():
+        name = user.secret_name_for(replica.name)
+        secret = api.get("Secret", ns, name)
+        if secret is None:
+            raise LookupError(
+                f"Secret {ns}/{name} of persistent user {user.name} not found; the operator "
+                "creates it on the replica's next change (annotate the replica)"
+            )
+        labels = (secret.get("metadata") or {}).get("labels") or {}
+        data = decode_secret_data(secret)
+        if (
+            labels.get(LABEL_PERSISTENT_USER) != workloads.persistent_user_label(user.name)
+            or data.get("username") != user.name.encode()
+            or not data.get("password")
+        ):
+            raise LookupError(
+                f"Secret {ns}/{name} is not persistent user {user.name}'s (its "
+                f"{LABEL_PERSISTENT_USER} label, username or password differ): give the user "
+                "a secretName of its own"
+            )
+        out.append((user, RoleCredentials(user.name, data["password"].decode())))
+    return out
+
+
+def provision_switching_restore(
+    api: KubeApi,
+    replica: PostgresPhysicalReplica,
+    restore: PostgresPhysicalRestore,
+    host: str,
+) -> SwitchoverUsers:
+    """The ProvisionUsers step over SQL to the restore's ready pod at `host`, as the
+    operator's admin role. Runs on the reconcile thread: every connection gives up after
+    PROVISION_CONNECT_TIMEOUT_S. Raises with a message that names no password."""
+    ns = replica.namespace
+    passwords: list[str] = []
+
+    def password(secret: str) -> str:
+        value = secret_value(api, ns, secret, "password")
+        passwords.append(value)
+        return value
+
+    try:
+        admin = password(admin_creds_secret_name(replica.name))
+        analytics = RoleCredentials(
+            replica.spec.analytics_username, password(replica_creds_secret_name(replica.name))
+        )
+        extras = [
+            RoleCredentials(u.name, password(extra_user_secret_name(replica.name, u.name)))
+            for u in replica.spec.extra_users
+        ]
+        persistent = persistent_user_credentials(api, replica)
+        passwords += [c.password for _, c in persistent]
+        return provision_switchover_users(
+            PodEndpoint(host, admin).conninfo,
+            replica,
+            restore,
+            analytics=analytics,
+            extra_users=extras,
+            persistent_users=persistent,
+            other_managed_roles=[ADMIN_ROLE],
+        )
+    except Exception as exc:
+        raise RuntimeError(
+            f"provisioning the login roles of {restore.name}: {scrub(str(exc), passwords)}"
+        ) from None

@@ -5,6 +5,8 @@ dicts out. Names, labels and owners follow the reference's.
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -15,6 +17,7 @@ from pgro.api.names import (
     JOB_TYPE_VERSION_DETECT,
     LABEL_COMPONENT,
     LABEL_JOB_TYPE,
+    LABEL_PERSISTENT_USER,
     LABEL_PROXY_SIDECAR,
     LABEL_READY_FOR_TRAFFIC,
     LABEL_REPLICA,
@@ -33,6 +36,7 @@ from pgro.api.names import (
 from pgro.api.quantity import format_quantity, parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.users import PersistentUser
 from pgro.core.access import effective_read_only
 from pgro.core.pod_sizing import (
     kopia_cache_caps,
@@ -154,6 +158,10 @@ def pod_ready_for_traffic_patch() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+# A Kubernetes label value (at most 63 characters).
+_LABEL_VALUE: Final = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 
 
 def _replica_labels(replica: str) -> dict[str, str]:
@@ -304,6 +312,26 @@ def extra_user_secret(
         username,
         password,
     )
+
+
+def persistent_user_label(username: str) -> str:
+    """The `pgro.bes.au/persistent-user` label value naming a role: the name itself when it
+    is a valid label value, else a readable slug and a hash of it."""
+    if len(username) <= 63 and _LABEL_VALUE.fullmatch(username):
+        return username
+    digest = hashlib.sha256(username.encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "-", username)[:40].strip("-_.")
+    return f"{slug}-{digest}" if slug else digest
+
+
+def persistent_user_secret(
+    replica: PostgresPhysicalReplica, user: PersistentUser, password: str
+) -> dict[str, Any]:
+    """`secretName` or `<replica>-user-<slug>` (features.md §2.5): a persistent user's
+    login, created once and never rewritten, so clients keep it across switchovers."""
+    metadata = _replica_metadata(replica, user.secret_name_for(replica.name))
+    metadata["labels"][LABEL_PERSISTENT_USER] = persistent_user_label(user.name)
+    return _secret(metadata, user.name, password)
 
 
 def admin_secret(replica: PostgresPhysicalReplica, password: str) -> dict[str, Any]:
