@@ -13,16 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import errors
 
 from pgro.api.users import PersistentUser
+from pgro.pipeline.switchover_users import provision_switchover_users
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.persistent_users import PersistentUsersReport, provision_persistent_users
 from pgro.postgres.users import RoleCredentials, generate_password
+from tests.fixtures.manifests import replica, restore
 from tests.integration.test_users import Cluster, _cluster, one, role_state
 
 PU = "tupaia_read"
@@ -175,3 +178,35 @@ def test_a_reserved_name_is_ignored(cluster: Cluster) -> None:
     assert report.ignored == ("reporter",) and report.users == ()
     with pytest.raises(psycopg.OperationalError):
         cluster.login("reporter", creds.password)
+
+
+def test_the_step_grants_extra_users_the_objects_a_migration_created(
+    cluster: Cluster, password: str
+) -> None:
+    """Reference `extra_user_grants.rs`: the migration's dump carries no privileges, so the
+    step's second provisioning is what lets an extra user read the carried schema."""
+    with cluster.superuser() as conn:
+        # As the copy leaves it: created by the superuser, no grants at all.
+        conn.execute("DROP SCHEMA IF EXISTS persistent_data CASCADE")
+        conn.execute("CREATE SCHEMA persistent_data")
+        conn.execute("CREATE TABLE persistent_data.important_records AS SELECT 42 AS n")
+    spec: dict[str, Any] = {
+        "extraUsers": [{"name": "reporter", "schemas": ["persistent_data"]}],
+        "persistentUsers": [{"name": PU, "readSchemas": ["persistent_data", "absent"]}],
+    }
+    done = provision_switchover_users(
+        cluster.conninfo_for,
+        replica("orders", **spec),
+        restore("orders-20260101-000000", "orders"),
+        analytics=cluster.analytics,
+        extra_users=[cluster.reporter],
+        persistent_users=tupaia(password, readSchemas=["persistent_data", "absent"]),
+    )
+    for user, secret in (("reporter", cluster.reporter.password), (PU, password)):
+        with cluster.login(user, secret) as conn:
+            assert one(conn, "SELECT n FROM persistent_data.important_records") == 42
+    with cluster.login("reporter", cluster.reporter.password) as conn:
+        assert one(conn, "SELECT has_schema_privilege('public', 'USAGE')") is False
+    [event] = done.events()
+    assert event.reason == "PersistentUserSchemaMissing" and f"{PU}/absent" in event.note
+    assert password not in done.summary() + event.note
