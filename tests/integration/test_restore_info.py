@@ -25,7 +25,6 @@ from psycopg import errors
 
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
-from pgro.postgres.initdb import init_cluster
 from pgro.postgres.repair import DEFAULT_HBA
 from pgro.postgres.restore_info import (
     RestoreInfo,
@@ -37,6 +36,7 @@ from pgro.postgres.restore_info import (
 )
 from pgro.postgres.server import PostgresServer, make_conninfo, socket_dir_for
 from pgro.postgres.users import RoleCredentials, generate_password, provision_users
+from tests.integration.test_users import _binaries_13, _initdb
 
 FIXES = {"locale": False, "reindex": False, "reset_wal": True, "recreated_pg_wal": False}
 INFO = RestoreInfo("k1a2b3", "2026-11-30T01:02:03.456Z", FIXES)
@@ -193,14 +193,26 @@ class Cluster:
             return [str(r[0]) for r in conn.execute("SELECT who FROM public.pwned").fetchall()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["newest", "13"])
 def cluster(
-    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
+    request: pytest.FixtureRequest,
+    scratch_root: Path,
+    account: RunAccount,
+    binaries: PostgresBinaries,
 ) -> Iterator[Cluster]:
-    base = Path(tempfile.mkdtemp(prefix="restore-info-", dir=scratch_root))
+    """The newest installed PostgreSQL, and 13 (the operator runs any major's image)."""
+    if request.param == "13":
+        found = _binaries_13(scratch_root)
+        if found is None:
+            pytest.skip(
+                "PostgreSQL 13 server binaries are not installed: run "
+                "`scripts/install-postgres-major.sh 13` (or install postgresql-13)"
+            )
+        binaries = found
+    base = Path(tempfile.mkdtemp(prefix=f"restore-info{binaries.major}-", dir=scratch_root))
     os.chmod(base, 0o711)
     pgdata = base / "data"
-    init_cluster(binaries, pgdata, account)
+    _initdb(binaries, pgdata, account)
     hba = pgdata / "pg_hba.conf"
     hba.write_text(DEFAULT_HBA)
     if os.geteuid() == 0:
