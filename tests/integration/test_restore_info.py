@@ -88,6 +88,9 @@ HOSTILE = {
     "expression index": f"CREATE SCHEMA _pgro; {_TABLE}); "
     "CREATE INDEX ON _pgro.restore_info (public.pwn_immutable(stage))",
     "column with a default": f"CREATE SCHEMA _pgro; {_TABLE}, extra text DEFAULT public.pwn())",
+    "a default calling the snapshot's code": "CREATE SCHEMA _pgro; "
+    + _TABLE.replace("DEFAULT 'restored'", "DEFAULT public.pwn()")
+    + ")",
     "domain column": "CREATE DOMAIN public.sneaky AS text CHECK (public.pwn_check(VALUE)); "
     f"CREATE SCHEMA _pgro; {_TABLE.replace('stage text', 'stage public.sneaky')})",
     "inheritance child": f"CREATE SCHEMA _pgro; {_TABLE}); "

@@ -75,6 +75,8 @@ _COLUMNS: Final[dict[str, tuple[int, bool, str]]] = {
 _REQUIRED: Final = ("id", "snapshot_id")
 # initdb gives every object it creates an OID below this (catalog_guard relies on it too).
 _FIRST_NORMAL_OBJECT_ID: Final = 16384
+# Catalog OIDs (src/include/catalog/pg_*.h), for pg_depend.
+_PG_TYPE, _PG_PROC, _PG_ATTRDEF, _PG_OPERATOR = 1247, 1255, 2604, 2617
 
 _CREATE_TABLE: Final = (
     "CREATE TABLE _pgro.restore_info ("
@@ -224,6 +226,14 @@ def _inspect(conn: psycopg.Connection[tuple[object, ...]]) -> _Found:
         "constraints other than its primary key": (
             "SELECT count(*) FROM pg_catalog.pg_constraint WHERE conrelid = %s "
             "AND contype::text <> 'p' AND contype::text <> 'n'"
+        ),
+        # pgro's statements name every column, so no default runs in them; a default that
+        # calls the snapshot's code would still run in the next writer's, so it is not kept.
+        "column defaults that use the snapshot's functions, operators or types": (
+            "SELECT count(*) FROM pg_catalog.pg_attrdef d JOIN pg_catalog.pg_depend p "
+            f"ON p.classid = {_PG_ATTRDEF} AND p.objid = d.oid WHERE d.adrelid = %s "
+            f"AND p.refclassid IN ({_PG_PROC}, {_PG_OPERATOR}, {_PG_TYPE}) "
+            f"AND p.refobjid >= {_FIRST_NORMAL_OBJECT_ID}"
         ),
         # An index runs its expressions, predicate and operator class functions on every
         # write: only a plain index over built-in operator classes is pgro's.
