@@ -24,6 +24,7 @@ from pgro.pipeline.switchover_users import provision_switchover_users
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.persistent_users import PersistentUsersReport, provision_persistent_users
+from pgro.postgres.restore_info import DATABASE, RestoreInfo, record_restore
 from pgro.postgres.users import RoleCredentials, generate_password
 from tests.fixtures.manifests import replica, restore
 from tests.integration.test_users import Cluster, _cluster, one, role_state
@@ -210,3 +211,36 @@ def test_the_step_grants_extra_users_the_objects_a_migration_created(
     [event] = done.events()
     assert event.reason == "PersistentUserSchemaMissing" and f"{PU}/absent" in event.note
     assert password not in done.summary() + event.note
+
+
+def test_the_step_puts_restore_info_privileges_back_for_a_writing_analytics_user(
+    cluster: Cluster, password: str
+) -> None:
+    """provision_users grants a writing analytics user DML on every table and CREATE on every
+    schema; after the step it may still only read and UPDATE `_pgro.restore_info`."""
+    info = RestoreInfo("snap-1", "2026-11-30T01:02:03Z", {})
+    postgres_db = cluster.conninfo_for(DATABASE)
+    record_restore(postgres_db, info, analytics="analytics", analytics_may_write=True)
+    writable = replica("orders", readOnly=False, persistentUsers=[{"name": PU}])
+    try:
+        provision_switchover_users(
+            cluster.conninfo_for,
+            writable,
+            restore("orders-20260101-000000", "orders"),
+            analytics=cluster.analytics,
+            extra_users=[],
+            persistent_users=tupaia(password),
+        )
+        with cluster.superuser(DATABASE) as conn:
+            acl = conn.execute(
+                "SELECT a.privilege_type FROM pg_class c, aclexplode(c.relacl) a "
+                "WHERE c.oid = '_pgro.restore_info'::regclass "
+                "AND a.grantee = 'analytics'::regrole ORDER BY 1"
+            ).fetchall()
+            schema_create = one(conn, "SELECT has_schema_privilege('analytics', '_pgro', 'CREATE')")
+        assert [r[0] for r in acl] == ["SELECT", "UPDATE"]
+        assert schema_create is False
+    finally:
+        with cluster.superuser(DATABASE) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS _pgro CASCADE")
+        cluster.provision(read_only=True)  # back to the read-only state the others expect

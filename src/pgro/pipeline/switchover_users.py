@@ -14,6 +14,7 @@ from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.users import PersistentUser
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.plan import EmitEvent, EventType
+from pgro.postgres import restore_info
 from pgro.postgres.persistent_users import (
     IGNORED_EVENT,
     SCHEMA_MISSING_EVENT,
@@ -73,15 +74,17 @@ def provision_switchover_users(
     `bootstrap_superuser`). `extra_users` are the credentials of `replica.spec.extra_users`,
     by name; `other_managed_roles` are roles whose password the runtime keeps otherwise (the
     operator's admin role), as in provision_users. Raises
-    pgro.postgres.users.ProvisioningFailed (its message names no secret)."""
+    pgro.postgres.users.ProvisioningFailed or pgro.postgres.restore_info.RestoreInfoFailed
+    (their messages name no secret)."""
     by_name = {c.username: c for c in extra_users}
     extras = [(u, by_name[u.name]) for u in replica.spec.extra_users if u.name in by_name]
     reserved = [bootstrap_superuser, analytics.username, *(u.name for u, _ in extras)]
+    read_only = effective_read_only(replica, restore)
     report = provision_users(
         conninfo_for,
         analytics=analytics,
         extra_users=extras,
-        read_only=effective_read_only(replica, restore),
+        read_only=read_only,
         bootstrap_superuser=bootstrap_superuser,
         # Never a reserved name: a persistent user called like the bootstrap superuser must
         # not keep that role's restored password.
@@ -92,6 +95,13 @@ def provision_switchover_users(
         persistent_schemas=analytics_owned_schemas(replica, restore),
         # Reset when the server was provisioned: keep what the schema copy made as analytics.
         keep_analytics_ownership=True,
+    )
+    # A writing analytics user was just granted DML and CREATE on every schema, `_pgro`
+    # included: put restore_info's privileges back as the server's provisioning left them.
+    restore_info.reset_access(
+        conninfo_for(restore_info.DATABASE),
+        analytics=analytics.username,
+        analytics_may_write=not read_only,
     )
     persistent = provision_persistent_users(
         conninfo_for,
