@@ -685,7 +685,9 @@ def test_setup_script_uses_paths_from_the_environment_only() -> None:
     assert "set -x" not in script.replace("`set -x`", "")
 
 
-def test_setup_script_resets_wal_only_on_known_signatures() -> None:
+def test_setup_script_carries_the_wal_signatures_and_the_never_reset_list() -> None:
+    """Known WAL signatures reset at once, other failures as the last resort, and the
+    failures a reset cannot fix never (tests/integration/test_wal_reset_last_resort.py)."""
     script = setup_script()
     for signature in (
         "WAL ends before end of online backup",
@@ -693,6 +695,8 @@ def test_setup_script_resets_wal_only_on_known_signatures() -> None:
         "database system was interrupted while in recovery",
         "could not locate required checkpoint record",
         "could not locate a valid checkpoint record",
+        "database files are incompatible with server",
+        "Permission denied",
     ):
         assert f"-e '{signature}'" in script
     assert 'pg_resetwal -f "$PGDATA"' in script
