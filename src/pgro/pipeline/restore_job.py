@@ -17,10 +17,10 @@ from typing import Final
 
 from pgro.canopy.proxy import wait_for_port_file
 from pgro.kopia.repository import KopiaRepository, RestoreProgress
+from pgro.pipeline.detect_version import PGDATA_LINK, VERSION_FILE, link_data_directory
 from pgro.pipeline.job import SECRET_ENV, ProxyNotReady, RestoreJob, RestoreOutcome
 from pgro.pipeline.restore import RestoredDataDirectory, restore_snapshot
 from pgro.postgres.account import RunAccount, resolve_run_account
-from pgro.postgres.confine import ConfinedTree
 from pgro.postgres.image import OfficialImage
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
@@ -84,7 +84,7 @@ def _restore(job: RestoreJob) -> RestoredDataDirectory:
         creds = job.proxy.route(creds, port)
     root = job.target.parent
     # A retried pod starts over: kopia cannot resume a partial restore.
-    for leftover in (job.target, job.kopia_dir, root / "pgdata", root / ".postgres-version"):
+    for leftover in (job.target, job.kopia_dir, root / PGDATA_LINK, root / VERSION_FILE):
         if leftover.is_symlink() or leftover.is_file():
             leftover.unlink()
         elif leftover.exists():
@@ -103,8 +103,7 @@ def _restore(job: RestoreJob) -> RestoredDataDirectory:
             settings=job.settings(),
         )
     # prepare_data_directory refused a PGDATA outside `target`; this link stays inside.
-    (root / "pgdata").symlink_to(ConfinedTree(root).relative(restored.data.path))
-    (root / ".postgres-version").write_text(restored.data.major + "\n")
+    link_data_directory(root, restored.data.path, restored.data.major)
     fixes = sorted(name for name, done in restored.repairs.fixes.items() if done)
     notes = restored.repairs.notes
     (root / ".pgro-restore.json").write_text(
