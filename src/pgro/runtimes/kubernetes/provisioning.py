@@ -24,7 +24,11 @@ from pgro.api.users import PersistentUser
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.secrets import scrub
 from pgro.kube.client import KubeApi
-from pgro.pipeline.switchover_users import SwitchoverUsers, provision_switchover_users
+from pgro.pipeline.switchover_users import (
+    SwitchoverUsers,
+    persistent_role_names,
+    provision_switchover_users,
+)
 from pgro.postgres import restore_info
 from pgro.postgres.server import make_conninfo
 from pgro.postgres.users import RoleCredentials, generate_password, provision_users
@@ -132,7 +136,9 @@ class Provisioner:
                 analytics=analytics,
                 extra_users=extras,
                 read_only=read_only,
-                other_managed_roles=[ADMIN_ROLE],
+                # The persistent users' passwords are set at the switchover: a new pod or
+                # a restarted server provisioned again must keep them.
+                other_managed_roles=[ADMIN_ROLE, *persistent_role_names(replica)],
                 persistent_schemas=analytics_owned_schemas(replica, restore),
             )
             # Before the pod counts as provisioned: clients can tell which restore they reach.
