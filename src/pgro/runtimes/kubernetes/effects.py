@@ -22,6 +22,7 @@ from pgro.core.observations import RestoreObservation
 from pgro.core.plan import EmitEvent, EventType, SwitchoverStep, VerificationOutcome
 from pgro.core.secrets import scrub
 from pgro.kube.client import KubeApi
+from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.postgres import restore_info
 from pgro.postgres.health import check_health
 from pgro.postgres.users import generate_password
@@ -49,11 +50,14 @@ from pgro.runtimes.kubernetes.provisioning import (
     provision_switching_restore,
 )
 from pgro.runtimes.kubernetes.reports import ReportDelivery
+from pgro.runtimes.kubernetes.schema_copy import KubeCopy
 from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
 
 log = logging.getLogger("pgro.operator")
 
 RUNTIME_NAME: Final = "the pgro operator"
+# How often a running persistent-schema copy is looked at (as in pgro run).
+SCHEMA_COPY_POLL_S: Final = 2.0
 
 
 class StepFailedError(Exception):
@@ -83,7 +87,10 @@ class KubeEffects:
     _ensured: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     _applied: dict[str, _Applied] = field(default_factory=dict)
     runtime_name: str = field(default=RUNTIME_NAME, init=False)
-    supported_switchover_steps: frozenset[SwitchoverStep] = field(default=frozenset(), init=False)
+    # Redaction and the schema build do not run in the operator yet.
+    supported_switchover_steps: frozenset[SwitchoverStep] = field(
+        default=frozenset({SwitchoverStep.SCHEMA_MIGRATION}), init=False
+    )
 
     # -- observing ------------------------------------------------------------------------
     def observe_replica(self, key: str) -> ReplicaView | Gone | None:
@@ -263,8 +270,31 @@ class KubeEffects:
     def run_switchover_step(
         self, replica: PostgresPhysicalReplica, step: plan.RunSwitchoverStep
     ) -> None:
-        # Never called: supported_switchover_steps is empty, so the shell reports them.
-        raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
+        if step.kind is not SwitchoverStep.SCHEMA_MIGRATION:
+            # Never called: the shell reports the steps not in supported_switchover_steps.
+            raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
+        ns = replica.namespace
+        source = self.observer.restore(ns, step.source_restore) if step.source_restore else None
+        if source is None:
+            raise StepFailedError(f"the serving restore {step.source_restore} is gone")
+        copy = KubeCopy(
+            self.api, self.observer, replica, source.name, step.restore, self.config().placement
+        )
+        try:
+            SchemaMigration(
+                replica,
+                step,
+                copy,
+                patch=lambda patch: self.patch_replica_status(replica, patch),
+                event=lambda event: self.emit_event(replica, event),
+                source_snapshot_bytes=parse_quantity(source.spec.snapshot_size),
+                now=self.clock(),
+            ).run()
+        except Exception as exc:
+            # A driver's error may quote its connection string.
+            raise StepFailedError(scrub(str(exc), copy.secrets)) from None
+        # The copy runs in its Job; it is looked at from the next pass, soon.
+        self.observer.requeue("replica", replica.key, SCHEMA_COPY_POLL_S)
 
     def notification_input(
         self, replica: PostgresPhysicalReplica, restore_name: str
