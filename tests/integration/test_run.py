@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgro.runtimes.embedded.store import Store
 from tests.fixtures.manifests import replica_doc, secret_doc, write_manifest
 from tests.fixtures.run_harness import (
     PASSWORD,
@@ -303,6 +304,9 @@ def test_kill_9_during_switchover_converges(
     assert again.stop() == 0
 
 
+WRITABLE = "-c default_transaction_read_only=off"
+
+
 def test_keep_serving_leaves_the_endpoint_up_and_the_next_run_adopts_it(
     backups: Backups, scratch: Path, start_run: StartRun
 ) -> None:
@@ -317,6 +321,37 @@ def test_keep_serving_leaves_the_endpoint_up_and_the_next_run_adopts_it(
     assert marker(entry) == "kept"
     servers = postmasters_under(state)
     assert len(servers) == 1
+    # As a kill -9 between the server's start and its first provisioning leaves it: ready,
+    # without its login roles, and no record of a provisioning.
+    serving = entry["status"]["currentRestore"]
+    store = Store(state / "state.db")
+    store.delete_setting(f"server-provisioned/default/{serving}")
+    socket_dir = store.setting(f"server-socket/default/{serving}")
+    port = store.setting(f"server-port/default/{serving}")
+    assert socket_dir and port
+    for dbname in ("myapp", "postgres"):
+        with psycopg.connect(
+            host=socket_dir,
+            port=port,
+            user="postgres",
+            dbname=dbname,
+            autocommit=True,
+            options=WRITABLE,
+        ) as conn:
+            conn.execute("DROP OWNED BY analytics")
+    with psycopg.connect(
+        host=socket_dir,
+        port=port,
+        user="postgres",
+        dbname="postgres",
+        autocommit=True,
+        options=WRITABLE,
+    ) as conn:
+        # PgBouncer's pooled sessions of the role go too.
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'analytics'"
+        )
+        conn.execute("DROP ROLE analytics")
 
     again = start_run(manifest)
     again.wait_for(

@@ -59,6 +59,18 @@ class SwitchoverUsers:
         return f"{self.users.summary()}; {self.persistent.summary()}"
 
 
+def persistent_role_names(
+    replica: PostgresPhysicalReplica, bootstrap_superuser: str = "postgres"
+) -> list[str]:
+    """The persistent users' role names whose passwords every provisioning of the replica's
+    restores must keep (`other_managed_roles`), never a reserved name: a persistent user
+    called like the bootstrap superuser, analytics or an extra user must not keep that role's
+    restored password."""
+    spec = replica.spec
+    reserved = {bootstrap_superuser, spec.analytics_username, *(u.name for u in spec.extra_users)}
+    return [u.name for u in spec.persistent_users or () if u.name not in reserved]
+
+
 def provision_switchover_users(
     conninfo_for: Callable[[str], str],
     replica: PostgresPhysicalReplica,
@@ -79,6 +91,7 @@ def provision_switchover_users(
     by_name = {c.username: c for c in extra_users}
     extras = [(u, by_name[u.name]) for u in replica.spec.extra_users if u.name in by_name]
     reserved = [bootstrap_superuser, analytics.username, *(u.name for u, _ in extras)]
+    wanted = {u.name for u, _ in persistent_users}
     read_only = effective_read_only(replica, restore)
     report = provision_users(
         conninfo_for,
@@ -86,11 +99,9 @@ def provision_switchover_users(
         extra_users=extras,
         read_only=read_only,
         bootstrap_superuser=bootstrap_superuser,
-        # Never a reserved name: a persistent user called like the bootstrap superuser must
-        # not keep that role's restored password.
         other_managed_roles=[
             *other_managed_roles,
-            *(u.name for u, _ in persistent_users if u.name not in reserved),
+            *(n for n in persistent_role_names(replica, bootstrap_superuser) if n in wanted),
         ],
         persistent_schemas=analytics_owned_schemas(replica, restore),
         # Reset when the server was provisioned: keep what the schema copy made as analytics.

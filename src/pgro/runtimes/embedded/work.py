@@ -23,6 +23,7 @@ from pgro.core.observations import RestoreWork, Server, WorkState
 from pgro.pipeline import worker
 from pgro.pipeline.job import CanopyProxy, RestoreJob, RestoreOutcome
 from pgro.pipeline.schema_transfer import LocalCopy
+from pgro.pipeline.switchover_users import persistent_role_names
 from pgro.postgres import restore_info
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries, find_binaries
@@ -201,10 +202,13 @@ class Restores:
                 log_path=rdir / "postgres.log",
                 binaries=find_binaries(result.postgres_version or ""),
                 account=self.account,
-                provision=_provisioner(replica, restore, users),
+                provision=_provisioner(replica, restore, users, self.store),
             )
             self.servers[rkey] = handle
         handle.ensure()
+        if new and handle.provisioned and self.store.setting(_provisioned(rkey)) is None:
+            # Adopted ready from an earlier run that stopped before provisioning it.
+            handle.provisioned = False
         return new
 
     def _port(self, rkey: str) -> int:
@@ -260,6 +264,7 @@ class Restores:
             _remove_outside(Path(remembered), rdir)
         shutil.rmtree(rdir, ignore_errors=True)
         self.store.delete_setting(f"server-port/{rkey}")
+        self.store.delete_setting(_provisioned(rkey))
         self.store.delete_setting(f"server-socket/{rkey}")
         self.store.delete_restore(rkey)
         log.info("restore %s deleted", rkey)
@@ -280,23 +285,38 @@ class Restores:
             _remove_outside(handle.socket_dir, self.run_root)
 
 
+def _provisioned(rkey: str) -> str:
+    """The setting recording that a restore's server was provisioned once (its roles reset)."""
+    return f"server-provisioned/{rkey}"
+
+
 def _provisioner(
     replica: PostgresPhysicalReplica,
     restore: PostgresPhysicalRestore,
     users: Mapping[str, RoleCredentials],
+    store: Store,
 ) -> Callable[[Endpoint], None]:
     analytics = users[replica.spec.analytics_username]
     extras = [(u, users[u.name]) for u in replica.spec.extra_users if u.name in users]
     read_only = effective_read_only(replica, restore)
     owned_schemas = analytics_owned_schemas(replica, restore)
 
+    setting = _provisioned(restore_key(restore))
+
     def provision(endpoint: Endpoint) -> None:
+        # Again (after a PostgreSQL restart): what analytics owns by now it made itself or
+        # the persistent-schema copy made as it; only the first run hands a restored
+        # analytics role's objects to the superuser.
+        again = store.setting(setting) is not None
         report = provision_users(
             lambda db: endpoint.conninfo(db, "postgres"),
             analytics=analytics,
             extra_users=extras,
             read_only=read_only,
             persistent_schemas=owned_schemas,
+            # Their passwords are set at the switchover and must survive a restart.
+            other_managed_roles=persistent_role_names(replica),
+            keep_analytics_ownership=again,
         )
         # Before the server counts as ready: clients can tell which restore they reach.
         notes = restore_info.record_restore(
@@ -307,6 +327,8 @@ def _provisioner(
         )
         for note in [*report.catalog_notes, *notes]:
             log.warning("restore %s: %s", restore.name, note)
+        if not again:
+            store.set_setting(setting, "1")
 
     return provision
 
