@@ -72,7 +72,11 @@ def test_persistent_schemas_are_carried_to_the_next_restore(
         _manifest(
             scratch / "m.yaml",
             backups,
-            orders={"persistentSchemas": ["persistent_data", "nonexistent_schema"]},
+            orders={
+                "persistentSchemas": ["persistent_data", "nonexistent_schema"],
+                "extraUsers": [{"name": "reporter", "schemas": ["persistent_data"]}],
+                "persistentUsers": [{"name": "reader", "readSchemas": ["persistent_data"]}],
+            },
             views={"persistentSchemas": ["reports"]},
         )
     )
@@ -127,6 +131,10 @@ def test_persistent_schemas_are_carried_to_the_next_restore(
     )
     assert owners == [("analytics", False)]
     status = orders["status"]
+    # The dump carries no privileges: the roles' grants hold on what the copy created.
+    for role in ("reporter", "reader"):
+        with _connect_as(orders, role) as conn:
+            assert conn.execute("SELECT count(*) FROM persistent_data.t").fetchone() == (42,)
     assert status["schemaMigrationPhase"] == "complete"
     assert status["persistentSchemasMissing"] == ["nonexistent_schema"]
     assert status["persistentSchemaDataSize"]
@@ -196,6 +204,18 @@ def test_a_copy_over_budget_is_skipped_and_a_killed_one_is_retried(
     assert not _copy_processes()
     locks.pop("slow").close()
     assert run.stop() == 0
+
+
+def _connect_as(entry: dict[str, Any], role: str) -> psycopg.Connection[tuple[Any, ...]]:
+    cred = next(c for c in entry["credentials"] if c["username"] == role)
+    return psycopg.connect(
+        host="127.0.0.1",
+        port=entry["endpoint"]["port"],
+        user=role,
+        password=cred["password"],
+        dbname="myapp",
+        connect_timeout=10,
+    )
 
 
 def _copy_processes() -> list[int]:
