@@ -239,8 +239,14 @@ def test_persistent_schema_migration_holds_the_switchover() -> None:
     assert step.schemas == ("reports",)
     assert step.budget == timedelta(seconds=4320)
 
-    world.set_status(key, schemaMigrationPhase="complete")
+    assert world.provisioned == []  # nothing moves while the migration holds
+    world.set_status(
+        key, schemaMigrationPhase="complete", persistentSchemasMissing=["gone_upstream"]
+    )
     world.run_for(timedelta(minutes=2))
     replica = world.replica(key)
     assert replica.status.current_restore == "keep-second"
+    # The roles got their grants on the carried objects before the endpoint moved.
+    assert world.provisioned == ["keep-second"]
     assert replica.status.schema_migration_phase is None  # cleared by the sweep
+    assert replica.status.persistent_schemas_missing == ["gone_upstream"]  # kept by it
