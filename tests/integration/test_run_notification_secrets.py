@@ -17,10 +17,8 @@ import pytest
 
 from pgro.api.notifications import target_name
 from tests.fixtures.manifests import replica_doc, secret_doc, write_manifest
+from tests.fixtures.run_harness import PASSWORD, Backups, StartRun
 from tests.fixtures.webhook import webhook_receiver
-from tests.integration.test_run import PASSWORD, Backups, StartRun, backups, start_run
-
-__all__ = ["backups", "start_run"]  # fixtures, used by name
 
 HEADER_TOKEN = "HEADER-TOKEN-31337"
 SECRET_PARTS = ("hookuser", "USERINFO-PASS-999", "T0000", "B0000", "URL-PATH-TOKEN-555")
