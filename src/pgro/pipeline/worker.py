@@ -1,7 +1,8 @@
 """The local job runner: one restore as a child process (`python -m pgro.pipeline.worker`).
 
 The `RestoreJob` arrives as JSON on stdin (credentials never on a command line); the worker
-starts the job's canopy proxy if it has one, runs `restore_snapshot`, and writes the
+starts the job's canopy proxy if it has one, runs `restore_snapshot`, starts the restored
+server once privately (`first_start`: the WAL reset, where needed), and writes the
 `RestoreOutcome` to `result.json` in the restore's directory, atomically; the exit code says
 the same. `pgro run` starts it with `launch` (runtimes/embedded/work.py; docs/run.md) and
 finds one an earlier run left with `leftover`.
@@ -23,6 +24,7 @@ from typing import Any, Final
 
 from pgro.canopy.proxy import new_client_credentials
 from pgro.canopy.sigv4 import SigningCredentials
+from pgro.core.timeouts import readiness_timeout
 from pgro.interrupts import deferred_interrupts
 from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.events import SilentObserver
@@ -33,9 +35,10 @@ from pgro.pipeline.job import (
     RestoreOutcome,
     credentials_to_json,
 )
-from pgro.pipeline.restore import restore_snapshot
-from pgro.postgres.account import resolve_run_account
-from pgro.processes import process_args, read_pid, spawn, stop
+from pgro.pipeline.restore import RestoredDataDirectory, restore_snapshot
+from pgro.postgres.account import RunAccount, resolve_run_account
+from pgro.postgres.server import PostgresServer, socket_dir_for, start_resetting_wal_if_needed
+from pgro.processes import process_args, read_pid, spawn, stop, tie_services
 
 RESULT = "result.json"
 PIDFILE = "work.pid"
@@ -181,16 +184,18 @@ def run(doc: Mapping[str, Any]) -> RestoreOutcome:
             secrets.append(client.secret_access_key)
             proxy, port = _start_proxy(job.proxy, client)
             creds = job.proxy.route(creds, port, client)
+        account = resolve_run_account()
         with KopiaRepository(creds, job.kopia_dir) as repo:
             restored = restore_snapshot(
                 repo,
                 job.snapshot,
                 job.target,
-                resolve_run_account(),
+                account,
                 SilentObserver(),
                 parallel=job.parallel,
                 settings=job.settings(),
             )
+        first_start(restored, account, job.target.parent, job.snapshot_size)
         return RestoreOutcome.restored(restored)
     except Exception as exc:
         # The result lands in status: whatever the error says, secrets stay out of it.
@@ -200,6 +205,42 @@ def run(doc: Mapping[str, Any]) -> RestoreOutcome:
             stop(proxy, PROXY_STOP_TIMEOUT_S)
 
 
+def first_start(
+    restored: RestoredDataDirectory, account: RunAccount, restore_dir: Path, snapshot_size: int
+) -> None:
+    """Start the restored server once, privately (socket only), and stop it cleanly, the way
+    `pgro verify` and the pod's setup script do: a cluster whose crash recovery cannot
+    start gets its WAL reset (`start_resetting_wal_if_needed`: a known WAL signature at
+    once, an unrecognised failure after one retry, never the `NOT_RESETTABLE_SIGNATURES`),
+    recorded as the fix `reset_wal`. The server `pgro run` then serves starts cleanly.
+    `StartupFailed` fails the restore, with the server's log tail."""
+    socket_dir = socket_dir_for(restore_dir / "run")
+    server = PostgresServer(
+        restored.data.path,
+        restored.binaries,
+        account,
+        socket_dir=socket_dir,
+        # The log of the server `pgro run` serves: a reset's failed starts stay readable.
+        log_path=restore_dir / "postgres.log",
+    )
+    # No deploymentReadyTimeout here (the job does not carry it): the runtime's own
+    # readiness deadline starts only once this worker has finished.
+    timeout = readiness_timeout(snapshot_size).total_seconds()
+    try:
+        reset = start_resetting_wal_if_needed(server, timeout, _say)
+    finally:
+        server.stop()
+        if not socket_dir.is_relative_to(restore_dir):
+            shutil.rmtree(socket_dir, ignore_errors=True)
+    if reset is not None:
+        _say(reset)
+        restored.repairs.record("reset_wal", reset)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # to work.log
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -207,6 +248,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def main() -> None:
     # `pgro run` stops work with SIGTERM: unwind so kopia (in its own session) is stopped too.
     signal.signal(signal.SIGTERM, _interrupt)
+    # The first start's server is throwaway: it dies with the worker (even on kill -9).
+    tie_services()
     doc = json.loads(sys.stdin.read())
     result = run(doc)
     write_result(Path(doc["restoreDir"]), result)
