@@ -43,7 +43,7 @@ from pgro.postgres.users import (
     _reset_role,
     _rows,
     _step,
-    reset_statements,
+    reset_in_databases,
 )
 
 if TYPE_CHECKING:
@@ -244,19 +244,7 @@ def provision_persistent_users(
 
     # Every database is reset before the main one is granted: DROP OWNED also revokes
     # privileges on shared objects (CONNECT on the main database).
-    for dbname in databases:
-        with (
-            _connect(conninfo_for, dbname, scrub) as db,
-            _step(
-                scrub,
-                "GrantProvisioningFailed",
-                f"cannot reset the objects and privileges of the persistent users in {dbname}",
-                database=dbname,
-            ),
-            db.transaction(),
-        ):
-            for statement in reset_statements(names):
-                db.execute(statement)
+    reset_in_databases(conninfo_for, databases, names, scrub, "the persistent users")
 
     outcomes = []
     with (

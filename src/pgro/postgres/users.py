@@ -637,6 +637,30 @@ def reset_statements(roles: Sequence[str]) -> list[sql.Composed]:
     return statements
 
 
+def reset_in_databases(
+    conninfo_for: Callable[[str], str],
+    databases: Sequence[str],
+    roles: Sequence[str],
+    scrub: Scrubber,
+    whose: str,
+) -> None:
+    """reset_statements for `roles` in each database, one transaction each. `whose` names
+    the roles in the error ("the login roles")."""
+    for dbname in databases:
+        with (
+            _connect(conninfo_for, dbname, scrub) as db,
+            _step(
+                scrub,
+                "GrantProvisioningFailed",
+                f"cannot reset the objects and privileges of {whose} in database {dbname}",
+                database=dbname,
+            ),
+            db.transaction(),
+        ):
+            for statement in reset_statements(roles):
+                db.execute(statement)
+
+
 @dataclass(frozen=True)
 class DatabaseCatalog:
     """What one database holds that its grants depend on (read from its catalogs)."""
@@ -1032,19 +1056,7 @@ def provision_users(
     # Every database is reset before any is granted: DROP OWNED also revokes privileges on
     # shared objects (CONNECT on the other databases).
     reset = [r for r in managed if not (keep_analytics_ownership and r == analytics.username)]
-    for dbname in databases:
-        with (
-            _connect(conninfo_for, dbname, scrub) as db,
-            _step(
-                scrub,
-                "GrantProvisioningFailed",
-                f"cannot reset the objects and privileges of the login roles in database {dbname}",
-                database=dbname,
-            ),
-            db.transaction(),
-        ):
-            for statement in reset_statements(reset):
-                db.execute(statement)
+    reset_in_databases(conninfo_for, databases, reset, scrub, "the login roles")
 
     for dbname in databases:
         with (
