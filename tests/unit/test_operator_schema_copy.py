@@ -230,7 +230,12 @@ def test_the_job_reads_as_the_copy_state(world: tuple[Operator, MemoryApi]) -> N
     assert running.state is WorkState.RUNNING
     assert running.started_at == datetime(2026, 3, 4, 5, 10, tzinfo=UTC)
 
-    op.jobs._put((NS, JOB), _job(condition="Complete"))
+    # The cache still shows the failed Job of an earlier attempt: the API has this one.
+    op.jobs._put((NS, JOB), _job("old", condition="Failed"))
+    assert copy.observe().state is WorkState.RUNNING
+
+    api.objects[("Job", NS, JOB)] = _job(condition="Complete")
+    op.jobs._put((NS, JOB), api.objects[("Job", NS, JOB)])
     api.objects[("Pod", NS, f"{JOB}-1")] = _job_pod("job-1", 1, "success\n")
     # A pod of an earlier Job of the same name is not this one's.
     api.objects[("Pod", NS, f"{JOB}-2")] = _job_pod("old", 2, "failed: stale")
@@ -244,7 +249,7 @@ def test_the_job_reads_as_the_copy_state(world: tuple[Operator, MemoryApi]) -> N
     api.objects[("Pod", NS, f"{JOB}-1")] = _job_pod("job-1", 1)
     assert copy.observe().state is WorkState.FAILED
 
-    op.jobs._put((NS, JOB), _job(condition="Failed"))
+    api.objects[("Job", NS, JOB)] = _job(condition="Failed")
     api.objects[("Pod", NS, f"{JOB}-1")] = _job_pod(
         "job-1", 1, "failed: pg_dump: connection refused"
     )

@@ -282,9 +282,13 @@ class KubeCopy(Copy):
 
     def observe(self) -> Transfer:
         ns = self.replica.namespace
-        # The cache can lag the Job this replica just created: an absent Job is confirmed
-        # by the API before it counts as a copy that vanished.
-        job = self.observer.caches.jobs.get(ns, self.name) or self.api.get("Job", ns, self.name)
+        job = self.observer.caches.jobs.get(ns, self.name)
+        if job is not None and transfer_of(job, "").state is WorkState.RUNNING:
+            return transfer_of(job, "")
+        # What ends the copy is read from the API: the cache can lag the Job just created
+        # (absent is not vanished), and can still show the finished Job an earlier attempt
+        # left under the same name.
+        job = self.api.get("Job", ns, self.name)
         if job is None:
             return Transfer.absent()
         transfer = transfer_of(job, "")
