@@ -20,8 +20,17 @@ from lightkube import ApiError, Client
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace
 
+from pgro.api.crds import crd_documents
+from pgro.kube.client import KubeApi
 from tests.kube.controlplane import BUILD_HINT, ControlPlane, ControlPlaneError, missing_binaries
 from tests.kube.node import FakeNode
+from tests.kube.operator_proc import (
+    OPERATOR_NAMESPACE,
+    SERVICE_ACCOUNT,
+    OperatorProcess,
+    apply_deploy_rbac,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +84,36 @@ def fake_node(control_plane: ControlPlane, scratch_root: Path) -> Iterator[FakeN
     yield node
     node.stop()
     node.check()
+
+
+@pytest.fixture(scope="module")
+def admin(control_plane: ControlPlane) -> Iterator[KubeApi]:
+    """The cluster admin's client, with pgro's CRDs and the shipped RBAC installed."""
+    client: Client = control_plane.client()
+    control_plane.install_crds(crd_documents())
+    apply_deploy_rbac(client)
+    yield KubeApi(client)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    control_plane: ControlPlane,
+    admin: KubeApi,
+    scratch_root: Path,
+    fake_node: FakeNode,
+    request: pytest.FixtureRequest,
+) -> Iterator[OperatorProcess]:
+    """One `pgro operator` per test module, as its service account, named after the module
+    (`test_operator_restore_info` → `op-restore-info`)."""
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_operator_")
+    name = name.replace("_", "-")
+    token = control_plane.service_account_token(OPERATOR_NAMESPACE, SERVICE_ACCOUNT)
+    workdir = scratch_root / f"operator-{name}"
+    workdir.mkdir(exist_ok=True)
+    kubeconfig = control_plane.kubeconfig(workdir / "kubeconfig", token=token)
+    op = OperatorProcess(workdir, kubeconfig, f"op-{name}").start()
+    wait_for(
+        "the operator to be ready", lambda: op.http("/readyz")[0] == 200, 60, context=op.log_tail
+    )
+    yield op
+    op.stop()

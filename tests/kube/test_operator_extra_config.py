@@ -4,24 +4,15 @@ the keys pgro keeps are named in one `ExtraConfigIgnored` Warning."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import psycopg
 import pytest
-from lightkube import Client
 from lightkube.resources.core_v1 import Event as CoreEvent
 
-from pgro.api.crds import crd_documents
 from pgro.api.secret import KopiaCredentials
 from pgro.kube.client import KubeApi
-from tests.kube.controlplane import ControlPlane
 from tests.kube.node import FakeNode
 from tests.kube.operator_proc import (
-    OPERATOR_NAMESPACE,
-    SERVICE_ACCOUNT,
     OperatorProcess,
-    apply_deploy_rbac,
     wait_for,
 )
 from tests.kube.test_operator import (
@@ -36,30 +27,6 @@ from tests.kube.test_operator import (
 pytestmark = pytest.mark.timeout(900)
 
 EXTRA_CONFIG = "work_mem = '64MB'\nlisten_addresses = '*'\nlc_messages = 'de_DE.UTF-8'\n"
-
-
-@pytest.fixture(scope="module")
-def admin(control_plane: ControlPlane) -> Iterator[KubeApi]:
-    client: Client = control_plane.client()
-    control_plane.install_crds(crd_documents())
-    apply_deploy_rbac(client)
-    yield KubeApi(client)
-
-
-@pytest.fixture(scope="module")
-def operator(
-    control_plane: ControlPlane, admin: KubeApi, scratch_root: Path, fake_node: FakeNode
-) -> Iterator[OperatorProcess]:
-    token = control_plane.service_account_token(OPERATOR_NAMESPACE, SERVICE_ACCOUNT)
-    workdir = scratch_root / "operator-extra-config"
-    workdir.mkdir(exist_ok=True)
-    kubeconfig = control_plane.kubeconfig(workdir / "kubeconfig", token=token)
-    op = OperatorProcess(workdir, kubeconfig, "op-extra-config").start()
-    wait_for(
-        "the operator to be ready", lambda: op.http("/readyz")[0] == 200, 60, context=op.log_tail
-    )
-    yield op
-    op.stop()
 
 
 def test_extra_config_is_applied_and_pgros_keys_are_ignored_with_an_event(

@@ -5,24 +5,15 @@ next restore when the Service moves to it, copied by the `<replica>-schema-migra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import psycopg
 import pytest
-from lightkube import Client
 from lightkube.resources.core_v1 import Event as CoreEvent
 
-from pgro.api.crds import crd_documents
 from pgro.api.secret import KopiaCredentials
 from pgro.kube.client import KubeApi
-from tests.kube.controlplane import ControlPlane
 from tests.kube.node import FakeNode
 from tests.kube.operator_proc import (
-    OPERATOR_NAMESPACE,
-    SERVICE_ACCOUNT,
     OperatorProcess,
-    apply_deploy_rbac,
     wait_for,
 )
 from tests.kube.test_operator import (
@@ -38,30 +29,6 @@ from tests.kube.test_operator_restore_info import _manual_restore
 pytestmark = pytest.mark.timeout(900)
 
 JOB = "orders-schema-migration"
-
-
-@pytest.fixture(scope="module")
-def admin(control_plane: ControlPlane) -> Iterator[KubeApi]:
-    client: Client = control_plane.client()
-    control_plane.install_crds(crd_documents())
-    apply_deploy_rbac(client)
-    yield KubeApi(client)
-
-
-@pytest.fixture(scope="module")
-def operator(
-    control_plane: ControlPlane, admin: KubeApi, scratch_root: Path, fake_node: FakeNode
-) -> Iterator[OperatorProcess]:
-    token = control_plane.service_account_token(OPERATOR_NAMESPACE, SERVICE_ACCOUNT)
-    workdir = scratch_root / "operator-schema-migration"
-    workdir.mkdir(exist_ok=True)
-    kubeconfig = control_plane.kubeconfig(workdir / "kubeconfig", token=token)
-    op = OperatorProcess(workdir, kubeconfig, "op-schema-migration").start()
-    wait_for(
-        "the operator to be ready", lambda: op.http("/readyz")[0] == 200, 60, context=op.log_tail
-    )
-    yield op
-    op.stop()
 
 
 def _connect(ip: str, password: str) -> psycopg.Connection[tuple[object, ...]]:

@@ -8,25 +8,17 @@ from that Job's message, and carry the restore on to Active behind the stable Se
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from lightkube import Client
 
-from pgro.api.crds import crd_documents
 from pgro.api.names import LABEL_JOB_TYPE
 from pgro.api.secret import KopiaCredentials
 from pgro.kube.client import KubeApi
-from tests.kube.controlplane import ControlPlane
 from tests.kube.node import FakeNode
 from tests.kube.operator_proc import (
-    OPERATOR_NAMESPACE,
-    SERVICE_ACCOUNT,
     OperatorProcess,
-    apply_deploy_rbac,
     wait_for,
 )
 from tests.kube.test_operator import (
@@ -39,30 +31,6 @@ from tests.kube.test_operator import (
 )
 
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture(scope="module")
-def admin(control_plane: ControlPlane) -> Iterator[KubeApi]:
-    client: Client = control_plane.client()
-    control_plane.install_crds(crd_documents())
-    apply_deploy_rbac(client)
-    yield KubeApi(client)
-
-
-@pytest.fixture(scope="module")
-def operator(
-    control_plane: ControlPlane, admin: KubeApi, scratch_root: Path, fake_node: FakeNode
-) -> Iterator[OperatorProcess]:
-    token = control_plane.service_account_token(OPERATOR_NAMESPACE, SERVICE_ACCOUNT)
-    workdir = scratch_root / "operator-version-detect"
-    workdir.mkdir(exist_ok=True)
-    kubeconfig = control_plane.kubeconfig(workdir / "kubeconfig", token=token)
-    op = OperatorProcess(workdir, kubeconfig, "op-version-detect").start()
-    wait_for(
-        "the operator to be ready", lambda: op.http("/readyz")[0] == 200, 60, context=op.log_tail
-    )
-    yield op
-    op.stop()
 
 
 def test_a_lost_restore_message_is_recovered_by_the_version_detect_job(

@@ -1,8 +1,10 @@
 """The operator's server-up provisioning (`Provisioner._provision`) keeps the persistent users'
-passwords: it runs again on every new pod or restarted server of a restore, after the
-switchover set those passwords (features.md §2.5), and must not neutralise them. A persistent
-user named like a reserved role (the bootstrap superuser, analytics, an extra user) is not
-kept: that role's restored password goes, as every other one does."""
+passwords once the restore has served: it runs again on every new pod or restarted server of
+a restore, after the switchover set those passwords (features.md §2.5), and must not
+neutralise them. Before its first switchover a restore keeps none: a restored role of that
+name must not log in with the source's password. A persistent user named like a reserved role
+(the bootstrap superuser, analytics, an extra user) is never kept: that role's restored
+password goes, as every other one does."""
 
 from __future__ import annotations
 
@@ -54,12 +56,12 @@ def _secret_value(namespace: str, name: str, key: str) -> str:
     return f"pw-of-{name}"
 
 
-def _provision(monkeypatch: pytest.MonkeyPatch, **spec: Any) -> _Recorder:
+def _provision(monkeypatch: pytest.MonkeyPatch, phase: str = "Active", **spec: Any) -> _Recorder:
     recorder = _Recorder()
     monkeypatch.setattr(provisioning, "provision_users", recorder.provision_users)
     monkeypatch.setattr(restore_info, "record_restore", lambda *a, **k: [])
     orders = replica("orders", namespace=NS, **spec)
-    restoring = restore("orders-20260101-000000", "orders", namespace=NS)
+    restoring = restore("orders-20260101-000000", "orders", namespace=NS, status={"phase": phase})
     Provisioner(_secret_value, recorder.requeue)._provision(
         orders, restoring, "10.0.0.7", "pod-uid-1"
     )
@@ -89,6 +91,15 @@ def test_server_up_provisioning_keeps_the_persistent_users_passwords(
     assert extra.name == "etl"
     assert creds.password == f"pw-of-{extra_user_secret_name('orders', 'etl')}"
     assert recorder.requeued == [(f"{NS}/orders-20260101-000000", 0.0)]
+
+
+@pytest.mark.parametrize("phase", ["Restoring", "Ready", "Switching"])
+def test_a_restore_that_never_served_keeps_no_persistent_password(
+    monkeypatch: pytest.MonkeyPatch, phase: str
+) -> None:
+    recorder = _provision(monkeypatch, phase, persistentUsers=[{"name": "tupaia_read"}])
+    [call] = recorder.calls
+    assert call["other_managed_roles"] == [ADMIN_ROLE]
 
 
 def test_without_persistent_users_only_the_admin_role_is_kept(

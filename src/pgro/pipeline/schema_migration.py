@@ -110,6 +110,9 @@ class SchemaMigration:
             return
         grown = decide.data_size(sql.database_size(source, source_db), self.source_snapshot_bytes)
         owner = self.replica.spec.analytics_username
+        # A copy an earlier attempt left (a crash between starting it and recording
+        # `active`) must not write into the schemas prepared next.
+        self.copy.discard()
         # Every configured schema goes on the target (stale snapshot copies included); the
         # ones the source has come back empty, owned by the role the copy runs as.
         sql.prepare_target(target, target_db, self._schemas, owner, keep=present)

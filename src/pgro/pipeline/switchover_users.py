@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pgro.api.phases import RestorePhase
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.users import PersistentUser
@@ -69,6 +70,17 @@ def persistent_role_names(
     spec = replica.spec
     reserved = {bootstrap_superuser, spec.analytics_username, *(u.name for u in spec.extra_users)}
     return [u.name for u in spec.persistent_users or () if u.name not in reserved]
+
+
+def persistent_passwords_to_keep(
+    replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore
+) -> list[str]:
+    """At the provisioning of a restore's server (its start, or a restart): the persistent
+    users whose passwords must survive it. Only once the restore has served: its switchover
+    set them. Before, a restored role of that name must not keep its source password."""
+    if restore.status.phase is not RestorePhase.ACTIVE:
+        return []
+    return persistent_role_names(replica)
 
 
 def provision_switchover_users(

@@ -23,7 +23,7 @@ from pgro.core.observations import RestoreWork, Server, WorkState
 from pgro.pipeline import worker
 from pgro.pipeline.job import CanopyProxy, RestoreJob, RestoreOutcome
 from pgro.pipeline.schema_transfer import LocalCopy
-from pgro.pipeline.switchover_users import persistent_role_names
+from pgro.pipeline.switchover_users import persistent_passwords_to_keep
 from pgro.postgres import restore_info
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries, find_binaries
@@ -315,7 +315,9 @@ def _provisioner(
             read_only=read_only,
             persistent_schemas=owned_schemas,
             # Their passwords are set at the switchover and must survive a restart.
-            other_managed_roles=persistent_role_names(replica),
+            other_managed_roles=persistent_passwords_to_keep(
+                replica, store.restore(restore_key(restore)) or restore
+            ),
             keep_analytics_ownership=again,
         )
         # Before the server counts as ready: clients can tell which restore they reach.

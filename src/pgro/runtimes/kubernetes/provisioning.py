@@ -26,7 +26,7 @@ from pgro.core.secrets import scrub
 from pgro.kube.client import KubeApi
 from pgro.pipeline.switchover_users import (
     SwitchoverUsers,
-    persistent_role_names,
+    persistent_passwords_to_keep,
     provision_switchover_users,
 )
 from pgro.postgres import restore_info
@@ -136,9 +136,9 @@ class Provisioner:
                 analytics=analytics,
                 extra_users=extras,
                 read_only=read_only,
-                # The persistent users' passwords are set at the switchover: a new pod or
-                # a restarted server provisioned again must keep them.
-                other_managed_roles=[ADMIN_ROLE, *persistent_role_names(replica)],
+                # The persistent users' passwords are set at the switchover: a new pod of a
+                # restore that served must keep them.
+                other_managed_roles=[ADMIN_ROLE, *persistent_passwords_to_keep(replica, restore)],
                 persistent_schemas=analytics_owned_schemas(replica, restore),
             )
             # Before the pod counts as provisioned: clients can tell which restore they reach.
