@@ -120,6 +120,10 @@ def test_classification_of_startup_logs() -> None:
         'database "postgres" does not exist',
     ):
         assert classify_startup_failure(fatal + cause) is StartupFailureKind.NOT_RESETTABLE
+    # What the log says on the way is not why startup failed: a snapshot missing its
+    # postgresql.auto.conf (a removed link) still has its WAL reset.
+    skipped = '[1] LOG:  skipping missing configuration file "/x/postgresql.auto.conf"'
+    assert classify_startup_failure(f"{skipped}\n{panic}") is StartupFailureKind.WAL_LOST
     # Nothing says startup failed (killed, or a statement's ERROR): never reset.
     assert classify_startup_failure("ERROR:  syntax error") is StartupFailureKind.NOT_RESETTABLE
     assert classify_startup_failure("") is StartupFailureKind.NOT_RESETTABLE

@@ -79,6 +79,14 @@ NOT_RESETTABLE_SIGNATURES = (
     "command not found",
 )
 
+# Lines that say what happened on the way, not why startup failed: a never-reset
+# signature counts only outside them ("LOG:  skipping missing configuration file" is not a
+# configuration error). POSIX ERE, also grepped by the pod's setup script.
+INFORMATIONAL_LINE_PATTERN = (
+    r"(LOG|DEBUG[0-9]?|INFO|NOTICE|WARNING|DETAIL|HINT|CONTEXT|STATEMENT):  "
+)
+INFORMATIONAL_LINE = re.compile(INFORMATIONAL_LINE_PATTERN)
+
 RESET_WAL_NOTE = "reset the WAL with pg_resetwal -f (indexes may need a REINDEX)"
 LAST_RESORT_NOTE = (
     "reset the WAL with pg_resetwal -f as a last resort: PostgreSQL failed to start twice "
@@ -97,7 +105,10 @@ def classify_startup_failure(log_text: str) -> StartupFailureKind:
     applies the same rules, `runtimes/kubernetes/scripts.py`). Without a FATAL or PANIC
     line nothing says startup itself failed (the server was killed, or in the pod's
     single-user session a statement failed): that is never reset either."""
-    if any(sig in log_text for sig in NOT_RESETTABLE_SIGNATURES):
+    decisive = "\n".join(
+        line for line in log_text.splitlines() if not INFORMATIONAL_LINE.search(line)
+    )
+    if any(sig in decisive for sig in NOT_RESETTABLE_SIGNATURES):
         return StartupFailureKind.NOT_RESETTABLE
     if "FATAL:" not in log_text and "PANIC:" not in log_text:
         return StartupFailureKind.NOT_RESETTABLE

@@ -13,7 +13,11 @@ import shlex
 from typing import Final
 
 from pgro.postgres.config import forced_settings
-from pgro.postgres.server import NOT_RESETTABLE_SIGNATURES, WAL_FAILURE_SIGNATURES
+from pgro.postgres.server import (
+    INFORMATIONAL_LINE_PATTERN,
+    NOT_RESETTABLE_SIGNATURES,
+    WAL_FAILURE_SIGNATURES,
+)
 
 ADMIN_ROLE: Final = "postgres"
 FIX_RESET_WAL_FLAG: Final = "fix-reset-wal"
@@ -78,7 +82,7 @@ wal_lost() {
 # nor a failure without a FATAL or PANIC: the server started and a statement failed, or it
 # was killed.
 not_resettable() {
-  printf '%s\n' "$1" | grep -Fq __NOT_RESETTABLE__ && return 0
+  printf '%s\n' "$1" | grep -Ev '__INFORMATIONAL__' | grep -Fq __NOT_RESETTABLE__ && return 0
   ! printf '%s\n' "$1" | grep -Eq '(FATAL|PANIC):'
 }
 
@@ -154,6 +158,7 @@ def setup_script() -> str:
         _SETUP_TEMPLATE.replace("__FORCED__", _forced_single_user_args())
         .replace("__WAL_SIGNATURES__", _grep_patterns(WAL_FAILURE_SIGNATURES))
         .replace("__NOT_RESETTABLE__", _grep_patterns(NOT_RESETTABLE_SIGNATURES))
+        .replace("__INFORMATIONAL__", INFORMATIONAL_LINE_PATTERN)
         .replace("__ROLE__", ADMIN_ROLE)
         .replace("__DATABASE__", "postgres")
         .replace("__FLAG__", FIX_RESET_WAL_FLAG)
