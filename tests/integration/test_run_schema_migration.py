@@ -78,10 +78,12 @@ def test_persistent_schemas_are_carried_to_the_next_restore(
                 "persistentUsers": [{"name": "reader", "readSchemas": ["persistent_data"]}],
             },
             views={"persistentSchemas": ["reports"]},
+            # The schema the application's own tables live in (reference: "conflict").
+            whole={"persistentSchemas": ["public"]},
         )
     )
-    first = {name: _serving(run, name) for name in ("orders", "views")}
-    orders, views = run.replica("orders"), run.replica("views")
+    first = {name: _serving(run, name) for name in ("orders", "views", "whole")}
+    orders, views, whole = (run.replica(n) for n in ("orders", "views", "whole"))
     # The first restore needs no migration.
     assert orders["status"].get("schemaMigrationPhase") is None
 
@@ -98,6 +100,9 @@ def test_persistent_schemas_are_carried_to_the_next_restore(
         conn.execute("CREATE TABLE reports.kept AS SELECT 7 AS n")
         conn.execute("CREATE VIEW reports.broken AS SELECT id FROM public.only_old")
         conn.commit()
+    with connect(whole) as conn:
+        conn.execute("CREATE TABLE public.mine AS SELECT 'written on the first' AS note")
+        conn.commit()
 
     backups.snapshot(
         "new",
@@ -110,6 +115,7 @@ def test_persistent_schemas_are_carried_to_the_next_restore(
     )
     orders = _switched(run, "orders", first["orders"])
     views = _switched(run, "views", first["views"])
+    whole = _switched(run, "whole", first["whole"])
 
     # Carried: the rows users wrote, not the snapshot's stale copy, on the new snapshot.
     assert marker(orders) == "new"
@@ -148,6 +154,22 @@ def test_persistent_schemas_are_carried_to_the_next_restore(
     assert views["status"]["schemaMigrationPhase"] == "partial"
     assert _rows(views, "SELECT n FROM reports.kept") == [(7,)]
     assert _events(views, "SchemaMigrationPartial") == ["1 statement error(s) while copying"]
+
+    # `public` itself carried: the new restore serves the old one's, marker included, and
+    # is Active, not Failed.
+    assert whole["status"]["schemaMigrationPhase"] == "complete"
+    assert _rows(whole, "SELECT note FROM public.mine") == [("written on the first",)]
+    assert marker(whole) == "old"
+    assert {r["status"].get("phase") for r in whole["restores"]} == {"Active"}
+
+    # What analytics creates in a carried schema later is readable by the roles granted the
+    # schema (default privileges for its owner).
+    with connect(orders) as conn:
+        conn.execute("CREATE TABLE persistent_data.later AS SELECT 1 AS n")
+        conn.commit()
+    for role in ("reporter", "reader"):
+        with _connect_as(orders, role) as conn:
+            assert conn.execute("SELECT n FROM persistent_data.later").fetchone() == (1,)
     assert run.stop() == 0
 
 
