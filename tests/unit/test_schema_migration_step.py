@@ -76,10 +76,8 @@ class FakeServers:
             reach(conninfo_for)
             return self.source_size
 
-        def prepare(
-            conninfo_for: Conninfo, db: str, schemas: Sequence[str], owner: str, keep: Sequence[str]
-        ) -> None:
-            self.done.append(("prepare", reach(conninfo_for), *schemas, "keep", *keep))
+        def prepare(conninfo_for: Conninfo, db: str, schemas: Sequence[str]) -> None:
+            self.done.append(("prepare", reach(conninfo_for), *schemas))
 
         def drop(conninfo_for: Conninfo, db: str, schemas: Sequence[str]) -> None:
             self.done.append(("drop", reach(conninfo_for), *schemas))
@@ -130,9 +128,9 @@ def test_start_prepares_the_target_and_records_active(monkeypatch: pytest.Monkey
     p = _pass()
     p.run()
     # A leftover copy goes before the target is prepared; every configured schema is dropped
-    # there, only the one the source has is created again.
+    # there, and only the one the source has is copied.
     assert p.copy.calls == ["discard", "start"]
-    assert servers.done == [("prepare", "new", "reports", "scratch", "keep", "reports")]
+    assert servers.done == [("prepare", "new", "reports", "scratch")]
     assert p.copy.started == {
         "source_db": "app",
         "target_db": "app",

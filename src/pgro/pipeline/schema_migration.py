@@ -114,8 +114,8 @@ class SchemaMigration:
         # `active`) must not write into the schemas prepared next.
         self.copy.discard()
         # Every configured schema goes on the target (stale snapshot copies included); the
-        # ones the source has come back empty, owned by the role the copy runs as.
-        sql.prepare_target(target, target_db, self._schemas, owner, keep=present)
+        # copy brings back the ones the source has.
+        sql.prepare_target(target, target_db, self._schemas)
         name = self.copy.start(
             source_db=source_db, target_db=target_db, owner=owner, schemas=present
         )

@@ -47,21 +47,20 @@ SCRIPT: Final = (
     + r"""
 set -u
 work=$PGRO_WORK
-rm -f "$work/schemas.dump" "$work/schemas.list" "$work/dump.err" "$work/restore.err"
-if ! pg_dump --dbname="$PGRO_SOURCE" --format=custom --no-owner --no-privileges \
-    --no-publications --no-subscriptions --strict-names --file="$work/schemas.dump" "$@" \
-    2>"$work/dump.err"; then
+rm -f "$work/dump.rc" "$work/dump.err" "$work/restore.err"
+# Streamed: no copy of the data on disk. The dump's status comes back through a file (no
+# pipefail in POSIX sh).
+{
+  pg_dump --dbname="$PGRO_SOURCE" --format=custom --compress=0 --no-owner --no-privileges \
+    --no-publications --no-subscriptions --strict-names "$@" 2>"$work/dump.err"
+  echo $? >"$work/dump.rc"
+} | pg_restore --dbname="$PGRO_TARGET" --no-owner --no-privileges --role="$PGRO_OWNER" \
+  2>"$work/restore.err"
+rc=$?
+if [ "$(cat "$work/dump.rc" 2>/dev/null)" != 0 ]; then
   printf 'failed: pg_dump: %s\n' "$(tail -c 300 "$work/dump.err" | tr '\n' ' ')" >"$PGRO_RESULT"
   exit 1
 fi
-# The target has each schema already, empty and owned by PGRO_OWNER: the dump's own
-# CREATE SCHEMA entries are left out.
-pg_restore --list "$work/schemas.dump" \
-  | grep -v -E '^[0-9]+; [0-9]+ [0-9]+ SCHEMA - ' >"$work/schemas.list"
-pg_restore --dbname="$PGRO_TARGET" --no-owner --no-privileges --role="$PGRO_OWNER" \
-  --use-list="$work/schemas.list" "$work/schemas.dump" 2>"$work/restore.err"
-rc=$?
-rm -f "$work/schemas.dump"
 errors=$(sed -n 's/^pg_restore: warning: errors ignored on restore: \([0-9][0-9]*\)$/\1/p' \
   "$work/restore.err")
 if [ "$rc" -ne 0 ] && [ -z "$errors" ]; then

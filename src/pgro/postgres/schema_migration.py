@@ -49,14 +49,11 @@ def database_size(conninfo_for: Conninfo, dbname: str) -> int:
     return int(str(row[0])) if row is not None and row[0] is not None else 0
 
 
-def prepare_target(
-    conninfo_for: Conninfo, dbname: str, schemas: Sequence[str], owner: str, keep: Sequence[str]
-) -> None:
-    """Make room for the copy on the switching restore: its other sessions end, the schemas
-    of these names (the snapshot's stale copies, or a copy an interrupted attempt left) are
-    dropped, and those in `keep` (the ones the copy brings) are created again, empty, owned
-    by `owner` (the analytics user the copy runs as, so nothing it creates is owned by a
-    superuser)."""
+def prepare_target(conninfo_for: Conninfo, dbname: str, schemas: Sequence[str]) -> None:
+    """Make room for the copy on the switching restore: its other sessions end and the
+    schemas of these names (the snapshot's stale copies, or a copy an interrupted attempt
+    left) are dropped. The copy creates each again as the analytics user it runs as (a
+    dump made with `--schema` creates even `public`), so none is owned by a superuser."""
     with connect(conninfo_for(dbname), application_name=APPLICATION) as conn:
         conn.execute("SET default_transaction_read_only = off")
         conn.execute(
@@ -65,13 +62,8 @@ def prepare_target(
         )
         with conn.transaction():
             for schema in schemas:
-                name = sql.Identifier(schema)
-                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
-            for schema in keep:
                 conn.execute(
-                    sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(
-                        sql.Identifier(schema), sql.Identifier(owner)
-                    )
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
                 )
 
 
