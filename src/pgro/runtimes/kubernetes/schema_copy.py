@@ -56,7 +56,8 @@ log = logging.getLogger("pgro.operator")
 
 CONTAINER: Final = "migrate"  # the reference's container name
 WORK_VOLUME: Final = "work"
-# The dump is written here (an emptyDir): the image's own directories are not the copy's.
+# The copy's error output is written here (an emptyDir): the image's own directories are
+# not the copy's.
 WORK_MOUNT: Final = "/pgro-copy"
 # A failed copy is retried by the next pass with a new Job, never by the Job controller.
 BACKOFF_LIMIT: Final = 0
@@ -77,7 +78,7 @@ def _pod_security_context() -> dict[str, Any]:
     return {
         "runAsUser": POSTGRES_UID,
         "runAsGroup": POSTGRES_UID,
-        # The emptyDir is the account's to write the dump in.
+        # The emptyDir is the account's to write the copy's error output in.
         "fsGroup": POSTGRES_UID,
         "runAsNonRoot": True,
         "seccompProfile": {"type": "RuntimeDefault"},
