@@ -7,17 +7,18 @@ Deliberate differences from the reference (`pg_dump | psql`, `--no-owner`, as `p
 - `pg_dump --format=custom | pg_restore`, never psql. A hostile catalog can make pg_dump emit
   psql meta-commands (`\\!` runs a shell command; CVE-2025-8714); pg_restore sends SQL only.
 - pg_restore runs with `--role=<analytics user>`, so every object the copy creates (the
-  schemas included) is owned by that user, the persistent schemas' owner. With `--no-owner` as `postgres`
-  they became superuser-owned, and a SECURITY DEFINER function an analytics user wrote on
-  restore N ran as superuser on restore N+1.
+  schemas included) is owned by that user, the persistent schemas' owner. With
+  `--no-owner` as `postgres` they became superuser-owned, and a SECURITY DEFINER function
+  an analytics user wrote on restore N ran as superuser on restore N+1.
 - A failed pg_dump fails the copy (retried on the next pass); the reference fed psql half
   a dump and could call that `partial`. Statement errors of the restore are counted, never fatal:
   pg_restore continues past them (no `--exit-on-error`), as the reference's psql did.
 
 Its inputs come by environment: `PGRO_SOURCE`/`PGRO_TARGET` (libpq conninfos without a
-password; `PGPASSWORD` when one is needed), `PGRO_OWNER`, `PGRO_WORK` (a private directory for
-the tools' error output; the dump itself is streamed, never written) and `PGRO_RESULT` (where the one-line result goes: `success`,
-`partial: N statement error(s)` or `failed: <why>`); the schemas as `--schema` arguments.
+password; `PGPASSWORD` when one is needed), `PGRO_OWNER`, `PGRO_WORK` (a private directory
+for the tools' error output; the dump itself is streamed, never written) and `PGRO_RESULT`
+(where the one-line result goes: `success`, `partial: N statement error(s)` or
+`failed: <why>`); the schemas as `--schema` arguments.
 """
 
 from __future__ import annotations
