@@ -11,9 +11,6 @@ checked, not assumed.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +22,6 @@ from psycopg import errors
 
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
-from pgro.postgres.repair import DEFAULT_HBA
 from pgro.postgres.restore_info import (
     RestoreInfo,
     RestoreInfoFailed,
@@ -34,9 +30,9 @@ from pgro.postgres.restore_info import (
     reset_access,
     set_stage,
 )
-from pgro.postgres.server import PostgresServer, make_conninfo, socket_dir_for
+from pgro.postgres.server import PostgresServer, make_conninfo
 from pgro.postgres.users import RoleCredentials, generate_password, provision_users
-from tests.integration.test_users import _binaries_13, _initdb
+from tests.integration.test_users import _binaries_13, scratch_server
 
 FIXES = {"locale": False, "reindex": False, "reset_wal": True, "recreated_pg_wal": False}
 INFO = RestoreInfo("k1a2b3", "2026-11-30T01:02:03.456Z", FIXES)
@@ -229,36 +225,13 @@ def cluster(
                 "`scripts/install-postgres-major.sh 13` (or install postgresql-13)"
             )
         binaries = found
-    base = Path(tempfile.mkdtemp(prefix=f"restore-info{binaries.major}-", dir=scratch_root))
-    os.chmod(base, 0o711)
-    pgdata = base / "data"
-    _initdb(binaries, pgdata, account)
-    hba = pgdata / "pg_hba.conf"
-    hba.write_text(DEFAULT_HBA)
-    if os.geteuid() == 0:
-        os.chown(hba, account.uid, account.gid)
-    sockets = socket_dir_for(base / "run")
-    server = PostgresServer(
-        pgdata,
-        binaries,
-        account,
-        socket_dir=sockets,
-        log_path=base / "pg.log",
-        listen_addresses="127.0.0.1",
-    )
-    server.start(60)
-    try:
+    with scratch_server(scratch_root, account, binaries, "restore-info") as server:
         c = Cluster(server)
         with c.superuser() as conn:
             conn.execute(SNAPSHOT.encode())
         c.set_read_only(True)
         c.provision(read_only=True)
         yield c
-    finally:
-        server.stop()
-        if sockets != base / "run":
-            shutil.rmtree(sockets, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_creates_the_table_and_writes_the_row_on_a_read_only_server(cluster: Cluster) -> None:

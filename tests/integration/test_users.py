@@ -18,6 +18,7 @@ system has no PostgreSQL 13.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -219,10 +220,13 @@ def _initdb(binaries: PostgresBinaries, pgdata: Path, account: RunAccount) -> No
     )
 
 
-def _cluster(
-    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
-) -> Iterator[Cluster]:
-    base = Path(tempfile.mkdtemp(prefix=f"users{binaries.major}-", dir=scratch_root))
+@contextlib.contextmanager
+def scratch_server(
+    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries, prefix: str
+) -> Iterator[PostgresServer]:
+    """A fresh cluster of `binaries`' major with pgro's `pg_hba.conf` (scram on TCP), running
+    on 127.0.0.1 and a private socket; removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=f"{prefix}{binaries.major}-", dir=scratch_root))
     os.chmod(base, 0o711)
     pgdata = base / "data"
     _initdb(binaries, pgdata, account)
@@ -241,6 +245,18 @@ def _cluster(
     )
     server.start(60)
     try:
+        yield server
+    finally:
+        server.stop()
+        if sockets != base / "run":
+            shutil.rmtree(sockets, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _cluster(
+    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
+) -> Iterator[Cluster]:
+    with scratch_server(scratch_root, account, binaries, "users") as server:
         c = Cluster(server)
         with c.superuser("postgres") as conn:
             for statement in SNAPSHOT_ROLES.split(";\n"):
@@ -254,11 +270,6 @@ def _cluster(
         c.set_server_read_only(True)
         c.first_report = c.provision(read_only=True)
         yield c
-    finally:
-        server.stop()
-        if sockets != base / "run":
-            shutil.rmtree(sockets, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
