@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.fixtures.run_harness import Backups, StartRun, manifest_for
+from tests.fixtures.run_harness import Backups, StartRun, connect, manifest_for
 
 PU = "tupaia_read"
 PERSISTENT = [{"name": PU, "readSchemas": ["public", "nonexistent"], "searchPath": ["public"]}]
@@ -21,16 +21,7 @@ def password_of(entry: dict[str, Any], user: str) -> str:
 
 
 def login(entry: dict[str, Any], user: str) -> psycopg.Connection[tuple[Any, ...]]:
-    """Through the replica's endpoint (PgBouncer), as a client would."""
-    return psycopg.connect(
-        host="127.0.0.1",
-        port=entry["endpoint"]["port"],
-        user=user,
-        password=password_of(entry, user),
-        dbname="myapp",
-        connect_timeout=10,
-        autocommit=True,
-    )
+    return connect(entry, user=user, autocommit=True)
 
 
 def test_persistent_user_keeps_its_password_across_switchovers_and_goes_when_removed(

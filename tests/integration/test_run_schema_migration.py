@@ -139,7 +139,7 @@ def test_persistent_schemas_are_carried_to_the_next_restore(
     status = orders["status"]
     # The dump carries no privileges: the roles' grants hold on what the copy created.
     for role in ("reporter", "reader"):
-        with _connect_as(orders, role) as conn:
+        with connect(orders, user=role) as conn:
             assert conn.execute("SELECT count(*) FROM persistent_data.t").fetchone() == (42,)
     assert status["schemaMigrationPhase"] == "complete"
     assert status["persistentSchemasMissing"] == ["nonexistent_schema"]
@@ -168,7 +168,7 @@ def test_persistent_schemas_are_carried_to_the_next_restore(
         conn.execute("CREATE TABLE persistent_data.later AS SELECT 1 AS n")
         conn.commit()
     for role in ("reporter", "reader"):
-        with _connect_as(orders, role) as conn:
+        with connect(orders, user=role) as conn:
             assert conn.execute("SELECT n FROM persistent_data.later").fetchone() == (1,)
     assert run.stop() == 0
 
@@ -226,18 +226,6 @@ def test_a_copy_over_budget_is_skipped_and_a_killed_one_is_retried(
     assert not _copy_processes()
     locks.pop("slow").close()
     assert run.stop() == 0
-
-
-def _connect_as(entry: dict[str, Any], role: str) -> psycopg.Connection[tuple[Any, ...]]:
-    cred = next(c for c in entry["credentials"] if c["username"] == role)
-    return psycopg.connect(
-        host="127.0.0.1",
-        port=entry["endpoint"]["port"],
-        user=role,
-        password=cred["password"],
-        dbname="myapp",
-        connect_timeout=10,
-    )
 
 
 def _copy_processes() -> list[int]:
