@@ -58,15 +58,19 @@ rm -f "$work/dump.rc" "$work/dump.err" "$work/restore.err"
 } | pg_restore --dbname="$PGRO_TARGET" --no-owner --no-privileges --role="$PGRO_OWNER" \
   2>"$work/restore.err"
 rc=$?
-if [ "$(cat "$work/dump.rc" 2>/dev/null)" != 0 ]; then
-  printf 'failed: pg_dump: %s\n' "$(tail -c 300 "$work/dump.err" | tr '\n' ' ')" >"$PGRO_RESULT"
-  exit 1
-fi
 errors=$(sed -n 's/^pg_restore: warning: errors ignored on restore: \([0-9][0-9]*\)$/\1/p' \
   "$work/restore.err")
+# Either side may have failed first (pg_restore refusing to connect breaks pg_dump's pipe; a
+# source gone mid-dump truncates pg_restore's input): both tails are kept.
+why=""
+if [ "$(cat "$work/dump.rc" 2>/dev/null)" != 0 ]; then
+  why="pg_dump: $(tail -c 300 "$work/dump.err" | tr '\n' ' ')"
+fi
 if [ "$rc" -ne 0 ] && [ -z "$errors" ]; then
-  printf 'failed: pg_restore: %s\n' "$(tail -c 300 "$work/restore.err" | tr '\n' ' ')" \
-    >"$PGRO_RESULT"
+  why="${why:+$why; }pg_restore: $(tail -c 300 "$work/restore.err" | tr '\n' ' ')"
+fi
+if [ -n "$why" ]; then
+  printf 'failed: %s\n' "$why" >"$PGRO_RESULT"
   exit 1
 fi
 if [ -z "$errors" ] || [ "$errors" -eq 0 ]; then
