@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from pgro.api.conditions import Condition
+from pgro.api.migration import MigrationResult
 from pgro.api.phases import RestorePhase
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
@@ -288,15 +289,43 @@ def test_migrate_to_passes_through_migrating() -> None:
     )
     waiting = _decide(migrating)
     assert _kinds(waiting) == ["RunMigration"]
-    done = _decide(migrating, migration=MigrationOutcome(finished=True))
+    # The runner recorded a result (here a failed migration: a finding, not a failure of
+    # the restore): back to Ready, which moves on to Switching.
+    result = {
+        "totalElapsedSeconds": 3,
+        "failedMigration": "002-add-column",
+        "dataBytesBefore": 10,
+        "dataBytesAfter": 12,
+    }
+    recorded = migrating.model_copy(
+        update={
+            "status": migrating.status.model_copy(
+                update={"migration_result": MigrationResult.model_validate(result)}
+            )
+        }
+    )
+    done = _decide(recorded)
     assert _restore_patch(done) == {"phase": "Ready"}
+    assert "RunMigration" not in _kinds(done)
+    switching = _decide(
+        recorded.model_copy(
+            update={"status": recorded.status.model_copy(update={"phase": RestorePhase.READY})}
+        ),
+        server=Server(ServerState.READY),
+    )
+    assert _restore_patch(switching)["phase"] == "Switching"
+    # Withdrawn mid-flight: a plain verify from here.
+    withdrawn = _decide(migrating.model_copy(update={"spec": base.spec}))
+    assert _restore_patch(withdrawn) == {"phase": "Ready"}
     # A runtime that cannot run migrations fails the restore (and frees its slot) instead
     # of leaving it in Migrating for good.
-    unsupported = _decide(migrating, migration=MigrationOutcome.unsupported("pgro run"))
+    unsupported = _decide(
+        migrating, migration=MigrationOutcome.unsupported("pgro run has no --migrator")
+    )
     patch = _restore_patch(unsupported)
     assert patch["phase"] == "Failed"
     [failed] = [Condition.model_validate(c) for c in patch["conditions"]]
-    assert failed.message.startswith("MigrationUnsupported: pgro run cannot run")
+    assert failed.message == "MigrationUnsupported: pgro run has no --migrator"
     assert "RunMigration" not in _kinds(unsupported)
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
-from pgro.api.migration import MigrationResult
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.snapshot import Snapshot
@@ -206,21 +205,16 @@ class VersionDetection:
 
 @dataclass(frozen=True)
 class MigrationOutcome:
-    """`migrateTo`. `failed` without a result: the migrations could not be run at all
-    (`reason` says why), which fails the restore; a result, passed or not, is a finding."""
+    """`migrateTo` when the runtime cannot run migrations at all (`reason` says why and
+    what to configure), which fails the restore. A runtime that can run them reports
+    nothing here: the runner records `status.migrationResult` itself."""
 
-    finished: bool
-    result: MigrationResult | None = None
-    failed: bool = False
+    failed: bool = True
     reason: str = ""
 
     @classmethod
-    def unsupported(cls, runtime: str) -> MigrationOutcome:
-        return cls(
-            finished=True,
-            failed=True,
-            reason=f"{runtime} cannot run the application's migrations (migrateTo) yet",
-        )
+    def unsupported(cls, reason: str) -> MigrationOutcome:
+        return cls(failed=True, reason=reason)
 
 
 @dataclass(frozen=True)

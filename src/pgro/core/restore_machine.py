@@ -1,8 +1,8 @@
 """The restore phase machine: Pending → Restoring → Ready → Switching → Active, or Failed.
 
 The replica decision does the Switching → Active step (the switchover). `Migrating`
-(between Ready and Switching, only with `migrateTo`) is representable but pgro does not
-run migrations yet: `RunMigration` is emitted and the restore waits for an outcome.
+(between Ready and Switching, only with `migrateTo`) plans `RunMigration` until the runner
+(`pgro.pipeline.app_migration`) has recorded `status.migrationResult`.
 
 Queue slots: a restore binds its replica's slot when it starts restoring, and gives it
 back when it becomes Switching, when it fails, and when it is deleted while in progress.
@@ -200,21 +200,20 @@ def _restoring(p: _Pass) -> timedelta | None:
 def _migrating(p: _Pass) -> timedelta | None:
     restore = p.restore
     p.queue = p.queue.bind(p.key, restore.name, p.now)
-    if restore.spec.migrate_to is None:
+    if restore.spec.migrate_to is None or restore.status.migration_result is not None:
+        # Withdrawn mid-flight (then a plain verify), or done: Ready moves on to Switching.
         p.draft.set(phase=RestorePhase.READY)
         return REQUEUE_SOON
     outcome = p.obs.migration
-    if outcome is None or not outcome.finished:
-        p.steps.append(RunMigration(restore.name))
-        return REQUEUE_WORK_RUNNING
-    if outcome.failed and outcome.result is None:
-        # Nothing was learnt about the migrations: the restore cannot serve its purpose,
-        # and holding its slot in `Migrating` forever would block every other restore.
+    if outcome is not None and outcome.failed:
+        # The runtime cannot run migrations at all (`pgro run` without a migrator): holding
+        # the slot in `Migrating` forever would block every other restore.
         _fail(p, f"MigrationUnsupported: {outcome.reason}")
         return None
-    # A failed migration is a finding reported with the result, not a failed restore.
-    p.draft.set(phase=RestorePhase.READY, migration_result=outcome.result)
-    return REQUEUE_SOON
+    # The runner starts the migrator once, then records `migrationResult` when it ended
+    # (a failed migration is a finding reported with the result, not a failed restore).
+    p.steps.append(RunMigration(restore.name))
+    return REQUEUE_WORK_RUNNING
 
 
 def _ready(p: _Pass) -> timedelta | None:

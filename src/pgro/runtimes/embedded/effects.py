@@ -150,7 +150,7 @@ class EmbeddedEffects:
             version_detection=VersionDetection(WorkState.SUCCEEDED, work.postgres_version)
             if work.state is WorkState.SUCCEEDED
             else None,
-            migration=MigrationOutcome.unsupported(RUNTIME_NAME)
+            migration=MigrationOutcome.unsupported(f"{RUNTIME_NAME} cannot run migrations yet")
             if restore.spec.migrate_to
             else None,
         )

@@ -384,7 +384,7 @@ class Observer:
             work=work,
             server=self.server(restore),
             version_detection=detection,
-            migration=MigrationOutcome.unsupported("the operator")
+            migration=MigrationOutcome.unsupported("the operator cannot run migrations yet")
             if restore.spec.migrate_to
             else None,
         )

@@ -1,0 +1,213 @@
+"""The application migration's decisions (`migrateTo`, features §2.2), without I/O.
+
+A restore with `spec.migrateTo` runs the application's own migrator against itself (the
+reference: the Tamanu image's `migrate`), then reads what it did back from the database:
+Tamanu writes one row per batch into `logs.migrations`, with per-migration durations in its
+`stats`. Everything here shapes those rows and the runner's output into
+`status.migrationResult`; the runner (`pgro.pipeline.app_migration`) does the I/O.
+
+The runner's output is untrusted and may quote patient data (a constraint violation names
+the row it refused): `redact_log` and `error_from_stats` keep only what says *why* it failed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pgro.api.migration import MigrationResult, MigrationTiming
+from pgro.core.observations import WorkState
+
+EVENT_STARTED: Final = "MigrationStarted"
+EVENT_FINISHED: Final = "MigrationFinished"
+EVENT_FAILED: Final = "MigrationFailed"
+EVENT_DROP_REFUSED: Final = "PreMigrateDropRefused"
+
+UNKNOWN_MIGRATION: Final = "unknown"
+# The log lines a failed run's error is built from, and what of them is kept.
+LOG_TAIL_LINES: Final = 200
+KEEP_LINES: Final = 40
+MAX_ERROR_BYTES: Final = 2000
+# Lines that quote the row PostgreSQL refused (patient data): never kept.
+_DROPPED_MARKERS: Final = ("DETAIL", "HINT:", "STATEMENT:", "Failing row", "parameters", "Key (")
+# Lines that report an error may quote values: their quoted literals are blanked.
+_ERROR_WORDS: Final = ("error", "violates", "invalid")
+_QUOTED: Final = re.compile(r"""(["'])(?:(?!\1).)*(\1|$)""")
+_RESERVED_SCHEMAS: Final = frozenset({"public", "information_schema"})
+
+
+@dataclass(frozen=True)
+class Run:
+    """The migrator as the runtime sees it: not started, running, or ended
+    (`SUCCEEDED`/`FAILED` by its exit status). `log_tail` is the end of its output (at most
+    LOG_TAIL_LINES lines), read only once it ended; untrusted until `redact_log`."""
+
+    state: WorkState
+    log_tail: str = ""
+
+    @property
+    def ended(self) -> bool:
+        return self.state in (WorkState.SUCCEEDED, WorkState.FAILED)
+
+    @property
+    def failed(self) -> bool:
+        return self.state is WorkState.FAILED
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The newest `up` row of `logs.migrations` written after the baseline."""
+
+    migrations: Sequence[str]
+    batch_duration_ms: int | None
+    stats: Mapping[str, Any] | None
+
+
+def droppable(schema: str) -> bool:
+    """Whether `preMigrateDropSchemas` may drop `schema`: never `public`,
+    `information_schema` or a `pg_*` catalog (dropping one leaves a restore that migrates
+    but proves nothing, or no database at all)."""
+    return bool(schema) and schema not in _RESERVED_SCHEMAS and not schema.startswith("pg_")
+
+
+def split_droppable(schemas: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(droppable, refused), each in the order given, without repeats."""
+    unique = list(dict.fromkeys(schemas or ()))
+    return [s for s in unique if droppable(s)], [s for s in unique if not droppable(s)]
+
+
+def refused_note(refused: Sequence[str]) -> str:
+    return (
+        f"preMigrateDropSchemas names {', '.join(refused)}, which pgro never drops "
+        "(public, information_schema and pg_* hold the data being tested); the others "
+        "were dropped and the migration ran"
+    )
+
+
+def _int(value: object) -> int | None:
+    """A JSON number or numeric string as an int (Tamanu writes both)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def result_from_batch(batch: Batch, data_bytes_after: int, failed: bool) -> MigrationResult:
+    """Shape a batch into the result canopy is sent.
+
+    Timings follow the batch's own `migrations` order (the order tells which migration
+    blocked which; a JSON object has none), in whole seconds. The total is the batch's own
+    wall clock where recorded (it includes the steps around the migrations), else the sum.
+    `preSnapshot.databaseSizeBytes` of -1 is Tamanu's "could not read": the size after
+    stands in rather than a negative growth."""
+    stats = batch.stats or {}
+    durations = stats.get("durationMsPerMigration")
+    if not isinstance(durations, Mapping):
+        durations = {}
+    timings = []
+    for name in batch.migrations:
+        ms = _int(durations.get(name))
+        timings.append(MigrationTiming(name=name, elapsed_seconds=max(ms or 0, 0) // 1000))
+    pre = stats.get("preSnapshot")
+    before = _int(pre.get("databaseSizeBytes")) if isinstance(pre, Mapping) else None
+    total = (
+        max(batch.batch_duration_ms, 0) // 1000
+        if batch.batch_duration_ms is not None
+        else sum(t.elapsed_seconds for t in timings)
+    )
+    failed_migration = None
+    if failed:
+        named = stats.get("failedMigration")
+        failed_migration = named if isinstance(named, str) and named else UNKNOWN_MIGRATION
+    return MigrationResult(
+        total_elapsed_seconds=total,
+        failed_migration=failed_migration,
+        data_bytes_before=before if before is not None and before >= 0 else data_bytes_after,
+        data_bytes_after=data_bytes_after,
+        timings=timings,
+    )
+
+
+def result(batch: Batch | None, data_bytes_after: int, run: Run) -> MigrationResult:
+    """What the run did, from its batch (None: it wrote none, e.g. it died before
+    applying anything) and its exit status; a failed run carries its redacted error."""
+    if batch is None:
+        shaped = MigrationResult(
+            total_elapsed_seconds=0,
+            failed_migration=UNKNOWN_MIGRATION if run.failed else None,
+            data_bytes_before=data_bytes_after,
+            data_bytes_after=data_bytes_after,
+        )
+    else:
+        shaped = result_from_batch(batch, data_bytes_after, run.failed)
+    if not run.failed:
+        return shaped
+    stats = batch.stats if batch is not None else None
+    return shaped.model_copy(
+        update={"error": error_from_stats(stats) or redact_log(run.log_tail) or None}
+    )
+
+
+def _blank_quoted(line: str) -> str:
+    return _QUOTED.sub(lambda m: f"{m.group(1)}…{m.group(2)}", line)
+
+
+def error_from_stats(stats: Mapping[str, Any] | None) -> str | None:
+    """Tamanu's structured error (`stats.error`) as one line:
+    `code-or-name: message [table.column, constraint]`. Unlike the reference, quoted
+    literals in the message are blanked: PostgreSQL quotes the refused value there
+    (`invalid input value for enum sex: "kangaroo"`)."""
+    error = (stats or {}).get("error")
+    if not isinstance(error, Mapping):
+        return None
+
+    def field(key: str) -> str | None:
+        value = error.get(key)
+        return value.strip() or None if isinstance(value, str) else None
+
+    label = field("code") or field("name")
+    message = field("message")
+    head = ": ".join(_blank_quoted(p) for p in (label, message) if p)
+    table, column = field("table"), field("column")
+    context = [".".join(p for p in (table, column) if p)] if table or column else []
+    if constraint := field("constraint"):
+        context.append(constraint)
+    where = f"[{', '.join(context)}]" if context else ""
+    line = " ".join(p for p in (head, where) if p)
+    return line[:MAX_ERROR_BYTES] or None
+
+
+def redact_log(log: str) -> str:
+    """The end of a migrator's output with anything that could carry row contents taken
+    out: lines quoting a row are dropped, quoted literals on error lines blanked, and the
+    last KEEP_LINES lines kept, at most MAX_ERROR_BYTES bytes (cut on a character)."""
+    kept = []
+    for line in log.splitlines():
+        if any(marker in line for marker in _DROPPED_MARKERS):
+            continue
+        lower = line.lower()
+        kept.append(_blank_quoted(line) if any(w in lower for w in _ERROR_WORDS) else line)
+    tail = "\n".join(kept[-KEEP_LINES:])
+    encoded = tail.encode()
+    if len(encoded) <= MAX_ERROR_BYTES:
+        return tail
+    return encoded[-MAX_ERROR_BYTES:].decode(errors="ignore")
+
+
+def finished_note(restore: str, version: str, shaped: MigrationResult) -> str:
+    growth = shaped.data_bytes_after - shaped.data_bytes_before
+    verdict = "passed" if shaped.passed else f"failed at {shaped.failed_migration}"
+    return (
+        f"Migrations to {version} on {restore} {verdict}: {len(shaped.timings)} migration(s) "
+        f"in {shaped.total_elapsed_seconds}s, database {growth:+d} bytes"
+    )
