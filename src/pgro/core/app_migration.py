@@ -36,13 +36,17 @@ _DROPPED_MARKERS: Final = ("DETAIL", "HINT:", "STATEMENT:", "Failing row", "para
 _ERROR_WORDS: Final = ("error", "violates", "invalid")
 _QUOTED: Final = re.compile(r"""(["'])(?:(?!\1).)*(\1|$)""")
 _RESERVED_SCHEMAS: Final = frozenset({"public", "information_schema"})
+# `scheme://user:password@host`: a URL's password, whoever printed it.
+_URL_PASSWORD: Final = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+MASK: Final = "***"
 
 
 @dataclass(frozen=True)
 class Run:
     """The migrator as the runtime sees it: not started, running, or ended
     (`SUCCEEDED`/`FAILED` by its exit status). `log_tail` is the end of its output (at most
-    LOG_TAIL_LINES lines), read only once it ended; untrusted until `redact_log`."""
+    LOG_TAIL_LINES lines), read only once it ended, with the secrets the runtime gave the
+    migrator already replaced by `scrub`; untrusted until `redact_log`."""
 
     state: WorkState
     log_tail: str = ""
@@ -187,12 +191,20 @@ def error_from_stats(stats: Mapping[str, Any] | None) -> str | None:
     return line[:MAX_ERROR_BYTES] or None
 
 
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """`text` with every secret value (and any URL's password) replaced by MASK. Longest
+    first, so a secret containing another is masked whole."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}@", text)
+
+
 def redact_log(log: str) -> str:
     """The end of a migrator's output with anything that could carry row contents taken
     out: lines quoting a row are dropped, quoted literals on error lines blanked, and the
     last KEEP_LINES lines kept, at most MAX_ERROR_BYTES bytes (cut on a character)."""
     kept = []
-    for line in log.splitlines():
+    for line in scrub(log, ()).splitlines():
         if any(marker in line for marker in _DROPPED_MARKERS):
             continue
         lower = line.lower()
