@@ -98,6 +98,19 @@ def test_upgrade_entry_carries_its_migration_target() -> None:
     assert spec["resourcesMaximum"] == "8Gi"
     assert spec["storageSizeOverride"] == "20Gi"
     assert desired.labels["pgro.bes.au/intent"] == "upgrade"
+    # Echoed in the upgrade report's `migration` object (canopy.reports).
+    assert desired.labels["pgro.bes.au/application-type"] == "tamanu-central"
+
+
+def test_analytics_migrate_to_sets_a_target_without_a_version_id() -> None:
+    desired = materialise(entry(intent="analytics", params={"migrate_to": "2.32.0"}))
+    assert desired.spec.to_wire()["migrateTo"] == {"version": "2.32.0", "versionId": ""}
+    assert desired.spec.ephemeral is False
+    # Unset, the replica is plain, whatever target the entry carries.
+    plain = materialise(
+        entry(intent="analytics", target_version="2.32.0", target_version_id=VERSION_ID)
+    )
+    assert plain.spec.migrate_to is None
 
 
 def test_upgrade_without_a_full_target_is_refused() -> None:

@@ -134,3 +134,83 @@ def test_a_failed_health_check_makes_a_successful_restore_unhealthy() -> None:
     assert (wire["outcome"], wire["replica_healthy"]) == ("success", False)
     assert wire["error"] == "health check application_database failed: only system databases"
     assert wire["health_details"]["checks"][1]["status"] == "fail"
+
+
+UPGRADE_LABELS = canopy_labels(
+    replica_id=REPLICA_ID,
+    group_id=GROUP,
+    server_id=MACHINE,
+    type="tamanu-postgres",
+    intent="upgrade",
+    application_type="tamanu-central",
+)
+VERSION_ID = "44444444-4444-4444-4444-444444444444"
+MIGRATION_RESULT = {
+    "totalElapsedSeconds": 3,
+    "failedMigration": "002-b.js",
+    "error": "23505: duplicate key value violates unique constraint",
+    "dataBytesBefore": 100,
+    "dataBytesAfter": 150,
+    "timings": [
+        {"name": "001-a.js", "elapsedSeconds": 1},
+        {"name": "002-b.js", "elapsedSeconds": 2},
+    ],
+}
+
+
+def test_an_upgrade_report_carries_the_migration_object() -> None:
+    report = _report(
+        migrateTo={"version": "2.1.0", "versionId": VERSION_ID}, migrationResult=MIGRATION_RESULT
+    )
+    upgrade = canopy_replica(metadata={"labels": UPGRADE_LABELS})
+    wire = reports.verification_args(upgrade, report).to_wire()
+    # A failed migration is the upgrade's verdict, not the restore's: still a healthy success.
+    assert (wire["outcome"], wire["replica_healthy"]) == ("success", True)
+    assert wire["migration"] == {
+        "target_version": "2.1.0",
+        "target_version_id": VERSION_ID,
+        "application_type": "tamanu-central",
+        "total_elapsed_seconds": 3,
+        "failed_migration": "002-b.js",
+        "error": "23505: duplicate key value violates unique constraint",
+        "data_bytes_before": 100,
+        "data_bytes_after": 150,
+        "timings": [
+            {"name": "001-a.js", "elapsed_seconds": 1},
+            {"name": "002-b.js", "elapsed_seconds": 2},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("labels", "version_id", "result"),
+    [
+        # analytics `migrate_to`: no version id, never reported (features §2.14)
+        (LABELS, "", MIGRATION_RESULT),
+        (UPGRADE_LABELS, "", MIGRATION_RESULT),
+        (UPGRADE_LABELS, "not-a-uuid", MIGRATION_RESULT),
+        # a restore that failed before migrating has no result to report
+        (UPGRADE_LABELS, VERSION_ID, None),
+    ],
+)
+def test_the_migration_object_needs_an_upgrade_with_a_uuid_target_and_a_result(
+    labels: dict[str, str], version_id: str, result: dict[str, Any] | None
+) -> None:
+    report = _report(
+        migrateTo={"version": "2.1.0", "versionId": version_id}, migrationResult=result
+    )
+    wire = reports.verification_args(canopy_replica(metadata={"labels": labels}), report).to_wire()
+    assert "migration" not in wire
+
+
+def test_an_application_type_that_cannot_be_a_label_is_left_out() -> None:
+    labels = canopy_labels(
+        replica_id=REPLICA_ID,
+        group_id=GROUP,
+        server_id=MACHINE,
+        type="tamanu-postgres",
+        intent="upgrade",
+        application_type="Tamanu Central!",
+    )
+    assert "pgro.bes.au/application-type" not in labels
+    assert UPGRADE_LABELS["pgro.bes.au/application-type"] == "tamanu-central"

@@ -43,7 +43,8 @@ NOW = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
 
 # -- capabilities (§3.1) ----------------------------------------------------------------------
 
-# The reference's newest descriptors, verbatim from the protocol document.
+# The reference's newest descriptors, verbatim from the protocol document, with the newest
+# intents spec's analytics `migrate_to` (features §2.14).
 REFERENCE_CAPABILITIES = json.loads("""
 {"intents": [
   {"intent": "verify",
@@ -70,7 +71,8 @@ REFERENCE_CAPABILITIES = json.loads("""
      "deployment_ready_timeout": {"type": "duration"},
      "redaction_manifest_url": {"type": "text"},
      "redaction_version_query": {"type": "text"},
-     "redaction_version_fallback_to_base": {"type": "boolean", "default": false}
+     "redaction_version_fallback_to_base": {"type": "boolean", "default": false},
+     "migrate_to": {"type": "text"}
    }}
 ]}
 """)  # noqa: E501
@@ -79,7 +81,7 @@ REFERENCE_CAPABILITIES = json.loads("""
 def test_capabilities_are_the_references_descriptors_exactly() -> None:
     assert capabilities_request().to_wire() == REFERENCE_CAPABILITIES
     analytics = REFERENCE_CAPABILITIES["intents"][2]
-    assert len(analytics["params"]) == 15
+    assert len(analytics["params"]) == 16
     # `params` is left out (not `{}`) for the intents that take none.
     assert [("params" in d) for d in capabilities_request().to_wire()["intents"]] == [
         False,

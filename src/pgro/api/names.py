@@ -43,6 +43,8 @@ LABEL_CANOPY_GROUP: Final = f"{LABEL_PREFIX}group"
 LABEL_CANOPY_SERVER: Final = f"{LABEL_PREFIX}server"
 LABEL_CANOPY_TYPE: Final = f"{LABEL_PREFIX}type"
 LABEL_CANOPY_INTENT: Final = f"{LABEL_PREFIX}intent"
+# The worklist entry's `application_type` (pgro only), echoed in upgrade reports.
+LABEL_CANOPY_APPLICATION_TYPE: Final = f"{LABEL_PREFIX}application-type"
 
 ANNOTATION_VERSION: Final = f"{LABEL_PREFIX}version"
 ANNOTATION_SCHEMA_BUILD_TOKEN: Final = f"{LABEL_PREFIX}schema-build-token"

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pgro.api.base import ApiModel
+from pgro.api.migration import MigrateTo, MigrationResult
 from pgro.api.timestamp import Timestamp
 
 ReportOutcome = Literal["success", "failure"]
@@ -33,6 +34,10 @@ class PendingVerificationReport(ApiModel):
     health_details: dict[str, Any] | None = None
     # The canopy proxy's final traffic totals (`s3_*` counters), when they arrived.
     traffic: dict[str, int] | None = None
+    # An upgrade rehearsal (`migrateTo`): its target and what the migrations did, sent to
+    # canopy as the report's `migration` object.
+    migrate_to: MigrateTo | None = None
+    migration_result: MigrationResult | None = None
     attempts: int = Field(default=0, ge=0)
     next_attempt_at: Timestamp | None = None
     last_error: str | None = None

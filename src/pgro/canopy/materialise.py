@@ -31,6 +31,7 @@ from typing import Any, Final
 from uuid import UUID
 
 from pgro.api.meta import ObjectMeta
+from pgro.api.migration import MigrateTo
 from pgro.api.names import canopy_creds_secret_name
 from pgro.api.quantity import format_quantity, parse_quantity_decimal
 from pgro.api.replica import (
@@ -331,6 +332,14 @@ def _analytics_spec(entry: WorklistEntry) -> dict[str, Any]:
         "persistent_schemas": params.text_list(wire.PARAM_PERSISTENT_SCHEMAS),
         "extra_users": [ExtraUser(name=n) for n in extra_users or ()],
         "resources": _pinned_resources(entry, params),
+        # §2.14: each restore migrates to this version and then serves (long-lived). No
+        # version id: canopy files results by one, so none is reported (canopy.reports).
+        # Unset, the replica is plain, whatever target the entry carries.
+        "migrate_to": (
+            MigrateTo(version=version, version_id="")
+            if (version := params.text(wire.PARAM_MIGRATE_TO)) is not None
+            else None
+        ),
     }
     if params.boolean(wire.PARAM_EXPOSE, default=False):
         spec["service_annotations"] = {
@@ -380,6 +389,7 @@ def materialise(entry: WorklistEntry) -> DesiredReplica:
             server_id=entry.server_id,
             type=entry.type,
             intent=entry.intent,
+            application_type=entry.application_type,
         )
     except ValueError as error:
         raise InvalidEntry(f"{entry.describe()}: {error}") from None

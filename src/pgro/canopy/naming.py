@@ -19,6 +19,7 @@ from uuid import UUID
 
 from pgro.api.names import (
     CANOPY_MANAGED_BY_VALUE,
+    LABEL_CANOPY_APPLICATION_TYPE,
     LABEL_CANOPY_DECLARATION_ID,
     LABEL_CANOPY_GROUP,
     LABEL_CANOPY_INTENT,
@@ -80,7 +81,13 @@ def label_value_problem(value: str) -> str | None:
 
 
 def canopy_labels(
-    *, replica_id: UUID, group_id: UUID, server_id: UUID, type: str, intent: str
+    *,
+    replica_id: UUID,
+    group_id: UUID,
+    server_id: UUID,
+    type: str,
+    intent: str,
+    application_type: str | None = None,
 ) -> dict[str, str]:
     """The labels on both the Namespace and the replica CR.
 
@@ -92,7 +99,7 @@ def canopy_labels(
         problem = label_value_problem(value)
         if problem is not None:
             raise ValueError(f"label {key}={value!r} {problem}")
-    return {
+    labels = {
         LABEL_CANOPY_MANAGED_BY: CANOPY_MANAGED_BY_VALUE,
         LABEL_CANOPY_DECLARATION_ID: str(replica_id),
         LABEL_CANOPY_GROUP: str(group_id),
@@ -100,3 +107,8 @@ def canopy_labels(
         LABEL_CANOPY_TYPE: type,
         LABEL_CANOPY_INTENT: intent,
     }
+    # Only echoed in upgrade reports, where it is optional: a value that cannot be a
+    # label is left out rather than refusing the entry.
+    if application_type and label_value_problem(application_type) is None:
+        labels[LABEL_CANOPY_APPLICATION_TYPE] = application_type
+    return labels

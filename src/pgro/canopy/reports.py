@@ -15,6 +15,7 @@ from uuid import UUID
 from pydantic import ValidationError
 
 from pgro.api.names import (
+    LABEL_CANOPY_APPLICATION_TYPE,
     LABEL_CANOPY_DECLARATION_ID,
     LABEL_CANOPY_GROUP,
     LABEL_CANOPY_INTENT,
@@ -23,7 +24,13 @@ from pgro.api.names import (
 )
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.verification import PendingVerificationReport
-from pgro.canopy.wire import HealthDetails, VerificationArgs, describe_validation_error
+from pgro.canopy.wire import (
+    INTENT_UPGRADE,
+    HealthDetails,
+    MigrationArgs,
+    VerificationArgs,
+    describe_validation_error,
+)
 
 TRAFFIC_FIELDS: Final = (
     "s3_sent_raw_bytes",
@@ -66,6 +73,21 @@ def _uuid(labels: Mapping[str, str], key: str) -> UUID:
         return UUID(value)
     except ValueError:
         raise ReportUnsendable(f"label {key}={value!r} is not a UUID") from None
+
+
+def _migration(
+    labels: Mapping[str, str], intent: str, report: PendingVerificationReport
+) -> MigrationArgs | None:
+    """The `migration` object: an `upgrade` report whose target canopy named by a UUID.
+    Analytics `migrate_to` targets carry no version id, and canopy files results by it."""
+    target, result = report.migrate_to, report.migration_result
+    if intent != INTENT_UPGRADE or target is None or result is None:
+        return None
+    try:
+        UUID(target.version_id)
+    except ValueError:
+        return None
+    return MigrationArgs.from_result(result, target, labels.get(LABEL_CANOPY_APPLICATION_TYPE))
 
 
 def verification_args(
@@ -115,6 +137,7 @@ def verification_args(
                 "observed_at": report.observed_at,
                 "health_details": details,
                 "run_id": run_id,
+                "migration": _migration(labels, intent, report),
                 **(report.traffic or {}),
             }
         )

@@ -169,6 +169,7 @@ PARAM_DEPLOYMENT_READY_TIMEOUT: Final = "deployment_ready_timeout"
 PARAM_REDACTION_MANIFEST_URL: Final = "redaction_manifest_url"
 PARAM_REDACTION_VERSION_QUERY: Final = "redaction_version_query"
 PARAM_REDACTION_VERSION_FALLBACK_TO_BASE: Final = "redaction_version_fallback_to_base"
+PARAM_MIGRATE_TO: Final = "migrate_to"
 
 DEFAULT_MINIMUM_TTL: Final = timedelta(seconds=7200)
 DEFAULT_ANALYTICS_SWITCHOVER_GRACE: Final = timedelta(seconds=120)
@@ -269,6 +270,7 @@ ANALYTICS_DESCRIPTOR: Final = IntentDescriptor(
         PARAM_REDACTION_MANIFEST_URL: ParamSpec(type="text"),
         PARAM_REDACTION_VERSION_QUERY: ParamSpec(type="text"),
         PARAM_REDACTION_VERSION_FALLBACK_TO_BASE: ParamSpec(type="boolean", default=False),
+        PARAM_MIGRATE_TO: ParamSpec(type="text"),
     },
 )
 

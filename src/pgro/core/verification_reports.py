@@ -49,6 +49,8 @@ def new_report(
         observed_at=now,
         postgres_version=status.postgres_version,
         health_details=details or None,
+        migrate_to=restore.spec.migrate_to if status.migration_result is not None else None,
+        migration_result=status.migration_result,
     )
 
 
