@@ -138,6 +138,9 @@ class World:
     restore_outage: bool = False
     # Critical steps fail when this says so (crash-between-steps simulation).
     fail_step: Callable[[Step], bool] = lambda step: False
+    # `migrateTo`: how long the migrator runs, and whether its migrations fail (a finding).
+    migration_duration: timedelta = timedelta(minutes=2)
+    migration_fails: bool = False
 
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
     restores: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -148,6 +151,9 @@ class World:
     servers: dict[str, datetime] = field(default_factory=dict)
     deleting: dict[str, datetime] = field(default_factory=dict)
     service: dict[str, str] = field(default_factory=dict)
+    # Restore → when its migrator started: it outlives a controller restart, like its Job.
+    migrations: dict[str, datetime] = field(default_factory=dict)
+    migration_starts: list[str] = field(default_factory=list)
 
     events: list[tuple[datetime, str, EmitEvent]] = field(default_factory=list)
     created: list[tuple[datetime, str, str]] = field(default_factory=list)
@@ -562,7 +568,34 @@ class World:
         step: RunMigration,
     ) -> None:
         self._fault(step)
-        raise StepFailed("the scenario world runs no migrations")
+        if self.service.get(replica.key) == step.restore:
+            self._violation(f"migrating {step.restore}, which the stable endpoint serves")
+        started = self.migrations.get(step.restore)
+        if started is None:
+            self.migrations[step.restore] = self.now
+            self.migration_starts.append(step.restore)
+            self.wake(f"restore:{step.restore}", self.now + self.migration_duration)
+            return
+        if self.now - started < self.migration_duration:
+            return
+        seconds = int(self.migration_duration.total_seconds())
+        result: dict[str, Any] = {
+            "totalElapsedSeconds": seconds,
+            "dataBytesBefore": 1000,
+            "dataBytesAfter": 1500,
+            "timings": [{"name": "001-a.js", "elapsedSeconds": seconds}],
+        }
+        if self.migration_fails:
+            result["failedMigration"] = "001-a.js"
+        phase = "Failed" if self.migration_fails else "Succeeded"
+        self.patch_restore_status(
+            replica,
+            step.restore,
+            {
+                "migrationJob": {"name": f"{step.restore}-migrate", "phase": phase},
+                "migrationResult": result,
+            },
+        )
 
     def replica_plan_applied(self, replica: PostgresPhysicalReplica) -> None:
         pass
