@@ -111,6 +111,8 @@ def test_analytics_migrate_to_sets_a_target_without_a_version_id() -> None:
         entry(intent="analytics", target_version="2.32.0", target_version_id=VERSION_ID)
     )
     assert plain.spec.migrate_to is None
+    blank = materialise(entry(intent="analytics", params={"migrate_to": "  "}))
+    assert blank.spec.migrate_to is None
 
 
 def test_upgrade_without_a_full_target_is_refused() -> None:
