@@ -32,7 +32,8 @@ from pgro.postgres.restore_info import (
 )
 from pgro.postgres.server import PostgresServer, make_conninfo
 from pgro.postgres.users import RoleCredentials, generate_password, provision_users
-from tests.integration.test_users import _binaries_13, scratch_server
+from tests.fixtures.scratch_server import scratch_server
+from tests.integration.test_users import _binaries_13
 
 FIXES = {"locale": False, "reindex": False, "reset_wal": True, "recreated_pg_wal": False}
 INFO = RestoreInfo("k1a2b3", "2026-11-30T01:02:03.456Z", FIXES)

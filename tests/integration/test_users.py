@@ -18,12 +18,9 @@ system has no PostgreSQL 13.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,9 +33,7 @@ from psycopg import errors
 from pgro.api.users import ExtraUser
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import BinariesMissing, PostgresBinaries, find_binaries
-from pgro.postgres.initdb import init_cluster
-from pgro.postgres.repair import DEFAULT_HBA
-from pgro.postgres.server import PostgresServer, make_conninfo, socket_dir_for
+from pgro.postgres.server import PostgresServer, make_conninfo
 from pgro.postgres.users import (
     ProvisioningFailed,
     ProvisionReport,
@@ -46,6 +41,7 @@ from pgro.postgres.users import (
     generate_password,
     provision_users,
 )
+from tests.fixtures.scratch_server import scratch_server
 
 OLD_ANALYTICS_PASSWORD = "old-analytics-secret"
 OLD_REPORTER_PASSWORD = "old-reporter-secret"
@@ -195,62 +191,6 @@ class Cluster:
                 return
             assert time.monotonic() < deadline, f"server did not reload to {wanted}"
             time.sleep(0.05)
-
-
-def _initdb(binaries: PostgresBinaries, pgdata: Path, account: RunAccount) -> None:
-    """`initdb` for any major (init_cluster passes --no-instructions, new in 14)."""
-    if binaries.major not in ("13", "12", "11", "10"):
-        init_cluster(binaries, pgdata, account)
-        return
-    pgdata.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        os.chown(pgdata, account.uid, account.gid)
-    os.chmod(pgdata, 0o700)
-    subprocess.run(  # type: ignore[call-overload]
-        [
-            binaries.tool("initdb"),
-            *("-D", str(pgdata), "--no-locale", "--encoding=UTF8"),
-            *("--auth=trust", "--username=postgres"),
-        ],
-        capture_output=True,
-        check=True,
-        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", **account.env()},
-        cwd="/",
-        **account.popen_kwargs(),
-    )
-
-
-@contextlib.contextmanager
-def scratch_server(
-    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries, prefix: str
-) -> Iterator[PostgresServer]:
-    """A fresh cluster of `binaries`' major with pgro's `pg_hba.conf` (scram on TCP), running
-    on 127.0.0.1 and a private socket; removed afterwards."""
-    base = Path(tempfile.mkdtemp(prefix=f"{prefix}{binaries.major}-", dir=scratch_root))
-    os.chmod(base, 0o711)
-    pgdata = base / "data"
-    _initdb(binaries, pgdata, account)
-    hba = pgdata / "pg_hba.conf"
-    hba.write_text(DEFAULT_HBA)
-    if os.geteuid() == 0:
-        os.chown(hba, account.uid, account.gid)
-    sockets = socket_dir_for(base / "run")
-    server = PostgresServer(
-        pgdata,
-        binaries,
-        account,
-        socket_dir=sockets,
-        log_path=base / "pg.log",
-        listen_addresses="127.0.0.1",
-    )
-    server.start(60)
-    try:
-        yield server
-    finally:
-        server.stop()
-        if sockets != base / "run":
-            shutil.rmtree(sockets, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _cluster(
