@@ -15,6 +15,11 @@ How a container becomes a process (the node's "images"):
 - image `postgres:<major>`: any command, with PATH starting with a wrapper dir and
   `/usr/lib/postgresql/<major>/bin`; no command means the image's entrypoint behaviour
   (`postgres` + args). A major that is not installed gives Waiting reason `ErrImagePull`.
+- image `ghcr.io/beyondessential/tamanu-central:v<version>` (the `migrateTo` Job's; test-only):
+  `python tests/fixtures/fake_migrator.py` with the test interpreter, as root like `pgro`,
+  with the container's command and args appended (the Job gives `migrate`) and
+  `PGRO_MIGRATE_VERSION=<version>` added to its env (the version's suffix picks the fake's
+  mode, see its docstring).
 - anything else: Waiting reason `ErrImagePull` (the pod stays Pending).
 
 Mapping the container's view onto the host:
@@ -30,6 +35,14 @@ Mapping the container's view onto the host:
   mountPath first), e.g. `/pgdata/x`, `--dir=/pgdata`, `sh -c "ls /tmp/kopia/cache"`. Paths a
   program computes itself (not from its env or argv) are not mapped.
 - `$(VAR)` references in command/args/env values are expanded as kubelet does.
+- Service names: fake pods have no cluster DNS (and Services no working ClusterIP). In env
+  `value`s, a Service of the pod's namespace named as a host (`<svc>`, `<svc>.<namespace>`,
+  `<svc>.<namespace>.svc[.cluster.local]`) is replaced by the pod IP of a ready pod behind it
+  (`FakeNode.service_endpoints`), looked up once as the container starts: when it is the
+  whole value, or a URL's host (after `://` or `@`, before `:`, `/`, `?` or the end). Ports
+  stay as written (pgro's Services forward a port to the same port). With no ready pod
+  behind it the name stays, and does not resolve. Done before `$(VAR)` expansion, so only
+  what the spec wrote is mapped, never a referenced value.
 - Users: uid/gid 999 (the postgres image's account) is the host's `postgres`; other numbers are
   used as is; no runAsUser means root. A pod's `fsGroup` (or runAsUser) makes each volume's
   top directory group-owned (or owned) by that account, setgid (not recursive).
@@ -117,6 +130,9 @@ PROVISIONED_LABEL = "pgro.test/fake-node"
 MARKER_ENV = "PGRO_FAKE_NODE_CONTAINER"
 
 PGRO_MODULE = ("-m", "pgro.cli.main")  # the `pgro` console script, in the test interpreter
+# The migrateTo Job's image, run as the test-only fake migrator.
+MIGRATOR_IMAGE = re.compile(r"ghcr\.io/beyondessential/tamanu-central:v(.+)")
+FAKE_MIGRATOR = Path(__file__).resolve().parents[1] / "fixtures" / "fake_migrator.py"
 
 _POSTGRES_WRAPPER = """#!/bin/sh
 # FakeNode: this pod's postgres listens on the pod IP and keeps its socket in a per-pod dir.
@@ -213,6 +229,59 @@ class PathMap:
         if self._re is None:
             return text
         return self._re.sub(lambda m: self.mounts[m.group(1)], text)
+
+
+class _ServiceHosts:
+    """Service names used as hosts in a pod's env values → a ready pod's IP behind the
+    Service (the module docstring's "Service names" rule). Services are listed only when a
+    value could name one."""
+
+    def __init__(self, runner: _PodRunner) -> None:
+        self.runner = runner
+        self._loaded = False
+        self._pattern: re.Pattern[str] | None = None
+        self._names: dict[str, str] = {}
+        self._ips: dict[str, str | None] = {}
+
+    def _load(self) -> re.Pattern[str] | None:
+        if not self._loaded:
+            self._loaded = True
+            ns = self.runner.namespace
+            assert self.runner.client is not None
+            for svc in self.runner.client.list(Service, namespace=ns):
+                name = svc.metadata.name if svc.metadata else None
+                if not name:
+                    continue
+                for form in (name, f"{name}.{ns}", f"{name}.{ns}.svc"):
+                    self._names[form] = name
+                self._names[f"{name}.{ns}.svc.cluster.local"] = name
+            if self._names:
+                hosts = "|".join(map(re.escape, sorted(self._names, key=len, reverse=True)))
+                self._pattern = re.compile(rf"(://|@)({hosts})(?=$|[:/?])")
+        return self._pattern
+
+    def _ip(self, service: str) -> str | None:
+        if service not in self._ips:
+            endpoints = self.runner.node.service_endpoints(self.runner.namespace, service)
+            self._ips[service] = endpoints[0][0] if endpoints else None
+        return self._ips[service]
+
+    def rewrite(self, text: str) -> str:
+        if not text:
+            return text
+        pattern = self._load()
+        if pattern is None:
+            return text
+
+        def host(m: re.Match[str]) -> str:
+            ip = self._ip(self._names[m.group(2)])
+            return m.group(0) if ip is None else f"{m.group(1)}{ip}"
+
+        # A bare name must be the whole value (`ab` in `xab` or `ab c` is not a host).
+        whole = self._names.get(text)
+        if whole is not None:
+            return self._ip(whole) or text
+        return pattern.sub(host, text)
 
 
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE]|)$")
@@ -742,10 +811,11 @@ class _PodRunner(threading.Thread):
             for k, v in data_of(kind, obj).items():
                 env[src.get("prefix", "") + k] = v
 
+        services = _ServiceHosts(self)
         for e in c.spec.get("env") or []:
             name = e["name"]
             if "valueFrom" not in e:
-                env[name] = expand(paths.rewrite(e.get("value") or ""), env)
+                env[name] = expand(services.rewrite(paths.rewrite(e.get("value") or "")), env)
                 continue
             vf = e["valueFrom"]
             if "secretKeyRef" in vf or "configMapKeyRef" in vf:
@@ -821,6 +891,15 @@ class _PodRunner(threading.Thread):
             base = {"PATH": f"{self.node.tools_dir}:{SYSTEM_PATH}", "HOME": "/root"}
             if os.environ.get("PGRO_CACHE_DIR"):
                 base["PGRO_CACHE_DIR"] = os.environ["PGRO_CACHE_DIR"]
+            stop = signal.SIGTERM
+        elif migrator := MIGRATOR_IMAGE.fullmatch(image):
+            argv = [sys.executable, str(FAKE_MIGRATOR), *command, *args]
+            uid, gid, groups = 0, 0, []  # the interpreter lives under /root, as for pgro
+            base = {
+                "PATH": SYSTEM_PATH,
+                "HOME": "/root",
+                "PGRO_MIGRATE_VERSION": migrator.group(1),
+            }
             stop = signal.SIGTERM
         else:
             m = re.fullmatch(

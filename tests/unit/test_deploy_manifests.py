@@ -351,6 +351,8 @@ CLUSTER_RULES: dict[tuple[str, str, tuple[str, ...] | None], set[str]] = {
     ("", "services", None): {"get", "create", "patch"},
     ("", "persistentvolumeclaims", None): {"get", "create", "patch"},
     ("", "pods", None): {"get", "list", "watch", "patch", "delete"},
+    # The migration Job's log tail (migrateTo).
+    ("", "pods/log", None): {"get"},
     ("batch", "jobs", None): {"get", "list", "watch", "create", "delete"},
     ("apps", "deployments", None): {"get", "list", "watch", "create", "patch"},
     ("events.k8s.io", "events", None): {"create", "patch"},

@@ -22,6 +22,7 @@ from pgro.core.observations import RestoreObservation
 from pgro.core.plan import EmitEvent, EventType, SwitchoverStep, VerificationOutcome
 from pgro.core.secrets import scrub
 from pgro.kube.client import KubeApi
+from pgro.pipeline.app_migration import AppMigration
 from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.postgres import restore_info
 from pgro.postgres.health import check_health
@@ -32,6 +33,7 @@ from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.config import OperatorConfig
 from pgro.runtimes.kubernetes.events import event_document
+from pgro.runtimes.kubernetes.migration_job import KubeMigrator
 from pgro.runtimes.kubernetes.notification_secrets import (
     NOTIFICATION_SECRET_REFUSED,
     notification_secrets,
@@ -58,6 +60,8 @@ log = logging.getLogger("pgro.operator")
 RUNTIME_NAME: Final = "the pgro operator"
 # How often a running persistent-schema copy is looked at (as in pgro run).
 SCHEMA_COPY_POLL_S: Final = 2.0
+# How often a running migration Job is looked at (the core's own requeue while Migrating).
+MIGRATION_POLL_S: Final = 15.0
 
 
 class StepFailedError(Exception):
@@ -492,7 +496,20 @@ class KubeEffects:
         restore: PostgresPhysicalRestore,
         step: plan.RunMigration,
     ) -> None:
-        raise StepUnavailable(f"migrateTo is not supported by {RUNTIME_NAME} yet")
+        migrator = KubeMigrator(self.api, self.observer, replica, restore, self.config().placement)
+        try:
+            AppMigration(
+                replica,
+                restore,
+                migrator,
+                patch=lambda patch: self.patch_restore_status(replica, restore.name, patch),
+                event=lambda event: self.emit_event(replica, event),
+            ).run()
+        except Exception as exc:
+            # A driver's error may quote its connection string.
+            raise StepFailedError(scrub(str(exc), migrator.secrets)) from None
+        # The Job's own changes wake the restore sooner (the Jobs watch selects its label).
+        self.observer.requeue("restore", f"{restore.namespace}/{restore.name}", MIGRATION_POLL_S)
 
     # -- after a replica's plan -----------------------------------------------------------
     def replica_plan_applied(self, replica: PostgresPhysicalReplica) -> None:

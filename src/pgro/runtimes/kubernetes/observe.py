@@ -28,7 +28,6 @@ from pgro.api.secret import (
 from pgro.api.timestamp import parse_rfc3339
 from pgro.core import reasons
 from pgro.core.observations import (
-    MigrationOutcome,
     ReplicaObservation,
     RestoreObservation,
     RestoreWork,
@@ -384,9 +383,6 @@ class Observer:
             work=work,
             server=self.server(restore),
             version_detection=detection,
-            migration=MigrationOutcome.unsupported("the operator cannot run migrations yet")
-            if restore.spec.migrate_to
-            else None,
         )
 
     def work(self, restore: PostgresPhysicalRestore) -> RestoreWork:
