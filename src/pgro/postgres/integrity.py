@@ -388,6 +388,8 @@ def check(
                 _drop_schema(conninfo_for(name), db.amcheck_schema)
             continue
         databases.append(db)
+        if db.amcheck_missing is not None:
+            skips.add(Skip(name, "(its indexes and tables)", f"amcheck: {db.amcheck_missing}"))
         for row in rows:
             rel = _classify(db, row, plan.btree, plan.heap, plan.full_read, skips)
             if rel is not None:
