@@ -319,6 +319,26 @@ def test_the_analytics_user_stays_unprivileged(snapshot: Cluster) -> None:
                 conn.execute(escalation.encode())
 
 
+def test_hand_over_in_small_transactions_converges(snapshot: Cluster) -> None:
+    """Thousands of tables are re-owned some at a time (the lock table holds only so many);
+    a pass cut short between two transactions is finished by the next."""
+    with snapshot.superuser("postgres") as conn:
+        conn.execute("DROP DATABASE IF EXISTS many")
+        conn.execute("CREATE DATABASE many OWNER app")
+    _run_sql(
+        snapshot,
+        "many",
+        "SET ROLE app; DO $$BEGIN FOR i IN 1..12 LOOP"
+        " EXECUTE format('CREATE TABLE t%s (id serial PRIMARY KEY, at date)', i);"
+        " EXECUTE format('CREATE INDEX ON t%s (at)', i); END LOOP; END$$",
+    )
+    # As if an earlier pass had stopped after some: those are not counted again.
+    _run_sql(snapshot, "many", "ALTER TABLE public.t1 OWNER TO analytics")
+    assert sql.hand_over(snapshot.conninfo_for, "many", "analytics", batch=5) == 12
+    assert snapshot.rows(NOT_HANDED_OVER, "many") == []
+    assert sql.hand_over(snapshot.conninfo_for, "many", "analytics", batch=5) == 0
+
+
 # --- drop_schemas -------------------------------------------------------------------------
 
 

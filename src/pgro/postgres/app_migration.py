@@ -35,6 +35,10 @@ APPLICATION: Final = "pgro-app-migration"
 # The re-owning transaction locks every application table: a client still holding one must
 # not stall the reconciler (the step is retried on the next pass).
 LOCK_TIMEOUT: Final = "60s"
+# Objects re-owned per transaction: with PostgreSQL's default lock table (64 locks per
+# connection slot), one transaction over about 2,000 tables with an index each fails "out
+# of shared memory"; 200 tables with a dozen indexes each fit.
+HAND_OVER_BATCH: Final = 200
 # ISO output carries the UTC offset, so the baseline goes back to PostgreSQL exactly,
 # whatever DateStyle a restored per-database setting chose.
 _DATESTYLE: Final = "SET DateStyle = ISO, YMD"
@@ -217,7 +221,7 @@ def drop_schemas(conninfo_for: Conninfo, dbname: str, schemas: Sequence[str]) ->
     return present
 
 
-def hand_over(conninfo_for: Conninfo, dbname: str, role: str) -> int:
+def hand_over(conninfo_for: Conninfo, dbname: str, role: str, *, batch: int | None = None) -> int:
     """Make `role` the owner of the application's objects in `dbname` (schemas other than
     pg_* and information_schema, their tables, views, sequences, functions, types), so a
     migrator logging in as it can run DDL; returns how many objects changed owner.
@@ -225,28 +229,49 @@ def hand_over(conninfo_for: Conninfo, dbname: str, role: str) -> int:
     Extension members stay the extension's; pgro's own `_pgro` schema stays pgro's (its
     table is written by pgro's superuser, so an owner could make that write run its code).
     Refused while `role` is a superuser or an event trigger is enabled (the catalog guard,
-    run by provisioning, disables them: one would run on every ALTER here)."""
+    run by provisioning, disables them: one would run on every ALTER here).
+
+    One transaction per HAND_OVER_BATCH objects (`batch`): each ALTER holds locks on the
+    object, its indexes, TOAST table and sequences to the commit, and one transaction over
+    thousands of tables overflows the lock table. A pass stopped between two leaves some
+    objects handed over; the next pass skips those (the migrator starts only after this
+    returned)."""
     owner = sql.Identifier(role)
+    size = max(batch or HAND_OVER_BATCH, 1)
     with _session(conninfo_for, dbname) as conn:
         conn.execute("SET default_transaction_read_only = off")
         conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
         _check_hand_over(conn, dbname, role)
-        with conn.transaction():
-            schemas = conn.execute(_SCHEMAS, {"role": role, "pgro_schema": PGRO_SCHEMA}).fetchall()
-            changed = 0
-            for _oid, name, owned in schemas:
-                if owned is not True:
-                    conn.execute(
-                        sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(
-                            sql.Identifier(str(name)), owner
-                        )
-                    )
-                    changed += 1
-            params = {"role": role, "schemas": [int(str(oid)) for oid, _, _ in schemas]}
-            routines = _ROUTINES_11 if conn.info.server_version >= 110000 else _ROUTINES_10
-            for query in (_RELATIONS, routines, _TYPES):
-                changed += _alter_owners(conn, query, params, owner)
-    return changed
+        statements = _ownership_changes(conn, role, owner)
+        for first in range(0, len(statements), size):
+            with conn.transaction():
+                for statement in statements[first : first + size]:
+                    conn.execute(statement)
+    return len(statements)
+
+
+def _ownership_changes(
+    conn: psycopg.Connection[tuple[object, ...]], role: str, owner: sql.Identifier
+) -> list[sql.Composed]:
+    """The `ALTER … OWNER TO` statements still to run, schemas first."""
+    schemas = conn.execute(_SCHEMAS, {"role": role, "pgro_schema": PGRO_SCHEMA}).fetchall()
+    statements = [
+        sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(str(name)), owner)
+        for _oid, name, owned in schemas
+        if owned is not True
+    ]
+    params = {"role": role, "schemas": [int(str(oid)) for oid, _, _ in schemas]}
+    routines = _ROUTINES_11 if conn.info.server_version >= 110000 else _ROUTINES_10
+    for query in (_RELATIONS, routines, _TYPES):
+        for kind, name in conn.execute(query, params).fetchall():
+            # `name` is PostgreSQL's own quoted, schema-qualified text (search_path is
+            # pg_catalog), never one pgro quoted itself.
+            statements.append(
+                sql.SQL("ALTER {} {} OWNER TO {}").format(
+                    _KEYWORDS[str(kind)], sql.SQL(str(name)), owner
+                )
+            )
+    return statements
 
 
 def _check_hand_over(conn: psycopg.Connection[tuple[object, ...]], dbname: str, role: str) -> None:
@@ -272,20 +297,3 @@ def _check_hand_over(conn: psycopg.Connection[tuple[object, ...]], dbname: str, 
             "would run as pgro's superuser on every ownership change: the catalog guard "
             "(pgro.postgres.catalog_guard.neutralise_catalog) must run first"
         )
-
-
-def _alter_owners(
-    conn: psycopg.Connection[tuple[object, ...]],
-    query: str,
-    params: Mapping[str, object],
-    owner: sql.Identifier,
-) -> int:
-    rows = conn.execute(query, params).fetchall()
-    for kind, name in rows:
-        # `name` is PostgreSQL's own quoted, schema-qualified text (search_path is pg_catalog).
-        conn.execute(
-            sql.SQL("ALTER {} {} OWNER TO {}").format(
-                _KEYWORDS[str(kind)], sql.SQL(str(name)), owner
-            )
-        )
-    return len(rows)
