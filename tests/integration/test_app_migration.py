@@ -373,7 +373,8 @@ CREATE TABLE logs.migrations (migrations jsonb, direction text, batch_duration_m
     stats jsonb, logged_at timestamptz DEFAULT now());
 INSERT INTO logs.migrations VALUES
     ('["0001-old.js"]', 'up', 1000, '{"durationMsPerMigration": {"0001-old.js": 1000}}',
-     '2020-01-01 00:00:00.123456+00');
+     '2020-01-01 00:00:00.123456+00'),
+    ('["undated.js"]', 'up', 1, '{}', NULL);
 """
 
 

@@ -32,8 +32,8 @@ from pgro.postgres.session import connect
 log = logging.getLogger("pgro.postgres")
 
 APPLICATION: Final = "pgro-app-migration"
-# The re-owning transaction locks every application table: a client still holding one must
-# not stall the reconciler (the step is retried on the next pass).
+# Re-owning locks each application table: a client still holding one must not stall the
+# reconciler (the step is retried on the next pass).
 LOCK_TIMEOUT: Final = "60s"
 # Objects re-owned per transaction: with PostgreSQL's default lock table (64 locks per
 # connection slot), one transaction over about 2,000 tables with an index each fails "out
@@ -42,20 +42,22 @@ HAND_OVER_BATCH: Final = 200
 # ISO output carries the UTC offset, so the baseline goes back to PostgreSQL exactly,
 # whatever DateStyle a restored per-database setting chose.
 _DATESTYLE: Final = "SET DateStyle = ISO, YMD"
-# `($1 IS NULL OR …)` as the reference writes it; the table must be a plain one.
+# The batch is read only from a plain table (module docstring).
 _BATCH_TABLE: Final = (
     "SELECT c.relkind FROM pg_catalog.pg_class c"
     " WHERE c.oid = pg_catalog.to_regclass('logs.migrations')"
 )
 _LATEST: Final = "SELECT max(logged_at)::text FROM ONLY logs.migrations"
+# `($1 IS NULL OR …)` as the reference writes it; a row without a time is never the newest.
 _NEWEST_UP: Final = (
     "SELECT migrations, batch_duration_ms, stats FROM ONLY logs.migrations"
     " WHERE direction = 'up' AND (%(baseline)s::text IS NULL"
     " OR logged_at > %(baseline)s::text::timestamptz)"
-    " ORDER BY logged_at DESC LIMIT 1"
+    " ORDER BY logged_at DESC NULLS LAST LIMIT 1"
 )
 
-# What `hand_over` re-owns, as (keyword of the ALTER, oid, PostgreSQL's quoted name).
+# What `hand_over` re-owns: the schemas (oid, name, already owned), then the objects in
+# them as (keyword of the ALTER, PostgreSQL's own quoted name).
 _SCHEMAS: Final = """
 SELECT n.oid, n.nspname, n.nspowner = r.oid AS owned
 FROM pg_catalog.pg_namespace n, pg_catalog.pg_roles r
