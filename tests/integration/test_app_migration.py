@@ -49,6 +49,7 @@ from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.schema_migration import Conninfo
 from pgro.postgres.server import PostgresServer, make_conninfo
 from pgro.postgres.users import RoleCredentials, generate_password, provision_users
+from tests.fixtures.majors import installed_in_cache, server_readable_cache
 from tests.fixtures.manifests import replica, restore
 from tests.fixtures.scratch_server import scratch_server
 from tests.integration.test_users import _binaries_13
@@ -211,25 +212,31 @@ def _run_sql(cluster: Cluster, dbname: str, script: str) -> None:
 def _binaries_for(
     request: pytest.FixtureRequest, scratch_root: Path, binaries: PostgresBinaries
 ) -> PostgresBinaries:
-    if request.param == "newest":
+    major = str(request.param)
+    if major == "newest":
         return binaries
-    found = _binaries_13(scratch_root)
-    if found is None:
-        pytest.skip(
-            "PostgreSQL 13 server binaries are not installed: run "
-            "`scripts/install-postgres-major.sh 13` (or install postgresql-13)"
-        )
-    return found
+    if major == "13":
+        found = _binaries_13(scratch_root)
+        if found is not None:
+            return found
+    elif installed_in_cache(major):
+        root = server_readable_cache(scratch_root, (major,))
+        return PostgresBinaries(major=major, bindir=root / major / "bin")
+    pytest.skip(
+        f"PostgreSQL {major} server binaries are not installed: run "
+        f"`scripts/install-postgres-major.sh {major}`"
+    )
 
 
-@pytest.fixture(scope="module", params=["newest", "13"])
+@pytest.fixture(scope="module", params=["newest", "13", "14", "16", "17"])
 def snapshot(
     request: pytest.FixtureRequest,
     scratch_root: Path,
     account: RunAccount,
     binaries: PostgresBinaries,
 ) -> Iterator[Cluster]:
-    """The hand-over snapshot, provisioned; on the newest PostgreSQL and on 13."""
+    """The hand-over snapshot, provisioned; on the newest Debian PostgreSQL and on the
+    cached majors (`scripts/install-postgres-major.sh`)."""
     found = _binaries_for(request, scratch_root, binaries)
     with scratch_server(scratch_root, account, found, "app-migration") as server:
         c = Cluster(server)

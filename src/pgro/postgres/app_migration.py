@@ -104,16 +104,16 @@ _ROUTINES_11: Final = _ROUTINES.format(
     routine="p.prokind IN ('f', 'p', 'w')",
 )
 _ROUTINES_10: Final = _ROUTINES.format(kind="'FUNCTION'", routine="NOT p.proisagg")
-# Enums, domains, ranges, multiranges (ALTER TYPE on a range leaves its multirange with
-# the old owner) and standalone composites; array types follow their element type, a
-# table's row type goes with the table.
-_TYPES: Final = """
+# Enums, domains, ranges and standalone composites; array types follow their element type,
+# a table's row type goes with the table. Multiranges come after their ranges moved:
+# PostgreSQL 14-16 leave one with its old owner, 17 carries it and refuses it alone.
+_TYPES_OF: Final = """
 SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END,
        t.oid::pg_catalog.regtype::pg_catalog.text
 FROM pg_catalog.pg_type t, pg_catalog.pg_roles r
 WHERE r.rolname = %(role)s AND t.typowner <> r.oid
   AND t.typnamespace = ANY(%(schemas)s::pg_catalog.oid[])
-  AND (t.typtype IN ('e', 'd', 'r', 'm')
+  AND (t.typtype IN {kinds}
        OR (t.typtype = 'c' AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c
                                        WHERE c.oid = t.typrelid AND c.relkind = 'c')))
   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
@@ -121,6 +121,8 @@ WHERE r.rolname = %(role)s AND t.typowner <> r.oid
                     AND d.objid = t.oid AND d.deptype = 'e')
 ORDER BY t.oid
 """
+_TYPES: Final = _TYPES_OF.format(kinds="('e', 'd', 'r')")
+_MULTIRANGES: Final = _TYPES_OF.format(kinds="('m')")
 _KEYWORDS: Final = {
     k: sql.SQL(k)
     for k in (
@@ -244,16 +246,23 @@ def hand_over(conninfo_for: Conninfo, dbname: str, role: str, *, batch: int | No
         conn.execute("SET default_transaction_read_only = off")
         conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
         _check_hand_over(conn, dbname, role)
-        statements = _ownership_changes(conn, role, owner)
-        for first in range(0, len(statements), size):
-            with conn.transaction():
-                for statement in statements[first : first + size]:
-                    conn.execute(statement)
-    return len(statements)
+        routines = _ROUTINES_11 if conn.info.server_version >= 110000 else _ROUTINES_10
+        changed = 0
+        for queries in ((_RELATIONS, routines, _TYPES), (_MULTIRANGES,)):
+            statements = _ownership_changes(conn, role, owner, queries)
+            for first in range(0, len(statements), size):
+                with conn.transaction():
+                    for statement in statements[first : first + size]:
+                        conn.execute(statement)
+            changed += len(statements)
+    return changed
 
 
 def _ownership_changes(
-    conn: psycopg.Connection[tuple[object, ...]], role: str, owner: sql.Identifier
+    conn: psycopg.Connection[tuple[object, ...]],
+    role: str,
+    owner: sql.Identifier,
+    queries: tuple[str, ...],
 ) -> list[sql.Composed]:
     """The `ALTER … OWNER TO` statements still to run, schemas first."""
     schemas = conn.execute(_SCHEMAS, {"role": role, "pgro_schema": PGRO_SCHEMA}).fetchall()
@@ -263,8 +272,7 @@ def _ownership_changes(
         if owned is not True
     ]
     params = {"role": role, "schemas": [int(str(oid)) for oid, _, _ in schemas]}
-    routines = _ROUTINES_11 if conn.info.server_version >= 110000 else _ROUTINES_10
-    for query in (_RELATIONS, routines, _TYPES):
+    for query in queries:
         for kind, name in conn.execute(query, params).fetchall():
             # `name` is PostgreSQL's own quoted, schema-qualified text (search_path is
             # pg_catalog), never one pgro quoted itself.
