@@ -303,7 +303,7 @@ def test_params_are_set_value_else_default_else_null(stub: CanopyStub, http: htt
     (entry,) = http.get("/restore-worklist").json()
     params = entry["params"]
     assert set(params) == set(PGRO_DESCRIPTORS[2]["params"])  # one key per advertised param
-    assert len(params) == 15
+    assert len(params) == 16
     assert params["expose"] is True
     assert params["minimum_ttl"] == 600
     assert params["switchover_grace"] == 120  # declared default
