@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import quote
 
 from pgro.api.migration import MigrationResult, MigrationTiming
 from pgro.core.observations import WorkState
@@ -39,6 +40,18 @@ _RESERVED_SCHEMAS: Final = frozenset({"public", "information_schema"})
 # `scheme://user:password@host`: a URL's password, whoever printed it.
 _URL_PASSWORD: Final = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 MASK: Final = "***"
+
+# What Tamanu's migrator reads its database from (the reference's Job sets these); versions
+# that understand `DATABASE_URL` prefer it, so both are set.
+ENV_HOST: Final = "CONFIG_SYNC_DB_HOST"
+ENV_PORT: Final = "CONFIG_SYNC_DB_PORT"
+ENV_USERNAME: Final = "CONFIG_SYNC_DB_USERNAME"
+ENV_PASSWORD: Final = "CONFIG_SYNC_DB_PASSWORD"  # noqa: S105 - a variable name
+ENV_NAME: Final = "CONFIG_SYNC_DB_NAME"
+ENV_URL: Final = "DATABASE_URL"
+# The target, for a migrator command that serves several versions (pgro's own addition).
+ENV_VERSION: Final = "PGRO_MIGRATE_VERSION"
+ENV_VERSION_ID: Final = "PGRO_MIGRATE_VERSION_ID"
 
 
 @dataclass(frozen=True)
@@ -223,3 +236,47 @@ def finished_note(restore: str, version: str, shaped: MigrationResult) -> str:
         f"Migrations to {version} on {restore} {verdict}: {len(shaped.timings)} migration(s) "
         f"in {shaped.total_elapsed_seconds}s, database {growth:+d} bytes"
     )
+
+
+def database_url(*, host: str, port: int, database: str, username: str, password: str) -> str:
+    """A `postgresql://` URL libpq and node-postgres both read; a socket directory (a host
+    starting with `/`) goes in the `host` parameter, an IPv6 address in brackets."""
+    auth = f"{quote(username, safe='')}:{quote(password, safe='')}"
+    db = quote(database, safe="")
+    if host.startswith("/"):
+        return f"postgresql://{auth}@/{db}?host={quote(host, safe='')}&port={port}"
+    where = f"[{host}]" if ":" in host else host
+    return f"postgresql://{auth}@{where}:{port}/{db}"
+
+
+def migrator_env(
+    *,
+    host: str,
+    port: int,
+    database: str,
+    username: str,
+    password: str,
+    version: str,
+    version_id: str = "",
+) -> dict[str, str]:
+    """The environment a migrator command runs with (`pgro run --migrator`, `pgro verify
+    --migrate-to`): the reference Job's variables, libpq's `PG*` for tools that read those,
+    and the target version. It names the restore's own server, never the stable endpoint."""
+    return {
+        ENV_HOST: host,
+        ENV_PORT: str(port),
+        ENV_USERNAME: username,
+        ENV_PASSWORD: password,
+        ENV_NAME: database,
+        ENV_URL: database_url(
+            host=host, port=port, database=database, username=username, password=password
+        ),
+        "NODE_ENV": "production",
+        "PGHOST": host,
+        "PGPORT": str(port),
+        "PGDATABASE": database,
+        "PGUSER": username,
+        "PGPASSWORD": password,
+        ENV_VERSION: version,
+        ENV_VERSION_ID: version_id,
+    }

@@ -30,7 +30,16 @@ from pgro.api.names import (
 )
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
-from pgro.core.app_migration import LOG_TAIL_LINES, Run, scrub
+from pgro.core.app_migration import (
+    ENV_HOST,
+    ENV_NAME,
+    ENV_PASSWORD,
+    ENV_URL,
+    ENV_USERNAME,
+    LOG_TAIL_LINES,
+    Run,
+    scrub,
+)
 from pgro.core.observations import WorkState
 from pgro.kube.client import KubeApi
 from pgro.pipeline.app_migration import Migrator
@@ -53,10 +62,6 @@ RESOURCES: Final = {
     "requests": {"cpu": "100m", "memory": "256Mi"},
     "limits": {"cpu": "2", "memory": "4Gi"},
 }
-ENV_HOST: Final = "CONFIG_SYNC_DB_HOST"
-ENV_USERNAME: Final = "CONFIG_SYNC_DB_USERNAME"
-ENV_PASSWORD: Final = "CONFIG_SYNC_DB_PASSWORD"  # noqa: S105 - a variable name
-ENV_NAME: Final = "CONFIG_SYNC_DB_NAME"
 
 
 def migration_image(version: str) -> str:
@@ -92,7 +97,7 @@ def migration_job(
             # After the variables it references: kubelet expands `$(VAR)` only from entries
             # above it. The generated password is alphanumeric: no percent-encoding needed.
             {
-                "name": "DATABASE_URL",
+                "name": ENV_URL,
                 "value": f"postgresql://$({ENV_USERNAME}):$({ENV_PASSWORD})@{restore.name}:"
                 f"{POSTGRES_PORT}/{database}",
             },
