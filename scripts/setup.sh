@@ -39,6 +39,10 @@ for p in "postgresql-$PG_MAJOR" "postgresql-client-$PG_MAJOR" pgbouncer ca-certi
   have_pkg "$p" || need_pkgs+=("$p")
 done
 command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || need_pkgs+=(golang-go)
+# Tests only: the stand-in migrator (tests/fixtures/fake_migrator.py) runs as the PostgreSQL
+# account, which cannot reach the project's interpreter under a private home: Debian's python3
+# with psycopg is one it can run.
+if [ "$PROFILE" = test ]; then have_pkg python3-psycopg || need_pkgs+=(python3-psycopg); fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need_pkgs+=(python3-venv); fi
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   log "installing Debian packages: ${need_pkgs[*]}"
