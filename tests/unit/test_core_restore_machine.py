@@ -287,8 +287,15 @@ def test_migrate_to_passes_through_migrating() -> None:
     migrating = with_target.model_copy(
         update={"status": with_target.status.model_copy(update={"phase": RestorePhase.MIGRATING})}
     )
-    waiting = _decide(migrating)
-    assert _kinds(waiting) == ["RunMigration"]
+    waiting = _decide(migrating, server=Server(ServerState.READY))
+    assert _kinds(waiting) == ["EnsureServer", "RunMigration"]
+    # Its server not (yet, or again) ready: kept running, the migrator not looked at.
+    starting = _decide(migrating, server=Server(ServerState.NOT_READY))
+    assert _kinds(starting) == ["EnsureServer"]
+    assert _restore_patch(starting) == {}
+    stopped = _decide(migrating, server=Server(ServerState.FAILED, "the process exited"))
+    assert _restore_patch(stopped)["phase"] == "Failed"
+    assert "RunMigration" not in _kinds(stopped)
     # The runner recorded a result (here a failed migration: a finding, not a failure of
     # the restore): back to Ready, which moves on to Switching.
     result = {

@@ -146,6 +146,16 @@ def _parse_addr(ctx: click.Context, param: click.Parameter, value: str | None) -
     help="Upstream S3 URL the canopy proxy forwards to, e.g. http://127.0.0.1:9000 "
     "($PGRO_S3_ENDPOINT; default https://s3.<region>.amazonaws.com).",
 )
+@click.option(
+    "--migrator",
+    envvar="PGRO_MIGRATOR",
+    metavar="CMD",
+    help="The application's migrate command, run for restores with migrateTo (upgrade "
+    "rehearsals), e.g. '/opt/tamanu/migrate.sh migrate' ($PGRO_MIGRATOR). Split like a shell "
+    "would, run without one as the PostgreSQL account, pointed at the restore's own server by "
+    "CONFIG_SYNC_DB_*, DATABASE_URL and PG* (docs/upgrade-rehearsals.md). Without it such "
+    "restores fail MigrationUnsupported.",
+)
 def run(
     files: tuple[Path, ...],
     state_dir: Path,
@@ -163,6 +173,7 @@ def run(
     canopy_progress_interval: float,
     canopy_removal_grace: float,
     s3_endpoint: str | None,
+    migrator: str | None,
 ) -> None:
     """Keep the manifests' replicas restored on this machine until stopped.
 
@@ -174,6 +185,7 @@ def run(
     from pgro.pgbouncer.endpoint import StableEndpoint
     from pgro.runtimes.embedded.canopy import CanopyOptions
     from pgro.runtimes.embedded.manifest import ManifestError, load_manifests
+    from pgro.runtimes.embedded.migrator import MigratorCommand, MigratorCommandError
     from pgro.runtimes.embedded.runtime import RunOptions, Runtime
     from pgro.runtimes.embedded.state_dir import StateDirError, prepare_state_dir
 
@@ -194,7 +206,8 @@ def run(
         # are reloaded while running.
         load_manifests(files)
         state_dir = prepare_state_dir(state_dir)
-    except (StateDirError, ManifestError) as exc:
+        command = MigratorCommand.parse(migrator) if migrator else None
+    except (StateDirError, ManifestError, MigratorCommandError) as exc:
         _refuse_start(exc)
     canopy = (
         _canopy(
@@ -230,6 +243,7 @@ def run(
                 listen_host=listen_host,
                 max_concurrent_restores=max_concurrent_restores,
                 canopy=canopy,
+                migrator=command,
             ),
             endpoint_factory,
         )

@@ -210,6 +210,15 @@ def _migrating(p: _Pass) -> timedelta | None:
         # the slot in `Migrating` forever would block every other restore.
         _fail(p, f"MigrationUnsupported: {outcome.reason}")
         return None
+    # The migrator talks to this restore's own server: kept running (and, after pgro run
+    # restarted, adopted again) before each look at the run.
+    p.steps.append(EnsureServer(restore.name))
+    server = p.obs.server
+    if server.state is ServerState.FAILED:
+        _fail(p, f"PostgreSQL stopped while migrating: {server.reason}")
+        return None
+    if server.state is not ServerState.READY:
+        return REQUEUE_SOON
     # The runner starts the migrator once, then records `migrationResult` when it ended
     # (a failed migration is a finding reported with the result, not a failed restore).
     p.steps.append(RunMigration(restore.name))

@@ -46,6 +46,7 @@ from pgro.core.plan import (
 )
 from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
+from pgro.pipeline.app_migration import AppMigration
 from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.pipeline.switchover_users import provision_switchover_users
 from pgro.postgres import restore_info
@@ -56,6 +57,7 @@ from pgro.reconciler.shell import Schedule
 from pgro.runtimes.embedded.canopy import EmbeddedCanopy
 from pgro.runtimes.embedded.endpoints import Endpoints
 from pgro.runtimes.embedded.manifest import Manifest, ManifestError, kopia_credentials
+from pgro.runtimes.embedded.migrator import LocalMigrator, MigratorCommand
 from pgro.runtimes.embedded.persistent_credentials import (
     forget_removed_users,
     persistent_credentials,
@@ -67,6 +69,10 @@ from pgro.runtimes.embedded.work import Restores
 log = logging.getLogger("pgro.run")
 
 RUNTIME_NAME = "pgro run"
+NO_MIGRATOR = (
+    "migrateTo runs the application's migrate command, and this pgro run has none: start it "
+    "with --migrator CMD (docs/upgrade-rehearsals.md)"
+)
 # How often a running persistent-schema copy is looked at.
 SCHEMA_COPY_POLL_S = 2.0
 
@@ -81,6 +87,8 @@ class EmbeddedEffects:
     schedule: Schedule
     listen_host: str
     manifest: Manifest = field(default_factory=Manifest)  # as last loaded; replaced on reload
+    # `--migrator`: the application's migrate command for `migrateTo` restores; None: refused.
+    migrator: MigratorCommand | None = None
     runtime_name: str = field(default=RUNTIME_NAME, init=False)
     # Redaction and the schema build do not run in pgro run yet.
     supported_switchover_steps: frozenset[SwitchoverStep] = field(
@@ -150,8 +158,8 @@ class EmbeddedEffects:
             version_detection=VersionDetection(WorkState.SUCCEEDED, work.postgres_version)
             if work.state is WorkState.SUCCEEDED
             else None,
-            migration=MigrationOutcome.unsupported(f"{RUNTIME_NAME} cannot run migrations yet")
-            if restore.spec.migrate_to
+            migration=MigrationOutcome.unsupported(NO_MIGRATOR)
+            if restore.spec.migrate_to and self.migrator is None
             else None,
         )
 
@@ -374,7 +382,30 @@ class EmbeddedEffects:
         restore: PostgresPhysicalRestore,
         step: RunMigration,
     ) -> None:
-        raise StepUnavailable(f"migrateTo is not supported by {RUNTIME_NAME} yet")
+        if self.migrator is None:
+            raise StepUnavailable(NO_MIGRATOR)  # observe_restore has failed it already
+        key = f"{restore.namespace}/{restore.name}"
+        endpoint = self.restores.server_endpoint(key)
+        if endpoint is None:
+            raise RuntimeError(f"restore {restore.name} has no running server to migrate")
+        analytics = self.endpoints.users(replica)[replica.spec.analytics_username]
+        migrator = LocalMigrator(
+            self.migrator,
+            restore,
+            self.restores.directory(restore),
+            endpoint,
+            self.restores.account,
+            analytics.username,
+            analytics.password,
+            self.restores.runners,
+        )
+        AppMigration(
+            replica,
+            restore,
+            migrator,
+            patch=lambda patch: self.store.patch_restore_status(key, patch),
+            event=lambda event: self.emit_event(replica, event),
+        ).run()
 
     def replica_plan_applied(self, replica: PostgresPhysicalReplica) -> None:
         pass  # canopy reports are delivered by EmbeddedCanopy.poll, every pass

@@ -31,6 +31,7 @@ from pgro.runtimes.embedded.credentials import CredentialStore
 from pgro.runtimes.embedded.effects import EmbeddedEffects
 from pgro.runtimes.embedded.endpoints import EndpointFactory, Endpoints
 from pgro.runtimes.embedded.manifest import ManifestError, load_manifests
+from pgro.runtimes.embedded.migrator import MigratorCommand
 from pgro.runtimes.embedded.state_dir import (
     PRIVATE,
     TRAVERSE,
@@ -56,6 +57,8 @@ class RunOptions:
     max_concurrent_restores: int = 2
     # `--canopy-url`: the client to canopy and the syncer's settings; None: no canopy.
     canopy: tuple[CanopyClient, CanopyOptions] | None = None
+    # `--migrator`: the application's migrate command for `migrateTo` restores.
+    migrator: MigratorCommand | None = None
 
 
 class Runtime:
@@ -119,6 +122,7 @@ class Runtime:
             self.canopy,
             self.schedule,
             options.listen_host,
+            migrator=options.migrator,
         )
         self.shell = Shell(
             self.effects,

@@ -30,6 +30,7 @@ from pgro.postgres.binaries import PostgresBinaries, find_binaries
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
 from pgro.postgres.users import RoleCredentials, provision_users
 from pgro.processes import stop, stop_pid
+from pgro.runtimes.embedded.migrator import Runners
 from pgro.runtimes.embedded.servers import ServerHandle, running_postmaster, stop_postmaster
 from pgro.runtimes.embedded.state_dir import TRAVERSE, ensure_dirs
 from pgro.runtimes.embedded.store import Store
@@ -66,6 +67,7 @@ class Restores:
         self.account = account
         self.workers: dict[str, _Worker] = {}
         self.servers: dict[str, ServerHandle] = {}
+        self.runners = Runners()
         self._adopted_checked = 0.0
 
     # -- directories ----------------------------------------------------------------------
@@ -112,7 +114,7 @@ class Restores:
     def changed(self) -> list[str]:
         """Restores whose worker exited, or whose server stopped or became ready, since
         the last look: what their next pass must see now, not at its requeue time."""
-        found = []
+        found = self.runners.exited()
         for key, w in self.workers.items():
             if not w.exit_seen and w.process.poll() is not None:
                 w.exit_seen = True
@@ -244,6 +246,8 @@ class Restores:
         pid = worker.leftover(rdir)
         if pid is not None:
             stop_pid(pid, WORKER_STOP_S)
+        # Its migrator stops before its server (it records that it was stopped).
+        self.runners.stop(rkey, rdir)
         # A persistent-schema copy into this restore stops first (its processes would
         # outlive the directory).
         LocalCopy(rdir / SCHEMA_COPY_DIRECTORY, self.account).discard()
@@ -278,7 +282,9 @@ class Restores:
         for w in self.workers.values():
             stop(w.process, WORKER_STOP_S)
         if keep_serving:
-            return
+            return  # a running migrator too: the next run adopts it
+        # Before the servers they talk to; each records that it was stopped.
+        self.runners.stop_all()
         for key, handle in self.servers.items():
             log.info("stopping PostgreSQL of %s", key)
             handle.stop()
