@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,12 @@ def _result(run: Running, name: str) -> dict[str, Any] | None:
     return _restore(run, name)["status"].get("migrationResult")  # type: ignore[no-any-return]
 
 
+def _serving(run: Running, name: str) -> bool:
+    return bool(run.replica(name)["status"].get("phase") == "Ready")
+
+
 def _migrate_dir(run: Running, name: str) -> Path:
-    return run.state / "restores" / "default" / _restore(run, name)["name"] / "migrate"
+    return run.state / "restores" / "default" / str(_restore(run, name)["name"]) / "migrate"
 
 
 def _events(entry: dict[str, Any], reason: str) -> list[str]:
@@ -100,9 +105,7 @@ def test_migrations_run_once_against_the_restore_and_are_read_back(
     run.proc.wait(30)
     run = start_run(manifest, "--migrator", MIGRATOR)
     for name in ("good", "bad", "slow", "dies"):
-        run.wait_for(
-            f"{name} to serve", lambda n=name: run.replica(n)["status"].get("phase") == "Ready", 240
-        )  # type: ignore[misc]
+        run.wait_for(f"{name} to serve", partial(_serving, run, name), 240)
 
     good, bad, slow, dies = (run.replica(n) for n in ("good", "bad", "slow", "dies"))
     for entry in (good, bad, slow):
