@@ -154,3 +154,24 @@ def test_a_stopped_runner_stops_its_command_and_says_so(tmp_path: Path) -> None:
     status = json.loads((tmp_path / m.STATUS).read_text())
     assert status["stopped"] is True
     assert status["returncode"] != 0
+
+
+def test_a_runner_from_an_earlier_run_is_found_and_stopped(tmp_path: Path) -> None:
+    """What deleting a restore (or stopping pgro run) does to a migrator it adopted."""
+    mdir = tmp_path / m.DIRECTORY
+    mdir.mkdir()
+    proc = _runner(mdir, ["/bin/sh", "-c", "echo ready; exec sleep 60"])
+    (mdir / m.PIDFILE).write_text(str(proc.pid))
+    deadline = time.monotonic() + 30
+    while not (mdir / m.LOG).exists() or "ready" not in (mdir / m.LOG).read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runners = m.Runners()  # this run did not start it
+    assert m.runner_pid(mdir) == proc.pid
+    runners.stop("default/orders-1", tmp_path)
+    assert proc.wait(30) == 0
+    assert json.loads((mdir / m.STATUS).read_text())["stopped"] is True
+    assert m.runner_pid(mdir) is None
+    # A pidfile naming some other process is never signalled.
+    (mdir / m.PIDFILE).write_text(str(os.getpid()))
+    assert m.runner_pid(mdir) is None

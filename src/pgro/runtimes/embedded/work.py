@@ -283,8 +283,12 @@ class Restores:
             stop(w.process, WORKER_STOP_S)
         if keep_serving:
             return  # a running migrator too: the next run adopts it
-        # Before the servers they talk to; each records that it was stopped.
+        # Before the servers they talk to (also those adopted from an earlier run); each
+        # records that it was stopped.
         self.runners.stop_all()
+        for key in self.servers:
+            namespace, name = key.split("/", 1)
+            self.runners.stop(key, self.run_root / "restores" / namespace / name)
         for key, handle in self.servers.items():
             log.info("stopping PostgreSQL of %s", key)
             handle.stop()
