@@ -410,3 +410,39 @@ def test_the_broker_keeps_its_port_and_moves_only_when_it_is_taken(
         moved.shutdown()
     assert new_port != port and store.setting(BROKER_PORT_SETTING) == new_port
     store.close()
+
+
+def test_an_upgrade_rehearsal_reports_its_migration(
+    stub: CanopyStub, canopy_repo: CanopyRepo, start_run: StartRun
+) -> None:
+    """Canopy's `upgrade` intent through `pgro run --migrator`: the restore migrates with the
+    stand-in migrator, verifies, and the report carries the `migration` object canopy files
+    under the target's version id."""
+    version_id = "55555555-5555-4555-8555-555555555555"
+    stub.add_declaration(
+        Declaration(
+            snapshot_id=canopy_repo.first,
+            intent="upgrade",
+            application_type="tamanu",
+            target_version="2.40.1",
+            target_version_id=version_id,
+        )
+    )
+    migrator = Path(__file__).parents[1] / "fixtures" / "fake_migrator.py"
+    # Debian's interpreter with psycopg: the PostgreSQL account runs it (see setup.sh).
+    run = start_run("--migrator", f"/usr/bin/python3 {migrator} migrate")
+    assert stub.wait_for(lambda s: bool(s.reports()), timeout=240)
+    [report] = stub.reports()
+    body = report.body
+    assert (body["intent"], body["outcome"]) == ("upgrade", "success")
+    migration = body["migration"]
+    assert migration["target_version"] == "2.40.1"
+    assert migration["target_version_id"] == version_id
+    assert migration["application_type"] == "tamanu"
+    assert migration.get("failed_migration") is None
+    assert [t["name"] for t in migration["timings"]] == [
+        "1721000001-addProbeColumn.js",
+        "1721000002-addProbeTable.js",
+    ]
+    assert migration["data_bytes_after"] > migration["data_bytes_before"] > 0
+    assert run.stop() == 0
