@@ -30,7 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -184,7 +184,7 @@ class LocalMigrator(Migrator):
     username: str
     password: str = field(repr=False)
     runners: Runners
-    clock: Any = utcnow
+    clock: Callable[[], datetime] = utcnow
 
     @property
     def name(self) -> str:
@@ -210,7 +210,7 @@ class LocalMigrator(Migrator):
         mdir.mkdir(mode=0o700, exist_ok=True)
         if (mdir / RUN_RECORD).exists():
             return  # started before: never twice
-        started: datetime = self.clock()
+        started = self.clock()
         write_json(
             mdir / RUN_RECORD,
             {
