@@ -469,7 +469,10 @@ class KubeEffects:
             self.api.create_if_missing(service)
             with self._lock:
                 self._applied[key] = _Applied(uid, digest, Meta.of(applied).generation)
-        if restore.effective_phase is RestorePhase.READY:
+        # Migrating too: a pod recreated, or an operator restarted, mid-migration is
+        # provisioned again before the migration is looked at (the observer reports the
+        # server ready only once provisioned).
+        if restore.effective_phase in (RestorePhase.READY, RestorePhase.MIGRATING):
             pod = self.observer.ready_pod(restore)
             if pod is not None:
                 self.provisioner.start(replica, restore, pod)

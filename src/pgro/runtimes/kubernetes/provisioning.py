@@ -1,5 +1,10 @@
 """The restored server's roles and passwords, set over SQL once per PostgreSQL pod, on a
 thread per restore; the restore is reconciled again when it is done (or in 10 s).
+
+A restore is provisioned again on the same data volume when its pod is recreated or the
+operator restarted (what was provisioned is held in memory). That run keeps what the analytics
+user owns (`provisioned_before`): by then it is what `migrateTo`'s hand-over gave it, or what
+it or the persistent-schema copy made, never a restored role's objects.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pgro.api.names import (
     extra_user_secret_name,
     replica_creds_secret_name,
 )
+from pgro.api.phases import RestorePhase
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import decode_secret_data
@@ -140,6 +146,7 @@ class Provisioner:
                 # restore that served must keep them.
                 other_managed_roles=[ADMIN_ROLE, *persistent_passwords_to_keep(replica, restore)],
                 persistent_schemas=analytics_owned_schemas(replica, restore),
+                keep_analytics_ownership=provisioned_before(restore),
             )
             # Before the pod counts as provisioned: clients can tell which restore they reach.
             notes = restore_info.record_restore(
@@ -172,6 +179,27 @@ class Provisioner:
             with self._lock:
                 self._running.discard(key)
         self.requeue(key, retry_in)
+
+
+# Phases a restore reaches only once its server was provisioned (the observer reports it
+# ready only then).
+_PROVISIONED_PHASES: Final = frozenset(
+    {RestorePhase.MIGRATING, RestorePhase.SWITCHING, RestorePhase.ACTIVE}
+)
+
+
+def provisioned_before(restore: PostgresPhysicalRestore) -> bool:
+    """Whether the restore's data was provisioned once already, read from its status (which
+    survives a new pod and an operator restart): it moved past `Ready`, or it ran a
+    migration (back in `Ready` once `migrationResult` is set). Only the first provisioning
+    hands a restored analytics role's objects to the superuser; a later one would also take
+    what the migration's hand-over gave the analytics user (features §2.2)."""
+    status = restore.status
+    return (
+        status.phase in _PROVISIONED_PHASES
+        or status.migration_job is not None
+        or status.migration_result is not None
+    )
 
 
 def _key(restore: PostgresPhysicalRestore) -> str:
