@@ -256,8 +256,8 @@ class MarkReadyForTraffic(Step):
 
 @dataclass(frozen=True)
 class RunMigration(Step):
-    """`migrateTo`: run the application's migrations on the restore. pgro does not
-    support migrateTo yet; the step exists so the `Migrating` phase is representable."""
+    """`migrateTo`: start the application's migrator against the restore (once), or read
+    its result back when it ended (`pgro.pipeline.app_migration.AppMigration`)."""
 
     restore: str
 
