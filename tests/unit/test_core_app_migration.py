@@ -14,6 +14,8 @@ from pgro.core.app_migration import (
     KEEP_LINES,
     MASK,
     MAX_ERROR_BYTES,
+    MAX_NAME_CHARS,
+    MAX_TIMINGS,
     UNKNOWN_MIGRATION,
     Batch,
     Run,
@@ -114,6 +116,32 @@ def test_stats_of_another_shape_read_as_empty() -> None:
     r = result_from_batch(Batch([FOO], 2_000, {"durationMsPerMigration": [1, 2]}), 7, False)
     assert [(t.name, t.elapsed_seconds) for t in r.timings] == [(FOO, 0)]
     assert (r.total_elapsed_seconds, r.data_bytes_before) == (2, 7)
+
+
+def test_a_hostile_row_puts_at_most_max_timings_of_cut_names_in_status() -> None:
+    # The migrator wrote the row: 5,000 migrations with 10,000-character names.
+    names = [f"{i:05d}-" + "x" * 10_000 for i in range(5_000)]
+    stats = {
+        "durationMsPerMigration": dict.fromkeys(names, 2000),
+        "failedMigration": "y" * 10_000,
+    }
+    r = result_from_batch(batch(duration=None, stats=stats, names=names), 1, failed=True)
+    assert (MAX_TIMINGS, MAX_NAME_CHARS) == (1_000, 200)
+    assert len(r.timings) == MAX_TIMINGS
+    assert all(len(t.name) == MAX_NAME_CHARS for t in r.timings)
+    # The first ones, in order, still told apart and still timed.
+    assert [t.name[:5] for t in r.timings[:2]] == ["00000", "00001"]
+    assert {t.elapsed_seconds for t in r.timings} == {2}
+    assert r.failed_migration == "y" * MAX_NAME_CHARS
+    # The total without a batch duration is still every migration's.
+    assert r.total_elapsed_seconds == 2 * 5_000
+    assert len(r.to_wire()["timings"]) == MAX_TIMINGS
+
+
+def test_names_within_the_cap_are_kept_whole() -> None:
+    name = "n" * MAX_NAME_CHARS
+    r = result_from_batch(batch(names=[name], stats={}), 1, failed=False)
+    assert [t.name for t in r.timings] == [name]
 
 
 def test_no_batch() -> None:

@@ -31,6 +31,10 @@ UNKNOWN_MIGRATION: Final = "unknown"
 LOG_TAIL_LINES: Final = 200
 KEEP_LINES: Final = 40
 MAX_ERROR_BYTES: Final = 2000
+# What one `logs.migrations` row (written by the migrator, untrusted) can put in status:
+# the first MAX_TIMINGS timings, each name (and `failedMigration`) cut to MAX_NAME_CHARS.
+MAX_TIMINGS: Final = 1000
+MAX_NAME_CHARS: Final = 200
 # Lines that quote the row PostgreSQL refused (patient data): never kept.
 _DROPPED_MARKERS: Final = ("DETAIL", "HINT:", "STATEMENT:", "Failing row", "parameters", "Key (")
 # Lines that report an error may quote values: their quoted literals are blanked.
@@ -124,28 +128,35 @@ def result_from_batch(batch: Batch, data_bytes_after: int, failed: bool) -> Migr
 
     Timings follow the batch's own `migrations` order (the order tells which migration
     blocked which; a JSON object has none), in whole seconds. The total is the batch's own
-    wall clock where recorded (it includes the steps around the migrations), else the sum.
-    `preSnapshot.databaseSizeBytes` of -1 is Tamanu's "could not read": the size after
-    stands in rather than a negative growth."""
+    wall clock where recorded (it includes the steps around the migrations), else the sum
+    over all of them. `preSnapshot.databaseSizeBytes` of -1 is Tamanu's "could not read":
+    the size after stands in rather than a negative growth. The row is the migrator's: at
+    most MAX_TIMINGS timings are kept, and names are cut to MAX_NAME_CHARS."""
     stats = batch.stats or {}
     durations = stats.get("durationMsPerMigration")
     if not isinstance(durations, Mapping):
         durations = {}
-    timings = []
-    for name in batch.migrations:
-        ms = _int(durations.get(name))
-        timings.append(MigrationTiming(name=name, elapsed_seconds=max(ms or 0, 0) // 1000))
+
+    def seconds(name: str) -> int:
+        return max(_int(durations.get(name)) or 0, 0) // 1000
+
+    timings = [
+        MigrationTiming(name=name[:MAX_NAME_CHARS], elapsed_seconds=seconds(name))
+        for name in batch.migrations[:MAX_TIMINGS]
+    ]
     pre = stats.get("preSnapshot")
     before = _int(pre.get("databaseSizeBytes")) if isinstance(pre, Mapping) else None
     total = (
         max(batch.batch_duration_ms, 0) // 1000
         if batch.batch_duration_ms is not None
-        else sum(t.elapsed_seconds for t in timings)
+        else sum(seconds(name) for name in batch.migrations)
     )
     failed_migration = None
     if failed:
         named = stats.get("failedMigration")
-        failed_migration = named if isinstance(named, str) and named else UNKNOWN_MIGRATION
+        failed_migration = (
+            named[:MAX_NAME_CHARS] if isinstance(named, str) and named else UNKNOWN_MIGRATION
+        )
     return MigrationResult(
         total_elapsed_seconds=total,
         failed_migration=failed_migration,
