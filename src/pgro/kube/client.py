@@ -212,6 +212,14 @@ class KubeApi:
         """PUT with the object's resourceVersion: fails with 409 if it changed meanwhile."""
         return _to_dict(self.client.replace(codecs.from_dict(dict(obj))))
 
+    def pod_log(self, name: str, namespace: str, container: str, tail_lines: int) -> str:
+        """The last `tail_lines` lines of a container's log in a pod, each ending in a
+        newline. Raises ApiError when the log cannot be read (the pod gone, its node
+        unreachable)."""
+        return "".join(
+            self.client.log(name, namespace=namespace, container=container, tail_lines=tail_lines)
+        )
+
     def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         """Delete in the background (owners' dependents go via the garbage collector);
         False if it was already gone."""

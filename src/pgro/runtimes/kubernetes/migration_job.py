@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import quote
 
 from pgro.api.names import (
     LABEL_REPLICA,
@@ -244,13 +245,7 @@ class KubeMigrator(Migrator):
             if not owned:
                 return ""
             newest = max(owned, key=lambda p: Meta.of(p).created)
-            lines = self.api.client.log(
-                Meta.of(newest).name,
-                namespace=ns,
-                container=CONTAINER,
-                tail_lines=LOG_TAIL_LINES,
-            )
-            text = "".join(lines)
+            text = self.api.pod_log(Meta.of(newest).name, ns, CONTAINER, LOG_TAIL_LINES)
             password = self._password(replica_creds_secret_name(self.replica.name))
         except Exception as exc:
             log.info(
@@ -261,4 +256,5 @@ class KubeMigrator(Migrator):
                 type(exc).__name__,
             )
             return ""
-        return scrub(text, [password])
+        # Also as a URL carries it (DATABASE_URL), where a migrator may echo it bare.
+        return scrub(text, [password, quote(password, safe="")])
