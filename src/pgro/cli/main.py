@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -22,6 +23,7 @@ from pgro.cli.demo import DemoPaths, default_demo_dir, prepare_demo
 from pgro.cli.output import TerminalObserver, literal, render_report
 from pgro.pipeline.report import EXIT_USAGE, VerificationReport
 from pgro.pipeline.verify import VerifyOptions, verify_snapshot
+from pgro.pipeline.verify_migration import MigrationRehearsal, MigratorCommandError
 from pgro.processes import tie_services
 from pgro.runtimes.embedded.manifest import (
     ManifestError,
@@ -125,6 +127,27 @@ def _manifest_failure(exc: ManifestError, as_json: bool, err: Console) -> None:
     is_flag=True,
     help="Keep the restored files for inspection (the server is still stopped).",
 )
+@click.option(
+    "--migrate-to",
+    "migrate_to",
+    metavar="VERSION",
+    help="Rehearse an upgrade: once the snapshot is healthy, run --migrator against it and "
+    "report the migrations' timings and the size change. Needs --migrator.",
+)
+@click.option(
+    "--migrate-to-id",
+    "migrate_to_id",
+    metavar="ID",
+    help="The target's version id (PGRO_MIGRATE_VERSION_ID for the migrator; default: the "
+    "manifest's migrateTo.versionId when its version is --migrate-to).",
+)
+@click.option(
+    "--migrator",
+    metavar="CMD",
+    help="The application's migrate command, e.g. '/opt/app/bin/migrate up'. Split like a "
+    "shell would, run without one as the PostgreSQL account, in /, with the database in "
+    "DATABASE_URL, CONFIG_SYNC_DB_* and PG* (docs/verify.md). Needs --migrate-to.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress output on stderr.")
 def verify(
     files: tuple[Path, ...],
@@ -135,6 +158,9 @@ def verify(
     ready_timeout: timedelta | None,
     parallel: int | None,
     keep: bool,
+    migrate_to: str | None,
+    migrate_to_id: str | None,
+    migrator: str | None,
     quiet: bool,
 ) -> None:
     """Prove a backup restores: restore it, start PostgreSQL on it, check it, clean up.
@@ -147,8 +173,15 @@ def verify(
       0  the snapshot restored and PostgreSQL came up healthy
       1  the snapshot failed verification (not PostgreSQL, does not start, no data, ...)
       2  it could not be judged: bad manifest or options, wrong password, unreachable
-         repository, no matching snapshot, PostgreSQL binaries for its version missing
+         repository, no matching snapshot, PostgreSQL binaries for its version missing;
+         with --migrate-to also a migrator that could not be started
+      3  (--migrate-to) the snapshot is healthy but the application's migrations failed
+
+    With --migrate-to VERSION --migrator CMD it also rehearses an upgrade: CMD runs the
+    application's migrations against the verified restore, and the report shows each
+    migration's time, the total and the database's size before and after.
     """
+    rehearsal = _rehearsal(migrate_to, migrate_to_id, migrator)
     err = Console(stderr=True, soft_wrap=True)
     out = Console()
     # The server verified here is throwaway: if pgro dies (even kill -9), it goes too.
@@ -162,6 +195,10 @@ def verify(
     except ManifestError as exc:
         _manifest_failure(exc, as_json, err)
         sys.exit(EXIT_USAGE)
+    if rehearsal is not None and not migrate_to_id:
+        target = chosen.spec.migrate_to
+        if target is not None and target.version == rehearsal.version:
+            rehearsal = replace(rehearsal, version_id=target.version_id)
     observer = TerminalObserver(err, quiet=quiet)
     options = VerifyOptions(
         snapshot_id=snapshot_id,
@@ -169,6 +206,7 @@ def verify(
         ready_timeout=ready_timeout,
         parallel=parallel,
         keep=keep,
+        migration=rehearsal,
     )
     try:
         with _interruptible():
@@ -180,6 +218,30 @@ def verify(
     observer.close()
     _emit(report, as_json, err, out)
     sys.exit(report.exit_code)
+
+
+def _rehearsal(
+    migrate_to: str | None, migrate_to_id: str | None, migrator: str | None
+) -> MigrationRehearsal | None:
+    """The upgrade rehearsal asked for, if any; the options come together or not at all."""
+    if migrate_to is None and migrator is None:
+        if migrate_to_id is not None:
+            raise click.UsageError("--migrate-to-id needs --migrate-to VERSION and --migrator CMD")
+        return None
+    if migrator is None:
+        raise click.UsageError(
+            "--migrate-to needs --migrator CMD: the application's migrate command, run "
+            "against the restored server"
+        )
+    if migrate_to is None:
+        raise click.UsageError(
+            "--migrator needs --migrate-to VERSION: the application version whose "
+            "migrations it runs"
+        )
+    try:
+        return MigrationRehearsal.parse(migrator, migrate_to, migrate_to_id or "")
+    except MigratorCommandError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @cli.command()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
 from pgro.kopia.repository import RestoreProgress
-from pgro.pipeline.report import VerificationReport
+from pgro.pipeline.report import EXIT_MIGRATION_FAILED, VerificationReport
 
 # ESC-introduced sequences (CSI `ESC [ ... final`, OSC `ESC ] ... BEL|ST`, and the two-byte
 # forms), then every other C0/C1 control except tab and newline, and DEL.
@@ -134,7 +135,7 @@ def render_report(console: Console, report: VerificationReport) -> None:
     from rich.table import Table
 
     console.print()
-    if report.outcome == "success":
+    if report.outcome == "success" or report.exit_code == EXIT_MIGRATION_FAILED:
         console.print(
             Text.assemble(
                 ("✔ VERIFIED", "bold green"),
@@ -194,3 +195,67 @@ def render_report(console: Console, report: VerificationReport) -> None:
             mark = Text("pass", "green") if check.status == "pass" else Text("FAIL", "red")
             checks.add_row(literal(check.name), mark, literal(check.detail))
         console.print(checks)
+    if report.migration is not None:
+        render_migration(console, report.migration)
+
+
+def _delta(before: int, after: int) -> str:
+    change = after - before
+    sign = "+" if change >= 0 else "-"
+    return f"{sign}{_human_bytes(abs(change))}"
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def render_migration(console: Console, migration: Mapping[str, Any]) -> None:
+    """The upgrade rehearsal (`pgro verify --migrate-to`): each migration's seconds in
+    batch order, the total, and the database's size before and after."""
+    from rich.table import Table
+
+    version = literal(migration.get("version"))
+    failed = migration.get("failedMigration")
+    timings = migration.get("timings") or []
+    # A heading of its own: a table's title wraps to the table's (narrow) width.
+    console.print(Text.assemble(("migrations to ", "italic"), version), highlight=False)
+    table = Table(show_edge=False)
+    table.add_column("migration")
+    table.add_column("seconds", justify="right")
+    for timing in timings:
+        table.add_row(literal(timing.get("name")), str(_int(timing.get("elapsedSeconds"))))
+    if failed:
+        table.add_row(literal(failed, "red"), Text("FAILED", "red"))
+    table.add_section()
+    table.add_row(Text("total", "bold"), str(_int(migration.get("totalElapsedSeconds"))))
+    console.print(table)
+    before = _int(migration.get("dataBytesBefore"))
+    after = _int(migration.get("dataBytesAfter"))
+    console.print(
+        Text.assemble(
+            ("database size ", "dim"),
+            f"{_human_bytes(before)} → {_human_bytes(after)} ({_delta(before, after)})",
+        ),
+        highlight=False,
+    )
+    if failed:
+        console.print(
+            Text.assemble(
+                ("✘ MIGRATION FAILED", "bold red"),
+                " at ",
+                literal(failed),
+                ": ",
+                literal(migration.get("error") or "no error recorded"),
+            ),
+            highlight=False,
+        )
+    else:
+        console.print(
+            Text.assemble(
+                ("✔ MIGRATED", "bold green"),
+                " to ",
+                version,
+                f": {len(timings)} migration(s) in {_int(migration.get('totalElapsedSeconds'))}s",
+            ),
+            highlight=False,
+        )

@@ -12,6 +12,8 @@ Outcome = Literal["success", "failure"]
 EXIT_VERIFIED = 0
 EXIT_FAILED_VERIFICATION = 1
 EXIT_USAGE = 2
+# `pgro verify --migrate-to`: the backup is healthy but the application's migrations failed.
+EXIT_MIGRATION_FAILED = 3
 
 
 @dataclass
@@ -33,6 +35,8 @@ class VerificationReport:
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # `--migrate-to`: `status.migrationResult`'s shape plus `version` and `versionId`.
+    migration: dict[str, Any] | None = None
 
     @property
     def replica_healthy(self) -> bool:
@@ -40,7 +44,7 @@ class VerificationReport:
 
     def to_json(self) -> dict[str, Any]:
         """canopy's verification fields, then pgro's additions (`reason`, `timings`, ...)."""
-        return {
+        body: dict[str, Any] = {
             "outcome": self.outcome,
             "replica_healthy": self.replica_healthy,
             "snapshot_id": self.snapshot_id,
@@ -65,3 +69,6 @@ class VerificationReport:
             "notes": self.notes,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
+        if self.migration is not None:
+            body["migration"] = self.migration
+        return body

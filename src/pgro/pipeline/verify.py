@@ -31,10 +31,17 @@ from pgro.pipeline.events import Observer, SilentObserver
 from pgro.pipeline.job import classify
 from pgro.pipeline.report import (
     EXIT_FAILED_VERIFICATION,
+    EXIT_MIGRATION_FAILED,
     EXIT_USAGE,
     VerificationReport,
 )
 from pgro.pipeline.restore import RestoredDataDirectory, restore_snapshot
+from pgro.pipeline.verify_migration import (
+    MigrationOutcome,
+    MigrationRehearsal,
+    check_migrator,
+    rehearse_migration,
+)
 from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.postgres.catalog_guard import CatalogGuardFailed, neutralise_catalog
 from pgro.postgres.health import check_health
@@ -68,6 +75,8 @@ class VerifyOptions:
     ready_timeout: timedelta | None = None
     parallel: int | None = None
     keep: bool = False
+    # `--migrate-to`: run the application's migrations once the snapshot is healthy.
+    migration: MigrationRehearsal | None = None
 
 
 def _check_traversable(path: Path, account: RunAccount) -> None:
@@ -222,6 +231,9 @@ def verify_snapshot(
         # The server's account must traverse into the tree but not list or alter the rest.
         os.chmod(workdir, 0o711)
         _check_traversable(workdir, account)
+        if opts.migration is not None:
+            # Before a restore that may take hours, not after it.
+            check_migrator(opts.migration, account)
 
         obs.step("connect", f"connecting to the {credentials.describe()}")
         with KopiaRepository(credentials, workdir / "kopia") as repo:
@@ -282,6 +294,21 @@ def verify_snapshot(
         if health.healthy:
             report.outcome = "success"
             report.exit_code = 0
+            if opts.migration is not None:
+                outcome = rehearse_migration(
+                    opts.migration,
+                    replica=replica,
+                    endpoint=server.endpoint,
+                    superuser=user,
+                    account=account,
+                    workdir=workdir,
+                    observer=obs,
+                    secrets=credentials.secret_values(),
+                    cancel=cancel,
+                )
+                restored.repairs.notes.extend(outcome.notes)
+                lap("migrate")
+                _record_migration(report, outcome)
         else:
             report.reason = health.failure_reason
             report.error = health.failure_message
@@ -310,6 +337,21 @@ def verify_snapshot(
         report.timings = timings
         report.observed_at = now().isoformat().replace("+00:00", "Z")
     return report
+
+
+def _record_migration(report: VerificationReport, outcome: MigrationOutcome) -> None:
+    """The rehearsal's result in the report; a failed migration fails it with exit 3 (the
+    health checks stay as they were)."""
+    report.migration = outcome.to_json()
+    if outcome.passed:
+        return
+    failed = outcome.result.failed_migration
+    _fail(
+        report,
+        "MigrationFailed",
+        outcome.result.error or f"the migration {failed} to {outcome.version} failed",
+        EXIT_MIGRATION_FAILED,
+    )
 
 
 def _fail(report: VerificationReport, reason: str, message: str, code: int) -> None:
