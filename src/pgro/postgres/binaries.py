@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from pgro.postgres.account import AccountMissing, RunAccount, resolve_run_account
 
 # Where distributions install each major side by side. `PGRO_POSTGRES_BINDIRS` (a
 # colon-separated list of patterns with `{major}`) is searched first.
@@ -19,6 +22,11 @@ DEFAULT_BINDIR_PATTERNS = (
 
 class BinariesMissing(Exception):
     reason = "PostgresBinariesMissing"
+
+
+class BinariesNotExecutable(BinariesMissing):
+    """Installed, but the account PostgreSQL runs as cannot run them (as root: a directory
+    on the way that only root may enter, such as /root)."""
 
 
 class ServerInstall(Protocol):
@@ -40,10 +48,18 @@ class PostgresBinaries:
 
     @property
     def libdir(self) -> Path:
-        return self.bindir.parent / "lib"
+        """The server's `$libdir` (pg_config's pkglibdir): `lib/postgresql` where the build
+        keeps its own modules there (a prefix not naming postgres, e.g. the relocatable
+        builds, Homebrew), else `lib` (Debian, PGDG RPMs). Exactly one: a library found in
+        the other one would be accepted but not load."""
+        lib = self.bindir.parent / "lib"
+        nested = lib / "postgresql"
+        return nested if (nested / "plpgsql.so").is_file() else lib
 
     def has_library(self, name: str) -> bool:
-        return (self.libdir / f"{name}.so").exists()
+        if not name or "/" in name or name in (".", ".."):
+            return False
+        return (self.libdir / f"{name}.so").is_file()
 
 
 def bindir_patterns() -> list[str]:
@@ -51,14 +67,67 @@ def bindir_patterns() -> list[str]:
     return [*extra, *DEFAULT_BINDIR_PATTERNS]
 
 
-def find_binaries(major: str) -> PostgresBinaries:
-    """The binaries of exactly this major: a data directory only starts with its own."""
+def not_executable_by(path: Path, account: RunAccount) -> str | None:
+    """Why `account` (not root) cannot run `path`, None if it can. Mode bits as the kernel
+    checks them for the servers pgro starts: its primary group only (they get no
+    supplementary groups), every directory on the way entered."""
+    checks = [(path, "execute"), *((parent, "enter") for parent in path.parents)]
+    for where, verb in checks:
+        try:
+            st = where.stat()
+        except OSError as exc:
+            return f"{where} cannot be read ({exc.strerror or exc})"
+        if st.st_uid == account.uid:
+            allowed = st.st_mode & stat.S_IXUSR
+        elif st.st_gid == account.gid:
+            allowed = st.st_mode & stat.S_IXGRP
+        else:
+            allowed = st.st_mode & stat.S_IXOTH
+        if not allowed:
+            return f"{account.name} cannot {verb} {where} (mode {stat.filemode(st.st_mode)})"
+    return None
+
+
+def _server_account() -> RunAccount | None:
+    """The account the server runs as when that is not the invoking user (pgro as root)."""
+    if os.geteuid() != 0:
+        return None  # the invoking user: os.access already answered for it
+    try:
+        return resolve_run_account()
+    except AccountMissing:
+        return None  # reported where the account is needed
+
+
+def find_binaries(major: str, account: RunAccount | None = None) -> PostgresBinaries:
+    """The binaries of exactly this major: a data directory only starts with its own. They
+    must be executable by `account`, the one the server runs as (by default the one
+    `resolve_run_account` gives as root): raises BinariesNotExecutable naming the directory
+    when every install found is out of its reach, BinariesMissing when there is none."""
+    if account is None:
+        account = _server_account()
     tried = []
+    refused = []
     for pattern in bindir_patterns():
         bindir = Path(pattern.format(major=major))
         tried.append(str(bindir))
         if os.access(bindir / "postgres", os.X_OK) and os.access(bindir / "initdb", os.X_OK):
-            return PostgresBinaries(major=major, bindir=bindir)
+            if account is None or account.is_current_user or account.uid == 0:
+                return PostgresBinaries(major=major, bindir=bindir)
+            why = not_executable_by(bindir / "postgres", account) or not_executable_by(
+                bindir / "initdb", account
+            )
+            if why is None:
+                return PostgresBinaries(major=major, bindir=bindir)
+            refused.append((bindir, why))
+    if refused:
+        bindir, why = refused[0]
+        name = account.name if account is not None else "the server's account"
+        raise BinariesNotExecutable(
+            f"PostgreSQL {major} server binaries are installed in {bindir}, but PostgreSQL "
+            f"runs as {name} and {why}. Install them where {name} can enter and run them "
+            "(a copy outside /root, e.g. under /opt, pointed at by PGRO_POSTGRES_BINDIRS), "
+            f"or set PGRO_RUN_AS to an account that can."
+        )
     raise BinariesMissing(
         f"the snapshot is a PostgreSQL {major} cluster but PostgreSQL {major} server binaries "
         f"are not installed (looked in {', '.join(tried)}). Install them (on Debian: "
