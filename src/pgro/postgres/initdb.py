@@ -32,6 +32,12 @@ def newest_binaries() -> PostgresBinaries:
     return find_binaries(majors[0])
 
 
+def _has_no_instructions(major: str) -> bool:
+    """Whether this major's initdb takes `--no-instructions` (new in 14; 13's refuses it)."""
+    head = major.split(".", 1)[0]
+    return head.isdigit() and int(head) >= 14
+
+
 def init_cluster(
     binaries: PostgresBinaries,
     pgdata: Path,
@@ -53,7 +59,7 @@ def init_cluster(
             "--encoding=UTF8",
             "--auth=trust",
             f"--username={superuser}",
-            "--no-instructions",
+            *(["--no-instructions"] if _has_no_instructions(binaries.major) else []),
         ],
         capture_output=True,
         text=True,
