@@ -18,6 +18,7 @@ import pytest
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.app_migration import database_url, migrator_env
 from pgro.core.observations import WorkState
+from pgro.pipeline.migrator_command import MigratorCommand, MigratorCommandError
 from pgro.postgres.account import resolve_run_account
 from pgro.postgres.server import Endpoint
 from pgro.runtimes.embedded import migrator as m
@@ -42,7 +43,7 @@ def _restore() -> PostgresPhysicalRestore:
 
 def _migrator(tmp_path: Path) -> m.LocalMigrator:
     return m.LocalMigrator(
-        m.MigratorCommand(("/bin/true",)),
+        MigratorCommand(("/bin/true",)),
         _restore(),
         tmp_path,
         Endpoint(tmp_path / "run", 5433),
@@ -54,17 +55,17 @@ def _migrator(tmp_path: Path) -> m.LocalMigrator:
 
 
 def test_the_command_is_split_like_a_shell_and_checked() -> None:
-    assert m.MigratorCommand.parse("/bin/echo 'two words' migrate").argv == (
+    assert MigratorCommand.parse("/bin/echo 'two words' migrate").argv == (
         "/bin/echo",
         "two words",
         "migrate",
     )
-    with pytest.raises(m.MigratorCommandError, match="is empty"):
-        m.MigratorCommand.parse("   ")
-    with pytest.raises(m.MigratorCommandError, match="cannot be split"):
-        m.MigratorCommand.parse("/bin/echo 'unclosed")
-    with pytest.raises(m.MigratorCommandError, match="not an executable file"):
-        m.MigratorCommand.parse("/nonexistent/migrate migrate")
+    with pytest.raises(MigratorCommandError, match="is empty"):
+        MigratorCommand.parse("   ")
+    with pytest.raises(MigratorCommandError, match="cannot be split"):
+        MigratorCommand.parse("/bin/echo 'unclosed")
+    with pytest.raises(MigratorCommandError, match="not an executable file"):
+        MigratorCommand.parse("/nonexistent/migrate migrate").check(resolve_run_account())
 
 
 def test_the_environment_names_the_restore_for_every_client() -> None:

@@ -21,9 +21,10 @@ from pgro import __version__
 from pgro.api.duration import parse_duration
 from pgro.cli.demo import DemoPaths, default_demo_dir, prepare_demo
 from pgro.cli.output import TerminalObserver, literal, render_report
+from pgro.pipeline.migrator_command import MigratorCommandError
 from pgro.pipeline.report import EXIT_USAGE, VerificationReport
 from pgro.pipeline.verify import VerifyOptions, verify_snapshot
-from pgro.pipeline.verify_migration import MigrationRehearsal, MigratorCommandError
+from pgro.pipeline.verify_migration import MigrationRehearsal
 from pgro.processes import tie_services
 from pgro.runtimes.embedded.manifest import (
     ManifestError,

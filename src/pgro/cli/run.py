@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -183,9 +184,10 @@ def run(
     """
     from pgro.observability import serve
     from pgro.pgbouncer.endpoint import StableEndpoint
+    from pgro.pipeline.migrator_command import MigratorCommand, MigratorCommandError
+    from pgro.postgres.account import AccountMissing, resolve_run_account
     from pgro.runtimes.embedded.canopy import CanopyOptions
     from pgro.runtimes.embedded.manifest import ManifestError, load_manifests
-    from pgro.runtimes.embedded.migrator import MigratorCommand, MigratorCommandError
     from pgro.runtimes.embedded.runtime import RunOptions, Runtime
     from pgro.runtimes.embedded.state_dir import StateDirError, prepare_state_dir
 
@@ -207,6 +209,9 @@ def run(
         load_manifests(files)
         state_dir = prepare_state_dir(state_dir)
         command = MigratorCommand.parse(migrator) if migrator else None
+        if command is not None:
+            with contextlib.suppress(AccountMissing):  # the runtime reports that one
+                command.check(resolve_run_account())
     except (StateDirError, ManifestError, MigratorCommandError) as exc:
         _refuse_start(exc)
     canopy = (

@@ -28,9 +28,7 @@ import contextlib
 import os
 import queue
 import shlex
-import shutil
 import signal
-import stat
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
@@ -44,6 +42,11 @@ from pgro.core import app_migration as decide
 from pgro.core.app_migration import Batch, Run
 from pgro.core.observations import WorkState
 from pgro.pipeline.events import Observer
+from pgro.pipeline.migrator_command import (
+    MigratorCommand,
+    MigratorCommandError,
+    command_environment,
+)
 from pgro.postgres import app_migration as sql
 from pgro.postgres.account import RunAccount
 from pgro.postgres.schema_migration import Conninfo, main_database
@@ -52,9 +55,6 @@ from pgro.postgres.users import RoleCredentials, generate_password, provision_us
 from pgro.processes import spawn
 
 LOG: Final = "migrate.log"
-# What the command inherits from pgro's own environment; everything else it gets is named
-# (the same as `pgro run --migrator`).
-PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
 # A stopped command gets SIGTERM, then SIGKILL after this long.
 STOP_GRACE_S: Final = 10.0
 _POLL_S: Final = 0.2
@@ -74,10 +74,6 @@ class MigrationCancelled(Exception):
     reason = "Cancelled"
 
 
-class MigratorCommandError(ValueError):
-    """`--migrator` cannot be used as given; the message says why."""
-
-
 @dataclass(frozen=True)
 class MigrationRehearsal:
     """What `--migrate-to VERSION [--migrate-to-id ID] --migrator CMD` asked for."""
@@ -88,72 +84,22 @@ class MigrationRehearsal:
 
     @classmethod
     def parse(cls, command: str, version: str, version_id: str = "") -> MigrationRehearsal:
-        """Split `command` like a shell would (it runs without one). A relative program
-        path is made absolute against the current directory: the command runs in `/`."""
         if not version.strip():
             raise MigratorCommandError("--migrate-to is empty: give the target version")
-        try:
-            argv = shlex.split(command)
-        except ValueError as exc:
-            raise MigratorCommandError(f"--migrator {command!r} cannot be split: {exc}") from None
-        if not argv:
-            raise MigratorCommandError("--migrator is empty: give the migrator's command line")
-        if "/" in argv[0] and not os.path.isabs(argv[0]):
-            argv[0] = os.path.abspath(argv[0])
-        return cls(tuple(argv), version.strip(), version_id.strip())
+        return cls(MigratorCommand.parse(command).argv, version.strip(), version_id.strip())
 
     @property
     def program(self) -> str:
         return self.argv[0]
 
 
-def _executable_by(path: Path, account: RunAccount) -> str | None:
-    """Why `account` cannot run `path` (None: it can). Mode bits only, as the kernel checks
-    them for an account that is not root."""
-    checks: list[tuple[Path, int, int, int, str]] = [
-        (path, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH, "execute"),
-        *((p, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH, "enter") for p in path.parents),
-    ]
-    for where, usr, grp, oth, verb in checks:
-        try:
-            st = where.stat()
-        except OSError as exc:
-            return f"{where} cannot be read ({exc.strerror or exc})"
-        if st.st_uid == account.uid:
-            ok = bool(st.st_mode & usr)
-        elif st.st_gid == account.gid:
-            ok = bool(st.st_mode & grp)
-        else:
-            ok = bool(st.st_mode & oth)
-        if not ok:
-            return f"{account.name} cannot {verb} {where} (mode {stat.filemode(st.st_mode)})"
-    return None
-
-
 def check_migrator(rehearsal: MigrationRehearsal, account: RunAccount) -> Path:
     """The program the command runs, checked before anything is restored: it exists and the
     run account may execute it. Raises MigrationNotRun("MigratorNotExecutable")."""
-    program = rehearsal.program
-    found = shutil.which(program) if "/" not in program else program
-    path = Path(found) if found else None
-    if path is None or not path.is_file():
-        raise MigrationNotRun(
-            "MigratorNotExecutable",
-            f"--migrator: {program!r} is not an executable file (nor found on PATH); "
-            "give the program's absolute path",
-        )
-    if account.is_current_user:
-        if not os.access(path, os.X_OK):
-            raise MigrationNotRun("MigratorNotExecutable", f"--migrator: {path} is not executable")
-        return path
-    why = _executable_by(path, account)
-    if why is not None:
-        raise MigrationNotRun(
-            "MigratorNotExecutable",
-            f"--migrator: the migrator runs as {account.name} (the account PostgreSQL runs "
-            f"as), but {why}: install it where that account can run it",
-        )
-    return path
+    try:
+        return MigratorCommand(rehearsal.argv).check(account)
+    except MigratorCommandError as exc:
+        raise MigrationNotRun("MigratorNotExecutable", str(exc)) from None
 
 
 @dataclass
@@ -194,22 +140,15 @@ def _environment(
     database: str,
     credentials: RoleCredentials,
 ) -> dict[str, str]:
-    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-    env.setdefault("PATH", os.defpath)
-    env.setdefault("LANG", "C.UTF-8")
-    env.update(account.env())
-    env.update(
-        decide.migrator_env(
-            host=str(endpoint.socket_dir),
-            port=endpoint.port,
-            database=database,
-            username=credentials.username,
-            password=credentials.password,
-            version=rehearsal.version,
-            version_id=rehearsal.version_id,
-        )
+    return command_environment(
+        account,
+        endpoint,
+        database=database,
+        username=credentials.username,
+        password=credentials.password,
+        version=rehearsal.version,
+        version_id=rehearsal.version_id,
     )
-    return env
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:

@@ -47,6 +47,7 @@ from pgro.core.plan import (
 from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
 from pgro.pipeline.app_migration import AppMigration
+from pgro.pipeline.migrator_command import MigratorCommand
 from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.pipeline.switchover_users import provision_switchover_users
 from pgro.postgres import restore_info
@@ -57,7 +58,7 @@ from pgro.reconciler.shell import Schedule
 from pgro.runtimes.embedded.canopy import EmbeddedCanopy
 from pgro.runtimes.embedded.endpoints import Endpoints
 from pgro.runtimes.embedded.manifest import Manifest, ManifestError, kopia_credentials
-from pgro.runtimes.embedded.migrator import LocalMigrator, MigratorCommand
+from pgro.runtimes.embedded.migrator import LocalMigrator
 from pgro.runtimes.embedded.persistent_credentials import (
     forget_removed_users,
     persistent_credentials,

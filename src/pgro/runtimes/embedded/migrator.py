@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -39,9 +37,10 @@ from typing import Any, Final
 from pgro.api.names import migrate_job_name
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.clock import utcnow
-from pgro.core.app_migration import LOG_TAIL_LINES, Run, migrator_env, scrub
+from pgro.core.app_migration import LOG_TAIL_LINES, Run, scrub
 from pgro.core.observations import WorkState
 from pgro.pipeline.app_migration import Migrator
+from pgro.pipeline.migrator_command import MigratorCommand, command_environment
 from pgro.postgres.account import RunAccount
 from pgro.postgres.schema_migration import Conninfo
 from pgro.postgres.server import Endpoint
@@ -57,39 +56,8 @@ LOG: Final = "migrate.log"
 RUNNER_MODULE: Final = "pgro.runtimes.embedded.migrator_runner"
 # The bootstrap superuser every other SQL step of pgro run uses on a restore's server.
 ADMIN_USER: Final = "postgres"
-# What the command inherits from pgro's own environment; everything else it gets is named.
-PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
 # A runner asked to stop forwards it to the command and waits this long before SIGKILL.
 STOP_GRACE_S: Final = 30.0
-
-
-class MigratorCommandError(ValueError):
-    """`--migrator` cannot be used as given; the message says why and what to give."""
-
-
-@dataclass(frozen=True)
-class MigratorCommand:
-    """`pgro run --migrator CMD`: split like a shell would, run without one."""
-
-    argv: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> MigratorCommand:
-        try:
-            argv = tuple(shlex.split(text))
-        except ValueError as exc:
-            raise MigratorCommandError(f"--migrator {text!r} cannot be split: {exc}") from None
-        if not argv:
-            raise MigratorCommandError("--migrator is empty: give the migrator's command line")
-        if shutil.which(argv[0]) is None:
-            raise MigratorCommandError(
-                f"--migrator: {argv[0]!r} is not an executable file (nor found on PATH); "
-                "give the program's absolute path"
-            )
-        return cls(argv)
-
-    def __str__(self) -> str:
-        return shlex.join(self.argv)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -221,19 +189,14 @@ class LocalMigrator(Migrator):
                 "startedAt": started.isoformat(),
             },
         )
-        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        env.setdefault("LANG", "C.UTF-8")
-        env.update(self.account.env())
-        env.update(
-            migrator_env(
-                host=str(self.endpoint.socket_dir),
-                port=self.endpoint.port,
-                database=database,
-                username=self.username,
-                password=self.password,
-                version=target.version,
-                version_id=target.version_id,
-            )
+        env = command_environment(
+            self.account,
+            self.endpoint,
+            database=database,
+            username=self.username,
+            password=self.password,
+            version=target.version,
+            version_id=target.version_id,
         )
         spec = {
             "argv": list(self.command.argv),

@@ -23,6 +23,7 @@ from pgro.canopy.client import CanopyClient
 from pgro.clock import utcnow
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
+from pgro.pipeline.migrator_command import MigratorCommand
 from pgro.postgres.account import resolve_run_account
 from pgro.reconciler.listing import ReplicaListings
 from pgro.reconciler.shell import Shell, WorkKind
@@ -31,7 +32,6 @@ from pgro.runtimes.embedded.credentials import CredentialStore
 from pgro.runtimes.embedded.effects import EmbeddedEffects
 from pgro.runtimes.embedded.endpoints import EndpointFactory, Endpoints
 from pgro.runtimes.embedded.manifest import ManifestError, load_manifests
-from pgro.runtimes.embedded.migrator import MigratorCommand
 from pgro.runtimes.embedded.state_dir import (
     PRIVATE,
     TRAVERSE,
