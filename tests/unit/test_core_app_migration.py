@@ -15,6 +15,7 @@ from pgro.core.app_migration import (
     MASK,
     MAX_ERROR_BYTES,
     MAX_NAME_CHARS,
+    MAX_NUMBER,
     MAX_TIMINGS,
     UNKNOWN_MIGRATION,
     Batch,
@@ -136,6 +137,20 @@ def test_a_hostile_row_puts_at_most_max_timings_of_cut_names_in_status() -> None
     # The total without a batch duration is still every migration's.
     assert r.total_elapsed_seconds == 2 * 5_000
     assert len(r.to_wire()["timings"]) == MAX_TIMINGS
+
+
+def test_huge_numbers_are_bounded_to_what_status_can_hold() -> None:
+    huge = 10**30
+    stats = {
+        "durationMsPerMigration": {FOO: huge},
+        "preSnapshot": {"databaseSizeBytes": str(huge)},
+    }
+    r = result_from_batch(batch(duration=huge, stats=stats, names=[FOO]), 5, failed=False)
+    assert r.total_elapsed_seconds == MAX_NUMBER // 1000
+    assert r.timings[0].elapsed_seconds == MAX_NUMBER // 1000
+    assert r.data_bytes_before == MAX_NUMBER
+    summed = result_from_batch(batch(duration=None, stats=stats, names=[FOO] * 3), 5, False)
+    assert summed.total_elapsed_seconds <= MAX_NUMBER
 
 
 def test_names_within_the_cap_are_kept_whole() -> None:

@@ -31,6 +31,8 @@ UNKNOWN_MIGRATION: Final = "unknown"
 LOG_TAIL_LINES: Final = 200
 KEEP_LINES: Final = 40
 MAX_ERROR_BYTES: Final = 2000
+# The largest count or duration kept from a migrator's row: JSON's exact integers.
+MAX_NUMBER: Final = 2**53 - 1
 # What one `logs.migrations` row (written by the migrator, untrusted) can put in status:
 # the first MAX_TIMINGS timings, each name (and `failedMigration`) cut to MAX_NAME_CHARS.
 MAX_TIMINGS: Final = 1000
@@ -123,6 +125,11 @@ def _int(value: object) -> int | None:
     return None
 
 
+def _bounded(value: int) -> int:
+    """A number the migrator wrote, within what status (int64) and canopy can hold."""
+    return min(max(value, 0), MAX_NUMBER)
+
+
 def result_from_batch(batch: Batch, data_bytes_after: int, failed: bool) -> MigrationResult:
     """Shape a batch into the result canopy is sent.
 
@@ -138,7 +145,7 @@ def result_from_batch(batch: Batch, data_bytes_after: int, failed: bool) -> Migr
         durations = {}
 
     def seconds(name: str) -> int:
-        return max(_int(durations.get(name)) or 0, 0) // 1000
+        return _bounded(_int(durations.get(name)) or 0) // 1000
 
     timings = [
         MigrationTiming(name=name[:MAX_NAME_CHARS], elapsed_seconds=seconds(name))
@@ -147,9 +154,9 @@ def result_from_batch(batch: Batch, data_bytes_after: int, failed: bool) -> Migr
     pre = stats.get("preSnapshot")
     before = _int(pre.get("databaseSizeBytes")) if isinstance(pre, Mapping) else None
     total = (
-        max(batch.batch_duration_ms, 0) // 1000
+        _bounded(batch.batch_duration_ms) // 1000
         if batch.batch_duration_ms is not None
-        else sum(seconds(name) for name in batch.migrations)
+        else _bounded(sum(seconds(name) for name in batch.migrations))
     )
     failed_migration = None
     if failed:
@@ -160,7 +167,9 @@ def result_from_batch(batch: Batch, data_bytes_after: int, failed: bool) -> Migr
     return MigrationResult(
         total_elapsed_seconds=total,
         failed_migration=failed_migration,
-        data_bytes_before=before if before is not None and before >= 0 else data_bytes_after,
+        data_bytes_before=_bounded(before)
+        if before is not None and before >= 0
+        else data_bytes_after,
         data_bytes_after=data_bytes_after,
         timings=timings,
     )
