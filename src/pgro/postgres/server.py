@@ -23,6 +23,13 @@ from typing import IO
 
 from pgro.interrupts import deferred_interrupts
 from pgro.postgres.account import RunAccount
+from pgro.postgres.backup_label import (
+    BackupLabel,
+    missing_wal_message,
+    pending_backup_recovery,
+    read_backup_label,
+    wal_segments,
+)
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.config import (
     configured_value,
@@ -41,6 +48,16 @@ WAL_FAILURE_SIGNATURES = (
     "database system was interrupted while in recovery",
     "could not locate required checkpoint record",
     "could not locate a valid checkpoint record",
+)
+
+# Startup failures of a data directory holding `backup_label` (an online backup) that mean
+# the WAL from the backup's start to its end is not all there: the WAL signatures, and the
+# redo location of the label's checkpoint not found (its segment missing, the checkpoint's
+# present). Such a backup is incomplete: it fails `BackupIncomplete`, never reset.
+BACKUP_WAL_SIGNATURES = (
+    *WAL_FAILURE_SIGNATURES,
+    "could not locate required checkpoint record",
+    "could not find redo location",
 )
 
 # Startup failures pg_resetwal cannot fix. Resetting would only destroy what a person needs
@@ -127,6 +144,38 @@ class StartupFailed(Exception):
 
 class StartupTimeout(StartupFailed):
     reason = "StartupTimeout"
+
+
+class BackupIncomplete(StartupFailed):
+    """An online backup (`backup_label`) whose WAL is not all there: not restorable as it
+    is, and never reset (`backup_label.missing_wal_message` says what to do)."""
+
+    reason = "BackupIncomplete"
+
+
+ONLINE_BACKUP_NOT_RESET = (
+    "; the WAL was not reset: the data directory holds a backup_label (an online backup), "
+    "and resetting its WAL would start an inconsistent database"
+)
+
+
+def _refuse_online_backup(
+    server: PostgresServer, label: BackupLabel | None, failure: StartupFailed, *, last: bool
+) -> None:
+    """Stop here, instead of resetting the WAL, when `server`'s data directory is an online
+    backup (`label`, read before the first start, or a backup recovery `pg_control` says is
+    pending): `BackupIncomplete` when its log says recovery lacks WAL; any other failure is
+    raised as it is (noting why it was not reset) once it is the `last` before a reset.
+    Returns when it is no online backup, or to let an unrecognised failure be retried."""
+    if label is None:
+        label = pending_backup_recovery(server.binaries, server.pgdata, server.account)
+    if label is None:
+        return
+    if any(sig in failure.log_tail for sig in BACKUP_WAL_SIGNATURES):
+        message = missing_wal_message(label, wal_segments(server.pgdata))
+        raise BackupIncomplete(message, failure.log_tail) from None
+    if last:
+        raise StartupFailed(f"{failure}{ONLINE_BACKUP_NOT_RESET}", failure.log_tail) from None
 
 
 # sun_path holds 108 bytes including the terminating NUL.
@@ -357,10 +406,15 @@ def start_resetting_wal_if_needed(
     A known WAL signature resets at once. Any other failure, unless a reset cannot fix it
     (`NOT_RESETTABLE_SIGNATURES`), is retried once unchanged and then, as the last resort,
     reset (the reference's two-stage fallback). A timeout is never reset: the server was
-    still recovering, and its log can hold a WAL signature that recovery got past.
+    still recovering, and its log can hold a WAL signature that recovery got past. Nor is
+    an online backup (`backup_label` in the data directory, where the reference resets
+    too): a lack of WAL fails `BackupIncomplete`, naming the backup's start WAL location
+    and the fix; any other failure is raised as it is.
     Returns the repair note when the WAL was reset (fix `reset_wal`), else None;
     `StartupFailed` when the server did not start.
     """
+    # Before the first start: PostgreSQL renames backup_label once it has read it.
+    label = read_backup_label(server.pgdata)
     try:
         server.start(timeout)
         return None
@@ -370,6 +424,7 @@ def start_resetting_wal_if_needed(
         kind = classify_startup_failure(exc.log_tail)
         if kind is StartupFailureKind.NOT_RESETTABLE:
             raise
+        _refuse_online_backup(server, label, exc, last=kind is StartupFailureKind.WAL_LOST)
     repair = RESET_WAL_NOTE
     if kind is StartupFailureKind.UNRECOGNISED:
         note("PostgreSQL did not start, for a reason pgro does not recognise: retrying once")
@@ -381,6 +436,7 @@ def start_resetting_wal_if_needed(
         except StartupFailed as again:
             if classify_startup_failure(again.log_tail) is StartupFailureKind.NOT_RESETTABLE:
                 raise
+            _refuse_online_backup(server, label, again, last=True)
         note("PostgreSQL failed to start twice: resetting WAL with pg_resetwal -f as a last resort")
         repair = LAST_RESORT_NOTE
     else:
