@@ -85,10 +85,14 @@ def read_backup_label(pgdata: Path) -> BackupLabel | None:
         fd = os.open(pgdata / BACKUP_LABEL, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return BackupLabel()
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return BackupLabel()
-        raw = f.read(LABEL_LIMIT)
+        raw = os.read(fd, LABEL_LIMIT)
+    except OSError:
+        return BackupLabel()
+    finally:
+        os.close(fd)
     return BackupLabel.parse(raw.decode("ascii", errors="replace"))
 
 
@@ -179,3 +183,17 @@ def _span(segments: list[str]) -> str:
     if len(segments) == 1:
         return f"only segment {segments[0]}"
     return f"{len(segments)} segments, {segments[0]} to {segments[-1]}"
+
+
+def incomplete_online_backup(pgdata: Path) -> str | None:
+    """Without starting anything: why `pgdata` is an online backup that cannot be
+    recovered as restored (its `backup_label` names a start segment pg_wal does not hold),
+    else None. Where the label names no segment, or the segment is there, only a start
+    tells (`server.start_resetting_wal_if_needed`)."""
+    label = read_backup_label(pgdata)
+    if label is None or label.start_wal_file is None:
+        return None
+    segments = wal_segments(pgdata)
+    if label.start_wal_file in segments:
+        return None
+    return missing_wal_message(label, segments)
