@@ -7,7 +7,10 @@ snapshots taken while a real write load ran (tests/fixtures/live.py).
 - an online backup without its WAL fails `BackupIncomplete`, naming the backup's start WAL
   location and the fix, and its WAL is never reset (the reference resets it);
 - the same with only part of its WAL, at the server level: also `BackupIncomplete`;
-- an online backup that fails for another reason is retried once and never reset.
+- an online backup that fails for another reason is retried once and never reset;
+- the operator: the restore Job fails an online backup without its start WAL segment
+  `BackupIncomplete` (permanent), and the pod's setup script never resets an online backup
+  whose WAL ends early, not even when its pod is retried.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgro.pipeline.restore_job import parse_message
 from pgro.postgres.account import RunAccount, hand_over
 from pgro.postgres.backup_label import BACKUP_LABEL
 from pgro.postgres.binaries import PostgresBinaries
@@ -33,8 +37,11 @@ from pgro.postgres.server import (
     socket_dir_for,
     start_resetting_wal_if_needed,
 )
+from pgro.runtimes.kubernetes.scripts import FIX_RESET_WAL_FLAG
 from tests.fixtures.live_backups import LedgerBounds, LiveBackups, build_live_backups
 from tests.fixtures.manifests import fs_manifest
+from tests.integration.test_kube_setup_script import run_setup
+from tests.integration.test_restore_job import _run as run_restore_job
 from tests.integration.test_verify_cli import PGRO, processes_mentioning
 from tests.integration.test_wal_reset_last_resort import corrupt_control_checksum
 
@@ -245,3 +252,51 @@ def test_an_online_backup_failing_for_another_reason_is_retried_and_never_reset(
     # Untouched: pg_resetwal would have rewritten pg_control and pg_wal.
     assert (labelled_copy / "global" / "pg_control").read_bytes() == control
     assert sorted(p.name for p in (labelled_copy / "pg_wal").iterdir()) == segments
+
+
+def test_the_restore_job_fails_an_online_backup_without_its_wal(
+    live: LiveBackups, scratch: Path
+) -> None:
+    code, message, output = run_restore_job(
+        {
+            "SNAPSHOT_ID": live.snapshots["labelled-nowal"],
+            "KOPIA_FILESYSTEM_PATH": str(live.path),
+            "KOPIA_PASSWORD": live.password,
+        },
+        scratch,
+    )
+    assert code == 2, output  # permanent: a retry restores the same files
+    version, failure = parse_message(message)
+    assert version is None
+    assert failure.startswith(
+        f"BackupIncomplete: the snapshot is an online backup (backup_label) that started at "
+        f"WAL location {live.start_wal_location} (segment {live.start_wal_file})"
+    )
+    assert not (scratch / "pgdata-volume" / "pgdata").exists()  # nothing for a pod to serve
+
+
+def test_the_pod_setup_script_never_resets_an_online_backup(
+    live: LiveBackups,
+    labelled_copy: Path,
+    binaries: PostgresBinaries,
+    account: RunAccount,
+) -> None:
+    first, *rest = live.wal_segments
+    for name in rest:
+        (labelled_copy / "pg_wal" / name).unlink()
+    root = labelled_copy.parent.parent
+    control = (labelled_copy / "global" / "pg_control").read_bytes()
+    for attempt in ("first", "retried pod"):
+        run = run_setup(binaries, account, labelled_copy, root)
+        assert run.returncode == 1, (attempt, run.output)
+        assert "setup: BackupIncomplete: the data directory is an online backup" in run.output
+        assert "Restore the WAL archived for this backup into pg_wal" in run.output
+        assert "running pg_resetwal" not in run.output
+        assert not (root / FIX_RESET_WAL_FLAG).exists()
+        assert sorted(p.name for p in (labelled_copy / "pg_wal").iterdir()) == [
+            first,
+            "archive_status",
+        ]
+    # The first attempt's recovery renamed the label: the retry knew it from pg_control.
+    assert not (labelled_copy / BACKUP_LABEL).exists()
+    assert (labelled_copy / "global" / "pg_control").read_bytes() != control

@@ -21,7 +21,9 @@ from pgro.pipeline.detect_version import PGDATA_LINK, VERSION_FILE, link_data_di
 from pgro.pipeline.job import SECRET_ENV, ProxyNotReady, RestoreJob, RestoreOutcome
 from pgro.pipeline.restore import RestoredDataDirectory, restore_snapshot
 from pgro.postgres.account import RunAccount, resolve_run_account
+from pgro.postgres.backup_label import incomplete_online_backup
 from pgro.postgres.image import OfficialImage
+from pgro.postgres.server import BackupIncomplete
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
 MESSAGE_LIMIT: Final = 4096
@@ -102,6 +104,10 @@ def _restore(job: RestoreJob) -> RestoredDataDirectory:
             parallel=job.parallel,
             settings=job.settings(),
         )
+    # An online backup without its start WAL fails here, not in the pod's crash loop.
+    incomplete = incomplete_online_backup(restored.data.path)
+    if incomplete is not None:
+        raise BackupIncomplete(incomplete)
     # prepare_data_directory refused a PGDATA outside `target`; this link stays inside.
     link_data_directory(root, restored.data.path, restored.data.major)
     fixes = sorted(name for name, done in restored.repairs.fixes.items() if done)

@@ -86,7 +86,26 @@ not_resettable() {
   ! printf '%s\n' "$1" | grep -Eq '(FATAL|PANIC):'
 }
 
+# An online backup is never reset (server.BackupIncomplete): a data directory that held
+# backup_label before the first attempt (PostgreSQL renames it once read), or whose
+# pg_control still waits for a backup's end (a retried pod).
+online_backup=no
+if [ -e "$PGDATA/backup_label" ]; then online_backup=yes; fi
+
+backup_end_pending() {
+  control=$(pg_controldata "$PGDATA" 2>/dev/null) || return 1
+  printf '%s\n' "$control" | grep -Eq '^Backup start location: +[0-9A-F]+/[0-9A-F]+$' \
+    && ! printf '%s\n' "$control" | grep -Eq '^Backup start location: +0/0$'
+}
+
 reset_wal() {
+  if [ "$online_backup" = yes ] || backup_end_pending; then
+    echo "setup: BackupIncomplete: the data directory is an online backup (backup_label)" \
+      "and $1; resetting its WAL would start an inconsistent database, so it is left as" \
+      "it is. Restore the WAL archived for this backup into pg_wal, or take the backup" \
+      "with its WAL" >&2
+    exit 1
+  fi
   echo "setup: $1; running pg_resetwal -f" >&2
   # A PANIC in single-user mode leaves its lock file behind, and pg_resetwal refuses to
   # run while one exists; nothing else uses this data directory while the pod initialises
