@@ -49,6 +49,9 @@ LABEL_CANOPY_APPLICATION_TYPE: Final = f"{LABEL_PREFIX}application-type"
 ANNOTATION_VERSION: Final = f"{LABEL_PREFIX}version"
 ANNOTATION_SCHEMA_BUILD_TOKEN: Final = f"{LABEL_PREFIX}schema-build-token"
 ANNOTATION_SCHEMA_BUILD_POSTED: Final = f"{LABEL_PREFIX}schema-build-posted"
+# How deep a verify replica's verification reads the data: quick | standard | full
+# (`pgro.core.verify_depth`; an annotation so the CRD stays the reference's).
+ANNOTATION_VERIFY_DEPTH: Final = f"{LABEL_PREFIX}verify-depth"
 
 # Label values are strings on the wire; "true" is the only value the selectors use.
 LABEL_TRUE: Final = "true"

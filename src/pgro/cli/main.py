@@ -21,6 +21,7 @@ from pgro import __version__
 from pgro.api.duration import parse_duration
 from pgro.cli.demo import DemoPaths, default_demo_dir, prepare_demo
 from pgro.cli.output import TerminalObserver, literal, render_report
+from pgro.core.verify_depth import DEPTHS, parse_depth
 from pgro.pipeline.migrator_command import MigratorCommandError
 from pgro.pipeline.report import EXIT_USAGE, VerificationReport
 from pgro.pipeline.verify import VerifyOptions, verify_snapshot
@@ -149,6 +150,26 @@ def _manifest_failure(exc: ManifestError, as_json: bool, err: Console) -> None:
     "shell would, run without one as the PostgreSQL account, in /, with the database in "
     "DATABASE_URL, CONFIG_SYNC_DB_* and PG* (docs/verify.md). Needs --migrate-to.",
 )
+@click.option(
+    "--depth",
+    type=click.Choice(DEPTHS, case_sensitive=False),
+    default=None,
+    help="How deep the checks read the data (default: the replica's "
+    "pgro.bes.au/verify-depth annotation, else standard). "
+    "quick: the server starts, is a primary, each database answers SELECT 1 (seconds). "
+    "standard: + pg_checksums --check on every page before start (when the cluster has "
+    "checksums) and bt_index_check on every btree index: catches overwritten pages and "
+    "misplaced index pages (about the time to read the indexes once). "
+    "full: + heapallindexed, verify_heapam on every table and TOAST relation and a read of "
+    "every page (about the time to read the whole database twice).",
+)
+@click.option(
+    "--verify-budget",
+    callback=_duration,
+    metavar="DURATION",
+    help="How long the data checks may take (e.g. 20m, 90s; default 30m + 15m per 100 "
+    "GiB). When it runs out the verdict is VerificationIncomplete (exit 2).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress output on stderr.")
 def verify(
     files: tuple[Path, ...],
@@ -162,6 +183,8 @@ def verify(
     migrate_to: str | None,
     migrate_to_id: str | None,
     migrator: str | None,
+    depth: str | None,
+    verify_budget: timedelta | None,
     quiet: bool,
 ) -> None:
     """Prove a backup restores: restore it, start PostgreSQL on it, check it, clean up.
@@ -172,9 +195,11 @@ def verify(
     \b
     Exit codes:
       0  the snapshot restored and PostgreSQL came up healthy
-      1  the snapshot failed verification (not PostgreSQL, does not start, no data, ...)
+      1  the snapshot failed verification (not PostgreSQL, does not start, no data,
+         damaged pages or indexes: DataDamaged, naming database, relation and block)
       2  it could not be judged: bad manifest or options, wrong password, unreachable
-         repository, no matching snapshot, PostgreSQL binaries for its version missing;
+         repository, no matching snapshot, PostgreSQL binaries for its version missing,
+         the data checks cut short by --verify-budget (VerificationIncomplete);
          with --migrate-to also a migrator that could not be started
       3  (--migrate-to) the snapshot is healthy but the application's migrations failed
 
@@ -208,6 +233,8 @@ def verify(
         parallel=parallel,
         keep=keep,
         migration=rehearsal,
+        depth=parse_depth(depth) if depth is not None else None,
+        verify_budget=verify_budget,
     )
     try:
         with _interruptible():

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 from rich.console import Console
 from rich.text import Text
@@ -171,6 +171,8 @@ def render_report(console: Console, report: VerificationReport) -> None:
         )
     if report.postgres_version:
         facts.add_row("postgres", literal(report.postgres_version))
+    if report.depth:
+        facts.add_row("depth", literal(report.depth))
     applied = [name for name, done in report.fixes.items() if done]
     if report.fixes:
         facts.add_row("repairs", literal(", ".join(applied) if applied else "none needed"))
@@ -192,11 +194,49 @@ def render_report(console: Console, report: VerificationReport) -> None:
         checks.add_column("result")
         checks.add_column("detail", overflow="fold")
         for check in report.checks:
-            mark = Text("pass", "green") if check.status == "pass" else Text("FAIL", "red")
-            checks.add_row(literal(check.name), mark, literal(check.detail))
+            checks.add_row(literal(check.name), _MARKS[check.status], literal(check.detail))
         console.print(checks)
+        damaged = [c for c in report.checks if c.status == "fail" and c.findings]
+        for check in damaged:
+            render_findings(console, check.name, check.count, check.findings)
     if report.migration is not None:
         render_migration(console, report.migration)
+
+
+_MARKS: Final[dict[str, Text]] = {
+    "pass": Text("pass", "green"),
+    "fail": Text("FAIL", "red"),
+    "not_checked": Text("not checked", "yellow"),
+    "incomplete": Text("INCOMPLETE", "yellow"),
+}
+
+
+def render_findings(
+    console: Console, name: str, count: int, findings: Sequence[Mapping[str, object]]
+) -> None:
+    """The damage one data check found: where (database, relation, block) and the words of
+    the tool, the first few and how many in all."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"damage found by {name} ({count} in all, first {len(findings)} shown)",
+        title_justify="left",
+        show_edge=False,
+    )
+    for column in ("database", "relation", "block", "message"):
+        table.add_column(column, overflow="fold")
+    for finding in findings:
+        relation = finding.get("relation") or finding.get("file")
+        if finding.get("table") is not None:
+            relation = f"{relation} (of {finding.get('table')})"
+        block = finding.get("block")
+        table.add_row(
+            literal(finding.get("database") or ""),
+            literal(relation or ""),
+            literal("" if block is None else block),
+            literal(finding.get("message")),
+        )
+    console.print(table)
 
 
 def _delta(before: int, after: int) -> str:

@@ -37,6 +37,8 @@ class VerificationReport:
     timings: dict[str, float] = field(default_factory=dict)
     # `--migrate-to`: `status.migrationResult`'s shape plus `version` and `versionId`.
     migration: dict[str, Any] | None = None
+    # How deep the checks read the data (quick | standard | full).
+    depth: str | None = None
 
     @property
     def replica_healthy(self) -> bool:
@@ -66,6 +68,7 @@ class VerificationReport:
             "snapshot_time": self.snapshot_time,
             "snapshot_size": self.snapshot_size,
             "repository": self.repository,
+            "verify_depth": self.depth,
             "notes": self.notes,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }

@@ -25,8 +25,16 @@ from pgro.core.secrets import scrub
 from pgro.core.selection import select_snapshot
 from pgro.core.snapshot import Snapshot
 from pgro.core.timeouts import readiness_timeout
+from pgro.core.verify_depth import Depth
 from pgro.kopia.errors import RestoreFailed
 from pgro.kopia.repository import KopiaRepository
+from pgro.pipeline.data_checks import (
+    VERIFICATION_INCOMPLETE,
+    DataVerification,
+    default_budget_s,
+    depth_for,
+    record,
+)
 from pgro.pipeline.events import Observer, SilentObserver
 from pgro.pipeline.job import classify
 from pgro.pipeline.report import (
@@ -77,6 +85,11 @@ class VerifyOptions:
     keep: bool = False
     # `--migrate-to`: run the application's migrations once the snapshot is healthy.
     migration: MigrationRehearsal | None = None
+    # `--depth`: how deep the checks read the data (None: the replica's
+    # `pgro.bes.au/verify-depth` annotation, else `standard`).
+    depth: Depth | None = None
+    # `--verify-budget`: how long the data checks may take (None: 30m + 15m per 100 GiB).
+    verify_budget: timedelta | None = None
 
 
 def _check_traversable(path: Path, account: RunAccount) -> None:
@@ -231,6 +244,10 @@ def verify_snapshot(
         # The server's account must traverse into the tree but not list or alter the rest.
         os.chmod(workdir, 0o711)
         _check_traversable(workdir, account)
+        choice = depth_for(replica.metadata.annotations, opts.depth)
+        report.depth = choice.depth
+        if choice.warning is not None:
+            obs.note(choice.warning)
         if opts.migration is not None:
             # Before a restore that may take hours, not after it.
             check_migrator(opts.migration, account)
@@ -263,6 +280,16 @@ def verify_snapshot(
         timeout = readiness_timeout(
             snapshot.size_bytes, opts.ready_timeout or replica.spec.deployment_ready_timeout
         )
+        budget = (
+            opts.verify_budget.total_seconds()
+            if opts.verify_budget is not None
+            else default_budget_s(snapshot.size_bytes)
+        )
+        data = DataVerification(choice.depth, budget)
+        if data.plan.checksums:
+            obs.step("checksums", "checking the page checksums of the stopped cluster")
+            data.before_start(restored.binaries, restored.data.path, account)
+            lap("checksums")
         socket_dir = socket_dir_for(workdir / "run")
         if not socket_dir.is_relative_to(workdir):
             extra_dirs.append(socket_dir)
@@ -287,9 +314,18 @@ def verify_snapshot(
         lap("guard")
         obs.step("check", "checking health: connect, list databases, SELECT 1 in each")
         health = check_health(server.endpoint, user)
+        lap("check")
+        # On the data as restored: before any migration rehearsal changes it.
+        if health.healthy and (data.plan.checksums or data.plan.reads_data):
+            obs.step(
+                "integrity",
+                f"reading the data ({choice.depth}: {', '.join(data.plan.checks)}; "
+                f"budget {budget:.0f}s)",
+            )
+            record(health, data.after_start(lambda dbname: endpoint.conninfo(dbname, user)))
+            lap("integrity")
         report.checks = health.checks
         report.sizes = health.sizes
-        lap("check")
         report.restore_duration_sec = time.monotonic() - started
         if health.healthy:
             report.outcome = "success"
@@ -312,7 +348,12 @@ def verify_snapshot(
         else:
             report.reason = health.failure_reason
             report.error = health.failure_message
-            report.exit_code = EXIT_FAILED_VERIFICATION
+            # Cut short by the time budget: not judged (exit 2), unless something failed.
+            report.exit_code = (
+                EXIT_USAGE
+                if health.failure_reason == VERIFICATION_INCOMPLETE
+                else EXIT_FAILED_VERIFICATION
+            )
     except Exception as exc:
         # One verdict whatever failed, even a bug (UnexpectedError), and a full cleanup.
         reason, message = classify(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -13,7 +14,9 @@ if TYPE_CHECKING:
 SYSTEM_DATABASES = frozenset({"postgres", "template0", "template1"})
 CONNECT_TIMEOUT_S = 10
 
-CheckStatus = Literal["pass", "fail"]
+# `not_checked`: a check that could not or must not run here (no pg_checksums, a hash index),
+# never a failure; `incomplete`: the time budget ran out before the check covered everything.
+CheckStatus = Literal["pass", "fail", "not_checked", "incomplete"]
 
 
 class Endpoint(Protocol):
@@ -27,9 +30,17 @@ class Check:
     name: str
     status: CheckStatus
     detail: str
+    # The data checks' damage: how many findings in all, and the first few
+    # (database, relation, table, file, block, message).
+    count: int = 0
+    findings: tuple[Mapping[str, object], ...] = ()
 
-    def as_dict(self) -> dict[str, str]:
-        return {"name": self.name, "status": self.status, "detail": self.detail}
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"name": self.name, "status": self.status, "detail": self.detail}
+        if self.count:
+            out["count"] = self.count
+            out["findings"] = [dict(f) for f in self.findings]
+        return out
 
 
 @dataclass
@@ -42,7 +53,9 @@ class HealthReport:
 
     @property
     def healthy(self) -> bool:
-        return self.failure_reason is None and all(c.status == "pass" for c in self.checks)
+        """No failure recorded and no check failed (`not_checked` is no failure; an
+        `incomplete` check records its own failure reason, `VerificationIncomplete`)."""
+        return self.failure_reason is None and all(c.status != "fail" for c in self.checks)
 
     def passed(self, name: str, detail: str) -> None:
         self.checks.append(Check(name, "pass", detail))
