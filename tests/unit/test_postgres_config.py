@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pgro.postgres.catalog_guard import library_is_trusted
@@ -199,3 +201,16 @@ def test_comments_and_quoted_hashes_are_left_alone() -> None:
     assert "# port = 5432" in text
     assert "application_name = 'a#b'" in active(text)
     assert disabled == []
+
+
+def test_a_postgresql_conf_that_is_not_a_file_reads_as_empty(tmp_path: Path) -> None:
+    from pgro.postgres.server import _read_own_config
+
+    (tmp_path / "postgresql.conf").mkdir()  # a hostile snapshot's
+    assert _read_own_config(tmp_path) == ""
+    (tmp_path / "postgresql.conf").rmdir()
+    (tmp_path / "postgresql.conf").symlink_to("/etc/passwd")
+    assert _read_own_config(tmp_path) == ""
+    (tmp_path / "postgresql.conf").unlink()
+    (tmp_path / "postgresql.conf").write_text("shared_preload_libraries = 'x'\n")
+    assert "shared_preload_libraries" in _read_own_config(tmp_path)

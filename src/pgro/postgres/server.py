@@ -231,9 +231,11 @@ def _read_own_config(pgdata: Path) -> str:
         fd = os.open(pgdata / "postgresql.conf", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return ""
+    # Checked before fdopen, which refuses a directory with IsADirectoryError.
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return ""
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return ""
         return f.read(4 * 2**20).decode(errors="replace")
 
 
