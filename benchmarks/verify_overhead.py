@@ -6,8 +6,11 @@ repository, then times, alternately and in the same run:
 - baseline: what an operator would type as root: `kopia repository connect` +
   `kopia snapshot restore --parallel=N`, `chown -R` to the postgres account, `pg_ctl start -w`
   on a private port and socket, one `SELECT 1`, `pg_ctl stop -m fast`, `rm -rf`;
-- pgro: `pgro verify -f MANIFEST --json --parallel=N` (the real CLI process: listing,
-  selection, restore, repairs, start, health checks on every database, stop, cleanup).
+- pgro: `pgro verify -f MANIFEST --json --parallel=N --depth quick` (the real CLI process:
+  listing, selection, restore, repairs, start, health checks on every database, stop,
+  cleanup). `--depth quick` keeps it like for like with a baseline that only runs
+  `SELECT 1`: the default depth (`standard`) also checks page checksums and every btree
+  index, which `benchmarks/verify_depth.py` measures against its hand-typed equivalent.
 
 Prints the median wall time of each and their ratio (target: at most 1.10).
 
@@ -191,6 +194,7 @@ def pgro(manifest: Path, work: Path, parallel: int) -> float:
             str(manifest),
             "--json",
             "--quiet",
+            "--depth=quick",
             f"--parallel={parallel}",
             "--work-dir",
             str(work),
