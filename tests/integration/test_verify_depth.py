@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,9 @@ def _dir(base: Path, name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def damaged_repo(
-    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
-) -> Iterator[Repo]:
-    base = _dir(scratch_root, "verify-depth")
+def build_damaged_repo(base: Path, account: RunAccount, binaries: PostgresBinaries) -> Repo:
+    """A repository (under `base`) with a snapshot of each cluster: hosts `db-heap`,
+    `db-leaf` and `db-sound` (also used by test_run_verify_depth)."""
     repo = Repo(path=base / "repository", password=REPO_PASSWORD)
     kopia = KopiaRepository(repo.credentials, base / "kopia-state")
     kopia.create()
@@ -68,7 +65,12 @@ def damaged_repo(
             )
     finally:
         kopia.close()
-    yield repo
+    return repo
+
+
+@pytest.fixture(scope="module")
+def damaged_repo(scratch_root: Path, account: RunAccount, binaries: PostgresBinaries) -> Repo:
+    return build_damaged_repo(_dir(scratch_root, "verify-depth"), account, binaries)
 
 
 def _manifest(

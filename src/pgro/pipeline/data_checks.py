@@ -42,13 +42,23 @@ from pgro.core.verify_depth import (
 from pgro.postgres.health import Check, HealthReport
 
 if TYPE_CHECKING:
+    from pgro.api.replica import PostgresPhysicalReplica
+    from pgro.pipeline.restore import RestoredDataDirectory
     from pgro.postgres.account import RunAccount
     from pgro.postgres.binaries import PostgresBinaries
     from pgro.postgres.checksums import ChecksumResult
+    from pgro.postgres.server import PostgresServer
 
 DATA_DAMAGED: Final = "DataDamaged"
 VERIFICATION_INCOMPLETE: Final = "VerificationIncomplete"
 MAX_WORKERS: Final = 8
+DEFAULT_CHECKING_SUPERUSER: Final = "postgres"
+
+
+class DataDamaged(Exception):
+    """The data checks found damage (a restore that must not count as verified)."""
+
+    reason = DATA_DAMAGED
 
 
 def default_workers() -> int:
@@ -90,6 +100,43 @@ def depth_for(
         return DepthChoice(
             fallback, f"annotation {ANNOTATION_VERIFY_DEPTH}: {exc}; verifying at {fallback}"
         )
+
+
+def replica_depth(replica: PostgresPhysicalReplica) -> DepthChoice:
+    """The depth of a replica's verification in `pgro run` and the operator: its
+    annotation, else `standard` for a verify replica (`ephemeral`) and `quick` for an
+    analytics replica (whose switchover the checks would delay)."""
+    fallback: Depth = DEFAULT_DEPTH if replica.spec.ephemeral else "quick"
+    return depth_for(replica.metadata.annotations, fallback=fallback)
+
+
+def checking_superuser(
+    server: PostgresServer, restored: RestoredDataDirectory, timeout: float
+) -> str:
+    """`postgres` unless the source cluster was initialised by another OS user (then the
+    bootstrap superuser, found with the server stopped; it is started again)."""
+    import psycopg
+
+    from pgro.postgres.server import bootstrap_superuser
+    from pgro.postgres.session import connect
+
+    try:
+        connect(
+            server.endpoint.conninfo("template1", DEFAULT_CHECKING_SUPERUSER),
+            application_name="pgro-verify",
+        ).close()
+        return DEFAULT_CHECKING_SUPERUSER
+    except psycopg.OperationalError as exc:
+        missing = f'role "{DEFAULT_CHECKING_SUPERUSER}" does not exist' in str(exc)
+        # pgro's safe startup options need a superuser: a `postgres` role that is not one
+        # is refused them, and the bootstrap superuser is the role to use instead.
+        not_superuser = "permission denied to set parameter" in str(exc)
+        if not (missing or not_superuser):
+            return DEFAULT_CHECKING_SUPERUSER  # the health check reports the real problem
+    server.stop()
+    name = bootstrap_superuser(restored.binaries, restored.data.path, server.account)
+    server.start(timeout)
+    return name
 
 
 def _checksum_verdict(result: ChecksumResult, budget_s: float) -> CheckVerdict | None:

@@ -147,6 +147,8 @@ class RestoreJob:
     # own settings except for the keys pgro keeps (`core.extra_config`).
     extra_config: str = ""
     proxy: CanopyProxy | None = None
+    # How deep the first start checks the data (`pgro.core.verify_depth`; the worker's).
+    verify_depth: str = "quick"
 
     @property
     def snapshot(self) -> Snapshot:
@@ -236,6 +238,7 @@ class RestoreJob:
             parallel=doc.get("parallel"),
             extra_config=doc.get("extraConfig") or "",
             proxy=CanopyProxy(restore_dir / "proxy-port", launch=launch) if launch else None,
+            verify_depth=doc.get("verifyDepth") or "quick",
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -249,6 +252,7 @@ class RestoreJob:
             "extraConfig": self.extra_config,
             "credentials": credentials_to_json(self.credentials),
             "canopyProxy": dict(self.proxy.launch or {}) if self.proxy else None,
+            "verifyDepth": self.verify_depth,
         }
 
 

@@ -29,8 +29,10 @@ from pgro.core.verify_depth import Depth
 from pgro.kopia.errors import RestoreFailed
 from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.data_checks import (
+    DEFAULT_CHECKING_SUPERUSER,
     VERIFICATION_INCOMPLETE,
     DataVerification,
+    checking_superuser,
     default_budget_s,
     depth_for,
     record,
@@ -57,12 +59,11 @@ from pgro.postgres.layout import NotPostgres
 from pgro.postgres.server import (
     PostgresServer,
     StartupFailed,
-    bootstrap_superuser,
     socket_dir_for,
     start_resetting_wal_if_needed,
 )
 
-DEFAULT_SUPERUSER = "postgres"
+DEFAULT_SUPERUSER = DEFAULT_CHECKING_SUPERUSER
 # Failures that judge the snapshot (exit 1); any other failure leaves it unjudged (exit 2):
 # configuration, a repository that could not be opened or read, a bug.
 SNAPSHOT_FAULTS = (RestoreFailed, NotPostgres, StartupFailed, CatalogGuardFailed)
@@ -167,31 +168,6 @@ def _start(
     reset = start_resetting_wal_if_needed(server, timeout.total_seconds(), observer.note)
     if reset is not None:
         restored.repairs.record("reset_wal", reset)
-
-
-def _superuser(server: PostgresServer, restored: RestoredDataDirectory, timeout: float) -> str:
-    """`postgres` unless the source cluster was initialised by another OS user."""
-    import psycopg
-
-    from pgro.postgres.session import connect
-
-    try:
-        connect(
-            server.endpoint.conninfo("template1", DEFAULT_SUPERUSER),
-            application_name="pgro-verify",
-        ).close()
-        return DEFAULT_SUPERUSER
-    except psycopg.OperationalError as exc:
-        missing = f'role "{DEFAULT_SUPERUSER}" does not exist' in str(exc)
-        # pgro's safe startup options need a superuser: a `postgres` role that is not one
-        # is refused them, and the bootstrap superuser is the role to use instead.
-        not_superuser = "permission denied to set parameter" in str(exc)
-        if not (missing or not_superuser):
-            return DEFAULT_SUPERUSER  # the health check reports the real problem
-    server.stop()
-    name = bootstrap_superuser(restored.binaries, restored.data.path, server.account)
-    server.start(timeout)
-    return name
 
 
 def verify_snapshot(
@@ -302,7 +278,7 @@ def verify_snapshot(
             log_path=workdir / "postgres.log",
         )
         _start(server, restored, timeout, obs)
-        user = _superuser(server, restored, timeout.total_seconds())
+        user = checking_superuser(server, restored, timeout.total_seconds())
         lap("start")
         # Before any other query: the catalog's stored settings, event triggers and C
         # functions with a library inside the snapshot must not run on the checks' sessions.

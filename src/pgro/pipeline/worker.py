@@ -25,8 +25,17 @@ from typing import Any, Final
 from pgro.canopy.proxy import new_client_credentials
 from pgro.canopy.sigv4 import SigningCredentials
 from pgro.core.timeouts import readiness_timeout
+from pgro.core.verify_depth import parse_depth
 from pgro.interrupts import deferred_interrupts
 from pgro.kopia.repository import KopiaRepository
+from pgro.pipeline.data_checks import (
+    DATA_DAMAGED,
+    DataDamaged,
+    DataVerification,
+    checking_superuser,
+    default_budget_s,
+    record,
+)
 from pgro.pipeline.events import SilentObserver
 from pgro.pipeline.job import (
     CanopyProxy,
@@ -37,6 +46,8 @@ from pgro.pipeline.job import (
 )
 from pgro.pipeline.restore import RestoredDataDirectory, restore_snapshot
 from pgro.postgres.account import RunAccount, resolve_run_account
+from pgro.postgres.catalog_guard import neutralise_catalog
+from pgro.postgres.health import HealthReport
 from pgro.postgres.server import PostgresServer, socket_dir_for, start_resetting_wal_if_needed
 from pgro.processes import process_args, read_pid, spawn, stop, tie_services
 
@@ -195,7 +206,7 @@ def run(doc: Mapping[str, Any]) -> RestoreOutcome:
                 parallel=job.parallel,
                 settings=job.settings(),
             )
-        first_start(restored, account, job.target.parent, job.snapshot_size)
+        first_start(restored, account, job.target.parent, job.snapshot_size, depth=job.verify_depth)
         return RestoreOutcome.restored(restored)
     except Exception as exc:
         # The result lands in status: whatever the error says, secrets stay out of it.
@@ -206,14 +217,29 @@ def run(doc: Mapping[str, Any]) -> RestoreOutcome:
 
 
 def first_start(
-    restored: RestoredDataDirectory, account: RunAccount, restore_dir: Path, snapshot_size: int
+    restored: RestoredDataDirectory,
+    account: RunAccount,
+    restore_dir: Path,
+    snapshot_size: int,
+    *,
+    depth: str = "quick",
 ) -> None:
     """Start the restored server once, privately (socket only), and stop it cleanly, the way
     `pgro verify` and the pod's setup script do: a cluster whose crash recovery cannot
     start gets its WAL reset (`start_resetting_wal_if_needed`: a known WAL signature at
     once, an unrecognised failure after one retry, never the `NOT_RESETTABLE_SIGNATURES`),
     recorded as the fix `reset_wal`. The server `pgro run` then serves starts cleanly.
-    `StartupFailed` fails the restore, with the server's log tail."""
+    `StartupFailed` fails the restore, with the server's log tail.
+
+    At a `depth` other than quick (a verify replica's; `pipeline.data_checks`, as `pgro
+    verify` runs them) the data is checked: the page checksums before the start, amcheck
+    and the full read while it runs. Damage fails the restore (`DataDamaged`, naming the
+    database, relation and block), so it is never verified nor served; a check the time
+    budget cut short is a note, not a failure."""
+    data = DataVerification(parse_depth(depth), default_budget_s(snapshot_size))
+    if data.plan.checksums:
+        data.before_start(restored.binaries, restored.data.path, account)
+    verdicts = []
     socket_dir = socket_dir_for(restore_dir / "run")
     server = PostgresServer(
         restored.data.path,
@@ -228,6 +254,13 @@ def first_start(
     timeout = readiness_timeout(snapshot_size).total_seconds()
     try:
         reset = start_resetting_wal_if_needed(server, timeout, _say)
+        if data.plan.checksums or data.plan.reads_data:
+            user = checking_superuser(server, restored, timeout)
+            endpoint = server.endpoint
+            conninfo_for = lambda dbname: endpoint.conninfo(dbname, user)  # noqa: E731
+            # Before any other query, as `pgro verify` does (and provisioning would later).
+            neutralise_catalog(conninfo_for)
+            verdicts = data.after_start(conninfo_for)
     finally:
         server.stop()
         if not socket_dir.is_relative_to(restore_dir):
@@ -235,6 +268,14 @@ def first_start(
     if reset is not None:
         _say(reset)
         restored.repairs.record("reset_wal", reset)
+    health = HealthReport()
+    record(health, verdicts)
+    for verdict in verdicts:
+        _say(f"data check {verdict.name} ({data.depth}): {verdict.status}: {verdict.detail}")
+    if health.failure_reason == DATA_DAMAGED:
+        raise DataDamaged(health.failure_message or "the data is damaged")
+    if health.failure_message:
+        restored.repairs.notes.append(health.failure_message)
 
 
 def _say(line: str) -> None:

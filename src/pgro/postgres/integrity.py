@@ -183,6 +183,9 @@ def _prepare_amcheck(conn: psycopg.Connection[tuple[object, ...]], db: _Database
         try:
             # Event triggers of the snapshot must not run on pgro's DDL.
             conn.execute("SET session_replication_role = replica")
+            # A read-only restore (default_transaction_read_only, pgro run's replicas)
+            # still gets pgro's own schema, which is dropped afterwards.
+            conn.execute("SET default_transaction_read_only = off")
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
             db.amcheck_schema = schema
             db.created_schema = True
@@ -212,6 +215,9 @@ def _drop_schema(conninfo: str, schema: str) -> None:
     try:
         with _connect_retrying(conninfo) as conn:
             conn.execute("SET session_replication_role = replica")
+            # A read-only restore (default_transaction_read_only, pgro run's replicas)
+            # still gets pgro's own schema, which is dropped afterwards.
+            conn.execute("SET default_transaction_read_only = off")
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
     except psycopg.Error:
         pass  # the verification's copy is thrown away; a leftover schema harms nothing

@@ -21,6 +21,7 @@ from pgro.api.secret import KopiaCredentials
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import RestoreWork, Server, WorkState
 from pgro.pipeline import worker
+from pgro.pipeline.data_checks import replica_depth
 from pgro.pipeline.job import CanopyProxy, RestoreJob, RestoreOutcome
 from pgro.pipeline.schema_transfer import LocalCopy
 from pgro.pipeline.switchover_users import persistent_passwords_to_keep
@@ -164,6 +165,9 @@ class Restores:
         if self.observe(restore).state is not WorkState.NOT_STARTED:
             return
         rdir = self._make_directory(restore)
+        depth = replica_depth(replica)
+        if depth.warning is not None:
+            log.warning("%s: %s", replica.key, depth.warning)
         job = RestoreJob(
             snapshot_id=restore.spec.snapshot,
             credentials=creds,
@@ -174,6 +178,7 @@ class Restores:
             read_only=effective_read_only(replica, restore),
             extra_config=replica.spec.postgres_extra_config or "",
             proxy=CanopyProxy(rdir / "proxy-port", launch=proxy) if proxy is not None else None,
+            verify_depth=depth.depth,
         )
         self.workers[restore_key(restore)] = _Worker(worker.launch(job, rdir))
         log.info("restore %s: downloading snapshot %s", restore.name, restore.spec.snapshot)
