@@ -247,7 +247,7 @@ def main() -> None:
             f"baseline median: {b:.2f}s  "
             "(kopia restore + chown + pg_ctl start -w + SELECT 1 + stop)"
         )
-        print(f"pgro median:     {p:.2f}s  (pgro verify --json)")
+        print(f"pgro median:     {p:.2f}s  (pgro verify --json --depth quick)")
         print(f"ratio:           {p / b:.3f}  (target <= 1.10)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
