@@ -162,7 +162,8 @@ def test_a_passing_migration_is_timed_and_its_size_change_reported(setup: Setup)
     assert proc.returncode == 0, proc.stderr
     assert report["outcome"] == "success"
     assert report["replica_healthy"] is True
-    # The health checks ran as without --migrate-to and stand (the fixture has no data checksums: that one is not checked).
+    # The health checks ran as without --migrate-to, and stand (the fixture has no data
+    # checksums: that check is not run).
     assert {c["status"] for c in report["health_details"]["checks"]} <= {"pass", "not_checked"}
     assert "pass" in {c["status"] for c in report["health_details"]["checks"]}
     migration = report["migration"]
@@ -194,7 +195,7 @@ def test_a_failing_migration_exits_3_naming_it_without_row_data(setup: Setup) ->
     assert report["outcome"] == "failure"
     assert report["reason"] == "MigrationFailed"
     # The backup itself is healthy: the checks stay as they were.
-    # The health checks stand (the fixture has no data checksums: that one is not checked).
+    # The health checks stand (no data checksums in the fixture: that check is not run).
     assert {c["status"] for c in report["health_details"]["checks"]} <= {"pass", "not_checked"}
     assert "pass" in {c["status"] for c in report["health_details"]["checks"]}
     migration = report["migration"]
