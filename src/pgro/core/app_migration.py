@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -109,14 +110,19 @@ def refused_note(refused: Sequence[str]) -> str:
     )
 
 
-def _int(value: object) -> int | None:
-    """A JSON number or numeric string as an int (Tamanu writes both)."""
+def whole_number(value: object) -> int | None:
+    """A JSON number, numeric string or column value as an int (Tamanu writes numbers and
+    strings; a table may give numeric or float); None for anything else, a fraction
+    included."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if isinstance(value, (Decimal, float)):
+        try:
+            return int(value) if value == int(value) else None
+        except (ValueError, OverflowError):  # NaN, infinity
+            return None
     if isinstance(value, str):
         try:
             return int(value.strip())
@@ -145,14 +151,14 @@ def result_from_batch(batch: Batch, data_bytes_after: int, failed: bool) -> Migr
         durations = {}
 
     def seconds(name: str) -> int:
-        return _bounded(_int(durations.get(name)) or 0) // 1000
+        return _bounded(whole_number(durations.get(name)) or 0) // 1000
 
     timings = [
         MigrationTiming(name=name[:MAX_NAME_CHARS], elapsed_seconds=seconds(name))
         for name in batch.migrations[:MAX_TIMINGS]
     ]
     pre = stats.get("preSnapshot")
-    before = _int(pre.get("databaseSizeBytes")) if isinstance(pre, Mapping) else None
+    before = whole_number(pre.get("databaseSizeBytes")) if isinstance(pre, Mapping) else None
     total = (
         _bounded(batch.batch_duration_ms) // 1000
         if batch.batch_duration_ms is not None

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from pgro.core.app_migration import migrator_env
-from pgro.postgres.account import RunAccount
+from pgro.postgres.account import RunAccount, unreachable
 from pgro.postgres.server import Endpoint
 
 # What the command inherits from pgro's own environment; everything else it gets is named.
@@ -66,33 +65,13 @@ class MigratorCommand:
             if not os.access(path, os.X_OK):
                 raise MigratorCommandError(f"--migrator: {path} is not executable")
             return path
-        why = executable_by(path, account)
+        why = unreachable(path, account)
         if why is not None:
             raise MigratorCommandError(
                 f"--migrator: the migrator runs as {account.name} (the account PostgreSQL "
                 f"runs as), but {why}: install it where that account can run it"
             )
         return path
-
-
-def executable_by(path: Path, account: RunAccount) -> str | None:
-    """Why `account` cannot run `path` (None: it can). Mode bits only, as the kernel checks
-    them for an account that is not root."""
-    checks: list[tuple[Path, str]] = [(path, "execute"), *((p, "enter") for p in path.parents)]
-    for where, verb in checks:
-        try:
-            st = where.stat()
-        except OSError as exc:
-            return f"{where} cannot be read ({exc.strerror or exc})"
-        if st.st_uid == account.uid:
-            ok = bool(st.st_mode & stat.S_IXUSR)
-        elif st.st_gid == account.gid:
-            ok = bool(st.st_mode & stat.S_IXGRP)
-        else:
-            ok = bool(st.st_mode & stat.S_IXOTH)
-        if not ok:
-            return f"{account.name} cannot {verb} {where} (mode {stat.filemode(st.st_mode)})"
-    return None
 
 
 def command_environment(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import stat
 import tempfile
 import threading
 import time
@@ -52,7 +51,7 @@ from pgro.pipeline.verify_migration import (
     check_migrator,
     rehearse_migration,
 )
-from pgro.postgres.account import RunAccount, resolve_run_account
+from pgro.postgres.account import RunAccount, resolve_run_account, unreachable
 from pgro.postgres.catalog_guard import CatalogGuardFailed, neutralise_catalog
 from pgro.postgres.health import check_health
 from pgro.postgres.layout import NotPostgres
@@ -97,21 +96,13 @@ def _check_traversable(path: Path, account: RunAccount) -> None:
     """The server's account must be able to reach its data directory through every parent."""
     if account.is_current_user:
         return
-    for parent in [path, *path.parents]:
-        st = parent.stat()
-        if st.st_uid == account.uid:
-            ok = bool(st.st_mode & stat.S_IXUSR)
-        elif st.st_gid == account.gid:
-            ok = bool(st.st_mode & stat.S_IXGRP)
-        else:
-            ok = bool(st.st_mode & stat.S_IXOTH)
-        if not ok:
-            raise ConfigurationError(
-                "WorkDirNotAccessible",
-                f"PostgreSQL runs as {account.name}, which cannot enter {parent} "
-                f"(mode {stat.filemode(st.st_mode)}): choose a --work-dir under a directory "
-                "it can traverse, such as /tmp or /var/tmp",
-            )
+    why = unreachable(path, account, "enter")
+    if why is not None:
+        raise ConfigurationError(
+            "WorkDirNotAccessible",
+            f"PostgreSQL runs as {account.name}, but {why}: choose a --work-dir under a "
+            "directory it can traverse, such as /tmp or /var/tmp",
+        )
 
 
 # Restored files take a little more room than the snapshot's logical size (block rounding).

@@ -41,6 +41,32 @@ class RunAccount:
         return {"USER": self.name, "LOGNAME": self.name, "HOME": pwd.getpwuid(self.uid).pw_dir}
 
 
+def may_search(st: os.stat_result, account: RunAccount) -> bool:
+    """Whether `account` has the execute (for a directory: enter) bit on a file with `st`,
+    as the kernel checks it: its own primary group only (the processes pgro starts as it get
+    no supplementary groups)."""
+    if account.uid == 0:
+        return True
+    if st.st_uid == account.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == account.gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def unreachable(path: Path, account: RunAccount, leaf: str = "execute") -> str | None:
+    """Why `account` cannot `leaf` ("execute" or "enter") `path`, or enter a directory
+    above it; None if it can."""
+    for where, verb in [(path, leaf), *((parent, "enter") for parent in path.parents)]:
+        try:
+            st = where.stat()
+        except OSError as exc:
+            return f"{where} cannot be read ({exc.strerror or exc})"
+        if not may_search(st, account):
+            return f"{account.name} cannot {verb} {where} (mode {stat.filemode(st.st_mode)})"
+    return None
+
+
 def resolve_run_account() -> RunAccount:
     wanted = os.environ.get("PGRO_RUN_AS")
     if os.geteuid() != 0 and not wanted:

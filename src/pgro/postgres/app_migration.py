@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from decimal import Decimal
 from typing import Final
 
 import psycopg
 from psycopg import sql
 
-from pgro.core.app_migration import Batch
+from pgro.core.app_migration import Batch, whole_number
 from pgro.postgres.config import printable_name
 from pgro.postgres.restore_info import SCHEMA as PGRO_SCHEMA
 from pgro.postgres.schema_migration import Conninfo, prepare_target, schemas_present
@@ -191,28 +190,9 @@ def read_batch(conninfo_for: Conninfo, dbname: str, baseline: str | None) -> Bat
         migrations=[m for m in migrations if isinstance(m, str)]
         if isinstance(migrations, list)
         else [],
-        batch_duration_ms=_whole(duration),
+        batch_duration_ms=whole_number(duration),
         stats=stats if isinstance(stats, Mapping) else None,
     )
-
-
-def _whole(value: object) -> int | None:
-    """A column read as a whole number, whatever type the table gave it."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, (Decimal, float)):
-        try:
-            return int(value) if value == int(value) else None
-        except (ValueError, OverflowError):  # NaN, infinity
-            return None
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return None
-    return None
 
 
 def drop_schemas(conninfo_for: Conninfo, dbname: str, schemas: Sequence[str]) -> list[str]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pgro.postgres.account import AccountMissing, RunAccount, resolve_run_account
+from pgro.postgres.account import AccountMissing, RunAccount, resolve_run_account, unreachable
 
 # Where distributions install each major side by side. `PGRO_POSTGRES_BINDIRS` (a
 # colon-separated list of patterns with `{major}`) is searched first.
@@ -67,27 +66,6 @@ def bindir_patterns() -> list[str]:
     return [*extra, *DEFAULT_BINDIR_PATTERNS]
 
 
-def not_executable_by(path: Path, account: RunAccount) -> str | None:
-    """Why `account` (not root) cannot run `path`, None if it can. Mode bits as the kernel
-    checks them for the servers pgro starts: its primary group only (they get no
-    supplementary groups), every directory on the way entered."""
-    checks = [(path, "execute"), *((parent, "enter") for parent in path.parents)]
-    for where, verb in checks:
-        try:
-            st = where.stat()
-        except OSError as exc:
-            return f"{where} cannot be read ({exc.strerror or exc})"
-        if st.st_uid == account.uid:
-            allowed = st.st_mode & stat.S_IXUSR
-        elif st.st_gid == account.gid:
-            allowed = st.st_mode & stat.S_IXGRP
-        else:
-            allowed = st.st_mode & stat.S_IXOTH
-        if not allowed:
-            return f"{account.name} cannot {verb} {where} (mode {stat.filemode(st.st_mode)})"
-    return None
-
-
 def _server_account() -> RunAccount | None:
     """The account the server runs as when that is not the invoking user (pgro as root)."""
     if os.geteuid() != 0:
@@ -113,7 +91,7 @@ def find_binaries(major: str, account: RunAccount | None = None) -> PostgresBina
         if os.access(bindir / "postgres", os.X_OK) and os.access(bindir / "initdb", os.X_OK):
             if account is None or account.is_current_user or account.uid == 0:
                 return PostgresBinaries(major=major, bindir=bindir)
-            why = not_executable_by(bindir / "postgres", account) or not_executable_by(
+            why = unreachable(bindir / "postgres", account) or unreachable(
                 bindir / "initdb", account
             )
             if why is None:

@@ -11,7 +11,7 @@ import re
 import stat
 from pathlib import Path
 
-from pgro.postgres.account import RunAccount
+from pgro.postgres.account import RunAccount, may_search
 
 DB_NAME = "state.db"
 PGRO_ENTRIES = frozenset(
@@ -124,15 +124,7 @@ def blocked_at(path: Path, account: RunAccount) -> Path | None:
             st = directory.stat()
         except OSError:
             return directory
-        if account.uid == 0:
-            continue
-        if st.st_uid == account.uid:
-            ok = bool(st.st_mode & stat.S_IXUSR)
-        elif st.st_gid == account.gid:  # its processes get no supplementary groups
-            ok = bool(st.st_mode & stat.S_IXGRP)
-        else:
-            ok = bool(st.st_mode & stat.S_IXOTH)
-        if not ok:
+        if not may_search(st, account):
             return directory
     return None
 
