@@ -37,15 +37,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import psycopg
 from tests.fixtures.manifests import fs_manifest
 
-from pgro.api.secret import FilesystemLocation, KopiaCredentials
-from pgro.kopia.repository import KopiaRepository, find_kopia
+from benchmarks import verify_overhead
+from pgro.kopia.repository import find_kopia
 from pgro.postgres.account import RunAccount, hand_over, resolve_run_account
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.initdb import newest_binaries
-from pgro.postgres.server import PostgresServer, free_port
+from pgro.postgres.server import free_port
 
 PASSWORD = "bench-repo-password"
 DEPTHS = ("quick", "standard", "full")
@@ -82,61 +81,10 @@ def initdb_with_checksums(binaries: PostgresBinaries, pgdata: Path, account: Run
 def build_repository(
     base: Path, binaries: PostgresBinaries, account: RunAccount, scale: int
 ) -> tuple[Path, str, int, int]:
-    """A stopped, checksummed pgbench cluster in a new kopia repository: (repository,
-    snapshot ID, database size, size of the data directory with its WAL)."""
-    root = base / "source"
-    pgdata = root / binaries.major / "main"
-    initdb_with_checksums(binaries, pgdata, account)
-    server = PostgresServer(
-        pgdata, binaries, account, socket_dir=base / "src-run", log_path=base / "src.log"
+    """verify_overhead's cluster, with data checksums, so pg_checksums has work."""
+    return verify_overhead.build_repository(
+        base, binaries, account, scale, initdb=initdb_with_checksums
     )
-    server.start(120)
-    try:
-        with psycopg.connect(
-            server.endpoint.conninfo("postgres", "postgres"), autocommit=True
-        ) as c:
-            c.execute("CREATE DATABASE bench")
-        print(f"generating pgbench data at scale {scale} ...", file=sys.stderr)
-        subprocess.run(
-            [
-                binaries.tool("pgbench"),
-                "-i",
-                "-q",
-                "-s",
-                str(scale),
-                "-h",
-                str(server.socket_dir),
-                "-p",
-                str(server.port),
-                "-U",
-                "postgres",
-                "bench",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        with psycopg.connect(server.endpoint.conninfo("bench", "postgres")) as c:
-            row = c.execute(
-                "SELECT pg_database_size('bench'), current_setting('data_checksums')"
-            ).fetchone()
-            assert row is not None
-            size = int(row[0])
-            if row[1] != "on":
-                raise SystemExit("the benchmark cluster has no data checksums")
-    finally:
-        server.stop()
-    tree = sum(p.stat().st_size for p in pgdata.rglob("*") if p.is_file())
-    creds = KopiaCredentials(FilesystemLocation(str(base / "repo")), PASSWORD)
-    kopia = KopiaRepository(creds, base / "kopia-author")
-    kopia.create()
-    try:
-        snapshot_id = kopia.snapshot_create(
-            root, override_source="postgres@bench:/var/lib/postgresql"
-        )
-    finally:
-        kopia.close()
-    shutil.rmtree(root)
-    return base / "repo", snapshot_id, size, tree
 
 
 def baseline(
@@ -279,6 +227,10 @@ def pgro(manifest: Path, work: Path, parallel: int, depth: str) -> tuple[float, 
     verdict = json.loads(proc.stdout)
     if verdict.get("replica_healthy") is not True:
         raise SystemExit(f"pgro verify --depth {depth} did not say healthy:\n{proc.stdout}")
+    checks = {c["name"]: c["status"] for c in verdict["health_details"]["checks"]}
+    if depth != "quick" and checks.get("checksums") != "pass":
+        # The cluster is made with data checksums: both sides must have checked them.
+        raise SystemExit(f"pgro verify --depth {depth} did not check the checksums: {checks}")
     timings = {k: round(float(v), 3) for k, v in verdict["timings"].items()}
     return elapsed, timings
 

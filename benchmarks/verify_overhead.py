@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -44,11 +45,18 @@ PASSWORD = "bench-repo-password"
 
 
 def build_repository(
-    base: Path, binaries: PostgresBinaries, account: RunAccount, scale: int
-) -> tuple[Path, str, int]:
+    base: Path,
+    binaries: PostgresBinaries,
+    account: RunAccount,
+    scale: int,
+    *,
+    initdb: Callable[[PostgresBinaries, Path, RunAccount], None] = init_cluster,
+) -> tuple[Path, str, int, int]:
+    """A stopped pgbench cluster (made by `initdb`) in a new kopia repository: (repository,
+    snapshot ID, database size, size of the data directory with its WAL)."""
     root = base / "source"
     pgdata = root / binaries.major / "main"
-    init_cluster(binaries, pgdata, account)
+    initdb(binaries, pgdata, account)
     server = PostgresServer(
         pgdata, binaries, account, socket_dir=base / "src-run", log_path=base / "src.log"
     )
@@ -83,6 +91,7 @@ def build_repository(
             size = int(row[0])
     finally:
         server.stop()
+    tree = sum(p.stat().st_size for p in pgdata.rglob("*") if p.is_file())
     creds = KopiaCredentials(FilesystemLocation(str(base / "repo")), PASSWORD)
     kopia = KopiaRepository(creds, base / "kopia-author")
     kopia.create()
@@ -93,7 +102,7 @@ def build_repository(
     finally:
         kopia.close()
     shutil.rmtree(root)
-    return base / "repo", snapshot_id, size
+    return base / "repo", snapshot_id, size, tree
 
 
 def baseline(
@@ -224,7 +233,7 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="pgro-bench-"))
     os.chmod(base, 0o711)
     try:
-        repo, snapshot_id, size = build_repository(base, binaries, account, args.scale)
+        repo, snapshot_id, size, _ = build_repository(base, binaries, account, args.scale)
         print(f"snapshot {snapshot_id}: database size {size / 2**20:.0f} MiB", file=sys.stderr)
         manifest = fs_manifest(base / "m.yaml", repo, PASSWORD)
         work = base / "work"
