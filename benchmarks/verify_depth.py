@@ -43,7 +43,7 @@ from benchmarks import verify_overhead
 from pgro.kopia.repository import find_kopia
 from pgro.postgres.account import RunAccount, hand_over, resolve_run_account
 from pgro.postgres.binaries import PostgresBinaries
-from pgro.postgres.initdb import newest_binaries
+from pgro.postgres.initdb import init_cluster, newest_binaries
 from pgro.postgres.server import free_port
 
 PASSWORD = "bench-repo-password"
@@ -55,27 +55,7 @@ def as_account(account: RunAccount) -> dict[str, object]:
 
 
 def initdb_with_checksums(binaries: PostgresBinaries, pgdata: Path, account: RunAccount) -> None:
-    pgdata.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        os.chown(pgdata, account.uid, account.gid)
-    os.chmod(pgdata, 0o700)
-    subprocess.run(  # type: ignore[call-overload]
-        [
-            binaries.tool("initdb"),
-            "-D",
-            str(pgdata),
-            "--no-locale",
-            "--encoding=UTF8",
-            "--auth=trust",
-            "--username=postgres",
-            "--data-checksums",
-        ],
-        check=True,
-        capture_output=True,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", **account.env()},
-        cwd="/",
-        **as_account(account),
-    )
+    init_cluster(binaries, pgdata, account, checksums=True)
 
 
 def build_repository(

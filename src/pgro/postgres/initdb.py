@@ -44,8 +44,10 @@ def init_cluster(
     account: RunAccount,
     *,
     superuser: str = "postgres",
+    checksums: bool = False,
 ) -> None:
-    """`initdb` a UTF-8, C-locale cluster owned by `account` at `pgdata`."""
+    """`initdb` a UTF-8, C-locale cluster owned by `account` at `pgdata` (with data
+    checksums when asked)."""
     pgdata.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         os.chown(pgdata, account.uid, account.gid)
@@ -60,6 +62,7 @@ def init_cluster(
             "--auth=trust",
             f"--username={superuser}",
             *(["--no-instructions"] if _has_no_instructions(binaries.major) else []),
+            *(["--data-checksums"] if checksums else []),
         ],
         capture_output=True,
         text=True,
