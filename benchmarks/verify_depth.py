@@ -40,8 +40,7 @@ from pathlib import Path
 from tests.fixtures.manifests import fs_manifest
 
 from benchmarks import verify_overhead
-from pgro.kopia.repository import find_kopia
-from pgro.postgres.account import RunAccount, hand_over, resolve_run_account
+from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.initdb import init_cluster, newest_binaries
 from pgro.postgres.server import free_port
@@ -76,17 +75,6 @@ def baseline(
     parallel: int,
     amcheck_jobs: int | None,
 ) -> tuple[float, dict[str, float]]:
-    kopia = find_kopia()
-    state = work / "kopia"
-    env = {
-        **os.environ,
-        "KOPIA_PASSWORD": PASSWORD,
-        "KOPIA_CONFIG_PATH": str(state / "repository.config"),
-        "KOPIA_LOG_DIR": str(state / "logs"),
-        "KOPIA_CACHE_DIRECTORY": str(state / "cache"),
-        "KOPIA_CHECK_FOR_UPDATES": "false",
-    }
-    target = work / "data"
     sock = Path(tempfile.mkdtemp(prefix="pgro-bench-"))
     if os.geteuid() == 0:
         os.chown(sock, account.uid, account.gid)
@@ -101,24 +89,10 @@ def baseline(
         laps[name] = round(now - mark, 3)
         mark = now
 
-    subprocess.run(
-        [kopia, "repository", "connect", "filesystem", f"--path={repo}", "--readonly"],
-        env=env,
-        check=True,
-        capture_output=True,
+    target = work / "data"
+    pgdata = verify_overhead.restore_by_hand(
+        repo, snapshot_id, target, binaries, account, parallel, lap
     )
-    lap("connect")
-    subprocess.run(
-        [kopia, "snapshot", "restore", f"--parallel={parallel}", snapshot_id, str(target)],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    lap("restore")
-    hand_over(target, account)
-    pgdata = target / binaries.major / "main"
-    os.chmod(pgdata, 0o700)
-    lap("chown")
     subprocess.run(  # type: ignore[call-overload]
         [binaries.tool("pg_checksums"), "--check", "-D", str(pgdata)],
         check=True,
@@ -174,7 +148,7 @@ def baseline(
     )
     lap("stop")
     shutil.rmtree(target)
-    shutil.rmtree(state)
+    shutil.rmtree(work / "kopia")
     lap("cleanup")
     elapsed = time.monotonic() - started
     shutil.rmtree(sock)

@@ -105,16 +105,20 @@ def build_repository(
     return base / "repo", snapshot_id, size, tree
 
 
-def baseline(
+def restore_by_hand(
     repo: Path,
     snapshot_id: str,
-    work: Path,
+    target: Path,
     binaries: PostgresBinaries,
     account: RunAccount,
     parallel: int,
-) -> float:
+    lap: Callable[[str], None],
+) -> Path:
+    """What an operator types before starting a restored cluster: `kopia repository
+    connect` with its own config, `kopia snapshot restore --parallel=N`, `chown -R`.
+    Returns PGDATA; `lap` is called after each step."""
     kopia = find_kopia()
-    state = work / "kopia"
+    state = target.parent / "kopia"
     env = {
         **os.environ,
         "KOPIA_PASSWORD": PASSWORD,
@@ -123,20 +127,6 @@ def baseline(
         "KOPIA_CACHE_DIRECTORY": str(state / "cache"),
         "KOPIA_CHECK_FOR_UPDATES": "false",
     }
-    target = work / "data"
-    sock = Path(tempfile.mkdtemp(prefix="pgro-bench-"))
-    os.chown(sock, account.uid, account.gid) if os.geteuid() == 0 else None
-    as_account = account.popen_kwargs()
-    started = time.monotonic()
-    laps: dict[str, float] = {}
-    mark = started
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        now = time.monotonic()
-        laps[name] = round(now - mark, 3)
-        mark = now
-
     subprocess.run(
         [kopia, "repository", "connect", "filesystem", f"--path={repo}", "--readonly"],
         env=env,
@@ -155,6 +145,32 @@ def baseline(
     pgdata = target / binaries.major / "main"
     os.chmod(pgdata, 0o700)
     lap("chown")
+    return pgdata
+
+
+def baseline(
+    repo: Path,
+    snapshot_id: str,
+    work: Path,
+    binaries: PostgresBinaries,
+    account: RunAccount,
+    parallel: int,
+) -> float:
+    sock = Path(tempfile.mkdtemp(prefix="pgro-bench-"))
+    os.chown(sock, account.uid, account.gid) if os.geteuid() == 0 else None
+    as_account = account.popen_kwargs()
+    started = time.monotonic()
+    laps: dict[str, float] = {}
+    mark = started
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        laps[name] = round(now - mark, 3)
+        mark = now
+
+    target = work / "data"
+    pgdata = restore_by_hand(repo, snapshot_id, target, binaries, account, parallel, lap)
     port = free_port()
     pg_ctl = binaries.tool("pg_ctl")
     subprocess.run(  # type: ignore[call-overload]
@@ -184,7 +200,7 @@ def baseline(
     )
     lap("query+stop")
     shutil.rmtree(target)
-    shutil.rmtree(state)
+    shutil.rmtree(work / "kopia")
     lap("cleanup")
     print(f"  baseline steps: {laps}", file=sys.stderr)
     elapsed = time.monotonic() - started
