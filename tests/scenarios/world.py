@@ -21,11 +21,13 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
+from pgro.api.data_checks import DataCheck, DataChecks
 from pgro.api.phases import RestorePhase
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.merge_patch import merge_patch as apply_merge_patch
 from pgro.core.observations import (
+    DataCheckRun,
     ReplicaObservation,
     RestoreObservation,
     RestoreWork,
@@ -33,10 +35,12 @@ from pgro.core.observations import (
     Server,
     ServerState,
     SnapshotListing,
+    WorkState,
     record_listing_failure,
     record_listing_success,
 )
 from pgro.core.plan import (
+    CheckData,
     CleanupRestoreWork,
     CreateRestore,
     DeleteRestore,
@@ -141,6 +145,10 @@ class World:
     # `migrateTo`: how long the migrator runs, and whether its migrations fail (a finding).
     migration_duration: timedelta = timedelta(minutes=2)
     migration_fails: bool = False
+    # The operator's data checks (`CheckData`): how long they run, and the snapshots whose
+    # data they find damaged.
+    data_check_duration: timedelta = timedelta(0)
+    damaged_snapshots: set[str] = field(default_factory=set)
 
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
     restores: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -154,6 +162,9 @@ class World:
     # Restore → when its migrator started: it outlives a controller restart, like its Job.
     migrations: dict[str, datetime] = field(default_factory=dict)
     migration_starts: list[str] = field(default_factory=list)
+    # Restore → (when its data checks started, at which depth, of which snapshot): they
+    # outlive a restart too.
+    data_checks: dict[str, tuple[datetime, str, str]] = field(default_factory=dict)
 
     events: list[tuple[datetime, str, EmitEvent]] = field(default_factory=list)
     created: list[tuple[datetime, str, str]] = field(default_factory=list)
@@ -399,6 +410,31 @@ class World:
             replica=self.replica(replica_key) if replica_key in self.replicas else None,
             work=self._work(restore),
             server=self._server(name),
+            data_check=self._data_check(restore),
+        )
+
+    def _data_check(self, restore: PostgresPhysicalRestore) -> DataCheckRun | None:
+        started = self.data_checks.get(restore.name)
+        if started is None:
+            return None
+        at, depth, _ = started
+        if self.now - at < self.data_check_duration:
+            return DataCheckRun(WorkState.RUNNING)
+        damaged = restore.spec.snapshot in self.damaged_snapshots
+        check = DataCheck(
+            name="btree",
+            status="fail" if damaged else "pass",
+            detail="1 problem in 3 indexes: app.public.orders_pkey block 1: bad"
+            if damaged
+            else "3 indexes checked, no damage found",
+        )
+        return DataCheckRun(
+            WorkState.SUCCEEDED,
+            DataChecks(
+                depth=depth,
+                verdict="damaged" if damaged else "passed",
+                checks=[check],
+            ),
         )
 
     def read_replica(self, key: str) -> PostgresPhysicalReplica | None:
@@ -560,6 +596,19 @@ class World:
         self, replica: PostgresPhysicalReplica, step: MarkReadyForTraffic
     ) -> None:
         pass
+
+    def check_data(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: CheckData,
+    ) -> None:
+        self._fault(step)
+        if self.service.get(replica.key) == step.restore:
+            self._violation(f"checking the data of {step.restore}, which the endpoint serves")
+        if step.restore not in self.data_checks:
+            self.data_checks[step.restore] = (self.now, step.depth, restore.spec.snapshot)
+            self.wake(f"restore:{step.restore}", self.now + self.data_check_duration)
 
     def run_migration(
         self,

@@ -82,3 +82,36 @@ def test_details_are_merged_not_replacing_the_verdict() -> None:
     assert vr.with_details(reports, "other", health_details={"x": 1}) == reports
     [wire] = vr.status_patch(reports)["pendingVerificationReports"]
     assert wire["runId"] == RUN and wire["healthDetails"]["sizes"] == {"app": 10}
+
+
+def test_data_checks_ride_on_the_report_and_join_the_health_checks() -> None:
+    from pgro.api.data_checks import DataCheck, DataCheckFinding, DataChecks
+
+    checks = DataChecks(
+        depth="standard",
+        verdict="damaged",
+        checks=[
+            DataCheck(
+                name="btree",
+                status="fail",
+                detail="1 problem",
+                count=1,
+                findings=[DataCheckFinding(message="bad", database="app", block=3)],
+            )
+        ],
+    )
+    [r] = [vr.new_report(verified(), "failure", NOW, "DataDamaged: …", data_checks=checks)]
+    assert r.health_details is not None
+    assert r.health_details["checks"] == [
+        {
+            "name": "btree",
+            "status": "fail",
+            "detail": "1 problem",
+            "count": 1,
+            "findings": [{"message": "bad", "database": "app", "block": 3}],
+        }
+    ]
+    connect = {"name": "connect", "status": "pass", "detail": "ok"}
+    [merged] = vr.with_details([r], RUN, health_details={"checks": [connect]})
+    assert merged.health_details is not None
+    assert [c["name"] for c in merged.health_details["checks"]] == ["connect", "btree"]

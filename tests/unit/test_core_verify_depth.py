@@ -12,6 +12,7 @@ from pgro.core.verify_depth import (
     HEAP,
     MAX_SHOWN,
     PLANS,
+    CheckVerdict,
     Finding,
     Skip,
     UnknownDepth,
@@ -114,3 +115,39 @@ def test_incomplete_and_not_checked_verdicts() -> None:
     assert incomplete(3, 10).detail.startswith("incomplete after 3 of 10 relations")
     assert incomplete(3, 10).status == "incomplete"
     assert not_checked(BTREE, "amcheck missing").detail == "not checked: amcheck missing"
+
+
+def test_status_summary_caps_hostile_text_and_puts_failures_first() -> None:
+    from pgro.core.verify_depth import MAX_CHECKS, MAX_NAME, MAX_TEXT, damage_summary, data_checks
+
+    long_name = "x" * 5000
+    damaged = shape(
+        BTREE,
+        [Finding(BTREE, "m" * 5000, database="app", relation=long_name, block=7)] * 9,
+        3,
+        "indexes",
+    )
+    passes = [CheckVerdict(f"c{i}", "pass", "ok") for i in range(40)]
+    summary = data_checks("standard", [*passes, damaged])
+    assert summary.verdict == "damaged" and summary.damaged
+    assert len(summary.checks) == MAX_CHECKS
+    first = summary.checks[0]
+    assert (first.name, first.status, first.count) == (BTREE, "fail", 9)
+    assert len(first.findings) == MAX_SHOWN
+    assert len(first.detail) <= MAX_TEXT
+    assert all(len(f.message) <= MAX_TEXT for f in first.findings)
+    assert all(len(f.relation or "") <= MAX_NAME for f in first.findings)
+    assert first.findings[0].block == 7
+    assert damage_summary(summary).startswith("DataDamaged: the data is damaged: btree: 9 problems")
+    reported = first.as_report()
+    assert reported["count"] == 9 and len(reported["findings"]) == MAX_SHOWN  # type: ignore[arg-type]
+
+
+def test_status_summary_verdicts() -> None:
+    from pgro.core.verify_depth import data_checks
+
+    assert data_checks("full", [CheckVerdict("heap", "pass", "ok")]).verdict == "passed"
+    assert data_checks("full", [not_checked("checksums", "off")]).verdict == "passed"
+    cut = CheckVerdict("integrity_complete", "incomplete", "budget")
+    assert data_checks("full", [cut]).verdict == "incomplete"
+    assert data_checks("quick", []).checks == []

@@ -41,6 +41,7 @@ from pgro.api import (
     set_condition,
 )
 from pgro.api.crds import CRD_NAMES, crd_documents, crds_yaml
+from pgro.api.data_checks import DataCheck, DataCheckFinding, DataChecks
 from pgro.api.names import GROUP, VERSION
 from pgro.api.users import ExtraUser
 from pgro.api.verification import PendingVerificationReport
@@ -484,6 +485,29 @@ def full_restore_status() -> PostgresPhysicalRestoreStatus:
         run_id="7d0e3c52-5f0b-4f0e-a3f4-6a1f9d3c2b11",
         postgres_version="16",
         fixes={"reset_wal": False, "stale_pid": True},
+        data_checks=DataChecks(
+            depth="standard",
+            verdict="damaged",
+            message="one failed",
+            checks=[
+                DataCheck(
+                    name="btree",
+                    status="fail",
+                    detail="1 problem",
+                    count=1,
+                    findings=[
+                        DataCheckFinding(
+                            message="bad",
+                            database="app",
+                            relation="public.orders_pkey",
+                            table="public.orders",
+                            file="base/1/2",
+                            block=3,
+                        )
+                    ],
+                )
+            ],
+        ),
         created_at=NOW,
         restored_at=NOW + timedelta(minutes=20),
         activated_at=NOW + timedelta(minutes=30),

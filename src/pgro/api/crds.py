@@ -27,6 +27,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import PydanticUndefined, core_schema
 
 from pgro.api.conditions import Condition
+from pgro.api.data_checks import DataCheck, DataChecks
 from pgro.api.migration import MigrationResult, SchemaBuildResult
 from pgro.api.names import (
     CATEGORY,
@@ -263,6 +264,10 @@ _DESCRIPTIONS: Final[Mapping[type[BaseModel], Mapping[str, str]]] = {
         "run_id": "Canopy run this restore belongs to.",
         "fixes": "Repairs the restore step made to the data directory (reset_wal, ...).",
         "postgres_version": "PostgreSQL major version of the restored data.",
+        "data_checks": (
+            "What the checks that read the data found (page checksums, amcheck, full read), "
+            "at the replica's pgro.bes.au/verify-depth."
+        ),
         "created_at": "When the restore was picked up.",
         "restored_at": "When the data was restored.",
         "activated_at": "When the restore started serving the replica.",
@@ -322,6 +327,18 @@ _DESCRIPTIONS: Final[Mapping[type[BaseModel], Mapping[str, str]]] = {
     },
     SchemaBuildResult: {
         "schema_bytes": "Size of the built schema.",
+    },
+    DataChecks: {
+        "depth": "quick, standard or full.",
+        "verdict": "passed, damaged, incomplete (not judged) or not_run.",
+        "message": "What the verdict rests on, or why the checks did not run.",
+        "checks": "Each check and how it went.",
+    },
+    DataCheck: {
+        "name": "checksums, btree, heap, full_read, not_checked or integrity_complete.",
+        "status": "pass, fail, not_checked or incomplete.",
+        "count": "How many findings in all.",
+        "findings": "The first findings: database, relation, block and the tool's words.",
     },
 }
 

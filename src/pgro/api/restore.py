@@ -8,6 +8,7 @@ from pydantic import Field
 
 from pgro.api.base import ApiModel
 from pgro.api.conditions import Condition
+from pgro.api.data_checks import DataChecks
 from pgro.api.meta import ObjectMeta
 from pgro.api.migration import MigrateTo, MigrationResult, SchemaBuildResult
 from pgro.api.names import API_VERSION, RESTORE_KIND
@@ -43,6 +44,8 @@ class PostgresPhysicalRestoreStatus(ApiModel):
     # The repairs the restore step made to the data directory (`reset_wal`, ...), as
     # reported to canopy in `health_details.fixes`.
     fixes: dict[str, bool] | None = None
+    # What the checks that read the data found (`pgro.bes.au/verify-depth`), once run.
+    data_checks: DataChecks | None = None
     created_at: Timestamp | None = None
     restored_at: Timestamp | None = None
     activated_at: Timestamp | None = None

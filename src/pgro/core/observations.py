@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
+from pgro.api.data_checks import DataChecks
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.snapshot import Snapshot
@@ -149,6 +150,8 @@ class RestoreWork:
     reason: str = ""
     completed_at: datetime | None = None
     fixes: Mapping[str, bool] | None = None
+    # The checks that read the data, when the work ran them (pgro run's worker).
+    data_checks: DataChecks | None = None
 
     @classmethod
     def not_started(cls) -> RestoreWork:
@@ -164,17 +167,19 @@ class RestoreWork:
         postgres_version: str | None,
         completed_at: datetime | None = None,
         fixes: Mapping[str, bool] | None = None,
+        data_checks: DataChecks | None = None,
     ) -> RestoreWork:
         return cls(
             WorkState.SUCCEEDED,
             postgres_version=postgres_version,
             completed_at=completed_at,
             fixes=fixes,
+            data_checks=data_checks,
         )
 
     @classmethod
-    def failed(cls, reason: str) -> RestoreWork:
-        return cls(WorkState.FAILED, reason=reason)
+    def failed(cls, reason: str, data_checks: DataChecks | None = None) -> RestoreWork:
+        return cls(WorkState.FAILED, reason=reason, data_checks=data_checks)
 
 
 class ServerState(StrEnum):
@@ -218,6 +223,16 @@ class MigrationOutcome:
 
 
 @dataclass(frozen=True)
+class DataCheckRun:
+    """The run of a restore's data checks (the operator's `<restore>-data-check` Job):
+    `result` once it ended with a verdict, `reason` when it ended without one."""
+
+    state: WorkState
+    result: DataChecks | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class RestoreObservation:
     restore: PostgresPhysicalRestore
     # None when the replica is gone (its restores are then being cascaded away).
@@ -226,3 +241,6 @@ class RestoreObservation:
     server: Server = Server()
     version_detection: VersionDetection | None = None
     migration: MigrationOutcome | None = None
+    # None where the runtime runs the checks inside the restore work (pgro run's worker,
+    # whose `RestoreWork.data_checks` carries them).
+    data_check: DataCheckRun | None = None

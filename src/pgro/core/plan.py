@@ -262,6 +262,15 @@ class RunMigration(Step):
     restore: str
 
 
+@dataclass(frozen=True)
+class CheckData(Step):
+    """Run the checks that read the restore's data at `depth` on its ready server (once),
+    or read their verdict back when they ended; the runtime's observation carries it."""
+
+    restore: str
+    depth: str
+
+
 # Every step a decision can plan. Plans hold only these, and the shell's dispatch matches
 # each (ending in `assert_never`): a step type added here without a handler, or planned
 # without being added here, is a type error.
@@ -286,6 +295,7 @@ PlanStep = (
     | EnsureServer
     | MarkReadyForTraffic
     | RunMigration
+    | CheckData
 )
 
 

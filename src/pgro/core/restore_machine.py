@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
+from pgro.api.data_checks import DataChecks
 from pgro.api.names import restore_data_pvc_name, restore_job_name
 from pgro.api.phases import JobPhase, RestorePhase
 from pgro.api.quantity import parse_quantity
@@ -24,6 +25,7 @@ from pgro.core import reasons, verification_reports
 from pgro.core.backoff import failure_backoff
 from pgro.core.observations import RestoreObservation, ServerState, WorkState
 from pgro.core.plan import (
+    CheckData,
     CleanupRestoreWork,
     DetectPostgresVersion,
     EmitEvent,
@@ -44,6 +46,7 @@ from pgro.core.queue import AdmissionQueue, promoted_keys
 from pgro.core.restore_set import is_in_progress
 from pgro.core.settings import DEFAULT_SETTINGS, ReconcilerSettings
 from pgro.core.timeouts import readiness_timeout
+from pgro.core.verify_depth import damage_summary, replica_depth
 
 RunIdSource = Callable[[], str]
 """Mints canopy run ids (a UUID4 in production; a counter in tests)."""
@@ -184,6 +187,7 @@ def _restoring(p: _Pass) -> timedelta | None:
                 ),
                 postgres_version=work.postgres_version or restore.status.postgres_version,
                 fixes=dict(work.fixes) if work.fixes is not None else restore.status.fixes,
+                data_checks=work.data_checks or restore.status.data_checks,
             )
             p.flush()
             p.steps.append(CleanupRestoreWork(restore.name))
@@ -192,6 +196,7 @@ def _restoring(p: _Pass) -> timedelta | None:
             _fail(
                 p,
                 f"restore failed: {work.reason or 'the restore work failed'}",
+                data_checks=work.data_checks,
                 restore_job=JobStatus(name=_job_name(p), phase=JobPhase.FAILED),
             )
             return None
@@ -237,6 +242,9 @@ def _ready(p: _Pass) -> timedelta | None:
         _fail(p, f"PostgreSQL could not start on the restored data: {server.reason}")
         return None
     if server.state is ServerState.READY:
+        checked, wait = _data_checked(p)
+        if not checked:
+            return wait
         if restore.spec.migrate_to is not None and status.migration_result is None:
             p.draft.set(phase=RestorePhase.MIGRATING)
             return REQUEUE_SOON
@@ -260,6 +268,41 @@ def _ready(p: _Pass) -> timedelta | None:
         )
         return None
     return min(REQUEUE_WAIT_READY, deadline - p.now + timedelta(seconds=1))
+
+
+def _data_checked(p: _Pass) -> tuple[bool, timedelta | None]:
+    """Whether the data checks of the replica's depth are done and found no damage, and
+    if not, when to look again (None: the restore failed).
+
+    Before the switchover and any migration: damage fails the restore, so a damaged
+    snapshot is never verified nor served. pgro run's worker ran them before the server
+    first started (recorded with the work); the operator runs them now, on the ready
+    server (`CheckData`). A run that ended without a verdict, or cut short by its budget,
+    is `incomplete`: a note on the report, not a failure."""
+    restore = p.restore
+    replica = p.obs.replica
+    checks = restore.status.data_checks
+    if checks is None and replica is not None:
+        depth = replica_depth(replica).depth
+        if depth == "quick":
+            return True, None
+        run = p.obs.data_check
+        if run is None or run.state in (WorkState.NOT_STARTED, WorkState.RUNNING):
+            p.steps.append(CheckData(restore.name, depth))
+            return False, REQUEUE_WORK_RUNNING
+        checks = run.result
+        if run.state is not WorkState.SUCCEEDED or checks is None:
+            checks = DataChecks(
+                depth=depth,
+                verdict="incomplete",
+                message="the data checks ended without a verdict: "
+                + (run.reason or "no result")[:500],
+            )
+        p.draft.set(data_checks=checks)
+    if checks is not None and checks.damaged:
+        _fail(p, damage_summary(checks), data_checks=checks)
+        return False, None
+    return True, None
 
 
 def _detect_version(p: _Pass) -> timedelta | None:
@@ -289,7 +332,7 @@ def counted_failure(status: PostgresPhysicalReplicaStatus) -> str | None:
     return words[1] if len(words) >= 2 and words[0] == "Restore" else None
 
 
-def _fail(p: _Pass, reason: str, **fields: Any) -> None:
+def _fail(p: _Pass, reason: str, data_checks: DataChecks | None = None, **fields: Any) -> None:
     """The shared failure path, once per restore.
 
     The replica's counter and backoff are written first, together with a marker naming
@@ -312,13 +355,17 @@ def _fail(p: _Pass, reason: str, **fields: Any) -> None:
             f"Restore {restore.name} failed: {reason}",
         )
         if replica.spec.canopy_source is not None:
-            report = verification_reports.new_report(restore, "failure", p.now, reason)
+            report = verification_reports.new_report(
+                restore, "failure", p.now, reason, data_checks=data_checks
+            )
             replica_draft.set(
                 pending_verification_reports=verification_reports.with_report(
                     replica.status.pending_verification_reports, report
                 )
             )
         p.steps.append(PatchReplicaStatus(replica_draft.take()))
+    if data_checks is not None:
+        fields["data_checks"] = data_checks
     p.draft.set(phase=RestorePhase.FAILED, **fields)
     p.draft.condition(FAILED_CONDITION, "True", reasons.RESTORE_FAILED, reason)
     p.flush()

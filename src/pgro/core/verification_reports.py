@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
+from pgro.api.data_checks import DataChecks
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.verification import PendingVerificationReport, ReportOutcome
 
@@ -30,6 +31,8 @@ def new_report(
     outcome: ReportOutcome,
     now: datetime,
     error: str | None = None,
+    *,
+    data_checks: DataChecks | None = None,
 ) -> PendingVerificationReport:
     """The report on `restore`'s run, observed `now`. `restore_duration_sec` is known here;
     sizes, fixes and checks are added by the runtime while the server still runs."""
@@ -40,6 +43,11 @@ def new_report(
         details["restore_duration_sec"] = max(0, int((now - created).total_seconds()))
     if status.fixes is not None:
         details["fixes"] = dict(status.fixes)
+    checked = data_checks or status.data_checks
+    if checked is not None and checked.checks:
+        # The data checks' findings (database, relation, block), failed or not; the
+        # runtime's own health checks join them (`with_details`).
+        details["checks"] = [c.as_report() for c in checked.checks]
     return PendingVerificationReport(
         restore=restore.name,
         run_id=status.run_id,
@@ -121,7 +129,15 @@ def with_details(
         if r.key == key:
             update: dict[str, Any] = {}
             if health_details:
-                update["health_details"] = {**(r.health_details or {}), **health_details}
+                old = r.health_details or {}
+                merged = {**old, **health_details}
+                if isinstance(old.get("checks"), list) and isinstance(
+                    health_details.get("checks"), list
+                ):
+                    # The server's health checks, then the data checks recorded before.
+                    kept = [c for c in old["checks"] if c not in health_details["checks"]]
+                    merged["checks"] = [*health_details["checks"], *kept]
+                update["health_details"] = merged
             if traffic:
                 update["traffic"] = dict(traffic)
             r = r.model_copy(update=update) if update else r

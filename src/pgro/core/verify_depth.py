@@ -15,9 +15,15 @@ block, the server's message) and how many there were in all.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+from pgro.api.data_checks import DataCheck, DataCheckFinding, DataChecks, DataVerdict
+from pgro.api.names import ANNOTATION_VERIFY_DEPTH
+
+if TYPE_CHECKING:
+    from pgro.api.replica import PostgresPhysicalReplica
 
 Depth = Literal["quick", "standard", "full"]
 DEPTHS: Final[tuple[Depth, ...]] = ("quick", "standard", "full")
@@ -218,4 +224,100 @@ def incomplete(done: int, total: int) -> CheckVerdict:
         "incomplete",
         f"incomplete after {done} of {total} relations: the time budget ran out "
         "(raise the verification timeout or choose a lower depth)",
+    )
+
+
+@dataclass(frozen=True)
+class DepthChoice:
+    depth: Depth
+    # Why the replica's own setting was not used (an invalid annotation), for a warning.
+    warning: str | None = None
+
+
+def depth_for(
+    annotations: Mapping[str, str], explicit: str | None = None, *, fallback: Depth = DEFAULT_DEPTH
+) -> DepthChoice:
+    """The depth of a replica's verification: `explicit` (a flag, already valid), else its
+    `pgro.bes.au/verify-depth` annotation, else `fallback`. An invalid annotation is the
+    fallback with a warning, never a failure."""
+    if explicit is not None:
+        return DepthChoice(parse_depth(explicit))
+    value = annotations.get(ANNOTATION_VERIFY_DEPTH)
+    if value is None:
+        return DepthChoice(fallback)
+    try:
+        return DepthChoice(parse_depth(value))
+    except UnknownDepth as exc:
+        return DepthChoice(
+            fallback, f"annotation {ANNOTATION_VERIFY_DEPTH}: {exc}; verifying at {fallback}"
+        )
+
+
+def replica_depth(replica: PostgresPhysicalReplica) -> DepthChoice:
+    """The depth of a replica's verification in `pgro run` and the operator: its
+    annotation, else `standard` for a verify replica (`ephemeral`) and `quick` for an
+    analytics replica (whose switchover the checks would delay)."""
+    fallback: Depth = DEFAULT_DEPTH if replica.spec.ephemeral else "quick"
+    return depth_for(replica.metadata.annotations, fallback=fallback)
+
+
+# What one restore's status may carry of a hostile catalog's names and a tool's words.
+MAX_CHECKS: Final = 16
+MAX_TEXT: Final = 1000
+MAX_NAME: Final = 200
+
+
+def _cut(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
+
+
+def _finding(f: Finding) -> DataCheckFinding:
+    return DataCheckFinding(
+        message=_cut(f.message, MAX_TEXT) or "",
+        database=_cut(f.database, MAX_NAME),
+        relation=_cut(f.relation, MAX_NAME),
+        table=_cut(f.table, MAX_NAME),
+        file=_cut(f.file, MAX_NAME),
+        block=f.block if f.block is not None and f.block >= 0 else None,
+    )
+
+
+def verdict_of(verdicts: Sequence[CheckVerdict]) -> DataVerdict:
+    if any(v.status == "fail" for v in verdicts):
+        return "damaged"
+    if any(v.status == "incomplete" for v in verdicts):
+        return "incomplete"
+    return "passed"
+
+
+def data_checks(
+    depth: Depth, verdicts: Sequence[CheckVerdict], message: str | None = None
+) -> DataChecks:
+    """The verdicts as `status.dataChecks`, every text and list capped: failures first, so
+    a cap never hides one."""
+    ordered = sorted(verdicts, key=lambda v: v.status != "fail")[:MAX_CHECKS]
+    return DataChecks(
+        depth=depth,
+        verdict=verdict_of(verdicts),
+        message=_cut(message, MAX_TEXT),
+        checks=[
+            DataCheck(
+                name=_cut(v.name, MAX_NAME) or "",
+                status=v.status,
+                detail=_cut(v.detail, MAX_TEXT) or "",
+                count=v.count or None,
+                findings=[_finding(f) for f in v.findings[:MAX_SHOWN]],
+            )
+            for v in ordered
+        ],
+    )
+
+
+def damage_summary(checks: DataChecks) -> str:
+    """`DataDamaged: …` naming the failed checks' first findings, as a failure reason."""
+    failed = [c for c in checks.checks if c.status == "fail"]
+    return "DataDamaged: the data is damaged: " + " | ".join(
+        f"{c.name}: {c.detail}" for c in failed
     )

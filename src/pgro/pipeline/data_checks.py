@@ -19,30 +19,28 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from pgro.api.names import ANNOTATION_VERIFY_DEPTH
 from pgro.core.timeouts import readiness_timeout
 from pgro.core.verify_depth import (
     CHECKSUMS,
-    DEFAULT_DEPTH,
     CheckVerdict,
     Depth,
+    DepthChoice,
     DepthPlan,
     Finding,
-    UnknownDepth,
+    depth_for,
     not_checked,
-    parse_depth,
     plan_for,
+    replica_depth,
     shape,
 )
 from pgro.postgres.health import Check, HealthReport
 
 if TYPE_CHECKING:
-    from pgro.api.replica import PostgresPhysicalReplica
     from pgro.pipeline.restore import RestoredDataDirectory
     from pgro.postgres.account import RunAccount
     from pgro.postgres.binaries import PostgresBinaries
@@ -52,6 +50,8 @@ if TYPE_CHECKING:
 DATA_DAMAGED: Final = "DataDamaged"
 VERIFICATION_INCOMPLETE: Final = "VerificationIncomplete"
 MAX_WORKERS: Final = 8
+# Chosen from the replica by the restore machine; re-exported for the runtimes.
+__all__ = ["DepthChoice", "depth_for", "replica_depth"]
 DEFAULT_CHECKING_SUPERUSER: Final = "postgres"
 
 
@@ -74,40 +74,6 @@ def default_budget_s(snapshot_bytes: int) -> float:
     """The time the data checks may take unless told: 30 min + 15 min per 100 GiB (the
     same allowance as the server's readiness)."""
     return readiness_timeout(snapshot_bytes).total_seconds()
-
-
-@dataclass(frozen=True)
-class DepthChoice:
-    depth: Depth
-    # Why the replica's own setting was not used (an invalid annotation), for a warning.
-    warning: str | None = None
-
-
-def depth_for(
-    annotations: Mapping[str, str], explicit: str | None = None, *, fallback: Depth = DEFAULT_DEPTH
-) -> DepthChoice:
-    """The depth of a replica's verification: `explicit` (a flag, already valid), else its
-    `pgro.bes.au/verify-depth` annotation, else `fallback`. An invalid annotation is the
-    fallback with a warning, never a failure."""
-    if explicit is not None:
-        return DepthChoice(parse_depth(explicit))
-    value = annotations.get(ANNOTATION_VERIFY_DEPTH)
-    if value is None:
-        return DepthChoice(fallback)
-    try:
-        return DepthChoice(parse_depth(value))
-    except UnknownDepth as exc:
-        return DepthChoice(
-            fallback, f"annotation {ANNOTATION_VERIFY_DEPTH}: {exc}; verifying at {fallback}"
-        )
-
-
-def replica_depth(replica: PostgresPhysicalReplica) -> DepthChoice:
-    """The depth of a replica's verification in `pgro run` and the operator: its
-    annotation, else `standard` for a verify replica (`ephemeral`) and `quick` for an
-    analytics replica (whose switchover the checks would delay)."""
-    fallback: Depth = DEFAULT_DEPTH if replica.spec.ephemeral else "quick"
-    return depth_for(replica.metadata.annotations, fallback=fallback)
 
 
 def checking_superuser(

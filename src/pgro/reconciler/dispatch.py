@@ -12,6 +12,7 @@ from typing import assert_never
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.plan import (
+    CheckData,
     CleanupRestoreWork,
     CreateRestore,
     DeleteRestore,
@@ -108,5 +109,7 @@ def dispatch(
             effects.mark_ready_for_traffic(replica, step)
         case RunMigration():
             effects.run_migration(replica, _need(restore, step), step)
+        case CheckData():
+            effects.check_data(replica, _need(restore, step), step)
         case _:
             assert_never(step)

@@ -20,6 +20,7 @@ from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core.observations import ReplicaObservation, RestoreObservation
 from pgro.core.plan import (
+    CheckData,
     CleanupRestoreWork,
     DeleteRestore,
     DetectPostgresVersion,
@@ -199,6 +200,13 @@ class Effects(Protocol):
         replica: PostgresPhysicalReplica,
         restore: PostgresPhysicalRestore,
         step: RunMigration,
+    ) -> None: ...
+
+    def check_data(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: CheckData,
     ) -> None: ...
 
     # -- after a replica's plan -----------------------------------------------------------
