@@ -1,9 +1,11 @@
 """The kopia CLI, wrapped: connect, list snapshots, restore one.
 
 Each `KopiaRepository` uses its own config, cache and log directories, so concurrent uses
-(several replicas, tests, a user's own kopia) never share state. Secrets reach kopia only
-through its environment (`KOPIA_PASSWORD`, `AWS_*`), never its command line, and the
-connection does not persist the password to disk.
+(several replicas, tests, a user's own kopia) never share state; the one exception is a
+kept cache (`cache_dir`, `pgro.kopia.cache`): metadata only, bounded, shared by every use
+of the same repository, which kopia allows. Secrets reach kopia only through its
+environment (`KOPIA_PASSWORD`, `AWS_*`), never its command line, and the connection does
+not persist the password to disk.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location
 from pgro.core.secrets import scrub
 from pgro.core.snapshot import Snapshot, SnapshotListParseError, parse_snapshot_list
 from pgro.interrupts import deferred_interrupts
+from pgro.kopia.cache import KEPT_CACHE_FLAGS, PRIVATE
 from pgro.kopia.errors import (
     EndpointUnreachable,
     KopiaError,
@@ -98,7 +101,12 @@ def find_kopia() -> str:
 
 
 class KopiaRepository:
-    """A connected kopia repository. Use as a context manager; `close()` removes its state."""
+    """A connected kopia repository. Use as a context manager; `close()` removes its state.
+
+    `cache_dir`: a kept cache (`pgro.kopia.cache.repository_cache_dir`), which `close()`
+    leaves in place, with kopia's cache bounded to metadata (`KEPT_CACHE_FLAGS`). Without
+    one, kopia's cache lives in the state directory and goes with it (`pgro verify`: one
+    restore, nothing to keep it for)."""
 
     def __init__(
         self,
@@ -107,9 +115,11 @@ class KopiaRepository:
         *,
         kopia: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        cache_dir: Path | None = None,
     ) -> None:
         self._creds = credentials
         self._state_dir = state_dir
+        self._cache_dir = cache_dir
         self._kopia = kopia or find_kopia()
         self._connect_timeout = connect_timeout
         self._connected = False
@@ -137,6 +147,10 @@ class KopiaRepository:
         return isinstance(self._creds.location, S3Location)
 
     @property
+    def cache_dir(self) -> Path:
+        return self._cache_dir or self._state_dir / "cache"
+
+    @property
     def description(self) -> str:
         return self._creds.describe()
 
@@ -149,7 +163,7 @@ class KopiaRepository:
         env.update(
             KOPIA_CONFIG_PATH=str(self._state_dir / "config" / "repository.config"),
             KOPIA_LOG_DIR=str(self._state_dir / "logs"),
-            KOPIA_CACHE_DIRECTORY=str(self._state_dir / "cache"),
+            KOPIA_CACHE_DIRECTORY=str(self.cache_dir),
             KOPIA_CHECK_FOR_UPDATES="false",
             KOPIA_PASSWORD=self._creds.repository_password,
         )
@@ -198,6 +212,8 @@ class KopiaRepository:
         common = ["--no-persist-credentials"]
         if verb == "connect":
             common.append("--readonly")
+            if self._cache_dir is not None:
+                common += KEPT_CACHE_FLAGS
         if isinstance(loc, FilesystemLocation):
             return ["repository", verb, "filesystem", f"--path={loc.path}", *common]
         assert isinstance(loc, S3Location)
@@ -215,6 +231,9 @@ class KopiaRepository:
         for sub in ("config", "logs", "cache"):
             (self._state_dir / sub).mkdir(parents=True, exist_ok=True)
         self._state_dir.chmod(0o700)
+        if self._cache_dir is not None:
+            # Gone since it was made (a user cleaning up): kopia starts it afresh.
+            self._cache_dir.mkdir(mode=PRIVATE, parents=True, exist_ok=True)
         proc = self._run(self._connect_args(), self._connect_timeout)
         if proc.returncode != 0:
             raise classify_connect_failure(proc.stderr, self.description, s3=self._is_s3)

@@ -149,6 +149,8 @@ class RestoreJob:
     proxy: CanopyProxy | None = None
     # How deep the first start checks the data (`pgro.core.verify_depth`; the worker's).
     verify_depth: str = "quick"
+    # A kept kopia cache of the repository (`pgro.kopia.cache`; pgro run's), else none.
+    kopia_cache: Path | None = None
 
     @property
     def snapshot(self) -> Snapshot:
@@ -239,6 +241,7 @@ class RestoreJob:
             extra_config=doc.get("extraConfig") or "",
             proxy=CanopyProxy(restore_dir / "proxy-port", launch=launch) if launch else None,
             verify_depth=doc.get("verifyDepth") or "quick",
+            kopia_cache=Path(doc["kopiaCache"]) if doc.get("kopiaCache") else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -253,6 +256,7 @@ class RestoreJob:
             "credentials": credentials_to_json(self.credentials),
             "canopyProxy": dict(self.proxy.launch or {}) if self.proxy else None,
             "verifyDepth": self.verify_depth,
+            "kopiaCache": str(self.kopia_cache) if self.kopia_cache else None,
         }
 
 

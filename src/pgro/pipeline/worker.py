@@ -196,7 +196,7 @@ def run(doc: Mapping[str, Any]) -> RestoreOutcome:
             proxy, port = _start_proxy(job.proxy, client)
             creds = job.proxy.route(creds, port, client)
         account = resolve_run_account()
-        with KopiaRepository(creds, job.kopia_dir) as repo:
+        with KopiaRepository(creds, job.kopia_dir, cache_dir=job.kopia_cache) as repo:
             restored = restore_snapshot(
                 repo,
                 job.snapshot,

@@ -5,7 +5,9 @@ start (seconds to minutes) on every trigger, and in-memory callback state. pgro 
 its own process (the operator, `pgro run`). Listings are shared by every replica that
 reads the same repository with the same credentials (keyed by a digest of the Secret's
 values, never the values), and at most one listing per repository runs at a time;
-replicas asking meanwhile get the running one's result.
+replicas asking meanwhile get the running one's result. Given a `cache_root` (`pgro run`:
+`<state dir>/kopia-cache`), kopia keeps a metadata cache per repository location there
+(`pgro.kopia.cache`), shared with the restores of that repository.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pgro.core.observations import (
     record_listing_success,
 )
 from pgro.core.secrets import scrub
+from pgro.kopia.cache import repository_cache_dir
 from pgro.kopia.repository import KopiaRepository
 
 log = logging.getLogger("pgro.listing")
@@ -60,10 +63,12 @@ class ListingCache:
         *,
         workers: int = 2,
         state_dir: Path | None = None,
+        cache_root: Path | None = None,
     ) -> None:
         self.on_done = on_done
         self.clock = clock
         self.state_dir = state_dir or Path(tempfile.gettempdir()) / "pgro-operator-kopia"
+        self.cache_root = cache_root
         self._repos: dict[str, _Repo] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="listing")
@@ -107,9 +112,13 @@ class ListingCache:
         # The keys a canopy proxy hands out for this listing are secrets too.
         secrets = list(creds.secret_values())
         try:
+            # Keyed by where the repository is (`creds`: a canopy proxy's address changes).
+            cache = (
+                repository_cache_dir(self.cache_root, creds.location) if self.cache_root else None
+            )
             with access() as opened:
                 secrets += opened.secret_values()
-                with KopiaRepository(opened, state) as kopia:
+                with KopiaRepository(opened, state, cache_dir=cache) as kopia:
                     snapshots = kopia.list_snapshots()
             listing = record_listing_success(snapshots, self.clock())
             log.info("listed %d snapshots in %s", len(snapshots), creds.describe())
@@ -135,10 +144,15 @@ class ListingCache:
 # previous listing and wanted snapshot.
 class ReplicaListings:
     def __init__(
-        self, on_done: Callable[[str], None], clock: Callable[[], datetime], state_dir: Path
+        self,
+        on_done: Callable[[str], None],
+        clock: Callable[[], datetime],
+        state_dir: Path,
+        *,
+        cache_root: Path | None = None,
     ) -> None:
         self.on_done = on_done
-        self._cache = ListingCache(self._listed, clock, state_dir=state_dir)
+        self._cache = ListingCache(self._listed, clock, state_dir=state_dir, cache_root=cache_root)
         self._lock = threading.Lock()
         self._listings: dict[str, SnapshotListing] = {}
         self._asked: dict[str, tuple[KopiaCredentials, str | None]] = {}

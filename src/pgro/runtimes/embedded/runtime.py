@@ -45,6 +45,8 @@ from pgro.runtimes.embedded.work import Restores
 log = logging.getLogger("pgro.run")
 
 RUN_ROOT_SETTING: Final = "run-root"
+# kopia's metadata cache per repository location (`pgro.kopia.cache`; docs/run.md).
+KOPIA_CACHE: Final = "kopia-cache"
 
 
 @dataclass
@@ -84,7 +86,7 @@ class Runtime:
             log.info(why, self.account.name, self.state_dir, self.run_root)
         for name in ("restores", "endpoints"):
             ensure_dir(self.run_root / name, TRAVERSE)
-        for name in ("credentials", "kopia"):
+        for name in ("credentials", "kopia", KOPIA_CACHE):
             ensure_dir(self.state_dir / name, PRIVATE)
         self.metrics = Metrics()
         self.health = Health()
@@ -102,7 +104,9 @@ class Runtime:
             self.canopy = EmbeddedCanopy(
                 client, canopy_options, self.store, clock=self.clock, rnd=self.random.random
             )
-        self.restores = Restores(self.store, self.run_root, self.account)
+        # One kopia metadata cache per repository, shared by listings and restores.
+        kopia_cache = self.state_dir / KOPIA_CACHE
+        self.restores = Restores(self.store, self.run_root, self.account, kopia_cache=kopia_cache)
         self.endpoints = Endpoints(
             self.store,
             CredentialStore(self.state_dir / "credentials"),
@@ -112,7 +116,10 @@ class Runtime:
             endpoint_factory,
         )
         self.listings = ReplicaListings(
-            lambda key: self.schedule("replica", key, 0.0), clock, self.state_dir / "kopia"
+            lambda key: self.schedule("replica", key, 0.0),
+            clock,
+            self.state_dir / "kopia",
+            cache_root=kopia_cache,
         )
         self.effects = EmbeddedEffects(
             self.store,

@@ -20,6 +20,7 @@ from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import RestoreWork, Server, WorkState
+from pgro.kopia.cache import repository_cache_dir
 from pgro.pipeline import worker
 from pgro.pipeline.data_checks import replica_depth
 from pgro.pipeline.job import CanopyProxy, RestoreJob, RestoreOutcome
@@ -62,10 +63,19 @@ class _Worker:
 class Restores:
     """The directories, worker processes and servers of every restore of this run."""
 
-    def __init__(self, store: Store, run_root: Path, account: RunAccount) -> None:
+    def __init__(
+        self,
+        store: Store,
+        run_root: Path,
+        account: RunAccount,
+        *,
+        kopia_cache: Path | None = None,
+    ) -> None:
         self.store = store
         self.run_root = run_root
         self.account = account
+        # Where kopia keeps a metadata cache per repository (`pgro.kopia.cache`), if at all.
+        self.kopia_cache = kopia_cache
         self.workers: dict[str, _Worker] = {}
         self.servers: dict[str, ServerHandle] = {}
         self.runners = Runners()
@@ -179,6 +189,11 @@ class Restores:
             extra_config=replica.spec.postgres_extra_config or "",
             proxy=CanopyProxy(rdir / "proxy-port", launch=proxy) if proxy is not None else None,
             verify_depth=depth.depth,
+            kopia_cache=(
+                repository_cache_dir(self.kopia_cache, creds.location)
+                if self.kopia_cache is not None
+                else None
+            ),
         )
         self.workers[restore_key(restore)] = _Worker(worker.launch(job, rdir))
         log.info("restore %s: downloading snapshot %s", restore.name, restore.spec.snapshot)
