@@ -35,7 +35,9 @@ as_root() {
 # --- Debian packages -------------------------------------------------------
 need_pkgs=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in "postgresql-$PG_MAJOR" "postgresql-client-$PG_MAJOR" pgbouncer ca-certificates git; do
+# locales: localedef and its sources (locales-all, which also satisfies PostgreSQL, has neither),
+# for the private locale aliases of postgres/locale_aliases.py.
+for p in "postgresql-$PG_MAJOR" "postgresql-client-$PG_MAJOR" pgbouncer ca-certificates git locales; do
   have_pkg "$p" || need_pkgs+=("$p")
 done
 command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || need_pkgs+=(golang-go)

@@ -271,6 +271,7 @@ class PostgresServer:
         port: int | None = None,
         listen_addresses: str = "",
         options: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.pgdata = pgdata
         self.binaries = binaries
@@ -280,6 +281,8 @@ class PostgresServer:
         self.port = port or free_port()
         self.listen_addresses = listen_addresses
         self.options = dict(options or {})
+        # Extra environment, e.g. `locale_aliases.LocaleAliases.env()` (LOCPATH, GCONV_PATH).
+        self.env = dict(env or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -331,6 +334,7 @@ class PostgresServer:
         assert self._log is not None
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
         env.update(self.account.env())
+        env.update(self.env)
         return spawn(
             self._command(),
             # Immediate shutdown if pgro dies, where this server is throwaway (pgro verify).
@@ -466,11 +470,17 @@ def reset_wal(binaries: PostgresBinaries, pgdata: Path, account: RunAccount) -> 
 _ROLNAME = re.compile(r'rolname\s*=\s*"([^"]+)"')
 
 
-def bootstrap_superuser(binaries: PostgresBinaries, pgdata: Path, account: RunAccount) -> str:
+def bootstrap_superuser(
+    binaries: PostgresBinaries,
+    pgdata: Path,
+    account: RunAccount,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """The cluster's bootstrap superuser (the role with OID 10), read in single-user mode.
 
     Needed when the source cluster was initialised by an OS user other than `postgres`:
-    local `trust` authentication still needs an existing role name.
+    local `trust` authentication still needs an existing role name. `env` is added to the
+    session's environment (the private locales of `locale_aliases`).
     """
     # Single-user mode loads shared_preload_libraries too, so it gets the same forced
     # settings (pg_db_role_setting and event triggers are not applied in this mode).
@@ -481,7 +491,12 @@ def bootstrap_superuser(binaries: PostgresBinaries, pgdata: Path, account: RunAc
         capture_output=True,
         text=True,
         check=False,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", **account.env()},
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LC_ALL": "C",
+            **account.env(),
+            **(env or {}),
+        },
         **account.popen_kwargs(),
     )
     m = _ROLNAME.search(str(proc.stdout))
