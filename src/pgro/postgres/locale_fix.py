@@ -56,9 +56,11 @@ DEFAULT_COLLATION_OID: Final = 100
 MAINTENANCE_DATABASE: Final = "postgres"
 # Never reindexed by pgro: the catalogs (REINDEX CONCURRENTLY refuses them), the SQL
 # standard's views, TOAST and other sessions' temporary schemas.
+# (No `LIKE 'pg\_toast%'`: a `%` would be taken for a parameter where the query has them.)
 EXCLUDED_NAMESPACES_SQL: Final = (
     "n.nspname NOT IN ('pg_catalog', 'information_schema') "
-    "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'"
+    "AND NOT pg_catalog.starts_with(n.nspname, 'pg_toast') "
+    "AND NOT pg_catalog.starts_with(n.nspname, 'pg_temp')"
 )
 MAX_MESSAGE: Final = 300
 
@@ -247,7 +249,7 @@ def error_text(exc: BaseException) -> str:
     """A failed statement's primary message, never its DETAIL (which can quote rows)."""
     diag = getattr(exc, "diag", None)
     primary = getattr(diag, "message_primary", None)
-    text = str(primary or type(exc).__name__).strip()
+    text = str(primary or str(exc).strip().split("\n")[0] or type(exc).__name__).strip()
     return printable_name(text, MAX_MESSAGE)
 
 

@@ -1,0 +1,180 @@
+"""Collation-version drift on a real PostgreSQL with ICU (features.md §2.4).
+
+The drift is forged the way a snapshot from another host would carry it: the recorded
+versions of an ICU collation (`pg_collation.collversion`) and of an ICU database's default
+collation (`pg_database.datcollversion`) are set to '0.0'. pgro must find both, rebuild the
+indexes that depend on them (and no other), and refresh the versions only when every rebuild
+of the database succeeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgro.postgres.account import RunAccount
+from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.collation_refresh import CollationMismatch, detect, repair
+from pgro.postgres.server import PostgresServer
+from tests.fixtures.scratch_server import scratch_server
+
+ROWS = 500
+
+
+def _conninfo_for(server: PostgresServer) -> Callable[[str], str]:
+    return lambda dbname: server.endpoint.conninfo(dbname, "postgres")
+
+
+def _connect(server: PostgresServer, dbname: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(server.endpoint.conninfo(dbname, "postgres"), autocommit=True)
+
+
+def _one(server: PostgresServer, dbname: str, sql: str) -> object:
+    with _connect(server, dbname) as conn:
+        row = conn.execute(sql.encode()).fetchone()
+        assert row is not None
+        return row[0]
+
+
+def _relfilenode(server: PostgresServer, dbname: str, index: str) -> int:
+    sql = f"SELECT relfilenode FROM pg_class WHERE relname = '{index}'"
+    return int(str(_one(server, dbname, sql)))
+
+
+@pytest.fixture
+def drifted(
+    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
+) -> Iterator[PostgresServer]:
+    """A server whose `en_icu` collation (in `postgres`) and ICU database `icudb` record a
+    version '0.0' their library does not have."""
+    with scratch_server(scratch_root, account, binaries, "collation") as server:
+        with _connect(server, "postgres") as conn:
+            row = conn.execute("SELECT count(*) FROM pg_collation WHERE collprovider = 'i'")
+            if int(str(row.fetchone()[0])) == 0:  # type: ignore[index]
+                pytest.skip("this PostgreSQL has no ICU")
+            conn.execute("CREATE COLLATION en_icu (provider = icu, locale = 'en-US')")
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, name text COLLATE en_icu, code text)")
+            conn.execute(
+                f"INSERT INTO t SELECT g, 'name ' || g, 'code ' || g "
+                f"FROM generate_series(1, {ROWS}) g"
+            )
+            conn.execute("CREATE INDEX t_name ON t (name)")  # on en_icu
+            conn.execute("CREATE INDEX t_code ON t (code)")  # the C default: sound
+            conn.execute("CREATE INDEX t_expr ON t ((lower(code) COLLATE en_icu))")
+            conn.execute(
+                "CREATE DATABASE icudb TEMPLATE template0 LOCALE_PROVIDER icu "
+                "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+            )
+            conn.execute("UPDATE pg_collation SET collversion = '0.0' WHERE collname = 'en_icu'")
+            conn.execute("UPDATE pg_database SET datcollversion = '0.0' WHERE datname = 'icudb'")
+        with _connect(server, "icudb") as conn:
+            conn.execute("CREATE TABLE words (id int PRIMARY KEY, w text)")
+            conn.execute(f"INSERT INTO words SELECT g, 'w' || g FROM generate_series(1, {ROWS}) g")
+            conn.execute("CREATE INDEX words_w ON words (w)")
+        yield server
+
+
+def _actual(server: PostgresServer) -> tuple[str, str]:
+    collation = _one(
+        server,
+        "postgres",
+        "SELECT pg_collation_actual_version(oid) FROM pg_collation WHERE collname = 'en_icu'",
+    )
+    database = _one(
+        server,
+        "postgres",
+        "SELECT pg_database_collation_actual_version(oid) FROM pg_database WHERE datname = 'icudb'",
+    )
+    return str(collation), str(database)
+
+
+def test_detection_finds_the_forged_versions(drifted: PostgresServer) -> None:
+    collation, database = _actual(drifted)
+    assert collation != "0.0"
+    found = detect(_conninfo_for(drifted))
+    assert set(found) == {
+        CollationMismatch("postgres", "public", "en_icu", "0.0", collation),
+        CollationMismatch("icudb", "pg_catalog", "default", "0.0", database),
+    }
+
+
+def test_repair_rebuilds_the_dependent_indexes_then_refreshes(drifted: PostgresServer) -> None:
+    server = drifted
+    conninfo_for = _conninfo_for(server)
+    before = {
+        name: _relfilenode(server, "postgres", name) for name in ("t_name", "t_code", "t_expr")
+    }
+    words = _relfilenode(server, "icudb", "words_w")
+
+    result = repair(conninfo_for)
+
+    assert result.failures == ()
+    assert {str(i) for i in result.rebuilt} == {
+        "postgres:public.t_name",
+        "postgres:public.t_expr",
+        "icudb:public.words_w",
+        # The primary key of an int column depends on no collation: not rebuilt.
+    }
+    assert result.repaired
+    assert result.remaining == ()
+    assert set(result.refreshed) == set(result.mismatches)
+    assert _relfilenode(server, "postgres", "t_name") != before["t_name"]
+    assert _relfilenode(server, "postgres", "t_expr") != before["t_expr"]
+    assert _relfilenode(server, "postgres", "t_code") == before["t_code"]
+    assert _relfilenode(server, "icudb", "words_w") != words
+    collation, database = _actual(server)
+    recorded = _one(
+        server, "postgres", "SELECT collversion FROM pg_collation WHERE collname = 'en_icu'"
+    )
+    assert recorded == collation
+    recorded = _one(
+        server, "postgres", "SELECT datcollversion FROM pg_database WHERE datname = 'icudb'"
+    )
+    assert recorded == database
+    assert _one(server, "postgres", "SELECT count(*) FROM t") == ROWS
+    assert detect(conninfo_for) == ()
+    assert any("refreshed 2 collation version(s)" in note for note in result.notes())
+    # Nothing left to do a second time.
+    again = repair(conninfo_for)
+    assert not again.needed
+    assert again.rebuilt == ()
+
+
+def test_a_rebuild_that_cannot_take_its_lock_refreshes_nothing(drifted: PostgresServer) -> None:
+    server = drifted
+    conninfo_for = _conninfo_for(server)
+    before = _relfilenode(server, "postgres", "t_name")
+    with _connect(server, "postgres") as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        result = repair(conninfo_for, lock_timeout="200ms")
+        holder.execute("ROLLBACK")
+
+    failed = {f"{f.database}:{f.schema}.{f.name}" for f in result.failures}
+    assert failed == {"postgres:public.t_name", "postgres:public.t_expr"}
+    assert all("lock timeout" in f.error for f in result.failures)
+    assert _relfilenode(server, "postgres", "t_name") == before
+    # No REFRESH where a rebuild failed: the mismatch stays, recorded and reported.
+    collation, _ = _actual(server)
+    assert (
+        _one(server, "postgres", "SELECT collversion FROM pg_collation WHERE collname = 'en_icu'")
+        == "0.0"
+    )
+    remaining = result.remaining
+    assert [(m.database, m.name) for m in remaining] == [("postgres", "en_icu")]
+    assert not result.repaired
+    notes = " ".join(result.notes())
+    assert "remain, not refreshed" in notes
+    assert "en_icu" in notes
+    assert "t_name" in notes
+    assert detect(conninfo_for) == (
+        CollationMismatch("postgres", "public", "en_icu", "0.0", collation),
+    )
+    # The other database's rebuild succeeded, so its version was refreshed.
+    assert [(m.database, m.name) for m in result.refreshed] == [("icudb", "default")]
+    # Once the lock is gone, the repair completes.
+    assert repair(conninfo_for).repaired
+    assert detect(conninfo_for) == ()
