@@ -8,8 +8,14 @@ then times, alternately and in the same run, what `pgro verify` asks kopia to do
 when needed, `snapshot list --all --json`, `snapshot restore --parallel=N --skip-owners
 --skip-permissions`), then `rm -rf` of the restored tree:
 
-- fresh: a new config file and cache directory each time (what pgro does today: connect,
-  list, restore, and the config and cache are deleted);
+- fresh: `KopiaRepository` without a kept cache (what `pgro verify` does, and `pgro run` did
+  before issue 16: connect, list, restore, and the config and cache are deleted; kopia's
+  default cache limits, so the restore writes the contents into the doomed cache);
+- fresh-meta: the same with a new cache directory bounded as a kept one is
+  (`pgro.kopia.cache.KEPT_CACHE_FLAGS`), deleted after: what the bounds alone are worth;
+- pgro-run: `KopiaRepository` with the kept cache `pgro run` uses now (a new config and
+  connect each time, one cache directory per repository kept across restores, bounded by
+  `KEPT_CACHE_FLAGS`);
 - kept: one config and cache, connected once before the rounds and kept (default cache
   sizes: 5,000 MB of contents, 5,000 MB of metadata, soft limits);
 - kept-meta: the same with the content cache bounded to 1 MB (`--content-cache-size-mb=1
@@ -42,7 +48,9 @@ from pathlib import Path
 import psycopg
 from tests.fixtures.manifests import fs_manifest
 
-from pgro.kopia.repository import find_kopia
+from pgro.api.secret import FilesystemLocation, KopiaCredentials
+from pgro.kopia.cache import repository_cache_dir
+from pgro.kopia.repository import KopiaRepository, find_kopia
 from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.initdb import init_cluster, newest_binaries
@@ -191,11 +199,24 @@ def main() -> None:
             "connect", "--readonly", "--content-cache-size-mb=1", "--content-cache-size-limit-mb=1"
         )
 
+        creds = KopiaCredentials(FilesystemLocation(str(repo)), PASSWORD)
+        kept_root = base / "kopia-cache"
+
+        def with_pgro(cache: Path | None) -> None:
+            with KopiaRepository(creds, work / "kopia", cache_dir=cache) as k:
+                if not any(s.id == snapshot_id for s in k.list_snapshots()):
+                    raise SystemExit(f"snapshot {snapshot_id} not listed")
+                k.restore(snapshot_id, target, parallel=args.parallel)
+
         def fresh() -> None:
-            k = Kopia(work / "fresh", repo)
-            k.attach("connect", "--readonly")
-            k.list_and_restore(snapshot_id, target, args.parallel)
-            shutil.rmtree(k.state)
+            with_pgro(None)
+
+        def fresh_meta() -> None:
+            with_pgro(work / "fresh-cache")
+            shutil.rmtree(work / "fresh-cache")
+
+        def pgro_run() -> None:
+            with_pgro(repository_cache_dir(kept_root, creds.location))
 
         def restore_with(k: Kopia) -> None:
             k.list_and_restore(snapshot_id, target, args.parallel)
@@ -223,6 +244,8 @@ def main() -> None:
 
         sides: dict[str, Callable[[], None]] = {
             "fresh": fresh,
+            "fresh-meta": fresh_meta,
+            "pgro-run": pgro_run,
             "kept": lambda: restore_with(kept),
             "kept-meta": lambda: restore_with(kept_meta),
             "author": lambda: restore_with(author),
@@ -251,14 +274,21 @@ def main() -> None:
                 + ", ".join(f"{t:.2f}" for t in times[n])
                 + ")"
             )
-        for n, k in (("kept", kept), ("kept-meta", kept_meta), ("author", author)):
-            print(f"{n:>10} cache {dir_bytes(k.state / 'cache') / 2**20:.1f} MiB")
+        caches = {
+            "pgro-run": repository_cache_dir(kept_root, creds.location),
+            "kept": kept.state / "cache",
+            "kept-meta": kept_meta.state / "cache",
+            "author": author.state / "cache",
+        }
+        for n, path in caches.items():
+            print(f"{n:>10} cache {dir_bytes(path) / 2**20:.1f} MiB")
         print(
             f"kept saves {med['fresh'] - med['kept']:.2f}s per restore "
             f"({(med['fresh'] - med['kept']) / med['pgro'] * 100:.0f}% of "
             "pgro verify --depth quick)"
         )
-        print(f"kept-meta saves {med['fresh'] - med['kept-meta']:.2f}s per restore")
+        for n in ("kept-meta", "fresh-meta", "pgro-run"):
+            print(f"{n} saves {med['fresh'] - med[n]:.2f}s per restore")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
