@@ -178,3 +178,38 @@ def test_a_rebuild_that_cannot_take_its_lock_refreshes_nothing(drifted: Postgres
     # Once the lock is gone, the repair completes.
     assert repair(conninfo_for).repaired
     assert detect(conninfo_for) == ()
+
+
+def test_a_failed_concurrent_rebuild_leaves_no_invalid_copy(drifted: PostgresServer) -> None:
+    """REINDEX CONCURRENTLY that fails while building leaves `<name>_ccnew`, invalid, which
+    every write would maintain: pgro drops it, and the snapshot's own invalid index stays."""
+    server = drifted
+    with _connect(server, "postgres") as conn:
+        conn.execute(
+            "CREATE FUNCTION tag(text) RETURNS text LANGUAGE plpgsql IMMUTABLE "
+            "AS $$BEGIN RETURN 't' || $1; END$$"
+        )
+        conn.execute("CREATE INDEX t_tag ON t ((tag(name)))")
+        # The snapshot's own invalid index (a CREATE INDEX CONCURRENTLY that failed there).
+        conn.execute("CREATE INDEX t_broken ON t (name)")
+        conn.execute(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'public.t_broken'::regclass"
+        )
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION tag(text) RETURNS text LANGUAGE plpgsql IMMUTABLE "
+            "AS $$BEGIN RAISE EXCEPTION 'tag refused'; END$$"
+        )
+
+    result = repair(_conninfo_for(server))
+
+    assert [(f.name, f.error) for f in result.failures] == [("t_tag", "tag refused")]
+    assert {i.name for i in result.rebuilt} >= {"t_name", "t_expr"}
+    invalid = _one(
+        server,
+        "postgres",
+        "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE i.indrelid = 't'::regclass AND NOT i.indisvalid",
+    )
+    assert invalid == "t_broken"
+    assert [m.name for m in result.remaining] == ["en_icu"]

@@ -30,10 +30,14 @@ from pgro.postgres.config import printable_name
 from pgro.postgres.locale_fix import (
     DEFAULT_COLLATION_OID,
     EXCLUDED_NAMESPACES_SQL,
+    INDEX_COLUMNS,
     MAINTENANCE_DATABASE,
     concurrent_index_rebuild,
     connectable_databases,
     error_text,
+    list_indexes,
+    maintenance_session,
+    rebuild,
     rebuild_statement,
 )
 
@@ -74,10 +78,10 @@ MISMATCHED_DATABASE_SQL: Final = (
 # Valid user indexes depending on any of the collations (%s: oid[]) through their key's
 # collation, a key column's collation, or an expression or predicate (pg_depend).
 DEPENDENT_INDEXES_SQL: Final = (
-    "SELECT DISTINCT n.nspname, ic.relname "
+    f"SELECT {INDEX_COLUMNS} "
     "FROM pg_catalog.pg_index i "
-    "JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid "
-    "JOIN pg_catalog.pg_namespace n ON n.oid = ic.relnamespace "
+    "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
     "WHERE i.indisvalid "
     f"AND {EXCLUDED_NAMESPACES_SQL} "
     "AND (EXISTS (SELECT 1 FROM pg_catalog.unnest(i.indcollation::pg_catalog.oid[]) "
@@ -88,7 +92,7 @@ DEPENDENT_INDEXES_SQL: Final = (
     "WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objid = i.indexrelid "
     "AND d.refclassid = 'pg_catalog.pg_collation'::pg_catalog.regclass "
     "AND d.refobjid = ANY(%(colls)s))) "
-    "ORDER BY 1, 2"
+    "ORDER BY n.nspname, c.relname"
 )
 
 DEFAULT_COLLATION_NAME: Final = "default"
@@ -181,15 +185,7 @@ class _Found:
 
 
 def _connect(conninfo: str) -> psycopg.Connection[tuple[object, ...]]:
-    from pgro.postgres.session import connect
-
-    conn = connect(conninfo, application_name=APPLICATION_NAME)
-    try:
-        conn.execute("SET default_transaction_read_only = off")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    return maintenance_session(conninfo, APPLICATION_NAME)
 
 
 def _version(conn: psycopg.Connection[tuple[object, ...]]) -> int:
@@ -300,34 +296,29 @@ def _repair_in(
 ) -> tuple[list[RebuiltIndex], list[RebuildFailure], list[CollationMismatch]]:
     import psycopg
 
-    shown = printable_name(dbname)
     db.execute("SELECT pg_catalog.set_config('lock_timeout', %s, false)", (lock_timeout,))
-    # Read whole before the first rebuild: a rebuild changes the catalog being read.
-    indexes = [
-        (str(s), str(n))
-        for s, n in db.execute(
-            DEPENDENT_INDEXES_SQL.encode(), {"colls": [f.oid for f in found]}
-        ).fetchall()
-    ]
+    indexes = list_indexes(db, dbname, DEPENDENT_INDEXES_SQL, {"colls": [f.oid for f in found]})
     collations = [f for f in found if f.oid != DEFAULT_COLLATION_OID]
     default = [f for f in found if f.oid == DEFAULT_COLLATION_OID]
+    version = _version(db)
     plan = repair_plan(
-        indexes,
+        [(i.schema, i.name) for i in indexes],
         [(f.raw_schema, f.raw_name) for f in collations],
         database=dbname if default else None,
-        server_version_num=_version(db),
+        server_version_num=version,
     )
+    concurrently = concurrent_index_rebuild(version)
     rebuilt: list[RebuiltIndex] = []
     failures: list[RebuildFailure] = []
-    for (schema, name), statement in zip(indexes, plan.rebuilds, strict=True):
-        index = RebuiltIndex(shown, printable_name(schema), printable_name(name))
-        try:
-            db.execute(statement)
-            rebuilt.append(index)
-        except psycopg.Error as exc:
-            failures.append(
-                RebuildFailure(index.database, index.schema, index.name, error_text(exc))
-            )
+    for index, statement in zip(indexes, plan.rebuilds, strict=True):
+        shown = RebuiltIndex(
+            printable_name(dbname), printable_name(index.schema), printable_name(index.name)
+        )
+        error = rebuild(db, index, statement, concurrently=concurrently)
+        if error is None:
+            rebuilt.append(shown)
+        else:
+            failures.append(RebuildFailure(shown.database, shown.schema, shown.name, error))
     if failures:
         return rebuilt, failures, []
     refreshed: list[CollationMismatch] = []

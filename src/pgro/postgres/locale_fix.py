@@ -152,16 +152,29 @@ CONNECTABLE_DATABASES_SQL: Final = (
 )
 
 
+# What the index listings return, read by `IndexRef.of`: the index, its table, its names.
+INDEX_COLUMNS: Final = "i.indexrelid, i.indrelid, n.nspname, c.relname"
+
+# A table's invalid indexes: a failed REINDEX CONCURRENTLY leaves its new copy among them.
+INVALID_INDEXES_SQL: Final = (
+    "SELECT i.indexrelid, n.nspname, c.relname FROM pg_catalog.pg_index i "
+    "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE i.indrelid = %s AND NOT i.indisvalid"
+)
+
+
 def default_collation_indexes_sql() -> str:
     """Valid user indexes with any column on the database's default collation."""
     return (
-        "SELECT DISTINCT n.nspname, c.relname FROM pg_catalog.pg_index i "
+        f"SELECT {INDEX_COLUMNS} FROM pg_catalog.pg_index i "
         "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indexrelid "
-        f"WHERE i.indisvalid AND a.attnum > 0 AND a.attcollation = {DEFAULT_COLLATION_OID} "
+        "WHERE i.indisvalid AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a "
+        "WHERE a.attrelid = i.indexrelid AND a.attnum > 0 "
+        f"AND a.attcollation = {DEFAULT_COLLATION_OID}) "
         f"AND {EXCLUDED_NAMESPACES_SQL} "
-        "ORDER BY 1, 2"
+        "ORDER BY n.nspname, c.relname"
     )
 
 
@@ -185,12 +198,22 @@ def parse_mismatch_count(stdout: str) -> int | None:
 
 
 @dataclass(frozen=True)
-class IndexName:
+class IndexRef:
+    """An index found in a restored catalog: raw names (for quoting only) and OIDs."""
+
     database: str
+    oid: int
+    table: int
     schema: str
     name: str
 
+    @classmethod
+    def of(cls, database: str, row: tuple[object, ...]) -> IndexRef:
+        oid, table, schema, name = row
+        return cls(database, int(str(oid)), int(str(table)), str(schema), str(name))
+
     def __str__(self) -> str:
+        """Printable, for results and logs."""
         return (
             f"{printable_name(self.database)}:{printable_name(self.schema)}."
             f"{printable_name(self.name)}"
@@ -199,7 +222,7 @@ class IndexName:
 
 @dataclass(frozen=True)
 class ReindexFailure:
-    target: str  # an IndexName's text or a database name, printable
+    target: str  # an IndexRef's text or a database name, printable
     error: str  # the primary message, printable
 
 
@@ -292,12 +315,19 @@ def rewrite_in_single_user(
     return LocaleRewrite(rewritten=count)
 
 
-def _connect(conninfo: str) -> psycopg.Connection[tuple[object, ...]]:
+def maintenance_session(
+    conninfo: str, application_name: str = APPLICATION_NAME
+) -> psycopg.Connection[tuple[object, ...]]:
+    """A superuser session (`session.connect`: nothing the snapshot names is loaded) for
+    writes and rebuilds: not read-only, and without the time limits a restored database's
+    own settings may impose (a `statement_timeout` would cancel a long REINDEX)."""
     from pgro.postgres.session import connect
 
-    conn = connect(conninfo, application_name=APPLICATION_NAME)
+    conn = connect(conninfo, application_name=application_name)
     try:
         conn.execute("SET default_transaction_read_only = off")
+        conn.execute("SET statement_timeout = 0")
+        conn.execute("SET lock_timeout = 0")
     except BaseException:
         conn.close()
         raise
@@ -324,12 +354,12 @@ def rewrite_after_start(conninfo_for: Callable[[str], str]) -> LocaleFallback:
     """On the running server: the rewrite as a counted fallback, then each connectable
     database's `default` collation row. `conninfo_for(dbname)` is a superuser's libpq
     string. A non-zero `rewritten` also means "needs reindex"."""
-    with _connect(conninfo_for(MAINTENANCE_DATABASE)) as conn:
+    with maintenance_session(conninfo_for(MAINTENANCE_DATABASE)) as conn:
         rewritten = _count(conn, fallback_rewrite_statement(_version(conn)))
         databases = connectable_databases(conn)
     changed = []
     for dbname in databases:
-        with _connect(conninfo_for(dbname)) as db:
+        with maintenance_session(conninfo_for(dbname)) as db:
             if _count(db, default_collation_statement()):
                 changed.append(printable_name(dbname))
     if rewritten:
@@ -348,15 +378,64 @@ def rebuild_statement(schema: str, name: str, *, concurrently: bool) -> psycopg.
     )
 
 
-def rebuild_index(
+def _invalid_indexes(
+    conn: psycopg.Connection[tuple[object, ...]], table: int
+) -> dict[int, tuple[str, str]]:
+    rows = conn.execute(INVALID_INDEXES_SQL, (table,)).fetchall()
+    return {int(str(oid)): (str(schema), str(name)) for oid, schema, name in rows}
+
+
+def rebuild(
     conn: psycopg.Connection[tuple[object, ...]],
-    schema: str,
-    name: str,
+    index: IndexRef,
+    statement: psycopg.sql.Composed,
     *,
     concurrently: bool,
-) -> None:
-    """Rebuild one index (an autocommit session: CONCURRENTLY refuses a transaction block)."""
-    conn.execute(rebuild_statement(schema, name, concurrently=concurrently))
+) -> str | None:
+    """Run `statement` (`rebuild_statement` of `index`) in an autocommit session (CONCURRENTLY
+    refuses a transaction block). None when it succeeded, else its error.
+
+    A failed concurrent rebuild can leave its new copy behind (`<name>_ccnew`, invalid),
+    which every write to the table would keep maintaining: the invalid indexes of the table
+    that were not there before are dropped, concurrently (a failure to is only logged)."""
+    import psycopg
+    from psycopg import sql
+
+    before = _invalid_indexes(conn, index.table) if concurrently else {}
+    try:
+        conn.execute(statement)
+        return None
+    except psycopg.Error as exc:
+        error = error_text(exc)
+    if concurrently:
+        try:
+            leftovers = {
+                oid: names
+                for oid, names in _invalid_indexes(conn, index.table).items()
+                if oid not in before
+            }
+            for schema, name in leftovers.values():
+                conn.execute(
+                    sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}.{}").format(
+                        sql.Identifier(schema), sql.Identifier(name)
+                    )
+                )
+        except psycopg.Error as exc:
+            log.warning(
+                "could not drop what the failed rebuild of %s left: %s", index, error_text(exc)
+            )
+    return error
+
+
+def list_indexes(
+    conn: psycopg.Connection[tuple[object, ...]],
+    dbname: str,
+    query: str,
+    params: Mapping[str, object] | None = None,
+) -> list[IndexRef]:
+    """The indexes `query` (selecting `INDEX_COLUMNS`) lists, read whole before the first
+    rebuild changes the catalog being read."""
+    return [IndexRef.of(dbname, row) for row in conn.execute(query.encode(), params).fetchall()]
 
 
 def quick_reindex(conninfo_for: Callable[[str], str]) -> ReindexResult:
@@ -365,28 +444,31 @@ def quick_reindex(conninfo_for: Callable[[str], str]) -> ReindexResult:
     not raised; the list is read whole before the first rebuild."""
     import psycopg
 
-    with _connect(conninfo_for(MAINTENANCE_DATABASE)) as conn:
+    with maintenance_session(conninfo_for(MAINTENANCE_DATABASE)) as conn:
         databases = connectable_databases(conn)
     reindexed: list[str] = []
     failures: list[ReindexFailure] = []
     for dbname in databases:
         try:
-            db = _connect(conninfo_for(dbname))
+            db = maintenance_session(conninfo_for(dbname))
         except psycopg.Error as exc:
             failures.append(ReindexFailure(printable_name(dbname), error_text(exc)))
             continue
         with db:
-            concurrently = concurrent_index_rebuild(_version(db))
-            indexes = [
-                IndexName(dbname, str(s), str(n))
-                for s, n in db.execute(default_collation_indexes_sql().encode()).fetchall()
-            ]
-            for index in indexes:
-                try:
-                    rebuild_index(db, index.schema, index.name, concurrently=concurrently)
-                    reindexed.append(str(index))
-                except psycopg.Error as exc:
-                    failures.append(ReindexFailure(str(index), error_text(exc)))
+            try:
+                concurrently = concurrent_index_rebuild(_version(db))
+                indexes = list_indexes(db, dbname, default_collation_indexes_sql())
+                for index in indexes:
+                    statement = rebuild_statement(
+                        index.schema, index.name, concurrently=concurrently
+                    )
+                    error = rebuild(db, index, statement, concurrently=concurrently)
+                    if error is None:
+                        reindexed.append(str(index))
+                    else:
+                        failures.append(ReindexFailure(str(index), error))
+            except psycopg.Error as exc:  # the session itself failed
+                failures.append(ReindexFailure(printable_name(dbname), error_text(exc)))
     result = ReindexResult(tuple(reindexed), tuple(failures))
     log.info("%s", result.note("quick reindex of default-collation indexes"))
     return result
@@ -399,13 +481,13 @@ def full_reindex(conninfo_for: Callable[[str], str]) -> ReindexResult:
     import psycopg
     from psycopg import sql
 
-    with _connect(conninfo_for(MAINTENANCE_DATABASE)) as conn:
+    with maintenance_session(conninfo_for(MAINTENANCE_DATABASE)) as conn:
         databases = connectable_databases(conn)
     reindexed: list[str] = []
     failures: list[ReindexFailure] = []
     for dbname in databases:
         try:
-            with _connect(conninfo_for(dbname)) as db:
+            with maintenance_session(conninfo_for(dbname)) as db:
                 concurrently = concurrent_database_rebuild(_version(db))
                 db.execute(
                     sql.SQL("REINDEX DATABASE {}{}").format(
