@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from pgro.postgres.account import RunAccount, hand_over
-from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.binaries import PostgresBinaries, find_binaries
 from pgro.postgres.locale_aliases import (
     WINDOWS_CODE_PAGES,
     WINDOWS_LANGUAGES,
@@ -37,6 +37,13 @@ from pgro.postgres.locale_fix import (
 )
 from pgro.postgres.server import PostgresServer, socket_dir_for
 from pgro.postgres.single_user import SingleUserFailed
+from tests.fixtures.majors import (
+    CACHED_MAJORS,
+    DEBIAN_MAJOR,
+    SUPPORTED_MAJORS,
+    installed_in_cache,
+    server_readable_cache,
+)
 
 ROWS = 1000
 INCOMPATIBLE = "database locale is incompatible with operating system"
@@ -209,21 +216,22 @@ def test_a_locale_a_failed_start_names_is_built_on_demand(scratch: Path) -> None
 # --- an en_US.UTF-8 source ----------------------------------------------------------------
 
 
-@pytest.fixture
-def en_us_cluster(scratch: Path, binaries: PostgresBinaries, account: RunAccount) -> Iterator[Path]:
+def build_en_us_cluster(
+    base: Path, binaries: PostgresBinaries, account: RunAccount, *, app: bool = True
+) -> Path:
     """A stopped cluster made with `--locale=en_US.UTF-8` from a private source LOCPATH,
-    with 1000 rows under a text btree index in `postgres` and in `app`."""
+    with 1000 rows under a text btree index in `postgres` (and in `app`)."""
     if _host_has("en_US.UTF-8"):
         pytest.skip("this host has en_US.UTF-8 itself: nothing would fail without it")
-    source = scratch / "source-locales"
-    source.mkdir()
+    source = base / "source-locales"
+    source.mkdir(parents=True)
     subprocess.run(
         ["localedef", "-i", "en_US", "-f", "UTF-8", str(source / "en_US.UTF-8")],
         check=True,
         capture_output=True,
     )
     hand_over(source, account)
-    pgdata = scratch / "en_us" / "data"
+    pgdata = base / "en_us" / "data"
     _initdb(
         binaries, account, pgdata, {"LOCPATH": str(source)}, "--locale=en_US.UTF-8", "-E", "UTF8"
     )
@@ -233,12 +241,18 @@ def en_us_cluster(scratch: Path, binaries: PostgresBinaries, account: RunAccount
         assert _query(server, "postgres", "SELECT datcollate FROM pg_database")[0] == (
             "en_US.UTF-8",
         )
-        _query(server, "postgres", "CREATE DATABASE app")
         _fill(server, "postgres")
-        _fill(server, "app")
+        if app:
+            _query(server, "postgres", "CREATE DATABASE app")
+            _fill(server, "app")
     finally:
         server.stop()
-    yield pgdata
+    return pgdata
+
+
+@pytest.fixture
+def en_us_cluster(scratch: Path, binaries: PostgresBinaries, account: RunAccount) -> Path:
+    return build_en_us_cluster(scratch, binaries, account)
 
 
 def test_an_en_us_cluster_is_rewritten_and_reindexed(
@@ -372,5 +386,47 @@ def test_a_windows_cluster_starts_only_with_the_aliases(
         result = quick_reindex(_conninfo(server))
         assert result.reindexed == ("postgres:public.words_w",)
         assert _query(server, "postgres", "SELECT count(*) FROM words") == [(ROWS,)]
+    finally:
+        server.stop()
+
+
+# --- every supported major --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bindirs(scratch_root: Path) -> Path:
+    """The cached builds of the other majors, in a copy the server's account can read."""
+    installed = tuple(m for m in CACHED_MAJORS if installed_in_cache(m))
+    return server_readable_cache(scratch_root, installed)
+
+
+@pytest.mark.parametrize("major", SUPPORTED_MAJORS)
+def test_each_major_rewrites_and_reindexes(
+    major: str, bindirs: Path, scratch: Path, aliases: LocaleAliases, account: RunAccount
+) -> None:
+    if major == DEBIAN_MAJOR:
+        binaries = find_binaries(major)
+    elif (bindirs / major / "bin" / "postgres").exists():
+        binaries = PostgresBinaries(major, bindirs / major / "bin")
+    else:
+        pytest.skip(f"PostgreSQL {major} is not installed (scripts/install-postgres-major.sh)")
+    pgdata = build_en_us_cluster(scratch, binaries, account, app=False)
+
+    # template0, template1 and postgres; datcollversion exists (and is reset) from 15.
+    assert rewrite_in_single_user(binaries, pgdata, account, env=aliases.env()).rewritten == 3
+    server = _server(binaries, account, pgdata)
+    server.start(60)
+    try:
+        rows = _query(server, "postgres", "SELECT DISTINCT datcollate, datctype FROM pg_database")
+        assert rows == [("C.UTF-8", "C.UTF-8")]
+        before = _relfilenode(server, "postgres", "words_w")
+        result = quick_reindex(_conninfo(server))
+        assert result.failures == ()
+        assert result.reindexed == ("postgres:public.words_w",)
+        assert _relfilenode(server, "postgres", "words_w") != before
+        assert _query(server, "postgres", "SELECT count(*) FROM words") == [(ROWS,)]
+        full = full_reindex(_conninfo(server))
+        assert full.failures == ()
+        assert set(full.reindexed) == {"postgres", "template1"}
     finally:
         server.stop()
