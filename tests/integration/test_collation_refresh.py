@@ -16,10 +16,18 @@ import psycopg
 import pytest
 
 from pgro.postgres.account import RunAccount
-from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.binaries import PostgresBinaries, find_binaries
 from pgro.postgres.collation_refresh import CollationMismatch, detect, repair
-from pgro.postgres.server import PostgresServer
-from tests.fixtures.scratch_server import scratch_server
+from pgro.postgres.locale_aliases import build_locales, spec_for
+from pgro.postgres.server import PostgresServer, socket_dir_for
+from tests.fixtures.majors import (
+    CACHED_MAJORS,
+    DEBIAN_MAJOR,
+    SUPPORTED_MAJORS,
+    installed_in_cache,
+    server_readable_cache,
+)
+from tests.fixtures.scratch_server import initdb_any_major, scratch_server
 
 ROWS = 500
 
@@ -213,3 +221,71 @@ def test_a_failed_concurrent_rebuild_leaves_no_invalid_copy(drifted: PostgresSer
     )
     assert invalid == "t_broken"
     assert [m.name for m in result.remaining] == ["en_icu"]
+
+
+# --- every supported major, with a glibc collation ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bindirs(scratch_root: Path) -> Path:
+    installed = tuple(m for m in CACHED_MAJORS if installed_in_cache(m))
+    return server_readable_cache(scratch_root, installed)
+
+
+@pytest.mark.parametrize("major", SUPPORTED_MAJORS)
+def test_each_major_refreshes_a_drifted_glibc_collation(
+    major: str, bindirs: Path, scratch: Path, account: RunAccount
+) -> None:
+    """A libc collation records the glibc version (13+): forged old, it is found, its index
+    rebuilt (plainly before 14) and its version refreshed. The locale comes from a private
+    LOCPATH, as a restore's aliases would give it."""
+    if major == DEBIAN_MAJOR:
+        binaries = find_binaries(major)
+    elif (bindirs / major / "bin" / "postgres").exists():
+        binaries = PostgresBinaries(major, bindirs / major / "bin")
+    else:
+        pytest.skip(f"PostgreSQL {major} is not installed (scripts/install-postgres-major.sh)")
+    spec = spec_for("en_US.UTF-8")
+    assert spec is not None
+    locales = build_locales(scratch / "locales", [spec])
+    pgdata = scratch / "data"
+    initdb_any_major(binaries, pgdata, account)
+    server = PostgresServer(
+        pgdata,
+        binaries,
+        account,
+        socket_dir=socket_dir_for(scratch / "run"),
+        log_path=scratch / "pg.log",
+        env=locales.env(),
+    )
+    server.start(60)
+    try:
+        with _connect(server, "postgres") as conn:
+            conn.execute("CREATE COLLATION en_libc (provider = libc, locale = 'en_US.UTF-8')")
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, name text COLLATE en_libc)")
+            conn.execute(f"INSERT INTO t SELECT g, 'n' || g FROM generate_series(1, {ROWS}) g")
+            conn.execute("CREATE INDEX t_name ON t (name)")
+            conn.execute("UPDATE pg_collation SET collversion = '0.0' WHERE collname = 'en_libc'")
+        actual = str(
+            _one(
+                server,
+                "postgres",
+                "SELECT pg_collation_actual_version(oid) FROM pg_collation "
+                "WHERE collname = 'en_libc'",
+            )
+        )
+        assert detect(_conninfo_for(server)) == (
+            CollationMismatch("postgres", "public", "en_libc", "0.0", actual),
+        )
+        before = _relfilenode(server, "postgres", "t_name")
+        result = repair(_conninfo_for(server))
+        assert result.repaired
+        assert [str(i) for i in result.rebuilt] == ["postgres:public.t_name"]
+        assert _relfilenode(server, "postgres", "t_name") != before
+        recorded = _one(
+            server, "postgres", "SELECT collversion FROM pg_collation WHERE collname = 'en_libc'"
+        )
+        assert recorded == actual
+        assert detect(_conninfo_for(server)) == ()
+    finally:
+        server.stop()
