@@ -133,7 +133,8 @@ def test_a_dripping_server_hits_the_deadline(server: ManifestServer) -> None:
 
 def test_an_invalid_document_fails_naming_the_url(server: ManifestServer) -> None:
     server.routes["/v1.0.0/manifest.json"] = b"<html>not json</html>"
-    with pytest.raises(ManifestFetchFailed, match=r"manifest\.json: the manifest is not valid JSON"):
+    invalid = r"manifest\.json: the manifest is not valid JSON"
+    with pytest.raises(ManifestFetchFailed, match=invalid):
         fetch_manifest(spec(server), "1.0.0")
 
 
