@@ -36,7 +36,7 @@ from pgro.postgres.locale_fix import (
     rewrite_in_single_user,
 )
 from pgro.postgres.server import PostgresServer, socket_dir_for
-from pgro.postgres.single_user import SingleUserFailed
+from pgro.postgres.single_user import SingleUserFailed, run_single_user
 from tests.fixtures.majors import (
     CACHED_MAJORS,
     DEBIAN_MAJOR,
@@ -430,3 +430,23 @@ def test_each_major_rewrites_and_reindexes(
         assert set(full.reindexed) == {"postgres", "template1"}
     finally:
         server.stop()
+
+
+# --- single-user sessions -----------------------------------------------------------------
+
+
+def test_a_failed_single_user_statement_raises_without_its_text(
+    scratch: Path, binaries: PostgresBinaries, account: RunAccount
+) -> None:
+    pgdata = scratch / "plain" / "data"
+    _initdb(binaries, account, pgdata, {}, "--no-locale", "-E", "UTF8")
+    out = run_single_user(binaries, pgdata, account, ["SELECT 41 + 1 AS answer"])
+    assert 'answer = "42"' in out.stdout
+    with pytest.raises(SingleUserFailed) as caught:
+        run_single_user(binaries, pgdata, account, ["SELECT 1 / 0 AS secret_marker"])
+    assert "division by zero" in caught.value.log_tail
+    # log_min_error_statement=panic: the failing statement is not logged.
+    assert "STATEMENT" not in caught.value.log_tail
+    assert "secret_marker" not in caught.value.log_tail
+    with pytest.raises(ValueError, match="one line"):
+        run_single_user(binaries, pgdata, account, ["SELECT 1\nSELECT 2"])
