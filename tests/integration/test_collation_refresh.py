@@ -19,6 +19,7 @@ from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries, find_binaries
 from pgro.postgres.collation_refresh import CollationMismatch, detect, repair
 from pgro.postgres.locale_aliases import build_locales, spec_for
+from pgro.postgres.locale_fix import full_reindex, quick_reindex
 from pgro.postgres.server import PostgresServer, socket_dir_for
 from tests.fixtures.majors import (
     CACHED_MAJORS,
@@ -289,3 +290,20 @@ def test_each_major_refreshes_a_drifted_glibc_collation(
         assert detect(_conninfo_for(server)) == ()
     finally:
         server.stop()
+
+
+def test_a_cluster_without_the_postgres_database_is_handled(
+    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
+) -> None:
+    with scratch_server(scratch_root, account, binaries, "nopostgres") as server:
+        with _connect(server, "template1") as conn:
+            conn.execute("DROP DATABASE postgres")
+            conn.execute("CREATE DATABASE app")
+        with _connect(server, "app") as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, name text)")
+            conn.execute("CREATE INDEX t_name ON t (name)")
+        conninfo_for = _conninfo_for(server)
+        assert detect(conninfo_for) == ()
+        assert not repair(conninfo_for).needed
+        assert quick_reindex(conninfo_for).reindexed == ("app:public.t_name",)
+        assert set(full_reindex(conninfo_for).reindexed) == {"app", "template1"}

@@ -419,6 +419,7 @@ def test_each_major_rewrites_and_reindexes(
     try:
         rows = _query(server, "postgres", "SELECT DISTINCT datcollate, datctype FROM pg_database")
         assert rows == [("C.UTF-8", "C.UTF-8")]
+        assert not rewrite_after_start(_conninfo(server)).changed
         before = _relfilenode(server, "postgres", "words_w")
         result = quick_reindex(_conninfo(server))
         assert result.failures == ()

@@ -31,7 +31,7 @@ from pgro.postgres.locale_fix import (
     DEFAULT_COLLATION_OID,
     EXCLUDED_NAMESPACES_SQL,
     INDEX_COLUMNS,
-    MAINTENANCE_DATABASE,
+    cluster_session,
     concurrent_index_rebuild,
     connectable_databases,
     error_text,
@@ -227,7 +227,7 @@ def detect(conninfo_for: Callable[[str], str]) -> tuple[CollationMismatch, ...]:
     """Every collation-version mismatch in the connectable databases (none on servers
     without `pg_collation_actual_version`). `conninfo_for(dbname)` is a superuser's libpq
     string. Cheap: one query per database."""
-    with _connect(conninfo_for(MAINTENANCE_DATABASE)) as conn:
+    with cluster_session(conninfo_for, APPLICATION_NAME) as conn:
         databases = connectable_databases(conn)
     mismatches: list[CollationMismatch] = []
     for dbname in databases:
@@ -343,7 +343,7 @@ def repair(
     opened counts as a failure of its mismatches)."""
     import psycopg
 
-    with _connect(conninfo_for(MAINTENANCE_DATABASE)) as conn:
+    with cluster_session(conninfo_for, APPLICATION_NAME) as conn:
         databases = connectable_databases(conn)
     mismatches: list[CollationMismatch] = []
     rebuilt: list[RebuiltIndex] = []

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Final
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.config import printable_name
+from pgro.postgres.databases import MAINTENANCE_DATABASE
 from pgro.postgres.single_user import DEFAULT_DATABASE, SingleUserFailed, run_single_user
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ TARGET_UTF8: Final = "C.UTF-8"
 TARGET_OTHER: Final = "C"
 MISMATCH_LABEL: Final = "pgro_locale_mismatch"
 DEFAULT_COLLATION_OID: Final = 100
-MAINTENANCE_DATABASE: Final = "postgres"
 # Never reindexed by pgro: the catalogs (REINDEX CONCURRENTLY refuses them), the SQL
 # standard's views, TOAST and other sessions' temporary schemas.
 # (No `LIKE 'pg\_toast%'`: a `%` would be taken for a parameter where the query has them.)
@@ -334,6 +334,21 @@ def maintenance_session(
     return conn
 
 
+def cluster_session(
+    conninfo_for: Callable[[str], str], application_name: str = APPLICATION_NAME
+) -> psycopg.Connection[tuple[object, ...]]:
+    """A `maintenance_session` for cluster-wide work: in `postgres`, or in template1 when a
+    snapshot has no `postgres` database."""
+    import psycopg
+
+    try:
+        return maintenance_session(conninfo_for(MAINTENANCE_DATABASE), application_name)
+    except psycopg.OperationalError as exc:
+        if "does not exist" not in str(exc):
+            raise
+    return maintenance_session(conninfo_for(DEFAULT_DATABASE), application_name)
+
+
 def _version(conn: psycopg.Connection[tuple[object, ...]]) -> int:
     row = conn.execute("SELECT pg_catalog.current_setting('server_version_num')::int").fetchone()
     assert row is not None
@@ -354,7 +369,7 @@ def rewrite_after_start(conninfo_for: Callable[[str], str]) -> LocaleFallback:
     """On the running server: the rewrite as a counted fallback, then each connectable
     database's `default` collation row. `conninfo_for(dbname)` is a superuser's libpq
     string. A non-zero `rewritten` also means "needs reindex"."""
-    with maintenance_session(conninfo_for(MAINTENANCE_DATABASE)) as conn:
+    with cluster_session(conninfo_for) as conn:
         rewritten = _count(conn, fallback_rewrite_statement(_version(conn)))
         databases = connectable_databases(conn)
     changed = []
@@ -444,7 +459,7 @@ def quick_reindex(conninfo_for: Callable[[str], str]) -> ReindexResult:
     not raised; the list is read whole before the first rebuild."""
     import psycopg
 
-    with maintenance_session(conninfo_for(MAINTENANCE_DATABASE)) as conn:
+    with cluster_session(conninfo_for) as conn:
         databases = connectable_databases(conn)
     reindexed: list[str] = []
     failures: list[ReindexFailure] = []
@@ -481,7 +496,7 @@ def full_reindex(conninfo_for: Callable[[str], str]) -> ReindexResult:
     import psycopg
     from psycopg import sql
 
-    with maintenance_session(conninfo_for(MAINTENANCE_DATABASE)) as conn:
+    with cluster_session(conninfo_for) as conn:
         databases = connectable_databases(conn)
     reindexed: list[str] = []
     failures: list[ReindexFailure] = []
