@@ -156,6 +156,22 @@ def test_a_bad_schema_name_rejects_the_table_and_its_columns() -> None:
     assert "table name is not a string" in non_string.rejected[0].reason
 
 
+@pytest.mark.parametrize("schema", ["pg_catalog", "pg_toast", "information_schema"])
+def test_system_schemas_are_refused(schema: str) -> None:
+    m = parse_manifest(
+        doc(
+            {
+                "x": {
+                    **source("pg_authid", schema, rolpassword=masked("nil")),
+                    "meta": {"masking": "truncate"},
+                }
+            }
+        )
+    )
+    assert m.columns == () and m.tables == ()
+    assert [r.reason for r in m.rejected] == ["the schema name is a system schema"] * 2
+
+
 def test_ranges() -> None:
     assert parse_range("20-50") == (20.0, 50.0)
     assert parse_range("1.001-1.03") == (1.001, 1.03)

@@ -185,6 +185,14 @@ def identifier_problem(name: object) -> str | None:
     return None
 
 
+def schema_problem(name: object) -> str | None:
+    """Why `name` cannot be a masked table's schema, or None. The system schemas are
+    refused: pgro's session is a superuser's, and UPDATE on a catalog table would work."""
+    problem = identifier_problem(name)
+    system = isinstance(name, str) and (name.startswith("pg_") or name == "information_schema")
+    return "is a system schema" if problem is None and system else problem
+
+
 def _masking(node: Mapping[str, Any]) -> tuple[bool, Any]:
     """(present, value) of `node.config.meta.masking`, else `node.meta.masking`."""
     for path in (("config", "meta", "masking"), ("meta", "masking")):
@@ -272,8 +280,11 @@ def parse_manifest(data: bytes | str) -> Manifest:
         table_problem = next(
             (
                 f"the {what} name {problem}"
-                for what, value in (("schema", schema), ("table", name))
-                if (problem := identifier_problem(value)) is not None
+                for what, value, check in (
+                    ("schema", schema, schema_problem),
+                    ("table", name, identifier_problem),
+                )
+                if (problem := check(value)) is not None
             ),
             None,
         )
