@@ -21,6 +21,7 @@ import pytest
 from pgro.postgres.account import RunAccount, hand_over
 from pgro.postgres.binaries import PostgresBinaries, find_binaries
 from pgro.postgres.locale_aliases import (
+    I18N_ROOT,
     WINDOWS_CODE_PAGES,
     WINDOWS_LANGUAGES,
     LocaleAliases,
@@ -172,13 +173,20 @@ def test_aliases_hold_the_windows_names_and_the_image_locale(
     expected = {f"{lang}.{page}" for lang in WINDOWS_LANGUAGES for page in WINDOWS_CODE_PAGES}
     expected |= {f"{lang}.65001" for lang in WINDOWS_LANGUAGES}
     expected.add("en_US.UTF-8")
+    if (I18N_ROOT / "locales" / "C").is_file():  # glibc 2.35+
+        expected.add("C.UTF-8")
     assert aliases.failed == ()
     assert set(aliases.built) == expected
     assert all(aliases.has(name) for name in expected)
     # The server's account accepts them through the environment pgro hands it ...
     env = aliases.env()
     assert env["LOCPATH"] == str(aliases.locpath)
-    for name in ("English_United States.1252", "English_United Kingdom.65001", "en_US.UTF-8"):
+    for name in (
+        "English_United States.1252",
+        "English_United Kingdom.65001",
+        "en_US.UTF-8",
+        "C.UTF-8",
+    ):
         assert _accepts(account, name, env), name
     # ... and only through it: this host does not know the Windows names.
     assert not _accepts(account, "English_United States.1252", {})

@@ -102,10 +102,14 @@ def windows_alias_specs() -> list[LocaleSpec]:
     return specs
 
 
-def default_specs() -> list[LocaleSpec]:
-    """Everything `build_locale_aliases` builds by default: the image's locales first."""
+def default_specs(i18n: Path = I18N_ROOT) -> list[LocaleSpec]:
+    """Everything `build_locale_aliases` builds by default: the image's locales first, then
+    the Windows aliases, then `C.UTF-8` where glibc has its source (2.35+). With `LOCPATH`
+    glibc no longer reads its locale archive, only directories: a host whose `C.UTF-8` lives
+    in the archive would otherwise refuse the rewritten databases while the aliases apply."""
     image = [LocaleSpec(name, name.split(".")[0], name.split(".")[1]) for name in IMAGE_LOCALES]
-    return [*image, *windows_alias_specs()]
+    base = [LocaleSpec("C.UTF-8", "C", "UTF-8")] if (i18n / "locales" / "C").is_file() else []
+    return [*image, *windows_alias_specs(), *base]
 
 
 def gconv_aliases() -> str:
