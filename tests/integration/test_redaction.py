@@ -40,6 +40,7 @@ from pgro.postgres.redaction import (
     resolve_version,
 )
 from pgro.postgres.server import PostgresServer
+from tests.fixtures.majors import installed_in_cache, server_readable_cache
 from tests.fixtures.manifest_server import FIXTURE_MANIFEST, manifest_server
 from tests.fixtures.scratch_server import scratch_server
 
@@ -101,10 +102,23 @@ class Db:
         return [r[0] for r in self.rows(query)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["newest", "13", "17"])
 def server(
-    scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
+    request: pytest.FixtureRequest,
+    scratch_root: Path,
+    account: RunAccount,
+    binaries: PostgresBinaries,
 ) -> Iterator[PostgresServer]:
+    """The newest installed major, and the oldest and newest pgro supports when installed
+    (the engine's built-ins and catalog columns must exist in each)."""
+    if request.param != "newest":
+        major = str(request.param)
+        if major == binaries.major:
+            pytest.skip(f"PostgreSQL {major} is the newest installed: already covered")
+        if not installed_in_cache(major):
+            pytest.skip(f"PostgreSQL {major} is not installed: scripts/install-postgres-major.sh")
+        bindir = server_readable_cache(scratch_root, (major,)) / major / "bin"
+        binaries = PostgresBinaries(major, bindir)
     with scratch_server(scratch_root, account, binaries, "redaction") as s:
         yield s
 
