@@ -455,6 +455,50 @@ def test_deterministic_masks_keep_joins_and_random_ones_do_not(db: Db) -> None:
     assert db.column("SELECT count(DISTINCT nick) FROM patients") == [30]
 
 
+def test_a_stopped_run_leaves_the_deterministic_tables_all_masked_or_none(db: Db) -> None:
+    db.run(
+        """
+        CREATE TABLE visits (id int, patient_email text);
+        INSERT INTO visits SELECT g, 'p' || g || '@example.com' FROM generate_series(1, 5) g;
+        CREATE TABLE zz_patients (id int, email text);
+        INSERT INTO zz_patients SELECT g, 'p' || g || '@example.com' FROM generate_series(1, 5) g;
+        """
+    )
+    keyed = {"kind": "email", "deterministic": True}
+    manifest = parse_manifest(
+        json.dumps(
+            {
+                "sources": {
+                    "v": {
+                        "schema": "public",
+                        "name": "visits",
+                        "columns": {"patient_email": {"meta": {"masking": keyed}}},
+                    },
+                    "p": {
+                        "schema": "public",
+                        "name": "zz_patients",
+                        "columns": {"email": {"meta": {"masking": keyed}}},
+                    },
+                }
+            }
+        )
+    )
+    # The run stops at the second table (its lock is not granted): the first stays as it was.
+    with db.session() as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE zz_patients IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(RedactionFailed, match="LockNotAvailable"):
+            apply_manifest(db.conninfo, manifest, lock_timeout_ms=200)
+        holder.execute("ROLLBACK")
+    assert db.column("SELECT count(*) FROM visits WHERE patient_email LIKE '%@example.com'") == [5]
+    # The rerun masks both, alike.
+    assert not apply_manifest(db.conninfo, manifest).partial
+    joined = db.column(
+        "SELECT count(*) FROM visits v JOIN zz_patients p ON p.email = v.patient_email"
+    )
+    assert joined == [5]
+
+
 def test_the_same_key_masks_alike_and_another_key_differently(server: PostgresServer) -> None:
     manifest = parse_manifest(
         manifest_for("users", {"email": {"kind": "email", "deterministic": True}})

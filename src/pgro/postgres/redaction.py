@@ -15,7 +15,10 @@ triggers or rules fire even then is refused). Then, like the reference:
 3. per table, one transaction and one set-based statement for all its masked columns:
    `UPDATE s.t SET c1 = <expr>, c2 = <expr>, …`. When it fails on the data (a constraint, a
    value out of range), each column is tried alone in a savepoint, so the columns that work
-   are applied and the ones that do not are counted.
+   are applied and the ones that do not are counted. The tables holding a deterministic
+   mask are masked in one transaction together (each table a savepoint in it): a run that
+   stops half-way leaves all of them masked or none, so a rerun, with another key, masks
+   them all again alike and joins on their masked keys still hold.
 
 What is counted makes the redaction `partial` (the reference's semantics; it still serves,
 visibly). What says the server cannot be written at all (read-only recovery, a lock not
@@ -60,6 +63,7 @@ VERSION_QUERY_TIMEOUT_MS: Final = 30_000
 _COUNTED_CLASSES: Final = frozenset({"22", "23", "42", "44"})
 
 Session = psycopg.Connection[tuple[object, ...]]
+Assignment = tuple[ColumnMask, sql.Composable]
 
 
 class RedactionFailed(Exception):
@@ -291,11 +295,12 @@ def _truncate(conn: Session, mask: TableMask) -> MaskFailure | None:
 
 
 def _update(
-    conn: Session, schema: str, table: str, assignments: list[tuple[ColumnMask, sql.Composable]]
+    conn: Session, schema: str, table: str, assignments: list[Assignment]
 ) -> list[MaskFailure]:
-    """One transaction for the table: one UPDATE of every column, else one per column."""
+    """One transaction for the table (a savepoint inside a transaction): one UPDATE of
+    every column, else one per column."""
 
-    def statement(parts: list[tuple[ColumnMask, sql.Composable]]) -> sql.Composed:
+    def statement(parts: list[Assignment]) -> sql.Composed:
         return sql.SQL("UPDATE {} SET {}").format(
             _table_name(schema, table), sql.SQL(", ").join(a for _, a in parts)
         )
@@ -329,10 +334,8 @@ def _update(
     return failures
 
 
-def _by_table(
-    items: list[tuple[ColumnMask, sql.Composable]],
-) -> Iterator[tuple[tuple[str, str], list[tuple[ColumnMask, sql.Composable]]]]:
-    grouped: dict[tuple[str, str], list[tuple[ColumnMask, sql.Composable]]] = defaultdict(list)
+def _by_table(items: list[Assignment]) -> Iterator[tuple[tuple[str, str], list[Assignment]]]:
+    grouped: dict[tuple[str, str], list[Assignment]] = defaultdict(list)
     for mask, part in items:
         grouped[(mask.schema, mask.table)].append((mask, part))
     yield from grouped.items()
@@ -370,7 +373,7 @@ def apply_manifest(
                     failures.append(failure)
 
             infos = read_columns(conn, manifest.columns)
-            ready: list[tuple[ColumnMask, sql.Composable]] = []
+            ready: list[Assignment] = []
             for mask, info in zip(manifest.columns, infos, strict=True):
                 if isinstance(info, str):
                     failures.append(MaskFailure(shown(mask.target, 200), mask.kind, info, True))
@@ -382,7 +385,7 @@ def apply_manifest(
                         MaskFailure(shown(mask.target, 200), mask.kind, str(unfit), True)
                     )
 
-            for (schema, table), items in _by_table(ready):
+            def mask_table(schema: str, table: str, items: list[Assignment]) -> None:
                 firing = _firing(conn, schema, table)
                 if firing:
                     reason = (
@@ -392,13 +395,30 @@ def apply_manifest(
                     failures.extend(
                         MaskFailure(shown(m.target, 200), m.kind, reason, True) for m, _ in items
                     )
-                    continue
+                    return
                 table_failures = _update(conn, schema, table, items)
                 failures.extend(table_failures)
                 failed = {f.target for f in table_failures}
                 masked.extend(
                     shown(m.target, 200) for m, _ in items if shown(m.target, 200) not in failed
                 )
+
+            tables = list(_by_table(ready))
+            keyed = [t for t in tables if any(m.deterministic for m, _ in t[1])]
+            # The tables with a deterministic mask, in one transaction (each table then a
+            # savepoint): a run stopped half-way leaves all of them masked or none, and a
+            # rerun masks all of them again, alike, so their joins still hold.
+            if keyed:
+                try:
+                    with conn.transaction():
+                        for (schema, table), items in keyed:
+                            mask_table(schema, table, items)
+                except psycopg.Error as error:
+                    raise _fatal(conn, "the deterministic masks", error) from None
+            done = {name for name, _ in keyed}
+            for (schema, table), items in tables:
+                if (schema, table) not in done:
+                    mask_table(schema, table, items)
         except psycopg.Error as error:
             raise _fatal(conn, "reading the catalog", error) from None
 
