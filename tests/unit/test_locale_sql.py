@@ -38,6 +38,7 @@ from pgro.postgres.locale_fix import (
     rewrite_statement,
     single_user_statements,
 )
+from pgro.postgres.single_user import reports_failure
 
 HOSTILE = 'x"; DROP TABLE y; --'
 
@@ -269,3 +270,17 @@ def test_missing_locales_are_read_from_the_servers_message() -> None:
     )
     assert missing_locales(log) == ["English_United States.1252", "de_DE.UTF-8"]
     assert missing_locales("FATAL:  something else") == []
+
+
+@pytest.mark.parametrize(
+    ("log", "failed"),
+    [
+        ("2026-12-04 16:30:20.502 UTC [24750] FATAL:  database locale is incompatible", True),
+        ("ERROR:  division by zero", True),  # an empty log_line_prefix
+        ("PANIC:  could not locate a valid checkpoint record", True),
+        ("LOG:  checkpoint starting: shutdown immediate\nWARNING:  some warning", False),
+        ("", False),
+    ],
+)
+def test_single_user_failures_are_read_whatever_the_prefix(log: str, failed: bool) -> None:
+    assert reports_failure(log) is failed

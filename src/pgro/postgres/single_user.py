@@ -27,7 +27,8 @@ from pgro.postgres.server import StartupFailed, server_forced_settings
 # Any database opens the shared catalogs; template1 exists in every cluster.
 DEFAULT_DATABASE: Final = "template1"
 TIMEOUT_S: Final = 3600.0  # crash recovery of a large cluster happens here
-_FAILED = re.compile(r"^\S.*\b(ERROR|FATAL|PANIC):  ", re.MULTILINE)
+# Whatever the log_line_prefix (the restored configuration's, possibly empty).
+_FAILED = re.compile(r"\b(?:ERROR|FATAL|PANIC):  ")
 
 
 class SingleUserFailed(StartupFailed):
@@ -39,6 +40,11 @@ class SingleUserFailed(StartupFailed):
 class SingleUserOutput:
     stdout: str
     stderr: str
+
+
+def reports_failure(log_text: str) -> bool:
+    """Whether a single-user session's log (stderr) reports an ERROR, FATAL or PANIC."""
+    return _FAILED.search(log_text) is not None
 
 
 def _line(statement: str) -> str:
@@ -103,7 +109,7 @@ def run_single_user(
             f"PostgreSQL {binaries.major} single-user session exited with code {proc.returncode}",
             tail,
         )
-    if _FAILED.search(out.stderr):
+    if reports_failure(out.stderr):
         raise SingleUserFailed(
             f"a statement failed in PostgreSQL {binaries.major}'s single-user session", tail
         )
