@@ -7,9 +7,12 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgro.api.replica import Redaction
 from pgro.core.redaction_manifest import (
+    COLUMN_KINDS,
     MAX_IDENTIFIER_BYTES,
     ColumnMask,
     ManifestInvalid,
@@ -322,3 +325,53 @@ def test_display_url_hides_credentials_and_tokens() -> None:
     shown = display_url("https://user:hunter2@h.example:8443/v1/m.json?X-Amz-Signature=abc#f")
     assert shown == "https://h.example:8443/v1/m.json?…"
     assert "hunter2" not in shown and "abc" not in shown
+
+
+# --- any document: a Manifest or ManifestInvalid, nothing else
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=70),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=70), children, max_size=4)
+    ),
+    max_leaves=30,
+)
+_mask = st.one_of(
+    st.sampled_from(sorted(COLUMN_KINDS | {"truncate", "shuffle"})),
+    st.fixed_dictionaries(
+        {"kind": st.text(max_size=10) | st.sampled_from(sorted(COLUMN_KINDS))},
+        optional={"range": _json, "deterministic": _json},
+    ),
+    _json,
+)
+_source = st.fixed_dictionaries(
+    {},
+    optional={
+        "schema": st.text(max_size=70) | _json,
+        "name": st.text(max_size=70) | _json,
+        "meta": st.fixed_dictionaries({"masking": _mask}) | _json,
+        "columns": st.dictionaries(
+            st.text(max_size=70),
+            st.fixed_dictionaries({"meta": st.fixed_dictionaries({"masking": _mask})}) | _json,
+            max_size=5,
+        )
+        | _json,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=20), _source, max_size=5))
+def test_any_document_parses_or_is_refused_cleanly(sources: dict[str, Any]) -> None:
+    try:
+        m = parse_manifest(json.dumps({"sources": sources}))
+    except ManifestInvalid:
+        return
+    for c in m.columns:
+        assert c.kind in COLUMN_KINDS
+        for name in (c.schema, c.table, c.column):
+            assert 0 < len(name.encode()) <= MAX_IDENTIFIER_BYTES and "\x00" not in name
+        assert c.range is None or c.range[0] <= c.range[1]
+    assert all(t.kind == "truncate" for t in m.tables)
+    for r in m.rejected:
+        assert r.message().isprintable()
