@@ -81,6 +81,16 @@ def test_ephemeral_verification_fails_damaged_snapshots_naming_the_relation(
     assert "shop.public.orders file " in message and f"block {DAMAGED_BLOCK}" in message, message
     assert "checksum mismatch" in message
     assert not heap["status"].get("verifiedSnapshotId")
+    # The restore's status names the damage, finding by finding (what canopy reports get).
+    recorded = [
+        r["status"]["dataChecks"] for r in heap["restores"] if r["status"].get("dataChecks")
+    ]
+    assert recorded and recorded[0]["verdict"] == "damaged" and recorded[0]["depth"] == "standard"
+    [checksums] = [c for c in recorded[0]["checks"] if c["name"] == "checksums"]
+    assert checksums["status"] == "fail" and checksums["count"] >= 1
+    assert {(f.get("relation"), f.get("block")) for f in checksums["findings"]} >= {
+        ("public.orders", DAMAGED_BLOCK)
+    }
 
     leaf = run.replica("leaf")
     message = _failed(leaf)["message"]  # type: ignore[index]

@@ -59,6 +59,7 @@ def _example(cls: type[Any]) -> PlanStep:
         plan.EnsureServer: plan.EnsureServer("fiji-1"),
         plan.MarkReadyForTraffic: plan.MarkReadyForTraffic("fiji-1"),
         plan.RunMigration: plan.RunMigration("fiji-1"),
+        plan.CheckData: plan.CheckData("fiji-1", "standard"),
     }
     return examples[cls]
 
@@ -153,9 +154,9 @@ def _mypy(tmp_path: Path, *, in_union: bool, extra: str = "") -> subprocess.Comp
     assert marker in source
     source = source.replace(marker, NEW_STEP.strip() + "\n\n\n" + marker)
     if in_union:
-        last = "    | RunMigration\n)"
+        last = "    | CheckData\n)"
         assert last in source
-        source = source.replace(last, "    | RunMigration\n    | RotateCredentials\n)")
+        source = source.replace(last, "    | CheckData\n    | RotateCredentials\n)")
     plan_py.write_text(source)
     targets = ["pgro/reconciler/dispatch.py"]
     if extra:

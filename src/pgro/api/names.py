@@ -126,6 +126,10 @@ def cred_reset_job_name(restore: str) -> str:
     return f"{restore}-cred-reset"
 
 
+def data_check_job_name(restore: str) -> str:
+    return f"{restore}-data-check"
+
+
 def migrate_job_name(restore: str) -> str:
     return f"{restore}-migrate"
 

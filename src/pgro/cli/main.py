@@ -343,13 +343,14 @@ def main() -> None:
     from pgro.cli.canopy_proxy import canopy_proxy
     from pgro.cli.crds import crds_command
     from pgro.cli.detect_version import detect_version
-    from pgro.cli.operator import operator, restore_job
+    from pgro.cli.operator import check_data, operator, restore_job
     from pgro.cli.run import run, status
 
     cli.add_command(run)
     cli.add_command(status)
     cli.add_command(operator)
     cli.add_command(restore_job)
+    cli.add_command(check_data)
     cli.add_command(detect_version)
     cli.add_command(crds_command)
     cli.add_command(canopy_proxy)

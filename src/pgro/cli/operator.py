@@ -180,6 +180,19 @@ def operator(
     sys.exit(code)
 
 
+@click.command("check-data")
+def check_data() -> None:
+    """The data checks inside a `<restore>-data-check` Job's pod (set up by the operator).
+
+    Reads the page checksums the postgres pod's setup took, then runs amcheck and the full
+    read of $PGRO_VERIFY_DEPTH against $PGRO_CHECK_HOST as the admin role
+    ($PGRO_ADMIN_PASSWORD), and writes the verdict as JSON to the termination message.
+    """
+    from pgro.pipeline.data_check_job import main as job_main
+
+    job_main()
+
+
 @click.command("restore-job")
 def restore_job() -> None:
     """The restore step inside a restore Job's pod (set up by the operator).

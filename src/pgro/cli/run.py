@@ -437,6 +437,11 @@ def _print_replica(console: Console, entry: dict[str, Any]) -> None:
     for r in entry["restores"]:
         phase = r["status"].get("phase", "Pending")
         say(f"  restore {r['name']}  {phase}  snapshot {r['spec'].get('snapshot')}")
+        checks = r["status"].get("dataChecks")
+        if checks:
+            say(f"    data checks ({checks.get('depth')}): {checks.get('verdict')}")
+            for check in checks.get("checks", []):
+                say(f"      {check.get('name')}: {check.get('status')}: {check.get('detail', '')}")
     for c in entry["credentials"]:
         secret = f"password {c['password']}" if "password" in c else f"(password in {c['file']})"
         say(f"  user {c['username']} {secret}")

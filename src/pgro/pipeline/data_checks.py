@@ -41,6 +41,7 @@ from pgro.core.verify_depth import (
 from pgro.postgres.health import Check, HealthReport
 
 if TYPE_CHECKING:
+    from pgro.api.data_checks import DataChecks
     from pgro.pipeline.restore import RestoredDataDirectory
     from pgro.postgres.account import RunAccount
     from pgro.postgres.binaries import PostgresBinaries
@@ -56,9 +57,14 @@ DEFAULT_CHECKING_SUPERUSER: Final = "postgres"
 
 
 class DataDamaged(Exception):
-    """The data checks found damage (a restore that must not count as verified)."""
+    """The data checks found damage (a restore that must not count as verified);
+    `data_checks` names it for the restore's status and report."""
 
     reason = DATA_DAMAGED
+
+    def __init__(self, message: str, data_checks: DataChecks | None = None) -> None:
+        super().__init__(message)
+        self.data_checks = data_checks
 
 
 def default_workers() -> int:
@@ -178,6 +184,19 @@ class DataVerification:
             )
         except checksums.ChecksumCheckFailed as exc:
             self._checksums = not_checked(CHECKSUMS, str(exc))
+            return
+        self._findings = list(result.findings)
+        self._blocks = result.blocks_scanned
+        self._checksums = _checksum_verdict(result, self.budget_s)
+
+    def took_checksums(self, result: ChecksumResult | None, missing: str | None = None) -> None:
+        """The offline check as another process ran it (the operator's pod setup):
+        recorded as `before_start` records its own; `missing` says why there is none."""
+        self._start_clock()
+        if not self.plan.checksums:
+            return
+        if result is None:
+            self._checksums = not_checked(CHECKSUMS, missing or "no pg_checksums result")
             return
         self._findings = list(result.findings)
         self._blocks = result.blocks_scanned

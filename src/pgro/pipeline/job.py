@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from pgro.api.data_checks import DataChecks
 from pgro.api.quantity import parse_quantity
 from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location, parse_kopia_secret
 from pgro.canopy.sigv4 import SigningCredentials
@@ -202,6 +203,7 @@ class RestoreJob:
             parallel=int(parallel) if parallel.isdigit() else None,
             extra_config=env.get("PGRO_EXTRA_CONFIG", ""),
             proxy=CanopyProxy(Path(port_file), host) if port_file else None,
+            verify_depth=env.get("PGRO_VERIFY_DEPTH") or "quick",
         )
 
     def to_env(self) -> dict[str, str]:
@@ -219,6 +221,8 @@ class RestoreJob:
             "KOPIA_PARALLEL": str(self.parallel or ""),
             "PGRO_EXTRA_CONFIG": self.extra_config,
         }
+        if self.verify_depth != "quick":
+            env["PGRO_VERIFY_DEPTH"] = self.verify_depth
         if self.proxy is not None:
             env["PGRO_CANOPY_PROXY_PORT_FILE"] = str(self.proxy.port_file)
             env["PGRO_CANOPY_PROXY_HOST"] = self.proxy.host
@@ -293,21 +297,44 @@ class RestoreOutcome:
     error: str = ""
     fixes: dict[str, bool] | None = None
     notes: list[str] | None = None
+    # What the data checks found (`api.data_checks.DataChecks` in its wire form), when the
+    # worker ran them: pgro run's restore worker does, at a replica's depth.
+    data_checks: dict[str, Any] | None = None
 
     @classmethod
-    def restored(cls, restored: RestoredDataDirectory) -> RestoreOutcome:
+    def restored(
+        cls, restored: RestoredDataDirectory, checks: DataChecks | None = None
+    ) -> RestoreOutcome:
         return cls(
             ok=True,
             postgres_version=restored.data.major,
             pgdata=str(restored.data.path),
             fixes=dict(restored.repairs.fixes),
             notes=list(restored.repairs.notes),
+            data_checks=checks.to_wire() if checks is not None else None,
         )
 
     @classmethod
     def failed(cls, exc: BaseException, secrets: Iterable[str | None] = ()) -> RestoreOutcome:
         reason, error = classify(exc, secrets)
-        return cls(ok=False, reason=reason, error=error)
+        checks: DataChecks | None = getattr(exc, "data_checks", None)
+        return cls(
+            ok=False,
+            reason=reason,
+            error=error,
+            data_checks=checks.to_wire() if checks is not None else None,
+        )
+
+    @property
+    def checks(self) -> DataChecks | None:
+        """`data_checks` as the model, None when absent or unreadable (a result file
+        from an older pgro)."""
+        if not self.data_checks:
+            return None
+        try:
+            return DataChecks.model_validate(self.data_checks)
+        except ValueError:
+            return None
 
     @property
     def failure(self) -> str:
@@ -317,9 +344,15 @@ class RestoreOutcome:
     def work(self, name: str | None = None, completed_at: datetime | None = None) -> RestoreWork:
         """The finished work as the restore's state machine observes it."""
         if not self.ok:
-            return RestoreWork(WorkState.FAILED, name, reason=self.failure)
+            return RestoreWork(WorkState.FAILED, name, reason=self.failure, data_checks=self.checks)
         return RestoreWork(
-            WorkState.SUCCEEDED, name, self.postgres_version, "", completed_at, self.fixes
+            WorkState.SUCCEEDED,
+            name,
+            self.postgres_version,
+            "",
+            completed_at,
+            self.fixes,
+            data_checks=self.checks,
         )
 
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Final
 
 from pgro.canopy.proxy import wait_for_port_file
+from pgro.core.verify_depth import parse_depth
 from pgro.kopia.repository import KopiaRepository, RestoreProgress
 from pgro.pipeline.detect_version import PGDATA_LINK, VERSION_FILE, link_data_directory
 from pgro.pipeline.job import SECRET_ENV, ProxyNotReady, RestoreJob, RestoreOutcome
@@ -25,6 +26,9 @@ from pgro.postgres.backup_label import incomplete_online_backup
 from pgro.postgres.image import OfficialImage
 from pgro.postgres.server import BackupIncomplete
 
+# The replica's verification depth, for the postgres pod's setup script
+# (`runtimes.kubernetes.scripts`).
+VERIFY_DEPTH_FILE: Final = "pgro-verify-depth"
 # Kubernetes keeps at most 4096 bytes of a termination message.
 MESSAGE_LIMIT: Final = 4096
 PROXY_PORT_TIMEOUT_S: Final = 30
@@ -86,7 +90,9 @@ def _restore(job: RestoreJob) -> RestoredDataDirectory:
         creds = job.proxy.route(creds, port)
     root = job.target.parent
     # A retried pod starts over: kopia cannot resume a partial restore.
-    for leftover in (job.target, job.kopia_dir, root / PGDATA_LINK, root / VERSION_FILE):
+    depth_file = root / VERIFY_DEPTH_FILE
+    leftovers = (job.target, job.kopia_dir, root / PGDATA_LINK, root / VERSION_FILE, depth_file)
+    for leftover in leftovers:
         if leftover.is_symlink() or leftover.is_file():
             leftover.unlink()
         elif leftover.exists():
@@ -112,6 +118,9 @@ def _restore(job: RestoreJob) -> RestoredDataDirectory:
     link_data_directory(root, restored.data.path, restored.data.major)
     fixes = sorted(name for name, done in restored.repairs.fixes.items() if done)
     notes = restored.repairs.notes
+    if job.verify_depth != "quick":
+        # Read by the pod's setup script, which checks the page checksums at these depths.
+        depth_file.write_text(parse_depth(job.verify_depth) + "\n")
     (root / ".pgro-restore.json").write_text(
         json.dumps({"postgresVersion": restored.data.major, "fixes": fixes, "notes": notes})
     )

@@ -22,10 +22,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
 
+from pgro.api.data_checks import DataChecks
 from pgro.canopy.proxy import new_client_credentials
 from pgro.canopy.sigv4 import SigningCredentials
 from pgro.core.timeouts import readiness_timeout
-from pgro.core.verify_depth import parse_depth
+from pgro.core.verify_depth import data_checks, parse_depth
 from pgro.interrupts import deferred_interrupts
 from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.data_checks import (
@@ -206,8 +207,10 @@ def run(doc: Mapping[str, Any]) -> RestoreOutcome:
                 parallel=job.parallel,
                 settings=job.settings(),
             )
-        first_start(restored, account, job.target.parent, job.snapshot_size, depth=job.verify_depth)
-        return RestoreOutcome.restored(restored)
+        checks = first_start(
+            restored, account, job.target.parent, job.snapshot_size, depth=job.verify_depth
+        )
+        return RestoreOutcome.restored(restored, checks)
     except Exception as exc:
         # The result lands in status: whatever the error says, secrets stay out of it.
         return RestoreOutcome.failed(exc, secrets)
@@ -223,7 +226,7 @@ def first_start(
     snapshot_size: int,
     *,
     depth: str = "quick",
-) -> None:
+) -> DataChecks | None:
     """Start the restored server once, privately (socket only), and stop it cleanly, the way
     `pgro verify` and the pod's setup script do: a cluster whose crash recovery cannot
     start gets its WAL reset (`start_resetting_wal_if_needed`: a known WAL signature at
@@ -235,7 +238,8 @@ def first_start(
     verify` runs them) the data is checked: the page checksums before the start, amcheck
     and the full read while it runs. Damage fails the restore (`DataDamaged`, naming the
     database, relation and block), so it is never verified nor served; a check the time
-    budget cut short is a note, not a failure."""
+    budget cut short is a note, not a failure. Returns the checks' summary for the
+    restore's status (None at quick depth)."""
     data = DataVerification(parse_depth(depth), default_budget_s(snapshot_size))
     if data.plan.checksums:
         data.before_start(restored.binaries, restored.data.path, account)
@@ -272,10 +276,14 @@ def first_start(
     record(health, verdicts)
     for verdict in verdicts:
         _say(f"data check {verdict.name} ({data.depth}): {verdict.status}: {verdict.detail}")
+    summary = None
+    if data.plan.checksums or data.plan.reads_data:
+        summary = data_checks(data.depth, verdicts, health.failure_message)
     if health.failure_reason == DATA_DAMAGED:
-        raise DataDamaged(health.failure_message or "the data is damaged")
+        raise DataDamaged(health.failure_message or "the data is damaged", summary)
     if health.failure_message:
         restored.repairs.notes.append(health.failure_message)
+    return summary
 
 
 def _say(line: str) -> None:

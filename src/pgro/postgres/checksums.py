@@ -115,13 +115,22 @@ def check(
         return ChecksumResult(enabled=False, error="pg_checksums is not installed")
     if not checksums_enabled(bindir, pgdata, account=account):
         return ChecksumResult(enabled=False)
-    result = ChecksumResult(enabled=True)
     try:
         proc = _run([str(bindir / "pg_checksums"), "--check", "-D", str(pgdata)], timeout, account)
     except subprocess.TimeoutExpired:
-        result.error = f"pg_checksums did not finish within {timeout:.0f}s"
-        return result
-    for line in proc.stderr.splitlines():
+        return ChecksumResult(
+            enabled=True, error=f"pg_checksums did not finish within {timeout:.0f}s"
+        )
+    return parse_check(proc.stdout, proc.stderr, proc.returncode, pgdata)
+
+
+def parse_check(stdout: str, stderr: str, returncode: int, pgdata: Path) -> ChecksumResult:
+    """What `pg_checksums --check -D pgdata` said, on a cluster that keeps checksums: each
+    damaged block a finding, a failure naming no block `error`. The text is untrusted (the
+    operator reads it back from the pod that ran the tool): only the lines that match
+    pg_checksums' own forms are taken."""
+    result = ChecksumResult(enabled=True)
+    for line in stderr.splitlines():
         failed = _FAILED.search(line)
         unread = _READ_FAILED.search(line)
         if failed:
@@ -137,13 +146,13 @@ def check(
         if m and m.group("seg"):
             block += int(m.group("seg")) * BLOCKS_PER_SEGMENT
         result.findings.append(Finding(CHECKSUMS, message, file=rel, block=block))
-    if m_scanned := _SCANNED.search(proc.stdout):
+    if m_scanned := _SCANNED.search(stdout):
         result.blocks_scanned = int(m_scanned.group(1))
-    if m_bad := _BAD_COUNT.search(proc.stdout):
+    if m_bad := _BAD_COUNT.search(stdout):
         result.bad_checksums = int(m_bad.group(1))
-    if proc.returncode != 0 and not result.findings:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        result.error = f"pg_checksums failed: {lines[-1] if lines else f'exit {proc.returncode}'}"
+    if returncode != 0 and not result.findings:
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        result.error = f"pg_checksums failed: {lines[-1] if lines else f'exit {returncode}'}"
     return result
 
 

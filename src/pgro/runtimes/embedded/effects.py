@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgro.api.data_checks import DataChecks
 from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
@@ -25,6 +26,7 @@ from pgro.core.observations import (
     WorkState,
 )
 from pgro.core.plan import (
+    CheckData,
     CleanupRestoreWork,
     DeleteRestore,
     DetectPostgresVersion,
@@ -46,6 +48,7 @@ from pgro.core.plan import (
 )
 from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
+from pgro.core.verify_depth import parse_depth
 from pgro.pipeline.app_migration import AppMigration
 from pgro.pipeline.migrator_command import MigratorCommand
 from pgro.pipeline.schema_migration import SchemaMigration
@@ -376,6 +379,25 @@ class EmbeddedEffects:
         self, replica: PostgresPhysicalReplica, step: MarkReadyForTraffic
     ) -> None:
         pass  # the endpoint routes by restore: there is no label to put back
+
+    def check_data(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: CheckData,
+    ) -> None:
+        """pgro run checks the data in the restore worker, before the server first starts,
+        and records them with the work. A restore whose worker recorded none (restored by
+        a pgro before the checks existed) is noted, not checked: its server serves now."""
+        checks = DataChecks(
+            depth=parse_depth(step.depth),
+            verdict="not_run",
+            message=(
+                "the restore worker recorded no data checks (a restore from before pgro "
+                "checked the data); restore the snapshot again to check it"
+            ),
+        )
+        self.patch_restore_status(replica, restore.name, {"dataChecks": checks.to_wire()})
 
     def run_migration(
         self,

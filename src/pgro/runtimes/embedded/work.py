@@ -95,8 +95,10 @@ class Restores:
         result = worker.read_result(rdir)
         if result is not None:
             if result.ok:
-                return RestoreWork.succeeded(result.postgres_version, fixes=result.fixes)
-            return RestoreWork.failed(result.failure)
+                return RestoreWork.succeeded(
+                    result.postgres_version, fixes=result.fixes, data_checks=result.checks
+                )
+            return RestoreWork.failed(result.failure, result.checks)
         w = self.workers.get(restore_key(restore))
         if w is not None:
             rc = w.process.poll()

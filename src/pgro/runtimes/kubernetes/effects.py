@@ -411,6 +411,26 @@ class KubeEffects:
                 job["metadata"]["name"],
             )
 
+    def check_data(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: plan.CheckData,
+    ) -> None:
+        """Start `<restore>-data-check` once; the observer reads its verdict."""
+        job = workloads.data_check_job(replica, restore, self.config(), step.depth)
+        if self.api.create_if_missing(job):
+            log.info(
+                "restore %s/%s: Job %s started (data checks at %s depth)",
+                restore.namespace,
+                restore.name,
+                job["metadata"]["name"],
+                step.depth,
+            )
+        else:
+            # The cache can lag: a verdict is looked for again soon.
+            self.observer.requeue("restore", f"{restore.namespace}/{restore.name}", 10)
+
     def cleanup_restore_work(
         self,
         replica: PostgresPhysicalReplica,

@@ -15,7 +15,12 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from pgro.api.names import LABEL_RESTORE, restore_job_name, version_detect_job_name
+from pgro.api.names import (
+    LABEL_RESTORE,
+    data_check_job_name,
+    restore_job_name,
+    version_detect_job_name,
+)
 from pgro.api.phases import RestorePhase
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
@@ -28,6 +33,7 @@ from pgro.api.secret import (
 from pgro.api.timestamp import parse_rfc3339
 from pgro.core import reasons
 from pgro.core.observations import (
+    DataCheckRun,
     ReplicaObservation,
     RestoreObservation,
     RestoreWork,
@@ -42,6 +48,7 @@ from pgro.core.plan import EmitEvent, EventType
 from pgro.core.restore_set import is_in_progress
 from pgro.kube.client import KubeApi
 from pgro.kube.informer import Informer
+from pgro.pipeline.data_check_job import parse_message as parse_check_message
 from pgro.pipeline.job import RestoreOutcome
 from pgro.reconciler.effects import GONE, Gone, ReplicaView
 from pgro.reconciler.listing import ReplicaListings
@@ -383,6 +390,9 @@ class Observer:
             work=work,
             server=self.server(restore),
             version_detection=detection,
+            data_check=self.data_check(restore)
+            if restore.effective_phase is RestorePhase.READY and restore.status.data_checks is None
+            else None,
         )
 
     def work(self, restore: PostgresPhysicalRestore) -> RestoreWork:
@@ -439,6 +449,43 @@ class Observer:
                 why = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
             return VersionDetection(WorkState.FAILED, reason=f"{DETECT_FAILED} ({why})")
         return VersionDetection(WorkState.RUNNING)
+
+    def data_check(self, restore: PostgresPhysicalRestore) -> DataCheckRun | None:
+        """The `<restore>-data-check` Job: None before it exists, its verdict (the
+        termination message of its succeeded pod) once Complete."""
+        job_name = data_check_job_name(restore.name)
+        raw = self.caches.jobs.get(restore.namespace, job_name)
+        if raw is None:
+            return None
+        conditions = _true_conditions(raw)
+        if "Complete" not in conditions and "Failed" not in conditions:
+            return DataCheckRun(WorkState.RUNNING)
+        # Its pod is outside the pods watch (it must not carry the restore label, which
+        # the restore's Service selects): read from the API, once the Job has ended.
+        pods = sorted(
+            (
+                PodView.of(p)
+                for p in self.api.list(
+                    "Pod", namespace=restore.namespace, labels={JOB_NAME: job_name}
+                ).items
+            ),
+            key=lambda p: p.meta.created,
+        )
+        if "Complete" in conditions:
+            done = [p for p in pods if p.phase == "Succeeded"]
+            if not done:
+                return DataCheckRun(WorkState.FAILED, reason="its pod is gone")
+            checks, why = parse_check_message(done[-1].termination_message)
+            if checks is None:
+                return DataCheckRun(WorkState.FAILED, reason=why)
+            return DataCheckRun(WorkState.SUCCEEDED, checks)
+        if (cond := conditions.get("Failed")) is not None:
+            messages = [p.termination_message for p in reversed(pods) if p.termination_message]
+            why = next((parse_check_message(m)[1] for m in messages), "")
+            if not why:
+                why = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
+            return DataCheckRun(WorkState.FAILED, reason=why)
+        return DataCheckRun(WorkState.RUNNING)
 
     def job_pods(self, namespace: str, job_name: str) -> list[PodView]:
         """A Job's pods, oldest first."""

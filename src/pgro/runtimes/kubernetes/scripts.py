@@ -12,6 +12,7 @@ import re
 import shlex
 from typing import Final
 
+from pgro.pipeline.restore_job import VERIFY_DEPTH_FILE
 from pgro.postgres.config import forced_settings
 from pgro.postgres.server import (
     INFORMATIONAL_LINE_PATTERN,
@@ -21,6 +22,8 @@ from pgro.postgres.server import (
 
 ADMIN_ROLE: Final = "postgres"
 FIX_RESET_WAL_FLAG: Final = "fix-reset-wal"
+# `<data root>/pgro-checksums.{status,stdout,stderr}`: the setup's pg_checksums run.
+CHECKSUMS_FILE: Final = "pgro-checksums"
 # The script is the same for every major, and an unknown `-c` stops the server, so it forces
 # only what every major has: the library settings that single-user mode loads from. The
 # newer ones (JIT, recovery commands) do nothing in a single-user session with no signal file.
@@ -118,9 +121,40 @@ reset_wal() {
   touch "$PGRO_DATA_ROOT/__FLAG__"
 }
 
-if attempt; then
-  echo "setup: set the __ROLE__ password"
+# The offline page checksums the operator's data checks read back through the server
+# (pgro.pipeline.data_check_job), taken once single-user mode has shut the cluster down
+# cleanly, after any WAL replay: a copy of a running server is checked too. A previous
+# start's results go first, so only this start's can be read.
+checks="$PGRO_DATA_ROOT/__CHECKSUMS__"
+rm -f "$checks.status" "$checks.stdout" "$checks.stderr" "$checks.tmp"
+
+capture_checksums() {
+  depth=$(cat "$PGRO_DATA_ROOT/__DEPTH_FILE__" 2>/dev/null || echo quick)
+  case "$depth" in
+    standard | full) ;;
+    *) return 0 ;;
+  esac
+  if ! command -v pg_checksums >/dev/null 2>&1; then
+    status=missing
+  elif pg_controldata "$PGDATA" 2>/dev/null | grep -Eq '^Data page checksum version: +0$'; then
+    status=disabled
+  else
+    echo "setup: checking the page checksums (pg_checksums --check)"
+    status=0
+    pg_checksums --check -D "$PGDATA" >"$checks.stdout" 2>"$checks.stderr" || status=$?
+  fi
+  printf 'pgdata %s\nstatus %s\n' "$PGDATA" "$status" >"$checks.tmp"
+  mv "$checks.tmp" "$checks.status"
+}
+
+done_ok() {
+  echo "setup: $1"
+  capture_checksums
   exit 0
+}
+
+if attempt; then
+  done_ok "set the __ROLE__ password"
 fi
 
 if not_resettable "$output"; then
@@ -129,22 +163,19 @@ elif wal_lost "$output"; then
   redacted "$output" >&2
   reset_wal "the WAL needed for recovery is missing or torn"
   if attempt; then
-    echo "setup: set the __ROLE__ password after pg_resetwal"
-    exit 0
+    done_ok "set the __ROLE__ password after pg_resetwal"
   fi
 else
   echo "setup: single-user mode failed for a reason pgro does not recognise; retrying once" >&2
   redacted "$output" >&2
   if attempt; then
-    echo "setup: set the __ROLE__ password on the second attempt"
-    exit 0
+    done_ok "set the __ROLE__ password on the second attempt"
   fi
   if ! not_resettable "$output"; then
     redacted "$output" >&2
     reset_wal "single-user mode failed twice; as a last resort"
     if attempt; then
-      echo "setup: set the __ROLE__ password after pg_resetwal (the last resort)"
-      exit 0
+      done_ok "set the __ROLE__ password after pg_resetwal (the last resort)"
     fi
   fi
 fi
@@ -172,7 +203,9 @@ def _grep_patterns(signatures: tuple[str, ...]) -> str:
 
 def setup_script() -> str:
     """The `setup` init container's script (POSIX sh). Needs `$PGDATA`, `$PGRO_DATA_ROOT`
-    and `$PGRO_ADMIN_PASSWORD`; `postgres` and `pg_resetwal` on `$PATH`."""
+    and `$PGRO_ADMIN_PASSWORD`; `postgres` and `pg_resetwal` on `$PATH`. When the restore Job
+    left the depth standard or full in `<data root>/pgro-verify-depth`, it also runs
+    `pg_checksums --check` once the cluster is cleanly shut down."""
     return (
         _SETUP_TEMPLATE.replace("__FORCED__", _forced_single_user_args())
         .replace("__WAL_SIGNATURES__", _grep_patterns(WAL_FAILURE_SIGNATURES))
@@ -181,4 +214,6 @@ def setup_script() -> str:
         .replace("__ROLE__", ADMIN_ROLE)
         .replace("__DATABASE__", "postgres")
         .replace("__FLAG__", FIX_RESET_WAL_FLAG)
+        .replace("__CHECKSUMS__", CHECKSUMS_FILE)
+        .replace("__DEPTH_FILE__", VERIFY_DEPTH_FILE)
     )

@@ -26,6 +26,7 @@ from pgro.api.names import (
     POSTGRES_PORT,
     admin_creds_secret_name,
     canopy_creds_secret_name,
+    data_check_job_name,
     extra_user_secret_name,
     kopia_cache_pvc_name,
     replica_creds_secret_name,
@@ -45,6 +46,9 @@ from pgro.core.pod_sizing import (
     restore_job_resources,
     shm_size_mib,
 )
+from pgro.core.verify_depth import replica_depth
+from pgro.pipeline import data_check_job as check_job
+from pgro.pipeline.data_checks import default_budget_s
 from pgro.pipeline.job import CANOPY_IGNORED_KEYS, SECRET_ENV
 from pgro.postgres.config import forced_arguments, forced_settings
 from pgro.runtimes.kubernetes.config import OperatorConfig, Placement, with_placement
@@ -415,6 +419,11 @@ def _restore_env(
         # Kopia otherwise sizes its worker pool from the node's CPUs, not the CPU limit.
         _env("KOPIA_PARALLEL", KOPIA_PARALLEL),
     ]
+    depth = replica_depth(replica).depth
+    if depth != "quick":
+        # Left on the volume for the pod's setup, which runs pg_checksums: set here, once,
+        # so an annotation changed later never alters (and rolls) a serving pod's template.
+        env.append(_env("PGRO_VERIFY_DEPTH", depth))
     if replica.spec.postgres_extra_config:
         # Written into postgresql.conf by the restore Job, after the source's settings.
         env.append(_env("PGRO_EXTRA_CONFIG", replica.spec.postgres_extra_config))
@@ -638,6 +647,80 @@ def version_detect_job(
             # The operator leaves a finished Job to this (its result is in the restore's
             # status by then); owned by the restore, it also goes with it.
             "ttlSecondsAfterFinished": JOB_TTL_S,
+            "template": with_placement(template, placement or config.placement),
+        },
+    }
+
+
+DATA_CHECK_CONTAINER: Final = "data-check"
+DATA_CHECK_COMMAND: Final = ("pgro", "check-data")
+# It sends SQL and reads verdicts; the server's own CPUs do the checking.
+DATA_CHECK_RESOURCES: Final = {
+    "requests": {"cpu": "50m", "memory": "128Mi"},
+    "limits": {"cpu": "1", "memory": "512Mi"},
+}
+# Sessions checking relations in parallel on the restored server.
+DATA_CHECK_WORKERS: Final = 2
+# One retry: a connection lost to a pod restart is worth another go; damage is not (the
+# run ends with a verdict then, exit 0).
+DATA_CHECK_BACKOFF_LIMIT: Final = 1
+
+
+def data_check_job(
+    replica: PostgresPhysicalReplica,
+    restore: PostgresPhysicalRestore,
+    config: OperatorConfig,
+    depth: str,
+    placement: Placement | None = None,
+) -> dict[str, Any]:
+    """`<restore>-data-check`: runs `pgro check-data` (the operator's image) against the
+    restore's own Service as the admin role, at `depth`, within the same budget as the
+    server's readiness. No TTL: its verdict is read from the termination message, and it
+    goes with the restore, which owns it (a Job deleted before that would run again).
+
+    The Job carries the restore label, so its changes wake the restore; its pod does not:
+    the restore's Service selects that label."""
+    budget = default_budget_s(int(parse_quantity(restore.spec.snapshot_size)))
+    container: dict[str, Any] = {
+        "name": DATA_CHECK_CONTAINER,
+        "image": config.restore_image,
+        "command": list(DATA_CHECK_COMMAND),
+        "env": [
+            # The per-restore Service: a switchover cannot repoint it at another database.
+            _env(check_job.ENV_HOST, restore.name),
+            _env(check_job.ENV_PORT, str(POSTGRES_PORT)),
+            _env(check_job.ENV_USER, ADMIN_ROLE),
+            _secret_env(check_job.ENV_PASSWORD, admin_creds_secret_name(replica.name), "password"),
+            _env(check_job.ENV_DEPTH, depth),
+            _env(check_job.ENV_BUDGET, str(int(budget))),
+            _env(check_job.ENV_WORKERS, str(DATA_CHECK_WORKERS)),
+            _env("PGRO_TERMINATION_LOG", TERMINATION_LOG),
+        ],
+        "resources": {k: dict(v) for k, v in DATA_CHECK_RESOURCES.items()},
+        "securityContext": _container_security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+    }
+    template = {
+        "metadata": {"labels": {**_replica_labels(replica.name), LABEL_JOB_TYPE: "data-check"}},
+        "spec": {
+            "restartPolicy": "Never",
+            # It talks to PostgreSQL only, never to the API server: no token.
+            "automountServiceAccountToken": False,
+            "securityContext": _pod_security_context(),
+            "containers": [container],
+        },
+    }
+    metadata = _restore_metadata(restore, data_check_job_name(restore.name))
+    metadata["labels"][LABEL_JOB_TYPE] = "data-check"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": DATA_CHECK_BACKOFF_LIMIT,
+            # The checks stop themselves at the budget; this is for a hung session.
+            "activeDeadlineSeconds": int(budget) + 600,
             "template": with_placement(template, placement or config.placement),
         },
     }
