@@ -214,3 +214,42 @@ def test_an_application_type_that_cannot_be_a_label_is_left_out() -> None:
     )
     assert "pgro.bes.au/application-type" not in labels
     assert UPGRADE_LABELS["pgro.bes.au/application-type"] == "tamanu-central"
+
+
+def test_a_damage_report_carries_the_data_checks_findings() -> None:
+    checks = [
+        {"name": "connect", "status": "pass", "detail": "ok"},
+        {
+            "name": "btree",
+            "status": "fail",
+            "detail": "1 problem in 3 indexes: shop.public.orders_pkey block 7: bad",
+            "count": 1,
+            "findings": [
+                {
+                    "message": "item order invariant violated",
+                    "database": "shop",
+                    "relation": "public.orders_pkey",
+                    "table": "public.orders",
+                    "block": 7,
+                }
+            ],
+        },
+        {"name": "checksums", "status": "not_checked", "detail": "not checked: no checksums"},
+    ]
+    report = _report(
+        outcome="failure",
+        error="DataDamaged: the data is damaged: btree: …",
+        healthDetails={"restore_duration_sec": 9, "checks": checks},
+    )
+    wire = reports.verification_args(canopy_replica(), report).to_wire()
+    assert (wire["outcome"], wire["replica_healthy"]) == ("failure", False)
+    sent = wire["health_details"]["checks"]
+    assert [c["status"] for c in sent] == ["pass", "fail", "not_checked"]
+    assert sent[1]["count"] == 1
+    assert sent[1]["findings"][0] == checks[1]["findings"][0]  # type: ignore[index]
+    # A backup the checks could not fully judge still reports its details.
+    incomplete = [{"name": "integrity_complete", "status": "incomplete", "detail": "budget"}]
+    wire = reports.verification_args(
+        canopy_replica(), _report(healthDetails={"checks": incomplete})
+    ).to_wire()
+    assert wire["health_details"]["checks"][0]["status"] == "incomplete"

@@ -485,17 +485,33 @@ class RestoreCredentials(CanopyResponse):
 # -- POST /restore-verification (§3.4) -------------------------------------------------------
 
 Outcome = Literal["success", "failure"]
-CheckStatus = Literal["pass", "fail"]
+# "not_checked" and "incomplete": the data checks' (issue 16) verdicts that are not a
+# failure (a hash index amcheck cannot check; a budget that ran out).
+CheckStatus = Literal["pass", "fail", "not_checked", "incomplete"]
 
 MIGRATION_ERROR_MAX: Final = 2000
 
 
+class CheckFinding(CanopyRequest):
+    """Where a data check found damage: database, relation, block, and the tool's words."""
+
+    message: str
+    database: str | None = None
+    relation: str | None = None
+    table: str | None = None
+    file: str | None = None
+    block: int | None = Field(default=None, ge=0)
+
+
 class CheckResult(CanopyRequest):
-    """One health check pgro ran on the restored server (`connect`, `primary`, ...)."""
+    """One check pgro ran on the restored server (`connect`, `primary`, ..., and the data
+    checks `checksums`, `btree`, `heap`, `full_read`, with their first findings)."""
 
     name: str = Field(min_length=1)
     status: CheckStatus
     detail: str = ""
+    count: int | None = Field(default=None, ge=0)
+    findings: tuple[CheckFinding, ...] | None = None
 
 
 class HealthDetails(CanopyRequest):
