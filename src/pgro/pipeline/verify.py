@@ -38,6 +38,12 @@ from pgro.pipeline.data_checks import (
 )
 from pgro.pipeline.events import Observer, SilentObserver
 from pgro.pipeline.job import classify
+from pgro.pipeline.locale_repair import (
+    LocaleRepair,
+    full_reindex_after_reset,
+    locales_dir,
+    refresh_collations,
+)
 from pgro.pipeline.report import (
     EXIT_FAILED_VERIFICATION,
     EXIT_MIGRATION_FAILED,
@@ -53,7 +59,7 @@ from pgro.pipeline.verify_migration import (
 )
 from pgro.postgres.account import RunAccount, resolve_run_account, unreachable
 from pgro.postgres.catalog_guard import CatalogGuardFailed, neutralise_catalog
-from pgro.postgres.health import check_health
+from pgro.postgres.health import check_health, record_collation_versions
 from pgro.postgres.layout import NotPostgres
 from pgro.postgres.server import (
     PostgresServer,
@@ -257,6 +263,14 @@ def verify_snapshot(
             obs.step("checksums", "checking the page checksums of the stopped cluster")
             data.before_start(restored.binaries, restored.data.path, account)
             lap("checksums")
+        # The single-user locale probe and rewrite: the first time PostgreSQL opens the
+        # data. Private locales are built (under the work directory) only when a database
+        # names one this host lacks.
+        obs.step("locale", "checking the databases' locales (single-user mode)")
+        locales = LocaleRepair.before_start(
+            restored.binaries, restored.data.path, account, locales_dir(workdir), obs.note
+        )
+        lap("locale")
         socket_dir = socket_dir_for(workdir / "run")
         if not socket_dir.is_relative_to(workdir):
             extra_dirs.append(socket_dir)
@@ -267,6 +281,7 @@ def verify_snapshot(
             account,
             socket_dir=socket_dir,
             log_path=workdir / "postgres.log",
+            env=locales.env(),
         )
         _start(server, restored, timeout, obs)
         user = checking_superuser(server, restored, timeout.total_seconds())
@@ -279,8 +294,19 @@ def verify_snapshot(
             restored.repairs.notes.append(note)
             obs.note(note)
         lap("guard")
+
+        def conninfo_for(dbname: str) -> str:
+            return endpoint.conninfo(dbname, user)
+
+        # After the guard (the rebuilds run index expressions), before the checks: an index
+        # built in the source's locale order or under another collation library version
+        # answers wrongly, and amcheck would call it damaged.
+        locales.after_start(conninfo_for, restored.repairs, obs.note)
+        collations = refresh_collations(conninfo_for, restored.repairs, obs.note)
+        lap("repair")
         obs.step("check", "checking health: connect, list databases, SELECT 1 in each")
         health = check_health(server.endpoint, user)
+        record_collation_versions(health, collations)
         lap("check")
         # On the data as restored: before any migration rehearsal changes it.
         if health.healthy and (data.plan.checksums or data.plan.reads_data):
@@ -289,8 +315,14 @@ def verify_snapshot(
                 f"reading the data ({choice.depth}: {', '.join(data.plan.checks)}; "
                 f"budget {budget:.0f}s)",
             )
-            record(health, data.after_start(lambda dbname: endpoint.conninfo(dbname, user)))
+            record(health, data.after_start(conninfo_for))
             lap("integrity")
+        if restored.repairs.fixes["reset_wal"]:
+            # After the checks (the reference runs it after Ready): torn index pages of the
+            # reset cluster would surface later as "unexpected zero page".
+            obs.step("reindex", "rebuilding every index after pg_resetwal")
+            full_reindex_after_reset(conninfo_for, restored.repairs, obs.note)
+            lap("reindex")
         report.checks = health.checks
         report.sizes = health.sizes
         report.restore_duration_sec = time.monotonic() - started

@@ -45,6 +45,13 @@ from pgro.pipeline.job import (
     RestoreOutcome,
     credentials_to_json,
 )
+from pgro.pipeline.locale_repair import (
+    LocaleRepair,
+    detect_collations,
+    full_reindex_after_reset,
+    locales_dir,
+    refresh_collations,
+)
 from pgro.pipeline.restore import RestoredDataDirectory, restore_snapshot
 from pgro.postgres.account import RunAccount, resolve_run_account
 from pgro.postgres.catalog_guard import neutralise_catalog
@@ -234,6 +241,15 @@ def first_start(
     recorded as the fix `reset_wal`. The server `pgro run` then serves starts cleanly.
     `StartupFailed` fails the restore, with the server's log tail.
 
+    The locale and collation repairs run here too (`pipeline.locale_repair`, as `pgro
+    verify` runs them): the single-user locale rewrite before the start (private locales in
+    `restore_dir/locales` when a database names one this host lacks; `LocaleUnavailable`
+    when pgro cannot provide it), the fallback rewrite and the quick reindex after it
+    (`fixes.locale`, `fixes.reindex`), the collation-version refresh
+    (`fixes.collation_refresh`; a mismatch that remains is a note and the restore still
+    serves) and, after a WAL reset, the full reindex (`fixes.reindex`), all before `pgro
+    run` serves the server.
+
     At a `depth` other than quick (a verify replica's; `pipeline.data_checks`, as `pgro
     verify` runs them) the data is checked: the page checksums before the start, amcheck
     and the full read while it runs. Damage fails the restore (`DataDamaged`, naming the
@@ -244,6 +260,12 @@ def first_start(
     if data.plan.checksums:
         data.before_start(restored.binaries, restored.data.path, account)
     verdicts = []
+    # The single-user locale probe and rewrite (the first open of the data: crash recovery
+    # runs here). Private locales go in the restore's directory, where the server pgro run
+    # serves finds them too (`runtimes.embedded.servers`); none for a sound snapshot.
+    locales = LocaleRepair.before_start(
+        restored.binaries, restored.data.path, account, locales_dir(restore_dir), _say
+    )
     socket_dir = socket_dir_for(restore_dir / "run")
     server = PostgresServer(
         restored.data.path,
@@ -252,26 +274,50 @@ def first_start(
         socket_dir=socket_dir,
         # The log of the server `pgro run` serves: a reset's failed starts stay readable.
         log_path=restore_dir / "postgres.log",
+        env=locales.env(),
     )
     # No deploymentReadyTimeout here (the job does not carry it): the runtime's own
     # readiness deadline starts only once this worker has finished.
     timeout = readiness_timeout(snapshot_size).total_seconds()
     try:
         reset = start_resetting_wal_if_needed(server, timeout, _say)
-        if data.plan.checksums or data.plan.reads_data:
-            user = checking_superuser(server, restored, timeout)
-            endpoint = server.endpoint
-            conninfo_for = lambda dbname: endpoint.conninfo(dbname, user)  # noqa: E731
-            # Before any other query, as `pgro verify` does (and provisioning would later).
+        if reset is not None:
+            _say(reset)
+            restored.repairs.record("reset_wal", reset)
+        user = checking_superuser(server, restored, timeout)
+        endpoint = server.endpoint
+
+        def conninfo_for(dbname: str) -> str:
+            return endpoint.conninfo(dbname, user)
+
+        # A sound snapshot pays the fallback's counted UPDATE and one detection query per
+        # database; the guard runs (as `pgro verify` does, before any other query) only
+        # when something is rebuilt here (index expressions run user code) or checked.
+        locales.after_start_rewrite(conninfo_for, restored.repairs, _say)
+        drifted = detect_collations(conninfo_for)
+        checking = data.plan.checksums or data.plan.reads_data
+        if checking or locales.rewritten or reset is not None or drifted:
             neutralise_catalog(conninfo_for)
+        # The quick reindex gates readiness for free: the worker finishes before pgro run
+        # starts the server it serves, so no client reaches an index still in the source's
+        # locale order.
+        locales.quick_reindex(conninfo_for, restored.repairs, _say)
+        if drifted:
+            collations = refresh_collations(conninfo_for, restored.repairs, _say)
+            if collations.remaining:
+                # pgro run still serves the restore (the note says what remains); pgro
+                # verify fails its health check instead.
+                _say("; ".join(collations.notes()))
+        if checking:
             verdicts = data.after_start(conninfo_for)
+        if reset is not None:
+            # Before ready, unlike the reference (after Ready): the worker is the only place
+            # that holds the server before pgro run serves it (docs/locale-and-collation.md).
+            full_reindex_after_reset(conninfo_for, restored.repairs, _say)
     finally:
         server.stop()
         if not socket_dir.is_relative_to(restore_dir):
             shutil.rmtree(socket_dir, ignore_errors=True)
-    if reset is not None:
-        _say(reset)
-        restored.repairs.record("reset_wal", reset)
     health = HealthReport()
     record(health, verdicts)
     for verdict in verdicts:

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     # overlaps with kopia's work instead of paying up front (see pipeline.verify).
     import psycopg
 
+    from pgro.postgres.collation_refresh import CollationRefreshResult
+
+COLLATION_CHECK = "collation_versions"
+COLLATION_MISMATCH = "CollationVersionMismatch"
 SYSTEM_DATABASES = frozenset({"postgres", "template0", "template1"})
 CONNECT_TIMEOUT_S = 10
 
@@ -192,3 +196,29 @@ def check_health(endpoint: Endpoint, user: str) -> HealthReport:
             "NoApplicationDatabase",
         )
     return report
+
+
+def record_collation_versions(report: HealthReport, result: CollationRefreshResult) -> None:
+    """The collation-version verdict (features.md §2.4) as a check: it fails, naming the
+    collations and the indexes whose rebuild failed, when a mismatch remains after the
+    repair (an index built under another library version can silently miss rows)."""
+    if not result.needed:
+        report.passed(COLLATION_CHECK, "every recorded collation version matches the library's")
+        return
+    refreshed = ", ".join(str(m) for m in result.refreshed)
+    if not result.remaining:
+        report.passed(
+            COLLATION_CHECK,
+            f"refreshed {len(result.refreshed)} collation version(s) after rebuilding "
+            f"{len(result.rebuilt)} dependent index(es): {refreshed}",
+        )
+        return
+    failed = "; ".join(str(f) for f in result.failures[:10])
+    more = f" (and {len(result.failures) - 10} more)" if len(result.failures) > 10 else ""
+    report.failed(
+        COLLATION_CHECK,
+        f"{len(result.remaining)} collation version mismatch(es) remain: "
+        + ", ".join(str(m) for m in result.remaining)
+        + f"; not refreshed because rebuilding the dependent indexes failed: {failed}{more}",
+        COLLATION_MISMATCH,
+    )

@@ -46,6 +46,9 @@ ALIAS_SOURCE: Final = "en_US"
 
 I18N_ROOT: Final = Path("/usr/share/i18n")
 GCONV_DIR: Final = "gconv"
+# A restore's private locales: `<restore dir>/locales` (pgro's own directory, beside the
+# restored tree), read by every PostgreSQL process on that restore's data.
+RESTORE_LOCALES_DIR: Final = "locales"
 LOCALEDEF_TIMEOUT_S: Final = 120.0
 
 # A locale name pgro builds on demand (from a startup failure's message): a language and
@@ -90,6 +93,15 @@ class LocaleAliases:
 def locale_env(locpath: Path) -> dict[str, str]:
     """`LOCPATH` (the locales) and `GCONV_PATH` (the code-page aliases) for `locpath`."""
     return {"LOCPATH": str(locpath), "GCONV_PATH": str(locpath / GCONV_DIR)}
+
+
+def restore_locale_env(restore_dir: Path) -> dict[str, str] | None:
+    """The environment for a restore whose worker built private locales (None when it built
+    none: a sound snapshot's server runs with the host's own)."""
+    locpath = restore_dir / RESTORE_LOCALES_DIR
+    if not (locpath / GCONV_DIR / "gconv-modules").is_file():
+        return None
+    return locale_env(locpath)
 
 
 def windows_alias_specs() -> list[LocaleSpec]:

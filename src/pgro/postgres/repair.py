@@ -38,6 +38,8 @@ FIX_NAMES = (
     "cleared_auto_conf",
     "neutralised_settings",
     "removed_unsafe_links",
+    # Collation versions refreshed after rebuilding their indexes (issue 13, §2.4).
+    "collation_refresh",
 )
 
 # Directories PostgreSQL expects that can legitimately be empty, so backup tools and

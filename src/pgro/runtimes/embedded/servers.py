@@ -15,6 +15,7 @@ from pathlib import Path
 from pgro.core.observations import Server, ServerState
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
+from pgro.postgres.locale_aliases import restore_locale_env
 from pgro.postgres.server import Endpoint, PostgresServer
 from pgro.processes import process_args, stop_postmaster_pid
 
@@ -98,6 +99,9 @@ class ServerHandle:
             socket_dir=self.socket_dir,
             log_path=self.log_path,
             port=self.port,
+            # The private locales the restore worker built (in the restore's directory,
+            # beside postgres.log), as its first start had them; none for a sound snapshot.
+            env=restore_locale_env(self.log_path.parent),
         )
         self.child.spawn()
 
