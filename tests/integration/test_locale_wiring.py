@@ -26,11 +26,18 @@ from pgro.kopia.repository import KopiaRepository
 from pgro.pipeline.locale_repair import ALIASES_SWITCH
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
-from pgro.postgres.locale_aliases import RESTORE_LOCALES_DIR
+from pgro.postgres.locale_aliases import RESTORE_LOCALES_DIR, build_locale_aliases
 from pgro.postgres.server import PostgresServer, socket_dir_for
 from tests.fixtures.manifests import fs_manifest, replica_doc, secret_doc, write_manifest
 from tests.fixtures.run_harness import PASSWORD, Backups, Running, StartRun, connect
-from tests.integration.test_locale_fix import ROWS, build_en_us_cluster
+from tests.integration.test_locale_fix import (
+    ROWS,
+    _fill,
+    _initdb,
+    _query,
+    _server,
+    build_en_us_cluster,
+)
 from tests.integration.test_verify_cli import run_verify
 
 EN_US_SOURCE = "postgres@db-en:/var/lib/postgresql"
@@ -118,6 +125,42 @@ def test_verify_rewrites_and_reindexes_an_en_us_snapshot(
     assert checks["btree"]["status"] == "pass", checks["btree"]
     assert checks["select_1:app"]["status"] == "pass"
     assert checks["collation_versions"]["status"] == "pass"
+
+
+def test_verify_rewrites_a_windows_snapshot_to_c(
+    scratch: Path, binaries: PostgresBinaries, account: RunAccount
+) -> None:
+    """A WIN1252 cluster named "English_United States.1252" (made with aliases this test
+    builds for itself) opens only through pgro's own aliases, and is rewritten to C (not
+    C.UTF-8, which PostgreSQL refuses for WIN1252)."""
+    name = "English_United States.1252"
+    source_aliases = build_locale_aliases(scratch / "source-aliases")
+    pgdata = scratch / "windows" / "data"
+    _initdb(binaries, account, pgdata, source_aliases.env(), "-E", "WIN1252", f"--locale={name}")
+    server = _server(binaries, account, pgdata, source_aliases.env())
+    server.start(60)
+    try:
+        _query(server, "postgres", "CREATE DATABASE app")
+        _fill(server, "app")
+    finally:
+        server.stop()
+    creds = KopiaCredentials(FilesystemLocation(str(scratch / "repo")), PASSWORD)
+    kopia = KopiaRepository(creds, scratch / "kopia-author")
+    kopia.create()
+    try:
+        kopia.snapshot_create(pgdata.parent, override_source="postgres@db-win:C:/pgdata")
+    finally:
+        kopia.close()
+    manifest = fs_manifest(scratch / "m.yaml", scratch / "repo", PASSWORD)
+    code, report, _ = run_verify(manifest, scratch / "work", "--depth", "standard")
+    assert code == 0, json.dumps(report, indent=1)
+    fixes = report["health_details"]["fixes"]
+    assert fixes["locale"] is True
+    assert fixes["reindex"] is True
+    notes = " ".join(report["notes"])
+    assert "rewrote the locale of 4 database(s)" in notes
+    assert "rebuilt 1" in notes  # app's words_w
+    assert _checks(report)["btree"]["status"] == "pass"
 
 
 def test_verify_without_private_locales_fails_clearly(
