@@ -13,6 +13,8 @@ features.md §2.3, §2.4), end to end: the real CLI, real kopia, real PostgreSQL
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.locale_aliases import RESTORE_LOCALES_DIR, build_locale_aliases
 from pgro.postgres.server import PostgresServer, socket_dir_for
+from tests.conftest import Repo
 from tests.fixtures.manifests import fs_manifest, replica_doc, secret_doc, write_manifest
 from tests.fixtures.run_harness import PASSWORD, Backups, Running, StartRun, connect
 from tests.integration.test_locale_fix import (
@@ -218,6 +221,25 @@ def test_verify_of_a_sound_snapshot_repairs_nothing(backups: Backups, scratch: P
     assert _checks(report)["collation_versions"]["status"] == "pass"
 
 
+def test_verify_reindexes_every_database_after_a_wal_reset(fs_repo: Repo, scratch: Path) -> None:
+    manifest = fs_manifest(
+        scratch / "m.yaml",
+        fs_repo.path,
+        fs_repo.password,
+        snapshotFilter={"hostPattern": "db-nowal"},
+    )
+    code, report, _ = run_verify(manifest, scratch / "work")
+    assert code == 0, json.dumps(report, indent=1)
+    fixes = report["health_details"]["fixes"]
+    assert fixes["reset_wal"] is True
+    assert fixes["reindex"] is True
+    assert fixes["locale"] is False
+    notes = report["notes"]
+    full = [n for n in notes if n.startswith("full reindex after pg_resetwal")]
+    assert full and "rebuilt 3" in full[0], notes  # postgres, myapp, template1
+    assert "reindex" in report["timings"]  # its own step, after the checks
+
+
 # --- pgro run -----------------------------------------------------------------------------
 
 
@@ -336,3 +358,51 @@ def test_locale_probe_needs_no_private_locales_on_a_sound_cluster(
     code, report, _ = run_verify(manifest, scratch / "work", "--snapshot", snapshot)
     assert code == 0, json.dumps(report, indent=1)
     assert report["health_details"]["fixes"]["locale"] is False
+
+
+def test_run_reindexes_every_database_after_a_wal_reset_before_serving(
+    backups: Backups, scratch: Path, start_run: StartRun
+) -> None:
+    """A snapshot whose WAL is gone: the worker resets it and rebuilds every index before
+    pgro run serves (the reference does it after Ready; docs/locale-and-collation.md)."""
+    pgdata = backups.source / backups.binaries.major / "main"
+    (pgdata / "postgresql.conf").touch()
+    server = PostgresServer(
+        pgdata,
+        backups.binaries,
+        backups.account,
+        socket_dir=socket_dir_for(scratch / "src-crash"),
+        log_path=scratch / "src-crash.log",
+    )
+    server.start(60)
+    try:
+        conninfo = server.endpoint.conninfo("myapp", "postgres")
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            c.execute("CREATE TABLE marker (v text)")
+            c.execute("INSERT INTO marker VALUES ('crashed')")
+            c.execute("CHECKPOINT")
+        before = _relfilenode(conninfo, "test_data_pkey")
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGQUIT)  # an unclean stop: crash recovery is due
+    finally:
+        server.stop()
+        (pgdata / "postgresql.conf").unlink()
+    for segment in [p for p in (pgdata / "pg_wal").iterdir() if p.is_file()]:
+        segment.unlink()
+    backups.kopia.snapshot_create(
+        backups.source, override_source="postgres@db-run:/var/lib/postgresql"
+    )
+
+    run = start_run(_run_manifest(scratch / "m.yaml", backups.path))
+    entry, restore, rdir = _serving(run)
+    fixes = restore["status"]["fixes"]
+    assert fixes["reset_wal"] is True
+    assert fixes["reindex"] is True
+    assert fixes["locale"] is False
+    with connect(entry) as conn:
+        row = conn.execute("SELECT relfilenode FROM pg_class WHERE relname = 'test_data_pkey'")
+        assert row.fetchone() != (before,)
+        assert conn.execute("SELECT v FROM marker").fetchone() == ("crashed",)
+    work_log = (rdir / "work.log").read_text()
+    assert "full reindex after pg_resetwal (databases): rebuilt 3" in work_log
+    assert run.stop() == 0
