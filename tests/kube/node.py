@@ -1609,7 +1609,8 @@ class FakeNode:
     def _make_pvc_dir(self, path: Path) -> None:
         for parent in reversed(path.parents):
             if parent.is_relative_to(self.root) and not parent.exists():
-                parent.mkdir()
+                # Two pods of a new namespace may provision their volumes at once.
+                parent.mkdir(exist_ok=True)
                 parent.chmod(0o711)
         path.mkdir(exist_ok=True)
         path.chmod(0o755)
