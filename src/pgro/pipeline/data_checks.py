@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 DATA_DAMAGED: Final = "DataDamaged"
 VERIFICATION_INCOMPLETE: Final = "VerificationIncomplete"
 MAX_WORKERS: Final = 8
+# Tries of the checksums after recovery: after single-user mode, then after a first start.
+MAX_RECHECKS: Final = 2
 # Chosen from the replica by the restore machine; re-exported for the runtimes.
 __all__ = ["DepthChoice", "depth_for", "replica_depth"]
 DEFAULT_CHECKING_SUPERUSER: Final = "postgres"
@@ -151,6 +153,9 @@ class DataVerification:
     _findings: list[Finding] = field(default_factory=list)
     _blocks: int = 0
     _checksums: CheckVerdict | None = None
+    # pg_checksums refused the cluster: not cleanly shut down (a copy of a running server).
+    _unclean: bool = False
+    _rechecks: int = 0
 
     @property
     def plan(self) -> DepthPlan:
@@ -188,6 +193,22 @@ class DataVerification:
         self._findings = list(result.findings)
         self._blocks = result.blocks_scanned
         self._checksums = _checksum_verdict(result, self.budget_s)
+        self._unclean = result.error is not None and "shut down" in result.error
+
+    @property
+    def wants_clean_stop(self) -> bool:
+        """The checksums could not be read because the copy was not cleanly shut down: once
+        its first start has replayed the WAL, a clean stop lets `recheck_stopped` read them
+        (what the operator's pod setup does after single-user mode)."""
+        return self._unclean and self.plan.checksums and self._rechecks < MAX_RECHECKS
+
+    def recheck_stopped(
+        self, binaries: PostgresBinaries, pgdata: Path, account: RunAccount
+    ) -> None:
+        """`before_start` again, on a cluster that single-user mode or a first start has
+        recovered and a clean stop left consistent (still refused: "not checked")."""
+        self._rechecks += 1
+        self.before_start(binaries, pgdata, account)
 
     def took_checksums(self, result: ChecksumResult | None, missing: str | None = None) -> None:
         """The offline check as another process ran it (the operator's pod setup):

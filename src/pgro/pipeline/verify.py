@@ -271,6 +271,12 @@ def verify_snapshot(
             restored.binaries, restored.data.path, account, locales_dir(workdir), obs.note
         )
         lap("locale")
+        if data.wants_clean_stop:
+            # A copy of a running server: single-user mode has just replayed its WAL and
+            # shut it down cleanly, so pg_checksums can read the pages (torn ones repaired).
+            obs.step("checksums", "checking the page checksums after WAL replay")
+            data.recheck_stopped(restored.binaries, restored.data.path, account)
+            lap("checksums")
         socket_dir = socket_dir_for(workdir / "run")
         if not socket_dir.is_relative_to(workdir):
             extra_dirs.append(socket_dir)
@@ -286,6 +292,14 @@ def verify_snapshot(
         _start(server, restored, timeout, obs)
         user = checking_superuser(server, restored, timeout.total_seconds())
         lap("start")
+        if data.wants_clean_stop:
+            # Single-user mode could not recover it; the first start did, and a clean stop
+            # leaves pages pg_checksums can read.
+            obs.step("checksums", "checking the page checksums after WAL replay (clean stop)")
+            server.stop()
+            data.recheck_stopped(restored.binaries, restored.data.path, account)
+            _start(server, restored, timeout, obs)
+            lap("checksums")
         # Before any other query: the catalog's stored settings, event triggers and C
         # functions with a library inside the snapshot must not run on the checks' sessions.
         endpoint = server.endpoint

@@ -266,6 +266,10 @@ def first_start(
     locales = LocaleRepair.before_start(
         restored.binaries, restored.data.path, account, locales_dir(restore_dir), _say
     )
+    if data.wants_clean_stop:
+        # A copy of a running server: single-user mode has just replayed its WAL and shut it
+        # down cleanly, so pg_checksums can read the pages (torn ones repaired).
+        data.recheck_stopped(restored.binaries, restored.data.path, account)
     socket_dir = socket_dir_for(restore_dir / "run")
     server = PostgresServer(
         restored.data.path,
@@ -284,6 +288,12 @@ def first_start(
         if reset is not None:
             _say(reset)
             restored.repairs.record("reset_wal", reset)
+        if data.wants_clean_stop:
+            # Single-user mode could not recover it; the first start did, and a clean stop
+            # leaves pages pg_checksums can read.
+            server.stop()
+            data.recheck_stopped(restored.binaries, restored.data.path, account)
+            server.start(timeout)
         user = checking_superuser(server, restored, timeout)
         endpoint = server.endpoint
 
