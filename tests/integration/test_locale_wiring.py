@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ import pytest
 
 from pgro.api.secret import FilesystemLocation, KopiaCredentials
 from pgro.kopia.repository import KopiaRepository
-from pgro.pipeline.locale_repair import ALIASES_SWITCH
-from pgro.postgres.account import RunAccount
+from pgro.pipeline.locale_repair import ALIASES_SWITCH, LocaleRepair, LocaleUnavailable
+from pgro.postgres.account import RunAccount, hand_over
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.locale_aliases import RESTORE_LOCALES_DIR, build_locale_aliases
 from pgro.postgres.server import PostgresServer, socket_dir_for
@@ -164,6 +165,40 @@ def test_verify_rewrites_a_windows_snapshot_to_c(
     assert "rewrote the locale of 4 database(s)" in notes
     assert "rebuilt 1" in notes  # app's words_w
     assert _checks(report)["btree"]["status"] == "pass"
+
+
+def test_a_locale_pgro_cannot_build_fails_clearly(
+    scratch: Path, binaries: PostgresBinaries, account: RunAccount
+) -> None:
+    """A database created with a locale no source on this host builds ("xx_XX.UTF-8", made
+    here from en_US under another name): `LocaleUnavailable` naming it, the data unchanged."""
+    source = scratch / "source-locales"
+    source.mkdir()
+    subprocess.run(
+        ["localedef", "-i", "en_US", "-f", "UTF-8", str(source / "xx_XX.UTF-8")],
+        check=True,
+        capture_output=True,
+    )
+    hand_over(source, account)
+    pgdata = scratch / "odd" / "data"
+    env = {"LOCPATH": str(source)}
+    _initdb(binaries, account, pgdata, env, "--locale=xx_XX.UTF-8", "-E", "UTF8")
+    said: list[str] = []
+    with pytest.raises(LocaleUnavailable) as caught:
+        LocaleRepair.before_start(binaries, pgdata, account, scratch / "locales", said.append)
+    message = str(caught.value)
+    assert "'xx_XX.UTF-8'" in message
+    assert "pgro could not build it privately" in message
+    assert 'initialized with LC_COLLATE "xx_XX.UTF-8"' in caught.value.log_tail
+    assert any("building private locale aliases" in line for line in said)
+    # Nothing was rewritten: the source's locale opens it as before.
+    server = _server(binaries, account, pgdata, env)
+    server.start(60)
+    try:
+        rows = _query(server, "postgres", "SELECT DISTINCT datcollate FROM pg_database")
+        assert rows == [("xx_XX.UTF-8",)]
+    finally:
+        server.stop()
 
 
 def test_verify_without_private_locales_fails_clearly(

@@ -120,12 +120,13 @@ class LocaleRepair:
             if not missing:
                 state._not_locale(exc, say, build=True)
                 return state
+            log_tail = exc.log_tail
         say(
             "the databases name locale(s) this host lacks ("
             + ", ".join(missing)
             + "): building private locale aliases for the rewrite to C.UTF-8"
         )
-        state.aliases = state._build(missing)
+        state.aliases = state._build(missing, log_tail)
         for attempt in range(2):
             try:
                 state.single_user = rewrite_in_single_user(
@@ -139,41 +140,49 @@ class LocaleRepair:
                     state._not_locale(exc, say, build=False)
                     return state
                 if attempt == 1 or set(still) <= set(missing):
-                    raise state._unavailable(still) from exc
+                    raise state._unavailable(still, log_tail=exc.log_tail) from exc
                 missing = [*missing, *still]
-                state.aliases = state._build(missing)
+                state.aliases = state._build(missing, exc.log_tail)
         raise AssertionError("unreachable")
 
-    def _build(self, names: list[str]) -> LocaleAliases:
+    def _build(self, names: list[str], log_tail: str) -> LocaleAliases:
         if aliases_disabled():
             raise self._unavailable(
-                names, f"private locale aliases are disabled ({ALIASES_SWITCH})"
+                names,
+                f"private locale aliases are disabled ({ALIASES_SWITCH})",
+                log_tail=log_tail,
             )
         try:
             aliases = build_locale_aliases(self.directory, extra=names)
         except LocalesUnavailable as exc:
-            raise self._unavailable(names, str(exc)) from exc
+            raise self._unavailable(names, str(exc), log_tail=log_tail) from exc
         self.notes.append(
             f"built {len(aliases.built)} private locale(s) in the restore's own directory "
             "(LOCPATH) to open the databases"
         )
         return aliases
 
-    def _unavailable(self, names: list[str], why: str = "") -> LocaleUnavailable:
-        built = (
-            f"; built here: {len(self.aliases.built)} private locale(s), not those"
-            if self.aliases is not None
-            else ""
+    def _unavailable(
+        self, names: list[str], why: str = "", *, log_tail: str = ""
+    ) -> LocaleUnavailable:
+        named = ", ".join(repr(n) for n in names) if names else "(named in the server log)"
+        start = (
+            f"the snapshot's databases were created with the locale {named}, which this host "
+            'lacks (PostgreSQL refuses such a database: "database locale is incompatible with '
+            'operating system")'
         )
-        return LocaleUnavailable(
-            "the snapshot's databases were created with the locale "
-            + ", ".join(repr(n) for n in names)
-            + ", which this host lacks"
-            + (f", and {why}" if why else built)
-            + ': PostgreSQL refuses such a database ("database locale is incompatible with '
-            "operating system\"). Install Debian's 'locales' package (localedef and its "
-            f"sources) and leave {ALIASES_SWITCH} unset so pgro builds the locale privately"
-        )
+        if why:
+            fix = (
+                f"; {why}: install Debian's 'locales' package (localedef and its sources) and "
+                f"leave {ALIASES_SWITCH} unset, so pgro builds it privately"
+            )
+        else:
+            fix = (
+                "; pgro could not build it privately (it builds en_US.UTF-8, C.UTF-8, the "
+                "English Windows aliases and language_TERRITORY.codeset names this host has "
+                "locale sources for): generate that locale on this host"
+            )
+        return LocaleUnavailable(start + fix, log_tail)
 
     def _not_locale(self, exc: SingleUserFailed, say: Say, *, build: bool) -> None:
         """Single-user mode failed for another reason (WAL to reset, ...): the server's
@@ -211,7 +220,7 @@ class LocaleRepair:
         except psycopg.Error as exc:
             text = error_text(exc)
             if "incompatible with operating system" in str(exc):
-                raise self._unavailable(["(see the server log)"]) from exc
+                raise self._unavailable(missing_locales(str(exc))) from exc
             raise LocaleUnavailable(f"the post-start locale rewrite failed: {text}") from exc
         self.fallback = fallback.rewritten
         self.default_collations = fallback.default_collations
