@@ -313,11 +313,9 @@ def first_start(
         # locale order.
         locales.quick_reindex(conninfo_for, restored.repairs, _say)
         if drifted:
-            collations = refresh_collations(conninfo_for, restored.repairs, _say)
-            if collations.remaining:
-                # pgro run still serves the restore (the note says what remains); pgro
-                # verify fails its health check instead.
-                _say("; ".join(collations.notes()))
+            # A mismatch that remains (a rebuild failed) is a note: pgro run still serves
+            # the restore, where pgro verify fails its health check.
+            refresh_collations(conninfo_for, restored.repairs, _say)
         if checking:
             verdicts = data.after_start(conninfo_for)
         if reset is not None:
