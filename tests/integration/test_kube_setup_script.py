@@ -292,9 +292,12 @@ def test_sql_error_with_exit_zero_is_a_failure_and_is_redacted(
     fake_bin.mkdir()
     os.chmod(fake_bin, 0o755)
     fake = fake_bin / "postgres"
+    # The locale probe (the first session) answers as PostgreSQL would; the role's fails.
     fake.write_text(
         "#!/bin/sh\n"
-        'sql=$(cat)\necho "ERROR:  something went wrong"\n'
+        'sql=$(cat)\ncase "$sql" in *pgro_locale_mismatch*)\n'
+        "  echo '\t 1: pgro_locale_mismatch = \"0\"'; exit 0 ;;\nesac\n"
+        'echo "ERROR:  something went wrong"\n'
         'echo "CONTEXT:  SQL statement \\"$sql\\""\nexit 0\n'
     )
     os.chmod(fake, 0o755)
