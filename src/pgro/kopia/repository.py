@@ -26,7 +26,7 @@ from pgro.api.secret import FilesystemLocation, KopiaCredentials, S3Location
 from pgro.core.secrets import scrub
 from pgro.core.snapshot import Snapshot, SnapshotListParseError, parse_snapshot_list
 from pgro.interrupts import deferred_interrupts
-from pgro.kopia.cache import KEPT_CACHE_FLAGS, PRIVATE
+from pgro.kopia.cache import KEPT_CACHE_FLAGS, ONE_SHOT_CACHE_FLAGS, PRIVATE
 from pgro.kopia.errors import (
     EndpointUnreachable,
     KopiaError,
@@ -106,7 +106,7 @@ class KopiaRepository:
     `cache_dir`: a kept cache (`pgro.kopia.cache.repository_cache_dir`), which `close()`
     leaves in place, with kopia's cache bounded to metadata (`KEPT_CACHE_FLAGS`). Without
     one, kopia's cache lives in the state directory and goes with it (`pgro verify`: one
-    restore, nothing to keep it for)."""
+    restore, nothing to keep it for), its contents bounded too (`ONE_SHOT_CACHE_FLAGS`)."""
 
     def __init__(
         self,
@@ -212,8 +212,7 @@ class KopiaRepository:
         common = ["--no-persist-credentials"]
         if verb == "connect":
             common.append("--readonly")
-            if self._cache_dir is not None:
-                common += KEPT_CACHE_FLAGS
+            common += KEPT_CACHE_FLAGS if self._cache_dir is not None else ONE_SHOT_CACHE_FLAGS
         if isinstance(loc, FilesystemLocation):
             return ["repository", verb, "filesystem", f"--path={loc.path}", *common]
         assert isinstance(loc, S3Location)
