@@ -441,3 +441,33 @@ def test_run_reindexes_every_database_after_a_wal_reset_before_serving(
     work_log = (rdir / "work.log").read_text()
     assert "full reindex after pg_resetwal (databases): rebuilt 3" in work_log
     assert run.stop() == 0
+
+
+def test_run_refreshes_a_forged_icu_collation_version_before_serving(
+    backups: Backups, scratch: Path, start_run: StartRun
+) -> None:
+    backups.snapshot(
+        "icu",
+        [
+            "CREATE COLLATION en_icu (provider = icu, locale = 'en-US')",
+            "CREATE TABLE named (id int PRIMARY KEY, name text COLLATE en_icu)",
+            f"INSERT INTO named SELECT g, 'name ' || g FROM generate_series(1, {ROWS}) g",
+            "CREATE INDEX named_name ON named (name)",
+            "UPDATE pg_collation SET collversion = '0.0' WHERE collname = 'en_icu'",
+        ],
+    )
+    run = start_run(_run_manifest(scratch / "m.yaml", backups.path))
+    entry, restore, rdir = _serving(run)
+    fixes = restore["status"]["fixes"]
+    assert fixes["collation_refresh"] is True
+    assert fixes["locale"] is False
+    with connect(entry) as conn:
+        row = conn.execute(
+            "SELECT collversion = pg_collation_actual_version(oid) FROM pg_collation "
+            "WHERE collname = 'en_icu'"
+        ).fetchone()
+        assert row == (True,)
+        assert conn.execute("SELECT count(*) FROM named").fetchone() == (ROWS,)
+    work_log = (rdir / "work.log").read_text()
+    assert work_log.count("refreshed 1 collation version(s) after rebuilding 1 index(es)") == 1
+    assert run.stop() == 0
