@@ -108,7 +108,10 @@ def checking_superuser(
         if not (missing or not_superuser):
             return DEFAULT_CHECKING_SUPERUSER  # the health check reports the real problem
     server.stop()
-    name = bootstrap_superuser(restored.binaries, restored.data.path, server.account)
+    # With the server's env: a snapshot's private locales (LOCPATH) open its databases.
+    name = bootstrap_superuser(
+        restored.binaries, restored.data.path, server.account, env=server.env or None
+    )
     server.start(timeout)
     return name
 
