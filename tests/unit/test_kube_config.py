@@ -84,6 +84,23 @@ def test_empty_image_means_default(raw: str) -> None:
     assert parse({"kopiaImage": raw})[0].restore_image == IMAGE
 
 
+@pytest.mark.parametrize(
+    "raw",
+    ["kopia/kopia:0.22.3", "docker.io/kopia/kopia:latest", "ghcr.io/acme/kopia@sha256:ab12"],
+)
+def test_the_references_kopia_image_is_ignored_with_a_warning(raw: str) -> None:
+    config, warnings = parse({"kopiaImage": raw})
+    assert config.restore_image == IMAGE
+    [warning] = warnings
+    assert raw in warning and IMAGE in warning and "kopiaImage" in warning
+
+
+@pytest.mark.parametrize("raw", ["registry.local/pgro:test", "ghcr.io/acme/kopia-tools/pgro:1"])
+def test_a_pgro_image_is_used_as_given(raw: str) -> None:
+    config, warnings = parse({"kopiaImage": raw})
+    assert (config.restore_image, warnings) == (raw, [])
+
+
 @pytest.mark.parametrize(("raw", "expected"), [("true", True), ("True", False), ("1", False)])
 def test_port_forward_only_exact_true(raw: str, expected: bool) -> None:
     assert parse({"usePortForward": raw})[0].use_port_forward is expected

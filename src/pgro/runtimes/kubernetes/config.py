@@ -167,6 +167,33 @@ def _positive_int(raw: str | None, name: str, default: int, warnings: list[str])
     return default
 
 
+def plain_kopia_image(image: str) -> bool:
+    """Whether `image` is a kopia image (the reference's `kopiaImage`, e.g.
+    `kopia/kopia:0.22.3`): its repository's last path component is `kopia`."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    return last.split(":", 1)[0] == "kopia"
+
+
+def _restore_image(raw: str | None, default_image: str, warnings: list[str]) -> str:
+    """`kopiaImage`: the image of the restore Jobs, which run pgro's restore step (pgro
+    drives kopia itself), so a pgro image. The reference's meaning, a plain kopia image such
+    as its documented `kopia/kopia:0.22.3`, cannot run that step: it is ignored with a
+    warning and the operator's own image used, so a ConfigMap carried over from the
+    reference keeps working."""
+    image = (raw or "").strip()
+    if not image:
+        return default_image
+    if plain_kopia_image(image):
+        warnings.append(
+            f"kopiaImage: {image!r} is a kopia image (the reference's meaning); pgro's restore "
+            f"Jobs run pgro, which brings kopia, so the operator's image {default_image!r} is "
+            "used. Remove kopiaImage, or set it to a pgro image"
+        )
+        return default_image
+    return image
+
+
 def parse_operator_config(
     data: Mapping[str, str] | None, *, default_image: str
 ) -> tuple[OperatorConfig, list[str]]:
@@ -180,7 +207,7 @@ def parse_operator_config(
         DEFAULT_MAX_CONCURRENT_RESTORES,
         warnings,
     )
-    image = (data.get("kopiaImage") or "").strip() or default_image
+    image = _restore_image(data.get("kopiaImage"), default_image, warnings)
     node_selector = parse_pairs(data.get("nodeSelector") or "", "nodeSelector", warnings)
     annotations = parse_pairs(data.get("podAnnotations") or "", "podAnnotations", warnings)
     tolerations = tuple(
