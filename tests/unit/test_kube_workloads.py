@@ -459,6 +459,7 @@ def test_deployment_object() -> None:
     assert pod["volumes"] == [
         {"name": "pgdata", "persistentVolumeClaim": {"claimName": f"{RESTORE}-data"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "369Mi"}},
+        {"name": "locales", "emptyDir": {"sizeLimit": "128Mi"}},
     ]
     # The selector must match the template, or the API server rejects the Deployment.
     for key, value in spec["selector"]["matchLabels"].items():
@@ -475,13 +476,18 @@ def test_deployment_setup_container() -> None:
         "PGDATA": "/pgdata/pgdata",
         "PGRO_DATA_ROOT": "/pgdata",
         "PGRO_ADMIN_PASSWORD": secret_ref("fiji-admin-creds", "password"),
+        "PGRO_LOCALES": "/pgro-locales",
+        "PGRO_TERMINATION_LOG": "/dev/termination-log",
     }
     assert setup["resources"] == {
         "requests": {"cpu": "100m", "memory": "128Mi"},
         "limits": {"cpu": "500m", "memory": "256Mi"},
     }
     # Never /dev/shm in the init container.
-    assert setup["volumeMounts"] == [{"name": "pgdata", "mountPath": "/pgdata"}]
+    assert setup["volumeMounts"] == [
+        {"name": "pgdata", "mountPath": "/pgdata"},
+        {"name": "locales", "mountPath": "/pgro-locales"},
+    ]
     assert setup["securityContext"] == {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},

@@ -54,6 +54,7 @@ from pgro.reconciler.effects import GONE, Gone, ReplicaView
 from pgro.reconciler.listing import ReplicaListings
 from pgro.reconciler.shell import WorkKind
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
+from pgro.runtimes.kubernetes.scripts import SETUP_CONTAINER
 
 log = logging.getLogger("pgro.operator")
 
@@ -127,6 +128,8 @@ class PodView:
     ready: bool
     ip: str | None
     termination_message: str
+    # A postgres pod's `setup` init container's termination message (`SetupReport`).
+    setup_message: str = ""
 
     @classmethod
     def of(cls, obj: Mapping[str, Any]) -> PodView:
@@ -137,12 +140,18 @@ class PodView:
             if terminated and terminated.get("message"):
                 message = str(terminated["message"])
                 break
+        setup = ""
+        for container in status.get("initContainerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated")
+            if container.get("name") == SETUP_CONTAINER and terminated:
+                setup = str(terminated.get("message") or "")
         return cls(
             meta=Meta.of(obj),
             phase=status.get("phase") or "",
             ready="Ready" in _true_conditions(obj),
             ip=status.get("podIP") or None,
             termination_message=message,
+            setup_message=setup,
         )
 
     @property

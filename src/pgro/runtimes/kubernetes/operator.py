@@ -42,7 +42,7 @@ from pgro.runtimes.kubernetes.observe import (
     replica_of,
     secret_value,
 )
-from pgro.runtimes.kubernetes.provisioning import Provisioner
+from pgro.runtimes.kubernetes.provisioning import Provisioner, RepairRecorder
 from pgro.runtimes.kubernetes.reports import ReportDelivery
 
 log = logging.getLogger("pgro.operator")
@@ -127,6 +127,13 @@ class Operator:
         self.provisioner = Provisioner(
             lambda ns, name, key: secret_value(api, ns, name, key),
             lambda key, delay: self._schedule("restore", key, delay),
+            record_repairs=RepairRecorder(
+                api,
+                lambda kind, key, replica, written: self.observer.wrote(
+                    kind, key, replica, written
+                ),
+                lambda raw, event: self.effects.emit_quietly(raw, event),
+            ),
         )
         self.observer = Observer(
             api,

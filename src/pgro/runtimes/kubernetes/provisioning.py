@@ -1,6 +1,16 @@
 """The restored server's roles and passwords, set over SQL once per PostgreSQL pod, on a
 thread per restore; the restore is reconciled again when it is done (or in 10 s).
 
+Before the roles, the server's repairs (issue 13, features.md §2.3, §2.4;
+docs/locale-and-collation.md): what the pod's `setup` init container reported
+(`scripts.SetupReport`: a locale rewritten in single-user mode, a WAL reset) is finished
+over SQL here, because the restore Job's image has no PostgreSQL binaries and the operator
+no volume: the counted post-start locale fallback, the quick reindex of the indexes on the
+default collation, the collation-version refresh and the full reindex after `pg_resetwal`,
+the rebuilds after the catalog guard. The restore is not READY for pgro until this is done,
+so the stable Service never routes to a server whose quick reindex has not finished; what
+was repaired goes to `status.fixes` before that.
+
 A restore is provisioned again on the same data volume when its pod is recreated or the
 operator restarted (what was provisioned is held in memory). That run keeps what the analytics
 user owns (`provisioned_before`): by then it is what `migrateTo`'s hand-over gave it, or what
@@ -11,13 +21,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 from pgro.api.names import (
     LABEL_PERSISTENT_USER,
     LABEL_REPLICA,
+    RESTORE_KIND,
     admin_creds_secret_name,
     extra_user_secret_name,
     replica_creds_secret_name,
@@ -28,19 +40,29 @@ from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import decode_secret_data
 from pgro.api.users import PersistentUser
 from pgro.core.access import analytics_owned_schemas, effective_read_only
+from pgro.core.plan import EmitEvent, EventType
 from pgro.core.secrets import scrub
 from pgro.kube.client import KubeApi
+from pgro.pipeline.locale_repair import (
+    LocaleRepair,
+    detect_collations,
+    full_reindex_after_reset,
+    refresh_collations,
+)
 from pgro.pipeline.switchover_users import (
     SwitchoverUsers,
     persistent_passwords_to_keep,
     provision_switchover_users,
 )
 from pgro.postgres import restore_info
-from pgro.postgres.server import make_conninfo
+from pgro.postgres.catalog_guard import neutralise_catalog
+from pgro.postgres.collation_refresh import CollationMismatch
+from pgro.postgres.repair import Repairs
+from pgro.postgres.server import RESET_WAL_NOTE, make_conninfo
 from pgro.postgres.users import RoleCredentials, generate_password, provision_users
 from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.observe import PodView, Requeue, secret_value
-from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE
+from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE, SetupReport
 
 log = logging.getLogger("pgro.operator")
 
@@ -50,6 +72,13 @@ PROVISION_RETRY_S: Final = 10.0
 
 # (namespace, Secret name, key) -> the value.
 SecretValue = Callable[[str, str, str], str]
+# A restore's status fixes to merge in, and events about its replica, from the repairs.
+RecordRepairs = Callable[
+    [PostgresPhysicalReplica, PostgresPhysicalRestore, Mapping[str, bool], Sequence[EmitEvent]],
+    None,
+]
+# The Warning a collation-version mismatch left in place gets (as pgro verify's check).
+COLLATION_MISMATCH_REASON: Final = "CollationVersionMismatch"
 
 
 @dataclass(frozen=True)
@@ -71,10 +100,121 @@ class PodEndpoint:
         )
 
 
+@dataclass(frozen=True)
+class ServerRepairs:
+    """What `repair_server` did: the fixes it found true (`status.fixes` keys), its notes
+    and the collation-version mismatches left in place."""
+
+    fixes: Mapping[str, bool]
+    notes: tuple[str, ...] = ()
+    remaining: tuple[CollationMismatch, ...] = ()
+
+    def new_fixes(self, recorded: Mapping[str, bool] | None) -> dict[str, bool]:
+        """The fixes the restore's status does not show yet (nothing: no status write)."""
+        have = recorded or {}
+        return {name: True for name, done in self.fixes.items() if done and not have.get(name)}
+
+    def events(self, restore: str | None = None) -> list[EmitEvent]:
+        """A Warning naming the collations and failed rebuilds, when a mismatch remains."""
+        if not self.remaining:
+            return []
+        note = next((n for n in self.notes if "remain" in n), "")
+        message = note or "collation version mismatch(es) remain: " + ", ".join(
+            str(m) for m in self.remaining
+        )
+        return [EmitEvent(EventType.WARNING, COLLATION_MISMATCH_REASON, message[:1000], restore)]
+
+
+def repair_server(
+    conninfo_for: Callable[[str], str],
+    setup: SetupReport | None,
+    recorded: Mapping[str, bool] | None,
+    say: Callable[[str], None],
+) -> ServerRepairs:
+    """The restored server's repairs over SQL, before its users are provisioned.
+
+    - the counted post-start locale rewrite (and `pg_collation`'s default rows): always,
+      it runs no user code; `fixes.locale` is the or of the setup's single-user count and
+      this one;
+    - after a rewrite, the quick reindex of the indexes on the default collation, unless
+      `recorded` (the restore's `status.fixes`) shows it done on this volume before;
+    - collation-version detection (one query per database) and, on a mismatch, the rebuilds
+      then `REFRESH VERSION` (`fixes.collation_refresh`); what remains is returned;
+    - after the setup's `pg_resetwal` (`fixes.reset_wal`), the full reindex, unless
+      `recorded` shows that WAL reset recorded (it is recorded only once this ran).
+
+    The rebuilds run user code (index expressions): the catalog guard runs first, once,
+    and only when something is rebuilt. A sound snapshot costs the fallback's sessions and
+    the detection queries."""
+    report = setup or SetupReport()
+    done = recorded or {}
+    repairs = Repairs()
+    guarded = False
+
+    def guard() -> None:
+        nonlocal guarded
+        if not guarded:
+            repairs.notes.extend(neutralise_catalog(conninfo_for).notes())
+            guarded = True
+
+    # The directory is only where the embedded pipeline builds locales; nothing is built here.
+    locale = LocaleRepair(Path("/nonexistent"), single_user=report.needs_reindex)
+    locale.after_start_rewrite(conninfo_for, repairs, say)
+    if locale.rewritten:
+        if done.get("reindex"):
+            say("the quick reindex after the locale rewrite ran before on this volume")
+        else:
+            guard()
+            locale.quick_reindex(conninfo_for, repairs, say)
+    remaining: tuple[CollationMismatch, ...] = ()
+    if detect_collations(conninfo_for):
+        guard()
+        remaining = refresh_collations(conninfo_for, repairs, say).remaining
+    if report.reset_wal:
+        if not done.get("reset_wal"):
+            guard()
+            full_reindex_after_reset(conninfo_for, repairs, say)
+        repairs.record("reset_wal", RESET_WAL_NOTE)
+    fixes = {name: True for name, value in repairs.fixes.items() if value}
+    return ServerRepairs(fixes, tuple(repairs.notes), remaining)
+
+
+@dataclass(frozen=True)
+class RepairRecorder:
+    """Writes what `repair_server` did: `status.fixes` merged in (a merge patch keeps the
+    restore Job's keys) and Warning events about the replica."""
+
+    api: KubeApi
+    # Observer.wrote: the next pass waits for the cache to show the patch.
+    wrote: Callable[[Any, str, str, Mapping[str, Any]], None]
+    emit: Callable[[Mapping[str, Any], EmitEvent], None]
+
+    def __call__(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        fixes: Mapping[str, bool],
+        events: Sequence[EmitEvent],
+    ) -> None:
+        if fixes:
+            written = self.api.merge_patch(
+                RESTORE_KIND,
+                restore.namespace,
+                restore.name,
+                {"status": {"fixes": dict(fixes)}},
+                status=True,
+            )
+            self.wrote("restore", _key(restore), replica.key, written)
+        for event in events:
+            self.emit(replica.to_wire(), event)
+
+
 @dataclass(eq=False)
 class Provisioner:
     secret_value: SecretValue
     requeue: Requeue
+    # Where the server's repairs are recorded (None: logged only).
+    record_repairs: RecordRepairs | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # restore key -> (restore uid, pod uid) provisioned: users are set once per pod
     # (a new pod of the Deployment serves a fresh copy of the restored data).
@@ -103,7 +243,7 @@ class Provisioner:
             self._running.add(key)
         threading.Thread(
             target=self._provision,
-            args=(replica, restore, pod.ip, pod.meta.uid),
+            args=(replica, restore, pod.ip, pod.meta.uid, pod.setup_message),
             name=f"provision-{restore.name}",
             daemon=True,
         ).start()
@@ -114,6 +254,7 @@ class Provisioner:
         restore: PostgresPhysicalRestore,
         host: str,
         pod_uid: str,
+        setup_message: str = "",
     ) -> None:
         key = _key(restore)
         ns = replica.namespace
@@ -137,6 +278,19 @@ class Provisioner:
                 extras.append((user, RoleCredentials(user.name, password)))
             read_only = effective_read_only(replica, restore)
             endpoint = PodEndpoint(host, admin_password)
+            # Before any login role is provisioned: the quick reindex gates READY.
+            repaired = repair_server(
+                endpoint.conninfo,
+                SetupReport.parse(setup_message),
+                restore.status.fixes,
+                lambda text: log.info("restore %s: %s", key, text),
+            )
+            events = repaired.events(restore.name)
+            for event in events:
+                log.warning("restore %s: %s", key, event.note)
+            new_fixes = repaired.new_fixes(restore.status.fixes)
+            if self.record_repairs is not None and (new_fixes or events):
+                self.record_repairs(replica, restore, new_fixes, events)
             report = provision_users(
                 endpoint.conninfo,
                 analytics=analytics,

@@ -40,6 +40,8 @@ from pgro.postgres.server import (
 )
 
 ADMIN_ROLE: Final = "postgres"
+# The postgres pod's init container that runs this script.
+SETUP_CONTAINER: Final = "setup"
 FIX_RESET_WAL_FLAG: Final = "fix-reset-wal"
 # `<data root>/fix-locale`: the single-user session rewrote a database's locale (fix
 # `locale`); `<data root>/needs-reindex` holds how many, and that the indexes on the default

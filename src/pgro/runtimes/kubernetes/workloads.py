@@ -52,7 +52,13 @@ from pgro.pipeline.data_checks import default_budget_s
 from pgro.pipeline.job import CANOPY_IGNORED_KEYS, SECRET_ENV
 from pgro.postgres.config import forced_arguments, forced_settings
 from pgro.runtimes.kubernetes.config import OperatorConfig, Placement, with_placement
-from pgro.runtimes.kubernetes.scripts import ADMIN_ROLE, setup_script
+from pgro.runtimes.kubernetes.scripts import (
+    ADMIN_ROLE,
+    LOCALES_ENV,
+    SETUP_CONTAINER,
+    TERMINATION_LOG_ENV,
+    setup_script,
+)
 
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "pgro"
@@ -84,6 +90,12 @@ SETUP_RESOURCES: Final = {
     "limits": {"cpu": "500m", "memory": "256Mi"},
 }
 PG_ISREADY: Final = ("pg_isready", "-U", "postgres", "-d", "postgres")
+# Where the `setup` init container may build private locales when a database names one the
+# image lacks (features.md §2.3): an emptyDir of the pod, never the image's /usr/lib/locale.
+# The 22 aliases and image locales take about 16 MiB.
+LOCALES_VOLUME: Final = "locales"
+LOCALES_MOUNT: Final = "/pgro-locales"
+LOCALES_SIZE_LIMIT: Final = "128Mi"
 PROGRESS_DEADLINE_S: Final = 3600
 
 
@@ -742,28 +754,40 @@ def postgres_deployment(
 ) -> dict[str, Any]:
     """`<restore>`: the restored server, `postgres:<version>` on the data volume.
 
-    The restore Job already repaired PGDATA, so the only init step is `setup`, which sets
-    the superuser password (and resets WAL if recovery cannot start). `placement`
-    defaults to the config's.
+    The restore Job already repaired PGDATA, so the only init step is `setup`, which
+    rewrites a database's locale the image lacks or orders differently (building private
+    locales into the `locales` emptyDir only when one is missing), sets the superuser
+    password, resets WAL if recovery cannot start, and says what it repaired in its
+    termination message. The readiness probe is `pg_isready` alone: the quick reindex
+    after a locale rewrite gates pgro's own READY (provisioning), which the stable Service
+    waits for (docs/locale-and-collation.md). `placement` defaults to the config's.
     """
     spec = replica.spec
     image = postgres_image(postgres_version)
     resources = postgres_resources(spec, restore.spec.snapshot_size)
     shm_mib, shared_buffers_mb = shm_size_mib(resources, spec.shm_size_floor)
     setup = {
-        "name": "setup",
+        "name": SETUP_CONTAINER,
         "image": image,
         "command": ["/bin/sh", "-c", setup_script()],
         "env": [
             _env("PGDATA", PGDATA),
             _env("PGRO_DATA_ROOT", DATA_MOUNT),
             _secret_env("PGRO_ADMIN_PASSWORD", admin_creds_secret_name(replica.name), "password"),
+            _env(LOCALES_ENV, LOCALES_MOUNT),
+            _env(TERMINATION_LOG_ENV, TERMINATION_LOG),
         ],
         "resources": {k: dict(v) for k, v in SETUP_RESOURCES.items()},
         # No /dev/shm here: single-user mode needs little, and the memory-backed volume
         # would count against this container's small limit.
-        "volumeMounts": [{"name": "pgdata", "mountPath": DATA_MOUNT}],
+        "volumeMounts": [
+            {"name": "pgdata", "mountPath": DATA_MOUNT},
+            {"name": LOCALES_VOLUME, "mountPath": LOCALES_MOUNT},
+        ],
         "securityContext": _container_security_context(),
+        # What it repaired (`scripts.SetupReport`), read by the operator's provisioning.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
     }
     postgres: dict[str, Any] = {
         "name": "postgres",
@@ -813,6 +837,8 @@ def postgres_deployment(
         "volumes": [
             _pvc_volume("pgdata", restore_data_pvc_name(restore.name)),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_mib}Mi"}},
+            # On the node's disk (in memory it would count against setup's small limit).
+            {"name": LOCALES_VOLUME, "emptyDir": {"sizeLimit": LOCALES_SIZE_LIMIT}},
         ],
     }
     pod_meta: dict[str, Any] = {
