@@ -535,6 +535,15 @@ def test_deployment_probes_and_port() -> None:
     assert (live["initialDelaySeconds"], live["periodSeconds"]) == (15, 20)
 
 
+def test_operator_pods_carry_the_scrape_annotations() -> None:
+    annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(operator_container()["ports"][0]["containerPort"]),
+        "prometheus.io/path": "/metrics",
+    }
+
+
 def test_pods_prefer_different_nodes() -> None:
     dep = deployment()
     labels = dep["spec"]["template"]["metadata"]["labels"]
