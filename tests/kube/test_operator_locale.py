@@ -7,7 +7,11 @@ on the fake node, from an S3 repository of their own:
   marks the volume; the operator's provisioning rebuilds the text index before the restore
   is READY, and the restore's `status.fixes` says `locale` and `reindex`;
 - `db-win`: a WIN1252 cluster named "English_United States.1252", which opens only through
-  the Windows aliases the setup builds, and is rewritten to C.
+  the Windows aliases the setup builds, and is rewritten to C;
+- `db-icu`: a C cluster with an ICU collation whose `collversion` was forged to 0.0, its
+  pg_wal left out of the snapshot: the setup resets the WAL, and the operator refreshes the
+  collation after rebuilding its index and runs the full reindex (`reset_wal`, `reindex`,
+  `collation_refresh`), all before READY.
 
 The postgres pods' env carries no LOCPATH: the fake node maps the `locales` mount like any
 other (tests/kube/node.py), and the host's own /usr/lib/locale is never written.
@@ -16,6 +20,8 @@ other (tests/kube/node.py), and the host's own /usr/lib/locale is never written.
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +60,13 @@ BUCKET = "pgro-locale-bucket"
 WINDOWS = "English_United States.1252"
 
 
+@dataclass(frozen=True)
+class LocaleBucket:
+    creds: KopiaCredentials
+    en_index: int  # words_w in db-en's postgres
+    icu_indexes: dict[str, int]  # named_name and named_pkey in db-icu's postgres
+
+
 def _relfilenode(server: Any, dbname: str, index: str) -> int:
     rows = _query(server, dbname, f"SELECT relfilenode FROM pg_class WHERE relname = '{index}'")
     return int(str(rows[0][0]))
@@ -62,8 +75,8 @@ def _relfilenode(server: Any, dbname: str, index: str) -> int:
 @pytest.fixture(scope="module")
 def locale_s3(
     moto_s3: str, scratch_root: Path, account: RunAccount, binaries: PostgresBinaries
-) -> tuple[KopiaCredentials, int]:
-    """The bucket with both snapshots, and words_w's relfilenode in db-en's `postgres`."""
+) -> LocaleBucket:
+    """The bucket with the three snapshots, and their indexes' relfilenodes at the source."""
     import boto3
 
     boto3.client(
@@ -97,14 +110,33 @@ def locale_s3(
     finally:
         server.stop()
 
+    icu = base / "db-icu" / "data"
+    _initdb(binaries, account, icu, {}, "-E", "UTF8", "--locale=C.UTF-8")
+    server = _server(binaries, account, icu)
+    server.start(60)
+    try:
+        _query(
+            server,
+            "postgres",
+            "CREATE COLLATION en_icu (provider = icu, locale = 'en-US')",
+            "CREATE TABLE named (id int PRIMARY KEY, name text COLLATE en_icu)",
+            f"INSERT INTO named SELECT g, 'name ' || g FROM generate_series(1, {ROWS}) g",
+            "CREATE INDEX named_name ON named (name)",
+            "UPDATE pg_collation SET collversion = '0.0' WHERE collname = 'en_icu'",
+        )
+        icu_indexes = {i: _relfilenode(server, "postgres", i) for i in ("named_name", "named_pkey")}
+    finally:
+        server.stop()
+    shutil.rmtree(icu / "pg_wal")  # kept on another volume by the source: a WAL reset
+
     kopia = KopiaRepository(creds, base / "kopia-state")
     kopia.create()
     try:
-        for host, pgdata in (("db-en", en), ("db-win", win)):
+        for host, pgdata in (("db-en", en), ("db-win", win), ("db-icu", icu)):
             kopia.snapshot_create(pgdata, override_source=f"postgres@{host}:/var/lib/postgresql")
     finally:
         kopia.close()
-    return creds, en_index
+    return LocaleBucket(creds, en_index, icu_indexes)
 
 
 def _admin(api: KubeApi, ns: str, replica: str, restore: str) -> psycopg.Connection[Any]:
@@ -123,10 +155,10 @@ def test_locales_are_rewritten_and_the_text_index_rebuilt_before_ready(
     operator: OperatorProcess,
     fake_node: FakeNode,
     kube_namespace: str,
-    locale_s3: tuple[KopiaCredentials, int],
+    locale_s3: LocaleBucket,
 ) -> None:
     ns = kube_namespace
-    creds, en_index = locale_s3
+    creds, en_index = locale_s3.creds, locale_s3.en_index
     admin.create(_s3_secret(ns, "kopia", creds))
     admin.create(_replica(ns, "en", "kopia", snapshotFilter={"hostPattern": "db-en"}))
     admin.create(_replica(ns, "win", "kopia", snapshotFilter={"hostPattern": "db-win"}))
@@ -182,5 +214,49 @@ def test_locales_are_rewritten_and_the_text_index_rebuilt_before_ready(
 
     log = operator.log_tail(10_000)
     assert "quick reindex of the indexes on the default collation: rebuilt 1" in log
+    # Before the users (and so before READY): the reindex precedes the provisioning.
+    key = f"restore {ns}/{replicas['en']['status']['currentRestore']}"
+    lines = [line for line in log.splitlines() if key in line]
+    reindexed = next(i for i, line in enumerate(lines) if "quick reindex" in line)
+    provisioned = next(i for i, line in enumerate(lines) if "users provisioned" in line)
+    assert reindexed < provisioned, lines
     # The setup's own account never wrote the host's locales.
     assert not any(Path("/usr/lib/locale").glob("English_United*"))
+
+
+def test_a_wal_reset_and_a_drifted_collation_are_repaired_before_ready(
+    admin: KubeApi,
+    operator: OperatorProcess,
+    fake_node: FakeNode,
+    kube_namespace: str,
+    locale_s3: LocaleBucket,
+) -> None:
+    ns = kube_namespace
+    admin.create(_s3_secret(ns, "kopia", locale_s3.creds))
+    admin.create(_replica(ns, "icu", "kopia", snapshotFilter={"hostPattern": "db-icu"}))
+    replica = wait_for(
+        "the db-icu restore to become Active",
+        lambda: _active(admin, ns, "icu"),
+        420,
+        context=lambda: _diagnostics(operator, fake_node),
+    )
+    restore = replica["status"]["currentRestore"]
+    status = (admin.get("PostgresPhysicalRestore", ns, restore) or {})["status"]
+    fixes = status["fixes"]
+    assert fixes["reset_wal"] is True, status
+    assert fixes["reindex"] is True, status  # the full reindex after pg_resetwal
+    assert fixes["collation_refresh"] is True, status
+    assert fixes["locale"] is False, status  # a C cluster
+    with _admin(admin, ns, "icu", restore) as conn:
+        row = conn.execute(
+            "SELECT collversion = pg_collation_actual_version(oid) FROM pg_collation "
+            "WHERE collname = 'en_icu'"
+        ).fetchone()
+        assert row == (True,)
+        for index, before in locale_s3.icu_indexes.items():
+            found = conn.execute("SELECT relfilenode FROM pg_class WHERE relname = %s", (index,))
+            assert found.fetchone() != (before,), index
+        assert conn.execute("SELECT count(*) FROM named").fetchone() == (ROWS,)
+    log = operator.log_tail(10_000)
+    assert "refreshed 1 collation version(s)" in log
+    assert "full reindex after pg_resetwal (databases): rebuilt" in log
