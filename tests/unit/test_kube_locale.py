@@ -6,15 +6,25 @@ and what the provisioning records."""
 from __future__ import annotations
 
 import shlex
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from pgro.core.plan import EventType
+from pgro.postgres import restore_info
 from pgro.postgres.collation_refresh import CollationMismatch
 from pgro.postgres.locale_aliases import gconv_aliases, windows_alias_specs
 from pgro.postgres.locale_fix import mismatch_probe_statement, rewrite_statement
+from pgro.runtimes.kubernetes import provisioning
 from pgro.runtimes.kubernetes.observe import PodView
-from pgro.runtimes.kubernetes.provisioning import COLLATION_MISMATCH_REASON, ServerRepairs
+from pgro.runtimes.kubernetes.provisioning import (
+    COLLATION_MISMATCH_REASON,
+    Provisioner,
+    ServerRepairs,
+)
 from pgro.runtimes.kubernetes.scripts import SetupReport, setup_script
+from tests.fixtures import manifests
 from tests.unit.test_kube_workloads import (
     assert_kubernetes_valid,
     containers,
@@ -144,3 +154,83 @@ def test_a_remaining_collation_mismatch_is_a_warning_naming_it() -> None:
     # Without its note, the mismatch itself is named.
     [bare] = ServerRepairs({}, (), (mismatch,)).events()
     assert "app:public.en_icu" in bare.note
+
+
+# -- the provisioning thread: repairs first, recorded before the users and READY ----------
+
+
+def test_provisioning_repairs_and_records_before_the_users(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    order: list[str] = []
+    seen: dict[str, Any] = {}
+
+    def repair(conninfo_for: Any, setup: Any, recorded: Any, say: Any) -> ServerRepairs:
+        order.append("repair")
+        seen.update(setup=setup, recorded=recorded)
+        return ServerRepairs({"locale": True, "reindex": True})
+
+    def users(conninfo_for: Any, **kwargs: Any) -> Any:
+        order.append("users")
+        return SimpleNamespace(
+            analytics=SimpleNamespace(name="analytics"), extra_users=[], catalog_notes=[]
+        )
+
+    monkeypatch.setattr(provisioning, "repair_server", repair)
+    monkeypatch.setattr(provisioning, "provision_users", users)
+    monkeypatch.setattr(restore_info, "record_restore", lambda *a, **k: [])
+    recorded: list[tuple[str, dict[str, bool], int]] = []
+
+    def record(replica: Any, restore: Any, fixes: Any, events: Any) -> None:
+        order.append("record")
+        recorded.append((restore.name, dict(fixes), len(events)))
+
+    requeued: list[tuple[str, float]] = []
+    provisioner = Provisioner(
+        lambda ns, name, key: f"pw-of-{name}",
+        lambda key, delay: requeued.append((key, delay)),
+        record_repairs=record,
+    )
+    message = '{"fixes":{"locale":true,"reset_wal":false},"needsReindex":3,"failure":""}'
+    ready = manifests.restore(
+        "orders-1", "orders", namespace="ns", status={"phase": "Ready", "fixes": {"locale": False}}
+    )
+    orders = manifests.replica("orders", namespace="ns")
+    provisioner._provision(orders, ready, "10.0.0.7", "pod-1", message)
+    assert order == ["repair", "record", "users"]
+    assert seen["setup"] == SetupReport(locale=True, needs_reindex=3)
+    assert seen["recorded"] == {"locale": False}
+    assert recorded == [("orders-1", {"locale": True, "reindex": True}, 0)]
+    assert requeued == [("ns/orders-1", 0.0)]
+    assert provisioner.provisioned(ready, "pod-1")
+
+    # A new pod of a restore whose status shows both: nothing to write.
+    order.clear()
+    done = manifests.restore(
+        "orders-1",
+        "orders",
+        namespace="ns",
+        status={"phase": "Active", "fixes": {"locale": True, "reindex": True}},
+    )
+    provisioner._provision(orders, done, "10.0.0.8", "pod-2", message)
+    assert order == ["repair", "users"]
+
+
+def test_a_failed_repair_leaves_the_pod_unprovisioned(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def repair(*args: Any) -> ServerRepairs:
+        raise RuntimeError("connection refused for pw-of-orders-admin-creds")
+
+    monkeypatch.setattr(provisioning, "repair_server", repair)
+    requeued: list[tuple[str, float]] = []
+    provisioner = Provisioner(
+        lambda ns, name, key: f"pw-of-{name}", lambda key, delay: requeued.append((key, delay))
+    )
+    ready = manifests.restore("orders-1", "orders", namespace="ns", status={"phase": "Ready"})
+    provisioner._provision(manifests.replica("orders", namespace="ns"), ready, "10.0.0.7", "p")
+    assert not provisioner.provisioned(ready, "p")
+    assert requeued == [("ns/orders-1", provisioning.PROVISION_RETRY_S)]
+    # Logged and retried, the admin password scrubbed from the message.
+    assert "connection refused" in caplog.text
+    assert "pw-of-orders-admin-creds" not in caplog.text

@@ -60,6 +60,10 @@ def _provision(monkeypatch: pytest.MonkeyPatch, phase: str = "Active", **spec: A
     recorder = _Recorder()
     monkeypatch.setattr(provisioning, "provision_users", recorder.provision_users)
     monkeypatch.setattr(restore_info, "record_restore", lambda *a, **k: [])
+    # The server repairs over SQL (issue 13) are tested in tests/unit/test_kube_locale.py.
+    monkeypatch.setattr(
+        provisioning, "repair_server", lambda *a, **k: provisioning.ServerRepairs({})
+    )
     orders = replica("orders", namespace=NS, **spec)
     restoring = restore("orders-20260101-000000", "orders", namespace=NS, status={"phase": phase})
     Provisioner(_secret_value, recorder.requeue)._provision(

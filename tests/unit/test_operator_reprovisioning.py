@@ -72,6 +72,10 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     rec = _Recorder()
     monkeypatch.setattr(provisioning, "provision_users", rec.provision_users)
     monkeypatch.setattr(restore_info, "record_restore", lambda *a, **k: [])
+    # The server repairs over SQL (issue 13) are tested in tests/unit/test_kube_locale.py.
+    monkeypatch.setattr(
+        provisioning, "repair_server", lambda *a, **k: provisioning.ServerRepairs({})
+    )
     return rec
 
 
