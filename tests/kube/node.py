@@ -29,7 +29,10 @@ Mapping the container's view onto the host:
   volumes → `<root>/pods/<uid>/<volume>`, one directory every container of the pod shares.
   A PVC that is not bound yet is provisioned on first use: the node creates a hostPath PV
   pre-bound to it (like a WaitForFirstConsumer provisioner) and the real PV controller binds
-  them; a released PV is deleted with its directory (reclaim policy Delete).
+  them; a released PV is deleted with its directory (reclaim policy Delete). The postgres
+  pod's `locales` emptyDir is such a directory too: its `setup` builds private locales there
+  (`PGRO_LOCALES`, mapped like any mount) and opens databases with `LOCPATH` pointing at it,
+  so the host's own /usr/lib/locale is never written (docs/locale-and-collation.md).
 - Paths: in env `value`s, command, args, workingDir and exec probes, every occurrence of a
   mountPath (or the terminationMessagePath) at a path boundary becomes the host path (longest
   mountPath first), e.g. `/pgdata/x`, `--dir=/pgdata`, `sh -c "ls /tmp/kopia/cache"`. Paths a
