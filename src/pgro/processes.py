@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -277,3 +277,35 @@ def spawn(
     if threading.current_thread() is threading.main_thread():
         return start()
     return _the_spawner().run(start)
+
+
+def run_tied(
+    args: Sequence[str],
+    stdin_text: str,
+    popen_kwargs: Mapping[str, Any],
+    *,
+    timeout: float | None = None,
+    death_signal: signal.Signals = signal.SIGQUIT,
+) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(args, input=stdin_text, capture_output=True, text=True,
+    **popen_kwargs)` for a child that
+    dies with this process (`death_signal`, SIGQUIT: a PostgreSQL single-user session quits
+    at once) and runs in a session of its own, so a Ctrl-C or a signal to pgro's process
+    group is pgro's to handle. A timeout kills it and raises `subprocess.TimeoutExpired`."""
+    proc = spawn(
+        args,
+        death_signal=death_signal,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen_kwargs,
+    )
+    try:
+        stdout, stderr = proc.communicate(stdin_text, timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -99,6 +99,9 @@ def test_kill_9_of_pgro_verify_takes_its_children_with_it(
         running = _wait_for(victim, children, proc)
         # A postmaster's backends do not name the data directory: follow its session.
         sessions = {_processes()[pid][1] for pid in running if pid in _processes()}
+        # Never this test's own session: a child left in it would take pytest down with it.
+        assert os.getsid(0) not in sessions, f"{victim} runs in pgro verify's session"
+        sessions.discard(os.getsid(0))
         tree = [pid for pid, (_, sid, _) in _processes().items() if sid in sessions] or running
         proc.kill()  # kill -9: pgro's own cleanup never runs
         proc.wait()

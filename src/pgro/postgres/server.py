@@ -37,7 +37,7 @@ from pgro.postgres.config import (
     forced_settings,
     safe_preload_libraries,
 )
-from pgro.processes import POSTMASTER_THEN, service_death_signal, spawn, stop
+from pgro.processes import POSTMASTER_THEN, run_tied, service_death_signal, spawn, stop
 
 # Startup failures that mean the WAL needed for crash recovery is missing or torn (an
 # online-backup snapshot taken without its trailing WAL). `pg_resetwal -f` brings such a
@@ -485,19 +485,18 @@ def bootstrap_superuser(
     # Single-user mode loads shared_preload_libraries too, so it gets the same forced
     # settings (pg_db_role_setting and event triggers are not applied in this mode).
     forced = forced_arguments(server_forced_settings(pgdata, binaries))
-    proc = subprocess.run(  # type: ignore[call-overload]
+    proc = run_tied(
         [binaries.tool("postgres"), "--single", "-D", str(pgdata), *forced, "template1"],
-        input="SELECT rolname FROM pg_authid WHERE oid = 10;\n",
-        capture_output=True,
-        text=True,
-        check=False,
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LC_ALL": "C",
-            **account.env(),
-            **(env or {}),
+        "SELECT rolname FROM pg_authid WHERE oid = 10;\n",
+        {
+            "env": {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "LC_ALL": "C",
+                **account.env(),
+                **(env or {}),
+            },
+            **account.popen_kwargs(),
         },
-        **account.popen_kwargs(),
     )
     m = _ROLNAME.search(str(proc.stdout))
     if not m:

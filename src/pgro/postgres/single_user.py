@@ -23,6 +23,7 @@ from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries
 from pgro.postgres.config import forced_arguments
 from pgro.postgres.server import StartupFailed, server_forced_settings
+from pgro.processes import run_tied
 
 # Any database opens the shared catalogs; template1 exists in every cluster.
 DEFAULT_DATABASE: Final = "template1"
@@ -82,21 +83,22 @@ def run_single_user(
         database,
     ]
     try:
-        proc = subprocess.run(  # type: ignore[call-overload]
+        # Tied to pgro and in a session of its own, as the server is: a killed pgro leaves
+        # no single-user session holding the data directory.
+        proc = run_tied(
             command,
-            input=script,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=timeout,
-            env={
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "LC_ALL": "C",
-                **account.env(),
-                **(env or {}),
+            script,
+            {
+                "env": {
+                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "LC_ALL": "C",
+                    **account.env(),
+                    **(env or {}),
+                },
+                "cwd": str(pgdata),
+                **account.popen_kwargs(),
             },
-            cwd=str(pgdata),
-            **account.popen_kwargs(),
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired as exc:
         raise SingleUserFailed(
