@@ -307,3 +307,23 @@ def test_a_cluster_without_the_postgres_database_is_handled(
         assert not repair(conninfo_for).needed
         assert quick_reindex(conninfo_for).reindexed == ("app:public.t_name",)
         assert set(full_reindex(conninfo_for).reindexed) == {"app", "template1"}
+
+
+def test_a_report_names_the_mismatches_still_in_the_catalog(drifted: PostgresServer) -> None:
+    """What the runtimes' verification reports add (pgro run, the operator): the repair ran
+    before ready, so a mismatch found now is one it could not fix: unhealthy, named."""
+    from pgro.pipeline.locale_repair import remaining_collations
+    from pgro.postgres.health import COLLATION_CHECK, COLLATION_MISMATCH, HealthReport
+
+    report = HealthReport()
+    remaining_collations(report, _conninfo_for(drifted))
+    [check] = [c for c in report.checks if c.name == COLLATION_CHECK]
+    assert check.status == "fail"
+    assert "en_icu" in check.detail
+    assert report.failure_reason == COLLATION_MISMATCH
+
+    repair(_conninfo_for(drifted))
+    sound = HealthReport()
+    remaining_collations(sound, _conninfo_for(drifted))
+    assert [(c.name, c.status) for c in sound.checks] == [(COLLATION_CHECK, "pass")]
+    assert sound.failure_reason is None

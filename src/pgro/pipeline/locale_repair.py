@@ -48,6 +48,7 @@ from pgro.postgres.single_user import SingleUserFailed
 
 if TYPE_CHECKING:
     from pgro.postgres.collation_refresh import CollationMismatch, CollationRefreshResult
+    from pgro.postgres.health import HealthReport
 
 # `PGRO_LOCALE_ALIASES=off` (or 0, false, no): never build private locales. A snapshot whose
 # databases name a locale this host lacks then fails with `LocaleUnavailable`.
@@ -308,3 +309,19 @@ def refresh_collations(
     else:
         repairs.notes.extend(notes)
     return result
+
+
+def remaining_collations(health: HealthReport, conninfo_for: Callable[[str], str]) -> None:
+    """The `collation_versions` check of a runtime's verification report (pgro run and the
+    operator): the repair ran before the restore was ready, so a mismatch detected now is one
+    it could not fix, and the report says unhealthy, naming it (features.md §2.4). A
+    detection that cannot run leaves the check out: the other checks say why."""
+    import psycopg
+
+    from pgro.postgres.health import record_remaining_collations
+
+    try:
+        mismatches = detect_collations(conninfo_for)
+    except psycopg.Error:
+        return
+    record_remaining_collations(health, mismatches)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     # overlaps with kopia's work instead of paying up front (see pipeline.verify).
     import psycopg
 
-    from pgro.postgres.collation_refresh import CollationRefreshResult
+    from pgro.postgres.collation_refresh import CollationMismatch, CollationRefreshResult
 
 COLLATION_CHECK = "collation_versions"
 COLLATION_MISMATCH = "CollationVersionMismatch"
@@ -196,6 +196,26 @@ def check_health(endpoint: Endpoint, user: str) -> HealthReport:
             "NoApplicationDatabase",
         )
     return report
+
+
+def record_remaining_collations(
+    report: HealthReport, mismatches: Sequence[CollationMismatch]
+) -> None:
+    """The collation-version verdict at report time (the runtimes' verification reports): the
+    repair ran before the restore was ready, so a mismatch still in the catalog is one it
+    could not fix, and fails the check naming the collations."""
+    if not mismatches:
+        report.passed(COLLATION_CHECK, "every recorded collation version matches the library's")
+        return
+    shown = ", ".join(str(m) for m in mismatches[:10])
+    more = f" (and {len(mismatches) - 10} more)" if len(mismatches) > 10 else ""
+    report.failed(
+        COLLATION_CHECK,
+        f"{len(mismatches)} collation version mismatch(es) remain: {shown}{more}; indexes on "
+        "them may return wrong results (pgro could not rebuild them: see the restore's notes "
+        "and events)",
+        COLLATION_MISMATCH,
+    )
 
 
 def record_collation_versions(report: HealthReport, result: CollationRefreshResult) -> None:

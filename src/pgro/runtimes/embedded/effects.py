@@ -50,6 +50,7 @@ from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
 from pgro.core.verify_depth import parse_depth
 from pgro.pipeline.app_migration import AppMigration
+from pgro.pipeline.locale_repair import remaining_collations
 from pgro.pipeline.migrator_command import MigratorCommand
 from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.pipeline.switchover_users import provision_switchover_users
@@ -296,6 +297,7 @@ class EmbeddedEffects:
         backend = self.restores.server_endpoint(f"{replica.namespace}/{step.restore}")
         if step.outcome is VerificationOutcome.SUCCESS and backend is not None:
             health = check_health(backend, "postgres")
+            remaining_collations(health, lambda dbname: backend.conninfo(dbname, "postgres"))
             details["checks"] = [c.as_dict() for c in health.checks]
             if health.sizes:
                 details["sizes"] = dict(health.sizes)

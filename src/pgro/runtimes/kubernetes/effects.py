@@ -23,6 +23,7 @@ from pgro.core.plan import EmitEvent, EventType, SwitchoverStep, VerificationOut
 from pgro.core.secrets import scrub
 from pgro.kube.client import KubeApi
 from pgro.pipeline.app_migration import AppMigration
+from pgro.pipeline.locale_repair import remaining_collations
 from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.postgres import restore_info
 from pgro.postgres.health import check_health
@@ -344,7 +345,9 @@ class KubeEffects:
         password = secret_value(
             self.api, replica.namespace, names.admin_creds_secret_name(replica.name), "password"
         )
-        health = check_health(PodEndpoint(pod.ip, password), ADMIN_ROLE)
+        endpoint = PodEndpoint(pod.ip, password)
+        health = check_health(endpoint, ADMIN_ROLE)
+        remaining_collations(health, endpoint.conninfo)
         details: dict[str, Any] = {"checks": [c.as_dict() for c in health.checks]}
         if health.sizes:
             details["sizes"] = dict(health.sizes)
