@@ -178,7 +178,13 @@ def test_provisioning_repairs_and_records_before_the_users(
 
     monkeypatch.setattr(provisioning, "repair_server", repair)
     monkeypatch.setattr(provisioning, "provision_users", users)
-    monkeypatch.setattr(restore_info, "record_restore", lambda *a, **k: [])
+    rows: list[Any] = []
+
+    def record_row(conninfo: str, row: Any, **kwargs: Any) -> list[str]:
+        rows.append(row)
+        return []
+
+    monkeypatch.setattr(restore_info, "record_restore", record_row)
     recorded: list[tuple[str, dict[str, bool], int]] = []
 
     def record(replica: Any, restore: Any, fixes: Any, events: Any) -> None:
@@ -201,6 +207,8 @@ def test_provisioning_repairs_and_records_before_the_users(
     assert seen["setup"] == SetupReport(locale=True, needs_reindex=3)
     assert seen["recorded"] == {"locale": False}
     assert recorded == [("orders-1", {"locale": True, "reindex": True}, 0)]
+    # The clients' view (_pgro.restore_info) shows the repairs of this very pass.
+    assert rows[0].fixes == {"locale": True, "reindex": True}
     assert requeued == [("ns/orders-1", 0.0)]
     assert provisioner.provisioned(ready, "pod-1")
 

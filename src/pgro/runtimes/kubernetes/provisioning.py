@@ -291,6 +291,13 @@ class Provisioner:
             new_fixes = repaired.new_fixes(restore.status.fixes)
             if self.record_repairs is not None and (new_fixes or events):
                 self.record_repairs(replica, restore, new_fixes, events)
+            if new_fixes:
+                # The restore_info row below shows the repairs too (the object in hand predates
+                # the status patch that recorded them).
+                fixes = {**(restore.status.fixes or {}), **new_fixes}
+                restore = restore.model_copy(
+                    update={"status": restore.status.model_copy(update={"fixes": fixes})}
+                )
             report = provision_users(
                 endpoint.conninfo,
                 analytics=analytics,
