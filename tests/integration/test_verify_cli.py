@@ -321,12 +321,19 @@ def test_human_report(fs_repo: Repo, scratch: Path) -> None:
     assert "starting PostgreSQL 15 on private port" in proc.stderr
 
 
+def with_ctrl_c() -> None:
+    """A `preexec_fn`: Ctrl-C as a terminal user has it. A suite started in the background
+    inherits SIGINT ignored, and a program started so keeps ignoring it (as it should)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_once(manifest: Path, work: Path, sig: signal.Signals, when: str) -> tuple[int, str]:
     proc = subprocess.Popen(
         [PGRO, "verify", "-f", str(manifest), "--work-dir", str(work), "--parallel", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=with_ctrl_c,
     )
     assert proc.stderr is not None
     seen = []

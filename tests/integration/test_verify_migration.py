@@ -32,6 +32,7 @@ from pgro.postgres.binaries import PostgresBinaries
 from tests.fixtures.clusters import build_debian_cluster
 from tests.fixtures.manifests import replica_doc, secret_doc, write_manifest
 from tests.fixtures.run_harness import Backups
+from tests.integration.test_verify_cli import with_ctrl_c
 
 PGRO = str(Path(sys.executable).parent / "pgro")
 PASSWORD = "verify-migration-repo-password"
@@ -236,6 +237,7 @@ def test_interrupting_a_migration_stops_it_and_cleans_up(setup: Setup) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=with_ctrl_c,
     )
     assert proc.stderr is not None
     seen = []

@@ -39,7 +39,10 @@ def test_read_pid(tmp_path: Path) -> None:
 
 def test_liveness_and_stop_of_a_process_that_is_not_waited_on() -> None:
     # Never wait()ed on until the end: an exited child is a zombie, which counts as gone.
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # SIGINT as a terminal gives it (a suite run in the background inherits it ignored).
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=_default_sigint
+    )
     pid = proc.pid
     try:
         assert is_alive(pid)
@@ -199,9 +202,16 @@ STUBBORN = (
 )
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stubborn(*ignored: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", STUBBORN, *ignored], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", STUBBORN, *ignored],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,  # as a terminal gives it, whatever the suite inherited
     )
     assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
     return proc
