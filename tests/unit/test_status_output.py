@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from pgro.cli.run import _print_replica
+from pgro.cli.status_view import print_replica as _print_replica
 
 HOSTILE = "evil[/][/] [bold]x[/bold] \x1b[2J\x1b]0;title\x07 \x9b31m"
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 from rich.console import Console
@@ -339,12 +340,14 @@ def demo(demo_dir: Path | None, fresh: bool, clean: bool, as_json: bool) -> None
     sys.exit(report.exit_code)
 
 
-def main() -> None:
+def main(*, prog_name: str | None = None, default_map: dict[str, Any] | None = None) -> None:
+    """`pgro`; `kubectl pgro` (cli/kubectl_plugin.py) names itself and sets its defaults."""
     from pgro.cli.canopy_proxy import canopy_proxy
     from pgro.cli.crds import crds_command
     from pgro.cli.detect_version import detect_version
     from pgro.cli.operator import check_data, operator, restore_job
-    from pgro.cli.run import run, status
+    from pgro.cli.run import run
+    from pgro.cli.status import status
 
     cli.add_command(run)
     cli.add_command(status)
@@ -354,7 +357,7 @@ def main() -> None:
     cli.add_command(detect_version)
     cli.add_command(crds_command)
     cli.add_command(canopy_proxy)
-    cli()
+    cli(prog_name=prog_name, default_map=default_map)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`pgro run` and `pgro status`: the embedded runtime and a look at its state."""
+"""`pgro run`: the embedded runtime (`pgro status` shows its state, cli/status.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
-from rich.console import Console
 
 
 class JsonFormatter(logging.Formatter):
@@ -332,116 +331,3 @@ def _canopy(
         )
     client = CanopyClient(url, socks5_proxy=socks5_proxy, device_cert=identity, ca_file=ca_file)
     return client, options
-
-
-@click.command()
-@click.option(
-    "--state-dir",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="The --state-dir of `pgro run`.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON with the CRD status field names.")
-@click.option(
-    "--show-credentials",
-    is_flag=True,
-    help="Include the users' passwords (they are otherwise never printed).",
-)
-def status(state_dir: Path, as_json: bool, show_credentials: bool) -> None:
-    """Show every replica: phase, serving restore, verification, schedule, conditions,
-    connection info and restores."""
-    from pgro.runtimes.embedded.credentials import CredentialStore
-    from pgro.runtimes.embedded.store import Store
-
-    db = state_dir / "state.db"
-    if not db.exists():
-        raise click.ClickException(
-            f"{state_dir} holds no pgro state (no state.db): is it a --state-dir?"
-        )
-    store = Store(db)
-    creds = CredentialStore(state_dir / "credentials")
-    out: list[dict[str, Any]] = []
-    for replica in store.replicas():
-        status_doc = replica.status.to_wire() if replica.status else {}
-        entry: dict[str, Any] = {
-            "name": replica.metadata.name,
-            "namespace": replica.metadata.namespace,
-            "status": status_doc,
-            "endpoint": {
-                "host": status_doc.get("connectionInfo", {}).get("host"),
-                "port": status_doc.get("connectionInfo", {}).get("port"),
-            },
-            "restores": [
-                {
-                    "name": r.metadata.name,
-                    "spec": r.spec.to_wire(),
-                    "status": r.status.to_wire() if r.status else {},
-                }
-                for r in store.restores(replica.key)
-            ],
-            "events": [e.__dict__ for e in store.events(replica.key, limit=10)],
-        }
-        users = creds.read(replica.key)
-        entry["credentials"] = [
-            {
-                "username": u.username,
-                "file": str(creds.path_of(replica.key, u.username)),
-                **({"password": u.password} if show_credentials else {}),
-            }
-            for u in users.values()
-        ]
-        out.append(entry)
-    store.close()
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
-        return
-    console = Console()
-    if not out:
-        console.print("no replicas")
-    for entry in out:
-        _print_replica(console, entry)
-
-
-# Conditions whose True status is bad news.
-_TRUE_IS_BAD = ("RestoreCreationBlocked", "LastRestoreFailed", "RestoreSchedulingSuspended")
-
-
-def _print_replica(console: Console, entry: dict[str, Any]) -> None:
-    """One replica's state. Everything but pgro's labels may come from a manifest, canopy, a
-    snapshot or a server message, so it is printed literally (no markup, no escapes)."""
-    from pgro.cli.output import literal
-
-    def say(text: str) -> None:
-        console.print(literal(text), highlight=False)
-
-    st = entry["status"]
-    phase = st.get("phase", "Pending")
-    console.print(literal(f"{entry['namespace']}/{entry['name']}", style="bold"), end="")
-    say(f"  phase {phase}")
-    endpoint = entry["endpoint"]
-    rows = [
-        ("serving", st.get("currentRestore")),
-        ("verified snapshot", st.get("verifiedSnapshotId")),
-        ("next restore", st.get("nextScheduledRestore")),
-        ("endpoint", f"{endpoint['host']}:{endpoint['port']}" if endpoint["port"] else None),
-    ]
-    for label, value in rows:
-        if value:
-            say(f"  {label:18} {value}")
-    for cond in st.get("conditions", []):
-        good = (cond.get("status") == "True") != cond["type"].startswith(_TRUE_IS_BAD)
-        line = (
-            f"{cond['type']}={cond['status']} {cond.get('reason', '')}: {cond.get('message', '')}"
-        )
-        say(f"  [{'ok' if good else '!!'}] {line}")
-    for r in entry["restores"]:
-        phase = r["status"].get("phase", "Pending")
-        say(f"  restore {r['name']}  {phase}  snapshot {r['spec'].get('snapshot')}")
-        checks = r["status"].get("dataChecks")
-        if checks:
-            say(f"    data checks ({checks.get('depth')}): {checks.get('verdict')}")
-            for check in checks.get("checks", []):
-                say(f"      {check.get('name')}: {check.get('status')}: {check.get('detail', '')}")
-    for c in entry["credentials"]:
-        secret = f"password {c['password']}" if "password" in c else f"(password in {c['file']})"
-        say(f"  user {c['username']} {secret}")
