@@ -408,6 +408,11 @@ FULL_REPLICA_SPEC: dict[str, Any] = {
         "version": "2.30",
         "versionFallbackToBase": True,
     },
+    "eventPublisher": {
+        "url": "https://meta.tamanu.app/api/events",
+        "clientCertificateSecretRef": {"name": "pgro-canopy-client", "namespace": "analytics"},
+        "source": "pgro",
+    },
 }
 
 FULL_RESTORE_SPEC: dict[str, Any] = {
@@ -508,6 +513,7 @@ def full_restore_status() -> PostgresPhysicalRestoreStatus:
                 )
             ],
         ),
+        full_reindex="partial: full reindex after pg_resetwal (databases): rebuilt 2, 1 failed",
         created_at=NOW,
         restored_at=NOW + timedelta(minutes=20),
         activated_at=NOW + timedelta(minutes=30),

@@ -46,6 +46,7 @@ from pgro.api.notifications import NotificationStatus
 from pgro.api.phases import RedactionPhase, SchemaMigrationPhase
 from pgro.api.replica import (
     ConnectionInfo,
+    EventPublisherConfig,
     PostgresPhysicalReplicaSpec,
     PostgresPhysicalReplicaStatus,
     SnapshotFilter,
@@ -215,6 +216,20 @@ _DESCRIPTIONS: Final[Mapping[type[BaseModel], Mapping[str, str]]] = {
             "restore when it is created."
         ),
         "redaction": "Mask data with postgresql_anonymizer before switchover.",
+        "event_publisher": (
+            "Publish each failed restore to a canopy-style /events endpoint over mTLS. "
+            "Best effort: a failed delivery is logged, never retried, and never affects "
+            "the replica."
+        ),
+    },
+    EventPublisherConfig: {
+        "url": "Full URL of the events endpoint, e.g. https://meta.tamanu.app/api/events.",
+        "client_certificate_secret_ref": (
+            "Secret with the mTLS client identity: keys tls.crt (PEM certificate, optionally "
+            "with its chain) and tls.key (PEM private key), as in a kubernetes.io/tls "
+            "Secret. namespace defaults to the replica's."
+        ),
+        "source": "Value of the event's source field.",
     },
     PostgresPhysicalReplicaStatus: {
         "phase": "Pending, Restoring or Ready.",

@@ -25,6 +25,7 @@ DEFAULT_SCHEDULE_JITTER: Final = timedelta(minutes=10)
 DEFAULT_SWITCHOVER_GRACE_PERIOD: Final = timedelta(minutes=5)
 DEFAULT_ANALYTICS_USERNAME: Final = "analytics"
 DEFAULT_STORAGE_SIZE_MAXIMUM: Final = "2Ti"
+DEFAULT_EVENT_SOURCE: Final = "pgro"
 
 REASON_BOTH_CREDENTIAL_SOURCES: Final = "SecretRefAndCanopySource"
 REASON_NO_CREDENTIAL_SOURCE: Final = "NoCredentialSource"
@@ -88,6 +89,19 @@ class Redaction(ApiModel):
         )
 
 
+class EventPublisherConfig(ApiModel):
+    """Where restore failures are published: a canopy-style `/events` endpoint, over mTLS.
+
+    `clientCertificateSecretRef` names a `kubernetes.io/tls`-shaped Secret (keys `tls.crt`
+    and `tls.key`); unlike `kopiaSecretRef` its namespace is honoured, as in the reference,
+    and defaults to the replica's.
+    """
+
+    url: str
+    client_certificate_secret_ref: SecretReference
+    source: str = DEFAULT_EVENT_SOURCE
+
+
 class ConnectionInfo(ApiModel):
     host: str
     port: int = Field(ge=0, le=65535)
@@ -133,6 +147,7 @@ class PostgresPhysicalReplicaSpec(ApiModel):
     migrate_to: MigrateTo | None = None
     builder_image: str | None = None
     redaction: Redaction | None = None
+    event_publisher: EventPublisherConfig | None = None
 
     @model_validator(mode="after")
     def _normalize_extra_users(self) -> PostgresPhysicalReplicaSpec:

@@ -50,7 +50,7 @@ from pgro.core.plan import (
 )
 from pgro.core.queue import AdmissionQueue, promoted_keys
 from pgro.core.replica_decision import decide_replica
-from pgro.core.restore_machine import decide_restore
+from pgro.core.restore_machine import FAILED_CONDITION, decide_restore
 from pgro.core.secrets import scrub
 from pgro.core.settings import DEFAULT_SETTINGS, ReconcilerSettings
 from pgro.core.step_failures import (
@@ -64,6 +64,7 @@ from pgro.core.step_failures import (
     error_shape,
     step_name,
 )
+from pgro.event_publisher import EventPublisher
 from pgro.notifications import Notifier
 from pgro.observability import Metrics
 from pgro.reconciler.dispatch import dispatch
@@ -106,6 +107,7 @@ class Shell:
         settings: ReconcilerSettings = DEFAULT_SETTINGS,
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
+        event_publisher: EventPublisher | None = None,
     ) -> None:
         self.effects = effects
         self.schedule = schedule
@@ -115,6 +117,7 @@ class Shell:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.notifier = notifier
+        self.event_publisher = event_publisher
         self.admission = AdmissionQueue(limit=limit)
         self._lock = threading.Lock()
         # Steps failing in a row, per (object, step): retried 1 s, 2 s, … up to 5 minutes
@@ -178,6 +181,7 @@ class Shell:
             self._notifying.discard(key)
             self._failures.forget(lambda _, f: f.replica_key == key)
             self._unsupported = {u for u in self._unsupported if u[0] != key}
+        self.metrics.forget_replica(key)
         self.release(key)
 
     def forget_restore(self, key: str) -> None:
@@ -217,6 +221,7 @@ class Shell:
             return
         obs = view.observation
         replica = obs.replica
+        self.metrics.observe_replica(replica, self.clock())
         self._collect_notifications(replica)
         with self._lock:
             plan = decide_replica(obs, self.admission, self.clock(), self.random, self.settings)
@@ -297,6 +302,7 @@ class Shell:
                 notify=self._notify,
             )
             self._count(step, phases, created)
+            self._publish_failure(step, replica, restore, phases)
             if isinstance(step, PatchReplicaStatus) and "conditions" in step.patch:
                 conditions = list(step.patch["conditions"] or [])
             with self._lock:
@@ -382,6 +388,38 @@ class Shell:
                     self.metrics.duration.observe((self.clock() - started).total_seconds())
             case _:
                 pass
+
+    def _publish_failure(
+        self,
+        step: PlanStep,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore | None,
+        phases: Mapping[str, RestorePhase],
+    ) -> None:
+        """`eventPublisher`: once the restore's failure is recorded, publish it (in the
+        background, best effort: nothing it does reaches the plan)."""
+        if self.event_publisher is None or restore is None:
+            return
+        if not isinstance(step, PatchRestoreStatus) or step.restore != restore.name:
+            return
+        if step.patch.get("phase") != RestorePhase.FAILED:
+            return
+        if phases.get(step.restore) is RestorePhase.FAILED:
+            return
+        reason = next(
+            (
+                str(c.get("message", ""))
+                for c in step.patch.get("conditions") or []
+                if c.get("type") == FAILED_CONDITION
+            ),
+            "",
+        )
+        try:
+            self.event_publisher.restore_failed(
+                replica, restore.name, restore.spec.snapshot, reason
+            )
+        except Exception as exc:
+            log.warning("%s: restore failure not published: %s", replica.key, type(exc).__name__)
 
     def _event(self, replica: PostgresPhysicalReplica, event: EmitEvent) -> None:
         try:

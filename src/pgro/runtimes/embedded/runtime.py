@@ -21,6 +21,7 @@ from typing import Final
 
 from pgro.canopy.client import CanopyClient
 from pgro.clock import utcnow
+from pgro.event_publisher import EventPublisher
 from pgro.notifications import Notifier
 from pgro.observability import Health, Metrics
 from pgro.pipeline.migrator_command import MigratorCommand
@@ -98,6 +99,10 @@ class Runtime:
         self._due_lock = threading.Lock()
         self.random = random.Random()  # noqa: S311 - schedule jitter, not secrets
         self.notifier = Notifier(self.metrics, clock=self.clock)
+        # eventPublisher's client identity comes from a Secret in the manifests.
+        self.event_publisher = EventPublisher(
+            lambda ns, name: self.effects.manifest.secrets.get((ns, name)), clock=self.clock
+        )
         self.canopy: EmbeddedCanopy | None = None
         if options.canopy is not None:
             client, canopy_options = options.canopy
@@ -140,6 +145,7 @@ class Runtime:
             new_run_id=lambda: str(uuid.uuid4()),
             metrics=self.metrics,
             notifier=self.notifier,
+            event_publisher=self.event_publisher,
         )
         self.store.watch(self._changed)
 
@@ -254,6 +260,7 @@ class Runtime:
         if not self.options.keep_serving:
             self.endpoints.stop_all()
         self.notifier.shutdown()
+        self.event_publisher.shutdown()
         if self.canopy is not None:
             self.canopy.shutdown()
         self.listings.shutdown()

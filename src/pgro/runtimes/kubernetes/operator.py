@@ -22,6 +22,7 @@ from pgro.api.names import LABEL_REPLICA, LABEL_RESTORE, REPLICA_KIND, RESTORE_K
 from pgro.canopy.settings import CanopySettings
 from pgro.clock import utcnow
 from pgro.core.settings import ReconcilerSettings
+from pgro.event_publisher import EventPublisher
 from pgro.kube.client import KubeApi
 from pgro.kube.informer import Informer, by_label
 from pgro.kube.leader import LeaderElector
@@ -95,6 +96,9 @@ class Operator:
             options.state_dir or Path(tempfile.gettempdir()) / "pgro-operator-kopia",
         )
         self.notifier = Notifier(self.metrics, clock=clock)
+        self.event_publisher = EventPublisher(
+            lambda ns, name: api.get("Secret", ns, name), clock=clock
+        )
         self._stop = threading.Event()
         self.replicas = Informer(api, REPLICA_KIND, self._on_replica)
         self.restores = Informer(
@@ -171,6 +175,7 @@ class Operator:
             settings=options.settings,
             metrics=self.metrics,
             notifier=self.notifier,
+            event_publisher=self.event_publisher,
         )
         self.elector = LeaderElector(
             api,
@@ -261,6 +266,7 @@ class Operator:
         if self.options.leader_election:
             self.elector.release()
         self.notifier.shutdown()
+        self.event_publisher.shutdown()
         self.listing.shutdown()
         if self.canopy is not None:
             self.canopy.stop()
