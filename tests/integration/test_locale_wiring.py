@@ -395,11 +395,13 @@ def test_locale_probe_needs_no_private_locales_on_a_sound_cluster(
     assert report["health_details"]["fixes"]["locale"] is False
 
 
-def test_run_reindexes_every_database_after_a_wal_reset_before_serving(
+def test_run_reindexes_every_database_after_a_wal_reset_once_serving(
     backups: Backups, scratch: Path, start_run: StartRun
 ) -> None:
-    """A snapshot whose WAL is gone: the worker resets it and rebuilds every index before
-    pgro run serves (the reference does it after Ready; docs/locale-and-collation.md)."""
+    """A snapshot whose WAL is gone: the worker resets it, and pgro run rebuilds every index
+    once the server serves, without gating readiness (features.md §2.3 step 5):
+    `status.fullReindex` goes `running` → `complete`, `_pgro.restore_info.stage` ends
+    `ready`, and the worker (whose end gates readiness) did not run it."""
     pgdata = backups.source / backups.binaries.major / "main"
     (pgdata / "postgresql.conf").touch()
     server = PostgresServer(
@@ -430,7 +432,19 @@ def test_run_reindexes_every_database_after_a_wal_reset_before_serving(
 
     run = start_run(_run_manifest(scratch / "m.yaml", backups.path))
     entry, restore, rdir = _serving(run)
-    fixes = restore["status"]["fixes"]
+    assert restore["status"]["fixes"]["reset_wal"] is True
+    # The worker finished (the restore is Ready) without the rebuild: it is not gating.
+    work_log = (rdir / "work.log").read_text()
+    assert "full reindex" not in work_log
+
+    def reindexed() -> dict[str, Any] | None:
+        current = next(r for r in run.replica("orders")["restores"] if r["name"] == restore["name"])
+        return current if current["status"].get("fullReindex") == "complete" else None
+
+    run.wait_for("the full reindex after the WAL reset", lambda: reindexed() is not None, 120)
+    done = reindexed()
+    assert done is not None
+    fixes = done["status"]["fixes"]
     assert fixes["reset_wal"] is True
     assert fixes["reindex"] is True
     assert fixes["locale"] is False
@@ -438,8 +452,11 @@ def test_run_reindexes_every_database_after_a_wal_reset_before_serving(
         row = conn.execute("SELECT relfilenode FROM pg_class WHERE relname = 'test_data_pkey'")
         assert row.fetchone() != (before,)
         assert conn.execute("SELECT v FROM marker").fetchone() == ("crashed",)
-    work_log = (rdir / "work.log").read_text()
-    assert "full reindex after pg_resetwal (databases): rebuilt 3" in work_log
+    with connect(entry, dbname="postgres") as conn:
+        stage = conn.execute("SELECT stage FROM _pgro.restore_info").fetchone()
+        assert stage == ("ready",)
+    log = run.log.read_text()
+    assert "full reindex after pg_resetwal (databases): rebuilt 3" in log
     assert run.stop() == 0
 
 

@@ -279,7 +279,8 @@ class ControlPlane:
                 code, body = self._request(
                     "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
                 )
-                conds = body.get("status", {}).get("conditions", []) if code == 200 else []
+                # `conditions` is null until the API server has looked at the CRD.
+                conds = (body.get("status") or {}).get("conditions") or [] if code == 200 else []
                 ok = any(c["type"] == "Established" and c["status"] == "True" for c in conds)
                 # The endpoint can 404 for a moment after Established; wait until it serves.
                 return ok and self._request("GET", path)[0] == 200

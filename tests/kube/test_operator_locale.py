@@ -10,8 +10,9 @@ on the fake node, from an S3 repository of their own:
   the Windows aliases the setup builds, and is rewritten to C;
 - `db-icu`: a C cluster with an ICU collation whose `collversion` was forged to 0.0, its
   pg_wal left out of the snapshot: the setup resets the WAL, and the operator refreshes the
-  collation after rebuilding its index and runs the full reindex (`reset_wal`, `reindex`,
-  `collation_refresh`), all before READY.
+  collation after rebuilding its index before READY (`reset_wal`, `collation_refresh`); the
+  full reindex after the reset runs once the restore serves (`status.fullReindex` →
+  `complete`, `fixes.reindex`), as the reference does.
 
 The postgres pods' env carries no LOCPATH: the fake node maps the `locales` mount like any
 other (tests/kube/node.py), and the host's own /usr/lib/locale is never written.
@@ -241,10 +242,21 @@ def test_a_wal_reset_and_a_drifted_collation_are_repaired_before_ready(
         context=lambda: _diagnostics(operator, fake_node),
     )
     restore = replica["status"]["currentRestore"]
-    status = (admin.get("PostgresPhysicalRestore", ns, restore) or {})["status"]
+
+    def reindexed() -> dict[str, Any] | None:
+        found = (admin.get("PostgresPhysicalRestore", ns, restore) or {}).get("status", {})
+        return found if found.get("fullReindex") == "complete" else None
+
+    # The full reindex after pg_resetwal: on the serving restore, after it went Active.
+    status = wait_for(
+        "the full reindex after the WAL reset",
+        reindexed,
+        180,
+        context=lambda: _diagnostics(operator, fake_node),
+    )
     fixes = status["fixes"]
     assert fixes["reset_wal"] is True, status
-    assert fixes["reindex"] is True, status  # the full reindex after pg_resetwal
+    assert fixes["reindex"] is True, status
     assert fixes["collation_refresh"] is True, status
     assert fixes["locale"] is False, status  # a C cluster
     with _admin(admin, ns, "icu", restore) as conn:
@@ -260,3 +272,10 @@ def test_a_wal_reset_and_a_drifted_collation_are_repaired_before_ready(
     log = operator.log_tail(10_000)
     assert "refreshed 1 collation version(s)" in log
     assert "full reindex after pg_resetwal (databases): rebuilt" in log
+    # Not gating: it started only after the pod was provisioned (and so counted READY).
+    lines = log.splitlines()
+    provisioned = next(i for i, line in enumerate(lines) if f"{restore}: users provisioned" in line)
+    started = next(
+        i for i, line in enumerate(lines) if "full reindex after pg_resetwal: started" in line
+    )
+    assert provisioned < started, lines

@@ -56,6 +56,7 @@ from pgro.core.plan import (
     PointServiceAt,
     PrepareRestoreStorage,
     ProvisionUsers,
+    ReindexAfterReset,
     ReportVerification,
     RunMigration,
     RunSwitchoverStep,
@@ -149,6 +150,10 @@ class World:
     # data they find damaged.
     data_check_duration: timedelta = timedelta(0)
     damaged_snapshots: set[str] = field(default_factory=set)
+    # Snapshots whose restore resets the WAL (`fixes.reset_wal`), and how long the full
+    # reindex after it runs (`ReindexAfterReset`).
+    reset_snapshots: set[str] = field(default_factory=set)
+    reindex_duration: timedelta = timedelta(minutes=20)
 
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
     restores: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -165,6 +170,9 @@ class World:
     # Restore → (when its data checks started, at which depth, of which snapshot): they
     # outlive a restart too.
     data_checks: dict[str, tuple[datetime, str, str]] = field(default_factory=dict)
+    # Restore → when its full reindex started: a thread of the controller, lost on restart.
+    reindexes: dict[str, datetime] = field(default_factory=dict)
+    reindex_starts: list[tuple[datetime, str]] = field(default_factory=list)
 
     events: list[tuple[datetime, str, EmitEvent]] = field(default_factory=list)
     created: list[tuple[datetime, str, str]] = field(default_factory=list)
@@ -267,6 +275,7 @@ class World:
         self.shell = self._new_shell()
         self.shell.rebuild_admission()
         self.listings.clear()
+        self.reindexes.clear()
         for key in self.replicas:
             self.wake(f"replica:{key}")
         for name in self.restores:
@@ -368,7 +377,8 @@ class World:
             return RestoreWork.failed("no PostgreSQL data directory (PG_VERSION) in the snapshot")
         if self.restore_outage:
             return RestoreWork.failed("the node running the restore was reclaimed")
-        return RestoreWork.succeeded("16", run.started + run.duration)
+        fixes = {"reset_wal": True} if restore.spec.snapshot in self.reset_snapshots else None
+        return RestoreWork.succeeded("16", run.started + run.duration, fixes)
 
     def _server(self, name: str) -> Server:
         started = self.servers.get(name)
@@ -609,6 +619,26 @@ class World:
         if step.restore not in self.data_checks:
             self.data_checks[step.restore] = (self.now, step.depth, restore.spec.snapshot)
             self.wake(f"restore:{step.restore}", self.now + self.data_check_duration)
+
+    def reindex_after_reset(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: ReindexAfterReset,
+    ) -> None:
+        self._fault(step)
+        if step.restore not in self.servers:
+            self._violation(f"reindexing {step.restore}, which has no server")
+        started = self.reindexes.get(step.restore)
+        if started is None:
+            self.reindexes[step.restore] = self.now
+            self.reindex_starts.append((self.now, step.restore))
+            self.patch_restore_status(replica, step.restore, {"fullReindex": "running"})
+            self.wake(f"restore:{step.restore}", self.now + self.reindex_duration)
+        elif self.now - started >= self.reindex_duration:
+            self.patch_restore_status(
+                replica, step.restore, {"fullReindex": "complete", "fixes": {"reindex": True}}
+            )
 
     def run_migration(
         self,

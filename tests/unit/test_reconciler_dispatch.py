@@ -60,6 +60,7 @@ def _example(cls: type[Any]) -> PlanStep:
         plan.MarkReadyForTraffic: plan.MarkReadyForTraffic("fiji-1"),
         plan.RunMigration: plan.RunMigration("fiji-1"),
         plan.CheckData: plan.CheckData("fiji-1", "standard"),
+        plan.ReindexAfterReset: plan.ReindexAfterReset("fiji-1"),
     }
     return examples[cls]
 
@@ -154,9 +155,9 @@ def _mypy(tmp_path: Path, *, in_union: bool, extra: str = "") -> subprocess.Comp
     assert marker in source
     source = source.replace(marker, NEW_STEP.strip() + "\n\n\n" + marker)
     if in_union:
-        last = "    | CheckData\n)"
+        last = "    | ReindexAfterReset\n)"
         assert last in source
-        source = source.replace(last, "    | CheckData\n    | RotateCredentials\n)")
+        source = source.replace(last, "    | ReindexAfterReset\n    | RotateCredentials\n)")
     plan_py.write_text(source)
     targets = ["pgro/reconciler/dispatch.py"]
     if extra:

@@ -46,6 +46,10 @@ class PostgresPhysicalRestoreStatus(ApiModel):
     fixes: dict[str, bool] | None = None
     # What the checks that read the data found (`pgro.bes.au/verify-depth`), once run.
     data_checks: DataChecks | None = None
+    # After `pg_resetwal` (`fixes.reset_wal`): the full reindex, run once the server is up
+    # without gating readiness: `running`, `complete`, `partial: <what failed>` or
+    # `failed: <why>` (`pgro.core.full_reindex`).
+    full_reindex: str | None = None
     created_at: Timestamp | None = None
     restored_at: Timestamp | None = None
     activated_at: Timestamp | None = None

@@ -271,6 +271,22 @@ class CheckData(Step):
     depth: str
 
 
+@dataclass(frozen=True)
+class ReindexAfterReset(Step):
+    """Start, on the restore's running server and in the background, the full reindex due
+    after `pg_resetwal` (unless it is running already), and return at once: it never gates
+    readiness nor the switchover. The runner records `status.fullReindex` (`running`, then
+    `complete`, `partial: …` or `failed: …`), `fixes.reindex` when something was rebuilt, and
+    moves `_pgro.restore_info.stage` `reindexing` → `ready`. A runner lost with its process
+    (pgro or the operator restarted) leaves `running`, and the next pass starts it again."""
+
+    restore: str
+
+    @property
+    def best_effort(self) -> bool:
+        return True
+
+
 # Every step a decision can plan. Plans hold only these, and the shell's dispatch matches
 # each (ending in `assert_never`): a step type added here without a handler, or planned
 # without being added here, is a type error.
@@ -296,6 +312,7 @@ PlanStep = (
     | MarkReadyForTraffic
     | RunMigration
     | CheckData
+    | ReindexAfterReset
 )
 
 

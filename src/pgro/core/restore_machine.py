@@ -21,7 +21,7 @@ from pgro.api.phases import JobPhase, RestorePhase
 from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica, PostgresPhysicalReplicaStatus
 from pgro.api.restore import JobStatus, PostgresPhysicalRestore, PostgresPhysicalRestoreStatus
-from pgro.core import reasons, verification_reports
+from pgro.core import full_reindex, reasons, verification_reports
 from pgro.core.backoff import failure_backoff
 from pgro.core.observations import RestoreObservation, ServerState, WorkState
 from pgro.core.plan import (
@@ -36,6 +36,7 @@ from pgro.core.plan import (
     PatchRestoreStatus,
     PlanStep,
     PrepareRestoreStorage,
+    ReindexAfterReset,
     ReportVerification,
     RunMigration,
     StartRestoreWork,
@@ -131,10 +132,12 @@ def decide_restore(
             requeue = _ready(p)
         case RestorePhase.SWITCHING:
             p.steps.append(EnsureServer(restore.name))
+            _reindex_after_reset(p)
             requeue = REQUEUE_SWITCHING
         case RestorePhase.ACTIVE:
             p.steps.append(EnsureServer(restore.name))
             p.steps.append(MarkReadyForTraffic(restore.name))
+            _reindex_after_reset(p)
             requeue = min(REQUEUE_ACTIVE, settings.idle_requeue)
         case RestorePhase.FAILED:
             requeue = None
@@ -245,6 +248,7 @@ def _ready(p: _Pass) -> timedelta | None:
         checked, wait = _data_checked(p)
         if not checked:
             return wait
+        _reindex_after_reset(p)
         if restore.spec.migrate_to is not None and status.migration_result is None:
             p.draft.set(phase=RestorePhase.MIGRATING)
             return REQUEUE_SOON
@@ -303,6 +307,15 @@ def _data_checked(p: _Pass) -> tuple[bool, timedelta | None]:
         _fail(p, damage_summary(checks), data_checks=checks)
         return False, None
     return True, None
+
+
+def _reindex_after_reset(p: _Pass) -> None:
+    """After a WAL reset, the full reindex starts once the server is up and its data checks
+    are done (the checks read the indexes as restored; a rebuild swapping them underneath
+    would make amcheck fail on vanished relations). It runs in the background: the restore
+    moves on to the switchover meanwhile."""
+    if full_reindex.due(p.restore):
+        p.steps.append(ReindexAfterReset(p.restore.name))
 
 
 def _detect_version(p: _Pass) -> timedelta | None:

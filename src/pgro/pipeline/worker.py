@@ -48,7 +48,6 @@ from pgro.pipeline.job import (
 from pgro.pipeline.locale_repair import (
     LocaleRepair,
     detect_collations,
-    full_reindex_after_reset,
     locales_dir,
     refresh_collations,
 )
@@ -247,8 +246,8 @@ def first_start(
     when pgro cannot provide it), the fallback rewrite and the quick reindex after it
     (`fixes.locale`, `fixes.reindex`), the collation-version refresh
     (`fixes.collation_refresh`; a mismatch that remains is a note and the restore still
-    serves) and, after a WAL reset, the full reindex (`fixes.reindex`), all before `pgro
-    run` serves the server.
+    serves), all before `pgro run` serves the server. The full reindex after a WAL reset
+    runs later, on the served server (`core.full_reindex`): it does not gate readiness.
 
     At a `depth` other than quick (a verify replica's; `pipeline.data_checks`, as `pgro
     verify` runs them) the data is checked: the page checksums before the start, amcheck
@@ -318,10 +317,6 @@ def first_start(
             refresh_collations(conninfo_for, restored.repairs, _say)
         if checking:
             verdicts = data.after_start(conninfo_for)
-        if reset is not None:
-            # Before ready, unlike the reference (after Ready): the worker is the only place
-            # that holds the server before pgro run serves it (docs/locale-and-collation.md).
-            full_reindex_after_reset(conninfo_for, restored.repairs, _say)
     finally:
         server.stop()
         if not socket_dir.is_relative_to(restore_dir):

@@ -123,8 +123,8 @@ class RestoreInfo:
     snapshot_id: str
     snapshot_time: str = ""  # kopia's startTime; empty when unknown (stored as NULL)
     fixes: Mapping[str, bool] | None = None  # the restore's status.fixes
-    # A reindex still to run (features.md §2.3/§2.4, not built yet) starts the row at
-    # `restored`; that step moves it with set_stage: `reindexing`, then `ready`.
+    # The full reindex after pg_resetwal still to run (`core.full_reindex`) starts the row
+    # at `restored`; that step moves it with set_stage: `reindexing`, then `ready`.
     reindex_pending: bool = False
 
     @classmethod
@@ -443,10 +443,13 @@ def _update_stage(conn: psycopg.Connection[tuple[object, ...]], stage: str) -> b
             or not {"stage", "last_transition_time"} <= found.columns
         ):
             return False
+        # A superseded restore stays `outgoing`: a background reindex ending after the
+        # switchover must not advertise it as `ready` again.
         cur = conn.execute(
             "UPDATE _pgro.restore_info SET stage = %s, "
-            "last_transition_time = pg_catalog.now() WHERE id = 1",
-            (stage,),
+            "last_transition_time = pg_catalog.now() WHERE id = 1 "
+            "AND (stage IS DISTINCT FROM 'outgoing' OR %s = 'outgoing')",
+            (stage, stage),
         )
         return cur.rowcount == 1
 

@@ -29,6 +29,7 @@ from pgro.core.plan import (
     PointServiceAt,
     PrepareRestoreStorage,
     ProvisionUsers,
+    ReindexAfterReset,
     ReportVerification,
     RunMigration,
     RunSwitchoverStep,
@@ -111,5 +112,7 @@ def dispatch(
             effects.run_migration(replica, _need(restore, step), step)
         case CheckData():
             effects.check_data(replica, _need(restore, step), step)
+        case ReindexAfterReset():
+            effects.reindex_after_reset(replica, _need(restore, step), step)
         case _:
             assert_never(step)

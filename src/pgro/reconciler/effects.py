@@ -33,6 +33,7 @@ from pgro.core.plan import (
     PointServiceAt,
     PrepareRestoreStorage,
     ProvisionUsers,
+    ReindexAfterReset,
     ReportVerification,
     RunMigration,
     RunSwitchoverStep,
@@ -208,6 +209,15 @@ class Effects(Protocol):
         restore: PostgresPhysicalRestore,
         step: CheckData,
     ) -> None: ...
+
+    def reindex_after_reset(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: ReindexAfterReset,
+    ) -> None:
+        """Start the full reindex after a WAL reset in the background (see the step)."""
+        ...
 
     # -- after a replica's plan -----------------------------------------------------------
     def replica_plan_applied(self, replica: PostgresPhysicalReplica) -> None:

@@ -15,7 +15,7 @@ from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
 from pgro.clock import utcnow
-from pgro.core import reasons
+from pgro.core import full_reindex, reasons
 from pgro.core.observations import Endpoint as ConnectionEndpoint
 from pgro.core.observations import (
     MigrationOutcome,
@@ -33,12 +33,14 @@ from pgro.core.plan import (
     EmitEvent,
     EnsureReplicaResources,
     EnsureServer,
+    EventType,
     ListSnapshots,
     MarkOutgoing,
     MarkReadyForTraffic,
     PointServiceAt,
     PrepareRestoreStorage,
     ProvisionUsers,
+    ReindexAfterReset,
     ReportVerification,
     RunMigration,
     RunSwitchoverStep,
@@ -50,6 +52,7 @@ from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
 from pgro.core.verify_depth import parse_depth
 from pgro.pipeline.app_migration import AppMigration
+from pgro.pipeline.full_reindex import BackgroundReindex, ReindexOutcomes
 from pgro.pipeline.locale_repair import remaining_collations
 from pgro.pipeline.migrator_command import MigratorCommand
 from pgro.pipeline.schema_migration import SchemaMigration
@@ -94,6 +97,10 @@ class EmbeddedEffects:
     manifest: Manifest = field(default_factory=Manifest)  # as last loaded; replaced on reload
     # `--migrator`: the application's migrate command for `migrateTo` restores; None: refused.
     migrator: MigratorCommand | None = None
+    # The full reindexes after pg_resetwal running in this process, and what they recorded
+    # (written to the store on the reconcile thread: the store's connection is not shared).
+    reindexes: BackgroundReindex = field(default_factory=BackgroundReindex)
+    _reindex_outcomes: ReindexOutcomes = field(default_factory=lambda: ReindexOutcomes())
     runtime_name: str = field(default=RUNTIME_NAME, init=False)
     # Redaction and the schema build do not run in pgro run yet.
     supported_switchover_steps: frozenset[SwitchoverStep] = field(
@@ -400,6 +407,40 @@ class EmbeddedEffects:
             ),
         )
         self.patch_restore_status(replica, restore.name, {"dataChecks": checks.to_wire()})
+
+    def reindex_after_reset(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: ReindexAfterReset,
+    ) -> None:
+        """On a thread of pgro run, over the server's socket as its superuser. What the
+        thread recorded is written here, on the next pass (planned while it runs)."""
+        key = f"{restore.namespace}/{restore.name}"
+        patches, warnings = self._reindex_outcomes.take(key)
+        for patch in patches:
+            self.store.patch_restore_status(key, patch)
+        for note in warnings:
+            self.emit_event(
+                replica,
+                EmitEvent(EventType.WARNING, full_reindex.EVENT_INCOMPLETE, note, restore.name),
+            )
+        if self.reindexes.running(key) or self._reindex_outcomes.finished(key):
+            return
+        endpoint = self.restores.server_endpoint(key)
+        if endpoint is None:
+            return  # planned again once the server runs
+
+        def record(patch: Mapping[str, Any]) -> None:
+            self._reindex_outcomes.put(key, patch)
+            self.schedule("restore", key, 0.0)
+
+        self.reindexes.start(
+            key,
+            lambda dbname: endpoint.conninfo(dbname, "postgres"),
+            record,
+            lambda note: self._reindex_outcomes.warn(key, note),
+        )
 
     def run_migration(
         self,

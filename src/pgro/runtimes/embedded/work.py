@@ -18,6 +18,7 @@ from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
+from pgro.core import full_reindex
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import RestoreWork, Server, WorkState
 from pgro.kopia.cache import repository_cache_dir
@@ -355,7 +356,7 @@ def _provisioner(
         # Before the server counts as ready: clients can tell which restore they reach.
         notes = restore_info.record_restore(
             endpoint.conninfo(restore_info.DATABASE, "postgres"),
-            restore_info.RestoreInfo.of(restore),
+            restore_info.RestoreInfo.of(restore, reindex_pending=full_reindex.pending(restore)),
             analytics=analytics.username,
             analytics_may_write=not read_only,
         )

@@ -17,12 +17,13 @@ from pgro.api.phases import RestorePhase
 from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
-from pgro.core import plan
+from pgro.core import full_reindex, plan
 from pgro.core.observations import RestoreObservation
 from pgro.core.plan import EmitEvent, EventType, SwitchoverStep, VerificationOutcome
 from pgro.core.secrets import scrub
 from pgro.kube.client import KubeApi
 from pgro.pipeline.app_migration import AppMigration
+from pgro.pipeline.full_reindex import BackgroundReindex
 from pgro.pipeline.locale_repair import remaining_collations
 from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.postgres import restore_info
@@ -91,6 +92,8 @@ class KubeEffects:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ensured: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     _applied: dict[str, _Applied] = field(default_factory=dict)
+    # The full reindexes after pg_resetwal running in this operator, by restore key.
+    reindexes: BackgroundReindex = field(default_factory=BackgroundReindex)
     runtime_name: str = field(default=RUNTIME_NAME, init=False)
     # Redaction and the schema build do not run in the operator yet.
     supported_switchover_steps: frozenset[SwitchoverStep] = field(
@@ -499,6 +502,39 @@ class KubeEffects:
             pod = self.observer.ready_pod(restore)
             if pod is not None:
                 self.provisioner.start(replica, restore, pod)
+
+    def reindex_after_reset(
+        self,
+        replica: PostgresPhysicalReplica,
+        restore: PostgresPhysicalRestore,
+        step: plan.ReindexAfterReset,
+    ) -> None:
+        """On a thread of the operator, over SQL to the restore's ready pod as the admin
+        role (as the provisioning): the pod's image has the server, the operator the plan."""
+        key = f"{restore.namespace}/{restore.name}"
+        if self.reindexes.running(key):
+            return
+        pod = self.observer.ready_pod(restore)
+        if pod is None or pod.ip is None:
+            return  # planned again on the next pass, once the pod serves
+        password = secret_value(
+            self.api, replica.namespace, names.admin_creds_secret_name(replica.name), "password"
+        )
+        endpoint = PodEndpoint(pod.ip, password)
+
+        def warn(note: str) -> None:
+            event = EmitEvent(
+                EventType.WARNING, full_reindex.EVENT_INCOMPLETE, note[:1000], restore.name
+            )
+            self.emit_quietly(replica.to_wire(), event)
+
+        self.reindexes.start(
+            key,
+            endpoint.conninfo,
+            lambda patch: self.patch_restore_status(replica, restore.name, patch),
+            warn,
+            scrub=lambda text: scrub(text, [password]),
+        )
 
     def mark_ready_for_traffic(
         self, replica: PostgresPhysicalReplica, step: plan.MarkReadyForTraffic

@@ -6,8 +6,9 @@ docs/locale-and-collation.md): what the pod's `setup` init container reported
 (`scripts.SetupReport`: a locale rewritten in single-user mode, a WAL reset) is finished
 over SQL here, because the restore Job's image has no PostgreSQL binaries and the operator
 no volume: the counted post-start locale fallback, the quick reindex of the indexes on the
-default collation, the collation-version refresh and the full reindex after `pg_resetwal`,
-the rebuilds after the catalog guard. The restore is not READY for pgro until this is done,
+default collation and the collation-version refresh, the rebuilds after the catalog guard
+(the full reindex after `pg_resetwal` runs later, once the server serves:
+`core.full_reindex`). The restore is not READY for pgro until this is done,
 so the stable Service never routes to a server whose quick reindex has not finished; what
 was repaired goes to `status.fixes` before that.
 
@@ -39,6 +40,7 @@ from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import decode_secret_data
 from pgro.api.users import PersistentUser
+from pgro.core import full_reindex
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.plan import EmitEvent, EventType
 from pgro.core.secrets import scrub
@@ -46,7 +48,6 @@ from pgro.kube.client import KubeApi
 from pgro.pipeline.locale_repair import (
     LocaleRepair,
     detect_collations,
-    full_reindex_after_reset,
     refresh_collations,
 )
 from pgro.pipeline.switchover_users import (
@@ -140,8 +141,8 @@ def repair_server(
       `recorded` (the restore's `status.fixes`) shows it done on this volume before;
     - collation-version detection (one query per database) and, on a mismatch, the rebuilds
       then `REFRESH VERSION` (`fixes.collation_refresh`); what remains is returned;
-    - after the setup's `pg_resetwal` (`fixes.reset_wal`), the full reindex, unless
-      `recorded` shows that WAL reset recorded (it is recorded only once this ran).
+    - after the setup's `pg_resetwal`, `fixes.reset_wal`: the full reindex it calls for
+      runs once the server serves, without gating readiness (`core.full_reindex`).
 
     The rebuilds run user code (index expressions): the catalog guard runs first, once,
     and only when something is rebuilt. A sound snapshot costs the fallback's sessions and
@@ -171,9 +172,9 @@ def repair_server(
         guard()
         remaining = refresh_collations(conninfo_for, repairs, say).remaining
     if report.reset_wal:
-        if not done.get("reset_wal"):
-            guard()
-            full_reindex_after_reset(conninfo_for, repairs, say)
+        # The full reindex it calls for runs once the server serves (`core.full_reindex`),
+        # and runs index expressions: the guard runs now, before anyone reaches the server.
+        guard()
         repairs.record("reset_wal", RESET_WAL_NOTE)
     fixes = {name: True for name, value in repairs.fixes.items() if value}
     return ServerRepairs(fixes, tuple(repairs.notes), remaining)
@@ -312,7 +313,7 @@ class Provisioner:
             # Before the pod counts as provisioned: clients can tell which restore they reach.
             notes = restore_info.record_restore(
                 endpoint.conninfo(restore_info.DATABASE),
-                restore_info.RestoreInfo.of(restore),
+                restore_info.RestoreInfo.of(restore, reindex_pending=full_reindex.pending(restore)),
                 analytics=analytics.username,
                 analytics_may_write=not read_only,
             )
