@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
+from typing import Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,10 +19,24 @@ from prometheus_client import (
     generate_latest,
 )
 
+from pgro.api.conditions import get_condition
+from pgro.api.replica import PostgresPhysicalReplica
+from pgro.core.reasons import LAST_RESTORE_FAILED
+from pgro.core.schedule import InvalidSchedule, parse_schedule, schedule_seed
 from pgro.http_listener import ListenerHandler, ListenerServer
 
 # /livez fails when the loop has not turned for this long (the reference: 30 s heartbeat).
 HEARTBEAT_STALE_S = 30.0
+
+# The per-replica gauges (pgro's own, beyond the reference's names) carry these labels.
+REPLICA_LABELS: Final = ("namespace", "replica")
+# How many consecutive gaps of a schedule are measured for its longest one: enough to
+# cover a weekday-only or twice-a-month cron.
+SCHEDULE_GAPS: Final = 16
+# Outcomes of delivering a canopy verification report (`postgres_restore_canopy_reports_total`).
+REPORT_ACCEPTED: Final = "accepted"
+REPORT_REFUSED: Final = "refused"  # dropped for good: canopy refused it, or it cannot be built
+REPORT_FAILED: Final = "failed"  # an attempt that is retried later
 
 
 class Metrics:
@@ -79,8 +97,147 @@ class Metrics:
             registry=r,
         )
 
+        # Per replica, from the replica as each pass observes it (its status is what
+        # survives a restart, so the gauges are right again after the first pass).
+        self.replica_last_restore_completed = Gauge(
+            "postgres_restore_replica_last_restore_completed_timestamp_seconds",
+            "When the replica last switched over to a new restore (status.lastRestoreCompletedAt)",
+            REPLICA_LABELS,
+            registry=r,
+        )
+        self.replica_created = Gauge(
+            "postgres_restore_replica_created_timestamp_seconds",
+            "When the replica was created",
+            REPLICA_LABELS,
+            registry=r,
+        )
+        self.replica_max_data_age = Gauge(
+            "postgres_restore_replica_max_data_age_seconds",
+            "The longest its schedule lets a replica go between restores: the longest gap "
+            "between fires, or minimumTTL if longer, plus scheduleJitter",
+            REPLICA_LABELS,
+            registry=r,
+        )
+        self.replica_consecutive_failures = Gauge(
+            "postgres_restore_replica_consecutive_restore_failures",
+            "Restores of the replica that failed in a row (status.consecutiveRestoreFailures)",
+            REPLICA_LABELS,
+            registry=r,
+        )
+        self.replica_last_restore_failed = Gauge(
+            "postgres_restore_replica_last_restore_failed",
+            "1 while the replica's latest restore failed (condition LastRestoreFailed)",
+            REPLICA_LABELS,
+            registry=r,
+        )
+        self.replica_reports_pending = Gauge(
+            "postgres_restore_replica_canopy_reports_pending",
+            "Verification reports waiting in the replica's status for canopy to accept them",
+            REPLICA_LABELS,
+            registry=r,
+        )
+        self.replica_oldest_report = Gauge(
+            "postgres_restore_replica_oldest_pending_canopy_report_timestamp_seconds",
+            "When the oldest report still waiting for canopy was written",
+            REPLICA_LABELS,
+            registry=r,
+        )
+        self.canopy_reports = Counter(
+            "postgres_restore_canopy_reports",
+            "Deliveries of verification reports to canopy, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in (REPORT_ACCEPTED, REPORT_REFUSED, REPORT_FAILED):
+            # Exported at 0 from the start: `increase()` needs a sample before the first one.
+            self.canopy_reports.labels(outcome)
+        self._replica_gauges = (
+            self.replica_last_restore_completed,
+            self.replica_created,
+            self.replica_max_data_age,
+            self.replica_consecutive_failures,
+            self.replica_last_restore_failed,
+            self.replica_reports_pending,
+            self.replica_oldest_report,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def observe_replica(self, replica: PostgresPhysicalReplica, now: datetime) -> None:
+        """Set the replica's gauges from the replica as observed; a value the replica does
+        not have (yet) is left out rather than shown as 0."""
+        labels = (replica.namespace, replica.name)
+        status = replica.status
+        created = replica.metadata.creation_timestamp
+        completed = status.last_restore_completed_at
+        failed = get_condition(status.conditions, LAST_RESTORE_FAILED)
+        pending = status.pending_verification_reports
+        self._set(self.replica_created, labels, created.timestamp() if created else None)
+        self._set(
+            self.replica_last_restore_completed,
+            labels,
+            completed.timestamp() if completed else None,
+        )
+        self._set(self.replica_max_data_age, labels, max_data_age(replica, now))
+        self._set(
+            self.replica_consecutive_failures, labels, status.consecutive_restore_failures or 0
+        )
+        self._set(
+            self.replica_last_restore_failed,
+            labels,
+            1 if failed is not None and failed.is_true else 0,
+        )
+        self._set(self.replica_reports_pending, labels, len(pending))
+        oldest = min((r.observed_at for r in pending), default=None)
+        self._set(self.replica_oldest_report, labels, oldest.timestamp() if oldest else None)
+
+    def forget_replica(self, key: str) -> None:
+        """The replica is gone: so are its series."""
+        namespace, _, name = key.partition("/")
+        for gauge in self._replica_gauges:
+            self._set(gauge, (namespace, name), None)
+
+    def report_delivery(self, outcome: str) -> None:
+        self.canopy_reports.labels(outcome).inc()
+
+    @staticmethod
+    def _set(gauge: Gauge, labels: tuple[str, str], value: float | None) -> None:
+        if value is not None:
+            gauge.labels(*labels).set(value)
+            return
+        with contextlib.suppress(KeyError):  # never set
+            gauge.remove(*labels)
+
+
+def max_data_age(replica: PostgresPhysicalReplica, now: datetime) -> float | None:
+    """Seconds: the longest gap between two fires of the replica's schedule (measured over
+    the next `SCHEDULE_GAPS` gaps from the start of this hour), or `minimumTTL` when that
+    is longer (a fire within it is skipped), plus `scheduleJitter` (one fire early, the
+    next late). None when the schedule is invalid: it does not fire at all."""
+    spec = replica.spec
+    seed = schedule_seed(replica.metadata.uid, replica.namespace, replica.name)
+    hour = int(now.timestamp()) // 3600 * 3600
+    gap = _longest_gap(spec.schedule, seed, hour)
+    if gap is None:
+        return None
+    ttl = spec.minimum_ttl.total_seconds() if spec.minimum_ttl is not None else 0.0
+    return max(gap, ttl) + spec.schedule_jitter.total_seconds()
+
+
+@functools.lru_cache(maxsize=1024)
+def _longest_gap(expression: str, seed: int, hour: int) -> float | None:
+    try:
+        schedule = parse_schedule(expression, seed)
+        fire = schedule.next_after(datetime.fromtimestamp(hour, UTC))
+        longest = timedelta(0)
+        for _ in range(SCHEDULE_GAPS):
+            following = schedule.next_after(fire)
+            longest = max(longest, following - fire)
+            fire = following
+    except InvalidSchedule:
+        return None
+    return longest.total_seconds()
 
 
 class Health:

@@ -27,6 +27,7 @@ from pgro.canopy.wire import VerificationArgs
 from pgro.core import verification_reports as vr
 from pgro.core.plan import EmitEvent, EventType
 from pgro.core.reasons import EVENT_VERIFICATION_REPORT_REJECTED
+from pgro.observability import REPORT_ACCEPTED, REPORT_FAILED, REPORT_REFUSED, Metrics
 
 log = logging.getLogger("pgro.canopy.reports")
 
@@ -76,6 +77,9 @@ class ReportCourier:
     callbacks: Callbacks | None = None
     # The proxy's stats callback key for a restore: `<namespace>/<job>`.
     stats_key: Callable[[str, str], str] = lambda namespace, restore: f"{namespace}/{restore}"
+    # Counts each delivery's outcome (`postgres_restore_canopy_reports_total`); the runtime
+    # that owns the registry sets it.
+    metrics: Metrics | None = None
     _flying: dict[_Key, Future[None]] = field(default_factory=dict)
     _done: dict[_Key, _Done] = field(default_factory=dict)
     # The operator's workers step different replicas at the same time.
@@ -111,12 +115,15 @@ class ReportCourier:
                     report.snapshot_id,
                 )
                 current = vr.delivered(current, report.key)
+                self._count(REPORT_ACCEPTED)
             elif isinstance(error, CanopyError) and error.status in DEFINITIVE_REFUSALS:
                 current = vr.rejected(current, report.key)
                 dropped.append(Dropped(report, f"canopy refused it: {error}"))
+                self._count(REPORT_REFUSED)
             else:
                 current = vr.attempt_failed(current, report.key, now, str(error))
                 log.warning("canopy report on %s not delivered: %s", rkey, error)
+                self._count(REPORT_FAILED)
         # Results for reports no longer waiting (removed by someone else) are forgotten.
         waiting = {(rkey, r.key) for r in before}
         for key in [k for k in self._done if k[0] == rkey and k not in waiting]:
@@ -131,10 +138,15 @@ class ReportCourier:
             except reports.ReportUnsendable as exc:
                 current = vr.rejected(current, report.key)
                 dropped.append(Dropped(report, f"the report cannot be built: {exc}"))
+                self._count(REPORT_REFUSED)
                 continue
             self._flying[key] = self.pool.submit(self.send, args)
         changed = current != before
         return Step(current if changed else None, tuple(dropped), tuple(settled))
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.report_delivery(outcome)
 
     def settled(self, step: Step) -> None:
         """The runtime wrote `step.reports`: the results it applied are done with."""

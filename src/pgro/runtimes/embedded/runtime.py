@@ -109,6 +109,7 @@ class Runtime:
             self.canopy = EmbeddedCanopy(
                 client, canopy_options, self.store, clock=self.clock, rnd=self.random.random
             )
+            self.canopy.courier.metrics = self.metrics
         # One kopia metadata cache per repository, shared by listings and restores.
         kopia_cache = self.state_dir / KOPIA_CACHE
         self.restores = Restores(self.store, self.run_root, self.account, kopia_cache=kopia_cache)

@@ -128,6 +128,8 @@ class Operator:
                 state_dir=options.state_dir or Path(tempfile.gettempdir()) / "pgro-operator",
                 replicas=self.replicas.items,
             )
+        if self.canopy is not None:
+            self.canopy.courier.metrics = self.metrics
         self.provisioner = Provisioner(
             lambda ns, name, key: secret_value(api, ns, name, key),
             lambda key, delay: self._schedule("restore", key, delay),
