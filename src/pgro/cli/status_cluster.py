@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import click
 import httpx2
+import yaml
 from lightkube import ApiError, Client, ConfigError, KubeConfig
 from lightkube.config.kubeconfig import DEFAULT_KUBECONFIG, SingleConfig
 from pydantic import ValidationError
@@ -71,7 +72,7 @@ def load_config(target: Target) -> SingleConfig:
         single = config.get(context_name=target.context)
     except ConfigError as exc:
         raise click.ClickException(f"the Kubernetes configuration is not usable: {exc}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, yaml.YAMLError) as exc:
         # A file that is not YAML or misses sections: name the file and the kind of error,
         # never its text (a kubeconfig holds tokens).
         where = target.kubeconfig or os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
@@ -162,7 +163,7 @@ class _Reader:
     def objects(self, kind: str, namespace: str | None, what: str) -> list[dict[str, Any]]:
         try:
             return self.api.list(kind, namespace=namespace).items
-        except (ApiError, httpx2.TransportError) as exc:
+        except httpx2.HTTPError as exc:
             raise self._explain(exc, what, custom=True) from None
 
     def events(self, namespace: str | None) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -172,20 +173,18 @@ class _Reader:
             items = self.api.list(
                 "Event", namespace=namespace, fields={"regarding.kind": REPLICA_KIND}
             ).items
-        except ApiError as exc:
-            if exc.status.code != 403:
+        except httpx2.HTTPError as exc:
+            if _code(exc) != 403:
                 raise self._explain(exc, "list Events") from None
             click.echo("pgro status: may not list Events here; showing no events", err=True)
             return {}
-        except httpx2.TransportError as exc:
-            raise self._explain(exc, "list Events") from None
         return _events_by_replica(items)
 
     def with_password(self, cred: dict[str, Any]) -> dict[str, Any]:
         ns, _, name = str(cred["secret"]).partition("/")
         try:
             secret = self.api.get("Secret", ns, name)
-        except (ApiError, httpx2.TransportError) as exc:
+        except httpx2.HTTPError as exc:
             raise self._explain(exc, f"get Secret {ns}/{name}") from None
         if secret is None:
             return {**cred, "missing": True}
@@ -199,15 +198,17 @@ class _Reader:
         return {**cred, "password": password}
 
     def _explain(
-        self, exc: ApiError | httpx2.TransportError, what: str, *, custom: bool = False
+        self, exc: httpx2.HTTPError, what: str, *, custom: bool = False
     ) -> click.ClickException:
         where = f"{self.server} (context {self.context})"
-        if isinstance(exc, httpx2.TransportError):
+        code = _code(exc)
+        if code is None:
             return click.ClickException(
                 f"cannot reach the Kubernetes API server {where}: {type(exc).__name__}: {exc}. "
-                "Is the cluster up, and are this the right --context and --kubeconfig?"
+                "Is the cluster up, and are --context and --kubeconfig the right ones?"
             )
-        code, message = exc.status.code, exc.status.message or ""
+        # The API server's own message (Status); a bare 404 of an unknown group has none.
+        message = (exc.status.message if isinstance(exc, ApiError) else "") or ""
         if code == 404 and custom:
             return click.ClickException(
                 f"{where} does not serve {GROUP} resources: pgro's CRDs are not installed in "
@@ -229,6 +230,15 @@ class _Reader:
                 "again or renew the token"
             )
         return click.ClickException(f"cannot {what} on {where}: {code} {message}".rstrip())
+
+
+def _code(exc: httpx2.HTTPError) -> int | None:
+    """The HTTP status of a failed request; None when no answer came."""
+    if isinstance(exc, ApiError):
+        return exc.status.code
+    if isinstance(exc, httpx2.HTTPStatusError):
+        return exc.response.status_code
+    return None
 
 
 def _key(doc: Mapping[str, Any]) -> tuple[str, str]:
