@@ -11,13 +11,10 @@ dashboard panel reads must be one pgro exports, so a rename fails here.
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -35,6 +32,19 @@ from tests.fixtures.canopy_stub import (
     CanopyStub,
     start_canopy_stub,
 )
+from tests.fixtures.monitoring import (
+    KUSTOMIZATION,
+    MONITORING,
+    ROOT,
+    RULE_CR,
+    alert,
+    dashboard_queries,
+    dashboard_variable_metrics,
+    replicas,
+    rule_groups,
+    rules,
+    unexported,
+)
 from tests.fixtures.promql import (
     Evaluator,
     PromQLError,
@@ -42,16 +52,8 @@ from tests.fixtures.promql import (
     Scrape,
     Unsupported,
     parse,
-    selectors,
 )
 from tests.scenarios.world import T0, World, replica_doc, snapshot
-
-ROOT = Path(__file__).resolve().parents[2]
-MONITORING = ROOT / "deploy" / "monitoring"
-RULES_FILE = MONITORING / "pgro.rules.yml"
-RULE_CR = MONITORING / "prometheusrule.yml"
-DASHBOARD = MONITORING / "pgro-dashboard.json"
-KUSTOMIZATION = MONITORING / "kustomization.yaml"
 
 ALERTS = {
     "PgroBackupVerificationFailed",
@@ -68,36 +70,6 @@ CANOPY = {"group": GROUP_ID, "type": CANOPY_TYPE}
 T = TypeVar("T")
 
 
-# --- the files --------------------------------------------------------------------------
-
-
-def rule_groups() -> list[dict[str, Any]]:
-    groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
-    assert isinstance(groups, list)
-    return groups
-
-
-def rules() -> dict[str, dict[str, Any]]:
-    return {rule["alert"]: rule for group in rule_groups() for rule in group["rules"]}
-
-
-def dashboard_queries() -> list[str]:
-    """Every PromQL expression of the dashboard's panels."""
-    board = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
-
-
-def dashboard_variable_metrics() -> list[str]:
-    """The metrics the dashboard's variables list label values of."""
-    board = json.loads(DASHBOARD.read_text())
-    out = []
-    for variable in board["templating"]["list"]:
-        query = variable.get("query")
-        text = query.get("query", "") if isinstance(query, dict) else ""
-        out += re.findall(r"label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*,", text)
-    return out
-
-
 # --- real metrics -----------------------------------------------------------------------
 
 
@@ -105,21 +77,6 @@ def scrape(world: World, metrics: Metrics | None = None) -> Scrape:
     """What Prometheus stores from pgro's `/metrics` at the world's current instant."""
     registry = metrics if metrics is not None else world.shell.metrics
     return Scrape.of(registry.render().decode(), world.now.timestamp())
-
-
-def alert(name: str, *scrapes: Scrape) -> list[Sample]:
-    """The alert's firing series (before `for:`), evaluated at the newest scrape."""
-    result = Evaluator(scrapes).query(rules()[name]["expr"])
-    assert isinstance(result, list), f"{name} must give a vector"
-    return result
-
-
-def replicas(samples: list[Sample]) -> dict[tuple[str, str], float]:
-    out = {}
-    for sample in samples:
-        labels = dict(sample.labels)
-        out[(labels["namespace"], labels["replica"])] = sample.value
-    return out
 
 
 def created_at_t0(doc: dict[str, Any]) -> dict[str, Any]:
@@ -144,16 +101,6 @@ def exported_names() -> frozenset[str]:
     world.add_replica(created_at_t0(replica_doc("named", schedule="0 * * * *")))
     world.run_for(timedelta(minutes=30))
     return scrape(world).names
-
-
-def unexported(queries: list[str], names: frozenset[str]) -> list[str]:
-    missing = []
-    for query in queries:
-        for selector in selectors(parse(query)):
-            name = selector.metric_name
-            if name is None or name not in names:
-                missing.append(f"{name} in {query!r}")
-    return missing
 
 
 # --- the rules as files -----------------------------------------------------------------
