@@ -41,7 +41,7 @@ from pgro.api.names import (
     replica_creds_secret_name,
     user_slug,
 )
-from pgro.api.replica import PostgresPhysicalReplica
+from pgro.api.replica import DEFAULT_ANALYTICS_USERNAME, PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.cli.status_view import replica_entry
 from pgro.kube.client import KubeApi
@@ -111,7 +111,10 @@ def cluster_entries(target: Target, *, show_credentials: bool) -> list[dict[str,
     single = load_config(target)
     namespace = None if target.all_namespaces else (target.namespace or single.namespace)
     where = "every namespace" if namespace is None else f"namespace {namespace}"
-    reader = _Reader(single)
+    try:
+        reader = _Reader(single)
+    except ConfigError as exc:
+        raise click.ClickException(f"the Kubernetes configuration is not usable: {exc}") from None
     try:
         replicas = reader.objects(
             REPLICA_KIND, namespace, f"list {PLURALS[REPLICA_KIND]} in {where}"
@@ -138,6 +141,8 @@ def cluster_entries(target: Target, *, show_credentials: bool) -> list[dict[str,
                 )
             )
         return entries
+    except ConfigError as exc:  # an exec credential plugin that failed, for one
+        raise click.ClickException(f"the Kubernetes configuration is not usable: {exc}") from None
     finally:
         reader.close()
 
@@ -300,7 +305,7 @@ def _credentials(replica: Mapping[str, Any]) -> list[dict[str, Any]]:
     name, ns = str(meta.get("name", "")), str(meta.get("namespace", ""))
     spec = replica.get("spec") or {}
     conn = (replica.get("status") or {}).get("connectionInfo") or {}
-    analytics = conn.get("username") or spec.get("analyticsUsername") or "analytics"
+    analytics = conn.get("username") or spec.get("analyticsUsername") or DEFAULT_ANALYTICS_USERNAME
     users: list[tuple[str, str]] = [
         (analytics, conn.get("passwordSecret") or replica_creds_secret_name(name))
     ]
