@@ -1,9 +1,11 @@
-"""Metrics with the reference's names, and the `/metrics`, `/livez`, `/readyz` endpoints."""
+"""Metrics with the reference's names, pgro's per-replica gauges and canopy report counter
+(docs/monitoring.md), and the `/metrics`, `/livez`, `/readyz` endpoints."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -24,6 +26,8 @@ from pgro.api.replica import PostgresPhysicalReplica
 from pgro.core.reasons import LAST_RESTORE_FAILED
 from pgro.core.schedule import InvalidSchedule, parse_schedule, schedule_seed
 from pgro.http_listener import ListenerHandler, ListenerServer
+
+log = logging.getLogger("pgro.observability")
 
 # /livez fails when the loop has not turned for this long (the reference: 30 s heartbeat).
 HEARTBEAT_STALE_S = 30.0
@@ -114,7 +118,7 @@ class Metrics:
         self.replica_max_data_age = Gauge(
             "postgres_restore_replica_max_data_age_seconds",
             "The longest its schedule lets a replica go between restores: the longest gap "
-            "between fires, or minimumTTL if longer, plus scheduleJitter",
+            "between fires, plus minimumTtl and scheduleJitter",
             REPLICA_LABELS,
             registry=r,
         )
@@ -166,7 +170,14 @@ class Metrics:
 
     def observe_replica(self, replica: PostgresPhysicalReplica, now: datetime) -> None:
         """Set the replica's gauges from the replica as observed; a value the replica does
-        not have (yet) is left out rather than shown as 0."""
+        not have (yet) is left out rather than shown as 0. Never raises: a gauge must not
+        fail the reconcile pass that sets it."""
+        try:
+            self._observe_replica(replica, now)
+        except Exception:
+            log.exception("the metrics of replica %s were not updated", replica.key)
+
+    def _observe_replica(self, replica: PostgresPhysicalReplica, now: datetime) -> None:
         labels = (replica.namespace, replica.name)
         status = replica.status
         created = replica.metadata.creation_timestamp
@@ -212,9 +223,10 @@ class Metrics:
 
 def max_data_age(replica: PostgresPhysicalReplica, now: datetime) -> float | None:
     """Seconds: the longest gap between two fires of the replica's schedule (measured over
-    the next `SCHEDULE_GAPS` gaps from the start of this hour), or `minimumTTL` when that
-    is longer (a fire within it is skipped), plus `scheduleJitter` (one fire early, the
-    next late). None when the schedule is invalid: it does not fire at all."""
+    the next `SCHEDULE_GAPS` gaps from the start of this hour), plus `minimumTtl` (fires
+    within it after a restore are skipped, so the next restore waits for the first fire
+    after it ends) and `scheduleJitter` (one fire early, the next late). None when the
+    schedule is invalid: it does not fire at all."""
     spec = replica.spec
     seed = schedule_seed(replica.metadata.uid, replica.namespace, replica.name)
     hour = int(now.timestamp()) // 3600 * 3600
@@ -222,7 +234,7 @@ def max_data_age(replica: PostgresPhysicalReplica, now: datetime) -> float | Non
     if gap is None:
         return None
     ttl = spec.minimum_ttl.total_seconds() if spec.minimum_ttl is not None else 0.0
-    return max(gap, ttl) + spec.schedule_jitter.total_seconds()
+    return gap + ttl + spec.schedule_jitter.total_seconds()
 
 
 @functools.lru_cache(maxsize=1024)

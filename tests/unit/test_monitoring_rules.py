@@ -21,10 +21,11 @@ from uuid import UUID
 import pytest
 import yaml
 
+from pgro.api.replica import PostgresPhysicalReplica
 from pgro.canopy.client import CanopyClient
 from pgro.canopy.courier import ReportCourier
 from pgro.canopy.naming import canopy_labels
-from pgro.observability import Metrics
+from pgro.observability import Metrics, max_data_age
 from tests.fixtures.canopy_stub import (
     GROUP_ID,
     MACHINE_ID,
@@ -423,3 +424,27 @@ def test_canopy_reports_undelivered_fires_while_canopy_fails_and_clears_on_accep
     assert world.replica(key).status.pending_verification_reports == []
     assert alert("PgroCanopyReportsUndelivered", scrape(world)) == []
     assert len(stub.reports()) == 1
+
+
+# --- what the schedule allows -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "allowed"),
+    [
+        ({"schedule": "0 * * * *", "scheduleJitter": "0s"}, 3600.0),
+        ({"schedule": "0 */6 * * *", "scheduleJitter": "10m"}, 6 * 3600.0 + 600),
+        # Weekdays only: the weekend gap, Friday to Monday, is the longest.
+        ({"schedule": "0 2 * * 1-5", "scheduleJitter": "0s"}, 72 * 3600.0),
+        ({"schedule": "0 0 1,15 * *", "scheduleJitter": "0s"}, 17 * 86400.0),
+        # Fires within minimumTtl are skipped: the next restore waits for the first fire
+        # after it ends.
+        ({"schedule": "0 * * * *", "scheduleJitter": "0s", "minimumTtl": "4h"}, 5 * 3600.0),
+        ({"schedule": "61 * * * *"}, None),
+    ],
+)
+def test_the_allowed_data_age_follows_the_schedule(
+    spec: dict[str, Any], allowed: float | None
+) -> None:
+    replica = PostgresPhysicalReplica.model_validate(replica_doc("r", **spec))
+    assert max_data_age(replica, T0) == allowed
