@@ -281,9 +281,14 @@ def test_storage_size_maximum_as_integer() -> None:
     assert spec.storage_size_maximum_bytes() == 1000
 
 
-def test_unparsable_storage_size_override_is_rejected_with_the_value() -> None:
-    with pytest.raises(ValidationError, match="invalid quantity 'huge'"):
-        PostgresPhysicalReplica.model_validate(_minimal(storageSizeOverride="huge"))
+def test_unparsable_storage_size_override_loads_and_is_reported_with_the_value() -> None:
+    # Admitted like the reference did; reported at reconcile (`SpecValid=False`).
+    spec = PostgresPhysicalReplica.model_validate(_minimal(storageSizeOverride="huge")).spec
+    assert spec.storage_size_override == "huge"
+    [problem] = spec.quantity_problems()
+    assert "spec.storageSizeOverride 'huge' is not a Kubernetes quantity" in problem
+    with pytest.raises(ValidationError, match="expected a quantity"):
+        PostgresPhysicalReplica.model_validate(_minimal(storageSizeOverride=["1Gi"]))
 
 
 def test_bad_duration_is_rejected_with_the_value() -> None:

@@ -413,6 +413,7 @@ FULL_REPLICA_SPEC: dict[str, Any] = {
         "clientCertificateSecretRef": {"name": "pgro-canopy-client", "namespace": "analytics"},
         "source": "pgro",
     },
+    "overlayDatabase": {"strategy": "fdw", "schemas": ["reporting"], "postgresVersion": 17},
 }
 
 FULL_RESTORE_SPEC: dict[str, Any] = {
@@ -827,24 +828,38 @@ def test_durations_are_plain_strings(value: str) -> None:
 @pytest.mark.parametrize("value", ["50Gi", "2Ti", "5368709120", "1.5Gi", "1e9", "500M", 1024])
 def test_quantities_accept_what_the_model_accepts(value: str | int) -> None:
     parse_quantity(value)
-    for node in _quantity_nodes():
-        assert value_problems(node, value) == []
+    for written_by_pgro in (True, False):
+        for node in _quantity_nodes(written_by_pgro=written_by_pgro):
+            assert value_problems(node, value) == []
 
 
 @pytest.mark.parametrize("value", ["50 GB", "lots", "2TB", "", True, 1.5])
 def test_quantities_refuse_what_the_model_refuses(value: Any) -> None:
     with pytest.raises(ValueError):
         parse_quantity(value)
-    for node in _quantity_nodes():
+    for node in _quantity_nodes(written_by_pgro=True):
         assert value_problems(node, value) != []
 
 
-def _quantity_nodes() -> list[Schema]:
+@pytest.mark.parametrize("value", ["100GB", "64 Gi", "lots", ""])
+def test_spec_quantities_admit_what_the_reference_admitted(value: str) -> None:
+    # The reference's CRD had no pattern here; the replica reports the value instead
+    # (`SpecValid=False`, tests/unit/test_core_spec_validity.py).
+    for node in _quantity_nodes(written_by_pgro=False):
+        assert "pattern" not in node
+        assert value_problems(node, value) == []
+        assert "SpecValid=False" in node["description"]
+    assert value_problems(_quantity_nodes(written_by_pgro=False)[0], True) != []
+
+
+def _quantity_nodes(*, written_by_pgro: bool) -> list[Schema]:
     replica = spec_schema(REPLICA)["properties"]
     restore = spec_schema(RESTORE)["properties"]
     status = status_schema(REPLICA)["properties"]
     nodes = [replica[n] for n in QUANTITIES]
-    nodes += [restore["snapshotSize"], restore["storageSize"], status["persistentSchemaDataSize"]]
+    if written_by_pgro:
+        nodes = [restore["snapshotSize"], restore["storageSize"]]
+        nodes.append(status["persistentSchemaDataSize"])
     for node in nodes:
         assert node["x-kubernetes-int-or-string"] is True
         assert "type" not in node
@@ -1016,7 +1031,7 @@ def test_statuses_pgro_writes_validate(kind: str, status: BaseModel) -> None:
     [
         ({"ephemeral": True}, ".spec.schedule: required"),
         ({"schedule": "x", "readOnly": "yes"}, ".spec.readOnly: expected boolean"),
-        ({"schedule": "x", "storageSizeOverride": "lots"}, "does not match"),
+        ({"schedule": "x", "storageSizeOverride": {"size": "1Gi"}}, "storageSizeOverride"),
         ({"schedule": "x", "migrateTo": {"version": "1"}}, ".spec.migrateTo.versionId: required"),
         ({"schedule": "x", "tolerations": {"key": "a"}}, ".spec.tolerations: expected array"),
     ],

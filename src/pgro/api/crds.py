@@ -45,6 +45,7 @@ from pgro.api.names import (
 from pgro.api.notifications import NotificationStatus
 from pgro.api.phases import RedactionPhase, SchemaMigrationPhase
 from pgro.api.replica import (
+    UNCHECKED_QUANTITY_KEY,
     ConnectionInfo,
     EventPublisherConfig,
     PostgresPhysicalReplicaSpec,
@@ -75,7 +76,12 @@ _QUANTITY_PATTERN: Final = (
 )
 _DURATION_HINT: Final = "A duration such as 30s, 10m, 2h30m, 1d or PT10M."
 _QUANTITY_HINT: Final = "A Kubernetes quantity such as 50Gi, 2Ti or 5368709120."
-_HINTS: Final = frozenset({_DURATION_HINT, _QUANTITY_HINT})
+_SPEC_QUANTITY_HINT: Final = (
+    "A Kubernetes quantity such as 50Gi, 2Ti or 5368709120. Another value (100GB, '64 Gi') "
+    "is admitted, as by the reference, but sets the condition SpecValid=False and no new "
+    "restore is made until it is fixed."
+)
+_HINTS: Final = frozenset({_DURATION_HINT, _QUANTITY_HINT, _SPEC_QUANTITY_HINT})
 
 # Formats the API server knows and pgro's values always satisfy. `duration` is missing on
 # purpose: the server checks it with a Go duration parser, which rejects `1d` and
@@ -189,6 +195,11 @@ _DESCRIPTIONS: Final[Mapping[type[BaseModel], Mapping[str, str]]] = {
             "snapshot when unset."
         ),
         "shm_size_floor": "Smallest /dev/shm to give postgres pods.",
+        "overlay_database": (
+            "Not supported: the reference removed overlay databases (use persistentSchemas "
+            "and persistentUsers). Admitted so reference manifests apply; a replica that "
+            "sets it gets SpecValid=False and is restored without an overlay."
+        ),
         "service_annotations": "Annotations on the replica's Service.",
         "pod_annotations": "Annotations on postgres pods.",
         "affinity": "Affinity of postgres pods (a Kubernetes Affinity).",
@@ -420,14 +431,15 @@ def _field_description(model: type[BaseModel], name: str, field: FieldInfo) -> s
     return _tidy(text) if text else None
 
 
-def _int_or_string(*, quantity: bool) -> _Schema:
+def _int_or_string(*, quantity: bool, pattern: bool = True) -> _Schema:
     node: _Schema = {
         "anyOf": [{"type": "integer"}, {"type": "string"}],
         "x-kubernetes-int-or-string": True,
     }
     if quantity:
-        node["description"] = _QUANTITY_HINT
-        node["pattern"] = _QUANTITY_PATTERN
+        node["description"] = _QUANTITY_HINT if pattern else _SPEC_QUANTITY_HINT
+        if pattern:
+            node["pattern"] = _QUANTITY_PATTERN
     return node
 
 
@@ -506,6 +518,8 @@ class _Converter:
         options: list[_Schema] = node.pop(key)
         discriminator = node.pop("discriminator", None)
         quantity = bool(node.pop("x-kubernetes-int-or-string", False))
+        # A spec byte size the reference admitted as any string: checked at reconcile.
+        unchecked = bool(node.pop(UNCHECKED_QUANTITY_KEY, False))
         description = node.pop("description", None)
         if node:
             raise ValueError(f"{path}: unexpected keys beside {key}: {sorted(node)}")
@@ -514,7 +528,7 @@ class _Converter:
         if _is_int_or_string(resolved):
             # Quantity declares int-or-string itself and is checked by the model; a bare
             # `int | str` (storageSizeMaximum, deliberately unchecked) gets no pattern.
-            result = _int_or_string(quantity=quantity)
+            result = _int_or_string(quantity=quantity, pattern=not unchecked)
         elif len(present) == 1:
             result = self.convert(present[0], path)
         elif discriminator is not None:

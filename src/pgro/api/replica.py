@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
 from pgro.api.base import ApiModel
 from pgro.api.conditions import Condition
@@ -31,6 +32,58 @@ REASON_BOTH_CREDENTIAL_SOURCES: Final = "SecretRefAndCanopySource"
 REASON_NO_CREDENTIAL_SOURCE: Final = "NoCredentialSource"
 
 VERSION_PLACEHOLDER: Final = "{version}"
+
+# The JSON-schema key that tells the CRD generator a quantity is checked at reconcile, not
+# by a pattern at apply (see `SpecQuantity`).
+UNCHECKED_QUANTITY_KEY: Final = "x-pgro-unchecked-quantity"
+# The spec's byte-size fields a person writes, by their wire names.
+SPEC_QUANTITY_FIELDS: Final = ("storageSizeOverride", "resourcesMaximum", "shmSizeFloor")
+QUANTITY_FORMS: Final = (
+    "a number with an optional suffix and no space: Ki, Mi, Gi, Ti, Pi, Ei (powers of 1024) "
+    "or k, M, G, T, P, E (powers of 1000), e.g. 100Gi, 100G or 107374182400"
+)
+
+
+def _int_or_string(value: object) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a quantity (an integer or a string), got {value!r}")
+    return value
+
+
+SpecQuantity = Annotated[
+    int | str,
+    PlainValidator(_int_or_string, json_schema_input_type=int | str),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+            UNCHECKED_QUANTITY_KEY: True,
+        }
+    ),
+]
+"""A byte size in the spec, kept as written and checked when the replica is reconciled.
+
+The reference's CRD admitted any string here (`100GB`, `"64 Gi"`), so a pattern at apply
+would refuse manifests that worked with it. An unusable value is reported as the replica's
+`SpecValid=False` condition instead, and no restore is sized from it
+(`PostgresPhysicalReplicaSpec.quantity_problems`)."""
+
+
+def _suggestion(value: str) -> str | None:
+    """What a person probably meant by an unusable quantity (`100GB` → `100G`,
+    `64 Gi` → `64Gi`, `1GiB` → `1Gi`, `512KB` → `512k`), if that is a quantity."""
+    guess = "".join(value.split())
+    unit = re.fullmatch(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))([kKMGTPE])(i?)[Bb]?", guess)
+    if unit is not None:
+        number, prefix, binary = unit.groups()
+        if prefix in "kK":
+            prefix = "K" if binary else "k"
+        guess = f"{number}{prefix}{binary}"
+    try:
+        parse_quantity(guess)
+    except ValueError:
+        return None
+    return guess if guess != value else None
 
 
 class CanopySource(ApiModel):
@@ -124,15 +177,15 @@ class PostgresPhysicalReplicaSpec(ApiModel):
     extra_users: list[ExtraUser] = Field(default_factory=list)
     persistent_users: list[PersistentUser] | None = None
     storage_class: str | None = None
-    storage_size_override: Quantity | None = None
+    storage_size_override: SpecQuantity | None = None
     # Not validated: an unparsable maximum means 2Ti, as in the reference; see
     # `storage_size_maximum_bytes`.
     storage_size_maximum: int | str = DEFAULT_STORAGE_SIZE_MAXIMUM
     resources: dict[str, Any] | None = None
     resources_floor: dict[str, Any] | None = None
-    resources_maximum: Quantity | None = None
+    resources_maximum: SpecQuantity | None = None
     deployment_ready_timeout: Duration | None = None
-    shm_size_floor: Quantity | None = None
+    shm_size_floor: SpecQuantity | None = None
     service_annotations: dict[str, str] | None = None
     pod_annotations: dict[str, str] | None = None
     affinity: dict[str, Any] | None = None
@@ -148,6 +201,9 @@ class PostgresPhysicalReplicaSpec(ApiModel):
     builder_image: str | None = None
     redaction: Redaction | None = None
     event_publisher: EventPublisherConfig | None = None
+    # Removed from the reference's mainline and not built here; admitted (any shape) so a
+    # reference manifest applies, and refused at reconcile with a `SpecValid` condition.
+    overlay_database: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _normalize_extra_users(self) -> PostgresPhysicalReplicaSpec:
@@ -159,6 +215,26 @@ class PostgresPhysicalReplicaSpec(ApiModel):
             return parse_quantity(self.storage_size_maximum)
         except ValueError:
             return parse_quantity(DEFAULT_STORAGE_SIZE_MAXIMUM)
+
+    def quantity_problems(self) -> list[str]:
+        """One message per byte-size field whose value is not a quantity, naming the field,
+        the value and the accepted form (empty when all are usable)."""
+        problems: list[str] = []
+        for alias in SPEC_QUANTITY_FIELDS:
+            name = next(n for n, f in type(self).model_fields.items() if f.alias == alias)
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                parse_quantity(value)
+            except ValueError:
+                hint = _suggestion(value) if isinstance(value, str) else None
+                problems.append(
+                    f"spec.{alias} {value!r} is not a Kubernetes quantity"
+                    + (f" (did you mean {hint!r}?)" if hint else "")
+                    + f"; write {QUANTITY_FORMS}"
+                )
+        return problems
 
     def credential_source_problem(self) -> tuple[str, str] | None:
         """(reason, message) when not exactly one credential source is set.

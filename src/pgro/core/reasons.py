@@ -14,6 +14,9 @@ RESTORE_CREATION_BLOCKED: Final = "RestoreCreationBlocked"
 RESTORE_SCHEDULING_SUSPENDED: Final = "RestoreSchedulingSuspended"
 # pgro: whether `spec.schedule` can be evaluated (the reference only logged a warning).
 SCHEDULE_VALID: Final = "ScheduleValid"
+# pgro: whether the spec can be acted on as written: False for a byte size that is not a
+# quantity (no restore is sized from it) or a field pgro does not build (overlayDatabase).
+SPEC_VALID: Final = "SpecValid"
 # pgro: the last restore attempt failed. Written in the same patch as the failure
 # counter, it names the restore counted, so a retried failure path never counts twice.
 LAST_RESTORE_FAILED: Final = "LastRestoreFailed"
@@ -54,6 +57,11 @@ RESTORE_SUCCEEDED: Final = "RestoreSucceeded"
 # ScheduleValid reasons.
 VALID_SCHEDULE: Final = "ValidSchedule"
 INVALID_SCHEDULE: Final = "InvalidSchedule"
+
+# SpecValid reasons.
+VALID_SPEC: Final = "ValidSpec"
+INVALID_QUANTITY: Final = "InvalidQuantity"
+OVERLAY_DATABASE_UNSUPPORTED: Final = "OverlayDatabaseUnsupported"
 
 # LastRestoreFailed reasons.
 RESTORE_FAILED: Final = "RestoreFailed"

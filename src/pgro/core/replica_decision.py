@@ -12,7 +12,9 @@ listing folded into the trigger step):
 6. **cleanup** of Failed restores 300 s after their creation;
 7. the schedule: `ScheduleValid`, `nextScheduledRestore` when missing or when the
    (schedule, jitter) hash changed;
-8. a restore in progress → phase `Restoring` (returns);
+   `SpecValid`: a byte size that is not a quantity, or `overlayDatabase` (not built);
+8. a restore in progress → phase `Restoring` (returns); a byte size that is not a
+   quantity then stops the pass before the triggers (no restore is sized from it);
 9. **triggers**; when one fires: a listing (`ListSnapshots`, unless one that serves the
    trigger is at hand: see `_needs_listing`), then pick → covered → guardrail → sizing →
    admission (the queue) → `CreateRestore`; the schedule advances once the listing has
@@ -207,11 +209,20 @@ def decide_replica(
     _cleanup_failed(p, restores)
     _clear_legacy_suspension(p)
     schedule = _maintain_schedule(p)
+    sizes_usable = _spec_validity(p)
 
     if restores.in_progress is not None:
         p.queue = p.queue.withdraw(p.key)
         p.draft.set(phase=ReplicaPhase.RESTORING, queue_position=0)
         return p.finish(REQUEUE_IN_PROGRESS, queue)
+
+    if not sizes_usable:
+        # No restore is sized from a value that is not a quantity; what serves keeps
+        # serving, and the fix (a spec edit) brings the replica back here.
+        p.queue = p.queue.withdraw(p.key)
+        phase = ReplicaPhase.READY if serving is not None else ReplicaPhase.PENDING
+        p.draft.set(phase=phase, queue_position=0)
+        return p.finish(None, queue)
 
     requeue = _triggers(p, restores, schedule)
     return p.finish(requeue, queue)
@@ -567,6 +578,45 @@ def _advance_schedule(p: _Pass, schedule: CronSchedule) -> None:
         next_scheduled_restore=jittered_next(schedule, p.now, spec.schedule_jitter, p.random),
         schedule_input_hash=schedule_input_hash(spec.schedule, spec.schedule_jitter),
     )
+
+
+# 7b. The spec as written ------------------------------------------------------------------
+
+OVERLAY_DATABASE_MESSAGE: Final = (
+    "spec.overlayDatabase is not supported: the reference operator removed overlay "
+    "databases and pgro does not build them, so this replica is restored and served "
+    "without one. Carry data across restores with spec.persistentSchemas and roles with "
+    "spec.persistentUsers, and remove spec.overlayDatabase."
+)
+
+
+def _spec_validity(p: _Pass) -> bool:
+    """`SpecValid`: False while a byte size is not a quantity (returns False: no restore
+    may be sized) or while `overlayDatabase` is set (returns True: the replica restores
+    without the overlay). Written only when something is wrong, or to clear an earlier
+    False, so replicas with nothing to say carry no extra condition."""
+    spec = p.replica.spec
+    problems = spec.quantity_problems()
+    overlay = spec.overlay_database is not None
+    if problems:
+        message = "; ".join(problems) + (
+            ". No new restore is made until this is fixed; a serving restore keeps serving."
+        )
+        if overlay:
+            message += " " + OVERLAY_DATABASE_MESSAGE
+        p.draft.condition(reasons.SPEC_VALID, "False", reasons.INVALID_QUANTITY, message)
+        return False
+    if overlay:
+        p.draft.condition(
+            reasons.SPEC_VALID,
+            "False",
+            reasons.OVERLAY_DATABASE_UNSUPPORTED,
+            OVERLAY_DATABASE_MESSAGE,
+        )
+        return True
+    if any(c.type == reasons.SPEC_VALID for c in p.draft.get("conditions")):
+        p.draft.condition(reasons.SPEC_VALID, "True", reasons.VALID_SPEC, "The spec is usable")
+    return True
 
 
 # 9. Triggers, admission, listing, creation -----------------------------------------------
