@@ -11,6 +11,7 @@ import pytest
 from pgro.cli import operator_settings
 from pgro.cli.operator_settings import parse_listen_addr, parse_operator_settings
 from pgro.runtimes.kubernetes.config import (
+    USE_PORT_FORWARD_UNSUPPORTED,
     OperatorConfig,
     Placement,
     Toleration,
@@ -52,7 +53,8 @@ def test_every_key_parsed() -> None:
             "tolerations": "dedicated=db:NoSchedule",
         }
     )
-    assert warnings == []
+    # Read, and refused with a warning: pgro connects by pod IP (docs/operator.md).
+    assert warnings == [USE_PORT_FORWARD_UNSUPPORTED]
     assert config.max_concurrent_restores == 5
     assert config.restore_image == "registry.local/pgro:test"
     assert config.use_port_forward is True

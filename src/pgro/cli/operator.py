@@ -149,6 +149,8 @@ def operator(
         settings=ReconcilerSettings(ready_timeout_floor_s=settings.ready_timeout_floor_secs),
         lease_duration_s=lease_duration,
         renew_every_s=renew_every,
+        postgres_log_level=settings.postgres_log_level,
+        pod_name=settings.pod_name,
     )
     try:
         canopy, canopy_warnings = canopy_settings_from_env(env, settings.namespace)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from pgro.runtimes.kubernetes.config import DEFAULT_READY_TIMEOUT_SECS
+from pgro.runtimes.kubernetes.config import DEFAULT_READY_TIMEOUT_SECS, parse_postgres_log_level
 
 DEFAULT_OPERATOR_NAMESPACE: Final = "postgres-restore-operator"
 DEFAULT_METRICS_ADDR: Final = "[::]:8080"
@@ -25,6 +25,10 @@ class OperatorSettings:
     metrics_host: str
     metrics_port: int
     pgro_image: str
+    # `PGRO_LOG_LEVEL`, validated: the restored servers' `log_min_messages`.
+    postgres_log_level: str | None = None
+    # `POD_NAME`: the operator's own pod, annotated with its version at start.
+    pod_name: str | None = None
 
 
 def pgro_version() -> str:
@@ -80,11 +84,15 @@ def parse_operator_settings(
         addr = parse_listen_addr(DEFAULT_METRICS_ADDR)
         assert addr is not None
     image = (env.get("PGRO_IMAGE") or "").strip() or default_pgro_image()
+    log_level, log_level_warnings = parse_postgres_log_level(env.get("PGRO_LOG_LEVEL"))
+    warnings += log_level_warnings
     settings = OperatorSettings(
         ready_timeout_floor_secs=timeout,
         namespace=namespace,
         metrics_host=addr[0],
         metrics_port=addr[1],
         pgro_image=image,
+        postgres_log_level=log_level,
+        pod_name=(env.get("POD_NAME") or "").strip() or None,
     )
     return settings, warnings

@@ -11,8 +11,32 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 DEFAULT_MAX_CONCURRENT_RESTORES: Final = 2
+# The reference's `usePortForward: "true"` reached restore databases through API-server
+# port-forwards (an operator run outside the cluster). pgro does not: it says so once per
+# change, in the log and as an event on the ConfigMap, and connects by pod IP as always.
+EVENT_USE_PORT_FORWARD_UNSUPPORTED: Final = "UsePortForwardUnsupported"
+USE_PORT_FORWARD_UNSUPPORTED: Final = (
+    "usePortForward: 'true' is not supported and is ignored: the operator connects to "
+    "restore pods by pod IP on port 5432, so it must run inside the cluster or have a route "
+    "to the pod network; remove the key to silence this warning"
+)
 DEFAULT_READY_TIMEOUT_SECS: Final = 1800
 
+# What `log_min_messages` accepts, most to least verbose (the same in PostgreSQL 13-18).
+POSTGRES_LOG_LEVELS: Final = (
+    "debug5",
+    "debug4",
+    "debug3",
+    "debug2",
+    "debug1",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "log",
+    "fatal",
+    "panic",
+)
 TOLERATION_EFFECTS: Final = frozenset({"NoSchedule", "PreferNoSchedule", "NoExecute"})
 
 
@@ -52,6 +76,9 @@ class OperatorConfig:
     restore_image: str
     use_port_forward: bool = False
     placement: Placement = field(default_factory=Placement)
+    # `PGRO_LOG_LEVEL` (the operator's environment, not the ConfigMap): passed to every
+    # restored server as `-c log_min_messages=<level>`; None leaves the server's own.
+    postgres_log_level: str | None = None
 
 
 def with_placement(pod_template: Mapping[str, Any], placement: Placement) -> dict[str, Any]:
@@ -194,8 +221,26 @@ def _restore_image(raw: str | None, default_image: str, warnings: list[str]) -> 
     return image
 
 
+def parse_postgres_log_level(raw: str | None) -> tuple[str | None, list[str]]:
+    """`PGRO_LOG_LEVEL` as a PostgreSQL `log_min_messages` level (lower case), or None when
+    unset, blank or not a level PostgreSQL knows (with a warning: an unknown level would
+    stop every restored server from starting)."""
+    if raw is None or not raw.strip():
+        return None, []
+    level = raw.strip().lower()
+    if level in POSTGRES_LOG_LEVELS:
+        return level, []
+    return None, [
+        f"PGRO_LOG_LEVEL: {raw!r} is not a PostgreSQL log_min_messages level "
+        f"({', '.join(POSTGRES_LOG_LEVELS)}); ignored, restored servers keep their own"
+    ]
+
+
 def parse_operator_config(
-    data: Mapping[str, str] | None, *, default_image: str
+    data: Mapping[str, str] | None,
+    *,
+    default_image: str,
+    postgres_log_level: str | None = None,
 ) -> tuple[OperatorConfig, list[str]]:
     """The config from the ConfigMap's `data` (None when it does not exist), and warnings
     for every value that was ignored."""
@@ -220,10 +265,14 @@ def parse_operator_config(
         pod_annotations=_valid_pairs(annotations, "podAnnotations", warnings, label_values=False),
         tolerations=tolerations,
     )
+    use_port_forward = data.get("usePortForward") == "true"
+    if use_port_forward:
+        warnings.append(USE_PORT_FORWARD_UNSUPPORTED)
     config = OperatorConfig(
         max_concurrent_restores=max_restores,
         restore_image=image,
-        use_port_forward=data.get("usePortForward") == "true",
+        use_port_forward=use_port_forward,
         placement=placement,
+        postgres_log_level=postgres_log_level,
     )
     return config, warnings

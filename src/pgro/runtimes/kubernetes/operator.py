@@ -17,10 +17,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from pgro import __version__
 from pgro.api.crds import crd_documents
-from pgro.api.names import LABEL_REPLICA, LABEL_RESTORE, REPLICA_KIND, RESTORE_KIND
+from pgro.api.names import (
+    ANNOTATION_VERSION,
+    LABEL_REPLICA,
+    LABEL_RESTORE,
+    REPLICA_KIND,
+    RESTORE_KIND,
+)
 from pgro.canopy.settings import CanopySettings
 from pgro.clock import utcnow
+from pgro.core.plan import EmitEvent, EventType
 from pgro.core.settings import ReconcilerSettings
 from pgro.event_publisher import EventPublisher
 from pgro.kube.client import KubeApi
@@ -32,7 +40,11 @@ from pgro.reconciler.listing import ReplicaListings
 from pgro.reconciler.shell import Shell, WorkKind
 from pgro.reconciler.workqueue import WorkQueue
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
-from pgro.runtimes.kubernetes.config import parse_operator_config
+from pgro.runtimes.kubernetes.config import (
+    EVENT_USE_PORT_FORWARD_UNSUPPORTED,
+    USE_PORT_FORWARD_UNSUPPORTED,
+    parse_operator_config,
+)
 from pgro.runtimes.kubernetes.effects import KubeEffects
 from pgro.runtimes.kubernetes.observe import (
     BY_REPLICA,
@@ -69,6 +81,10 @@ class OperatorOptions:
     state_dir: Path | None = None
     lease_duration_s: float = 15.0
     renew_every_s: float = 5.0
+    # `PGRO_LOG_LEVEL`, validated (`config.parse_postgres_log_level`).
+    postgres_log_level: str | None = None
+    # `POD_NAME`: annotated with pgro's version at start (`pgro.bes.au/version`).
+    pod_name: str | None = None
 
 
 class Operator:
@@ -87,7 +103,11 @@ class Operator:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.health = health or Health()
-        self.config, _ = parse_operator_config(None, default_image=options.default_image)
+        self.config, _ = parse_operator_config(
+            None,
+            default_image=options.default_image,
+            postgres_log_level=options.postgres_log_level,
+        )
         self.queue: WorkQueue[WorkKey] = WorkQueue()
         self.random = random.Random()  # noqa: S311 - schedule jitter, not secrets
         self.listing = ReplicaListings(
@@ -199,6 +219,7 @@ class Operator:
     def run(self, stop: threading.Event) -> int:
         """Run until `stop`; returns the process exit code (1 if leadership was lost)."""
         self._stop = stop
+        self.annotate_own_pod()
         if self.options.install_crds:
             self.install_crds()
         if self.canopy is not None:
@@ -221,6 +242,34 @@ class Operator:
                 self._shutdown([])
                 return 0
         return self._lead(stop)
+
+    def annotate_own_pod(self) -> None:
+        """`pgro.bes.au/version` on the operator's own pod (as the reference stamps it), so
+        `kubectl get pods -o yaml` shows which pgro runs. Best effort: outside a pod, or
+        without the rights, it is one warning."""
+        name = self.options.pod_name
+        if not name:
+            return
+        patch = {"metadata": {"annotations": {ANNOTATION_VERSION: __version__}}}
+        try:
+            self.api.merge_patch("Pod", self.options.namespace, name, patch)
+        except Exception as exc:
+            log.warning(
+                "pod %s/%s not annotated %s=%s: %s",
+                self.options.namespace,
+                name,
+                ANNOTATION_VERSION,
+                __version__,
+                exc,
+            )
+            return
+        log.info(
+            "pod %s/%s annotated %s=%s",
+            self.options.namespace,
+            name,
+            ANNOTATION_VERSION,
+            __version__,
+        )
 
     def _lead(self, stop: threading.Event) -> int:
         informers = [self.replicas, self.restores, self.jobs, self.deployments, self.pods]
@@ -311,11 +360,24 @@ class Operator:
     def _on_config(self, obj: dict[str, Any]) -> None:
         current = self.configmap.get(self.options.namespace, CONFIGMAP_NAME)
         data = current.get("data") if current is not None else None
-        config, warnings = parse_operator_config(data, default_image=self.options.default_image)
+        config, warnings = parse_operator_config(
+            data,
+            default_image=self.options.default_image,
+            postgres_log_level=self.options.postgres_log_level,
+        )
         for warning in warnings:
             log.warning("ConfigMap %s: %s", CONFIGMAP_NAME, warning)
         if current is None:
             log.warning("ConfigMap %s is gone: operator defaults apply", CONFIGMAP_NAME)
+        if current is not None and config.use_port_forward and not self.config.use_port_forward:
+            self.effects.emit_quietly(
+                {"apiVersion": "v1", "kind": "ConfigMap", **current},
+                EmitEvent(
+                    EventType.WARNING,
+                    EVENT_USE_PORT_FORWARD_UNSUPPORTED,
+                    USE_PORT_FORWARD_UNSUPPORTED,
+                ),
+            )
         self.config = config
         self.shell.set_limit(config.max_concurrent_restores)
 

@@ -809,6 +809,12 @@ def postgres_deployment(
             f"port={POSTGRES_PORT}",
             "-c",
             f"shared_buffers={shared_buffers_mb}MB",
+            # PGRO_LOG_LEVEL, validated by the operator (`config.parse_postgres_log_level`).
+            *(
+                ["-c", f"log_min_messages={config.postgres_log_level}"]
+                if config.postgres_log_level
+                else []
+            ),
         ],
         "env": [_env("PGDATA", PGDATA)],
         "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP"}],
