@@ -17,7 +17,16 @@ from tests.fixtures.manifests import replica, restore
         ({"readOnly": False}, {}, False),
         ({"persistentSchemas": ["reporting"]}, {}, False),
         ({"persistentSchemas": []}, {}, True),
-        ({"redaction": {"manifestUrl": "https://x/{version}", "version": "1"}}, {}, False),
+        # Redaction writes as the superuser, in its own session: users never get a window.
+        ({"redaction": {"manifestUrl": "https://x/{version}", "version": "1"}}, {}, True),
+        (
+            {
+                "redaction": {"manifestUrl": "https://x/{version}", "version": "1"},
+                "readOnly": False,
+            },
+            {},
+            False,
+        ),
         ({}, {"migrateTo": {"version": "2.1", "versionId": "v"}}, False),
     ],
 )

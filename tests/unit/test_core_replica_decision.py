@@ -600,7 +600,14 @@ def test_pre_switchover_steps_hold_the_switchover(
 @pytest.mark.parametrize(
     ("spec", "status"),
     [
-        ({"redaction": {"manifestUrl": "https://m.test/m.json"}}, {"redactionPhase": "partial"}),
+        (
+            {"redaction": {"manifestUrl": "https://m.test/m.json"}},
+            {"redactionPhase": "partial", "redactionRestore": "fiji-new"},
+        ),
+        (
+            {"redaction": {"manifestUrl": "https://m.test/m.json"}},
+            {"redactionPhase": "complete", "redactionRestore": "fiji-new"},
+        ),
         ({"persistentSchemas": ["reports"]}, {"schemaMigrationPhase": "timeout-skipped"}),
         ({"persistentSchemas": []}, {}),
     ],
@@ -613,6 +620,32 @@ def test_settled_pre_switchover_steps_let_it_through(
         [restore("fiji-old", "k1", "Active"), restore("fiji-new", "k2", "Switching")],
     )
     assert any(isinstance(s, PointServiceAt) for s in plan.steps)
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        {"redactionPhase": "complete"},  # written by the reference: for no restore in particular
+        {"redactionPhase": "complete", "redactionRestore": "fiji-old"},  # the previous restore's
+        {"redactionPhase": "active", "redactionRestore": "fiji-new"},
+        {"redactionPhase": "failed: manifest 404", "redactionRestore": "fiji-new"},
+    ],
+)
+def test_only_a_redaction_done_for_the_switching_restore_lets_it_through(
+    status: dict[str, Any],
+) -> None:
+    """An unredacted restore never serves: a `complete` left by an earlier restore (before
+    the cleanup cleared it) must not move the endpoint to a new, unredacted one."""
+    plan = decide(
+        replica(
+            settled_status(currentRestore="fiji-old", **status),
+            redaction={"manifestUrl": "https://m.test/m.json"},
+        ),
+        [restore("fiji-old", "k1", "Active"), restore("fiji-new", "k2", "Switching")],
+    )
+    assert not any(isinstance(s, PointServiceAt) for s in plan.steps)
+    [step] = [s for s in plan.steps if isinstance(s, RunSwitchoverStep)]
+    assert (step.kind, step.restore) == (SwitchoverStep.REDACTION, "fiji-new")
 
 
 @pytest.mark.parametrize("migrated", [False, True])

@@ -464,6 +464,7 @@ def full_replica_status() -> PostgresPhysicalReplicaStatus:
         persistent_schemas_missing=["reporting"],
         consecutive_restore_failures=2,
         redaction_phase=RedactionPhase.PARTIAL,
+        redaction_restore="orders-20260101-000000",
         redaction_version="2.30",
         redaction_columns_applied=12,
         pending_verification_reports=[

@@ -142,7 +142,7 @@ def _job_pod(job_uid: str, n: int, message: str = "") -> dict[str, Any]:
 def test_the_operator_runs_the_schema_migration_step(world: tuple[Operator, MemoryApi]) -> None:
     op, _ = world
     assert SwitchoverStep.SCHEMA_MIGRATION in op.effects.supported_switchover_steps
-    assert SwitchoverStep.REDACTION not in op.effects.supported_switchover_steps
+    assert SwitchoverStep.SCHEMA_BUILD not in op.effects.supported_switchover_steps
 
 
 def test_the_copy_job_reaches_both_pods_as_admin_without_a_password_in_it(

@@ -278,6 +278,9 @@ class PostgresPhysicalReplicaStatus(ApiModel):
     persistent_schemas_missing: list[str] | None = None
     consecutive_restore_failures: int | None = Field(default=None, ge=0)
     redaction_phase: RedactionPhase | None = None
+    # The restore `redactionPhase` describes (pgro's addition): a phase recorded for another
+    # restore never lets this one switch over.
+    redaction_restore: str | None = None
     redaction_version: str | None = None
     redaction_columns_applied: int | None = Field(default=None, ge=0)
     pending_verification_reports: list[PendingVerificationReport] = Field(default_factory=list)

@@ -8,18 +8,18 @@ from pgro.api.restore import PostgresPhysicalRestore
 
 
 def effective_read_only(replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore) -> bool:
-    """`readOnly` unless a step after the restore must write: persistent schemas carried
-    over, redaction, or a migration. Both the data directory's default
+    """`readOnly` unless a step after the restore must write as the analytics user:
+    persistent schemas carried over, or a migration. Both the data directory's default
     (`default_transaction_read_only`) and the analytics user's grant follow it, in both
     runtimes. Write-capable never means superuser: the analytics user then gets DML, CREATE
-    and its persistent schemas (pgro.postgres.users), nothing that reaches the host."""
+    and its persistent schemas (pgro.postgres.users), nothing that reaches the host.
+
+    Redaction does not make a restore writable (the reference's did, then handed it back to
+    read-only after masking): its superuser session turns `default_transaction_read_only`
+    off for itself, so a read-only replica is read-only for its users from the first
+    moment, and there is no window where the analytics role could write."""
     spec = replica.spec
-    return (
-        spec.read_only
-        and not spec.persistent_schemas
-        and spec.redaction is None
-        and restore.spec.migrate_to is None
-    )
+    return spec.read_only and not spec.persistent_schemas and restore.spec.migrate_to is None
 
 
 def analytics_owned_schemas(

@@ -39,7 +39,7 @@ from pgro.api.restore import (
     PostgresPhysicalRestoreSpec,
     PostgresPhysicalRestoreStatus,
 )
-from pgro.core import reasons, verification_reports
+from pgro.core import reasons, redaction, verification_reports
 from pgro.core.backoff import in_backoff, listing_retry_delay
 from pgro.core.extra_config import extra_config_events
 from pgro.core.naming import restore_name
@@ -334,10 +334,9 @@ def _hold_switchover(
     """Run the pre-switchover steps in order; True while one of them holds it back."""
     spec = p.replica.spec
     status = p.replica.status
-    if spec.redaction is not None and (
-        status.redaction_phase is None or not status.redaction_phase.done
-    ):
-        # A failed redaction holds the switchover too: an unredacted restore never serves.
+    if spec.redaction is not None and not redaction.done(status, switching.name):
+        # A failed redaction holds the switchover too, and a phase recorded for another
+        # restore counts for nothing: an unredacted restore never serves.
         p.steps.append(RunSwitchoverStep(SwitchoverStep.REDACTION, switching.name))
         return True
     if spec.persistent_schemas is not None and serving is not None:
@@ -504,6 +503,7 @@ def _sweep(p: _Pass, restores: RestoreSet) -> None:
         schema_migration_job=None,
         schema_migration_phase=None,
         redaction_phase=None,
+        redaction_restore=None,
         redaction_version=None,
         redaction_columns_applied=None,
     )

@@ -48,13 +48,16 @@ from pgro.core.plan import (
     SwitchoverStep,
     VerificationOutcome,
 )
+from pgro.core.redaction import Redacted
 from pgro.core.restore_set import is_in_progress
 from pgro.core.step_failures import EVENT_STEP_FAILED
 from pgro.core.verify_depth import parse_depth
 from pgro.pipeline.app_migration import AppMigration
+from pgro.pipeline.background import BackgroundTasks
 from pgro.pipeline.full_reindex import BackgroundReindex, ReindexOutcomes
 from pgro.pipeline.locale_repair import remaining_collations
 from pgro.pipeline.migrator_command import MigratorCommand
+from pgro.pipeline.redaction_step import ConninfoFor, RedactionRetries, RedactionStep
 from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.pipeline.switchover_users import provision_switchover_users
 from pgro.postgres import restore_info
@@ -102,9 +105,13 @@ class EmbeddedEffects:
     reindexes: BackgroundReindex = field(default_factory=BackgroundReindex)
     _reindex_outcomes: ReindexOutcomes = field(default_factory=lambda: ReindexOutcomes())
     runtime_name: str = field(default=RUNTIME_NAME, init=False)
-    # Redaction and the schema build do not run in pgro run yet.
+    # The redactions running on threads of pgro run, and their failed attempts.
+    redactions: BackgroundTasks[Redacted] = field(default_factory=lambda: BackgroundTasks())
+    redaction_retries: RedactionRetries = field(default_factory=RedactionRetries)
+    # The schema build does not run in pgro run yet.
     supported_switchover_steps: frozenset[SwitchoverStep] = field(
-        default=frozenset({SwitchoverStep.SCHEMA_MIGRATION}), init=False
+        default=frozenset({SwitchoverStep.SCHEMA_MIGRATION, SwitchoverStep.REDACTION}),
+        init=False,
     )
 
     # -- credentials ----------------------------------------------------------------------
@@ -313,6 +320,9 @@ class EmbeddedEffects:
     def run_switchover_step(
         self, replica: PostgresPhysicalReplica, step: RunSwitchoverStep
     ) -> None:
+        if step.kind is SwitchoverStep.REDACTION:
+            self._redact(replica, step)
+            return
         if step.kind is not SwitchoverStep.SCHEMA_MIGRATION:
             # Never called: the shell reports the steps not in supported_switchover_steps.
             raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
@@ -333,6 +343,27 @@ class EmbeddedEffects:
         ).run()
         # The copy is watched from the next pass: soon, not at the idle requeue.
         self.schedule("replica", replica.key, SCHEMA_COPY_POLL_S)
+
+    def _redact(self, replica: PostgresPhysicalReplica, step: RunSwitchoverStep) -> None:
+        """On a thread of pgro run, over the switching restore's socket as its superuser."""
+        key = f"{replica.namespace}/{step.restore}"
+
+        def conninfo_for() -> ConninfoFor | None:
+            endpoint = self.restores.server_endpoint(key)
+            if endpoint is None:
+                return None
+            return lambda dbname: endpoint.conninfo(dbname, "postgres")
+
+        RedactionStep(
+            replica,
+            step,
+            self.redactions,
+            self.redaction_retries,
+            conninfo_for,
+            patch=lambda patch: self.patch_replica_status(replica, patch),
+            event=lambda event: self.emit_event(replica, event),
+            wake=lambda delay: self.schedule("replica", replica.key, delay),
+        ).run()
 
     # -- a restore's work -----------------------------------------------------------------
     def prepare_restore_storage(

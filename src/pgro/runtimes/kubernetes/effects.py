@@ -20,11 +20,14 @@ from pgro.api.restore import PostgresPhysicalRestore
 from pgro.core import full_reindex, plan
 from pgro.core.observations import RestoreObservation
 from pgro.core.plan import EmitEvent, EventType, SwitchoverStep, VerificationOutcome
+from pgro.core.redaction import Redacted
 from pgro.core.secrets import scrub
 from pgro.kube.client import KubeApi
 from pgro.pipeline.app_migration import AppMigration
+from pgro.pipeline.background import BackgroundTasks
 from pgro.pipeline.full_reindex import BackgroundReindex
 from pgro.pipeline.locale_repair import remaining_collations
+from pgro.pipeline.redaction_step import ConninfoFor, RedactionRetries, RedactionStep
 from pgro.pipeline.schema_migration import SchemaMigration
 from pgro.postgres import restore_info
 from pgro.postgres.health import check_health
@@ -95,9 +98,13 @@ class KubeEffects:
     # The full reindexes after pg_resetwal running in this operator, by restore key.
     reindexes: BackgroundReindex = field(default_factory=BackgroundReindex)
     runtime_name: str = field(default=RUNTIME_NAME, init=False)
-    # Redaction and the schema build do not run in the operator yet.
+    # The redactions running on threads of the operator, and their failed attempts.
+    redactions: BackgroundTasks[Redacted] = field(default_factory=lambda: BackgroundTasks())
+    redaction_retries: RedactionRetries = field(default_factory=RedactionRetries)
+    # The schema build does not run in the operator yet.
     supported_switchover_steps: frozenset[SwitchoverStep] = field(
-        default=frozenset({SwitchoverStep.SCHEMA_MIGRATION}), init=False
+        default=frozenset({SwitchoverStep.SCHEMA_MIGRATION, SwitchoverStep.REDACTION}),
+        init=False,
     )
 
     # -- observing ------------------------------------------------------------------------
@@ -278,6 +285,9 @@ class KubeEffects:
     def run_switchover_step(
         self, replica: PostgresPhysicalReplica, step: plan.RunSwitchoverStep
     ) -> None:
+        if step.kind is SwitchoverStep.REDACTION:
+            self._redact(replica, step)
+            return
         if step.kind is not SwitchoverStep.SCHEMA_MIGRATION:
             # Never called: the shell reports the steps not in supported_switchover_steps.
             raise StepUnavailable(f"{step.kind} is not supported by {RUNTIME_NAME} yet")
@@ -303,6 +313,32 @@ class KubeEffects:
             raise StepFailedError(scrub(str(exc), copy.secrets)) from None
         # The copy runs in its Job; it is looked at from the next pass, soon.
         self.observer.requeue("replica", replica.key, SCHEMA_COPY_POLL_S)
+
+    def _redact(self, replica: PostgresPhysicalReplica, step: plan.RunSwitchoverStep) -> None:
+        """On a thread of the operator, over TCP to the switching restore's ready pod as the
+        admin role (as the provisioning); the manifest is fetched from the operator."""
+        password = secret_value(
+            self.api, replica.namespace, names.admin_creds_secret_name(replica.name), "password"
+        )
+
+        def conninfo_for() -> ConninfoFor | None:
+            restore = self.observer.restore(replica.namespace, step.restore)
+            pod = self.observer.ready_pod(restore) if restore is not None else None
+            if pod is None or pod.ip is None:
+                return None
+            return PodEndpoint(pod.ip, password).conninfo
+
+        RedactionStep(
+            replica,
+            step,
+            self.redactions,
+            self.redaction_retries,
+            conninfo_for,
+            patch=lambda patch: self.patch_replica_status(replica, patch),
+            event=lambda event: self.emit_event(replica, event),
+            wake=lambda delay: self.observer.requeue("replica", replica.key, delay),
+            scrub=lambda text: scrub(text, [password]),
+        ).run()
 
     def notification_input(
         self, replica: PostgresPhysicalReplica, restore_name: str
