@@ -234,7 +234,11 @@ class EventPublisher:
         ref = config.client_certificate_secret_ref
         where = f"{ref.namespace or namespace}/{ref.name}"
         try:
-            doc = self._read_secret(ref.namespace or namespace, ref.name)
+            try:
+                doc = self._read_secret(ref.namespace or namespace, ref.name)
+            except Exception as exc:
+                # The API server's refusal ("forbidden", "not found") names no value.
+                raise PublishError(f"Secret {where} could not be read: {exc}") from None
             if doc is None:
                 raise PublishError(
                     f"Secret {where} (eventPublisher.clientCertificateSecretRef) not found"

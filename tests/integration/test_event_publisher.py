@@ -196,3 +196,19 @@ def test_data_values_are_base64_as_the_api_server_returns_them(endpoint: EventsE
     publisher.restore_failed(with_publisher(endpoint), "orders-2", "k2", "reason")
     publisher.wait()
     assert [r.client_common_name for r in endpoint.received] == ["from-data"]
+
+
+def test_a_secret_the_runtime_cannot_read_is_only_logged(
+    endpoint: EventsEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    def forbidden(namespace: str, name: str) -> Mapping[str, Any] | None:
+        raise PermissionError(f'secrets "{name}" is forbidden in namespace "{namespace}"')
+
+    publisher = EventPublisher(forbidden, clock=lambda: WHEN, verify=endpoint.trust)
+    with caplog.at_level(logging.WARNING, logger="pgro.event_publisher"):
+        publisher.restore_failed(with_publisher(endpoint), "orders-1", "k1", "reason")
+        publisher.wait()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "Secret tenant-a/canopy-client could not be read" in warning
+    assert "is forbidden" in warning
+    assert endpoint.received == []
