@@ -8,6 +8,7 @@ reported while the replica restores normally.
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,8 @@ from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplicaSpec
 from pgro.core.plan import CreateRestore, ListSnapshots
 from pgro.core.replica_decision import ReplicaPlan
+from pgro.runtimes.embedded.manifest import load_manifests
+from tests.fixtures.manifests import replica_doc, secret_doc, write_manifest
 from tests.scenarios.builders import (
     GIB,
     NOW,
@@ -137,3 +140,15 @@ def test_the_spec_round_trips_what_the_reference_admitted() -> None:
     assert len(spec.quantity_problems()) == 2
     with pytest.raises(ValueError, match="expected a quantity"):
         PostgresPhysicalReplicaSpec.model_validate({**raw, "shmSizeFloor": True})
+
+
+def test_pgro_run_loads_such_a_manifest(tmp_path: Path) -> None:
+    # Before, the model refused it and `pgro run` would not start (exit 2).
+    path = write_manifest(
+        tmp_path / "m.yaml",
+        secret_doc("kopia", {"filesystemPath": "/srv/repo", "repositoryPassword": "pw"}),
+        replica_doc("orders", storageSizeOverride="100GB", overlayDatabase={"strategy": "fdw"}),
+    )
+    [loaded] = load_manifests([path]).replicas
+    assert loaded.spec.storage_size_override == "100GB"
+    assert loaded.spec.overlay_database == {"strategy": "fdw"}
