@@ -15,8 +15,12 @@ Behaviour, as the reference's `event_publisher.rs`:
 Differences, on purpose: the POST runs on a background thread, so a slow endpoint never
 holds up a reconcile pass (the reference awaited it inside the pass);
 `clientCertificateSecretRef.namespace` defaults to the replica's (the reference refused
-a ref without one); log lines name the endpoint by its origin only and never quote the
-Secret, the key or the server's answer beyond a short, single-line excerpt.
+a ref without one); a Secret in *another* namespace than the replica's is used only if it
+is labelled `pgro.bes.au/event-publisher-secret: "true"` (the reference used any: whoever
+could write a replica could have the operator authenticate with another namespace's TLS
+identity, the confused deputy the notification Secrets' opt-in label closes too); log
+lines name the endpoint by its origin only and never quote the Secret, the key or the
+server's answer beyond a short, single-line excerpt.
 
 The server is verified against the system's trust store (`SSL_CERT_FILE` /
 `SSL_CERT_DIR` name another one, as for every HTTPS client of pgro).
@@ -38,6 +42,7 @@ from typing import Any, Final
 import httpx
 
 from pgro import __version__
+from pgro.api.names import LABEL_PREFIX, LABEL_TRUE
 from pgro.api.notifications import url_origin
 from pgro.api.replica import EventPublisherConfig, PostgresPhysicalReplica
 from pgro.api.secret import SecretInvalid, decode_secret_data
@@ -53,6 +58,12 @@ PRIVATE_KEY_KEY: Final = "tls.key"
 SEVERITY_ERROR: Final = "error"
 TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
 USER_AGENT: Final = f"pgro/{__version__} (event publisher)"
+# A client-certificate Secret in another namespace than the replica's is used only when it
+# carries this label with value "true": the sibling of the notification Secrets' opt-in
+# (`pgro.bes.au/notification-secret`). Without it, write access to a replica would lend
+# its author every TLS identity the operator can read.
+LABEL_EVENT_PUBLISHER_SECRET: Final = f"{LABEL_PREFIX}event-publisher-secret"
+EVENT_PUBLISHER_SECRET_OPT_IN: Final = f"{LABEL_EVENT_PUBLISHER_SECRET}={LABEL_TRUE}"
 # How much of a refusing server's answer a warning quotes.
 _ANSWER_EXCERPT: Final = 200
 
@@ -107,6 +118,27 @@ def identity_from_secret(where: str, doc: Mapping[str, Any]) -> ClientIdentity:
     if missing:
         raise PublishError(f"Secret {where} has no key {' or '.join(missing)}")
     return ClientIdentity(data[CERT_KEY], data[PRIVATE_KEY_KEY])
+
+
+def cross_namespace_refusal(
+    replica_namespace: str, secret_namespace: str, name: str, doc: Mapping[str, Any]
+) -> str | None:
+    """Why the Secret `secret_namespace/name` may not lend its identity to a replica in
+    `replica_namespace`, or None when it may: a Secret in the replica's own namespace
+    always may, one in another namespace only if it opted in (`EVENT_PUBLISHER_SECRET_OPT_IN`)."""
+    if secret_namespace == replica_namespace:
+        return None
+    labels = (doc.get("metadata") or {}).get("labels") or {}
+    if labels.get(LABEL_EVENT_PUBLISHER_SECRET) == LABEL_TRUE:
+        return None
+    return (
+        f"Secret {secret_namespace}/{name} is in another namespace than the replica "
+        f"({replica_namespace}) and is not labelled {EVENT_PUBLISHER_SECRET_OPT_IN}, so it is "
+        "not used (writing a replica must not lend it another namespace's TLS identity); "
+        f"to share it, run: kubectl label secret -n {secret_namespace} {name} "
+        f"{EVENT_PUBLISHER_SECRET_OPT_IN}, or copy the Secret into namespace "
+        f"{replica_namespace} and drop clientCertificateSecretRef.namespace"
+    )
 
 
 def client_context(
@@ -232,10 +264,11 @@ class EventPublisher:
         event: Mapping[str, Any],
     ) -> None:
         ref = config.client_certificate_secret_ref
-        where = f"{ref.namespace or namespace}/{ref.name}"
+        secret_namespace = ref.namespace or namespace
+        where = f"{secret_namespace}/{ref.name}"
         try:
             try:
-                doc = self._read_secret(ref.namespace or namespace, ref.name)
+                doc = self._read_secret(secret_namespace, ref.name)
             except Exception as exc:
                 # The API server's refusal ("forbidden", "not found") names no value.
                 raise PublishError(f"Secret {where} could not be read: {exc}") from None
@@ -243,6 +276,9 @@ class EventPublisher:
                 raise PublishError(
                     f"Secret {where} (eventPublisher.clientCertificateSecretRef) not found"
                 )
+            refusal = cross_namespace_refusal(namespace, secret_namespace, ref.name, doc)
+            if refusal is not None:
+                raise PublishError(refusal)
             identity = identity_from_secret(where, doc)
             verify = self._verify() if self._verify is not None else None
             publish(config.url, identity, event, verify=verify, timeout=self._timeout)

@@ -14,6 +14,8 @@ import pytest
 
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.event_publisher import (
+    EVENT_PUBLISHER_SECRET_OPT_IN,
+    LABEL_EVENT_PUBLISHER_SECRET,
     ClientIdentity,
     EventPublisher,
     PublishError,
@@ -100,8 +102,11 @@ def test_a_failure_is_posted_with_the_secrets_client_certificate(
 
 
 def test_the_secret_namespace_and_source_are_honoured(endpoint: EventsEndpoint) -> None:
-    # stringData as a manifest holds it, in another namespace than the replica's.
-    secrets = {("certs", "canopy-client"): tls_secret(endpoint, "shared-client", encoded=False)}
+    # stringData as a manifest holds it, in another namespace than the replica's, which
+    # lends its identity to other namespaces' replicas.
+    shared = tls_secret(endpoint, "shared-client", encoded=False)
+    shared["metadata"]["labels"] = {LABEL_EVENT_PUBLISHER_SECRET: "true"}
+    secrets = {("certs", "canopy-client"): shared}
     publisher = publisher_for(endpoint, secrets)
     target = with_publisher(endpoint, source="pgro-staging", namespace="certs")
     publisher.restore_failed(target, "orders-x", "k9", "reason")
@@ -109,6 +114,43 @@ def test_the_secret_namespace_and_source_are_honoured(endpoint: EventsEndpoint) 
     assert [(r.client_common_name, r.body["source"]) for r in endpoint.received] == [
         ("shared-client", "pgro-staging")
     ]
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [None, {LABEL_EVENT_PUBLISHER_SECRET: "false"}, {"pgro.bes.au/notification-secret": "true"}],
+)
+def test_a_secret_in_another_namespace_without_the_opt_in_is_not_used(
+    endpoint: EventsEndpoint, caplog: pytest.LogCaptureFixture, labels: dict[str, str] | None
+) -> None:
+    other = tls_secret(endpoint, "other-namespace-identity", encoded=True)
+    if labels is not None:
+        other["metadata"]["labels"] = labels
+    publisher = publisher_for(endpoint, {("certs", "canopy-client"): other})
+    with caplog.at_level(logging.WARNING, logger="pgro.event_publisher"):
+        publisher.restore_failed(
+            with_publisher(endpoint, namespace="certs"), "orders-1", "k1", "reason"
+        )
+        publisher.wait()
+    assert endpoint.received == []  # no POST: the identity was not lent
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "tenant-a/orders" in warning
+    assert "Secret certs/canopy-client is in another namespace than the replica" in warning
+    assert f"kubectl label secret -n certs canopy-client {EVENT_PUBLISHER_SECRET_OPT_IN}" in (
+        warning
+    )
+    assert "-----BEGIN" not in caplog.text
+
+
+def test_a_secret_in_the_replicas_namespace_needs_no_label(endpoint: EventsEndpoint) -> None:
+    # Named with the replica's own namespace explicitly: the same as leaving it out.
+    secrets = {("tenant-a", "canopy-client"): tls_secret(endpoint, "own-client", encoded=True)}
+    publisher = publisher_for(endpoint, secrets)
+    publisher.restore_failed(
+        with_publisher(endpoint, namespace="tenant-a"), "orders-1", "k1", "reason"
+    )
+    publisher.wait()
+    assert [r.client_common_name for r in endpoint.received] == ["own-client"]
 
 
 def test_no_event_publisher_no_post(endpoint: EventsEndpoint) -> None:
