@@ -6,8 +6,9 @@ analytics user reading through the replica's endpoint as a client would.
   (`default_transaction_read_only` on, the analytics role no superuser and unable to write),
   `redactionVersion` and `redactionColumnsApplied`.
 - A manifest that is not there (404 without the fallback) fails the step with a
-  `RedactionFailed` event while the old, redacted restore keeps serving; once it appears,
-  the retry redacts and switches over.
+  `RedactionFailed` event while the old, redacted restore keeps serving, and the analytics
+  user cannot log in to the held restore's own server; once the manifest appears, the retry
+  redacts and switches over.
 - The base-version fallback, and a manifest with a column that does not exist and a kind
   that does not fit: `partial`, a Warning, and the rest masked.
 - `pgro run` killed (SIGKILL) mid-redaction: nothing unredacted ever serves, and the next
@@ -26,6 +27,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgro.runtimes.embedded.store import Store
 from tests.fixtures.manifest_server import FIXTURE_MANIFEST, ManifestServer, Slow, manifest_server
 from tests.fixtures.run_harness import (
     Backups,
@@ -53,7 +55,8 @@ def _redaction(server: ManifestServer, **extra: Any) -> dict[str, Any]:
 
 
 def _status(run: Running) -> dict[str, Any]:
-    return run.replica("orders")["status"]
+    status: dict[str, Any] = run.replica("orders")["status"]
+    return status
 
 
 def _serving(run: Running, what: str, timeout: float = 240) -> dict[str, Any]:
@@ -150,6 +153,22 @@ def test_a_redacted_restore_serves_and_a_failed_redaction_never_does(
         [held] = [n for n, p in phases(entry).items() if n != serving]
         assert phases(entry)[held] == "Switching"
         _assert_redacted(entry)
+        # Its own server runs (reached over its private socket), but no user may log in to
+        # it unredacted: the analytics role is held NOLOGIN until the redaction.
+        store = Store(run.state / "state.db")
+        port = int(store.setting(f"server-port/default/{held}") or 0)
+        socket_dir = store.setting(f"server-socket/default/{held}")
+        store.close()
+        analytics = next(c for c in entry["credentials"] if c["username"] == "analytics")
+        with pytest.raises(psycopg.OperationalError, match="not permitted to log in"):
+            psycopg.connect(
+                host=socket_dir,
+                port=port,
+                user="analytics",
+                password=analytics["password"],
+                dbname="myapp",
+                connect_timeout=5,
+            )
 
         # The manifest appears: the retry (with backoff) redacts and switches over.
         server.put_json("/v1.0.3/manifest.json", FIXTURE_MANIFEST)

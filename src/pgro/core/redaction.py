@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from pgro.api.phases import RedactionPhase
-from pgro.api.replica import PostgresPhysicalReplicaStatus
+from pgro.api.phases import RedactionPhase, RestorePhase
+from pgro.api.replica import PostgresPhysicalReplica, PostgresPhysicalReplicaStatus
+from pgro.api.restore import PostgresPhysicalRestore
 
 EVENT_STARTED: Final = "RedactionStarted"
 EVENT_COMPLETED: Final = "RedactionCompleted"
@@ -56,6 +57,23 @@ def done(status: PostgresPhysicalReplicaStatus, restore: str) -> bool:
     """`restore` was redacted (`complete` or `partial`): it may switch over."""
     phase = phase_for(status, restore)
     return phase is not None and phase.done
+
+
+def held_roles(replica: PostgresPhysicalReplica) -> tuple[str, ...]:
+    """The login roles a restore awaiting redaction keeps `NOLOGIN`: the analytics user and
+    the extra users (the persistent users get theirs only at the switchover)."""
+    return (replica.spec.analytics_username, *(u.name for u in replica.spec.extra_users))
+
+
+def holds_logins(replica: PostgresPhysicalReplica, restore: PostgresPhysicalRestore) -> bool:
+    """Whether provisioning `restore` leaves its login roles `NOLOGIN` until it is redacted:
+    a replica with redaction, a restore not yet serving and not yet redacted. Not with
+    `migrateTo`: the migrator logs in as the analytics user before the switchover."""
+    if replica.spec.redaction is None or restore.spec.migrate_to is not None:
+        return False
+    if restore.effective_phase is RestorePhase.ACTIVE:
+        return False
+    return not done(replica.status, restore.name)
 
 
 def next_action(phase: RedactionPhase | None, task: TaskState, retry_due: bool) -> Action:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -33,6 +33,7 @@ from pgro.core.redaction_manifest import RedactionSpecInvalid, check_spec, displ
 from pgro.pipeline.background import BackgroundTasks
 from pgro.pipeline.redaction_fetch import ManifestFetchFailed, fetch_manifest
 from pgro.postgres.databases import main_database_or_maintenance
+from pgro.postgres.login_hold import LoginHoldFailed, set_login
 from pgro.postgres.redaction import APPLICATION, RedactionFailed, apply_manifest, resolve_version
 
 log = logging.getLogger("pgro.redaction")
@@ -42,9 +43,13 @@ ConninfoFor = Callable[[str], str]
 MAINTENANCE_DATABASE: Final = "postgres"
 
 
-def redact(conninfo_for: ConninfoFor, redaction: Redaction) -> Redacted:
+def redact(
+    conninfo_for: ConninfoFor, redaction: Redaction, release: Sequence[str] = ()
+) -> Redacted:
     """Validate, resolve the version, fetch the manifest and apply it to the cluster's main
-    database. RedactionFailed (with a message fit for status and events) on any failure."""
+    database, then let the login roles `release` in again (provisioning held them:
+    `core.redaction.holds_logins`). RedactionFailed (with a message fit for status and
+    events) on any failure."""
     import psycopg
 
     from pgro.postgres.session import connect
@@ -73,6 +78,11 @@ def redact(conninfo_for: ConninfoFor, redaction: Redaction) -> Redacted:
         fetched.version or "none",
     )
     result = apply_manifest(conninfo, fetched.manifest)
+    if release:
+        try:
+            set_login(conninfo_for, release, login=True)
+        except LoginHoldFailed as error:
+            raise RedactionFailed(f"masked, but {error}") from None
     return Redacted(
         version=fetched.version,
         columns_masked=len(result.columns_masked),
@@ -169,7 +179,10 @@ class RedactionStep:
                 related=self.step.restore,
             )
         )
-        self.tasks.start(self.key, lambda: redact(conninfo_for, redaction), lambda: self.wake(0))
+        roles = decide.held_roles(self.replica)
+        self.tasks.start(
+            self.key, lambda: redact(conninfo_for, redaction, roles), lambda: self.wake(0)
+        )
 
     def _record(self) -> None:
         outcome = self.tasks.take(self.key)

@@ -18,7 +18,7 @@ from pgro.api.quantity import parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import KopiaCredentials
-from pgro.core import full_reindex
+from pgro.core import full_reindex, redaction
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.observations import RestoreWork, Server, WorkState
 from pgro.kopia.cache import repository_cache_dir
@@ -30,6 +30,7 @@ from pgro.pipeline.switchover_users import persistent_passwords_to_keep
 from pgro.postgres import restore_info
 from pgro.postgres.account import RunAccount
 from pgro.postgres.binaries import PostgresBinaries, find_binaries
+from pgro.postgres.login_hold import set_login
 from pgro.postgres.server import Endpoint, free_port, socket_dir_for
 from pgro.postgres.users import RoleCredentials, provision_users
 from pgro.processes import stop, stop_pid
@@ -353,6 +354,13 @@ def _provisioner(
             ),
             keep_analytics_ownership=again,
         )
+        if redaction.holds_logins(replica, restore):
+            # Reachable on its own port before the switchover: no user reads it unredacted.
+            set_login(
+                lambda db: endpoint.conninfo(db, "postgres"),
+                redaction.held_roles(replica),
+                login=False,
+            )
         # Before the server counts as ready: clients can tell which restore they reach.
         notes = restore_info.record_restore(
             endpoint.conninfo(restore_info.DATABASE, "postgres"),

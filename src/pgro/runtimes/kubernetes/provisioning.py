@@ -40,7 +40,7 @@ from pgro.api.replica import PostgresPhysicalReplica
 from pgro.api.restore import PostgresPhysicalRestore
 from pgro.api.secret import decode_secret_data
 from pgro.api.users import PersistentUser
-from pgro.core import full_reindex
+from pgro.core import full_reindex, redaction
 from pgro.core.access import analytics_owned_schemas, effective_read_only
 from pgro.core.plan import EmitEvent, EventType
 from pgro.core.secrets import scrub
@@ -58,6 +58,7 @@ from pgro.pipeline.switchover_users import (
 from pgro.postgres import restore_info
 from pgro.postgres.catalog_guard import neutralise_catalog
 from pgro.postgres.collation_refresh import CollationMismatch
+from pgro.postgres.login_hold import set_login
 from pgro.postgres.repair import Repairs
 from pgro.postgres.server import RESET_WAL_NOTE, make_conninfo
 from pgro.postgres.users import RoleCredentials, generate_password, provision_users
@@ -310,6 +311,10 @@ class Provisioner:
                 persistent_schemas=analytics_owned_schemas(replica, restore),
                 keep_analytics_ownership=provisioned_before(restore),
             )
+            if redaction.holds_logins(replica, restore):
+                # The restore's own Service reaches it before the switchover: no user reads
+                # it unredacted (the redaction step lets them in once the data is masked).
+                set_login(endpoint.conninfo, redaction.held_roles(replica), login=False)
             # Before the pod counts as provisioned: clients can tell which restore they reach.
             notes = restore_info.record_restore(
                 endpoint.conninfo(restore_info.DATABASE),
