@@ -18,6 +18,7 @@ from pgro.canopy.materialise import (
     plan_sync,
 )
 from pgro.canopy.wire import Worklist, WorklistEntry, parse_worklist
+from pgro.core.pod_sizing import postgres_resources
 
 REPLICA = "11111111-1111-1111-1111-111111111111"
 GROUP = "22222222-2222-2222-2222-222222222222"
@@ -135,7 +136,7 @@ def test_analytics_defaults() -> None:
     assert spec["minimumTtl"] == "2h"
     assert spec["switchoverGracePeriod"] == "2m"
     assert spec["resourcesFloor"] == {
-        "requests": {"cpu": "2", "memory": "2Gi"},
+        "requests": {"cpu": "500m", "memory": "2Gi"},
         "limits": {"memory": "8Gi"},
     }
     assert spec["resourcesMaximum"] == "64Gi"
@@ -222,35 +223,80 @@ def test_zero_minimum_ttl_is_kept() -> None:
     assert materialise(analytics(minimum_ttl=0)).spec.minimum_ttl == timedelta(0)
 
 
-def test_pinned_resources_fill_unset_parts_from_the_floor() -> None:
-    spec = materialise(analytics(memory_request=4 * 2**30)).spec
-    assert spec.resources == {
-        "requests": {"cpu": "2", "memory": "4Gi"},
+FLOOR = {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
+SNAPSHOT_200G = 200 * 2**30  # 10 % is 20Gi: above the 8Gi floor, below the 64Gi cap
+
+
+def test_cpu_parameters_alone_change_the_floors_cpu_and_leave_memory_derived() -> None:
+    spec = materialise(analytics(cpu_request="1", cpu_limit="3")).spec
+    assert spec.resources is None
+    assert spec.resources_floor == {
+        "requests": {"cpu": "1", "memory": "2Gi"},
+        "limits": {"cpu": "3", "memory": "8Gi"},
+    }
+    # The pod: memory from the snapshot, request = limit; CPU as the parameters set it.
+    assert postgres_resources(spec, SNAPSHOT_200G) == {
+        "requests": {"cpu": "1", "memory": "20480Mi"},
+        "limits": {"cpu": "3", "memory": "20480Mi"},
+    }
+    # One alone: a request keeps no CPU limit; a limit keeps the floor's request.
+    spec = materialise(analytics(cpu_request="2")).spec
+    assert spec.resources is None
+    assert spec.resources_floor == {
+        "requests": {"cpu": "2", "memory": "2Gi"},
         "limits": {"memory": "8Gi"},
     }
-    spec = materialise(analytics(cpu_limit="4", cpu_request="500m")).spec
-    assert spec.resources == {
+    spec = materialise(analytics(cpu_limit="4")).spec
+    assert spec.resources is None
+    assert spec.resources_floor == {
         "requests": {"cpu": "500m", "memory": "2Gi"},
         "limits": {"cpu": "4", "memory": "8Gi"},
     }
 
 
-def test_a_floor_value_never_contradicts_a_set_one() -> None:
-    # A request above the floor's limit raises the limit, and a limit below the floor's
-    # request lowers the request, so the pod stays valid.
-    assert materialise(analytics(memory_request=16 * 2**30)).spec.resources == {
-        "requests": {"cpu": "2", "memory": "16Gi"},
-        "limits": {"memory": "16Gi"},
+def test_memory_parameters_pin_memory_and_one_alone_pins_both() -> None:
+    for params in ({"memory_request": 4 * 2**30}, {"memory_limit": 4 * 2**30}):
+        spec = materialise(analytics(**params)).spec
+        assert spec.resources == {
+            "requests": {"cpu": "500m", "memory": "4Gi"},
+            "limits": {"memory": "4Gi"},
+        }, params
+        assert spec.resources_floor == FLOOR
+        # Pinned: the snapshot no longer sizes memory.
+        assert postgres_resources(spec, SNAPSHOT_200G) == spec.resources
+    spec = materialise(analytics(memory_request=2 * 2**30, memory_limit=6 * 2**30)).spec
+    assert spec.resources == {
+        "requests": {"cpu": "500m", "memory": "2Gi"},
+        "limits": {"memory": "6Gi"},
     }
-    assert materialise(analytics(memory_limit=2**30)).spec.resources == {
-        "requests": {"cpu": "2", "memory": "1Gi"},
-        "limits": {"memory": "1Gi"},
+
+
+def test_cpu_and_memory_parameters_together() -> None:
+    spec = materialise(analytics(cpu_request="250m", cpu_limit="2", memory_limit=16 * 2**30)).spec
+    assert spec.resources == {
+        "requests": {"cpu": "250m", "memory": "16Gi"},
+        "limits": {"cpu": "2", "memory": "16Gi"},
+    }
+    assert spec.resources_floor == {
+        "requests": {"cpu": "250m", "memory": "2Gi"},
+        "limits": {"cpu": "2", "memory": "8Gi"},
+    }
+    assert postgres_resources(spec, SNAPSHOT_200G) == spec.resources
+
+
+def test_a_floor_value_never_contradicts_a_set_one() -> None:
+    # A CPU limit below the floor's request lowers the request, so the pod stays valid.
+    assert materialise(analytics(cpu_limit="200m")).spec.resources_floor == {
+        "requests": {"cpu": "200m", "memory": "2Gi"},
+        "limits": {"cpu": "200m", "memory": "8Gi"},
     }
 
 
 def test_contradictory_resource_parameters_are_refused() -> None:
     with pytest.raises(InvalidEntry, match="memory request 4Gi is above the memory limit 1Gi"):
         materialise(analytics(memory_request=4 * 2**30, memory_limit=2**30))
+    with pytest.raises(InvalidEntry, match="cpu request 2 is above the cpu limit 1"):
+        materialise(analytics(cpu_request="2", cpu_limit="1"))
 
 
 @pytest.mark.parametrize(

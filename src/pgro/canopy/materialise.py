@@ -66,9 +66,11 @@ CHECK_STORAGE_SIZE_OVERRIDE: Final = "20Gi"
 CHECK_SHM_SIZE_FLOOR: Final = "512Mi"
 CHECK_SWITCHOVER_GRACE: Final = timedelta(minutes=5)
 
-# analytics: long-lived query replicas; no CPU limit so queries can burst.
+# analytics: long-lived query replicas, sized for an idle one (the reference's intents spec,
+# "Analytics resource sizing"): half a core requested and no CPU limit, so queries burst
+# on the node's spare CPU; memory from the snapshot, request = limit.
 ANALYTICS_RESOURCES_FLOOR: Final[dict[str, dict[str, str]]] = {
-    "requests": {"cpu": "2", "memory": "2Gi"},
+    "requests": {"cpu": "500m", "memory": "2Gi"},
     "limits": {"memory": "8Gi"},
 }
 ANALYTICS_RESOURCES_MAXIMUM: Final = "64Gi"
@@ -261,45 +263,72 @@ def _exposed_hostname(name: str) -> str:
     return f"{EXPOSED_HOSTNAME_PREFIX}{slug(name)}"[:_DNS_LABEL_MAX].rstrip("-")
 
 
-def _pinned_resources(entry: WorklistEntry, params: _Params) -> dict[str, Any] | None:
-    """`resources` when any of the four resource parameters is set, else None.
+def _quantity(value: int | str) -> str:
+    return format_quantity(value) if isinstance(value, int) else value
 
-    Unset parts come from the analytics floor. A floor value that would put a request
-    above its limit is moved to the set value, so the pod stays valid; two set values
-    that contradict each other are the declaration's error.
+
+def _settle(
+    entry: WorklistEntry,
+    resource: str,
+    requests: dict[str, str],
+    limits: dict[str, str],
+    request: str | None,
+    limit: str | None,
+) -> None:
+    """Put the set `request`/`limit` of `resource` in; a value kept from the floor that
+    would put the request above the limit is moved to the set one, so the pod stays
+    valid; two set values that contradict each other are the declaration's error."""
+    if request is not None:
+        requests[resource] = request
+    if limit is not None:
+        limits[resource] = limit
+    if resource not in requests or resource not in limits:
+        return
+    if parse_quantity_decimal(requests[resource]) <= parse_quantity_decimal(limits[resource]):
+        return
+    if request is not None and limit is not None:
+        raise InvalidEntry(
+            f"{entry.describe()}: the {resource} request {requests[resource]} is above "
+            f"the {resource} limit {limits[resource]}; fix the declaration's parameters "
+            "in canopy"
+        )
+    if request is not None:
+        limits[resource] = requests[resource]
+    else:
+        requests[resource] = limits[resource]
+
+
+def _analytics_sizing(
+    entry: WorklistEntry, params: _Params
+) -> tuple[dict[str, dict[str, str]], dict[str, Any] | None]:
+    """(`resourcesFloor`, `resources`) of an analytics replica, as the reference's intents
+    spec sizes it: each parameter touches only the resource it names.
+
+    - `cpu_request` / `cpu_limit` change the floor's CPU. They do not set `resources`, so
+      memory stays derived from the snapshot (request = limit, capped by
+      `resourcesMaximum`).
+    - `memory_request` / `memory_limit` pin memory in `resources`, replacing the derived
+      value; one alone pins both the request and the limit to it. CPU there is the
+      floor's, as the CPU parameters left it.
     """
     memory_request = params.bytes(wire.PARAM_MEMORY_REQUEST)
     memory_limit = params.bytes(wire.PARAM_MEMORY_LIMIT)
     cpu_request = params.cpu(wire.PARAM_CPU_REQUEST)
     cpu_limit = params.cpu(wire.PARAM_CPU_LIMIT)
-    if all(v is None for v in (memory_request, memory_limit, cpu_request, cpu_limit)):
-        return None
-    resources = copy.deepcopy(ANALYTICS_RESOURCES_FLOOR)
+    floor = copy.deepcopy(ANALYTICS_RESOURCES_FLOOR)
+    _settle(entry, "cpu", floor["requests"], floor["limits"], cpu_request, cpu_limit)
+    if memory_request is None and memory_limit is None:
+        return floor, None
+    # One alone pins both.
+    request = _quantity(memory_request) if memory_request is not None else None
+    limit = _quantity(memory_limit) if memory_limit is not None else None
+    request, limit = request or limit, limit or request
+    resources = copy.deepcopy(floor)
     requests, limits = resources["requests"], resources["limits"]
-
-    def settle(resource: str, request: int | str | None, limit: int | str | None) -> None:
-        if request is not None:
-            requests[resource] = format_quantity(request) if isinstance(request, int) else request
-        if limit is not None:
-            limits[resource] = format_quantity(limit) if isinstance(limit, int) else limit
-        if resource not in requests or resource not in limits:
-            return
-        if parse_quantity_decimal(requests[resource]) <= parse_quantity_decimal(limits[resource]):
-            return
-        if request is not None and limit is not None:
-            raise InvalidEntry(
-                f"{entry.describe()}: the {resource} request {requests[resource]} is above "
-                f"the {resource} limit {limits[resource]}; fix the declaration's parameters "
-                "in canopy"
-            )
-        if request is not None:
-            limits[resource] = requests[resource]
-        else:
-            requests[resource] = limits[resource]
-
-    settle("memory", memory_request, memory_limit)
-    settle("cpu", cpu_request, cpu_limit)
-    return resources
+    requests.pop("memory", None)
+    limits.pop("memory", None)
+    _settle(entry, "memory", requests, limits, request, limit)
+    return floor, resources
 
 
 def _analytics_spec(entry: WorklistEntry) -> dict[str, Any]:
@@ -309,10 +338,11 @@ def _analytics_spec(entry: WorklistEntry) -> dict[str, Any]:
     minimum_ttl = params.duration(wire.PARAM_MINIMUM_TTL)
     grace = params.duration(wire.PARAM_SWITCHOVER_GRACE)
     extra_users = params.text_list(wire.PARAM_EXTRA_USERS)
+    resources_floor, resources = _analytics_sizing(entry, params)
     spec: dict[str, Any] = {
         **_common(entry),
         "ephemeral": False,
-        "resources_floor": copy.deepcopy(ANALYTICS_RESOURCES_FLOOR),
+        "resources_floor": resources_floor,
         "resources_maximum": (
             format_quantity(resources_maximum)
             if resources_maximum is not None
@@ -331,7 +361,7 @@ def _analytics_spec(entry: WorklistEntry) -> dict[str, Any]:
         "deployment_ready_timeout": params.duration(wire.PARAM_DEPLOYMENT_READY_TIMEOUT),
         "persistent_schemas": params.text_list(wire.PARAM_PERSISTENT_SCHEMAS),
         "extra_users": [ExtraUser(name=n) for n in extra_users or ()],
-        "resources": _pinned_resources(entry, params),
+        "resources": resources,
         # §2.14: each restore migrates to this version and then serves (long-lived). No
         # version id: canopy files results by one, so none is reported (canopy.reports).
         # Unset, the replica is plain, whatever target the entry carries.
