@@ -23,7 +23,7 @@ from pgro.api.verification import PendingVerificationReport
 from pgro.canopy import reports
 from pgro.canopy.broker import Callbacks
 from pgro.canopy.client import CanopyError
-from pgro.canopy.wire import VerificationArgs
+from pgro.canopy.wire import HealthDetails, VerificationArgs
 from pgro.core import verification_reports as vr
 from pgro.core.plan import EmitEvent, EventType
 from pgro.core.reasons import EVENT_VERIFICATION_REPORT_REJECTED
@@ -80,6 +80,9 @@ class ReportCourier:
     # Counts each delivery's outcome (`postgres_restore_canopy_reports_total`); the runtime
     # that owns the registry sets it.
     metrics: Metrics | None = None
+    # The `url` semantic: the replica's address, added to `health_details.url` at delivery
+    # (on the pool's thread: it may ask tailscaled). None: no url (`pgro run`).
+    url_for: Callable[[PostgresPhysicalReplica], str | None] | None = None
     _flying: dict[_Key, Future[None]] = field(default_factory=dict)
     _done: dict[_Key, _Done] = field(default_factory=dict)
     # The operator's workers step different replicas at the same time.
@@ -140,9 +143,28 @@ class ReportCourier:
                 dropped.append(Dropped(report, f"the report cannot be built: {exc}"))
                 self._count(REPORT_REFUSED)
                 continue
-            self._flying[key] = self.pool.submit(self.send, args)
+            self._flying[key] = self.pool.submit(self._deliver, replica, args)
         changed = current != before
         return Step(current if changed else None, tuple(dropped), tuple(settled))
+
+    def _deliver(self, replica: PostgresPhysicalReplica, args: VerificationArgs) -> None:
+        self.send(self._with_url(replica, args))
+
+    def _with_url(
+        self, replica: PostgresPhysicalReplica, args: VerificationArgs
+    ) -> VerificationArgs:
+        """`args` with `health_details.url`, when `url_for` gives one; never fails."""
+        if self.url_for is None:
+            return args
+        try:
+            url = self.url_for(replica)
+        except Exception as exc:  # the url is an extra: it never holds back the verdict
+            log.debug("%s: no url for its report (%s)", replica.key, type(exc).__name__)
+            return args
+        if url is None:
+            return args
+        details = args.health_details or HealthDetails()
+        return args.model_copy(update={"health_details": details.model_copy(update={"url": url})})
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:

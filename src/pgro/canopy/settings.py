@@ -13,6 +13,7 @@ from typing import Final
 
 from pgro.canopy.client import DEFAULT_SOCKS5_PROXY, TAILNET_URL, plain_http_problem
 from pgro.canopy.syncer import DEFAULT_INTERVAL, DEFAULT_REMOVAL_GRACE
+from pgro.canopy.tailscale import DEFAULT_SOCKET, socket_from_env
 
 DEFAULT_BROKER_PORT: Final = 9091
 DEFAULT_SERVICE_NAME: Final = "postgres-restore-operator"
@@ -33,6 +34,8 @@ class CanopySettings:
     interval: timedelta = DEFAULT_INTERVAL
     removal_grace: timedelta = DEFAULT_REMOVAL_GRACE
     service_name: str = DEFAULT_SERVICE_NAME
+    # tailscaled's LocalAPI socket, for the `url` semantic (canopy.tailscale); None: off.
+    tailscaled_socket: str | None = DEFAULT_SOCKET
 
     @property
     def broker_key_secret(self) -> str:
@@ -67,9 +70,10 @@ def settings_from_env(
     """The reference's environment (`CANOPY_BASE_URL`, `CANOPY_SOCKS5_PROXY`,
     `CANOPY_DEVICE_CERT_SECRET`, `PGRO_BROKER_LISTEN_ADDR`, `CANOPY_BROKER_BASE_URL`,
     `CANOPY_RECONCILE_INTERVAL_SECS`) plus pgro's `PGRO_S3_ENDPOINT`,
-    `CANOPY_TAILNET_URL` (empty: never probe the tailnet), `CANOPY_REMOVAL_GRACE_SECS`
-    and `OPERATOR_SERVICE_NAME` (the Service sidecars reach the broker through). None:
-    canopy is off."""
+    `CANOPY_TAILNET_URL` (empty: never probe the tailnet), `CANOPY_REMOVAL_GRACE_SECS`,
+    `OPERATOR_SERVICE_NAME` (the Service sidecars reach the broker through) and the
+    reference's `PGRO_TAILSCALED_SOCKET` (empty: no `url` in reports). None: canopy is
+    off."""
     warnings: list[str] = []
     base = env.get("CANOPY_BASE_URL", "").strip()
     if not base:
@@ -104,5 +108,6 @@ def settings_from_env(
         interval=_seconds(env, "CANOPY_RECONCILE_INTERVAL_SECS", DEFAULT_INTERVAL, warnings),
         removal_grace=_seconds(env, "CANOPY_REMOVAL_GRACE_SECS", DEFAULT_REMOVAL_GRACE, warnings),
         service_name=env.get("OPERATOR_SERVICE_NAME", "").strip() or DEFAULT_SERVICE_NAME,
+        tailscaled_socket=socket_from_env(env),
     )
     return settings, warnings

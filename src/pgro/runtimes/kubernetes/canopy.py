@@ -37,6 +37,7 @@ from pgro.canopy.proxy import new_client_credentials
 from pgro.canopy.session import CanopySession, restore_token
 from pgro.canopy.settings import CanopySettings
 from pgro.canopy.syncer import SyncTick
+from pgro.canopy.tailscale import TailnetUrls
 from pgro.canopy.tokens import BrokerTokens, new_key
 from pgro.clock import utcnow
 from pgro.core import reasons
@@ -69,6 +70,8 @@ class OperatorCanopy(CanopySession):
         )
         self.api = api
         self.settings = settings
+        if settings.tailscaled_socket:  # the `url` semantic
+            self.courier.url_for = TailnetUrls(settings.tailscaled_socket).url_for
         self._replicas = replicas
         self._server: ThreadingHTTPServer | None = None
         self._syncer: threading.Thread | None = None
