@@ -253,3 +253,16 @@ def test_a_damage_report_carries_the_data_checks_findings() -> None:
         canopy_replica(), _report(healthDetails={"checks": incomplete})
     ).to_wire()
     assert wire["health_details"]["checks"][0]["status"] == "incomplete"
+
+
+def test_a_redacted_restore_reports_the_redaction_object() -> None:
+    report = _report(
+        redaction={"outcome": "partial", "manifestVersion": "1.0.0", "columnsMasked": 6}
+    )
+    wire = reports.verification_args(canopy_replica(), report).to_wire()
+    assert wire["redaction"] == {
+        "outcome": "partial",
+        "manifest_version": "1.0.0",
+        "columns_masked": 6,
+    }
+    assert "redaction" not in reports.verification_args(canopy_replica(), _report()).to_wire()

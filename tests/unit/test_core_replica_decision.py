@@ -648,6 +648,32 @@ def test_only_a_redaction_done_for_the_switching_restore_lets_it_through(
     assert (step.kind, step.restore) == (SwitchoverStep.REDACTION, "fiji-new")
 
 
+@pytest.mark.parametrize("phase", ["complete", "partial"])
+def test_the_switchover_report_of_a_redacted_restore_names_the_redaction(phase: str) -> None:
+    plan = decide(
+        replica(
+            settled_status(
+                currentRestore="fiji-old",
+                redactionPhase=phase,
+                redactionRestore="fiji-new",
+                redactionVersion="1.0.3",
+                redactionColumnsApplied=6,
+            ),
+            redaction={"manifestUrl": "https://m.test/m.json"},
+            canopySource=CANOPY,
+            kopiaSecretRef=None,
+        ),
+        [restore("fiji-old", "k1", "Active"), restore("fiji-new", "k2", "Switching")],
+    )
+    [report] = _patch(plan)["pendingVerificationReports"]
+    assert report["restore"] == "fiji-new"
+    assert report["redaction"] == {
+        "outcome": phase,
+        "manifestVersion": "1.0.3",
+        "columnsMasked": 6,
+    }
+
+
 @pytest.mark.parametrize("migrated", [False, True])
 def test_a_builder_image_without_a_migration_result_builds_nothing(migrated: bool) -> None:
     """Features §2.13: the build runs on the migrated schema. Before, `builderImage` alone held

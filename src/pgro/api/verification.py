@@ -21,6 +21,15 @@ from pgro.api.timestamp import Timestamp
 ReportOutcome = Literal["success", "failure"]
 
 
+class RedactionReport(ApiModel):
+    """What the redaction did to the reported restore, sent to canopy as the report's
+    `redaction` object (canopy raises a per-machine warning for an incomplete one)."""
+
+    outcome: Literal["complete", "partial", "failed"]
+    manifest_version: str | None = None
+    columns_masked: int | None = Field(default=None, ge=0)
+
+
 class PendingVerificationReport(ApiModel):
     restore: str
     run_id: str | None = None
@@ -38,6 +47,8 @@ class PendingVerificationReport(ApiModel):
     # canopy as the report's `migration` object.
     migrate_to: MigrateTo | None = None
     migration_result: MigrationResult | None = None
+    # A redacting replica's restore: the redaction's outcome (the report's `redaction`).
+    redaction: RedactionReport | None = None
     attempts: int = Field(default=0, ge=0)
     next_attempt_at: Timestamp | None = None
     last_error: str | None = None

@@ -28,6 +28,7 @@ from pgro.canopy.wire import (
     INTENT_UPGRADE,
     HealthDetails,
     MigrationArgs,
+    RedactionArgs,
     VerificationArgs,
     describe_validation_error,
 )
@@ -90,6 +91,17 @@ def _migration(
     return MigrationArgs.from_result(result, target, labels.get(LABEL_CANOPY_APPLICATION_TYPE))
 
 
+def _redaction(report: PendingVerificationReport) -> RedactionArgs | None:
+    done = report.redaction
+    if done is None:
+        return None
+    return RedactionArgs(
+        outcome=done.outcome,
+        manifest_version=done.manifest_version,
+        columns_masked=done.columns_masked,
+    )
+
+
 def verification_args(
     replica: PostgresPhysicalReplica, report: PendingVerificationReport
 ) -> VerificationArgs:
@@ -138,6 +150,7 @@ def verification_args(
                 "health_details": details,
                 "run_id": run_id,
                 "migration": _migration(labels, intent, report),
+                "redaction": _redaction(report),
                 **(report.traffic or {}),
             }
         )

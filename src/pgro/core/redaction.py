@@ -19,6 +19,7 @@ from typing import Any, Final
 from pgro.api.phases import RedactionPhase, RestorePhase
 from pgro.api.replica import PostgresPhysicalReplica, PostgresPhysicalReplicaStatus
 from pgro.api.restore import PostgresPhysicalRestore
+from pgro.api.verification import RedactionReport
 
 EVENT_STARTED: Final = "RedactionStarted"
 EVENT_COMPLETED: Final = "RedactionCompleted"
@@ -57,6 +58,18 @@ def done(status: PostgresPhysicalReplicaStatus, restore: str) -> bool:
     """`restore` was redacted (`complete` or `partial`): it may switch over."""
     phase = phase_for(status, restore)
     return phase is not None and phase.done
+
+
+def report(status: PostgresPhysicalReplicaStatus, restore: str) -> RedactionReport | None:
+    """The canopy report's `redaction` object for `restore`, when it was redacted."""
+    phase = phase_for(status, restore)
+    if phase is None or not phase.done:
+        return None
+    return RedactionReport(
+        outcome="partial" if phase == RedactionPhase.PARTIAL else "complete",
+        manifest_version=status.redaction_version,
+        columns_masked=status.redaction_columns_applied,
+    )
 
 
 def held_roles(replica: PostgresPhysicalReplica) -> tuple[str, ...]:

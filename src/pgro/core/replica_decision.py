@@ -398,7 +398,9 @@ def _switchover(
     if replica.spec.canopy_source is not None:
         # Persisted with the switchover itself: the report outlives a crash or a canopy
         # outage, and the ephemeral teardown that follows cannot lose it.
-        report = verification_reports.new_report(switching, "success", p.now)
+        report = verification_reports.new_report(
+            switching, "success", p.now, redaction=redaction.report(status, switching.name)
+        )
         p.draft.set(
             pending_verification_reports=verification_reports.with_report(
                 p.draft.get("pending_verification_reports"), report

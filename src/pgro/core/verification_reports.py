@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from pgro.api.data_checks import DataChecks
 from pgro.api.restore import PostgresPhysicalRestore
-from pgro.api.verification import PendingVerificationReport, ReportOutcome
+from pgro.api.verification import PendingVerificationReport, RedactionReport, ReportOutcome
 
 STATUS_FIELD: Final = "pendingVerificationReports"
 RETRY_MIN: Final = timedelta(seconds=15)
@@ -33,6 +33,7 @@ def new_report(
     error: str | None = None,
     *,
     data_checks: DataChecks | None = None,
+    redaction: RedactionReport | None = None,
 ) -> PendingVerificationReport:
     """The report on `restore`'s run, observed `now`. `restore_duration_sec` is known here;
     sizes, fixes and checks are added by the runtime while the server still runs."""
@@ -59,6 +60,7 @@ def new_report(
         health_details=details or None,
         migrate_to=restore.spec.migrate_to if status.migration_result is not None else None,
         migration_result=status.migration_result,
+        redaction=redaction,
     )
 
 
