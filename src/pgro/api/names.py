@@ -52,6 +52,9 @@ ANNOTATION_SCHEMA_BUILD_POSTED: Final = f"{LABEL_PREFIX}schema-build-posted"
 # How deep a verify replica's verification reads the data: quick | standard | full
 # (`pgro.core.verify_depth`; an annotation so the CRD stays the reference's).
 ANNOTATION_VERIFY_DEPTH: Final = f"{LABEL_PREFIX}verify-depth"
+# Which engine masks a replica's restores for `spec.redaction`: native (default) | anon
+# (`pgro.core.masks.parse_engine`; an annotation so the CRD stays the reference's).
+ANNOTATION_REDACTION_ENGINE: Final = f"{LABEL_PREFIX}redaction-engine"
 
 # Label values are strings on the wire; "true" is the only value the selectors use.
 LABEL_TRUE: Final = "true"

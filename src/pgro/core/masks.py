@@ -38,18 +38,37 @@ run and joins on masked keys still work.
 
 The expressions call built-ins unqualified: the runner's session has `search_path =
 pg_catalog` (pgro.postgres.session), so nothing the restored database defines is called.
+
+The `anon` engine (opt-in, `engine="anon"`) is the same but for the kinds where the reference
+called a `postgresql_anonymizer` function, which call it (schema-qualified, `anon.…`) instead:
+date `anon.random_date()` (cast to the column's type, `YYYY-MM-DD` on text), text
+`anon.lorem_ipsum(characters := length(c))`, string `anon.random_string(length(c))`, email
+`anon.fake_email()`, name `anon.fake_name()` / `anon.fake_first_name()`, phone
+`anon.partial(c, 2, '****', 2)` (still `****` for 4 characters or fewer), place
+`anon.fake_city()`, url `'https://example.invalid/' || anon.random_string(8)`. They are
+null-preserving and cut to a `varchar(n)` like the native ones, and a kind fits exactly the
+types it fits natively. A `deterministic` mask keeps the native keyed expression under either
+engine (anon's fakers are random), and so do the kinds the reference computed without anon.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, get_args
 
 from psycopg import sql
 
+from pgro.api.names import ANNOTATION_REDACTION_ENGINE
 from pgro.core.redaction_manifest import ColumnMask, shown
 
 KEY_SETTING: Final = "pgro.redaction_key"
+
+# Which functions make the fake values: pgro's built-in expressions, or postgresql_anonymizer's.
+Engine = Literal["native", "anon"]
+ENGINES: Final[tuple[Engine, ...]] = get_args(Engine)
+DEFAULT_ENGINE: Final[Engine] = "native"
+# The kinds whose value the `anon` engine takes from an anon function.
+ANON_KINDS: Final = frozenset({"date", "text", "string", "email", "name", "phone", "place", "url"})
 
 INT4_RANGE: Final = (-(2**31), 2**31 - 1)
 INT2_RANGE: Final = (-(2**15), 2**15 - 1)
@@ -94,6 +113,24 @@ URL_PREFIX: Final = "https://example.invalid/"
 
 class MaskUnfit(ValueError):
     """The mask cannot apply to its column; the message names kind, column and type."""
+
+
+class UnknownEngine(ValueError):
+    """The redaction-engine annotation names no engine; the message says which are."""
+
+
+def parse_engine(value: str | None) -> Engine:
+    """The engine the annotation `pgro.bes.au/redaction-engine` asks for (`value`; None when
+    the replica has no such annotation): `native` by default. UnknownEngine otherwise."""
+    if value is None:
+        return DEFAULT_ENGINE
+    for engine in ENGINES:
+        if value == engine:
+            return engine
+    raise UnknownEngine(
+        f"annotation {ANNOTATION_REDACTION_ENGINE} has the unknown value {shown(value)!r}; "
+        f"accepted values: {', '.join(ENGINES)} (default {DEFAULT_ENGINE})"
+    )
 
 
 @dataclass(frozen=True)
@@ -214,6 +251,31 @@ def _string_expression(mask: ColumnMask, column: sql.Identifier, r: _Randomness)
     raise AssertionError(kind)
 
 
+def _anon_string_expression(mask: ColumnMask, column: sql.Identifier) -> sql.Composable:
+    """The reference's anon fragment of a string kind (a text column)."""
+    kind = mask.kind
+    if kind == "text":
+        return sql.SQL("anon.lorem_ipsum(characters := length({}))").format(column)
+    if kind == "string":
+        return sql.SQL("anon.random_string(length({}))").format(column)
+    if kind == "email":
+        return sql.SQL("anon.fake_email()")
+    if kind == "name":
+        return sql.SQL(
+            "CASE WHEN {} LIKE '% %' THEN anon.fake_name() ELSE anon.fake_first_name() END"
+        ).format(column)
+    if kind == "phone":
+        # anon.partial shows a value of 4 characters or fewer whole: those stay `****`.
+        return sql.SQL(
+            "CASE WHEN length({}) <= 4 THEN '****' ELSE anon.partial({}::text, 2, '****', 2) END"
+        ).format(column, column)
+    if kind == "place":
+        return sql.SQL("anon.fake_city()")
+    if kind == "url":
+        return sql.SQL("{} || anon.random_string(8)").format(sql.Literal(URL_PREFIX))
+    raise AssertionError(kind)
+
+
 def _number_expression(mask: ColumnMask, info: ColumnInfo, r: _Randomness) -> sql.Composable:
     u = r.uniform(mask.kind)
     if mask.kind == "integer":
@@ -227,9 +289,10 @@ def _number_expression(mask: ColumnMask, info: ColumnInfo, r: _Randomness) -> sq
 
 
 def _fitted(
-    mask: ColumnMask, info: ColumnInfo, column: sql.Identifier, r: _Randomness
+    mask: ColumnMask, info: ColumnInfo, column: sql.Identifier, r: _Randomness, anon: bool
 ) -> sql.Composable:
-    """The expression for a column whose generated/identity state allows a mask."""
+    """The expression for a column whose generated/identity state allows a mask; `anon`:
+    the anon engine's fragment where there is one."""
     kind = mask.kind
     if kind == "nil":
         if not info.nullable:
@@ -263,11 +326,22 @@ def _fitted(
     if kind in STRING_KINDS:
         if not info.is_string:
             raise _unfit(mask, info, f"{kind} needs a text column")
+        if anon:
+            return _null_preserving(column, _anon_string_expression(mask, column))
         return _null_preserving(column, _string_expression(mask, column, r))
     if kind in ("integer", "float", "money"):
         if not (info.is_number or info.is_string):
             raise _unfit(mask, info, f"{kind} needs a number or text column")
         return _null_preserving(column, _number_expression(mask, info, r))
+    if kind == "date" and anon:
+        when = sql.SQL("anon.random_date()")
+        if info.is_string:
+            return _null_preserving(column, sql.SQL("to_char({}, 'YYYY-MM-DD')").format(when))
+        if info.type_name in DATE_TYPES:
+            # anon.random_date() is a timestamptz: cast to the column's own type.
+            cast = sql.SQL(info.type_name)
+            return _null_preserving(column, sql.SQL("({})::{}").format(when, cast))
+        raise _unfit(mask, info, "date needs a date, timestamp or text column")
     if kind == "date":
         day = _RANDOM_DATE.format(r.uniform("date"))
         if info.is_string:
@@ -295,21 +369,36 @@ def _fitted(
     raise MaskUnfit(f"unknown mask kind {shown(kind)!r} on column {shown(mask.target, 200)}")
 
 
-def mask_expression(mask: ColumnMask, info: ColumnInfo) -> sql.Composable:
-    """The right-hand side of `SET <column> = …` for `mask` on a column described by `info`;
-    MaskUnfit when the kind does not fit it."""
+def uses_anon(mask: ColumnMask, engine: Engine) -> bool:
+    """Whether `mask`'s value comes from an anon function under `engine` (deterministic masks
+    keep the native keyed expression: anon's fakers are random)."""
+    return engine == "anon" and mask.kind in ANON_KINDS and not mask.deterministic
+
+
+def mask_expression(
+    mask: ColumnMask, info: ColumnInfo, engine: Engine = DEFAULT_ENGINE
+) -> sql.Composable:
+    """The right-hand side of `SET <column> = …` for `mask` on a column described by `info`,
+    with `engine`'s functions; MaskUnfit when the kind does not fit it (alike for both
+    engines)."""
     if info.generated:
         raise _unfit(mask, info, "a generated column; mask the columns it is computed from")
     if info.identity_always and mask.kind != "default":
         raise _unfit(mask, info, "a GENERATED ALWAYS identity can only be set to DEFAULT")
     column = sql.Identifier(mask.column)
-    expression = _fitted(mask, info, column, _Randomness(column, mask.deterministic))
+    expression = _fitted(
+        mask, info, column, _Randomness(column, mask.deterministic), uses_anon(mask, engine)
+    )
     if info.is_string and info.max_length is not None and mask.kind not in ("nil", "default"):
         # A varchar(n) refuses a longer value; text results are cut to fit.
         return sql.SQL("left(({})::text, {})").format(expression, sql.Literal(info.max_length))
     return expression
 
 
-def assignment(mask: ColumnMask, info: ColumnInfo) -> sql.Composable:
+def assignment(
+    mask: ColumnMask, info: ColumnInfo, engine: Engine = DEFAULT_ENGINE
+) -> sql.Composable:
     """`<column> = <expression>`, for an UPDATE's SET list."""
-    return sql.SQL("{} = {}").format(sql.Identifier(mask.column), mask_expression(mask, info))
+    return sql.SQL("{} = {}").format(
+        sql.Identifier(mask.column), mask_expression(mask, info, engine)
+    )

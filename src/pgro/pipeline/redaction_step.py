@@ -25,8 +25,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pgro.api.names import ANNOTATION_REDACTION_ENGINE
 from pgro.api.replica import PostgresPhysicalReplica, Redaction
 from pgro.core import redaction as decide
+from pgro.core.masks import UnknownEngine, parse_engine
 from pgro.core.plan import EmitEvent, EventType, RunSwitchoverStep
 from pgro.core.redaction import Action, Redacted, TaskState
 from pgro.core.redaction_manifest import RedactionSpecInvalid, check_spec, display_url
@@ -44,19 +46,24 @@ MAINTENANCE_DATABASE: Final = "postgres"
 
 
 def redact(
-    conninfo_for: ConninfoFor, redaction: Redaction, release: Sequence[str] = ()
+    conninfo_for: ConninfoFor,
+    redaction: Redaction,
+    release: Sequence[str] = (),
+    engine: str | None = None,
 ) -> Redacted:
     """Validate, resolve the version, fetch the manifest and apply it to the cluster's main
     database, then let the login roles `release` in again (provisioning held them:
     `core.redaction.holds_logins`). RedactionFailed (with a message fit for status and
-    events) on any failure."""
+    events) on any failure. `engine`: the replica's `pgro.bes.au/redaction-engine`
+    annotation (None: native)."""
     import psycopg
 
     from pgro.postgres.session import connect
 
     try:
         check_spec(redaction)
-    except RedactionSpecInvalid as error:
+        masks_with = parse_engine(engine)
+    except (RedactionSpecInvalid, UnknownEngine) as error:
         raise RedactionFailed(str(error)) from None
     try:
         with connect(conninfo_for(MAINTENANCE_DATABASE), application_name=APPLICATION) as conn:
@@ -77,7 +84,7 @@ def redact(
         display_url(fetched.url),
         fetched.version or "none",
     )
-    result = apply_manifest(conninfo, fetched.manifest)
+    result = apply_manifest(conninfo, fetched.manifest, engine=masks_with)
     if release:
         try:
             set_login(conninfo_for, release, login=True)
@@ -180,8 +187,9 @@ class RedactionStep:
             )
         )
         roles = decide.held_roles(self.replica)
+        engine = self.replica.metadata.annotations.get(ANNOTATION_REDACTION_ENGINE)
         self.tasks.start(
-            self.key, lambda: redact(conninfo_for, redaction, roles), lambda: self.wake(0)
+            self.key, lambda: redact(conninfo_for, redaction, roles, engine), lambda: self.wake(0)
         )
 
     def _record(self) -> None:

@@ -26,6 +26,18 @@ granted in time, the connection lost) raises RedactionFailed instead: nothing se
 
 Failures name schemas, tables, columns, kinds, types, constraints and SQLSTATEs, never a
 PostgreSQL message (their DETAIL quotes rows) and never a value.
+
+With `engine="anon"` (opt-in), the kinds the reference masked with postgresql_anonymizer
+call its functions instead (pgro.core.masks), in the same statements and transactions. The
+session first checks that the server has `anon` (`pg_available_extensions`: the server's
+own installation, not the restored catalog), refuses a database with enabled event triggers
+(they would run on the DDL), replaces any `anon` extension the snapshot (or an earlier run)
+left (its functions would be the catalog's, not the server's: `DROP EXTENSION anon`, then
+the extensions in schema `anon`, then the schema; refused when something else depends on
+them or the schema holds objects of its own), then runs `CREATE SCHEMA anon`, `CREATE
+EXTENSION IF NOT EXISTS anon SCHEMA anon CASCADE` (what CASCADE installs goes into `anon`
+too, not into the session's `pg_catalog`) and `SELECT anon.init()`, in one transaction.
+No SECURITY LABEL and no `anon.anonymize_database()`: masking stays static UPDATEs.
 """
 
 from __future__ import annotations
@@ -39,8 +51,9 @@ from typing import TYPE_CHECKING, Final
 import psycopg
 from psycopg import sql
 
+from pgro.api.names import ANNOTATION_REDACTION_ENGINE
 from pgro.api.replica import Redaction
-from pgro.core.masks import KEY_SETTING, ColumnInfo, MaskUnfit, assignment
+from pgro.core.masks import DEFAULT_ENGINE, KEY_SETTING, ColumnInfo, Engine, MaskUnfit, assignment
 from pgro.core.redaction_manifest import (
     ColumnMask,
     Manifest,
@@ -147,6 +160,69 @@ def _session(conninfo: str, key: str, lock_timeout_ms: int) -> Session:
         conn.close()
         raise
     return conn
+
+
+# --- the anon engine
+
+ANON_EXTENSION: Final = "anon"
+
+
+def _prepare_anon(conn: Session) -> None:
+    """Make the server's own `anon` extension ready in the database (see the module's
+    docstring); RedactionFailed when it cannot be."""
+    step = "checking the anon extension"
+    try:
+        row = conn.execute(
+            "SELECT current_setting('server_version_num')::int / 10000, EXISTS ("
+            "SELECT 1 FROM pg_catalog.pg_available_extensions WHERE name = %s), ("
+            "SELECT count(*) FROM pg_catalog.pg_event_trigger WHERE evtenabled <> 'D')",
+            (ANON_EXTENSION,),
+        ).fetchone()
+        assert row is not None
+        major, available, event_triggers = row
+        if not available:
+            raise RedactionFailed(
+                f"postgresql_anonymizer (anon) is not installed for PostgreSQL {major}; remove "
+                f"the annotation {ANNOTATION_REDACTION_ENGINE}=anon to mask with pgro's "
+                "built-in engine"
+            )
+        if event_triggers:
+            raise RedactionFailed(
+                "the database has enabled event triggers, which would run on the anon "
+                "extension's DDL as a superuser: neutralise the catalog first (provisioning "
+                "does)"
+            )
+        with conn.transaction():
+            step = "replacing the anon extension the snapshot brought"
+            conn.execute("DROP EXTENSION IF EXISTS anon")
+            # What an earlier run's CASCADE installed into the schema (pgcrypto for anon 1.x).
+            step = "dropping the extensions in schema anon"
+            members = conn.execute(
+                "SELECT e.extname::text FROM pg_catalog.pg_extension e "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
+                "WHERE n.nspname = 'anon'"
+            ).fetchall()
+            if members:
+                conn.execute(
+                    sql.SQL("DROP EXTENSION {}").format(
+                        sql.SQL(", ").join(sql.Identifier(str(m[0])) for m in members)
+                    )
+                )
+            # The extension's functions must not stand beside whatever a schema `anon` holds.
+            step = "checking that no schema anon holds objects of its own"
+            conn.execute("DROP SCHEMA IF EXISTS anon")
+            conn.execute("CREATE SCHEMA anon")
+            # SCHEMA anon: the extensions CASCADE installs go there too, not into the
+            # session's pg_catalog.
+            step = "CREATE EXTENSION anon"
+            conn.execute("CREATE EXTENSION IF NOT EXISTS anon SCHEMA anon CASCADE")
+            step = "anon.init()"
+            conn.execute("SELECT anon.init()")
+    except psycopg.Error as error:
+        raise RedactionFailed(
+            f"the anon engine cannot start: {step} failed: "
+            + ("the connection was lost" if conn.broken else _reason(error))
+        ) from None
 
 
 # --- the catalog
@@ -347,11 +423,14 @@ def apply_manifest(
     *,
     key: str | None = None,
     lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+    engine: Engine = DEFAULT_ENGINE,
 ) -> RedactionResult:
     """Apply `manifest` to the database `conninfo` names (the main database, as the
     bootstrap superuser). `key` keys the deterministic masks (a fresh random one when None:
-    equal values then mask alike within this run only). RedactionFailed when the server
-    cannot be written (see the module's docstring); counted failures are in the result."""
+    equal values then mask alike within this run only). `engine`: pgro's built-in
+    expressions, or `anon`'s functions where the reference used them (RedactionFailed when
+    the server has no anon). RedactionFailed when the server cannot be written (see the
+    module's docstring); counted failures are in the result."""
     failures = [MaskFailure(r.target, r.kind, r.reason, r.column) for r in manifest.rejected]
     truncated: list[str] = []
     masked: list[str] = []
@@ -364,6 +443,8 @@ def apply_manifest(
             f"redaction cannot connect to the restored server: {type(error).__name__}"
         ) from None
     with conn:
+        if engine == "anon":
+            _prepare_anon(conn)
         try:
             for table_mask in manifest.tables:
                 failure = _truncate(conn, table_mask)
@@ -379,7 +460,7 @@ def apply_manifest(
                     failures.append(MaskFailure(shown(mask.target, 200), mask.kind, info, True))
                     continue
                 try:
-                    ready.append((mask, assignment(mask, info)))
+                    ready.append((mask, assignment(mask, info, engine)))
                 except MaskUnfit as unfit:
                     failures.append(
                         MaskFailure(shown(mask.target, 200), mask.kind, str(unfit), True)
