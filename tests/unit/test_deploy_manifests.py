@@ -353,7 +353,7 @@ CLUSTER_RULES: dict[tuple[str, str, tuple[str, ...] | None], set[str]] = {
     ("", "pods", None): {"get", "list", "watch", "patch", "delete"},
     # The migration Job's log tail (migrateTo).
     ("", "pods/log", None): {"get"},
-    ("batch", "jobs", None): {"get", "list", "watch", "create", "delete"},
+    ("batch", "jobs", None): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "deployments", None): {"get", "list", "watch", "create", "patch"},
     ("events.k8s.io", "events", None): {"create", "patch"},
 }

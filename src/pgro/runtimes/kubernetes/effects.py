@@ -38,6 +38,7 @@ from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.config import OperatorConfig
 from pgro.runtimes.kubernetes.events import event_document
+from pgro.runtimes.kubernetes.housekeeping import retain_failed_job_logs, sweep_orphan_pods
 from pgro.runtimes.kubernetes.migration_job import KubeMigrator
 from pgro.runtimes.kubernetes.notification_secrets import (
     NOTIFICATION_SECRET_REFUSED,
@@ -121,6 +122,9 @@ class KubeEffects:
             with self._lock:
                 self._applied.pop(key, None)
             self.provisioner.forget(key)
+        elif obs is not None:
+            # A failed restore Job's TTL, extended once for its log (housekeeping.py).
+            retain_failed_job_logs(self.api, self.observer, obs)
         return obs
 
     def read_replica(self, key: str) -> PostgresPhysicalReplica | None:
@@ -612,3 +616,4 @@ class KubeEffects:
     # -- after a replica's plan -----------------------------------------------------------
     def replica_plan_applied(self, replica: PostgresPhysicalReplica) -> None:
         self.reports.deliver(replica)
+        sweep_orphan_pods(self.api, self.observer, replica)

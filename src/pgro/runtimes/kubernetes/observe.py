@@ -166,8 +166,9 @@ class PodView:
 
 @dataclass(frozen=True)
 class Caches:
-    """The operator's watches: replicas and restores in every namespace, and the Jobs,
-    Deployments and Pods that carry a restore label."""
+    """The operator's watches: replicas and restores in every namespace, the Jobs and
+    Deployments that carry a restore label, and the Pods that carry a replica label (indexed
+    by their restore label and their Job)."""
 
     replicas: Informer
     restores: Informer
@@ -469,8 +470,8 @@ class Observer:
         conditions = _true_conditions(raw)
         if "Complete" not in conditions and "Failed" not in conditions:
             return DataCheckRun(WorkState.RUNNING)
-        # Its pod is outside the pods watch (it must not carry the restore label, which
-        # the restore's Service selects): read from the API, once the Job has ended.
+        # Its pod carries no restore label (the restore's Service selects that label):
+        # read from the API by its Job's name, once the Job has ended.
         pods = sorted(
             (
                 PodView.of(p)

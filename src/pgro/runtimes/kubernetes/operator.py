@@ -126,12 +126,14 @@ class Operator:
         )
         self.jobs = Informer(api, "Job", self._on_owned, labels={LABEL_RESTORE: None})
         self.deployments = Informer(api, "Deployment", self._on_owned, labels={LABEL_RESTORE: None})
+        # The replica label, not the restore's: every pod pgro makes carries it (a restore's
+        # carry both), and the orphan pod sweep looks for pods with no restore label too.
         self.pods = Informer(
             api,
             "Pod",
             self._on_owned,
-            labels={LABEL_RESTORE: None},
-            indexers={JOB_NAME: by_label(JOB_NAME)},
+            labels={LABEL_REPLICA: None},
+            indexers={LABEL_RESTORE: by_label(LABEL_RESTORE), JOB_NAME: by_label(JOB_NAME)},
         )
         self.configmap = Informer(
             api,

@@ -83,6 +83,11 @@ RESTORE_DEADLINE_S: Final = 7200
 # Canopy restores get twice as long (reference canopy-protocol §5.4).
 CANOPY_RESTORE_DEADLINE_S: Final = 14400
 JOB_TTL_S: Final = 120
+# A failed restore Job's TTL, patched when it fails so its pod's log can be read (reference
+# restore-pipeline §1.2): a day after a replica's first failure in a row, 10 minutes after
+# the later ones (the same failure again, most likely).
+FAILED_JOB_TTL_FIRST_S: Final = 86400
+FAILED_JOB_TTL_REPEAT_S: Final = 600
 KOPIA_PARALLEL: Final = "2"
 
 SETUP_RESOURCES: Final = {
@@ -458,6 +463,17 @@ def _restore_env(
             _env("PGRO_CANOPY_PROXY_HOST", PROXY_LISTEN_HOST),
         ]
     return env
+
+
+def failed_restore_job_ttl(failures_before: int) -> int:
+    """`ttlSecondsAfterFinished` for a restore Job that failed when its replica had
+    `failures_before` failed restores in a row (this one not counted)."""
+    return FAILED_JOB_TTL_FIRST_S if failures_before <= 0 else FAILED_JOB_TTL_REPEAT_S
+
+
+def job_ttl_patch(ttl_s: int) -> dict[str, Any]:
+    """The merge patch setting a Job's `ttlSecondsAfterFinished` (a mutable field)."""
+    return {"spec": {"ttlSecondsAfterFinished": ttl_s}}
 
 
 def _callback_url(base: str, path: str, restore: PostgresPhysicalRestore) -> str:
