@@ -799,6 +799,60 @@ def test_sweep_after_the_grace_period(since_switch: timedelta, deleted: list[str
         assert plan.requeue_after == timedelta(seconds=1)
 
 
+@pytest.mark.parametrize(
+    ("redacted", "kept"),
+    [
+        ("fiji-new", True),  # describes the serving restore: a `partial` stays visible
+        ("fiji-old", False),  # left from the previous cycle
+    ],
+)
+def test_the_sweep_keeps_the_serving_restores_redaction(redacted: str, kept: bool) -> None:
+    status = settled_status(
+        currentRestore="fiji-new",
+        previousRestore="fiji-old",
+        lastRestoreCompletedAt=stamp(NOW - timedelta(hours=1)),
+        redactionPhase="partial",
+        redactionRestore=redacted,
+        redactionVersion="1.0.0",
+        redactionColumnsApplied=5,
+        phase="Ready",
+    )
+    plan = decide(
+        replica(status, redaction={"manifestUrl": "https://m.test/m.json"}),
+        [restore("fiji-old", "k1", "Active"), restore("fiji-new", "k2", "Active")],
+    )
+    assert [s.restore for s in plan.steps if isinstance(s, DeleteRestore)] == ["fiji-old"]
+    patch = _patch(plan)
+    if kept:
+        assert "redactionPhase" not in patch and "redactionRestore" not in patch
+    else:
+        assert patch["redactionPhase"] is None and patch["redactionRestore"] is None
+
+
+@pytest.mark.parametrize(("held_by", "sweeps"), [("fiji-next", False), ("fiji-gone", True)])
+def test_a_running_redaction_holds_the_sweep_only_while_its_restore_exists(
+    held_by: str, sweeps: bool
+) -> None:
+    status = settled_status(
+        currentRestore="fiji-new",
+        previousRestore="fiji-old",
+        lastRestoreCompletedAt=stamp(NOW - timedelta(hours=1)),
+        redactionPhase="active",
+        redactionRestore=held_by,
+        phase="Ready",
+    )
+    plan = decide(
+        replica(status, redaction={"manifestUrl": "https://m.test/m.json"}),
+        [
+            restore("fiji-old", "k1", "Active"),
+            restore("fiji-new", "k2", "Active"),
+            restore("fiji-next", "k3", "Ready"),
+        ],
+    )
+    deleted = [s.restore for s in plan.steps if isinstance(s, DeleteRestore)]
+    assert deleted == (["fiji-old"] if sweeps else [])
+
+
 def test_sweep_waits_for_a_running_migration() -> None:
     status = settled_status(
         currentRestore="fiji-new",

@@ -491,7 +491,7 @@ def _sweep(p: _Pass, restores: RestoreSet) -> None:
         return
     if status.schema_migration_phase is not None and not status.schema_migration_phase.settled:
         return
-    if status.redaction_phase is not None and not status.redaction_phase.settled:
+    if _redacting(status, restores):
         return
     grace_ends = status.last_restore_completed_at + p.replica.spec.switchover_grace_period
     if not p.now > grace_ends:
@@ -500,14 +500,28 @@ def _sweep(p: _Pass, restores: RestoreSet) -> None:
     for restore in restores.active:
         if restore.name != current.name and not restore.metadata.is_deleting:
             p.steps.append(DeleteRestore(restore.name))
-    p.draft.set(
-        previous_restore=None,
-        schema_migration_job=None,
-        schema_migration_phase=None,
-        redaction_phase=None,
-        redaction_restore=None,
-        redaction_version=None,
-        redaction_columns_applied=None,
+    p.draft.set(previous_restore=None, schema_migration_job=None, schema_migration_phase=None)
+    if status.redaction_restore != current.name:
+        # What describes the serving restore stays (a `partial` must stay visible while it
+        # serves); anything else is left from an older cycle.
+        p.draft.set(
+            redaction_phase=None,
+            redaction_restore=None,
+            redaction_version=None,
+            redaction_columns_applied=None,
+        )
+
+
+def _redacting(status: PostgresPhysicalReplicaStatus, restores: RestoreSet) -> bool:
+    """A redaction runs on a restore that still exists (one recorded for a restore since
+    deleted, or by the reference for none, must not hold the sweep forever)."""
+    phase = status.redaction_phase
+    if phase is None or phase.settled:
+        return False
+    if status.redaction_restore is None:
+        return True
+    return any(
+        r.name == status.redaction_restore and not r.metadata.is_deleting for r in restores.all
     )
 
 
