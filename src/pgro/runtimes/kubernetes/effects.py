@@ -521,6 +521,21 @@ class KubeEffects:
         digest = repr((deployment, service))
         uid = restore.metadata.uid or ""
         cached = self.observer.caches.deployments.get(restore.namespace, restore.name)
+        if (
+            cached is not None
+            and restore.effective_phase is RestorePhase.ACTIVE
+            and not workloads.made_by_pgro(cached)
+        ):
+            # Adoption of a reference install (docs/migrating-from-the-reference.md): this
+            # serving Deployment was made by the reference operator. Applying pgro's
+            # definition would change its pod template, and so restart the database its
+            # clients are connected to. It is kept as it is: its pods already carry the
+            # labels pgro selects on (`pgro.bes.au/restore`; MarkReadyForTraffic re-stamps
+            # ready-for-traffic on the pod, not the template), and the next restore
+            # replaces it with pgro's own. Only Active: a restore that is not serving yet
+            # gets pgro's Deployment (its provisioning needs pgro's `setup`).
+            self.api.create_if_missing(service)
+            return
         live = Meta.of(cached).generation if cached is not None else None
         with self._lock:
             held = self._applied.get(key)

@@ -757,6 +757,15 @@ def data_check_job(
 # ---------------------------------------------------------------------------- Deployment
 
 
+def made_by_pgro(deployment: Mapping[str, Any]) -> bool:
+    """Whether a live restore Deployment is one pgro applied: pgro's carry
+    `app.kubernetes.io/managed-by: pgro`; the reference operator's carry only the replica and
+    restore labels. (The field manager cannot tell them apart: both apply as
+    `postgres-restore-operator`.)"""
+    labels = (deployment.get("metadata") or {}).get("labels") or {}
+    return bool(labels.get(LABEL_MANAGED_BY) == MANAGED_BY)
+
+
 def _without_preload(settings: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in settings.items() if k != "shared_preload_libraries"}
 
