@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from pgro.api.conditions import get_condition
+from pgro.api.phases import RedactionPhase
 from pgro.api.replica import PostgresPhysicalReplica
 from pgro.core.reasons import LAST_RESTORE_FAILED
 from pgro.core.schedule import InvalidSchedule, parse_schedule, schedule_seed
@@ -115,6 +116,14 @@ class Metrics:
             REPLICA_LABELS,
             registry=r,
         )
+        self.replica_redaction_incomplete = Gauge(
+            "postgres_restore_replica_redaction_incomplete",
+            "1 while a redacting replica's latest redaction is partial (it serves with masks "
+            "not applied) or failed (its new restore is held), else 0; absent without "
+            "spec.redaction",
+            REPLICA_LABELS,
+            registry=r,
+        )
         self.replica_max_data_age = Gauge(
             "postgres_restore_replica_max_data_age_seconds",
             "The longest its schedule lets a replica go between restores: the longest gap "
@@ -163,6 +172,7 @@ class Metrics:
             self.replica_last_restore_failed,
             self.replica_reports_pending,
             self.replica_oldest_report,
+            self.replica_redaction_incomplete,
         )
 
     def render(self) -> bytes:
@@ -198,6 +208,14 @@ class Metrics:
             self.replica_last_restore_failed,
             labels,
             1 if failed is not None and failed.is_true else 0,
+        )
+        phase = status.redaction_phase
+        self._set(
+            self.replica_redaction_incomplete,
+            labels,
+            None
+            if replica.spec.redaction is None
+            else int(phase is not None and (phase.is_failed or phase == RedactionPhase.PARTIAL)),
         )
         self._set(self.replica_reports_pending, labels, len(pending))
         oldest = min((r.observed_at for r in pending), default=None)

@@ -64,6 +64,7 @@ ALERTS = {
     "PgroReplicaNeverRestored",
     "PgroCanopyReportsRefused",
     "PgroCanopyReportsUndelivered",
+    "PgroRedactionIncomplete",
 }
 CANOPY_TYPE = "tamanu-postgres"
 CANOPY = {"group": GROUP_ID, "type": CANOPY_TYPE}
@@ -209,6 +210,34 @@ def test_backup_verification_failed_fires_while_the_latest_restore_failed() -> N
     )
     assert alert("PgroBackupVerificationFailed", scrape(world)) == []
     assert world.violations == []
+
+
+def test_redaction_incomplete_fires_for_a_partial_or_failed_redaction() -> None:
+    world = World()
+    world.add_snapshot(snapshot("k1", T0 - timedelta(hours=1)))
+    key = world.add_replica(
+        created_at_t0(replica_doc("masked", redaction={"manifestUrl": "https://m.test/m.json"}))
+    )
+    world.add_replica(created_at_t0(replica_doc("plain")))
+    world.run_for(timedelta(minutes=10))
+    # Not redacted yet (held): nothing to alert on; a replica without redaction has no series.
+    assert alert("PgroRedactionIncomplete", scrape(world)) == []
+    series = {
+        dict(labels).get("replica")
+        for labels in scrape(world).samples
+        if dict(labels)["__name__"] == "postgres_restore_replica_redaction_incomplete"
+    }
+    assert series == {"masked"}
+
+    world.set_status(key, redactionPhase="failed: manifest 404", redactionRestore="masked-x")
+    world.run_for(timedelta(minutes=1))
+    assert replicas(alert("PgroRedactionIncomplete", scrape(world))) == {("default", "masked"): 1.0}
+    world.set_status(key, redactionPhase="partial")
+    world.run_for(timedelta(minutes=1))
+    assert replicas(alert("PgroRedactionIncomplete", scrape(world))) == {("default", "masked"): 1.0}
+    world.set_status(key, redactionPhase="complete")
+    world.run_for(timedelta(minutes=1))
+    assert alert("PgroRedactionIncomplete", scrape(world)) == []
 
 
 def test_restores_failing_repeatedly_fires_from_the_third_failure_in_a_row() -> None:
