@@ -66,14 +66,26 @@ def _failed_check(details: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def _uuid(labels: Mapping[str, str], key: str) -> UUID:
-    value = labels.get(key)
-    if not value:
-        raise ReportUnsendable(f"the replica has no {key} label")
-    try:
-        return UUID(value)
-    except ValueError:
-        raise ReportUnsendable(f"label {key}={value!r} is not a UUID") from None
+def canopy_ids(labels: Mapping[str, str]) -> tuple[UUID, UUID, UUID]:
+    """The declaration, group and server ids from the replica's labels.
+
+    Raises ReportUnsendable naming every one that is absent or not a UUID at once (as the
+    reference's `canopy_ids`), so one look at the message says all that needs fixing."""
+    ids: list[UUID] = []
+    problems: list[str] = []
+    for key in (LABEL_CANOPY_DECLARATION_ID, LABEL_CANOPY_GROUP, LABEL_CANOPY_SERVER):
+        value = labels.get(key)
+        if not value:
+            problems.append(f"no {key} label")
+            continue
+        try:
+            ids.append(UUID(value))
+        except ValueError:
+            problems.append(f"label {key}={value!r} is not a UUID")
+    if problems:
+        raise ReportUnsendable(f"the replica has {'; '.join(problems)}")
+    declaration, group, server = ids
+    return declaration, group, server
 
 
 def _migration(
@@ -112,6 +124,7 @@ def verification_args(
     intent = labels.get(LABEL_CANOPY_INTENT, "")
     if not intent:
         raise ReportUnsendable(f"the replica has no {LABEL_CANOPY_INTENT} label")
+    replica_id, group, server_id = canopy_ids(labels)
     run_id: UUID | None
     try:
         run_id = UUID(report.run_id) if report.run_id else None
@@ -136,9 +149,9 @@ def verification_args(
     try:
         return VerificationArgs.model_validate(
             {
-                "replica_id": _uuid(labels, LABEL_CANOPY_DECLARATION_ID),
-                "group": _uuid(labels, LABEL_CANOPY_GROUP),
-                "server_id": _uuid(labels, LABEL_CANOPY_SERVER),
+                "replica_id": replica_id,
+                "group": group,
+                "server_id": server_id,
                 "type": type_,
                 "intent": intent,
                 "snapshot_id": report.snapshot_id,
