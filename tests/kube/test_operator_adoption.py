@@ -59,7 +59,12 @@ def _reference_install(ns: str) -> list[dict[str, Any]]:
     labels = {"app.kubernetes.io/name": "postgres-restore-operator", COMPONENT: "controller"}
     meta = {"name": "postgres-restore-operator", "namespace": ns}
     return [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": dict(meta), "data": {}},
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {**meta, "name": "postgres-restore-operator-config"},
+            "data": {"maxConcurrentRestores": "1", "nodeSelector": "bes.node.purpose=workload"},
+        },
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -170,9 +175,10 @@ def test_deploy_applies_over_the_reference_install(
     # The reference is installed with a plain (client-side) `kubectl apply -f operator.yaml`.
     installed = _kubectl(kubeconfig, "apply", "-f", str(reference))
     assert installed.returncode == 0, installed.stderr
-    # pgro's documented command, server-side, over it. Before the selector matched the
-    # reference's, the API server refused it: `spec.selector: ... field is immutable`.
-    applied = _kubectl(kubeconfig, "apply", "--server-side", "-f", str(ours))
+    # pgro's documented command (docs/migrating-from-the-reference.md), server-side, over
+    # it. Before the selector matched the reference's, the API server refused it:
+    # `spec.selector: ... field is immutable`.
+    applied = _kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(ours))
     assert applied.returncode == 0, applied.stderr
 
     dep = admin.get("Deployment", kube_namespace, "postgres-restore-operator")
@@ -190,8 +196,12 @@ def test_deploy_applies_over_the_reference_install(
     assert svc is not None
     assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    # The ConfigMap is deploy/'s: keys the reference's manifest set are gone, which is why
+    # the guide says to carry them into deploy/operator.yaml first.
     config = admin.get("ConfigMap", kube_namespace, "postgres-restore-operator-config")
     assert config is not None
+    shipped_config = next(d for d in _pgro_install(kube_namespace) if d["kind"] == "ConfigMap")
+    assert config["data"] == shipped_config["data"]
 
 
 # ------------------------------------------------------- a serving reference restore
