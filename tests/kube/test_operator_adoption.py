@@ -5,6 +5,8 @@ docs/migrating-from-the-reference.md).
   the operator Deployment keeps the reference's (immutable) selector, and what the reference
   had that pgro's does not (its `controller` and `tailscale` containers, the broker port) is
   gone afterwards.
+- The reference's ClusterRole, left bound to the ServiceAccount both operators use, is one
+  warning at start naming the permissions it gives and the fix.
 - A restore the reference operator left serving is adopted as it is: objects shaped as the
   reference makes them (replica and restore with the reference's status, the restore's
   Deployment, Services, PVC and Secrets; a real PostgreSQL 15 serving on the fake node) meet a
@@ -22,8 +24,9 @@ from typing import Any
 
 import pytest
 import yaml
-from lightkube import Client
+from lightkube import Client, codecs
 from lightkube.resources.apps_v1 import ReplicaSet
+from lightkube.resources.rbac_authorization_v1 import ClusterRole, ClusterRoleBinding
 
 from pgro.api.names import LABEL_READY_FOR_TRAFFIC, LABEL_REPLICA, LABEL_RESTORE
 from pgro.api.secret import KopiaCredentials, S3Location
@@ -579,3 +582,68 @@ def test_a_serving_reference_restore_is_adopted_without_a_restart(
     assert kept is not None
     assert kept["data"] == creds_secret["data"]
     assert op.alive()
+    # deploy/'s RBAC alone: nothing to warn about.
+    assert "which pgro never needs" not in op.log_tail(400)
+
+
+# ------------------------------------------------ the reference's ClusterRole left bound
+
+
+def test_a_reference_cluster_role_left_bound_is_warned_about_at_start(
+    control_plane: ControlPlane,
+    admin: KubeApi,
+    kube_client: Client,
+    scratch_root: Path,
+    operator_later: list[OperatorProcess],
+) -> None:
+    everything = ["get", "list", "watch", "create", "update", "patch", "delete"]
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": "postgres-restore-operator"},
+        # Three of the reference's rules, as its operator.yaml grants them.
+        "rules": [
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": everything},
+            {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": everything},
+            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "postgres-restore-operator"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "postgres-restore-operator",
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": OPERATOR_NAMESPACE}
+        ],
+    }
+    kube_client.create(codecs.from_dict(role))
+    kube_client.create(codecs.from_dict(binding))
+    try:
+        token = control_plane.service_account_token(OPERATOR_NAMESPACE, SERVICE_ACCOUNT)
+        workdir = scratch_root / "operator-reference-rbac"
+        workdir.mkdir(exist_ok=True)
+        kubeconfig = control_plane.kubeconfig(workdir / "kubeconfig", token=token)
+        op = OperatorProcess(workdir, kubeconfig, "op-reference-rbac").start()
+        operator_later.append(op)
+        line = wait_for(
+            "the warning about the reference's ClusterRole",
+            lambda: next(
+                (x for x in op.log_tail(200).splitlines() if "which pgro never needs" in x),
+                None,
+            ),
+            60,
+            context=op.log_tail,
+        )
+        assert '"level": "warning"' in line
+        for held in ("update secrets", "delete deployments (apps)", "create pods/portforward"):
+            assert held in line
+        assert "kubectl delete clusterrolebinding postgres-restore-operator" in line
+        assert op.alive()
+    finally:
+        kube_client.delete(ClusterRoleBinding, "postgres-restore-operator")
+        kube_client.delete(ClusterRole, "postgres-restore-operator")

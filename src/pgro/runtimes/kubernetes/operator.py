@@ -55,6 +55,7 @@ from pgro.runtimes.kubernetes.observe import (
     replica_of,
     secret_value,
 )
+from pgro.runtimes.kubernetes.privileges import warn_about_excess_permissions
 from pgro.runtimes.kubernetes.provisioning import Provisioner, RepairRecorder
 from pgro.runtimes.kubernetes.reports import ReportDelivery
 
@@ -222,6 +223,8 @@ class Operator:
         """Run until `stop`; returns the process exit code (1 if leadership was lost)."""
         self._stop = stop
         self.annotate_own_pod()
+        # A reference install's ClusterRole left bound to the shared ServiceAccount.
+        warn_about_excess_permissions(self.api)
         if self.options.install_crds:
             self.install_crds()
         if self.canopy is not None:
