@@ -3,8 +3,8 @@ an `en_US.UTF-8` snapshot restored on a host without that locale is rewritten to
 and its text indexes rebuilt before it serves, and `_pgro.restore_info`, what clients read,
 records it: `fixes` with `locale` and `reindex` true and `reset_wal` false, `stage`
 `ready`, every database `C.UTF-8`, the rows kept. (The reference also checks that its
-`needs-reindex` marker is gone; pgro keeps no marker outside the setup's volume:
-docs/locale-and-collation.md.)
+`needs-reindex` marker is gone; the operator's setup keeps its marker, and readiness
+does not read it: docs/locale-and-collation.md.)
 """
 
 from __future__ import annotations

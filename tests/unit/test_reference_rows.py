@@ -208,6 +208,11 @@ def test_a_job_with_failed_pods_but_no_failed_condition_is_still_running() -> No
         "status": {"failed": 4, "conditions": [{"type": "Failed", "status": "True"}]},
     }
     assert job_state(failed) is WorkState.FAILED
+    # pgro trusts the Job controller's condition, not its own count (reference
+    # `classify_failed_by_count` counts: the row is DIVERGES).
+    over = {**RETRYING, "status": {"failed": 4}}
+    assert job_state(over) is WorkState.RUNNING
+    assert transfer_of(over, "").state is WorkState.RUNNING
 
 
 @pytest.fixture
