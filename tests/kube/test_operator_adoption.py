@@ -230,12 +230,14 @@ def _owner(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _reference_deployment(ns: str, owner: dict[str, Any]) -> dict[str, Any]:
-    """`<restore>` as the reference builds it (`build_deployment`, the revision whose pod
-    template carries only the replica and restore labels: its switchover stamped
-    ready-for-traffic on the running pod). The init container's script is cut down to its
-    first step; the rest only concerns how the reference provisioned its users."""
+def _reference_deployment(ns: str, owner: dict[str, Any], ready_label: bool) -> dict[str, Any]:
+    """`<restore>` as the reference builds it (`build_deployment`). `ready_label`: its newest
+    revisions put `pgro.bes.au/ready-for-traffic: "true"` in the pod template; older ones
+    carried only the replica and restore labels there, and their switchover stamped the
+    label on the running pod. The init container's script is cut down to its first step;
+    the rest only concerns how the reference provisioned its users."""
     labels = {LABEL_REPLICA: REPLICA, LABEL_RESTORE: RESTORE}
+    pod_labels = {**labels, LABEL_READY_FOR_TRAFFIC: "true"} if ready_label else dict(labels)
     pg_isready = {"exec": {"command": ["pg_isready", "-U", "postgres", "-d", "postgres"]}}
     return {
         "apiVersion": "apps/v1",
@@ -252,7 +254,7 @@ def _reference_deployment(ns: str, owner: dict[str, Any]) -> dict[str, Any]:
             "strategy": {"type": "Recreate"},
             "progressDeadlineSeconds": 3600,
             "template": {
-                "metadata": {"labels": dict(labels)},
+                "metadata": {"labels": pod_labels},
                 "spec": {
                     "securityContext": {"runAsUser": 999, "runAsGroup": 999, "fsGroup": 999},
                     "initContainers": [
@@ -367,7 +369,9 @@ def operator_later(
         op.stop()
 
 
+@pytest.mark.parametrize("ready_label", [False, True], ids=["older", "newest"])
 def test_a_serving_reference_restore_is_adopted_without_a_restart(
+    ready_label: bool,
     control_plane: ControlPlane,
     admin: KubeApi,
     fake_node: FakeNode,
@@ -460,7 +464,7 @@ def test_a_serving_reference_restore_is_adopted_without_a_restart(
     )
     # The reference server-side-applies the Deployment under the same field manager pgro
     # uses, so only the labels tell them apart.
-    admin.apply(_reference_deployment(ns, restore_owner))
+    admin.apply(_reference_deployment(ns, restore_owner, ready_label))
     admin.create(_service(ns, RESTORE, {LABEL_RESTORE: RESTORE}, restore_owner))
     stable = {LABEL_RESTORE: RESTORE, LABEL_READY_FOR_TRAFFIC: "true"}
     admin.create(_service(ns, REPLICA, stable, replica_owner))
@@ -471,9 +475,19 @@ def test_a_serving_reference_restore_is_adopted_without_a_restart(
         120,
         context=fake_node.describe,
     )
-    # Its switchover labelled the pod then; this one replaced it since (a node drain), so
-    # it lacks the label and the stable Service selects nothing until pgro re-stamps it.
-    assert LABEL_READY_FOR_TRAFFIC not in pod["metadata"]["labels"]
+    # The probe that pgro's pass over the Active restore ran: the pod lacks the
+    # ready-for-traffic label (older template: its switchover labelled the pod then, and
+    # this one replaced it since; newest template: taken off here), so the stable Service
+    # selects nothing until pgro's MarkReadyForTraffic re-stamps it.
+    if ready_label:
+        admin.merge_patch(
+            "Pod",
+            ns,
+            pod["metadata"]["name"],
+            {"metadata": {"labels": {LABEL_READY_FOR_TRAFFIC: None}}},
+        )
+    else:
+        assert LABEL_READY_FOR_TRAFFIC not in pod["metadata"]["labels"]
     status_time = "2026-12-01T03:10:00Z"
     admin.merge_patch(
         "PostgresPhysicalRestore",
@@ -525,10 +539,11 @@ def test_a_serving_reference_restore_is_adopted_without_a_restart(
     assert before is not None
 
     token = control_plane.service_account_token(OPERATOR_NAMESPACE, SERVICE_ACCOUNT)
-    workdir = scratch_root / "operator-adoption"
+    shape = "newest" if ready_label else "older"
+    workdir = scratch_root / f"operator-adoption-{shape}"
     workdir.mkdir(exist_ok=True)
     kubeconfig = control_plane.kubeconfig(workdir / "kubeconfig", token=token)
-    op = OperatorProcess(workdir, kubeconfig, "op-adoption").start()
+    op = OperatorProcess(workdir, kubeconfig, f"op-adoption-{shape}").start()
     operator_later.append(op)
 
     # MarkReadyForTraffic follows EnsureServer in the same pass of the Active restore: once
