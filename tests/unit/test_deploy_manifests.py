@@ -11,6 +11,8 @@ from __future__ import annotations
 import fnmatch
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -769,12 +771,62 @@ def test_canopy_role_grants_exactly_the_syncers_use() -> None:
     ]
 
 
-def test_canopy_overlay_builds_on_the_base_and_opens_the_broker_port() -> None:
+def kustomize_build(root: Path) -> list[dict[str, Any]]:
+    """What `kubectl apply -k root` would apply, built by the kustomize setup installs."""
+    binary = shutil.which("kustomize")
+    if binary is None:
+        pytest.fail("kustomize is not on PATH: run scripts/setup.sh (it builds it once)")
+    built = subprocess.run([binary, "build", str(root)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    return [d for d in yaml.safe_load_all(built.stdout) if d]
+
+
+def with_components(tmp_path: Path, deploy: list[str], canopy: list[str]) -> Path:
+    """A copy of deploy/ with the commented components enabled, as a user would."""
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy)
+    for path, names in (
+        (copy / "kustomization.yaml", deploy),
+        (copy / "canopy" / "kustomization.yaml", canopy),
+    ):
+        doc = yaml.safe_load(path.read_text())
+        if names:
+            doc["components"] = names
+        path.write_text(yaml.safe_dump(doc))
+    return copy
+
+
+def test_deploy_builds_as_kubectl_apply_k_would() -> None:
+    kinds = sorted({d["kind"] for d in kustomize_build(DEPLOY)})
+    assert "Deployment" in kinds and "CustomResourceDefinition" in kinds
+    assert "NetworkPolicy" not in kinds  # canopy is off by default
+
+
+def test_canopy_component_builds_on_the_base_and_opens_the_broker_port(tmp_path: Path) -> None:
+    """Before, deploy/canopy/ was an overlay naming its own parent, which kustomize refuses
+    ("cycle detected"): `kubectl apply -k deploy/canopy/` never worked."""
     [kustomization] = load_docs(DEPLOY / "canopy" / "kustomization.yaml")
-    assert kustomization["resources"] == ["../", "rbac.yaml", "networkpolicy.yaml"]
-    patches = "\n".join(p["patch"] for p in kustomization["patches"])
-    assert "CANOPY_BASE_URL" in patches and "containerPort: 9091" in patches
-    assert "port: 9091" in patches
+    assert kustomization["kind"] == "Component"
+    assert kustomization["resources"] == ["rbac.yaml", "networkpolicy.yaml"]
+    built = kustomize_build(with_components(tmp_path, ["canopy"], []))
+    [deployment] = [d for d in built if d["kind"] == "Deployment"]
+    [operator] = deployment["spec"]["template"]["spec"]["containers"]
+    assert "CANOPY_BASE_URL" in {e["name"] for e in operator["env"]}
+    assert {"name": "broker", "containerPort": 9091, "protocol": "TCP"} in operator["ports"]
+    [service] = [d for d in built if d["kind"] == "Service"]
+    assert 9091 in {p["port"] for p in service["spec"]["ports"]}
+    assert [d["metadata"]["name"] for d in built if d["kind"] == "NetworkPolicy"]
+    assert "tailscale" not in {
+        c["name"] for c in deployment["spec"]["template"]["spec"].get("initContainers", [])
+    }
+
+
+def test_the_tailscale_component_nests_in_the_canopy_component(tmp_path: Path) -> None:
+    built = kustomize_build(with_components(tmp_path, ["canopy"], ["tailscale"]))
+    [deployment] = [d for d in built if d["kind"] == "Deployment"]
+    spec = deployment["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == ["tailscale"]
+    assert "CANOPY_BASE_URL" in {e["name"] for e in spec["containers"][0]["env"]}
 
 
 def test_canopy_network_policy_admits_the_broker_port_only_from_proxy_sidecars() -> None:
