@@ -59,6 +59,9 @@ def started(
     control_plane: ControlPlane, admin: KubeApi, scratch_root: Path
 ) -> Iterator[OperatorProcess]:
     admin.create(_own_pod())
+    # An earlier test may have left the shipped ConfigMap (test_operator_deploy_env applies
+    # it): this one's own, asking for usePortForward, replaces it.
+    admin.delete("ConfigMap", OPERATOR_NAMESPACE, CONFIGMAP)
     admin.create(
         {
             "apiVersion": "v1",
