@@ -310,6 +310,7 @@ def test_restore_job_env() -> None:
         "SNAPSHOT_TIME": "2026-03-01T03:00:00.123456Z",
         "PGRO_DATA_ROOT": "/pgdata",
         "PGRO_KOPIA_DIR": "/tmp/kopia",
+        "PGRO_KOPIA_CACHE_ROOT": "/tmp/kopia/cache",
         "PGRO_READ_ONLY": "true",
         "PGRO_TERMINATION_LOG": "/dev/termination-log",
         "KOPIA_CONTENT_CACHE_MB": "14336",

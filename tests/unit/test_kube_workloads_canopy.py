@@ -332,7 +332,7 @@ def test_restore_job_connects_kopia_through_the_proxy(
     seen: list[KopiaCredentials] = []
 
     class Repository:
-        def __init__(self, creds: KopiaCredentials, state: Any) -> None:
+        def __init__(self, creds: KopiaCredentials, state: Any, **_: Any) -> None:
             seen.append(creds)
             raise _Connected
 
@@ -378,7 +378,7 @@ def test_restore_job_names_missing_canopy_credentials_and_retries(
     from pgro.pipeline import restore_job
 
     class Repository:
-        def __init__(self, *args: Any) -> None:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             raise KopiaError(
                 "cannot open S3 bucket 'b'. kopia said: no S3 credentials: "
                 "CredentialsUnavailable: credential broker answered 502: canopy said no "

@@ -1,12 +1,16 @@
 """A kept kopia cache per repository: metadata only, bounded, keyed by location.
 
-`pgro run` lists and restores the same repositories again and again. kopia's cache holds
-what it read from a repository: index blobs, the directory and manifest objects of
-snapshots ("metadata") and file contents. With a fresh cache every time, each connect
-downloads the indexes again and each listing the manifests. A kept cache of *metadata*
-saves that (docs/benchmarks.md, "kopia cache"), while the contents, which a restore reads
-once, stay out of it: a content cache the size of the snapshot would be kept on disk for a
-read that never comes (every restore of pgro is of a new snapshot or into a new place).
+`pgro run` lists and restores the same repositories again and again, and so do the
+operator's restore Jobs, which keep theirs on the replica's kopia-cache volume
+(`<volume>/cache/<location_key>`, `PGRO_KOPIA_CACHE_ROOT`; docs/kubernetes.md, "Kopia
+cache"), evicted when the volume is 85 % full (`relieve_cache_pressure`, features.md §2.12).
+kopia's cache holds what it read from a repository: index blobs, the directory and manifest
+objects of snapshots ("metadata") and file contents. With a fresh cache every time, each
+connect downloads the indexes again and each listing the manifests. A kept cache of
+*metadata* saves that (docs/benchmarks.md, "kopia cache"), while the contents, which a
+restore reads once, stay out of it: a content cache the size of the snapshot would be kept
+on disk for a read that never comes (every restore of pgro is of a new snapshot or into a
+new place).
 
 What the directory holds, all of it kopia's: `index-blobs`, `indexes`, `metadata`, a 1 MB
 `contents`, `blob-list`, `own-writes` and the repository's format blob (`kopia.repository`,
@@ -25,7 +29,11 @@ directory is harmless: kopia (and `repository_cache_dir`) recreate it on the nex
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
+from collections.abc import Callable
+from math import ceil
 from pathlib import Path
 from typing import Final
 
@@ -60,12 +68,20 @@ KEPT_CACHE_FLAGS: Final = (
     "--max-list-cache-duration=0s",
     "--disable-repository-format-cache",
 )
-# A throwaway cache (one restore, then deleted: `pgro verify`, the operator's restore Job):
+# A throwaway cache (one restore, then deleted: `pgro verify`, a restore Job without
+# `PGRO_KOPIA_CACHE_ROOT`):
 # only the content bound. kopia's default would first copy every file the restore reads
 # into a content cache of up to 5,000 MB that nothing reads again (about 0.25 s of a 761 MB
 # restore, and the snapshot's size in scratch disk; docs/benchmarks.md).
 ONE_SHOT_CACHE_FLAGS: Final = KEPT_CACHE_FLAGS[:2]
 PRIVATE: Final = 0o700
+# The operator's restore Job keeps the caches here, under its kopia-cache volume (beside
+# its throwaway kopia state, `restore`): `<volume>/cache/<location_key>`.
+JOB_CACHE_SUBDIR: Final = "cache"
+# features.md §2.12: at this share of the cache volume used, the Job evicts the cache.
+PRESSURE_PERCENT: Final = 85
+
+log = logging.getLogger("pgro.kopia")
 
 
 def location_key(location: S3Location | FilesystemLocation) -> str:
@@ -93,3 +109,39 @@ def repository_cache_dir(root: Path, location: S3Location | FilesystemLocation) 
         if directory.stat().st_mode & 0o777 != PRIVATE:
             directory.chmod(PRIVATE)
     return path
+
+
+# -- cache pressure (features.md §2.12) --------------------------------------------------
+def volume_used_percent(
+    volume: Path, statvfs: Callable[[Path], os.statvfs_result] = os.statvfs
+) -> int:
+    """How full the filesystem holding `volume` is, in whole percent rounded up, as `df`
+    shows it: used blocks over those a user may fill (used + available to non-root)."""
+    st = statvfs(volume)
+    used = st.f_blocks - st.f_bfree
+    usable = used + st.f_bavail
+    return 0 if usable <= 0 else ceil(100 * used / usable)
+
+
+def relieve_cache_pressure(
+    volume: Path,
+    cache_root: Path,
+    statvfs: Callable[[Path], os.statvfs_result] = os.statvfs,
+) -> int | None:
+    """Before a restore Job connects: when the cache volume is `PRESSURE_PERCENT` or more
+    full, remove every kept cache under `cache_root` (all of it
+    kopia's, all regenerable from the repositories) and recreate `cache_root` empty (0700).
+    Returns the percentage that triggered it (the caller logs `PGRO_CACHE_PRESSURE` and
+    reports it), else None (nothing touched). An unreadable
+    volume (statvfs failing) is no pressure: the restore goes on."""
+    try:
+        percent = volume_used_percent(volume, statvfs)
+    except OSError as exc:
+        log.warning("cannot read how full the kopia cache volume is: %s", exc)
+        return None
+    if percent < PRESSURE_PERCENT:
+        return None
+    shutil.rmtree(cache_root, ignore_errors=True)
+    cache_root.mkdir(mode=PRIVATE, parents=True, exist_ok=True)
+    cache_root.chmod(PRIVATE)
+    return percent

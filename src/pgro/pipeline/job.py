@@ -152,6 +152,10 @@ class RestoreJob:
     verify_depth: str = "quick"
     # A kept kopia cache of the repository (`pgro.kopia.cache`; pgro run's), else none.
     kopia_cache: Path | None = None
+    # The operator's restore Job: where the kept caches are on its kopia-cache volume
+    # (`PGRO_KOPIA_CACHE_ROOT`); `pgro restore-job` evicts them under pressure and keeps
+    # the repository's in `pgro.kopia.cache.repository_cache_dir(kopia_cache_root, ...)`.
+    kopia_cache_root: Path | None = None
 
     @property
     def snapshot(self) -> Snapshot:
@@ -192,6 +196,7 @@ class RestoreJob:
         root = Path(env.get("PGRO_DATA_ROOT", "/pgdata"))
         parallel = env.get("KOPIA_PARALLEL", "")
         host = env.get("PGRO_CANOPY_PROXY_HOST", "").strip("[]") or DEFAULT_PROXY_HOST
+        cache_root = env.get("PGRO_KOPIA_CACHE_ROOT", "")
         return cls(
             snapshot_id=env["SNAPSHOT_ID"],
             credentials=creds,
@@ -204,6 +209,7 @@ class RestoreJob:
             extra_config=env.get("PGRO_EXTRA_CONFIG", ""),
             proxy=CanopyProxy(Path(port_file), host) if port_file else None,
             verify_depth=env.get("PGRO_VERIFY_DEPTH") or "quick",
+            kopia_cache_root=Path(cache_root) if cache_root else None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -223,6 +229,8 @@ class RestoreJob:
         }
         if self.verify_depth != "quick":
             env["PGRO_VERIFY_DEPTH"] = self.verify_depth
+        if self.kopia_cache_root is not None:
+            env["PGRO_KOPIA_CACHE_ROOT"] = str(self.kopia_cache_root)
         if self.proxy is not None:
             env["PGRO_CANOPY_PROXY_PORT_FILE"] = str(self.proxy.port_file)
             env["PGRO_CANOPY_PROXY_HOST"] = self.proxy.host
@@ -300,6 +308,9 @@ class RestoreOutcome:
     # What the data checks found (`api.data_checks.DataChecks` in its wire form), when the
     # worker ran them: pgro run's restore worker does, at a replica's depth.
     data_checks: dict[str, Any] | None = None
+    # How full (percent) the restore Job found its kopia-cache volume when it evicted the
+    # cache under pressure (features.md §2.12), for the operator to grow the volume.
+    cache_pressure: int | None = None
 
     @classmethod
     def restored(
@@ -366,7 +377,10 @@ class RestoreOutcome:
     def message(self) -> str:
         if not self.ok:
             return f"error: {self.failure}"
-        return f"{self.postgres_version}\n{json.dumps({'fixes': self.fixes or {}})}"
+        doc: dict[str, Any] = {"fixes": self.fixes or {}}
+        if self.cache_pressure is not None:
+            doc["cachePressure"] = self.cache_pressure
+        return f"{self.postgres_version}\n{json.dumps(doc)}"
 
     @classmethod
     def from_message(cls, message: str) -> RestoreOutcome:
@@ -382,10 +396,13 @@ class RestoreOutcome:
         with contextlib.suppress(ValueError):
             doc = json.loads(rest)
         found = doc.get("fixes") if isinstance(doc, dict) else None
+        pressure = doc.get("cachePressure") if isinstance(doc, dict) else None
+        if not (isinstance(pressure, int) and not isinstance(pressure, bool)):
+            pressure = None
         if not isinstance(found, dict):
-            return cls(ok=True, postgres_version=first)
+            return cls(ok=True, postgres_version=first, cache_pressure=pressure)
         fixes = {str(k): v for k, v in found.items() if isinstance(v, bool)}
-        return cls(ok=True, postgres_version=first, fixes=fixes)
+        return cls(ok=True, postgres_version=first, fixes=fixes, cache_pressure=pressure)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

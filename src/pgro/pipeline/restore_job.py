@@ -11,12 +11,14 @@ import os
 import pwd
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
 from pgro.canopy.proxy import wait_for_port_file
 from pgro.core.verify_depth import parse_depth
+from pgro.kopia.cache import relieve_cache_pressure, repository_cache_dir
 from pgro.kopia.repository import KopiaRepository, RestoreProgress
 from pgro.pipeline.detect_version import PGDATA_LINK, VERSION_FILE, link_data_directory
 from pgro.pipeline.job import SECRET_ENV, ProxyNotReady, RestoreJob, RestoreOutcome
@@ -32,6 +34,7 @@ VERIFY_DEPTH_FILE: Final = "pgro-verify-depth"
 # Kubernetes keeps at most 4096 bytes of a termination message.
 MESSAGE_LIMIT: Final = 4096
 PROXY_PORT_TIMEOUT_S: Final = 30
+StatVfs = Callable[[Path], os.statvfs_result]
 
 # Kubernetes: TCP from anywhere in the cluster with a password; the socket stays inside
 # the pod, where only the server's own uid runs.
@@ -97,7 +100,14 @@ def _restore(job: RestoreJob) -> RestoredDataDirectory:
             leftover.unlink()
         elif leftover.exists():
             shutil.rmtree(leftover)
-    with KopiaRepository(creds, job.kopia_dir) as repo:
+    # The repository's kept metadata cache on the kopia-cache volume, keyed by location
+    # (the Secret's, not the proxy's), when the operator set one; else a throwaway one.
+    cache = (
+        repository_cache_dir(job.kopia_cache_root, job.credentials.location)
+        if job.kopia_cache_root is not None
+        else None
+    )
+    with KopiaRepository(creds, job.kopia_dir, cache_dir=cache) as repo:
         restored = restore_snapshot(
             repo,
             job.snapshot,
@@ -127,13 +137,30 @@ def _restore(job: RestoreJob) -> RestoredDataDirectory:
     return restored
 
 
-def run(env: Mapping[str, str]) -> RestoreOutcome:
-    """Restore and prepare; never raises (the outcome is the termination message)."""
+def _relieve_pressure(job: RestoreJob, statvfs: StatVfs) -> int | None:
+    """features.md §2.12: a kopia-cache volume 85 % full or more has its kept caches
+    evicted before kopia connects; the percentage goes into the termination message, for
+    the operator to grow the volume."""
+    if job.kopia_cache_root is None:
+        return None
+    percent = relieve_cache_pressure(job.kopia_dir.parent, job.kopia_cache_root, statvfs)
+    if percent is not None:
+        print(
+            f"PGRO_CACHE_PRESSURE: cache PVC {percent}% full — evicting regenerable content",
+            flush=True,
+        )
+    return percent
+
+
+def run(env: Mapping[str, str], statvfs: StatVfs = os.statvfs) -> RestoreOutcome:
+    """Restore and prepare; never raises (the outcome is the termination message).
+    `statvfs` reads how full the kopia-cache volume is (tests pass their own)."""
     secrets: list[str] = []
     try:
         job = RestoreJob.from_env(env)
         secrets = job.secret_values()
-        return RestoreOutcome.restored(_restore(job))
+        pressure = _relieve_pressure(job, statvfs)
+        return replace(RestoreOutcome.restored(_restore(job)), cache_pressure=pressure)
     except Exception as exc:
         return RestoreOutcome.failed(exc, secrets)
 

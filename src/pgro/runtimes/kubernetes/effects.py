@@ -38,7 +38,11 @@ from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.canopy import OperatorCanopy
 from pgro.runtimes.kubernetes.config import OperatorConfig
 from pgro.runtimes.kubernetes.events import event_document
-from pgro.runtimes.kubernetes.housekeeping import retain_failed_job_logs, sweep_orphan_pods
+from pgro.runtimes.kubernetes.housekeeping import (
+    grow_cache_under_pressure,
+    retain_failed_job_logs,
+    sweep_orphan_pods,
+)
 from pgro.runtimes.kubernetes.migration_job import KubeMigrator
 from pgro.runtimes.kubernetes.notification_secrets import (
     NOTIFICATION_SECRET_REFUSED,
@@ -125,6 +129,8 @@ class KubeEffects:
         elif obs is not None:
             # A failed restore Job's TTL, extended once for its log (housekeeping.py).
             retain_failed_job_logs(self.api, self.observer, obs)
+            # A kopia-cache volume under pressure, grown once (housekeeping.py, §2.12).
+            grow_cache_under_pressure(self.api, self.observer, obs)
         return obs
 
     def read_replica(self, key: str) -> PostgresPhysicalReplica | None:

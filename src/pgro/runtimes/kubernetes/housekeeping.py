@@ -17,20 +17,42 @@ reference does on each pass with objects the core never observes (pods, a Job's 
   restore is deleted (`failed_restore_retention` after the restore's creation) whatever
   its TTL: docs/kubernetes.md, "Failed restores".
 
-Both are best effort: a failure is logged and the pass goes on.
+- **Kopia cache pressure** (features.md §2.12): `pgro restore-job` evicts the kept kopia
+  caches on the `<replica>-kopia-cache` volume when it finds it 85 % full or more, and says
+  so in its termination message (`cachePressure`); a restore that failed for want of disk
+  (`InsufficientDisk`) says the same. Once per Job, the operator grows the volume's
+  `requests.storage` to min(current × 1.15, 2 × max(10Gi, 20 % of the snapshot)), only if
+  that is larger. The Job is annotated first (`CACHE_PRESSURE_ANNOTATION`), so a Job seen
+  again on later passes never grows it twice.
+
+All are best effort: a failure is logged and the pass goes on.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from fractions import Fraction
+from math import ceil
+from typing import Any, Final
 
-from pgro.api.names import LABEL_REPLICA, LABEL_RESTORE, RESTORE_KIND, restore_job_name
+from pgro.api.names import (
+    LABEL_PREFIX,
+    LABEL_REPLICA,
+    LABEL_RESTORE,
+    RESTORE_KIND,
+    kopia_cache_pvc_name,
+    restore_job_name,
+)
+from pgro.api.quantity import format_quantity, parse_quantity
 from pgro.api.replica import PostgresPhysicalReplica
-from pgro.core.observations import RestoreObservation, WorkState
+from pgro.api.restore import PostgresPhysicalRestore
+from pgro.core.observations import RestoreObservation, RestoreWork, WorkState
+from pgro.core.pod_sizing import kopia_cache_size
 from pgro.core.restore_machine import counted_failure
+from pgro.kopia.errors import DiskFull
 from pgro.kube.client import KubeApi
+from pgro.pipeline.job import RestoreOutcome
 from pgro.runtimes.kubernetes import workloads
 from pgro.runtimes.kubernetes.observe import Meta, Observer
 
@@ -114,3 +136,111 @@ def retain_failed_job_logs(api: KubeApi, observer: Observer, obs: RestoreObserva
         name,
         ttl,
     )
+
+
+# -- kopia cache pressure -----------------------------------------------------------------
+# On a restore Job once the operator has acted on its cache pressure: the size it asked
+# for, or "unchanged".
+CACHE_PRESSURE_ANNOTATION: Final = f"{LABEL_PREFIX}cache-pressure-handled"
+CACHE_GROWTH: Final = Fraction(115, 100)
+CACHE_GROWTH_CAP: Final = 2
+
+
+def _handled(job: Mapping[str, Any]) -> bool:
+    return CACHE_PRESSURE_ANNOTATION in ((job.get("metadata") or {}).get("annotations") or {})
+
+
+def grown_cache_size(current: int, snapshot_size: str | int) -> int | None:
+    """The kopia-cache volume's size after pressure: min(current × 1.15, 2 × its default
+    size for the snapshot, `pod_sizing.kopia_cache_size`), or None when that is not larger
+    than `current` (the volume is at or past the cap already)."""
+    cap = CACHE_GROWTH_CAP * kopia_cache_size(snapshot_size)
+    want = min(ceil(current * CACHE_GROWTH), cap)
+    return want if want > current else None
+
+
+def cache_pressure(work: RestoreWork, messages: Iterable[str]) -> str | None:
+    """Why the finished restore work asks for a larger cache volume, or None: a pod's
+    termination message reporting `cachePressure`, or a failure for want of disk."""
+    if work.state is WorkState.FAILED:
+        if work.reason.startswith(f"{DiskFull.reason}:"):
+            return "the restore ran out of disk space"
+        return None
+    if work.state is not WorkState.SUCCEEDED:
+        return None
+    for message in messages:
+        percent = RestoreOutcome.from_message(message).cache_pressure
+        if percent is not None:
+            return f"the restore Job found it {percent}% full and evicted the cache"
+    return None
+
+
+def grow_cache_volume(
+    api: KubeApi,
+    restore: PostgresPhysicalRestore,
+    job: Mapping[str, Any],
+    why: str,
+) -> int | None:
+    """Grow the replica's kopia-cache volume once for this finished `job` (see the module
+    docstring). Returns the size patched, None when nothing was (already handled, at the
+    cap, or an error: logged only)."""
+    ns, job_name = restore.namespace, Meta.of(job).name
+    if _handled(job):
+        return None
+    replica = restore.replica_name
+    pvc_name = kopia_cache_pvc_name(replica)
+    try:
+        pvc = api.get("PersistentVolumeClaim", ns, pvc_name)
+        if pvc is None:
+            return None
+        requests = (pvc.get("spec") or {}).get("resources", {}).get("requests", {})
+        current = parse_quantity(str(requests.get("storage", "0")))
+        want = grown_cache_size(current, restore.spec.snapshot_size)
+        mark = format_quantity(want) if want is not None else "unchanged"
+        # Marked first: a Job seen again grows the volume at most once.
+        api.merge_patch(
+            "Job", ns, job_name, {"metadata": {"annotations": {CACHE_PRESSURE_ANNOTATION: mark}}}
+        )
+        if want is None:
+            log.info(
+                "%s/%s: kopia cache under pressure (%s); %s is at its cap already",
+                ns,
+                replica,
+                why,
+                pvc_name,
+            )
+            return None
+        api.merge_patch(
+            "PersistentVolumeClaim",
+            ns,
+            pvc_name,
+            {"spec": {"resources": {"requests": {"storage": format_quantity(want)}}}},
+        )
+    except Exception as exc:
+        # Not every storage class can expand: the next restore evicts again.
+        log.warning("%s/%s: the kopia cache volume was not grown: %s", ns, replica, exc)
+        return None
+    log.info(
+        "%s/%s: kopia cache under pressure (%s); %s grown to %s",
+        ns,
+        replica,
+        why,
+        pvc_name,
+        format_quantity(want),
+    )
+    return want
+
+
+def grow_cache_under_pressure(api: KubeApi, observer: Observer, obs: RestoreObservation) -> None:
+    """After a restore Job finished: grow the cache volume if the Job asked for it."""
+    if obs.work.state not in (WorkState.SUCCEEDED, WorkState.FAILED):
+        return
+    restore = obs.restore
+    name = obs.work.name or restore_job_name(restore.name)
+    job = observer.caches.jobs.get(restore.namespace, name)
+    if job is None or _handled(job):
+        return
+    pods = observer.job_pods(restore.namespace, name)
+    why = cache_pressure(obs.work, (p.termination_message for p in reversed(pods)))
+    if why is not None:
+        grow_cache_volume(api, restore, job, why)

@@ -47,6 +47,7 @@ from pgro.core.pod_sizing import (
     shm_size_mib,
 )
 from pgro.core.verify_depth import replica_depth
+from pgro.kopia.cache import JOB_CACHE_SUBDIR
 from pgro.pipeline import data_check_job as check_job
 from pgro.pipeline.data_checks import default_budget_s
 from pgro.pipeline.job import CANOPY_IGNORED_KEYS, SECRET_ENV
@@ -429,6 +430,9 @@ def _restore_env(
         _env("SNAPSHOT_TIME", restore.spec.snapshot_time or ""),
         _env("PGRO_DATA_ROOT", DATA_MOUNT),
         _env("PGRO_KOPIA_DIR", KOPIA_MOUNT),
+        # The kept metadata caches, per repository location, on the kopia-cache volume
+        # (`pgro.kopia.cache`); the Job's other kopia state stays throwaway.
+        _env("PGRO_KOPIA_CACHE_ROOT", f"{KOPIA_MOUNT}/{JOB_CACHE_SUBDIR}"),
         _env("PGRO_READ_ONLY", "true" if effective_read_only(replica, restore) else "false"),
         _env("PGRO_TERMINATION_LOG", TERMINATION_LOG),
         _env("KOPIA_CONTENT_CACHE_MB", str(caps.content_mb)),
