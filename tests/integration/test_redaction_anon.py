@@ -46,33 +46,13 @@ from tests.fixtures.fake_anon import (
 from tests.fixtures.majors import installed_in_cache, server_readable_cache
 from tests.fixtures.manifest_server import FIXTURE_MANIFEST, manifest_server
 from tests.fixtures.scratch_server import scratch_server
+from tests.integration.test_redaction import (
+    ORIGINAL_EMAILS,
+    ORIGINAL_FULL,
+    ORIGINAL_SINGLE,
+    USERS,
+)
 
-USERS = """
-CREATE TABLE local_system_facts (key text PRIMARY KEY, value text);
-INSERT INTO local_system_facts VALUES ('currentVersion', '1.0.0');
-CREATE TABLE users (
-    id int PRIMARY KEY,
-    email text NOT NULL UNIQUE,
-    full_name text,
-    single_name varchar(40),
-    dob date,
-    phone varchar(20),
-    heart_rate int,
-    unmasked text
-);
-INSERT INTO users VALUES
-    (1, 'a@example.com', 'Alice Apple', 'Alice', '1980-01-15', '+61 400 111 001', 10, 'keep-1'),
-    (2, 'b@example.com', 'Bob Banana', 'Bob', '1981-02-16', '+61 400 111 002', 20, 'keep-2'),
-    (3, 'c@example.com', 'Carol Cherry', 'Carol', '1982-03-17', '+61 400 111 003', 150, 'keep-3'),
-    (4, 'd@example.com', 'Dave Date', 'Dave', '1983-04-18', '+61 400 111 004', 200, 'keep-4'),
-    (5, 'e@example.com', 'Eve Elder', 'Eve', '1984-05-19', '+61 400 111 005', 250, 'keep-5'),
-    (6, 'f@example.com', NULL, NULL, NULL, NULL, NULL, 'keep-6');
-CREATE TABLE sync_lookup (id int PRIMARY KEY, record text);
-INSERT INTO sync_lookup SELECT g, 'secret ' || g FROM generate_series(1, 50) g;
-"""
-ORIGINAL_EMAILS = {f"{c}@example.com" for c in "abcdef"}
-ORIGINAL_FULL = {"Alice Apple", "Bob Banana", "Carol Cherry", "Dave Date", "Eve Elder"}
-ORIGINAL_SINGLE = {"Alice", "Bob", "Carol", "Dave", "Eve"}
 NOT_INSTALLED = (
     "postgresql_anonymizer (anon) is not installed for PostgreSQL {major}; remove the "
     f"annotation {ANNOTATION_REDACTION_ENGINE}=anon to mask with pgro's built-in engine"
