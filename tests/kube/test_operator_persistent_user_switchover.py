@@ -11,13 +11,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgro.api.names import LABEL_REPLICA
 from pgro.api.secret import KopiaCredentials
 from pgro.kube.client import KubeApi
 from tests.kube.node import FakeNode
 from tests.kube.operator_proc import OperatorProcess, wait_for
 from tests.kube.test_operator import (
-    API,
     _active,
     _diagnostics,
     _pod_ip,
@@ -25,6 +23,7 @@ from tests.kube.test_operator import (
     _s3_secret,
     _secret_value,
 )
+from tests.kube.test_operator_restore_info import _manual_restore
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -70,49 +69,23 @@ def test_the_persistent_users_password_survives_a_switchover(
         assert conn.execute("SELECT current_user").fetchone() == (PU,)
 
     # A second restore made by hand, as the reference's switchover tests do.
-    admin.create(
-        {
-            "apiVersion": API,
-            "kind": "PostgresPhysicalRestore",
-            "metadata": {
-                "name": "orders-second",
-                "namespace": ns,
-                "labels": {LABEL_REPLICA: "orders"},
-                "ownerReferences": [
-                    {
-                        "apiVersion": API,
-                        "kind": "PostgresPhysicalReplica",
-                        "name": "orders",
-                        "uid": first["metadata"]["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
-            },
-            "spec": {
-                "replica": {"name": "orders"},
-                "snapshot": snapshot,
-                "snapshotSize": "50Mi",
-                "storageSize": "1Gi",
-            },
-        }
-    )
+    admin.create(_manual_restore(ns, first, snapshot))
 
     def switched() -> dict[str, Any] | None:
         replica = _active(admin, ns, "orders")
-        if replica and replica["status"]["currentRestore"] == "orders-second":
+        if replica and replica["status"]["currentRestore"] == "orders-manual":
             return replica
         return None
 
     wait_for(
-        "the switchover to orders-second",
+        "the switchover to orders-manual",
         switched,
         300,
         context=lambda: _diagnostics(operator, fake_node),
     )
     # The Secret is the same one, with the same password.
     assert _secret_value(admin, ns, SECRET, "password") == password
-    with _login(admin, ns, "orders-second", password) as conn:
+    with _login(admin, ns, "orders-manual", password) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (PU,)
         rows = conn.execute("SELECT count(*) FROM test_data").fetchone()  # unqualified
         assert rows is not None and rows[0] > 0
